@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine: real peers from apt
+# (HAProxy, socat, curl, busybox-static, mptcpize, iproute2) and the package with its
+# test extras from PyPI. Idempotent: skips apt when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+apt_pkgs=(iproute2 haproxy socat curl busybox-static mptcpize iperf3 procps)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing from apt: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'

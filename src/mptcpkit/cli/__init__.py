@@ -1,0 +1,45 @@
+"""The `mptcpkit` command: one entry point, one module per subcommand.
+
+Each subcommand module exposes `register(subparsers)`, which adds its parser and
+sets `func` to a callable taking the parsed namespace and returning an exit code.
+Exit codes: 0 success, 1 the work failed (or MPTCP is unusable), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mptcpkit.cli.errors import CLIError
+
+# Subcommand modules, in the order `mptcpkit --help` lists them.
+SUBCOMMANDS: tuple[str, ...] = (
+    "mptcpkit.cli.check",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mptcpkit",
+        description="Multipath TCP (RFC 8684) on Linux: sockets, gateway, forcing, paths, lab.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except CLIError as exc:
+        print(f"mptcpkit {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"mptcpkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return code
