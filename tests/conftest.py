@@ -8,10 +8,18 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# Subprocesses (`python -m mptcpkit ...`) must run this checkout's code, not whatever
+# copy of mptcpkit happens to be installed.
+_SRC = str(pathlib.Path(__file__).resolve().parent.parent / "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
