@@ -63,11 +63,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.config is None:
         raise UsageError("pmd needs a configuration: mptcpkit pmd -c pmd.toml")
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s pmd: %(message)s",
-    )
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s pmd: %(message)s")
+    logging.getLogger("mptcpkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     with pm_errors(cfg.netns):
         netns.check(cfg.netns)
         daemon.run(cfg)

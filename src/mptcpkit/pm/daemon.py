@@ -99,7 +99,7 @@ class Conn:
     established: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     ports: dict[tuple[str, str], list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
     announced: set[str] = dataclasses.field(default_factory=set)
-    count: int = 1
+    pending: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # requested
 
 
 class Daemon:
@@ -493,6 +493,7 @@ class Daemon:
         conn = self.conns.get(ev.token or -1)
         if conn is not None:
             pair = (ev.saddr, ev.daddr)
+            conn.pending.discard(pair)
             conn.established.add(pair)
             conn.ports.setdefault(pair, []).append((ev.sport or 0, ev.dport or 0))
             self.attempts.pop(("sf", conn.token, ev.saddr, ev.daddr), None)
@@ -507,6 +508,7 @@ class Daemon:
         conn = self.conns.get(ev.token)
         if conn is not None:
             pair = (ev.saddr, ev.daddr)
+            conn.pending.discard(pair)
             ports = conn.ports.get(pair, [])
             with contextlib.suppress(ValueError):
                 ports.remove((ev.sport or 0, ev.dport or 0))
@@ -627,7 +629,7 @@ class Daemon:
                 self._create(conn, conn.local[0], conn.remote[0], conn.remote[1], None, why)
             return
         for laddr, raddr, rport, index in self.desired(conn):
-            if (laddr, raddr) in conn.established:
+            if (laddr, raddr) in conn.established or (laddr, raddr) in conn.pending:
                 continue
             if ("sf", conn.token, laddr, raddr) in self.timers and why != "retry":
                 continue
@@ -655,6 +657,7 @@ class Daemon:
                     key, "subflow create failed", lambda: self._apply_policy(conn, why="retry")
                 )
             return
+        conn.pending.add((laddr, raddr))
         self.decide(f"token {conn.token:08x}: subflow {laddr} -> {raddr}:{rport} requested ({why})")
 
 
