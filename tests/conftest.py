@@ -12,6 +12,8 @@ import pathlib
 
 import pytest
 
+pytest_plugins = ["mptcpkit.lab.pytest_plugin"]
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 # Subprocesses (`python -m mptcpkit ...`) must run this checkout's code, not whatever
