@@ -8,21 +8,52 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from _pm_net import Net, two_namespaces
-from mptcpkit import pm
+from mptcpkit import lab, pm
 from mptcpkit.pm import EventType, netns
 
 pytestmark = pytest.mark.root
 IPPROTO_MPTCP = 262
 
 
+class Net:
+    """The lab's two_paths topology, seen by namespace name (what mptcpkit.pm takes)."""
+
+    def __init__(self, topo: lab.Topology) -> None:
+        self.topo = topo
+        self.c = topo.host("client")
+        self.s = topo.host("server")
+        self.client = self.c.netns
+        self.server = self.s.netns
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def run(self, ns: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+        host = self.c if ns == self.client else self.s
+        return host.run(list(cmd))
+
+    def client_addr(self, i: int) -> str:
+        return self.c.address(i)
+
+    def server_addr(self, i: int) -> str:
+        return self.s.address(i)
+
+    def client_dev(self, i: int) -> str:
+        return self.c.iface(i).name
+
+
 @pytest.fixture
-def net() -> object:
-    with two_namespaces(2) as n:
+def net(lab_factory: Callable[..., lab.Topology]) -> Iterator[Net]:
+    n = Net(lab_factory(lab.two_paths, paths=2, endpoints=None))
+    try:
         yield n
+    finally:
+        for p in n.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def cli(
@@ -42,10 +73,10 @@ def ip_endpoints(net: Net, ns: str) -> list[list[str]]:
 def test_endpoints_match_ip(net: Net) -> None:
     ns = net.client
     with pm.PathManager(ns) as mgr:
-        a = mgr.add_endpoint("10.0.0.1", flags=["signal"], port=5001, dev="c0", id=10)
+        a = mgr.add_endpoint("10.0.0.1", flags=["signal"], port=5001, dev="eth0", id=10)
         b = mgr.add_endpoint("10.0.1.1", flags="subflow backup fullmesh")
         c = mgr.add_endpoint("fd00::1", flags=["subflow"])
-        assert a.id == 10 and a.port == 5001 and a.ifname == "c0"
+        assert a.id == 10 and a.port == 5001 and a.ifname == "eth0"
         assert (
             b.flags == pm.EndpointFlag.SUBFLOW | pm.EndpointFlag.BACKUP | pm.EndpointFlag.FULLMESH
         )
@@ -194,7 +225,7 @@ def test_cli_endpoint_and_limits(net: Net) -> None:
         "add",
         "10.0.0.1",
         "dev",
-        "c0",
+        "eth0",
         "id",
         "3",
         "port",
