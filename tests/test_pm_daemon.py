@@ -239,7 +239,9 @@ class Transfer:
 
 
 @pytest.mark.root
-def test_new_address_gets_endpoint_and_subflow(topo: lab.Topology, start_pmd: Callable[..., Pmd]) -> None:
+def test_new_address_gets_endpoint_and_subflow(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd]
+) -> None:
     client = topo.host("client")
     eth1, addr1 = client.iface(1).name, client.address(1)
     client.run(["ip", "-4", "addr", "del", f"{addr1}/24", "dev", eth1])
@@ -275,7 +277,9 @@ def test_link_down_up_subflow_comes_back(
     # during the outage (default: ~15 minutes), which is the case the kernel never repairs.
     client.sysctl("net.ipv4.tcp_retries2", 3)
     if with_pmd:
-        pmd = start_pmd(client.netns, '[interfaces]\nallow = ["eth1"]\n[resubflow]\nbackoff_initial = 0.5\n')
+        pmd = start_pmd(
+            client.netns, '[interfaces]\nallow = ["eth1"]\n[resubflow]\nbackoff_initial = 0.5\n'
+        )
     else:
         pm.add_endpoint(addr1, flags="subflow", dev=client.iface(1).name, netns=client.netns)
     t = Transfer(topo)
@@ -306,7 +310,9 @@ def test_link_down_up_subflow_comes_back(
 
 
 @pytest.mark.root
-def test_userspace_fullmesh_2x2(lab_factory: Callable[..., lab.Topology], start_pmd: Callable[..., Pmd]) -> None:
+def test_userspace_fullmesh_2x2(
+    lab_factory: Callable[..., lab.Topology], start_pmd: Callable[..., Pmd]
+) -> None:
     # The server announces its second address (in-kernel PM, `signal` endpoint).
     topo = lab_factory(lab.two_paths, paths=2, endpoints="signal")
     client = topo.host("client")
@@ -314,6 +320,7 @@ def test_userspace_fullmesh_2x2(lab_factory: Callable[..., lab.Topology], start_
     assert client.sysctl("net.mptcp.pm_type") == "1"
     t = Transfer(topo)
     try:
+
         def total() -> int:
             info = mptcpkit.info(t.sock)
             return info.subflow_count if info else 0
@@ -376,7 +383,10 @@ def test_pmd_bad_config_exit_2(tmp_path: Path) -> None:
     conf.write_text('mode = "turbo"\n')
     r = run_pmd("-c", str(conf))
     assert r.returncode == 2
-    assert r.stderr.strip() == f"mptcpkit pmd: {conf}: mode: expected one of kernel, userspace, got 'turbo'"
+    assert (
+        r.stderr.strip()
+        == f"mptcpkit pmd: {conf}: mode: expected one of kernel, userspace, got 'turbo'"
+    )
     r = run_pmd("-c", str(tmp_path / "missing.toml"))
     assert r.returncode == 2 and "No such file or directory" in r.stderr
     assert run_pmd().returncode == 2
@@ -395,7 +405,15 @@ def test_pmd_without_privilege_exit_2(topo: lab.Topology, tmp_path: Path) -> Non
     client = topo.host("client")
     conf = tmp_path / "pmd.toml"
     conf.write_text(f'mode = "userspace"\nstatus_socket = "{tmp_path}/s.sock"\n')
-    drop = ("ip", "netns", "exec", client.netns, "setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin")
+    drop = (
+        "ip",
+        "netns",
+        "exec",
+        client.netns,
+        "setpriv",
+        "--bounding-set=-net_admin",
+        "--inh-caps=-net_admin",
+    )
     r = run_pmd("-c", str(conf), prefix=drop)
     assert r.returncode == 2, r.stderr
     assert "needs CAP_NET_ADMIN" in r.stderr

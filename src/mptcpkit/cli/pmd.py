@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_status(state: dict) -> None:  # type: ignore[type-arg]
     print(
-        f"pmd pid {state['pid']} mode {state['mode']} netns {state['netns'] or '-'} up {state['uptime']}s"
+        f"pmd pid {state['pid']} mode {state['mode']} "
+        f"netns {state['netns'] or '-'} up {state['uptime']}s"
     )
     for name, info in state["interfaces"].items():
         flags = ("running" if info["running"] else "down") + (" managed" if info["managed"] else "")

@@ -66,6 +66,7 @@ class Config:
     resubflow: bool = True
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
+    max_attempts: int = 8
 
     def wants(self, ifname: str) -> bool:
         """Is `ifname` managed? deny wins over allow; lo never."""
@@ -191,7 +192,8 @@ def from_dict(data: Mapping[str, Any], source: str = "pmd.toml") -> Config:
     if "policy" in us:
         if us["policy"] not in POLICIES:
             raise ConfigError(
-                f"{source}: userspace.policy: expected one of {', '.join(POLICIES)}, got {us['policy']!r}"
+                f"{source}: userspace.policy: expected one of {', '.join(POLICIES)}, "
+                f"got {us['policy']!r}"
             )
         kw["policy"] = us["policy"]
     if "ndiffports" in us:
@@ -202,7 +204,16 @@ def from_dict(data: Mapping[str, Any], source: str = "pmd.toml") -> Config:
     if "announce" in us:
         kw["announce"] = _bool(f"{source}: userspace.announce", us["announce"])
     rs = data.get("resubflow", {})
-    _check_keys(f"{source}: [resubflow]", rs, {"enabled", "backoff_initial", "backoff_max"})
+    _check_keys(
+        f"{source}: [resubflow]", rs, {"enabled", "backoff_initial", "backoff_max", "max_attempts"}
+    )
+    if "max_attempts" in rs:
+        n = rs["max_attempts"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(
+                f"{source}: resubflow.max_attempts: expected a number >= 1, got {n!r}"
+            )
+        kw["max_attempts"] = n
     if "enabled" in rs:
         kw["resubflow"] = _bool(f"{source}: resubflow.enabled", rs["enabled"])
     if "backoff_initial" in rs:

@@ -46,7 +46,7 @@ from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from mptcpkit.pm import netns as _netns
 from mptcpkit.pm.api import PathManager, UserspacePMUnavailable, userspace_pm_problem
-from mptcpkit.pm.codec import Endpoint, EndpointFlag, Event, EventType
+from mptcpkit.pm.codec import Endpoint, Event, EventType
 from mptcpkit.pm.config import Config, backoff
 from mptcpkit.pm.events import EventStream
 from mptcpkit.pm.transport import PMError
@@ -186,9 +186,10 @@ class Daemon:
             loop = asyncio.get_running_loop()
             loop.add_reader(self.rtnl.fileno(), self._on_rtnl)
             loop.add_reader(self.events.fileno(), self._on_events)
+            managed = sorted(link.name for link in self.links.values() if cfg.wants(link.name))
             self.decide(
                 f"started: mode={cfg.mode} netns={cfg.netns or '-'} "
-                f"managing {', '.join(sorted(l.name for l in self.links.values() if cfg.wants(l.name))) or 'no interfaces'}"
+                f"managing {', '.join(managed) or 'no interfaces'}"
             )
         except BaseException:
             self.cleanup()
@@ -226,8 +227,8 @@ class Daemon:
             "netns": cfg.netns,
             "uptime": round(time.time() - self.started, 1),
             "interfaces": {
-                l.name: {"running": l.running, "managed": cfg.wants(l.name)}
-                for l in sorted(self.links.values(), key=lambda l: l.index)
+                link.name: {"running": link.running, "managed": cfg.wants(link.name)}
+                for link in sorted(self.links.values(), key=lambda link: link.index)
             },
             "endpoints": [ep.to_json() for ep in sorted(self.owned.values())],
             "parked": sorted(self.parked),
@@ -408,6 +409,8 @@ class Daemon:
 
     def link_up(self, link: Link) -> None:
         self.decide(f"link {link.name} up")
+        for key in [k for k in self.attempts if self._key_ifindex(k) == link.index]:
+            del self.attempts[key]  # a path that changed deserves fresh attempts
         if self.config.mode == "kernel":
             for address, index in list(self.addrs.items()):
                 if index == link.index and address not in self.owned:
@@ -501,10 +504,6 @@ class Daemon:
     def _sub_closed(self, ev: Event) -> None:
         if ev.saddr is None or ev.daddr is None or ev.token not in self.live_tokens:
             return
-        if time.monotonic() < self.suppress.get(ev.saddr, 0):
-            return
-        if not self.config.resubflow:
-            return
         conn = self.conns.get(ev.token)
         if conn is not None:
             pair = (ev.saddr, ev.daddr)
@@ -514,12 +513,19 @@ class Daemon:
                 ports.remove((ev.sport or 0, ev.dport or 0))
             if not ports:
                 conn.established.discard(pair)
+        if not self.config.resubflow or time.monotonic() < self.suppress.get(ev.saddr, 0):
+            return
+        what = f"subflow {ev.saddr} -> {ev.daddr} of {ev.token:08x}"
+        if not ev.error:
+            # Closed on purpose (by us, the peer or an RM_ADDR): nothing to repair.
+            log.debug("%s closed without error, not re-creating", what)
+            return
+        why = f"{what} died ({os.strerror(ev.error)})"
+        if conn is not None:
             key: tuple[Any, ...] = ("sf", conn.token, ev.saddr, ev.daddr)
-            why = f"token {conn.token:08x}: subflow {ev.saddr} -> {ev.daddr} closed (error {ev.error})"
             self._schedule(key, why, lambda: self._apply_policy(conn, why="retry"))
         elif self.config.mode == "kernel" and ev.saddr in self.owned:
             address = ev.saddr
-            why = f"subflow from {address} closed (error {ev.error}) while its path is up"
             self._schedule(("ep", address), why, lambda: self._readd(address))
 
     def _schedule(self, key: tuple[Any, ...], why: str, action: Callable[[], None]) -> None:
@@ -530,6 +536,9 @@ class Daemon:
         if key in self.timers:
             return
         attempt = self.attempts.get(key, 0)
+        if attempt >= self.config.max_attempts:
+            self.decide(f"{why}: giving up after {attempt} attempts")
+            return
         delay = backoff(attempt, self.config.backoff_initial, self.config.backoff_max)
         self.attempts[key] = attempt + 1
         self.decide(f"{why}: retry {attempt + 1} in {delay:g}s")
@@ -649,10 +658,11 @@ class Daemon:
             self.pm.create_subflow(conn.token, laddr, (raddr, rport), id=lid or None, dev=dev)
         except PMError as exc:
             self.decide(
-                f"token {conn.token:08x}: subflow {laddr} -> {raddr}:{rport} failed ({why}): {exc.strerror}"
+                f"token {conn.token:08x}: subflow {laddr} -> {raddr}:{rport} "
+                f"failed ({why}): {exc.strerror}"
             )
             key: tuple[Any, ...] = ("sf", conn.token, laddr, raddr)
-            if exc.errno not in (errno.EINVAL,) or conn.token in self.live_tokens:
+            if conn.token in self.live_tokens and self.config.resubflow:
                 self._schedule(
                     key, "subflow create failed", lambda: self._apply_policy(conn, why="retry")
                 )
