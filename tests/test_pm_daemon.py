@@ -267,16 +267,23 @@ def test_new_address_gets_endpoint_and_subflow(
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("with_pmd", [True, False], ids=["pmd", "kernel-alone"])
+@pytest.mark.parametrize("variant", ["pmd-kernel", "pmd-userspace", "kernel-alone"])
 def test_link_down_up_subflow_comes_back(
-    topo: lab.Topology, start_pmd: Callable[..., Pmd], with_pmd: bool
+    topo: lab.Topology, start_pmd: Callable[..., Pmd], variant: str
 ) -> None:
     client = topo.host("client")
     addr1 = client.address(1)
     # Short TCP retries in the client namespace: a subflow on a dead link really dies
     # during the outage (default: ~15 minutes), which is the case the kernel never repairs.
     client.sysctl("net.ipv4.tcp_retries2", 3)
-    if with_pmd:
+    with_pmd = variant != "kernel-alone"
+    if variant == "pmd-userspace":
+        pmd = start_pmd(
+            client.netns,
+            'mode = "userspace"\n[interfaces]\nallow = ["eth*"]\n'
+            '[userspace]\npolicy = "per-interface"\n[resubflow]\nbackoff_initial = 0.5\n',
+        )
+    elif with_pmd:
         pmd = start_pmd(
             client.netns, '[interfaces]\nallow = ["eth1"]\n[resubflow]\nbackoff_initial = 0.5\n'
         )

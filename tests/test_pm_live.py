@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -339,3 +340,22 @@ def test_cli_kernel_error_exit_1(net: Net) -> None:
     r = cli("endpoint", "del", "id", "77", "--netns", net.client)
     assert r.returncode == 1
     assert "endpoint del id 77" in r.stderr
+
+
+def test_no_fd_leaks(net: Net) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    for _ in range(5):
+        with pm.PathManager(net.client) as mgr:
+            mgr.endpoints()
+            with pytest.raises(pm.UnknownInterface):
+                mgr.add_endpoint(net.client_addr(1), dev="nosuchdev")
+        with pm.events(net.client) as stream:
+            stream.poll(0)
+        with pytest.raises(pm.NamespaceNotFound):
+            pm.PathManager("mptk-pm-does-not-exist")
+        with pytest.raises(pm.PMError):
+            pm.delete_endpoint(200, netns=net.client)
+    assert fds() == before
