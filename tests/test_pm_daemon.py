@@ -432,3 +432,39 @@ def test_pmd_without_privilege_exit_2(topo: lab.Topology, tmp_path: Path) -> Non
 def test_pmd_status_without_daemon(tmp_path: Path) -> None:
     r = run_pmd("status", "--socket", str(tmp_path / "none.sock"))
     assert r.returncode == 1 and "no pmd answering on" in r.stderr
+
+
+@pytest.mark.root
+def test_userspace_ndiffports(topo: lab.Topology, start_pmd: Callable[..., Pmd]) -> None:
+    client = topo.host("client")
+    start_pmd(
+        client.netns, 'mode = "userspace"\n[userspace]\npolicy = "ndiffports"\nndiffports = 3\n'
+    )
+    t = Transfer(topo)
+    try:
+        assert wait_for(lambda: len(t.locals()) == 3), t.locals()
+        subflows = mptcpkit.subflows(t.sock)
+        assert {(s.local[0], s.remote) for s in subflows} == {
+            (client.address(0), t.sock.getpeername())
+        }
+        assert len({s.local[1] for s in subflows}) == 3  # three source ports
+    finally:
+        t.close()
+
+
+@pytest.mark.root
+def test_userspace_server_announces(
+    lab_factory: Callable[..., lab.Topology], start_pmd: Callable[..., Pmd]
+) -> None:
+    # Client: in-kernel PM accepting announcements; server: pmd announcing its addresses.
+    topo = lab_factory(lab.two_paths, paths=2, endpoints=None)
+    server = topo.host("server")
+    pmd = start_pmd(server.netns, 'mode = "userspace"\n[interfaces]\nallow = ["eth*"]\n')
+    t = Transfer(topo)
+    try:
+        assert wait_for(
+            lambda: server.address(1) in [s.remote[0] for s in mptcpkit.subflows(t.sock)]
+        ), pmd.log
+        assert any(f"announced {server.address(1)}" in line for line in pmd.log)
+    finally:
+        t.close()
