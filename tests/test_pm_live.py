@@ -236,7 +236,8 @@ def test_cli_endpoint_and_limits(net: Net) -> None:
         ns,
     )
     assert r.returncode == 0, r.stderr
-    r = cli("endpoint", "add", "10.0.1.1", "subflow", "backup", "--netns", ns)
+    # Options may sit anywhere among ip's words.
+    r = cli("endpoint", "add", "10.0.1.1", "--netns", ns, "subflow", "backup")
     assert r.returncode == 0, r.stderr
     shown = cli("endpoint", "show", "--netns", ns)
     assert [line.split() for line in shown.stdout.splitlines()] == ip_endpoints(net, ns)
@@ -259,6 +260,32 @@ def test_cli_endpoint_and_limits(net: Net) -> None:
         "add_addr_accepted": 2,
         "subflows": 4,
     }
+
+
+def test_cli_monitor_lines(net: Net) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mptcpkit", "monitor", "-n", net.server, "--count", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    net.procs.append(p)
+    assert p.stderr is not None
+    assert "monitoring" in p.stderr.readline()
+    srv, c, a = open_connection(net)
+    port = srv.getsockname()[1]
+    try:
+        out, _ = p.communicate(timeout=30)
+    finally:
+        for s in (c, a, srv):
+            s.close()
+    assert p.returncode == 0
+    listener, created, established = out.splitlines()
+    assert listener == f"[LISTENER_CREATED] saddr4=0.0.0.0 sport={port}"
+    assert created.startswith("[         CREATED] token=")
+    assert f"saddr4={net.server_addr(0)} daddr4={net.client_addr(0)} sport={port}" in created
+    assert established.startswith("[     ESTABLISHED] token=")
+    assert created.endswith("server_side")
 
 
 def test_cli_monitor_json(net: Net) -> None:

@@ -40,6 +40,27 @@ def pm_errors(netns: str | None) -> Iterator[None]:
         raise CLIError(exc.strerror or str(exc)) from None
 
 
+def take_options(args: argparse.Namespace) -> list[str]:
+    """Words with --netns/--json pulled out, so options may sit anywhere, as with ip."""
+    words: list[str] = []
+    it = iter(args.words)
+    for word in it:
+        if word in ("--netns", "-n"):
+            value = next(it, None)
+            if value is None:
+                raise UsageError(f"{word} needs a namespace name")
+            args.netns = value
+        elif word.startswith("--netns="):
+            args.netns = word.partition("=")[2]
+        elif word in ("--json", "-j") and hasattr(args, "json"):
+            args.json = True
+        elif word.startswith("-"):
+            raise UsageError(f"unknown option {word!r}")
+        else:
+            words.append(word)
+    return words
+
+
 def add_common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     parser.add_argument(
         "--netns", "-n", metavar="NAME", help="work in this network namespace (like ip -n)"
@@ -64,16 +85,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common(p)
-    p.add_argument("words", nargs="*", metavar="WORD", help="the command in ip mptcp's grammar")
+    p.add_argument(
+        "words", nargs=argparse.REMAINDER, metavar="WORD", help="the command in ip mptcp's grammar"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mptcpkit import pm
 
+    words = take_options(args)
     netns: str | None = args.netns
     with pm_errors(netns):
-        cmd = grammar.parse_endpoint(args.words)
+        cmd = grammar.parse_endpoint(words)
         with pm.PathManager(netns) as mgr:
             if cmd.action == "show":
                 eps = [mgr.endpoint(cmd.id)] if cmd.id is not None else mgr.endpoints()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mptcpkit.cli.endpoint import add_common, pm_errors
+from mptcpkit.cli.endpoint import add_common, pm_errors, take_options
 from mptcpkit.pm import grammar
 
 
@@ -20,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_common(p)
     p.add_argument(
-        "words", nargs="*", metavar="WORD", help="show | set [subflows N] [add_addr_accepted N]"
+        "words",
+        nargs=argparse.REMAINDER,
+        metavar="WORD",
+        help="show | set [subflows N] [add_addr_accepted N]",
     )
     p.set_defaults(func=run)
 
@@ -28,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     from mptcpkit import pm
 
+    words = take_options(args)
     with pm_errors(args.netns):
-        cmd = grammar.parse_limits(args.words)
+        cmd = grammar.parse_limits(words)
         with pm.PathManager(args.netns) as mgr:
             if cmd.action == "set":
                 limits = mgr.set_limits(
