@@ -263,7 +263,7 @@ def test_new_address_gets_endpoint_and_subflow(
     # The address goes away: so does the endpoint.
     client.run(["ip", "-4", "addr", "del", f"{addr1}/24", "dev", eth1])
     assert wait_for(lambda: addr1 not in [e.address for e in pm.endpoints(netns=client.netns)])
-    assert any("disappeared" in line for line in pmd.log)
+    assert wait_for(lambda: any("disappeared" in line for line in pmd.log))
 
 
 @pytest.mark.root
@@ -465,6 +465,6 @@ def test_userspace_server_announces(
         assert wait_for(
             lambda: server.address(1) in [s.remote[0] for s in mptcpkit.subflows(t.sock)]
         ), pmd.log
-        assert any(f"announced {server.address(1)}" in line for line in pmd.log)
+        assert wait_for(lambda: any(f"announced {server.address(1)}" in line for line in pmd.log))
     finally:
         t.close()
