@@ -350,13 +350,16 @@ def test_sigterm_removes_what_it_added(topo: lab.Topology, start_pmd: Callable[.
     client = topo.host("client")
     pm.set_limits(subflows=0, add_addr_accepted=0, netns=client.netns)
     pm.add_endpoint("10.9.9.9", flags="signal", netns=client.netns)  # not pmd's: must stay
-    pmd = start_pmd(client.netns, "")
+    pmd = start_pmd(client.netns, '[interfaces.flags]\neth1 = ["subflow", "backup"]\n')
     state = pmd.status()
     ours = {ep["address"] for ep in state["endpoints"]}
     assert state["mode"] == "kernel"
     assert ours == set(client.addresses(4) + client.addresses(6))
     n = len(ours)
     assert pm.limits(netns=client.netns) == pm.Limits(n, n)  # raised to match
+    flags = {ep.address: ep.flags for ep in pm.endpoints(netns=client.netns)}
+    assert flags[client.address(0)] == pm.EndpointFlag.SUBFLOW
+    assert flags[client.address(1)] == pm.EndpointFlag.SUBFLOW | pm.EndpointFlag.BACKUP
     assert pmd.stop() == 0
     assert [ep.address for ep in pm.endpoints(netns=client.netns)] == ["10.9.9.9"]
     assert pm.limits(netns=client.netns) == pm.Limits(0, 0)
@@ -426,6 +429,20 @@ def test_pmd_without_privilege_exit_2(topo: lab.Topology, tmp_path: Path) -> Non
     assert "needs CAP_NET_ADMIN" in r.stderr
     # Nothing half-applied: the sysctl and the endpoints are untouched.
     assert client.sysctl("net.mptcp.pm_type") == "0"
+    assert pm.endpoints(netns=client.netns) == []
+
+
+@pytest.mark.root
+def test_pmd_status_socket_unusable(topo: lab.Topology, tmp_path: Path) -> None:
+    client = topo.host("client")
+    conf = tmp_path / "pmd.toml"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    conf.write_text(f'status_socket = "{blocker}/pmd.sock"\n')
+    r = run_pmd("-c", str(conf), "--netns", client.netns)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].startswith(f"mptcpkit pmd: status socket {blocker}/pmd.sock: ")
+    assert "added endpoint" not in r.stderr
     assert pm.endpoints(netns=client.netns) == []
 
 

@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("mptcpkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     with pm_errors(cfg.netns):
         netns.check(cfg.netns)
-        daemon.run(cfg)
+        try:
+            daemon.run(cfg)
+        except daemon.StatusSocketError as exc:
+            raise UsageError(exc.strerror or str(exc)) from None
     return 0
 
 

@@ -78,6 +78,10 @@ def rtnl_dump(msg: Any, mtype: int) -> list[Any]:
                 out.append(reply)
 
 
+class StatusSocketError(OSError):
+    """The status socket cannot be created (path not writable, a directory...)."""
+
+
 @dataclasses.dataclass
 class Link:
     index: int
@@ -171,6 +175,7 @@ class Daemon:
         assert self.pm is not None
         cfg = self.config
         try:
+            await self._start_status()  # first: a bad path must fail before any change
             if cfg.mode == "userspace":
                 self._set_sysctl("net.mptcp.pm_type", "1")
             if cfg.load_balancer:
@@ -182,7 +187,6 @@ class Daemon:
             self.rtnl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             self.rtnl.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             self._initial_dump()
-            await self._start_status()
             loop = asyncio.get_running_loop()
             loop.add_reader(self.rtnl.fileno(), self._on_rtnl)
             loop.add_reader(self.events.fileno(), self._on_events)
@@ -192,7 +196,7 @@ class Daemon:
                 f"managing {', '.join(managed) or 'no interfaces'}"
             )
         except BaseException:
-            self.cleanup()
+            self.cleanup(undo=True)  # never half-started, whatever `cleanup` says
             raise
 
     def _initial_dump(self) -> None:
@@ -205,10 +209,13 @@ class Daemon:
 
     async def _start_status(self) -> None:
         path = self.config.status_path()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.status_server = await asyncio.start_unix_server(self._serve_status, path)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.status_server = await asyncio.start_unix_server(self._serve_status, path)
+        except OSError as exc:
+            raise StatusSocketError(exc.errno, f"status socket {path}: {exc.strerror}") from None
 
     async def _serve_status(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -246,8 +253,9 @@ class Daemon:
             "decisions": self.decisions[-20:],
         }
 
-    def cleanup(self) -> None:
-        """Stop watching; undo what pmd did if configured to. Safe to call twice."""
+    def cleanup(self, undo: bool | None = None) -> None:
+        """Stop watching; undo what pmd did if configured to (or `undo`). Safe twice."""
+        undo = self.config.cleanup if undo is None else undo
         loop = None
         with contextlib.suppress(RuntimeError):
             loop = asyncio.get_running_loop()
@@ -271,7 +279,7 @@ class Daemon:
             self.status_server = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.status_path())
-        if self.config.cleanup and self.pm is not None:
+        if undo and self.pm is not None:
             for address, ep in list(self.owned.items()):
                 with contextlib.suppress(PMError):
                     self.pm.delete_endpoint(ep.id)
