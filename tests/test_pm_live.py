@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import uvloop
 
 from mptcpkit import lab, pm
 from mptcpkit.pm import EventType, netns
@@ -167,11 +168,13 @@ def c_port(ev: pm.Event) -> int:
     return ev.sport
 
 
-def test_events_async_iterator(net: Net) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_events_async_iterator(net: Net, loop: str) -> None:
     async def main() -> list[pm.Event]:
         got: list[pm.Event] = []
         with pm.events(net.server) as stream:
-            srv, c, a = await asyncio.to_thread(open_connection, net)
+            # The connection opens while the iterator is already waiting for events.
+            opening = asyncio.ensure_future(asyncio.to_thread(open_connection, net))
             try:
                 async with asyncio.timeout(30):
                     async for ev in stream:
@@ -179,11 +182,11 @@ def test_events_async_iterator(net: Net) -> None:
                         if ev.type is EventType.ESTABLISHED:
                             break
             finally:
-                for s in (c, a, srv):
+                for s in await opening:
                     s.close()
         return got
 
-    got = asyncio.run(main())
+    got = uvloop.run(main()) if loop == "uvloop" else asyncio.run(main())
     types = [e.type for e in got]
     assert types[:1] == [EventType.LISTENER_CREATED]
     assert types[-2:] == [EventType.CREATED, EventType.ESTABLISHED]
@@ -286,6 +289,21 @@ def test_cli_monitor_lines(net: Net) -> None:
     assert f"saddr4={net.server_addr(0)} daddr4={net.client_addr(0)} sport={port}" in created
     assert established.startswith("[     ESTABLISHED] token=")
     assert created.endswith("server_side")
+
+
+def test_cli_monitor_stops_on_sigterm(net: Net) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mptcpkit", "monitor", "-n", net.client],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    net.procs.append(p)
+    assert p.stderr is not None
+    assert "monitoring" in p.stderr.readline()
+    p.terminate()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and out == "" and err == ""
 
 
 def test_cli_monitor_json(net: Net) -> None:
