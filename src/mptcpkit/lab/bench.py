@@ -174,12 +174,15 @@ def run_bench(
         receiver.start()
         conn.connect((target, listener.getsockname()[1]))
         t0 = time.monotonic()
-        schedule.start()
-        stack.callback(schedule.stop)
         sampler = _Sampler(state, conn, proto == socket.IPPROTO_MPTCP, chost, interval, t0)
         sampler.on_sample = on_sample
         sampler_thread = chost.thread(sampler.run, name="lab-bench-sample")
         stack.callback(sampler.stop_and_join, sampler_thread)
+        # The first sample is the baseline: nothing may be sent before it.
+        if not sampler.ready.wait(timeout):
+            raise LabError("bench: the sampler did not start")
+        schedule.start(t0)
+        stack.callback(schedule.stop)
         sender = threading.Thread(
             target=state.send, args=(conn, t0 + duration), name="lab-bench-send", daemon=True
         )
@@ -298,16 +301,17 @@ class _Sampler:
         self.samples: list[_Sample] = []
         self.subflow_addrs: dict[str, tuple[Any, Any]] = {}
         self._stop = threading.Event()
+        self.ready = threading.Event()
         self.on_sample: Callable[[dict[str, Any]], None] | None = None
 
     def take(self) -> None:
-        t = time.monotonic() - self.t0
-        received = self.state.received
         sfs: dict[str, int] = {}
         with contextlib.suppress(OSError):
             for key, (acked, local, remote) in _sender_subflows(self.conn, self.mptcp).items():
                 sfs[key] = acked
                 self.subflow_addrs.setdefault(key, (local, remote))
+        received = self.state.received
+        t = time.monotonic() - self.t0
         counters = read_net_dev()
         links = {
             idx: counters[dev]["tx_bytes"] for dev, idx in self.devs.items() if dev in counters
@@ -327,7 +331,10 @@ class _Sampler:
                 )
 
     def run(self) -> None:
-        self.take()
+        try:
+            self.take()
+        finally:
+            self.ready.set()
         next_t = self.interval
         while not self._stop.wait(max(0.0, self.t0 + next_t - time.monotonic())):
             self.take()
