@@ -168,6 +168,8 @@ def run_bench(
         conn.settimeout(timeout)
 
         state = _Transfer(seed)
+        # On the way out (normal or Ctrl-C), wake threads blocked in send/recv first.
+        stack.callback(state.abort, conn)
         receiver = threading.Thread(
             target=state.receive, args=(listener,), name="lab-bench-recv", daemon=True
         )
@@ -254,6 +256,13 @@ class _Transfer:
         self.rx_hash = hashlib.sha256()
         self.error: str | None = None
         self.finished_at: float | None = None
+        self.peer: socket.socket | None = None
+
+    def abort(self, conn: socket.socket) -> None:
+        for sock in (conn, self.peer):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def send(self, conn: socket.socket, deadline: float) -> None:
         try:
@@ -270,6 +279,7 @@ class _Transfer:
     def receive(self, listener: socket.socket) -> None:
         try:
             peer, _ = listener.accept()
+            self.peer = peer
             with peer:
                 peer.settimeout(listener.gettimeout())
                 buf = bytearray(_RECV)
