@@ -523,6 +523,11 @@ def test_custom_topology_with_a_router(lab_factory) -> None:
     for family in (4, 6):
         local, _ = roundtrip(a, b, b.address(family=family))
         assert local[0] == a.address(family=family)
+    # Routes through a link come back with it.
+    topo.link(0).down()
+    topo.link(0).up()
+    for family in (4, 6):
+        roundtrip(a, b, b.address(family=family))
 
 
 @pytest.mark.parametrize(
