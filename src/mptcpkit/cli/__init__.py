@@ -21,6 +21,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "mptcpkit.cli.limits",
     "mptcpkit.cli.monitor",
     "mptcpkit.cli.pmd",
+    "mptcpkit.cli.lab",
 )
 
 

@@ -28,7 +28,8 @@ from mptcpkit.lab.netns import LabError
 from mptcpkit.lab.topology import Host, Topology
 
 PROTOCOLS = ("mptcp", "tcp")
-_CHUNK = 64 * 1024
+_CHUNK = 128 * 1024
+_POOL = 4 * 1024 * 1024
 _RECV = 256 * 1024
 # A link counts as "recovered" once goodput is back to this share of what the surviving
 # links carried per link before the fault.
@@ -47,11 +48,18 @@ def read_net_dev() -> dict[str, dict[str, int]]:
     return result
 
 
-def stream(seed: int, size: int = _CHUNK) -> Iterator[bytes]:
-    """The deterministic pseudo-random byte stream the sender writes, chunk by chunk."""
+def stream(seed: int, size: int = _CHUNK) -> Iterator[memoryview]:
+    """The deterministic pseudo-random byte stream the sender writes, chunk by chunk.
+
+    Chunks are slices at pseudo-random offsets of a pseudo-random pool: as unpredictable
+    as the hash check needs, and free to produce (generating fresh random bytes would
+    cost the sender more CPU than the network stack at a few hundred Mbit/s).
+    """
     rng = random.Random(seed)
+    pool = memoryview(rng.randbytes(_POOL))
     while True:
-        yield rng.randbytes(size)
+        offset = rng.randrange(0, _POOL - size)
+        yield pool[offset : offset + size]
 
 
 @dataclasses.dataclass
@@ -168,18 +176,23 @@ def run_bench(
         conn.settimeout(timeout)
 
         state = _Transfer(seed)
+        # On the way out (normal or Ctrl-C), wake threads blocked in send/recv first.
+        stack.callback(state.abort, conn)
         receiver = threading.Thread(
             target=state.receive, args=(listener,), name="lab-bench-recv", daemon=True
         )
         receiver.start()
         conn.connect((target, listener.getsockname()[1]))
         t0 = time.monotonic()
-        schedule.start()
-        stack.callback(schedule.stop)
         sampler = _Sampler(state, conn, proto == socket.IPPROTO_MPTCP, chost, interval, t0)
         sampler.on_sample = on_sample
         sampler_thread = chost.thread(sampler.run, name="lab-bench-sample")
         stack.callback(sampler.stop_and_join, sampler_thread)
+        # The first sample is the baseline: nothing may be sent before it.
+        if not sampler.ready.wait(timeout):
+            raise LabError("bench: the sampler did not start")
+        schedule.start(t0)
+        stack.callback(schedule.stop)
         sender = threading.Thread(
             target=state.send, args=(conn, t0 + duration), name="lab-bench-send", daemon=True
         )
@@ -251,6 +264,13 @@ class _Transfer:
         self.rx_hash = hashlib.sha256()
         self.error: str | None = None
         self.finished_at: float | None = None
+        self.peer: socket.socket | None = None
+
+    def abort(self, conn: socket.socket) -> None:
+        for sock in (conn, self.peer):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def send(self, conn: socket.socket, deadline: float) -> None:
         try:
@@ -267,6 +287,7 @@ class _Transfer:
     def receive(self, listener: socket.socket) -> None:
         try:
             peer, _ = listener.accept()
+            self.peer = peer
             with peer:
                 peer.settimeout(listener.gettimeout())
                 buf = bytearray(_RECV)
@@ -298,16 +319,17 @@ class _Sampler:
         self.samples: list[_Sample] = []
         self.subflow_addrs: dict[str, tuple[Any, Any]] = {}
         self._stop = threading.Event()
+        self.ready = threading.Event()
         self.on_sample: Callable[[dict[str, Any]], None] | None = None
 
     def take(self) -> None:
-        t = time.monotonic() - self.t0
-        received = self.state.received
         sfs: dict[str, int] = {}
         with contextlib.suppress(OSError):
             for key, (acked, local, remote) in _sender_subflows(self.conn, self.mptcp).items():
                 sfs[key] = acked
                 self.subflow_addrs.setdefault(key, (local, remote))
+        received = self.state.received
+        t = time.monotonic() - self.t0
         counters = read_net_dev()
         links = {
             idx: counters[dev]["tx_bytes"] for dev, idx in self.devs.items() if dev in counters
@@ -327,7 +349,10 @@ class _Sampler:
                 )
 
     def run(self) -> None:
-        self.take()
+        try:
+            self.take()
+        finally:
+            self.ready.set()
         next_t = self.interval
         while not self._stop.wait(max(0.0, self.t0 + next_t - time.monotonic())):
             self.take()

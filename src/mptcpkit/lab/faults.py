@@ -99,8 +99,8 @@ def flap(link: int, *, start: float, down_for: float, every: float, times: int) 
 
 @dataclasses.dataclass(frozen=True)
 class Applied:
-    """Something the schedule did: `t` is seconds after it started; `fault` is None for a
-    plain callable, which `label` then names."""
+    """Something the schedule did: `t` is when it began, in seconds after the schedule
+    started; `fault` is None for a plain callable, which `label` then names."""
 
     t: float
     label: str
@@ -162,10 +162,11 @@ class Schedule:
     def faults(self) -> list[Fault]:
         return [f for _, f, _ in self._items if f is not None]
 
-    def start(self) -> Schedule:
+    def start(self, t0: float | None = None) -> Schedule:
+        """Start the clock now, or at `t0` (a `time.monotonic()` value, e.g. a shared start)."""
         if self._thread is not None:
             raise RuntimeError("schedule already started")
-        self._t0 = time.monotonic()
+        self._t0 = time.monotonic() if t0 is None else t0
         self._thread = threading.Thread(target=self._run, name="lab-faults", daemon=True)
         self._thread.start()
         return self
@@ -181,12 +182,13 @@ class Schedule:
             if self._stop.is_set():
                 return
             error = None
+            started = self.elapsed()
             try:
                 fn()
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
             label = str(fault) if fault else _label(fn)
-            self.applied.append(Applied(self.elapsed(), label, fault, error))
+            self.applied.append(Applied(started, label, fault, error))
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -48,7 +48,7 @@ def plot(result: BenchResult | dict[str, Any], path: str | os.PathLike[str]) -> 
     top = max([*series["total"], *(v for vs in series["subflows"].values() for v in vs), 1.0])
     for t, action, link in series["faults"]:
         colour = _FAULT_COLOURS.get(action, "tab:gray")
-        ax.axvline(t, color=colour, linestyle="--", linewidth=1.2)
+        ax.axvline(t, color=colour, linestyle="--", linewidth=2.0)
         ax.text(t, top * 1.02, f" {action} {link}", color=colour, fontsize=8, va="bottom")
     rate = data.get("rate_mbit")
     title = f"{data['protocol'].upper()} over {data['paths']} path(s)"
