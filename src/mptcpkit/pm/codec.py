@@ -240,10 +240,12 @@ class Limits:
 
 def decode_endpoint(addr: Mapping[str, Any]) -> Endpoint:
     """An `address` attribute dict from GET_ADDR -> Endpoint."""
-    address = addr.get("addr4") or addr.get("addr6") or ""
+    raw = addr.get("addr4") or addr.get("addr6")
+    # Normalised like `ipaddress` prints it (pyroute2 writes v4-mapped v6 differently).
+    address = str(ipaddress.ip_address(raw)) if raw else ""
     return Endpoint(
         id=int(addr.get("id", 0)),
-        address=str(address),
+        address=address,
         port=int(addr.get("port", 0)),
         flags=EndpointFlag(int(addr.get("flags", 0))),
         ifindex=int(addr.get("if_idx", 0)),
