@@ -9,7 +9,6 @@ import json
 from collections.abc import Iterator
 
 from mptcpkit.cli.errors import CLIError, UsageError
-from mptcpkit.pm import grammar
 
 USAGE_ERRNOS = {errno.EPERM, errno.EACCES}
 
@@ -21,7 +20,7 @@ def pm_errors(netns: str | None) -> Iterator[None]:
 
     try:
         yield
-    except (grammar.GrammarError, ValueError) as exc:
+    except ValueError as exc:  # also grammar.GrammarError
         raise UsageError(str(exc)) from None
     except pm.NamespaceNotFound as exc:
         raise UsageError(str(exc)) from None
@@ -93,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     from mptcpkit import pm
+    from mptcpkit.pm import grammar
 
     words = take_options(args)
     netns: str | None = args.netns

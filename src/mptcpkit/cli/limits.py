@@ -6,7 +6,6 @@ import argparse
 import json
 
 from mptcpkit.cli.endpoint import add_common, pm_errors, take_options
-from mptcpkit.pm import grammar
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     from mptcpkit import pm
+    from mptcpkit.pm import grammar
 
     words = take_options(args)
     with pm_errors(args.netns):
