@@ -404,3 +404,46 @@ def test_no_fd_leaks(net: Net) -> None:
         with pytest.raises(pm.PMError):
             pm.delete_endpoint(200, netns=net.client)
     assert fds() == before
+
+
+def test_userspace_pm_commands(net: Net) -> None:
+    """Every userspace-PM command, seen through the events on both sides."""
+    net.c.sysctl("net.mptcp.pm_type", 1)
+    with pm.events(net.client) as cev, pm.events(net.server) as sev:
+        srv, c, a = open_connection(net)
+        port = srv.getsockname()[1]
+        try:
+            token = collect(cev, EventType.ESTABLISHED)[-1].token
+            assert token is not None
+            with pm.PathManager(net.client) as mgr:
+                mgr.check_userspace()
+                mgr.announce(token, net.client_addr(1), id=1)
+                ann = collect(sev, EventType.ANNOUNCED)[-1]
+                assert ann.type is EventType.ANNOUNCED and ann.daddr == net.client_addr(1)
+                mgr.remove(token, 1)
+                rem = collect(sev, EventType.REMOVED)[-1]
+                assert rem.type is EventType.REMOVED and rem.rem_id == 1
+
+                mgr.create_subflow(
+                    token,
+                    net.client_addr(1),
+                    (net.server_addr(0), port),
+                    id=1,
+                    dev=net.client_dev(1),
+                )
+                sub = collect(cev, EventType.SUB_ESTABLISHED)[-1]
+                assert sub.type is EventType.SUB_ESTABLISHED and sub.saddr == net.client_addr(1)
+                assert sub.sport is not None
+                local, remote = (net.client_addr(1), sub.sport), (net.server_addr(0), port)
+
+                mgr.set_subflow_backup(token, local, remote, True)
+                prio = collect(sev, EventType.SUB_PRIORITY)[-1]
+                assert prio.type is EventType.SUB_PRIORITY and prio.backup is True
+
+                mgr.destroy_subflow(token, local, remote)
+                closed = collect(cev, EventType.SUB_CLOSED)[-1]
+                assert closed.type is EventType.SUB_CLOSED and closed.sport == sub.sport
+
+        finally:
+            for s in (c, a, srv):
+                s.close()
