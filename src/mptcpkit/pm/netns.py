@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -93,8 +94,6 @@ def if_nametoindex(name: str | None, ifname: str) -> int:
         try:
             return socket.if_nametoindex(ifname)
         except OSError:
-            import errno
-
             raise OSError(errno.ENODEV, f"no interface {ifname!r}") from None
 
 

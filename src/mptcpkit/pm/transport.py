@@ -35,7 +35,8 @@ from pyroute2.netlink.marshal import Marshal
 
 from mptcpkit.pm import netns as _netns
 
-RCVBUF = 1 << 20
+RCVBUF = 1 << 20  # events come in bursts (one per subflow): room for thousands
+RECV_SIZE = 1 << 16  # a dump reply datagram never exceeds this
 _seq = itertools.count(1)
 
 
@@ -45,10 +46,6 @@ class PMError(OSError):
 
 class FamilyNotFound(PMError):
     """The kernel has no `mptcp_pm` generic-netlink family (MPTCP not built in)."""
-
-
-def _recv_buffer_size() -> int:
-    return 65536
 
 
 class GenlSocket:
@@ -137,7 +134,7 @@ class GenlSocket:
         self._sock.send(msg.data)
         replies: list[Any] = []
         while True:
-            data = self._sock.recv(_recv_buffer_size())
+            data = self._sock.recv(RECV_SIZE)
             for reply in self.marshal.parse(data):
                 header = reply["header"]
                 if header["sequence_number"] != seq:
@@ -155,7 +152,7 @@ class GenlSocket:
 
     def recv_messages(self) -> Iterator[Any]:
         """Messages of one datagram; BlockingIOError when nothing waits (non-blocking)."""
-        data = self._sock.recv(_recv_buffer_size())
+        data = self._sock.recv(RECV_SIZE)
         messages: Iterator[Any] = self.marshal.parse(data)
         return messages
 
