@@ -171,10 +171,9 @@ class Daemon:
         self.decide(f"sysctl {key}={value} (was {old})")
 
     async def start(self) -> None:
-        self.preflight()
-        assert self.pm is not None
         cfg = self.config
         try:
+            self.preflight()
             await self._start_status()  # first: a bad path must fail before any change
             if cfg.mode == "userspace":
                 self._set_sysctl("net.mptcp.pm_type", "1")
@@ -203,9 +202,24 @@ class Daemon:
         for msg in rtnl_dump(ifinfmsg(), RTM_GETLINK):
             self._link_msg(msg, initial=True)
         for msg in rtnl_dump(ifaddrmsg(), RTM_GETADDR):
-            self._addr_msg(msg, initial=True)
+            self._addr_msg(msg)
         if self.config.mode == "kernel":
             self._sync_limits()
+
+    def _resync(self) -> None:
+        """After lost rtnetlink messages: re-read links (acting on changes) and addresses."""
+        for msg in rtnl_dump(ifinfmsg(), RTM_GETLINK):
+            self._link_msg(msg)
+        current = {}
+        for msg in rtnl_dump(ifaddrmsg(), RTM_GETADDR):
+            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if address:
+                current[address] = msg
+        for address in [a for a in self.addrs if a not in current]:
+            self.addrs.pop(address, None)
+            self.address_gone(address)
+        for msg in current.values():
+            self._addr_msg(msg)
 
     async def _start_status(self) -> None:
         path = self.config.status_path()
@@ -311,7 +325,7 @@ class Daemon:
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     log.warning("rtnetlink queue overflowed; re-reading links and addresses")
-                    self._initial_dump()
+                    self._resync()
                     continue
                 raise
             for msg in self.rtnl_marshal.parse(data):
@@ -340,7 +354,7 @@ class Daemon:
         else:
             self.link_down(self.links[index])
 
-    def _addr_msg(self, msg: Any, initial: bool = False) -> None:
+    def _addr_msg(self, msg: Any) -> None:
         address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
         if not address or msg["scope"] != RT_SCOPE_UNIVERSE:
             return
