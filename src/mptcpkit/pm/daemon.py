@@ -113,6 +113,7 @@ class Daemon:
         self.addrs: dict[str, int] = {}  # address -> ifindex
         self.owned: dict[str, Endpoint] = {}  # endpoints pmd added (kernel mode)
         self.parked: dict[str, Endpoint] = {}  # removed because the link went down
+        self.foreign: set[str] = set()  # addresses with endpoints pmd did not add
         self.suppress: dict[str, float] = {}  # address -> ignore SUB_CLOSED until
         self.live_tokens: set[int] = set()
         self.conns: dict[int, Conn] = {}
@@ -379,18 +380,22 @@ class Daemon:
         link = self.links.get(index)
         return bool(link and link.running and self.config.wants(link.name))
 
-    def address_added(self, address: str, index: int) -> None:
+    def address_added(self, address: str, index: int, why: str | None = None) -> None:
         if self.config.mode != "kernel" or not self._usable(index):
             return
         if address in self.owned:
             return
         assert self.pm is not None
-        if any(ep.address == address for ep in self.pm.endpoints()):
-            self.decide(
-                f"address {address} on {self._ifname(index)}: endpoint exists already, leaving it"
-            )
+        if address not in self.parked and any(ep.address == address for ep in self.pm.endpoints()):
+            if address not in self.foreign:
+                self.foreign.add(address)
+                self.decide(
+                    f"address {address} on {self._ifname(index)}: "
+                    "an endpoint exists already (not ours), leaving it"
+                )
             return
-        self._add_endpoint(address, index, f"address {address} appeared on {self._ifname(index)}")
+        why = why or f"address {address} appeared on {self._ifname(index)}"
+        self._add_endpoint(address, index, why)
 
     def _add_endpoint(self, address: str, index: int, why: str) -> None:
         assert self.pm is not None
@@ -435,8 +440,8 @@ class Daemon:
             del self.attempts[key]  # a path that changed deserves fresh attempts
         if self.config.mode == "kernel":
             for address, index in list(self.addrs.items()):
-                if index == link.index and address not in self.owned:
-                    self._add_endpoint(address, index, f"link {link.name} up")
+                if index == link.index:
+                    self.address_added(address, index, f"link {link.name} up")
         else:
             for conn in list(self.conns.values()):
                 self._apply_policy(conn, why=f"link {link.name} up")
