@@ -103,7 +103,10 @@ def test_event_wire_roundtrip(case: tuple[codec.EventType, dict]) -> None:
         assert getattr(event, name) is None, name
     # Every record renders both ways without losing the type.
     assert event.to_json()["type"] == etype.name
-    assert etype.name in str(event)
+    line = str(event)
+    assert line.startswith(f"[{codec.IP_MONITOR_NAMES.get(etype, etype.name):>16}]")
+    if "token" in fields:
+        assert f"token={fields['token']:08x}" in line
 
 
 def test_event_known_numbers() -> None:
@@ -122,6 +125,22 @@ def test_event_known_numbers() -> None:
     }
     with pytest.raises(ValueError):
         codec.decode_event(99, {})
+
+
+def test_monitor_line_like_iproute2() -> None:
+    # The line iproute2's `ip mptcp monitor` prints (ip/ipmptcp.c, mptcp_monitor_msg).
+    event = codec.decode_event(
+        10,
+        {
+            "token": 0x1F2E3D4C, "family": 2, "loc_id": 1, "rem_id": 0,
+            "saddr4": "10.0.1.1", "daddr4": "10.0.0.2", "sport": 40000, "dport": 8000,
+            "backup": 0, "if_idx": 3, "error": 111,
+        },
+    )  # fmt: skip
+    assert str(event) == (
+        "[  SF_ESTABLISHED] token=1f2e3d4c remid=0 locid=1 saddr4=10.0.1.1 daddr4=10.0.0.2"
+        " sport=40000 dport=8000 backup=0 error=111 ifindex=3"
+    )
 
 
 def test_server_side_from_flags() -> None:

@@ -320,41 +320,46 @@ class Event:
         return out
 
     def __str__(self) -> str:
-        """`ip mptcp monitor`'s layout: `[         CREATED] token=... remid=...`."""
-        parts = [f"[{self.type.name:>16}]"]
+        """The line `ip mptcp monitor` (iproute2 6.4+) prints for this event."""
+        parts = [f"[{IP_MONITOR_NAMES.get(self.type, self.type.name):>16}]"]
         if self.token is not None:
             parts.append(f"token={self.token:08x}")
         if self.rem_id is not None:
             parts.append(f"remid={self.rem_id}")
         if self.loc_id is not None:
             parts.append(f"locid={self.loc_id}")
-        if self.saddr is not None:
-            parts.append(f"saddr{_v(self.saddr)}={self.saddr}")
-        if self.daddr is not None:
-            parts.append(f"daddr{_v(self.daddr)}={self.daddr}")
-        if self.sport is not None:
-            parts.append(f"sport={self.sport}")
-        if self.dport is not None:
-            parts.append(f"dport={self.dport}")
+        for key, value in (("saddr", self.saddr), ("daddr", self.daddr)):
+            if value is not None and ":" not in value:
+                parts.append(f"{key}4={value}")
+        for key, value in (("saddr", self.saddr), ("daddr", self.daddr)):
+            if value is not None and ":" in value:
+                parts.append(f"{key}6={value}")
+        for key, number in (("sport", self.sport), ("dport", self.dport)):
+            if number is not None:
+                parts.append(f"{key}={number}")
         if self.backup is not None:
             parts.append(f"backup={int(self.backup)}")
-        if self.ifindex is not None:
-            parts.append(f"ifindex={self.ifindex}")
         if self.error is not None:
             parts.append(f"error={self.error}")
+        if self.flags is not None:
+            parts.append(f"flags={self.flags:x}")
+        if self.timeout is not None:
+            parts.append(f"timeout={self.timeout}")
+        if self.ifindex is not None:
+            parts.append(f"ifindex={self.ifindex}")
         if self.reset_reason is not None:
             parts.append(f"reset_reason={self.reset_reason}")
         if self.reset_flags is not None:
             parts.append(f"reset_flags={self.reset_flags:#x}")
-        if self.timeout is not None:
-            parts.append(f"timeout={self.timeout}")
-        if self.server_side:
-            parts.append("server_side")
         return " ".join(parts)
 
 
-def _v(address: str) -> str:
-    return "6" if ":" in address else "4"
+# iproute2's names for the subflow events (ip/ipmptcp.c, event_to_str).
+IP_MONITOR_NAMES = {
+    EventType.SUB_ESTABLISHED: "SF_ESTABLISHED",
+    EventType.SUB_CLOSED: "SF_CLOSED",
+    EventType.SUB_PRIORITY: "SF_PRIO",
+}
 
 
 def decode_event(cmd: int, attrs: Mapping[str, Any]) -> Event:
