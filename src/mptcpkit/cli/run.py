@@ -170,3 +170,22 @@ def _dropin(args: argparse.Namespace, command: list[str]) -> int:
         raise UsageError("--systemd-dropin takes no command: the unit's ExecStart is wrapped")
     print(f"wrote {path}; run `systemctl daemon-reload` and restart {args.systemd_dropin}")
     return 0
+
+
+def standalone(argv: list[str] | None = None) -> int:
+    """`python -m mptcpkit.cli.run ...`: the subcommand alone, same messages and codes."""
+    parser = argparse.ArgumentParser(prog="mptcpkit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code: int = args.func(args)
+    except CLIError as exc:
+        print(f"mptcpkit run: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(standalone())

@@ -372,7 +372,7 @@ class Supervisor:
         self._continue(n)
 
     def _swap(self, n: abi.Notification, fd: int) -> bool:
-        """Replace the program's forced, unconnected socket `fd` with plain TCP."""
+        """Replace the program's forced socket `fd` by plain TCP while it can still change."""
         try:
             ctx = read_task(n.pid)
             pidfd = syscalls.pidfd_open(ctx.tgid)
@@ -384,45 +384,47 @@ class Supervisor:
                 old_fd = syscalls.pidfd_getfd(pidfd, fd)
             except OSError:
                 return False
-            old = socket.socket(fileno=old_fd)
-            try:
-                st = os.fstat(old_fd)
-                key = (st.st_dev, st.st_ino)
-                if key not in self._forced or old.proto != IPPROTO_MPTCP:
-                    return False
-                if not swap.is_unconnected(old):
-                    return False
-                make = self._maker(n, ctx)
-                with make(old.family, socket.SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_MPTCP) as fresh:
-                    options = swap.options_to_copy(old, fresh)
-                address = swap.bound_address(old)
-                nonblock = fcntl.fcntl(old_fd, fcntl.F_GETFL) & os.O_NONBLOCK
-                cloexec = _fd_cloexec(ctx.tgid, fd)
-                new = make(
-                    old.family,
-                    socket.SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0),
-                    socket.IPPROTO_TCP,
-                )
-            finally:
-                old.close()
         finally:
             os.close(pidfd)
+        with socket.socket(fileno=old_fd) as old:
+            st = os.fstat(old_fd)
+            key = (st.st_dev, st.st_ino)
+            if key not in self._forced or old.proto != IPPROTO_MPTCP:
+                return False
+            how = swap.plan(old)
+            if how is None:
+                return False
+            make = self._maker(n, ctx)
+            nonblock = fcntl.fcntl(old_fd, fcntl.F_GETFL) & os.O_NONBLOCK
+            new = make(
+                old.family,
+                socket.SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0),
+                socket.IPPROTO_TCP,
+            )
+            try:
+                with make(old.family, socket.SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_MPTCP) as ref:
+                    swap.carry_options(old, ref, new)
+            except OSError as exc:
+                new.close()
+                self.warn("carry", f"could not carry an option to plain TCP: {exc.strerror}")
+                return False
         with new:
-            refused = swap.apply_options(new, options)
-            self._addfd(n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, cloexec)
+            # The program's descriptor now holds the plain TCP socket; the MPTCP one
+            # is released with our copy, which frees its port for the re-bind.
+            self._addfd(n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(ctx.tgid, fd))
             self._forced.pop(key, None)
             self.stats.swapped += 1
-            if address is not None:
-                try:
-                    new.bind(address)
-                except OSError as exc:
-                    self.warn(
-                        f"bind-{address}",
-                        f"could not re-bind the swapped socket to {address}: {exc.strerror} "
-                        "(is the descriptor shared with another process?)",
-                    )
-            for text in refused:
-                self.warn(f"opt-{text}", f"option {text} refused on the plain TCP socket")
+            try:
+                if how.address is not None:
+                    new.bind(how.address)
+                if how.backlog is not None:
+                    new.listen(how.backlog)
+            except OSError as exc:
+                self.warn(
+                    f"bind-{how.address}",
+                    f"could not re-bind the socket made plain TCP to {how.address}: "
+                    f"{exc.strerror} (is the descriptor shared with another process?)",
+                )
         return True
 
     # -- kernel calls ------------------------------------------------------------

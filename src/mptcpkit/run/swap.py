@@ -1,108 +1,43 @@
-"""Rebuild a not-yet-connected MPTCP socket as plain TCP, keeping what the program set.
+"""Decide whether a forced socket can still become plain TCP, and what to carry over.
 
 The supervisor swaps a forced socket for plain TCP when the program needs something
-MPTCP cannot give (a TCP-only option, or `--only`). The replacement must look like
-the original to the program: same bound address, same options, same file flags.
-Options are copied only when they differ from a fresh socket's default, so nothing
-the program did not ask for is set.
+MPTCP cannot give (a TCP-only option, or `--only`). Same rule as the library's own
+downgrade (`mptcpkit.downgrade`): only while the socket is unconnected, or listening
+with nothing in its accept queue; the replacement gets the same bound address, the
+options that differ from a fresh MPTCP socket's, the same file flags and, for a
+listener, the same backlog.
 """
 
 from __future__ import annotations
 
-import errno
+import dataclasses
+import ipaddress
 import socket
 
 from mptcpkit.abi import constants as c
+from mptcpkit.abi.tcp_info import TCP_INFO_MIN_SIZE, decode_tcp_info
+from mptcpkit.downgrade import _carry_options as carry_options
 
-# (level, optname, buffer size or 0 for an int) copied from the MPTCP socket.
-COPIED_OPTIONS: tuple[tuple[int, int, int], ...] = (
-    (c.SOL_SOCKET, socket.SO_REUSEADDR, 0),
-    (c.SOL_SOCKET, socket.SO_REUSEPORT, 0),
-    (c.SOL_SOCKET, socket.SO_KEEPALIVE, 0),
-    (c.SOL_SOCKET, socket.SO_SNDBUF, 0),
-    (c.SOL_SOCKET, socket.SO_RCVBUF, 0),
-    (c.SOL_SOCKET, c.SO_MARK, 0),
-    (c.SOL_SOCKET, c.SO_PRIORITY, 0),
-    (c.SOL_SOCKET, socket.SO_LINGER, 8),
-    (c.SOL_SOCKET, c.SO_BINDTODEVICE, 16),
-    (c.SOL_TCP, c.TCP_NODELAY, 0),
-    (c.SOL_TCP, c.TCP_CORK, 0),
-    (c.SOL_TCP, c.TCP_KEEPIDLE, 0),
-    (c.SOL_TCP, c.TCP_KEEPINTVL, 0),
-    (c.SOL_TCP, c.TCP_KEEPCNT, 0),
-    (c.SOL_TCP, c.TCP_MAXSEG, 0),
-    (c.SOL_TCP, c.TCP_CONGESTION, 16),
-    (c.SOL_TCP, c.TCP_NOTSENT_LOWAT, 0),
-    (c.SOL_TCP, c.TCP_DEFER_ACCEPT, 0),
-    (c.SOL_TCP, c.TCP_FASTOPEN, 0),
-    (c.SOL_TCP, c.TCP_FASTOPEN_CONNECT, 0),
-    (c.SOL_TCP, c.TCP_INQ, 0),
-)
-V4_OPTIONS = (
-    (c.SOL_IP, c.IP_TOS, 0),
-    (c.SOL_IP, c.IP_FREEBIND, 0),
-    (c.SOL_IP, c.IP_TRANSPARENT, 0),
-    (c.SOL_IP, c.IP_BIND_ADDRESS_NO_PORT, 0),
-)
-V6_OPTIONS = (
-    (c.SOL_IPV6, c.IPV6_V6ONLY, 0),
-    (c.SOL_IPV6, c.IPV6_TCLASS, 0),
-    (c.SOL_IPV6, c.IPV6_FREEBIND, 0),
-    (c.SOL_IPV6, c.IPV6_TRANSPARENT, 0),
-)
-# The kernel reports twice what was set (bookkeeping overhead): set half back.
-DOUBLED = {(c.SOL_SOCKET, socket.SO_SNDBUF), (c.SOL_SOCKET, socket.SO_RCVBUF)}
+__all__ = ["Plan", "carry_options", "plan"]
 
 
-def _get(sock: socket.socket, level: int, opt: int, size: int) -> bytes | int | None:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How to rebuild the socket: where to bind it and whether to listen again."""
+
+    address: tuple[object, ...] | None  # None: the original was not bound
+    backlog: int | None  # None: the original was not listening
+
+
+def plan(sock: socket.socket) -> Plan | None:
+    """A Plan for an MPTCP socket that can still change, else None."""
     try:
-        return sock.getsockopt(level, opt, size) if size else sock.getsockopt(level, opt)
+        tcp = decode_tcp_info(sock.getsockopt(c.SOL_TCP, c.TCP_INFO, TCP_INFO_MIN_SIZE))
     except OSError:
         return None
-
-
-def options_to_copy(old: socket.socket, fresh: socket.socket) -> list[tuple[int, int, bytes | int]]:
-    """Options whose value on `old` differs from the default on `fresh` (same family)."""
-    table = COPIED_OPTIONS + (V6_OPTIONS if old.family == socket.AF_INET6 else V4_OPTIONS)
-    out: list[tuple[int, int, bytes | int]] = []
-    for level, opt, size in table:
-        value = _get(old, level, opt, size)
-        if value is None or value == _get(fresh, level, opt, size):
-            continue
-        if (level, opt) in DOUBLED and isinstance(value, int):
-            value //= 2
-        if opt == c.SO_BINDTODEVICE and isinstance(value, bytes):
-            value = value.rstrip(b"\0")
-        out.append((level, opt, value))
-    return out
-
-
-def is_unconnected(sock: socket.socket) -> bool:
-    """Neither listening nor connected: the only state a swap is invisible in."""
-    if sock.getsockopt(c.SOL_SOCKET, c.SO_ACCEPTCONN):
-        return False
-    try:
-        sock.getpeername()
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
-
-
-def bound_address(sock: socket.socket) -> tuple[object, ...] | None:
-    """The address to bind the replacement to, or None when the original is unbound."""
-    addr = sock.getsockname()
-    host, port = addr[0], addr[1]
-    if port == 0 and host in ("0.0.0.0", "::"):
+    listening = tcp.state == c.TCP_LISTEN
+    if (listening and tcp.unacked) or (not listening and tcp.state != c.TCP_CLOSE):
         return None
-    return tuple(addr)
-
-
-def apply_options(sock: socket.socket, options: list[tuple[int, int, bytes | int]]) -> list[str]:
-    """Set options on the replacement; returns a description of each one refused."""
-    refused = []
-    for level, opt, value in options:
-        try:
-            sock.setsockopt(level, opt, value)
-        except OSError as exc:
-            refused.append(f"({level}, {opt}): {exc.strerror}")
-    return refused
+    addr = sock.getsockname()
+    bound = addr[1] != 0 or not ipaddress.ip_address(addr[0]).is_unspecified
+    return Plan(tuple(addr) if bound else None, tcp.sacked if listening else None)
