@@ -153,6 +153,8 @@ def _bpf(command: list[str]) -> int:
 def _dropin(args: argparse.Namespace, command: list[str]) -> int:
     from mptcpkit.run import systemd
 
+    if command:
+        raise UsageError("--systemd-dropin takes no command: the unit's ExecStart is wrapped")
     try:
         if args.remove:
             path = systemd.remove_dropin(args.systemd_dropin, root=args.root)
@@ -166,8 +168,6 @@ def _dropin(args: argparse.Namespace, command: list[str]) -> int:
         path = systemd.write_dropin(args.systemd_dropin, options, root=args.root)
     except systemd.UnitError as exc:
         raise CLIError(str(exc)) from None
-    if command:
-        raise UsageError("--systemd-dropin takes no command: the unit's ExecStart is wrapped")
     print(f"wrote {path}; run `systemctl daemon-reload` and restart {args.systemd_dropin}")
     return 0
 
