@@ -167,7 +167,7 @@ def sockopt_table(pairs: Iterable[tuple[int, int]]) -> dict[int, frozenset[int]]
 def seccomp_data(nr: int, arch: int, args: Sequence[int] = (), ip: int = 0) -> bytes:
     """A `struct seccomp_data` as the kernel hands it to the filter."""
     full = [*args, 0, 0, 0, 0, 0, 0][:6]
-    return abi.DATA.pack(nr, arch, ip, *(x & 0xFFFFFFFFFFFFFFFF for x in full))
+    return abi.DATA.pack(abi.signed32(nr), arch, ip, *(x & 0xFFFFFFFFFFFFFFFF for x in full))
 
 
 def run_filter(prog: bytes, data: bytes) -> int:
