@@ -15,6 +15,8 @@ import struct
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_GET_NOTIF_SIZES = 3
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+# 5.19+: once the supervisor has received a call, only fatal signals interrupt it.
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
 
 # filter return values
 SECCOMP_RET_KILL_PROCESS = 0x80000000

@@ -363,8 +363,9 @@ class Supervisor:
             self.stats.reasons[f"swapped to TCP for {name}"] += 1
         self._continue(n)
 
-    def _on_use(self, n: abi.Notification, keep: Only, reason: str) -> None:
-        if self.only is None or self.only is keep or not self._forced:
+    def _on_use(self, n: abi.Notification, swap_when: Only, reason: str) -> None:
+        """connect() under `--only listen`, listen() under `--only connect`: plain TCP."""
+        if self.only is not swap_when or not self._forced:
             self._continue(n)
             return
         if self._swap(n, abi.signed32(n.args[0])):

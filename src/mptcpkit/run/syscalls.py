@@ -9,6 +9,7 @@ thread needs). Every failure raises OSError with the errno and the call's name.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
@@ -51,6 +52,14 @@ def install_filter(prog: bytes, arch: abi.Arch) -> int:
     _check(_libc.prctl(abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     buf = ctypes.create_string_buffer(prog, len(prog))
     fprog = _SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    flags = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER | abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    try:
+        return syscall(arch.seccomp, abi.SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog),
+                       what="seccomp(SECCOMP_SET_MODE_FILTER)")
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    # before 5.19: a signal may interrupt a trapped call until it is answered
     return syscall(
         arch.seccomp,
         abi.SECCOMP_SET_MODE_FILTER,
