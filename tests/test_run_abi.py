@@ -136,11 +136,17 @@ def _btf(types: list[tuple[str, int, int, bytes]]) -> bytes:
         off = len(strings)
         strings += name.encode() + b"\0"
         body += bpfload.BTF_TYPE.pack(off, (kind << 24) | vlen, 0) + extra
-    hdr = bpfload.BTF_HEADER.pack(bpfload.BTF_MAGIC, 1, 0, 24, 0, len(body), len(body), len(strings))
+    hdr = bpfload.BTF_HEADER.pack(
+        bpfload.BTF_MAGIC, 1, 0, 24, 0, len(body), len(body), len(strings)
+    )
     return hdr + body + strings
 
 
-@given(st.lists(st.sampled_from([(1, 0, 4), (4, 2, 24), (13, 3, 24), (6, 1, 8), (2, 0, 0)]), max_size=20))
+@given(
+    st.lists(
+        st.sampled_from([(1, 0, 4), (4, 2, 24), (13, 3, 24), (6, 1, 8), (2, 0, 0)]), max_size=20
+    )
+)
 def test_btf_find_skips_every_kind_correctly(before) -> None:  # type: ignore[no-untyped-def]
     types = [(f"t{i}", k, v, b"\0" * n) for i, (k, v, n) in enumerate(before)]
     types.append(("update_socket_protocol_x", 12, 0, b""))  # a prefix is not the name
@@ -185,7 +191,7 @@ def test_program_bytes() -> None:
     for pc, (code, _regs, off, _imm) in enumerate(insns):
         if code & 0x07 in (0x05, 0x06) and code not in (0x85, 0x95):  # conditional jumps
             assert 0 <= pc + 1 + off < len(insns) - 1 + 1
-    assert prog.hex().startswith("bf16000000000000" "8500000050000000" "1801")
+    assert prog.hex().startswith("bf1600000000000085000000500000001801")
 
 
 # --- preload and systemd -----------------------------------------------------
@@ -215,7 +221,17 @@ def test_exec_starts_resets_and_continuations() -> None:
     assert systemd.exec_starts([unit, dropin]) == ["/e"]
 
 
-@given(st.lists(st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters="\\#;[=\"'"), min_size=1, max_size=12), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.text(
+            st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters="\\#;[=\"'"),
+            min_size=1,
+            max_size=12,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_wrap_keeps_the_command_and_prefix(words: list[str]) -> None:
     command = "/usr/bin/" + " ".join(words).lstrip("-:+!@")
     line = systemd.wrap("-" + command, ["/usr/bin/mptcpkit"], ["--only", "listen"])
@@ -251,7 +267,9 @@ def test_dropin_write_and_remove(tmp_path) -> None:  # type: ignore[no-untyped-d
     )
     # written again: still wraps the unit's own command, not our earlier drop-in
     systemd.write_dropin("web", [], root=str(tmp_path))
-    assert systemd.exec_starts([(tmp_path / path).read_text()])[-1].endswith("-- /usr/bin/web --port 80")
+    assert systemd.exec_starts([(tmp_path / path).read_text()])[-1].endswith(
+        "-- /usr/bin/web --port 80"
+    )
     assert unit.read_text() == before
     assert systemd.remove_dropin("web", root=str(tmp_path)) == path
     assert not (tmp_path / "etc/systemd/system/web.service.d").exists()

@@ -58,7 +58,9 @@ def py(code: str) -> list[str]:
 class Server:
     """An MPTCP-first listener in a thread: records status() of what it accepts, replies."""
 
-    def __init__(self, reply: bytes = b"pong", *, until: bytes = b"", sock: socket.socket | None = None) -> None:
+    def __init__(
+        self, reply: bytes = b"pong", *, until: bytes = b"", sock: socket.socket | None = None
+    ) -> None:
         self.sock = sock or mptcpkit.create_server(("127.0.0.1", 0))
         self.sock.settimeout(60)
         self.reply, self.until = reply, until
@@ -346,7 +348,11 @@ print(p(srv), p(c), p(a), srv.getsockname()[1] == port,
 
 @pytest.mark.parametrize(
     ("only", "expect"),
-    [("connect", "6 262 6 True 1 1"), ("listen", "262 6 6 True 1 1"), (None, "262 262 262 True 1 1")],
+    [
+        ("connect", "6 262 6 True 1 1"),
+        ("listen", "262 6 6 True 1 1"),
+        (None, "262 262 262 True 1 1"),
+    ],
 )
 def test_only(only: str | None, expect: str) -> None:
     opts = ["--only", only] if only else []
@@ -423,11 +429,17 @@ def test_target_in_another_namespace_and_fallback_there(two_paths) -> None:  # t
     server = Server(sock=listener)
     try:
         addr = srv_host.address()
-        argv = ["ip", "netns", "exec", client.netns, *py(f"""
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            client.netns,
+            *py(f"""
             import socket
             s = socket.create_connection(({addr!r}, {server.port}))
             s.sendall(b"hi"); print(s.recv(4).decode())
-        """)]
+        """),
+        ]
         proc = forced(argv)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split() == [b"pong"]
@@ -483,9 +495,16 @@ def test_target_running_as_another_user(server: Server) -> None:
     import os, socket
     s = socket.create_connection(("127.0.0.1", {server.port}))
     s.sendall(b"x"); s.recv(4)
-    print(os.getuid(), os.fstat(s.fileno()).st_uid, s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+    proto = s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    print(os.getuid(), os.fstat(s.fileno()).st_uid, proto)
     """
-    argv = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", *py(code)]
+    argv = [
+        "setpriv",
+        f"--reuid={nobody.pw_uid}",
+        f"--regid={nobody.pw_gid}",
+        "--clear-groups",
+        *py(code),
+    ]
     proc = forced(argv)
     assert proc.returncode == 0, proc.stderr
     uid = str(nobody.pw_uid).encode()
@@ -515,10 +534,14 @@ def test_preload_strategy() -> None:
     if preload.find_library() is None:
         pytest.skip("libmptcpwrap not installed")
     code = "import socket; print(socket.socket().getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))"
-    proc = subprocess.run([*RUN, "--strategy", "preload", "--", PY, "-c", code], capture_output=True)
+    proc = subprocess.run(
+        [*RUN, "--strategy", "preload", "--", PY, "-c", code], capture_output=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [b"262"]
-    bad = subprocess.run([*RUN, "--strategy", "preload", "--stats", "--", "true"], capture_output=True)
+    bad = subprocess.run(
+        [*RUN, "--strategy", "preload", "--stats", "--", "true"], capture_output=True
+    )
     assert bad.returncode == 2 and b"needs --strategy seccomp" in bad.stderr
 
 
@@ -533,5 +556,14 @@ def test_bpf_strategy_refused_here_names_seccomp() -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "seccomp" in lines[0] and reason in lines[0]
     # auto does not pick it, and works
-    auto = subprocess.run([*RUN, "--", PY, "-c", "import socket; print(socket.socket().proto, socket.socket().getsockopt(1, 38))"], capture_output=True)
+    auto = subprocess.run(
+        [
+            *RUN,
+            "--",
+            PY,
+            "-c",
+            "import socket; print(socket.socket().proto, socket.socket().getsockopt(1, 38))",
+        ],
+        capture_output=True,
+    )
     assert auto.stdout.split() == [b"0", b"262"]

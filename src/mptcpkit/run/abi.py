@@ -70,9 +70,7 @@ def native_arch() -> Arch:
     try:
         return ARCHES[machine]
     except KeyError:
-        raise LookupError(
-            f"seccomp forcing supports x86_64 and aarch64, not {machine!r}"
-        ) from None
+        raise LookupError(f"seccomp forcing supports x86_64 and aarch64, not {machine!r}") from None
 
 
 # ioctl numbers: _IOC(dir, type, nr, size), asm-generic layout (x86-64 and arm64).
@@ -118,7 +116,7 @@ def decode_notif(buf: bytes) -> Notification:
         raise ValueError(f"struct seccomp_notif needs {NOTIF_SIZE} bytes, got {len(buf)}")
     id_, pid, flags = NOTIF.unpack_from(buf, 0)
     nr, arch, ip, *args = DATA.unpack_from(buf, NOTIF.size)
-    return Notification(id_, pid, flags, nr, arch, ip, tuple(args))  # type: ignore[arg-type]
+    return Notification(id_, pid, flags, nr, arch, ip, tuple(args))
 
 
 def encode_notif(n: Notification) -> bytes:
@@ -133,7 +131,9 @@ def encode_resp(id_: int, val: int = 0, error: int = 0, flags: int = 0) -> bytes
     return RESP.pack(id_, val, error, flags)
 
 
-def encode_addfd(id_: int, srcfd: int, *, flags: int = 0, newfd: int = 0, newfd_flags: int = 0) -> bytes:
+def encode_addfd(
+    id_: int, srcfd: int, *, flags: int = 0, newfd: int = 0, newfd_flags: int = 0
+) -> bytes:
     """`struct seccomp_notif_addfd`."""
     return ADDFD.pack(id_, flags, srcfd, newfd, newfd_flags)
 

@@ -176,9 +176,9 @@ def run_filter(prog: bytes, data: bytes) -> int:
     acc = 0
     pc = 0
     for _ in range(len(insns) + 1):
-        code, jt, jf, k = insns[pc]
+        code, jt, jf, k = (int(x) for x in insns[pc])
         if code == LD_ABS:
-            (acc,) = struct.unpack_from("=I", data, k)
+            acc = int.from_bytes(data[k : k + 4], "little")
         elif code == AND_K:
             acc &= k
         elif code == JEQ_K:

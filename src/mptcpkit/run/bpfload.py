@@ -94,17 +94,20 @@ def _i(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> byt
     return INSN.pack(code, dst | (src << 4), off, imm)
 
 
+def _s32(v: int) -> int:
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
 def program(cgroup_id: int) -> bytes:
     """`return (cgroup matches && inet && (type & 0xf) == STREAM && proto in {0, TCP})
     ? IPPROTO_MPTCP : protocol` — the protocol the kernel then uses."""
     lo, hi = cgroup_id & 0xFFFFFFFF, cgroup_id >> 32
-    as_s32 = lambda v: v - (1 << 32) if v & 0x80000000 else v  # noqa: E731
     return b"".join(
         (
             _i(0xBF, 6, 1),  # 0: r6 = r1 (ctx: u64 args[])
             _i(0x85, imm=BPF_FUNC_GET_CURRENT_CGROUP_ID),  # 1: call
-            _i(0x18, 1, imm=as_s32(lo)),  # 2: r1 = cgroup id (ld_imm64, 2 slots)
-            _i(0x00, imm=as_s32(hi)),  # 3
+            _i(0x18, 1, imm=_s32(lo)),  # 2: r1 = cgroup id (ld_imm64, 2 slots)
+            _i(0x00, imm=_s32(hi)),  # 3
             _i(0x79, 2, 6, 0),  # 4: r2 = family
             _i(0x79, 3, 6, 8),  # 5: r3 = type
             _i(0x79, 4, 6, 16),  # 6: r4 = protocol
@@ -132,11 +135,18 @@ def _prog_load_attr(prog: bytes, btf_id: int, log: ctypes.Array[ctypes.c_char] |
     insns = ctypes.create_string_buffer(prog, len(prog))
     license_ = ctypes.create_string_buffer(b"GPL")
     attr = ctypes.create_string_buffer(128)
-    struct.pack_into("<IIQQ", attr, 0, BPF_PROG_TYPE_TRACING, len(prog) // 8,
-                     ctypes.addressof(insns), ctypes.addressof(license_))
+    struct.pack_into(
+        "<IIQQ",
+        attr,
+        0,
+        BPF_PROG_TYPE_TRACING,
+        len(prog) // 8,
+        ctypes.addressof(insns),
+        ctypes.addressof(license_),
+    )
     if log is not None:
         struct.pack_into("<IIQ", attr, 24, 1, len(log), ctypes.addressof(log))
-    attr[48:64] = b"mptcpkit_force\0\0"
+    struct.pack_into("16s", attr, 48, b"mptcpkit_force")
     struct.pack_into("<I", attr, 68, BPF_MODIFY_RETURN)
     struct.pack_into("<I", attr, 108, btf_id)
     return _Attr(attr, [insns, license_, log])

@@ -33,7 +33,9 @@ _original_setsockopt = socket.socket.setsockopt
 _c_proto = socket.socket.proto
 
 
-def _init(self: socket.socket, family: int = -1, type: int = -1, proto: int = -1, fileno: Any = None) -> None:  # noqa: A002
+def _init(
+    self: socket.socket, family: int = -1, type: int = -1, proto: int = -1, fileno: Any = None
+) -> None:
     active = _active[-1] if _active else None
     if active is None or fileno is not None:
         _original_init(self, family, type, proto, fileno)
@@ -73,7 +75,7 @@ def _setsockopt(self: socket.socket, level: int, optname: int, *args: Any) -> No
 
 def _proto(self: socket.socket) -> int:
     requested = _requested.get(self)
-    return _c_proto.__get__(self) if requested is None else requested  # type: ignore[attr-defined,no-any-return]
+    return _c_proto.__get__(self) if requested is None else requested
 
 
 @contextlib.contextmanager
@@ -84,8 +86,8 @@ def forced(mptcp: PolicyLike = Policy.PREFER) -> Iterator[Stats]:
     with _lock:
         if not _active:
             socket.socket.__init__ = _init  # type: ignore[method-assign]
-            socket.socket.setsockopt = _setsockopt  # type: ignore[method-assign]
-            socket.socket.proto = property(_proto)  # type: ignore[assignment,misc]
+            socket.socket.setsockopt = _setsockopt  # type: ignore[method-assign,assignment]
+            socket.socket.proto = property(_proto)  # type: ignore[assignment]
         _active.append((policy, stats))
     try:
         yield stats

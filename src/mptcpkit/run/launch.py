@@ -10,6 +10,7 @@ daemon forked by the program is still served after the program itself exits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import select
@@ -47,7 +48,7 @@ def spawn(
     arch: abi.Arch,
     *,
     env: Mapping[str, str] | None = None,
-    sigmask: set[signal.Signals] | None = None,
+    sigmask: set[int] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start argv with the filter installed; returns the process and the listener fd."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -86,7 +87,7 @@ def run(
     tcp_only = tcp_only_options()
     program = filter_program(arch, only, tcp_only)
     sigfd = -1
-    old_mask: set[signal.Signals] | None = None
+    old_mask: set[int] | None = None
     if forward_signals:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         sigfd = syscalls.signalfd(FORWARDED)
@@ -141,7 +142,5 @@ def _forward(sigfd: int, proc: subprocess.Popen[bytes], status: int | None) -> N
         # group (the program included); so did a signal the program sent itself.
         if code == syscalls.SI_KERNEL or sender == proc.pid or status is not None:
             continue
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signo)
-        except ProcessLookupError:
-            pass

@@ -28,7 +28,7 @@ _FALLBACK = {
 def tcp_only_options() -> dict[tuple[int, int], str]:
     """{(level, optname): name} for options an MPTCP socket refuses."""
     try:
-        from mptcpkit.options import TCP_ONLY_OPTIONS  # type: ignore[import-not-found]
+        from mptcpkit.options import TCP_ONLY_OPTIONS
     except ImportError:
         return dict(_FALLBACK)
     return {key: str(getattr(info, "name", info)) for key, info in TCP_ONLY_OPTIONS.items()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -23,7 +24,6 @@ import fcntl
 import os
 import socket
 import sys
-import threading
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
@@ -213,10 +213,8 @@ class Supervisor:
                 return False  # the thread died between poll and receive
             raise
         notif = abi.decode_notif(buf)
-        try:
+        with contextlib.suppress(_Gone):
             self.handle(notif)
-        except _Gone:
-            pass
         return True
 
     def serve_forever(self) -> None:
@@ -292,7 +290,9 @@ class Supervisor:
             return
         except OSError as exc:
             self.stats.fell_back += 1
-            self.stats.reasons[f"MPTCP refused: {errno.errorcode.get(exc.errno or 0, exc.errno)}"] += 1
+            self.stats.reasons[
+                f"MPTCP refused: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+            ] += 1
             self._continue(n)
             return
         try:
@@ -412,7 +412,9 @@ class Supervisor:
         with new:
             # The program's descriptor now holds the plain TCP socket; the MPTCP one
             # is released with our copy, which frees its port for the re-bind.
-            self._addfd(n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(ctx.tgid, fd))
+            self._addfd(
+                n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(ctx.tgid, fd)
+            )
             self._forced.pop(key, None)
             self.stats.swapped += 1
             try:
@@ -442,7 +444,9 @@ class Supervisor:
 
     def _check_valid(self, n: abi.Notification) -> None:
         try:
-            syscalls.ioctl(self.listener, abi.SECCOMP_IOCTL_NOTIF_ID_VALID, n.id.to_bytes(8, "little"))
+            syscalls.ioctl(
+                self.listener, abi.SECCOMP_IOCTL_NOTIF_ID_VALID, n.id.to_bytes(8, "little")
+            )
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise _Gone from None
@@ -456,7 +460,9 @@ class Supervisor:
             if exc.errno != errno.ENOENT:
                 raise
 
-    def _addfd(self, n: abi.Notification, srcfd: int, flags: int, newfd: int, newfd_flags: int) -> int:
+    def _addfd(
+        self, n: abi.Notification, srcfd: int, flags: int, newfd: int, newfd_flags: int
+    ) -> int:
         req = abi.encode_addfd(n.id, srcfd, flags=flags, newfd=newfd, newfd_flags=newfd_flags)
         try:
             ret, _ = syscalls.ioctl(self.listener, abi.SECCOMP_IOCTL_NOTIF_ADDFD, req)
@@ -484,7 +490,9 @@ def _fd_cloexec(pid: int, fd: int) -> int:
     return 0
 
 
-def filter_spec(arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]) -> FilterSpec:
+def filter_spec(
+    arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
+) -> FilterSpec:
     """The filter for these settings: trap only what the supervisor acts on."""
     return FilterSpec(
         arch=arch,
@@ -494,5 +502,7 @@ def filter_spec(arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, 
     )
 
 
-def filter_program(arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]) -> bytes:
+def filter_program(
+    arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
+) -> bytes:
     return build_filter(filter_spec(arch, only, tcp_only))

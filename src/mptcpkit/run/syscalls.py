@@ -34,7 +34,7 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def syscall(nr: int, *args: int | ctypes._CData | None, what: str = "syscall") -> int:
+def syscall(nr: int, *args: object, what: str = "syscall") -> int:
     cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
     return _check(_libc.syscall(ctypes.c_long(nr), *cargs), what)
 
@@ -54,8 +54,13 @@ def install_filter(prog: bytes, arch: abi.Arch) -> int:
     fprog = _SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
     flags = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER | abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
     try:
-        return syscall(arch.seccomp, abi.SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog),
-                       what="seccomp(SECCOMP_SET_MODE_FILTER)")
+        return syscall(
+            arch.seccomp,
+            abi.SECCOMP_SET_MODE_FILTER,
+            flags,
+            ctypes.byref(fprog),
+            what="seccomp(SECCOMP_SET_MODE_FILTER)",
+        )
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise

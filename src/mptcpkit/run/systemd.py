@@ -97,14 +97,14 @@ def wrap(command: str, runner: Sequence[str], options: Sequence[str]) -> str:
         prefix += command[0]
         command = command[1:]
     if "@" in prefix:
-        raise UnitError(
-            "ExecStart uses the '@' prefix (a custom argv[0]), which cannot be wrapped"
-        )
+        raise UnitError("ExecStart uses the '@' prefix (a custom argv[0]), which cannot be wrapped")
     wrapped = shlex.join([*runner, "run", *options, "--"])
     return f"{prefix}{wrapped} {command.strip()}"
 
 
-def render_dropin(unit: str, commands: Sequence[str], runner: Sequence[str], options: Sequence[str]) -> str:
+def render_dropin(
+    unit: str, commands: Sequence[str], runner: Sequence[str], options: Sequence[str]
+) -> str:
     lines = [
         f"# Written by `mptcpkit run --systemd-dropin {unit}`: runs the unit's ExecStart",
         "# with its TCP sockets forced to MPTCP. Remove with",
@@ -137,7 +137,9 @@ def _read_unit(unit: str, root: str) -> list[str]:
                 texts.append(f.read())
             break
     else:
-        raise UnitError(f"unit {unit} not found (looked in {', '.join('/' + d for d in UNIT_DIRS)})")
+        raise UnitError(
+            f"unit {unit} not found (looked in {', '.join('/' + d for d in UNIT_DIRS)})"
+        )
     for d in reversed(UNIT_DIRS):
         dropins = os.path.join(root, d, unit + ".d")
         if os.path.isdir(dropins):
