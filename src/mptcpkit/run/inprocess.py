@@ -31,13 +31,15 @@ _requested: weakref.WeakKeyDictionary[socket.socket, int] = weakref.WeakKeyDicti
 _original_init = socket.socket.__init__
 _original_setsockopt = socket.socket.setsockopt
 _c_proto = socket.socket.proto
+_bypass = threading.local()
+_swappable: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 
 def _init(
     self: socket.socket, family: int = -1, type: int = -1, proto: int = -1, fileno: Any = None
 ) -> None:
     active = _active[-1] if _active else None
-    if active is None or fileno is not None:
+    if active is None or fileno is not None or getattr(_bypass, "on", False):
         _original_init(self, family, type, proto, fileno)
         return
     policy, stats = active
@@ -59,16 +61,24 @@ def _init(
         return
     stats.forced += 1
     _requested[self] = pro
+    _swappable.add(self)
 
 
 def _setsockopt(self: socket.socket, level: int, optname: int, *args: Any) -> None:
     try:
         _original_setsockopt(self, level, optname, *args)
     except OSError as exc:
-        if self not in _requested:
+        if self not in _swappable:
             raise
-        retry_after_downgrade(self, exc, level, optname, args, Policy.PREFER)
-        _requested.pop(self, None)
+        _swappable.discard(self)
+        _bypass.on = True  # the replacement socket must really be plain TCP
+        try:
+            retry_after_downgrade(self, exc, level, optname, args, Policy.PREFER)
+        except BaseException:
+            _swappable.add(self)
+            raise
+        finally:
+            _bypass.on = False
         if _active:
             _active[-1][1].swapped += 1
 
