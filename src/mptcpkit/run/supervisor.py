@@ -24,6 +24,7 @@ import fcntl
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
@@ -91,27 +92,32 @@ class TaskContext:
     netns: tuple[int, int]
 
 
+def _field(status: bytes, name: bytes) -> list[bytes]:
+    start = status.find(b"\n" + name + b":")
+    if start < 0:
+        return []
+    start += len(name) + 2
+    return status[start : status.find(b"\n", start)].split()
+
+
 def read_task(tid: int) -> TaskContext:
     """Read /proc/<tid>; raises ProcessLookupError when the thread is gone."""
     try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            status = f.read()
+        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 8192)
+        finally:
+            os.close(fd)
         st = os.stat(f"/proc/{tid}/ns/net")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessLookupError(errno.ESRCH, f"thread {tid} is gone") from None
-    fields: dict[bytes, bytes] = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(b":")
-        if key in (b"Tgid", b"Uid", b"Gid", b"Groups"):
-            fields[key] = value
-    uids = tuple(int(x) for x in fields[b"Uid"].split()[:3])
-    gids = tuple(int(x) for x in fields[b"Gid"].split()[:3])
-    groups = tuple(int(x) for x in fields.get(b"Groups", b"").split())
+    uids = _field(status, b"Uid")
+    gids = _field(status, b"Gid")
     return TaskContext(
-        int(fields[b"Tgid"]),
-        uids,  # type: ignore[arg-type]
-        gids,  # type: ignore[arg-type]
-        groups,
+        int(_field(status, b"Tgid")[0]),
+        (int(uids[0]), int(uids[1]), int(uids[2])),
+        (int(gids[0]), int(gids[1]), int(gids[2])),
+        tuple(int(g) for g in _field(status, b"Groups")),
         (st.st_dev, st.st_ino),
     )
 
@@ -185,13 +191,7 @@ class Supervisor:
         self._warned: set[str] = set()
         sizes = syscalls.notif_sizes(arch)
         self._recv_size = max(abi.NOTIF_SIZE, sizes[0])
-        self._own = TaskContext(
-            os.getpid(),
-            os.getresuid(),
-            os.getresgid(),
-            tuple(sorted(os.getgroups())),
-            _own_netns(),
-        )
+        self._own = read_task(threading.get_native_id())
         self._contexts: collections.OrderedDict[tuple[object, ...], _Context] = (
             collections.OrderedDict()
         )
@@ -309,7 +309,7 @@ class Supervisor:
     ) -> Callable[[int, int, int], socket.socket]:
         """socket() in the thread's namespace with its credentials (checked still valid)."""
         other_ns = ctx.netns != self._own.netns
-        other_creds = (ctx.uids, ctx.gids, tuple(sorted(ctx.groups))) != (
+        other_creds = (ctx.uids, ctx.gids, ctx.groups) != (
             self._own.uids,
             self._own.gids,
             self._own.groups,
@@ -471,11 +471,6 @@ class Supervisor:
                 raise _Gone from None
             raise
         return ret
-
-
-def _own_netns() -> tuple[int, int]:
-    st = os.stat("/proc/thread-self/ns/net")
-    return st.st_dev, st.st_ino
 
 
 def _fd_cloexec(pid: int, fd: int) -> int:
