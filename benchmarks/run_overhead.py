@@ -104,7 +104,8 @@ def measure_inprocess(args: argparse.Namespace, *, force: bool) -> dict[str, flo
         "import _socket, ", "import socket, _socket, "
     )
     if force:
-        probe = "from mptcpkit.run.inprocess import forced\n_cm = forced()\n_cm.__enter__()\n" + probe
+        enter = "from mptcpkit.run.inprocess import forced\n_cm = forced()\n_cm.__enter__()\n"
+        probe = enter + probe
     proc = subprocess.run(
         [sys.executable, "-c", probe, str(args.sockets), str(args.calls), str(args.repeat)],
         capture_output=True,

@@ -513,6 +513,30 @@ def test_target_running_as_another_user(server: Server) -> None:
     assert [s.is_mptcp for s in server.statuses] == [True]
 
 
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv not installed")
+def test_supervisor_needs_no_privileges(server: Server) -> None:
+    """The whole of `mptcpkit run` as an unprivileged user (no root, no capabilities)."""
+    nobody = pwd.getpwnam("nobody")
+    code = f"""
+    import socket
+    with socket.create_connection(("127.0.0.1", {server.port})) as s:
+        s.sendall(b"x"); print(s.recv(4).decode())
+    """
+    system_python = "/usr/bin/python3"  # this interpreter may live where nobody cannot read
+    if not os.access(system_python, os.X_OK):
+        pytest.skip("no /usr/bin/python3 for the unprivileged user")
+    as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}"]
+    cli = [system_python, *RUN[1:]]
+    target = [system_python, *py(code)[1:]]
+    proc = subprocess.run(
+        [*as_nobody, "--clear-groups", *cli, "--", *target], capture_output=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"pong"]
+    assert [s.is_mptcp for s in server.statuses] == [True]
+
+
 # --- limits reported, other strategies ----------------------------------------
 
 

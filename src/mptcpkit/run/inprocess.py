@@ -22,7 +22,7 @@ from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.downgrade import retry_after_downgrade
 from mptcpkit.errors import MPTCPUnavailableError
 from mptcpkit.policy import Policy, PolicyLike, as_policy
-from mptcpkit.run.supervisor import Stats
+from mptcpkit.run.stats import Stats
 from mptcpkit.sockets import is_tcp_request
 
 _lock = threading.Lock()

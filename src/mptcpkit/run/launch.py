@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 
 from mptcpkit.run import abi, syscalls
 from mptcpkit.run.options import tcp_only_options
-from mptcpkit.run.supervisor import Only, Stats, Supervisor, filter_program
+from mptcpkit.run.stats import Stats
+from mptcpkit.run.supervisor import Only, Supervisor, filter_program
 
 # Signals a user sends to "the program" that reach the supervisor instead: forwarded.
 FORWARDED = (

@@ -32,6 +32,7 @@ from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.run import abi, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
 from mptcpkit.run.options import tcp_only_options
+from mptcpkit.run.stats import Stats
 
 SOCK_CLOEXEC = socket.SOCK_CLOEXEC
 SOCK_NONBLOCK = socket.SOCK_NONBLOCK
@@ -44,41 +45,6 @@ class Only(enum.Enum):
 
     LISTEN = "listen"
     CONNECT = "connect"
-
-
-@dataclasses.dataclass
-class Stats:
-    """What the supervisor did, for `--stats`."""
-
-    forced: int = 0  # made MPTCP at socket()
-    fell_back: int = 0  # MPTCP could not be made: plain TCP
-    left_alone: int = 0  # trapped but deliberately not forced
-    swapped: int = 0  # forced, then rebuilt as plain TCP before use
-    reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-    def line(self) -> str:
-        mptcp = self.forced - self.swapped
-        parts = [
-            f"{mptcp} socket{'s' if mptcp != 1 else ''} forced to MPTCP",
-            f"{self.fell_back} fell back to TCP",
-            f"{self.left_alone + self.swapped} left alone",
-        ]
-        text = ", ".join(parts)
-        if self.reasons:
-            detail = "; ".join(f"{why}: {n}" for why, n in sorted(self.reasons.items()))
-            text += f" ({detail})"
-        return text
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "forced": self.forced - self.swapped,
-            "fell_back": self.fell_back,
-            "left_alone": self.left_alone + self.swapped,
-            "swapped_to_tcp": self.swapped,
-            "reasons": dict(self.reasons),
-            "warnings": list(self.warnings),
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +342,7 @@ class Supervisor:
         """Replace the program's forced socket `fd` by plain TCP while it can still change."""
         try:
             ctx = read_task(n.pid)
-            pidfd = syscalls.pidfd_open(ctx.tgid)
+            pidfd = _pidfd_of_thread(n.pid, ctx.tgid)
         except (ProcessLookupError, FileNotFoundError):
             raise _Gone from None
         try:
@@ -471,6 +437,16 @@ class Supervisor:
                 raise _Gone from None
             raise
         return ret
+
+
+def _pidfd_of_thread(tid: int, tgid: int) -> int:
+    """A pidfd whose descriptor table is the thread's (PIDFD_THREAD, 6.9+), else its process's."""
+    try:
+        return syscalls.pidfd_open(tid, syscalls.PIDFD_THREAD)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    return syscalls.pidfd_open(tgid)
 
 
 def _fd_cloexec(pid: int, fd: int) -> int:
