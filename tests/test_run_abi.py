@@ -62,6 +62,8 @@ def expected(arch: abi.Arch, nr: int, args: list[int], only: Only | None, audit:
     """The rule the filter must encode, written plainly."""
     notify, allow = abi.SECCOMP_RET_USER_NOTIF, abi.SECCOMP_RET_ALLOW
     low = [a & 0xFFFFFFFF for a in args]
+    if arch.compat is not None and audit == arch.compat[0]:
+        return notify if nr & 0xFFFFFFFF in arch.compat[1:] else allow
     if audit != arch.audit_arch or (arch.has_x32 and nr & 0xFFFFFFFF >= abi.X32_SYSCALL_BIT):
         return allow
     nr &= 0xFFFFFFFF
@@ -82,7 +84,9 @@ def expected(arch: abi.Arch, nr: int, args: list[int], only: Only | None, audit:
     return allow
 
 
-interesting_nr = st.sampled_from([41, 42, 50, 54, 317, 425, 0, 1, 0x40000029, 198, 2**32 - 1])
+interesting_nr = st.sampled_from(
+    [41, 42, 50, 54, 102, 281, 359, 317, 425, 0, 1, 0x40000029, 198, 2**32 - 1]
+)
 interesting_arg = st.one_of(
     st.sampled_from([0, 1, 2, 6, 10, 14, 17, 262, 0x80001, 0x800 | 1, 2**32 + 2, 1 << 3, 0xF]),
     st.sampled_from(sorted({lvl for lvl, _ in TCP_ONLY} | {opt for _, opt in TCP_ONLY})),
@@ -95,7 +99,9 @@ interesting_arg = st.one_of(
     st.one_of(interesting_nr, st.sampled_from([198, 201, 203, 208, 277])),
     st.lists(interesting_arg, min_size=6, max_size=6),
     st.sampled_from([None, Only.LISTEN, Only.CONNECT]),
-    st.sampled_from([abi.AUDIT_ARCH_X86_64, abi.AUDIT_ARCH_AARCH64, 0x40000003]),
+    st.sampled_from(
+        [abi.AUDIT_ARCH_X86_64, abi.AUDIT_ARCH_AARCH64, abi.AUDIT_ARCH_I386, abi.AUDIT_ARCH_ARM, 0]
+    ),
 )
 def test_filter_traps_exactly_what_the_supervisor_handles(arch, nr, args, only, audit) -> None:  # type: ignore[no-untyped-def]
     prog = filter_program(arch, only, TCP_ONLY)

@@ -552,6 +552,21 @@ def test_io_uring_use_is_reported() -> None:
     assert b"io_uring" in proc.stderr and b"not forced" in proc.stderr
 
 
+def test_a_second_seccomp_listener_is_reported() -> None:
+    code = """
+    from mptcpkit.run import abi, bpf, syscalls
+    prog = bpf.build_filter(bpf.FilterSpec(abi.native_arch()))
+    try:
+        syscalls.install_filter(prog, abi.native_arch())
+    except OSError as exc:
+        print(exc.errno)
+    """
+    proc = forced(py(code))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"16"]  # EBUSY: the kernel allows one listener per chain
+    assert b"its own seccomp listener" in proc.stderr
+
+
 def test_preload_strategy() -> None:
     from mptcpkit.run import preload
 

@@ -33,6 +33,8 @@ PR_SET_NO_NEW_PRIVS = 38
 
 AUDIT_ARCH_X86_64 = 0xC000003E  # EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE
 AUDIT_ARCH_AARCH64 = 0xC00000B7  # EM_AARCH64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE
+AUDIT_ARCH_I386 = 0x40000003  # EM_386 | __AUDIT_ARCH_LE
+AUDIT_ARCH_ARM = 0x40000028  # EM_ARM | __AUDIT_ARCH_LE
 X32_SYSCALL_BIT = 0x40000000
 
 
@@ -53,10 +55,41 @@ class Arch:
     setgroups: int
     # x86-64 shares its audit arch with x32, whose numbers carry X32_SYSCALL_BIT.
     has_x32: bool
+    # 32-bit programs run through the compat layer: their socket() calls are reported
+    # (not forced). (audit arch, socket nr, socketcall nr or -1)
+    compat: tuple[int, int, int] | None = None
 
 
-X86_64 = Arch("x86_64", AUDIT_ARCH_X86_64, 41, 42, 50, 54, 317, 425, 117, 119, 116, True)
-AARCH64 = Arch("aarch64", AUDIT_ARCH_AARCH64, 198, 203, 201, 208, 277, 425, 147, 149, 159, False)
+X86_64 = Arch(
+    "x86_64",
+    AUDIT_ARCH_X86_64,
+    41,
+    42,
+    50,
+    54,
+    317,
+    425,
+    117,
+    119,
+    116,
+    True,
+    (AUDIT_ARCH_I386, 359, 102),
+)
+AARCH64 = Arch(
+    "aarch64",
+    AUDIT_ARCH_AARCH64,
+    198,
+    203,
+    201,
+    208,
+    277,
+    425,
+    147,
+    149,
+    159,
+    False,
+    (AUDIT_ARCH_ARM, 281, -1),
+)
 ARCHES = {"x86_64": X86_64, "amd64": X86_64, "aarch64": AARCH64, "arm64": AARCH64}
 
 # Unified numbers (same on every architecture since 5.x).

@@ -89,6 +89,8 @@ def build_filter(spec: FilterSpec) -> bytes:
     a = _Asm()
     arch = spec.arch
     a.op(LD_ABS, OFF_ARCH)
+    if arch.compat is not None:
+        a.op(JEQ_K, arch.compat[0], "compat", 0)
     a.op(JEQ_K, arch.audit_arch, 0, "allow")
     a.op(LD_ABS, OFF_NR)
     if arch.has_x32:
@@ -108,6 +110,15 @@ def build_filter(spec: FilterSpec) -> bytes:
     a.op(RET_K, abi.SECCOMP_RET_ALLOW)
     a.label("notify")
     a.op(RET_K, abi.SECCOMP_RET_USER_NOTIF)
+
+    # 32-bit programs: report their socket()/socketcall() (once), do not force
+    if arch.compat is not None:
+        a.label("compat")
+        a.op(LD_ABS, OFF_NR)
+        a.op(JEQ_K, arch.compat[1], "notify2", 0)
+        if arch.compat[2] >= 0:
+            a.op(JEQ_K, arch.compat[2], "notify2", 0)
+        a.op(RET_K, abi.SECCOMP_RET_ALLOW)
 
     # socket(family, type, protocol)
     a.label("socket")

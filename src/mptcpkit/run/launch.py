@@ -94,7 +94,13 @@ def run(
         sigfd = syscalls.signalfd(FORWARDED)
     try:
         proc, listener = spawn(argv, program, arch, env=env, sigmask=old_mask)
-        supervisor = Supervisor(listener, arch, only=only, tcp_only=tcp_only)
+        try:
+            supervisor = Supervisor(listener, arch, only=only, tcp_only=tcp_only)
+        except BaseException:
+            os.close(listener)  # the program's trapped calls now fail with ENOSYS
+            proc.kill()
+            proc.wait()
+            raise
         try:
             returncode = _supervise(supervisor, proc, sigfd)
         finally:

@@ -179,8 +179,19 @@ class Supervisor:
                 return False  # the thread died between poll and receive
             raise
         notif = abi.decode_notif(buf)
-        with contextlib.suppress(_Gone):
+        try:
             self.handle(notif)
+        except _Gone:
+            pass
+        except Exception as exc:  # never leave the program hanging on a call
+            self.warn(
+                f"error-{type(exc).__name__}",
+                f"supervisor error ({exc}); the call went ahead unforced",
+            )
+            self.stats.left_alone += 1
+            self.stats.reasons["supervisor error"] += 1
+            with contextlib.suppress(OSError):
+                self._continue(notif)
         return True
 
     def serve_forever(self) -> None:
@@ -207,6 +218,10 @@ class Supervisor:
     def handle(self, n: abi.Notification) -> None:
         nr = n.nr
         if n.arch != self.arch.audit_arch:
+            self.warn(
+                "compat",
+                f"a 32-bit program (audit arch {n.arch:#x}) is running: its sockets are not forced",
+            )
             self._continue(n)
         elif nr == self.arch.socket:
             self._on_socket(n)
