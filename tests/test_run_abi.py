@@ -282,3 +282,36 @@ def test_dropin_write_and_remove(tmp_path) -> None:  # type: ignore[no-untyped-d
     assert systemd.remove_dropin("web", root=str(tmp_path)) is None
     with pytest.raises(systemd.UnitError, match="not found"):
         systemd.write_dropin("missing", [], root=str(tmp_path))
+
+
+def test_cli_dropin_round_trip_and_usage_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+    import subprocess
+    import sys
+
+    run = (
+        [sys.executable, "-m", "mptcpkit", "run"]
+        if importlib.util.find_spec("mptcpkit.cli.check")
+        else [sys.executable, "-m", "mptcpkit.cli.run"]
+    )
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    (tmp_path / "etc/systemd/system/bgp.service").write_text(
+        "[Service]\nExecStart=/usr/sbin/bgpd\n"
+    )
+    root = ["--root", str(tmp_path)]
+    done = subprocess.run([*run, "--systemd-dropin", "bgp", *root], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    conf = tmp_path / "etc/systemd/system/bgp.service.d/mptcpkit.conf"
+    assert conf.read_text().rstrip().endswith("run -- /usr/sbin/bgpd")
+    gone = subprocess.run([*run, "--systemd-dropin", "bgp", "--remove", *root], capture_output=True)
+    assert gone.returncode == 0 and not conf.exists()
+    missing = subprocess.run(
+        [*run, "--systemd-dropin", "nope", *root], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and "unit nope.service not found" in missing.stderr
+    extra = subprocess.run(
+        [*run, "--systemd-dropin", "bgp", "--", "x"], capture_output=True, text=True
+    )
+    assert extra.returncode == 2 and "takes no command" in extra.stderr
+    lonely = subprocess.run([*run, "--remove"], capture_output=True, text=True)
+    assert lonely.returncode == 2
