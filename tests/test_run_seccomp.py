@@ -182,19 +182,12 @@ def _wait_port(proc: subprocess.Popen[bytes], path: str) -> int:
 
 def test_python_http_server_as_forced_listener(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "index.html").write_text("served")
-    portfile = str(tmp_path / "port")
-    # http.server on port 0, writing the port it got (it prints it only on a terminal)
-    code = f"""
-    import http.server, functools, os
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory={str(tmp_path)!r})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    open({portfile!r} + ".tmp", "w").write(str(httpd.server_address[1]))
-    os.rename({portfile!r} + ".tmp", {portfile!r})
-    httpd.serve_forever()
-    """
-    proc = subprocess.Popen([*RUN, "--", *py(code)], stderr=subprocess.PIPE)
+    argv = [PY, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    proc = subprocess.Popen([*RUN, "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        port = _wait_port(proc, portfile)
+        assert proc.stdout is not None
+        banner = proc.stdout.readline().decode()  # "Serving HTTP on 127.0.0.1 port N (...)"
+        port = int(banner.split(" port ")[1].split()[0])
         with mptcpkit.create_connection(("127.0.0.1", port), timeout=30) as c:
             c.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
             body = b""
@@ -205,6 +198,9 @@ def test_python_http_server_as_forced_listener(tmp_path) -> None:  # type: ignor
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 128 + signal.SIGTERM  # forwarded, and reported like a shell
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_forking_multithreaded_server(tmp_path, server: Server) -> None:  # type: ignore[no-untyped-def]
