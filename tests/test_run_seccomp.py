@@ -533,6 +533,42 @@ def test_supervisor_needs_no_privileges(server: Server) -> None:
     assert [s.is_mptcp for s in server.statuses] == [True]
 
 
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare not installed")
+def test_unprivileged_supervisor_leaves_a_rootless_namespace_alone() -> None:
+    """It cannot enter a namespace owned by the program's own user namespace: the
+    program gets its plain TCP socket, and the reason is counted."""
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("no /usr/bin/python3 for the unprivileged user")
+    nobody = pwd.getpwnam("nobody")
+    as_nobody = [
+        "setpriv",
+        f"--reuid={nobody.pw_uid}",
+        f"--regid={nobody.pw_gid}",
+        "--clear-groups",
+    ]
+    target = [
+        "unshare",
+        "-rn",
+        "/usr/bin/python3",
+        "-c",
+        "import socket; print(socket.socket().proto)",
+    ]
+    if subprocess.run([*as_nobody, *target], capture_output=True).returncode != 0:
+        pytest.skip("unprivileged user namespaces are disabled")
+    target[-1] = "import socket; print(socket.socket().getsockopt(1, 38))"
+    proc = subprocess.run(
+        [*as_nobody, "/usr/bin/python3", *RUN[1:], "--stats=json", "--", *target],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"6"]
+    stats = stats_of(proc)
+    assert (stats["forced"], stats["left_alone"]) == (0, 1)
+    assert any("cannot enter" in why for why in stats["reasons"])  # type: ignore[attr-defined]
+
+
 # --- limits reported, other strategies ----------------------------------------
 
 

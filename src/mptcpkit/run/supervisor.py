@@ -106,19 +106,20 @@ class _Context:
                 if creds:
                     syscalls.set_thread_credentials(arch, ctx.uids, ctx.gids, ctx.groups)
             except OSError as exc:
-                self.error = exc
-                raise
+                self.error = exc  # every job of this worker now fails with it
 
         self.pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="mptcpkit-run-ctx", initializer=enter
         )
 
+    def _run(self, fn: Callable[[], socket.socket]) -> socket.socket:
+        if self.error is not None:
+            raise ContextError(self.error.errno, self.error.strerror)
+        return fn()
+
     def call(self, fn: Callable[[], socket.socket]) -> socket.socket:
         try:
-            return self.pool.submit(fn).result()
-        except concurrent.futures.BrokenExecutor:
-            err = self.error or OSError(errno.EPERM, "cannot enter the program's context")
-            raise ContextError(err.errno, err.strerror) from None
+            return self.pool.submit(self._run, fn).result()
         finally:
             if self._ns_fd is not None:
                 os.close(self._ns_fd)
@@ -323,12 +324,8 @@ class Supervisor:
         self._check_valid(n)
 
         def make(f: int, t: int, p: int) -> socket.socket:
-            try:
-                return worker.call(lambda: socket.socket(f, t, p))
-            except ContextError:
-                self._contexts.pop(key, None)
-                worker.close()
-                raise
+            # a worker that could not enter stays cached: it fails at once next time
+            return worker.call(lambda: socket.socket(f, t, p))
 
         return make
 
