@@ -523,7 +523,7 @@ def test_supervisor_needs_no_privileges(server: Server) -> None:
     if not os.access(system_python, os.X_OK):
         pytest.skip("no /usr/bin/python3 for the unprivileged user")
     as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}"]
-    cli = [system_python, *RUN[1:]]
+    cli = [system_python, "-m", "mptcpkit.cli.run"]  # the subcommand alone: no rich needed
     target = [system_python, *py(code)[1:]]
     proc = subprocess.run(
         [*as_nobody, "--clear-groups", *cli, "--", *target], capture_output=True, timeout=60
@@ -558,7 +558,7 @@ def test_unprivileged_supervisor_leaves_a_rootless_namespace_alone() -> None:
         pytest.skip("unprivileged user namespaces are disabled")
     target[-1] = "import socket; print(socket.socket().getsockopt(1, 38))"
     proc = subprocess.run(
-        [*as_nobody, "/usr/bin/python3", *RUN[1:], "--stats=json", "--", *target],
+        [*as_nobody, "/usr/bin/python3", "-m", "mptcpkit.cli.run", "--stats=json", "--", *target],
         capture_output=True,
         timeout=60,
     )
