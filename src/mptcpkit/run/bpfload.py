@@ -65,17 +65,28 @@ def btf_find(blob: bytes, name: str, kind: int = BTF_KIND_FUNC) -> int:
     if magic != BTF_MAGIC:
         raise BTFError(f"not BTF (magic {magic:#x})")
     strings = blob[hdr_len + str_off : hdr_len + str_off + str_len]
-    wanted = name.encode()
+    # The name's offsets in the string section (usually one); types refer to them.
+    wanted = b"\0" + name.encode() + b"\0"
+    offsets = set()
+    at = strings.find(wanted)
+    while at >= 0:
+        offsets.add(at + 1)
+        at = strings.find(wanted, at + 1)
+    if strings.startswith(wanted[1:]):
+        offsets.add(0)
+    if not offsets:
+        raise BTFError(f"{name} not found in BTF")
     pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+    unpack = BTF_TYPE.unpack_from
+    extra = _KIND_EXTRA
     type_id = 1
     while pos < end:
-        name_off, info, _size = BTF_TYPE.unpack_from(blob, pos)
+        name_off, info, _size = unpack(blob, pos)
         k = (info >> 24) & 0x1F
-        vlen = info & 0xFFFF
-        fixed, per = _KIND_EXTRA.get(k, (0, 0))
-        if k == kind and strings[name_off : name_off + len(wanted) + 1] == wanted + b"\0":
+        if name_off in offsets and k == kind:
             return type_id
-        pos += BTF_TYPE.size + fixed + per * vlen
+        fixed, per = extra.get(k, (0, 0))
+        pos += 12 + fixed + per * (info & 0xFFFF)
         type_id += 1
     raise BTFError(f"{name} not found in BTF")
 
