@@ -273,6 +273,25 @@ def test_signals_sent_to_the_supervisor_reach_the_program(tmp_path) -> None:  # 
     assert proc.wait(30) == 42
 
 
+def test_the_programs_close_is_the_last_reference() -> None:
+    """The supervisor's copy of a socket is gone before socket() returns: closing
+    frees the port at once (the re-bind below would fail otherwise)."""
+    code = """
+    import socket
+    for _ in range(300):
+        p = socket.socket()
+        p.bind(("127.0.0.1", 0))
+        port = p.getsockname()[1]
+        p.close()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262) as s:
+            s.bind(("127.0.0.1", port))  # asks for MPTCP itself: not trapped
+    print("ok")
+    """
+    proc = forced(py(code))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"ok"]
+
+
 def test_a_daemon_left_behind_is_still_served(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "proto"
     code = f"""
@@ -329,8 +348,10 @@ import socket
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-srv.bind(("127.0.0.1", 0))
-port = srv.getsockname()[1]
+with socket.socket() as probe:  # a free port, then bound explicitly (port lock)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+srv.bind(("127.0.0.1", port))
 srv.listen(7)
 c = socket.socket()
 c.connect(("127.0.0.1", port))
@@ -397,6 +418,28 @@ def test_md5_signed_connection_under_forcing() -> None:
     assert stats["swapped_to_tcp"] == 2
     assert stats["reasons"] == {"swapped to TCP for TCP_MD5SIG": 2}
     assert stats["forced"] == 1  # the unsigned client stayed MPTCP
+
+
+def test_tcp_only_option_on_an_idle_listener_and_on_ipv6() -> None:
+    code = """
+    import socket
+    p = lambda s: s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+    out = []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        srv = socket.socket(family)
+        srv.bind((host, 0))
+        srv.listen(5)
+        addr = srv.getsockname()
+        srv.setsockopt(socket.IPPROTO_TCP, 18, 2000)  # TCP_USER_TIMEOUT, after listen()
+        c = socket.create_connection(addr[:2])
+        a, _ = srv.accept()
+        out += [p(srv), srv.getsockname() == addr, srv.getsockopt(socket.IPPROTO_TCP, 18)]
+    print(*out)
+    """
+    proc = forced(py(code))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"6", b"True", b"2000"] * 2
+    assert stats_of(proc)["reasons"] == {"swapped to TCP for TCP_USER_TIMEOUT": 2}
 
 
 def test_tcp_only_option_after_connect_keeps_mptcps_error(server: Server) -> None:

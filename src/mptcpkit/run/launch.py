@@ -50,15 +50,16 @@ def spawn(
     *,
     env: Mapping[str, str] | None = None,
     sigmask: set[int] | None = None,
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start argv with the filter installed; returns the process and the listener fd."""
+) -> tuple[subprocess.Popen[bytes], int, bool]:
+    """Start argv with the filter installed: the process, the listener fd, and whether
+    received calls wait killable (see syscalls.install_filter)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def install() -> None:  # runs in the child, single-threaded, before exec
         if sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-        listener = syscalls.install_filter(program, arch)
-        socket.send_fds(theirs, [b"L"], [listener])
+        listener, killable = syscalls.install_filter(program, arch)
+        socket.send_fds(theirs, [b"K" if killable else b"L"], [listener])
         os.close(listener)
 
     try:
@@ -67,13 +68,13 @@ def spawn(
                 proc = subprocess.Popen(list(argv), env=env, preexec_fn=install)
             finally:
                 theirs.close()
-            _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
+            msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
     except subprocess.SubprocessError as exc:
         raise OSError(f"could not install the seccomp filter in the child: {exc}") from exc
     if not fds:
         proc.wait()
         raise OSError("the child did not hand over its seccomp listener")
-    return proc, fds[0]
+    return proc, fds[0], msg == b"K"
 
 
 def run(
@@ -93,9 +94,9 @@ def run(
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         sigfd = syscalls.signalfd(FORWARDED)
     try:
-        proc, listener = spawn(argv, program, arch, env=env, sigmask=old_mask)
+        proc, listener, killable = spawn(argv, program, arch, env=env, sigmask=old_mask)
         try:
-            supervisor = Supervisor(listener, arch, only=only, tcp_only=tcp_only)
+            supervisor = Supervisor(listener, arch, only=only, tcp_only=tcp_only, killable=killable)
         except BaseException:
             os.close(listener)  # the program's trapped calls now fail with ENOSYS
             proc.kill()

@@ -148,8 +148,12 @@ class Supervisor:
         tcp_only: Mapping[tuple[int, int], str] | None = None,
         stats: Stats | None = None,
         warn: TextIO | None = sys.stderr,
+        killable: bool = False,
     ) -> None:
         self.listener = listener
+        # Received calls wait killable: a socket can be installed first and the call
+        # answered after our copy is closed, so the program's close() is the last one.
+        self.killable = killable
         self.arch = arch
         self.only = only
         self.tcp_only = dict(tcp_only_options() if tcp_only is None else tcp_only)
@@ -280,9 +284,14 @@ class Supervisor:
         try:
             st = os.fstat(sock.fileno())
             flags = os.O_CLOEXEC if type_ & SOCK_CLOEXEC else 0
-            self._addfd(n, sock.fileno(), abi.SECCOMP_ADDFD_FLAG_SEND, 0, flags)
+            if self.killable:
+                newfd = self._addfd(n, sock.fileno(), 0, 0, flags)
+            else:  # atomic, but our copy may outlive the program's for a moment
+                self._addfd(n, sock.fileno(), abi.SECCOMP_ADDFD_FLAG_SEND, 0, flags)
         finally:
             sock.close()
+        if self.killable:
+            self._send(n, newfd)
         self.stats.forced += 1
         self._remember((st.st_dev, st.st_ino))
 
@@ -375,37 +384,33 @@ class Supervisor:
                 return False
             make = self._maker(n, ctx)
             nonblock = fcntl.fcntl(old_fd, fcntl.F_GETFL) & os.O_NONBLOCK
-            new = make(
+            with make(
                 old.family,
                 socket.SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0),
                 socket.IPPROTO_TCP,
-            )
-            try:
-                with make(old.family, socket.SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_MPTCP) as ref:
-                    swap.carry_options(old, ref, new)
-            except OSError as exc:
-                new.close()
-                self.warn("carry", f"could not carry an option to plain TCP: {exc.strerror}")
-                return False
-        with new:
-            # The program's descriptor now holds the plain TCP socket; the MPTCP one
-            # is released with our copy, which frees its port for the re-bind.
-            self._addfd(
-                n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(ctx.tgid, fd)
-            )
-            self._forced.pop(key, None)
-            self.stats.swapped += 1
-            try:
-                if how.address is not None:
-                    new.bind(how.address)
-                if how.backlog is not None:
-                    new.listen(how.backlog)
-            except OSError as exc:
-                self.warn(
-                    f"bind-{how.address}",
-                    f"could not re-bind the socket made plain TCP to {how.address}: "
-                    f"{exc.strerror} (is the descriptor shared with another process?)",
+            ) as new:
+                try:
+                    with make(old.family, socket.SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_MPTCP) as ref:
+                        swap.carry_options(old, ref, new)
+                except OSError as exc:
+                    self.warn("carry", f"could not carry an option to plain TCP: {exc.strerror}")
+                    return False
+                self._addfd(
+                    n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(ctx.tgid, fd)
                 )
+                # The program's descriptor now holds the plain TCP socket. The MPTCP one
+                # is only released when the program's call returns (the kernel closes
+                # it in the program's context), so it must let go of its port first.
+                self._forced.pop(key, None)
+                self.stats.swapped += 1
+                try:
+                    swap.rebind(old, new, how)
+                except OSError as exc:
+                    self.warn(
+                        f"bind-{how.address}",
+                        f"could not re-bind the socket made plain TCP to {how.address}: "
+                        f"{exc.strerror} (is the descriptor shared with another process?)",
+                    )
         return True
 
     # -- kernel calls ------------------------------------------------------------
@@ -428,6 +433,14 @@ class Supervisor:
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 raise _Gone from None
+            raise
+
+    def _send(self, n: abi.Notification, val: int) -> None:
+        try:
+            syscalls.ioctl(self.listener, abi.SECCOMP_IOCTL_NOTIF_SEND, abi.encode_resp(n.id, val))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise _Gone from None  # killed: its descriptors went with it
             raise
 
     def _continue(self, n: abi.Notification) -> None:

@@ -10,6 +10,7 @@ listener, the same backlog.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import socket
@@ -18,7 +19,7 @@ from mptcpkit.abi import constants as c
 from mptcpkit.abi.tcp_info import TCP_INFO_MIN_SIZE, decode_tcp_info
 from mptcpkit.downgrade import _carry_options as carry_options
 
-__all__ = ["Plan", "carry_options", "plan"]
+__all__ = ["Plan", "carry_options", "plan", "rebind"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,3 +42,28 @@ def plan(sock: socket.socket) -> Plan | None:
     addr = sock.getsockname()
     bound = addr[1] != 0 or not ipaddress.ip_address(addr[0]).is_unspecified
     return Plan(tuple(addr) if bound else None, tcp.sacked if listening else None)
+
+
+def rebind(old: socket.socket, new: socket.socket, how: Plan) -> None:
+    """Give `new` the address (and listen state) of `old`, which still holds them.
+
+    `old` stops listening and both sockets get SO_REUSEADDR, so the address can be
+    shared for the moment until `old` is closed; `new` gets its own SO_REUSEADDR
+    value back afterwards.
+    """
+    if how.address is None and how.backlog is None:
+        return
+    reuse = new.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+    old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if how.backlog is not None:
+        with contextlib.suppress(OSError):
+            old.shutdown(socket.SHUT_RD)  # stops listening; the queue was empty
+    new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        if how.address is not None:
+            new.bind(how.address)
+        if how.backlog is not None:
+            new.listen(how.backlog)
+    finally:
+        if not reuse:
+            new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)

@@ -43,35 +43,34 @@ class _SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
 
-def install_filter(prog: bytes, arch: abi.Arch) -> int:
-    """Install a user-notification filter on the calling thread; return the listener fd.
+def install_filter(prog: bytes, arch: abi.Arch) -> tuple[int, bool]:
+    """Install a user-notification filter on the calling thread.
 
-    Sets PR_SET_NO_NEW_PRIVS first, as unprivileged callers must (setuid programs
-    run under the filter then start without their extra privileges).
+    Returns the listener fd and whether trapped calls wait killable once received
+    (SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, 5.19+). Sets PR_SET_NO_NEW_PRIVS first,
+    as unprivileged callers must (setuid programs then start without extra privileges).
     """
     _check(_libc.prctl(abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     buf = ctypes.create_string_buffer(prog, len(prog))
     fprog = _SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    flags = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER | abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
-    try:
-        return syscall(
-            arch.seccomp,
-            abi.SECCOMP_SET_MODE_FILTER,
-            flags,
-            ctypes.byref(fprog),
-            what="seccomp(SECCOMP_SET_MODE_FILTER)",
-        )
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    # before 5.19: a signal may interrupt a trapped call until it is answered
-    return syscall(
-        arch.seccomp,
-        abi.SECCOMP_SET_MODE_FILTER,
-        abi.SECCOMP_FILTER_FLAG_NEW_LISTENER,
-        ctypes.byref(fprog),
-        what="seccomp(SECCOMP_SET_MODE_FILTER)",
-    )
+    for killable in (True, False):
+        flags = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER
+        if killable:
+            flags |= abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+        try:
+            fd = syscall(
+                arch.seccomp,
+                abi.SECCOMP_SET_MODE_FILTER,
+                flags,
+                ctypes.byref(fprog),
+                what="seccomp(SECCOMP_SET_MODE_FILTER)",
+            )
+        except OSError as exc:
+            if not killable or exc.errno != errno.EINVAL:
+                raise
+            continue  # before 5.19: a signal may interrupt a call until it is answered
+        return fd, killable
+    raise AssertionError("unreachable")
 
 
 def notif_sizes(arch: abi.Arch) -> tuple[int, int, int]:
