@@ -642,6 +642,31 @@ def test_a_second_seccomp_listener_is_reported() -> None:
     assert b"its own seccomp listener" in proc.stderr
 
 
+def test_no_seccomp_is_one_clear_line() -> None:
+    """Under a filter that refuses seccomp() (a hardened container), nothing starts."""
+    code = f"""
+    import ctypes, os, sys
+    from mptcpkit.run import abi, bpf
+    insns = [(bpf.LD_ABS, 0, 0, 0), (bpf.JEQ_K, 0, 1, abi.native_arch().seccomp),
+             (bpf.RET_K, 0, 0, abi.SECCOMP_RET_ERRNO | 1), (bpf.RET_K, 0, 0, abi.SECCOMP_RET_ALLOW)]
+    prog = b"".join(bpf.INSN.pack(*i) for i in insns)
+    libc = ctypes.CDLL(None, use_errno=True)
+    class F(ctypes.Structure):
+        _fields_ = (("len", ctypes.c_ushort), ("f", ctypes.c_void_p))
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    assert libc.prctl(38, 1, 0, 0, 0) == 0
+    fprog = F(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    assert libc.syscall(abi.native_arch().seccomp, 1, 0, ctypes.byref(fprog)) == 0
+    os.execv(sys.executable, [sys.executable, *{RUN[1:]!r}, "--", "touch", "/nonexistent/x"])
+    """
+    proc = subprocess.run(py(code), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("mptcpkit run: cannot install the seccomp filter")
+    assert "Operation not permitted" in lines[0] and "--strategy preload" in lines[0]
+
+
 def test_preload_strategy() -> None:
     from mptcpkit.run import preload
 

@@ -56,12 +56,12 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--root", metavar="DIR", default="/", help="with --systemd-dropin: file-system root"
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    command = list(args.command)
+    command = list(args.argv)
     if command and command[0] == "--":
         command = command[1:]
     if args.systemd_dropin:
@@ -109,6 +109,8 @@ def _seccomp(args: argparse.Namespace, command: list[str]) -> int:
     except PermissionError as exc:
         print(f"mptcpkit run: {command[0]}: {exc.strerror}", file=sys.stderr)
         return 126
+    except launch.SeccompUnavailable as exc:
+        raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(f"cannot start {command[0]} under seccomp: {exc}") from exc
     if args.stats == "json":

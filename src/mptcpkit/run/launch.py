@@ -58,23 +58,38 @@ def spawn(
     def install() -> None:  # runs in the child, single-threaded, before exec
         if sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-        listener, killable = syscalls.install_filter(program, arch)
+        try:
+            listener, killable = syscalls.install_filter(program, arch)
+        except OSError as exc:
+            theirs.send(f"E{exc.strerror or exc}".encode())
+            raise
         socket.send_fds(theirs, [b"K" if killable else b"L"], [listener])
         os.close(listener)
 
-    try:
-        with ours:
+    with ours:
+        try:
+            proc = subprocess.Popen(list(argv), env=env, preexec_fn=install)
+        except subprocess.SubprocessError as exc:
+            ours.setblocking(False)
             try:
-                proc = subprocess.Popen(list(argv), env=env, preexec_fn=install)
-            finally:
-                theirs.close()
-            msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
-    except subprocess.SubprocessError as exc:
-        raise OSError(f"could not install the seccomp filter in the child: {exc}") from exc
+                why = ours.recv(512).decode(errors="replace")[1:] or str(exc)
+            except BlockingIOError:
+                why = str(exc)
+            raise SeccompUnavailable(
+                f"cannot install the seccomp filter ({why}); the kernel needs seccomp user "
+                "notification (5.14+): try --strategy preload"
+            ) from None
+        finally:
+            theirs.close()
+        msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
     if not fds:
         proc.wait()
-        raise OSError("the child did not hand over its seccomp listener")
+        raise SeccompUnavailable("the child did not hand over its seccomp listener")
     return proc, fds[0], msg == b"K"
+
+
+class SeccompUnavailable(OSError):
+    """The filter could not be installed in the child."""
 
 
 def run(
