@@ -59,7 +59,8 @@ def measure(prefix: list[str], args: argparse.Namespace) -> dict[str, float] | s
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
-        return lines[-1] if lines else f"exit {proc.returncode}"
+        why = lines[-1] if lines else f"exit {proc.returncode}"
+        return why.split("not available here: ")[-1].split("; use ")[0]
     result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
