@@ -273,6 +273,34 @@ def test_signals_sent_to_the_supervisor_reach_the_program(tmp_path) -> None:  # 
     assert proc.wait(30) == 42
 
 
+def test_tasks_killed_mid_call_do_not_disturb_the_supervisor() -> None:
+    code = """
+    import os, signal, socket, threading, time
+    kids = []
+    for _ in range(8):
+        pid = os.fork()
+        if pid == 0:
+            def churn():
+                while True:
+                    socket.socket().close()
+            for _ in range(3):
+                threading.Thread(target=churn, daemon=True).start()
+            time.sleep(60)
+        kids.append(pid)
+    time.sleep(0.5)
+    for pid in kids:
+        os.kill(pid, signal.SIGKILL)
+    for pid in kids:
+        os.waitpid(pid, 0)
+    s = socket.socket()  # the supervisor still serves
+    print(s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+    """
+    proc = forced(py(code))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"262"]
+    assert stats_of(proc)["warnings"] == []
+
+
 def test_the_programs_close_is_the_last_reference() -> None:
     """The supervisor's copy of a socket is gone before socket() returns: closing
     frees the port at once (the re-bind below would fail otherwise)."""
