@@ -17,6 +17,7 @@ from mptcpkit.cli.errors import CLIError
 # Subcommand modules, in the order `mptcpkit --help` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
     "mptcpkit.cli.check",
+    "mptcpkit.cli.lab",
     "mptcpkit.cli.run",
 )
 
