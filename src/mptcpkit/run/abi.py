@@ -153,7 +153,7 @@ def decode_notif(buf: bytes) -> Notification:
 
 
 def encode_notif(n: Notification) -> bytes:
-    """Inverse of decode_notif (tests, and a fake kernel has no other use)."""
+    """Inverse of decode_notif, for tests."""
     return NOTIF.pack(n.id, n.pid, n.flags) + DATA.pack(
         n.nr, n.arch, n.instruction_pointer, *n.args
     )

@@ -1,9 +1,9 @@
 """The seccomp supervisor: answers a forced program's trapped calls.
 
 For each trapped socket() it makes the socket itself, MPTCP first, in the calling
-thread's network namespace and with its credentials, and injects it atomically
-(SECCOMP_ADDFD_FLAG_SEND: the program sees the new descriptor as socket()'s
-return value, or nothing at all if it died or was interrupted meanwhile). When
+thread's network namespace and with its credentials, and injects it as socket()'s
+return value (SECCOMP_IOCTL_NOTIF_ADDFD; nothing is injected into a program that
+died or whose call was interrupted meanwhile). When
 MPTCP cannot be made, the call proceeds in the kernel and the program gets plain
 TCP. For a TCP-only option, or `--only`, it swaps a forced socket that is not yet
 connected for plain TCP (SECCOMP_ADDFD_FLAG_SETFD) and lets the call proceed.
@@ -198,19 +198,6 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 self._continue(notif)
         return True
-
-    def serve_forever(self) -> None:
-        """Answer notifications until no task uses the filter anymore (POLLHUP)."""
-        import select
-
-        poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
-        while True:
-            for _fd, events in poller.poll():
-                if events & select.POLLIN:
-                    self.handle_one()
-                elif events & (select.POLLHUP | select.POLLERR):
-                    return
 
     def close(self) -> None:
         for ctx in self._contexts.values():
