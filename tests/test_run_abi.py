@@ -315,3 +315,13 @@ def test_cli_dropin_round_trip_and_usage_errors(tmp_path) -> None:  # type: igno
     assert extra.returncode == 2 and "takes no command" in extra.stderr
     lonely = subprocess.run([*run, "--remove"], capture_output=True, text=True)
     assert lonely.returncode == 2
+
+
+def test_preload_without_the_library_is_a_clear_error(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from mptcpkit.cli import main
+
+    monkeypatch.setattr(preload, "find_library", lambda: None)
+    assert main(["run", "--strategy", "preload", "--", "true"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "libmptcpwrap.so.0" in err[0] and "--strategy seccomp" in err[0]

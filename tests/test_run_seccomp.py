@@ -301,6 +301,25 @@ def test_tasks_killed_mid_call_do_not_disturb_the_supervisor() -> None:
     assert stats_of(proc)["warnings"] == []
 
 
+def test_descriptor_limit_gives_the_programs_own_emfile() -> None:
+    code = """
+    import resource, socket
+    resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+    held = []
+    try:
+        while True:
+            held.append(socket.socket())
+    except OSError as exc:
+        print(exc.errno, len(held) > 5)
+    held.pop().close()
+    print(socket.socket().getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+    """
+    proc = forced(py(code))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"24", b"True", b"262"]  # EMFILE, then MPTCP again
+    assert stats_of(proc)["warnings"] == []
+
+
 def test_the_programs_close_is_the_last_reference() -> None:
     """The supervisor's copy of a socket is gone before socket() returns: closing
     frees the port at once (the re-bind below would fail otherwise)."""

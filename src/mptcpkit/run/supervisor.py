@@ -275,6 +275,9 @@ class Supervisor:
                 newfd = self._addfd(n, sock.fileno(), 0, 0, flags)
             else:  # atomic, but our copy may outlive the program's for a moment
                 self._addfd(n, sock.fileno(), abi.SECCOMP_ADDFD_FLAG_SEND, 0, flags)
+        except OSError as exc:  # EMFILE and the like: the kernel's own call reports it
+            self._leave(n, f"could not install the socket: {errno.errorcode.get(exc.errno or 0)}")
+            return
         finally:
             sock.close()
         if self.killable:
