@@ -169,6 +169,51 @@ def test_curl(http_server: Server) -> None:
     assert [s.is_mptcp for s in http_server.statuses] == [True]
 
 
+@pytest.fixture(scope="session")
+def go_peer(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/data/mptk_go_peer.go built static (CGO_ENABLED=0)."""
+    if shutil.which("go") is None:
+        pytest.skip("Go toolchain not installed (apt: golang-go)")
+    work = tmp_path_factory.mktemp("go")
+    source = os.path.join(os.path.dirname(__file__), "data", "mptk_go_peer.go")
+    env = {
+        **os.environ,
+        "CGO_ENABLED": "0",
+        "HOME": str(work),
+        "GOCACHE": str(work / "cache"),
+        "GOPATH": str(work / "gopath"),
+        "GO111MODULE": "off",
+    }
+    out = str(work / "peer")
+    subprocess.run(["go", "build", "-o", out, source], env=env, check=True, timeout=300)
+    return out
+
+
+def test_static_go_client(go_peer: str, server: Server) -> None:
+    info = subprocess.run(["file", "-L", go_peer], capture_output=True, text=True).stdout
+    assert "statically linked" in info
+    proc = forced([go_peer, "dial", f"127.0.0.1:{server.port}"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [b"pong", b"262"]  # Go's SOCK_NONBLOCK socket, forced
+    assert server.received == [b"go"]
+    assert [s.is_mptcp for s in server.statuses] == [True]
+
+
+def test_static_go_listener(go_peer: str) -> None:
+    proc = subprocess.Popen([*RUN, "--", go_peer, "serve"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    with proc.stdout:
+        port, proto = proc.stdout.readline().split()
+        assert proto == b"262"
+        with mptcpkit.create_connection(("127.0.0.1", int(port)), timeout=30) as c:
+            data = b""
+            while chunk := c.recv(64):
+                data += chunk
+            assert data == b"from-go"
+            assert mptcpkit.status(c).is_mptcp
+    assert proc.wait(30) == 0
+
+
 def _wait_port(proc: subprocess.Popen[bytes], path: str) -> int:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
