@@ -325,3 +325,11 @@ def test_preload_without_the_library_is_a_clear_error(monkeypatch, capsys) -> No
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "libmptcpwrap.so.0" in err[0] and "--strategy seccomp" in err[0]
+
+
+def test_bpf_run_refused_leaves_nothing_behind(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    if bpfload.probe() is None:
+        pytest.skip("this kernel accepts tracing BPF programs")
+    with pytest.raises(OSError, match="BPF_PROG_LOAD"):
+        bpfload.run(["true"], cgroup_root=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # the command's cgroup is removed again
