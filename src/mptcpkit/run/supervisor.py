@@ -254,7 +254,9 @@ class Supervisor:
         try:
             ctx = read_task(n.pid)
         except ProcessLookupError:
-            raise _Gone from None
+            self._check_valid(n)  # gone, or /proc hides it (hidepid): then let it be
+            self._leave(n, "cannot read the program's /proc entry")
+            return
         make = self._maker(n, ctx)
         try:
             sock = make(family, (type_ | SOCK_CLOEXEC), IPPROTO_MPTCP)
@@ -306,11 +308,13 @@ class Supervisor:
                 try:
                     ns_fd = os.open(f"/proc/{n.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
-                    raise _Gone from None
-                try:
-                    if os.fstat(ns_fd).st_ino != ctx.netns[1]:
-                        raise _Gone  # it moved again: the restarted call will come back
                     self._check_valid(n)
+                    raise  # still waiting, yet unreadable: the handler lets it go ahead
+                try:
+                    self._check_valid(n)  # the tid was still the caller's: ns_fd is its
+                    if os.fstat(ns_fd).st_ino != ctx.netns[1]:
+                        # a thread blocked in socket() cannot have moved; never hang it
+                        raise OSError(errno.ESTALE, "network namespace changed while read")
                 except BaseException:
                     os.close(ns_fd)
                     raise
@@ -355,7 +359,8 @@ class Supervisor:
             ctx = read_task(n.pid)
             pidfd = _pidfd_of_thread(n.pid, ctx.tgid)
         except (ProcessLookupError, FileNotFoundError):
-            raise _Gone from None
+            self._check_valid(n)  # gone, or hidden from us: leave the socket as it is
+            return False
         try:
             self._check_valid(n)
             try:
