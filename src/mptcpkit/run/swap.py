@@ -17,7 +17,7 @@ import socket
 
 from mptcpkit.abi import constants as c
 from mptcpkit.abi.tcp_info import TCP_INFO_MIN_SIZE, decode_tcp_info
-from mptcpkit.downgrade import _carry_options as carry_options
+from mptcpkit.downgrade import carry_options
 
 __all__ = ["Plan", "carry_options", "plan", "rebind"]
 
