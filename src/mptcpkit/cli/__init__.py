@@ -22,6 +22,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "mptcpkit.cli.monitor",
     "mptcpkit.cli.pmd",
     "mptcpkit.cli.lab",
+    "mptcpkit.cli.run",
 )
 
 
