@@ -291,7 +291,7 @@ def test_link_down_up_subflow_comes_back(
         pm.add_endpoint(addr1, flags="subflow", dev=client.iface(1).name, netns=client.netns)
     t = Transfer(topo)
     try:
-        assert wait_for(lambda: addr1 in t.locals()), t.locals()
+        assert wait_for(lambda: addr1 in t.locals()), (t.locals(), with_pmd and pmd.log)
         topo.link(1).down()
         assert wait_for(lambda: addr1 not in t.locals(), timeout=60), "subflow never died"
         topo.link(1).up()
