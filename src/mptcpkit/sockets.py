@@ -138,25 +138,42 @@ def create_connection(
     """Like `socket.create_connection()`, over MPTCP by policy ("dial" role)."""
     host, port = address
     policy = resolve(mptcp, "dial")
+    if family != _socket.AF_INET6 and isinstance(port, int):
+        try:  # an IPv4 literal: one address, no lookup (the common case, kept short)
+            _socket.inet_pton(_socket.AF_INET, host)
+        except OSError:
+            pass
+        else:
+            sock = open_stream(_socket.AF_INET, _socket.SOCK_STREAM, policy)
+            try:
+                if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect((host, port))
+            except BaseException:
+                sock.close()
+                raise
+            return sock
     errors: list[OSError] = []
     for af, sockaddr in resolve_stream(host, port, family):
-        sock = None
+        candidate: Socket | None = None
         try:
-            sock = open_stream(af, _socket.SOCK_STREAM, policy)
+            candidate = open_stream(af, _socket.SOCK_STREAM, policy)
             if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
-                sock.settimeout(timeout)
+                candidate.settimeout(timeout)
             if source_address:
-                sock.bind(source_address)
-            sock.connect(sockaddr)
-            return sock
+                candidate.bind(source_address)
+            candidate.connect(sockaddr)
+            return candidate
         except MPTCPUnavailableError:
             raise
         except OSError as exc:
             if not all_errors:
                 errors.clear()
             errors.append(exc)
-            if sock is not None:
-                sock.close()
+            if candidate is not None:
+                candidate.close()
     if not errors:
         raise OSError(f"getaddrinfo returned no addresses for {host!r}")
     if all_errors:
