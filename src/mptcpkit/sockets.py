@@ -67,7 +67,7 @@ def open_stream(family: int, type: int, policy: Policy) -> Socket:
     if policy is Policy.OFF:
         return _make(family, type, IPPROTO_TCP, None, policy)
     try:
-        return _make(family, type, IPPROTO_MPTCP, None, policy)
+        sock = Socket(family, type, IPPROTO_MPTCP)  # _make() inlined: every connect runs this
     except OSError as exc:
         err = exc.errno or 0
         if policy is Policy.REQUIRE:
@@ -77,6 +77,8 @@ def open_stream(family: int, type: int, policy: Policy) -> Socket:
         sock = _make(family, type, IPPROTO_TCP, None, policy)
         record_note(sock, describe_creation_error(err))
         return sock
+    sock.mptcp_policy = policy
+    return sock
 
 
 def socket(
@@ -126,6 +128,27 @@ def resolve_stream(
     return [(info[0], info[4]) for info in infos]
 
 
+def _dial(
+    family: int,
+    sockaddr: tuple[Any, ...],
+    policy: Policy,
+    timeout: float | None,
+    source_address: tuple[str, int] | None,
+) -> Socket:
+    """One connect attempt; the socket is closed if it fails."""
+    sock = open_stream(family, _socket.SOCK_STREAM, policy)
+    try:
+        if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
+            sock.settimeout(timeout)
+        if source_address:
+            sock.bind(source_address)
+        sock.connect(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def create_connection(
     address: tuple[str, int],
     timeout: float | None = _GLOBAL_DEFAULT_TIMEOUT,
@@ -144,36 +167,17 @@ def create_connection(
         except OSError:
             pass
         else:
-            sock = open_stream(_socket.AF_INET, _socket.SOCK_STREAM, policy)
-            try:
-                if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
-                    sock.settimeout(timeout)
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect((host, port))
-            except BaseException:
-                sock.close()
-                raise
-            return sock
+            return _dial(_socket.AF_INET, (host, port), policy, timeout, source_address)
     errors: list[OSError] = []
     for af, sockaddr in resolve_stream(host, port, family):
-        candidate: Socket | None = None
         try:
-            candidate = open_stream(af, _socket.SOCK_STREAM, policy)
-            if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
-                candidate.settimeout(timeout)
-            if source_address:
-                candidate.bind(source_address)
-            candidate.connect(sockaddr)
-            return candidate
+            return _dial(af, sockaddr, policy, timeout, source_address)
         except MPTCPUnavailableError:
             raise
         except OSError as exc:
             if not all_errors:
                 errors.clear()
             errors.append(exc)
-            if candidate is not None:
-                candidate.close()
     if not errors:
         raise OSError(f"getaddrinfo returned no addresses for {host!r}")
     if all_errors:
