@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from mptcpkit.cli.errors import CLIError
 
 # Subcommand modules, in the order `mptcpkit --help` lists them.
-SUBCOMMANDS: tuple[str, ...] = (
-    "mptcpkit.cli.check",
-)
+SUBCOMMANDS: tuple[str, ...] = ("mptcpkit.cli.check",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,53 @@
+"""mptcpkit: Multipath TCP (RFC 8684) on Linux, from Python.
+
+    import mptcpkit
+    sock = mptcpkit.create_connection(("example.net", 443))   # MPTCP, TCP if it must
+    mptcpkit.status(sock)        # MPTCP / fallback / TCP
+    mptcpkit.subflows(sock)      # per-subflow addresses, RTT, cwnd, bytes
+
+See README.md for the whole API.
+"""
+
+from mptcpkit.abi.constants import IPPROTO_MPTCP, SOL_MPTCP
+from mptcpkit.abi.md5sig import encode_tcp_md5sig as tcp_md5sig
+from mptcpkit.abi.mptcp_info import MPTCPInfo
+from mptcpkit.abi.tcp_info import TCPInfo
+from mptcpkit.address import Address, parse_address
+from mptcpkit.downgrade import setsockopt
+from mptcpkit.errors import MPTCPUnavailableError, TCPOnlyOptionError
+from mptcpkit.introspect import Subflow, info, subflows
+from mptcpkit.policy import Policy
+from mptcpkit.sockets import Socket, create_connection, create_server, socket
+from mptcpkit.status import SocketStatus, State, status
+from mptcpkit.support import Support, Unusable, available, support, tcp_md5sig_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IPPROTO_MPTCP",
+    "SOL_MPTCP",
+    "Address",
+    "MPTCPInfo",
+    "MPTCPUnavailableError",
+    "Policy",
+    "Socket",
+    "SocketStatus",
+    "State",
+    "Subflow",
+    "Support",
+    "TCPInfo",
+    "TCPOnlyOptionError",
+    "Unusable",
+    "available",
+    "create_connection",
+    "create_server",
+    "info",
+    "parse_address",
+    "setsockopt",
+    "socket",
+    "status",
+    "subflows",
+    "support",
+    "tcp_md5sig",
+    "tcp_md5sig_available",
+]

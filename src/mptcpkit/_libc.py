@@ -1,0 +1,45 @@
+"""libc's getsockopt through ctypes, for options that need input bytes or >1024 bytes.
+
+Python's socket.getsockopt starts from a zeroed buffer and caps it at 1024 bytes, but
+MPTCP_TCPINFO, MPTCP_SUBFLOW_ADDRS and MPTCP_FULL_INFO read a request header from the
+buffer first (REFERENCE §3).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_getsockopt = _libc.getsockopt
+_getsockopt.argtypes = (
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint32),
+)
+_getsockopt.restype = ctypes.c_int
+
+
+def getsockopt_inout(fd: int, level: int, optname: int, request: bytes, size: int) -> bytes:
+    """Call getsockopt with `request` at the start of a `size`-byte buffer.
+
+    Returns the bytes the kernel reported as written; raises OSError with its errno.
+    """
+    buf = ctypes.create_string_buffer(request, max(size, len(request)))
+    length = ctypes.c_uint32(len(buf))
+    if _getsockopt(fd, level, optname, buf, ctypes.byref(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return buf.raw[: length.value]
+
+
+def getsockopt_into(fd: int, level: int, optname: int, buf: ctypes.Array[ctypes.c_char]) -> int:
+    """Call getsockopt on a caller-owned buffer (which may hold pointers to other
+    caller-owned buffers); returns the length the kernel reported."""
+    length = ctypes.c_uint32(ctypes.sizeof(buf))
+    if _getsockopt(fd, level, optname, buf, ctypes.byref(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return length.value

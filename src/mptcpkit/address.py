@@ -1,0 +1,229 @@
+"""Addresses in HAProxy's syntax: `[proto@]host[:port[-port]]` (HAProxy doc §2.9.3).
+
+    mptcp@[::]:5000     mptcp4@0.0.0.0:8000-8010     tcp@example.net:443
+    :8443 (any IPv4)    *:80                         unix@/run/app.sock
+
+`mptcp@`, `mptcp4@`, `mptcp6@` ask for MPTCP (by default with fallback to TCP: see
+`mptcpkit.policy`); `tcp@`, `tcp4@`, `tcp6@`, `ipv4@`, `ipv6@` and no prefix mean
+plain TCP. A `4`/`6` suffix fixes the address family. IPv6 literals go in brackets.
+Parsing is pure; `create_server()` and `create_connection()` act on the result.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mptcpkit.policy import Policy, PolicyLike, as_policy
+
+if TYPE_CHECKING:
+    from mptcpkit.sockets import Socket
+
+# prefix -> (protocol, family or None when the address decides)
+_PREFIXES: dict[str, tuple[str, int | None]] = {
+    "mptcp": ("mptcp", None),
+    "mptcp4": ("mptcp", socket.AF_INET),
+    "mptcp6": ("mptcp", socket.AF_INET6),
+    "tcp": ("tcp", None),
+    "tcp4": ("tcp", socket.AF_INET),
+    "tcp6": ("tcp", socket.AF_INET6),
+    "ipv4": ("tcp", socket.AF_INET),
+    "ipv6": ("tcp", socket.AF_INET6),
+    "unix": ("unix", socket.AF_UNIX),
+}
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
+_PORT = re.compile(r"^[0-9]{1,5}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A parsed address. `host` is "" for any address; `port` is None when absent."""
+
+    prefix: str  # as written ("" when none), lower-case
+    protocol: str  # "mptcp", "tcp" or "unix"
+    family: int  # AF_INET, AF_INET6, AF_UNSPEC (a host name) or AF_UNIX
+    host: str
+    port: int | None
+    port_end: int | None
+    path: str | None = None
+
+    @property
+    def ports(self) -> range:
+        if self.port is None:
+            return range(0)
+        return range(self.port, (self.port_end or self.port) + 1)
+
+    @property
+    def policy(self) -> Policy:
+        return Policy.PREFER if self.protocol == "mptcp" else Policy.OFF
+
+    @property
+    def is_any(self) -> bool:
+        return self.host == ""
+
+    def bind_host(self) -> str:
+        """The host to bind: the wildcard of the family when the address says 'any'."""
+        if self.host:
+            return self.host
+        return "::" if self.family == socket.AF_INET6 else "0.0.0.0"
+
+    def __str__(self) -> str:
+        head = f"{self.prefix}@" if self.prefix else ""
+        if self.protocol == "unix":
+            return f"{head}{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.port is None:
+            return f"{head}{host}"
+        ports = str(self.port) if self.port_end == self.port else f"{self.port}-{self.port_end}"
+        return f"{head}{host}:{ports}"
+
+    def _policy_for(self, mptcp: PolicyLike) -> Policy:
+        explicit = as_policy(mptcp)
+        if explicit is None:
+            return self.policy
+        if self.protocol != "mptcp" and explicit is not Policy.OFF:
+            raise ValueError(f"{self} is a plain TCP address; mptcp={mptcp!r} does not apply")
+        return explicit
+
+    def create_server(
+        self, *, backlog: int | None = None, reuse_port: bool = False, mptcp: PolicyLike = None
+    ) -> list[Socket]:
+        """Listening sockets, one per port of the range; all or nothing."""
+        from mptcpkit.sockets import create_server
+
+        if self.protocol == "unix" or self.port is None:
+            raise ValueError(f"{self}: create_server() needs an IP address with a port")
+        policy = self._policy_for(mptcp)
+        family = self.family if self.family != socket.AF_UNSPEC else _family_of(self.host)
+        made: list[Socket] = []
+        try:
+            for port in self.ports:
+                made.append(
+                    create_server(
+                        (self.bind_host(), port),
+                        family=family,
+                        backlog=backlog,
+                        reuse_port=reuse_port,
+                        mptcp=policy,
+                    )
+                )
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        return made
+
+    def create_connection(
+        self, timeout: float | None = None, *, mptcp: PolicyLike = None
+    ) -> Socket:
+        """A connected socket to this address (one port, not a range)."""
+        from mptcpkit.sockets import create_connection
+
+        if self.protocol == "unix" or self.port is None or self.is_any:
+            raise ValueError(f"{self}: create_connection() needs a host and a port")
+        if self.port_end != self.port:
+            raise ValueError(f"{self}: cannot connect to a port range")
+        family = 0 if self.family == socket.AF_UNSPEC else self.family
+        return create_connection(
+            (self.host, self.port), timeout, mptcp=self._policy_for(mptcp), family=family
+        )
+
+
+def _family_of(host: str) -> int:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET
+
+
+def _fail(text: str, part: str, why: str) -> ValueError:
+    return ValueError(f"bad address {text!r}: {why}: {part!r}")
+
+
+def _parse_port(text: str, part: str, allow_zero: bool) -> int:
+    if not _PORT.match(part):
+        raise _fail(text, part, "a port is a number from 1 to 65535")
+    value = int(part)
+    if value > 65535 or (value == 0 and not allow_zero):
+        raise _fail(text, part, "a port is a number from 1 to 65535")
+    return value
+
+
+def _parse_ports(text: str, part: str) -> tuple[int, int]:
+    low_text, dash, high_text = part.partition("-")
+    if not dash:
+        port = _parse_port(text, part, allow_zero=True)
+        return port, port
+    low = _parse_port(text, low_text, allow_zero=False)
+    high = _parse_port(text, high_text, allow_zero=False)
+    if high < low:
+        raise _fail(text, part, "a port range must not run backwards")
+    return low, high
+
+
+def _parse_host(text: str, part: str, family: int | None) -> tuple[str, int]:
+    if part in ("", "*"):
+        return "", family if family is not None else socket.AF_INET
+    try:
+        ip = ipaddress.ip_address(part)
+    except ValueError:
+        if ":" in part:
+            raise _fail(text, part, "IPv6 addresses go in brackets, as in [::1]:80") from None
+        if not _HOSTNAME.match(part):
+            raise _fail(text, part, "not an IP address or host name") from None
+        return part.lower(), family if family is not None else socket.AF_UNSPEC
+    ip_family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    if family is not None and family != ip_family:
+        want = "IPv4" if family == socket.AF_INET else "IPv6"
+        raise _fail(text, part, f"the prefix asks for {want}")
+    return str(ip), ip_family
+
+
+def parse_address(text: str) -> Address:
+    """Parse `[proto@]host[:port[-port]]`; ValueError quoting the bad part."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_address() takes a string, not {type(text).__name__}")
+    prefix, at, rest = text.partition("@")
+    if not at:
+        prefix, rest = "", text
+    prefix = prefix.lower()
+    if prefix and prefix not in _PREFIXES:
+        known = ", ".join(f"{p}@" for p in _PREFIXES)
+        raise _fail(text, prefix + "@", f"unknown prefix (known: {known})")
+    protocol, family = _PREFIXES.get(prefix, ("tcp", None))
+    if protocol == "unix":
+        if not rest or "\0" in rest:
+            raise _fail(text, rest, "a unix socket needs a path")
+        return Address(prefix, "unix", socket.AF_UNIX, "", None, None, rest)
+    if rest.startswith("["):
+        close = rest.find("]")
+        if close < 0:
+            raise _fail(text, rest, "missing ']' after an IPv6 address")
+        host_part, tail = rest[1:close], rest[close + 1 :]
+        if tail and not tail.startswith(":"):
+            raise _fail(text, tail, "expected ':port' after ']'")
+        try:
+            ipaddress.IPv6Address(host_part)
+        except ValueError:
+            raise _fail(text, host_part, "not an IPv6 address") from None
+        port_part = tail[1:] if tail else None
+    else:
+        host_part, colon, port_text = rest.rpartition(":")
+        if not colon:
+            host_part, port_part = rest, None
+        else:
+            port_part = port_text
+    if port_part == "":
+        raise _fail(text, rest, "':' must be followed by a port")
+    host, resolved_family = _parse_host(text, host_part, family)
+    port = port_end = None
+    if port_part is not None:
+        port, port_end = _parse_ports(text, port_part)
+    elif host == "":
+        raise _fail(text, rest, "an address needs a host, a port, or both")
+    return Address(prefix, protocol, resolved_family, host, port, port_end)

@@ -1,0 +1,68 @@
+"""When to use MPTCP: per call, or process-wide from the environment.
+
+`MPTCPKIT=off|on|listen|dial` is Go's `GODEBUG=multipathtcp=0|1|2|3` in words: `on`
+uses MPTCP for listeners and dialers, `listen` only for listeners, `dial` only for
+dialers. Unset means `on`. An explicit `mptcp=` argument always wins.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Literal
+
+ENV_VAR = "MPTCPKIT"
+
+
+class Policy(enum.Enum):
+    PREFER = "prefer"  # MPTCP; plain TCP only if the MPTCP socket cannot be created
+    REQUIRE = "require"  # MPTCP or a clear error
+    OFF = "off"  # plain TCP
+
+
+PolicyLike = Policy | Literal["prefer", "require", "off"] | bool | None
+Role = Literal["listen", "dial", "socket"]
+
+_ENV_ROLES: dict[str, frozenset[str]] = {
+    "on": frozenset({"listen", "dial", "socket"}),
+    "1": frozenset({"listen", "dial", "socket"}),
+    "off": frozenset(),
+    "0": frozenset(),
+    "listen": frozenset({"listen", "socket"}),
+    "2": frozenset({"listen", "socket"}),
+    "dial": frozenset({"dial", "socket"}),
+    "3": frozenset({"dial", "socket"}),
+}
+
+
+def as_policy(value: PolicyLike) -> Policy | None:
+    """Normalise a user's `mptcp=` argument; None means 'not given'."""
+    if value is None or isinstance(value, Policy):
+        return value
+    if value is True:
+        return Policy.PREFER
+    if value is False:
+        return Policy.OFF
+    try:
+        return Policy(value)
+    except ValueError:
+        raise ValueError(
+            f"mptcp={value!r} is not a policy: use 'prefer', 'require' or 'off'"
+        ) from None
+
+
+def env_policy(role: Role) -> Policy:
+    """The process-wide default for sockets of this role, from $MPTCPKIT."""
+    raw = os.environ.get(ENV_VAR)
+    if raw is None or raw == "":
+        return Policy.PREFER
+    roles = _ENV_ROLES.get(raw.strip().lower())
+    if roles is None:
+        raise ValueError(f"{ENV_VAR}={raw!r} is not understood: use off, on, listen or dial")
+    return Policy.PREFER if role in roles else Policy.OFF
+
+
+def resolve(value: PolicyLike, role: Role) -> Policy:
+    """The policy for one call: the explicit argument, else the environment."""
+    explicit = as_policy(value)
+    return explicit if explicit is not None else env_policy(role)

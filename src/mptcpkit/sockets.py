@@ -1,0 +1,212 @@
+"""MPTCP-first sockets with the stdlib's names and signatures.
+
+`socket()`, `create_connection()` and `create_server()` behave like the `socket`
+module's, but make MPTCP sockets according to a policy (see `mptcpkit.policy`).
+Unlike Go, a connect error is never retried over TCP: TCP would get the same error.
+Only a failure to *create* the MPTCP socket falls back.
+"""
+
+from __future__ import annotations
+
+import socket as _socket
+from typing import Any
+
+from mptcpkit.abi.constants import IPPROTO_MPTCP, IPPROTO_TCP
+from mptcpkit.downgrade import retry_after_downgrade
+from mptcpkit.errors import MPTCPUnavailableError
+from mptcpkit.policy import Policy, PolicyLike, resolve
+from mptcpkit.status import record_note
+from mptcpkit.support import describe_creation_error
+
+_GLOBAL_DEFAULT_TIMEOUT: Any = _socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
+_INET = (_socket.AF_INET, _socket.AF_INET6)
+_STREAM_PROTOCOLS = (0, IPPROTO_TCP)
+
+
+class Socket(_socket.socket):
+    """A `socket.socket` that remembers its MPTCP policy.
+
+    `setsockopt()` turns the socket into plain TCP, in place, when an option MPTCP
+    rejects (TCP_MD5SIG, TCP_REPAIR, ...) is set while that is still possible; see
+    `mptcpkit.downgrade`. `accept()` returns `Socket`s too.
+    """
+
+    __slots__ = ("mptcp_policy",)
+
+    def __init__(
+        self,
+        family: int = -1,
+        type: int = -1,
+        proto: int = -1,
+        fileno: int | None = None,
+        *,
+        policy: Policy = Policy.PREFER,
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        self.mptcp_policy = policy
+
+    def setsockopt(self, level: int, optname: int, *args: Any) -> None:
+        try:
+            super().setsockopt(level, optname, *args)
+        except OSError as exc:
+            retry_after_downgrade(self, exc, level, optname, args, self.mptcp_policy)
+
+    def accept(self) -> tuple[Socket, Any]:
+        fd, addr = self._accept()  # type: ignore[attr-defined]
+        sock = Socket(self.family, self.type, self.proto, fileno=fd, policy=self.mptcp_policy)
+        if _socket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        return sock, addr
+
+
+def is_tcp_request(family: int, type: int, proto: int) -> bool:
+    """Is this a socket() call that MPTCP can stand in for?"""
+    return family in _INET and (type & 0xF) == _socket.SOCK_STREAM and proto in _STREAM_PROTOCOLS
+
+
+def open_stream(family: int, type: int, policy: Policy) -> Socket:
+    """A stream socket of `family` made by `policy`: the one place policies act."""
+    if policy is Policy.OFF:
+        return Socket(family, type, IPPROTO_TCP, policy=policy)
+    try:
+        return Socket(family, type, IPPROTO_MPTCP, policy=policy)
+    except OSError as exc:
+        err = exc.errno or 0
+        if policy is Policy.REQUIRE:
+            raise MPTCPUnavailableError(
+                err, describe_creation_error(err) + "; use mptcp='prefer' to fall back to TCP"
+            ) from exc
+        sock = Socket(family, type, IPPROTO_TCP, policy=policy)
+        record_note(sock, describe_creation_error(err))
+        return sock
+
+
+def socket(
+    family: int = _socket.AF_INET,
+    type: int = _socket.SOCK_STREAM,
+    proto: int = 0,
+    fileno: int | None = None,
+    *,
+    mptcp: PolicyLike = None,
+) -> Socket:
+    """Like `socket.socket()`, but TCP requests become MPTCP by policy.
+
+    `proto=IPPROTO_MPTCP` asks for MPTCP explicitly and means mptcp="require" unless
+    `mptcp=` says otherwise. Non-TCP sockets are made as asked.
+    """
+    if fileno is not None:
+        return Socket(family, type, proto, fileno, policy=resolve(mptcp, "socket"))
+    if proto == IPPROTO_MPTCP and family in _INET:
+        return open_stream(
+            family, type, resolve(mptcp if mptcp is not None else "require", "socket")
+        )
+    if not is_tcp_request(family, type, proto):
+        return Socket(family, type, proto, policy=Policy.OFF)
+    return open_stream(family, type, resolve(mptcp, "socket"))
+
+
+def _numeric(host: str, port: int) -> list[tuple[int, tuple[Any, ...]]] | None:
+    """getaddrinfo's answer for an IP literal, without calling it."""
+    for family in _INET:
+        try:
+            _socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return [(family, (host, port) if family == _socket.AF_INET else (host, port, 0, 0))]
+    return None
+
+
+def resolve_stream(
+    host: str | None, port: int | str | None, family: int = 0, flags: int = 0
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """(family, sockaddr) pairs for a TCP endpoint; IP literals skip getaddrinfo."""
+    if host and isinstance(port, int) and not flags:
+        found = _numeric(host, port)
+        if found is not None and (not family or found[0][0] == family):
+            return found
+    infos = _socket.getaddrinfo(host, port, family, _socket.SOCK_STREAM, 0, flags)
+    return [(info[0], info[4]) for info in infos]
+
+
+def create_connection(
+    address: tuple[str, int],
+    timeout: float | None = _GLOBAL_DEFAULT_TIMEOUT,
+    source_address: tuple[str, int] | None = None,
+    *,
+    all_errors: bool = False,
+    mptcp: PolicyLike = None,
+    family: int = 0,
+) -> Socket:
+    """Like `socket.create_connection()`, over MPTCP by policy ("dial" role)."""
+    host, port = address
+    policy = resolve(mptcp, "dial")
+    errors: list[OSError] = []
+    for af, sockaddr in resolve_stream(host, port, family):
+        sock = None
+        try:
+            sock = open_stream(af, _socket.SOCK_STREAM, policy)
+            if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except MPTCPUnavailableError:
+            raise
+        except OSError as exc:
+            if not all_errors:
+                errors.clear()
+            errors.append(exc)
+            if sock is not None:
+                sock.close()
+    if not errors:
+        raise OSError(f"getaddrinfo returned no addresses for {host!r}")
+    if all_errors:
+        raise ExceptionGroup("create_connection failed", errors)
+    try:
+        raise errors[0]
+    finally:
+        errors.clear()
+
+
+def create_server(
+    address: tuple[str, int] | tuple[str, int, int, int],
+    *,
+    family: int = _socket.AF_INET,
+    backlog: int | None = None,
+    reuse_port: bool = False,
+    dualstack_ipv6: bool = False,
+    mptcp: PolicyLike = None,
+) -> Socket:
+    """Like `socket.create_server()`, over MPTCP by policy ("listen" role)."""
+    if reuse_port and not hasattr(_socket, "SO_REUSEPORT"):
+        raise ValueError("SO_REUSEPORT not supported on this platform")
+    if dualstack_ipv6:
+        if not _socket.has_dualstack_ipv6():
+            raise ValueError("dualstack_ipv6 not supported on this platform")
+        if family != _socket.AF_INET6:
+            raise ValueError("dualstack_ipv6 requires AF_INET6 family")
+    sock = open_stream(family, _socket.SOCK_STREAM, resolve(mptcp, "listen"))
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
+        if family == _socket.AF_INET6:
+            sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0 if dualstack_ipv6 else 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise OSError(
+                err.errno, f"{err.strerror} (while attempting to bind on address {address!r})"
+            ) from None
+        if backlog is None:
+            sock.listen()
+        else:
+            sock.listen(backlog)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+__all__ = ["Socket", "create_connection", "create_server", "open_stream", "socket"]

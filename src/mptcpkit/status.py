@@ -1,0 +1,102 @@
+"""Is this socket really using MPTCP? (Go's `TCPConn.MultipathTCP()`, for all sockets.)
+
+Never trust `sock.proto`: it echoes the constructor's argument. On 5.16+ the kernel
+answers getsockopt(SOL_MPTCP, MPTCP_INFO) only for live MPTCP sockets and fails with
+EOPNOTSUPP (IPv4) or ENOPROTOOPT (IPv6) after a fallback; SO_PROTOCOL then says whether
+MPTCP was asked for. Before 5.16 only SO_PROTOCOL is there.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import socket
+import weakref
+from dataclasses import dataclass
+from typing import Protocol
+
+from mptcpkit._libc import getsockopt_inout
+from mptcpkit.abi import constants as c
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+SocketLike = HasFileno | int
+
+
+class State(enum.Enum):
+    MPTCP = "MPTCP"  # an MPTCP socket (listener, unconnected or connected and not fallen back)
+    FALLBACK = "fallback"  # MPTCP was asked for, the connection fell back to TCP
+    TCP = "TCP"  # a plain TCP socket
+
+
+@dataclass(frozen=True, slots=True)
+class SocketStatus:
+    """`state`, and `reason` when mptcpkit knows why a socket is not MPTCP."""
+
+    state: State
+    reason: str | None = None
+
+    @property
+    def is_mptcp(self) -> bool:
+        return self.state is State.MPTCP
+
+    def __str__(self) -> str:
+        return self.state.value
+
+
+_MPTCP = SocketStatus(State.MPTCP)
+_FALLBACK = SocketStatus(State.FALLBACK)
+_TCP = SocketStatus(State.TCP)
+
+# Why mptcpkit made a socket plain TCP (creation fallback, TCP-only option), per object.
+_notes: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+
+def record_note(sock: object, reason: str) -> None:
+    _notes[sock] = reason
+
+
+def _kernel_has_sol_mptcp() -> bool:
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (5, 16)
+
+
+_HAS_SOL_MPTCP = _kernel_has_sol_mptcp()
+_FALLBACK_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT})
+
+
+def status(sock: SocketLike) -> SocketStatus:
+    """MPTCP, fallback or TCP, for client, accepted and listening sockets alike."""
+    if _HAS_SOL_MPTCP:
+        try:
+            _getsockopt_int(sock, c.SOL_MPTCP, c.MPTCP_INFO)
+            return _MPTCP
+        except OSError as exc:
+            if exc.errno not in _FALLBACK_ERRNOS:
+                raise
+    protocol = _getsockopt_int(sock, c.SOL_SOCKET, c.SO_PROTOCOL)
+    if protocol == c.IPPROTO_MPTCP:
+        return _FALLBACK if _HAS_SOL_MPTCP else _MPTCP
+    if protocol != c.IPPROTO_TCP:
+        raise ValueError(f"status() needs a TCP or MPTCP socket; this one has protocol {protocol}")
+    note = _notes.get(sock) if not isinstance(sock, int) else None
+    return SocketStatus(State.TCP, note) if note else _TCP
+
+
+def protocol(sock: SocketLike) -> int:
+    """SO_PROTOCOL: what the kernel made (262 for MPTCP, 6 for TCP), unlike `sock.proto`."""
+    return _getsockopt_int(sock, c.SOL_SOCKET, c.SO_PROTOCOL)
+
+
+def _getsockopt_int(sock: SocketLike, level: int, optname: int) -> int:
+    if isinstance(sock, socket.socket):
+        return sock.getsockopt(level, optname)
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    return int.from_bytes(getsockopt_inout(fd, level, optname, b"", 4), "little")

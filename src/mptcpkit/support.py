@@ -1,0 +1,189 @@
+"""Can this host, in this network namespace, make MPTCP sockets, and which features?
+
+`net.mptcp.enabled` is per network namespace, so the probe is cached per namespace
+(keyed by the calling thread's netns inode): a thread that moves into another
+namespace gets a fresh answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+from mptcpkit._libc import getsockopt_inout
+from mptcpkit.abi import constants as c
+from mptcpkit.abi.mptcp_info import MPTCP_INFO_SIZE
+from mptcpkit.abi.subflow import FULL_INFO_HEADER_SIZE, encode_full_info
+
+
+class Unusable(enum.Enum):
+    """Why MPTCP sockets cannot be created."""
+
+    NOT_COMPILED = "the kernel was built without MPTCP (CONFIG_MPTCP)"
+    DISABLED = "disabled by net.mptcp.enabled=0 in this network namespace"
+    KERNEL_TOO_OLD = "the kernel is too old (MPTCP needs Linux 5.6)"
+    BLOCKED = "refused by a security policy (SELinux, seccomp or a BPF LSM)"
+
+
+def classify_creation_error(err: int) -> Unusable:
+    """What an errno from socket(..., IPPROTO_MPTCP) means (REFERENCE §1)."""
+    if err == errno.EPROTONOSUPPORT:
+        return Unusable.NOT_COMPILED
+    if err == errno.EINVAL:
+        return Unusable.KERNEL_TOO_OLD
+    if err == errno.ENOPROTOOPT:
+        return Unusable.DISABLED
+    return Unusable.BLOCKED
+
+
+def describe_creation_error(err: int) -> str:
+    name = errno.errorcode.get(err, str(err))
+    return f"MPTCP socket could not be created ({name}): {classify_creation_error(err).value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Support:
+    """What MPTCP can do here. `usable` is the answer; the rest says why and how much."""
+
+    usable: bool
+    reason: Unusable | None
+    errno: int | None
+    kernel: str
+    enabled_sysctl: int | None  # net.mptcp.enabled of this namespace, None if unreadable
+    sol_mptcp: bool  # getsockopt(SOL_MPTCP, MPTCP_INFO): 5.16+
+    full_info: bool  # MPTCP_FULL_INFO: 6.5+
+    tcp_is_mptcp: bool  # getsockopt(SOL_TCP, TCP_IS_MPTCP)
+    netns: int | None  # inode of the network namespace probed
+
+    @property
+    def detail(self) -> str:
+        if self.usable:
+            return "MPTCP sockets can be created"
+        assert self.reason is not None
+        name = errno.errorcode.get(self.errno or 0, str(self.errno))
+        return f"{self.reason.value} ({name})"
+
+
+_cache: dict[int | None, Support] = {}
+_lock = threading.Lock()
+
+
+def current_netns() -> int | None:
+    """The inode of the calling thread's network namespace (setns is per thread)."""
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def read_sysctl(name: str) -> str | None:
+    """A sysctl of the caller's network namespace, or None when it does not exist."""
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _probe_option(probe: socket.socket, level: int, optname: int, size: int) -> bool:
+    try:
+        probe.getsockopt(level, optname, size)
+    except OSError:
+        return False
+    return True
+
+
+def _probe_full_info(probe: socket.socket) -> bool:
+    request = encode_full_info(0, 0, 0, 0, 0)
+    try:
+        getsockopt_inout(
+            probe.fileno(),
+            c.SOL_MPTCP,
+            c.MPTCP_FULL_INFO,
+            request,
+            FULL_INFO_HEADER_SIZE + MPTCP_INFO_SIZE,
+        )
+    except OSError:
+        return False
+    return True
+
+
+def _probe() -> Support:
+    netns = current_netns()
+    enabled = read_sysctl("net.mptcp.enabled")
+    enabled_value = int(enabled) if enabled is not None and enabled.isdigit() else None
+    kernel = os.uname().release
+    family = socket.AF_INET if _has_ipv4() else socket.AF_INET6
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
+    except OSError as exc:
+        err = exc.errno or 0
+        return Support(
+            False,
+            classify_creation_error(err),
+            err,
+            kernel,
+            enabled_value,
+            False,
+            False,
+            False,
+            netns,
+        )
+    with probe:
+        return Support(
+            usable=True,
+            reason=None,
+            errno=None,
+            kernel=kernel,
+            enabled_sysctl=enabled_value,
+            sol_mptcp=_probe_option(probe, c.SOL_MPTCP, c.MPTCP_INFO, MPTCP_INFO_SIZE),
+            full_info=_probe_full_info(probe),
+            tcp_is_mptcp=_probe_option(probe, c.SOL_TCP, c.TCP_IS_MPTCP, 4),
+            netns=netns,
+        )
+
+
+def _has_ipv4() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def support(*, refresh: bool = False) -> Support:
+    """The probe's answer for the calling thread's network namespace (cached)."""
+    netns = current_netns()
+    if not refresh:
+        found = _cache.get(netns)
+        if found is not None:
+            return found
+    result = _probe()
+    with _lock:
+        _cache[netns] = result
+    return result
+
+
+def available() -> bool:
+    """True when MPTCP sockets can be created in the caller's network namespace."""
+    return support().usable
+
+
+def tcp_md5sig_available() -> bool:
+    """Can sockets made by mptcpkit use TCP_MD5SIG? (Go issue 74643's probe, answered
+    right: it asks a plain TCP socket, which is what mptcpkit turns a socket into when
+    the option is set, so the MPTCP default does not change the answer.)"""
+    from mptcpkit.abi.md5sig import encode_tcp_md5sig
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, c.IPPROTO_TCP) as probe:
+        try:
+            probe.setsockopt(c.SOL_TCP, c.TCP_MD5SIG, encode_tcp_md5sig("127.0.0.1", b"probe"))
+        except OSError as exc:
+            if exc.errno in (errno.ENOPROTOOPT, errno.ENOENT, errno.EOPNOTSUPP):
+                return False
+            raise
+    return True
