@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from mptcpkit.cli.errors import CLIError
 
 # Subcommand modules, in the order `mptcpkit --help` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("mptcpkit.cli.check",)
+SUBCOMMANDS: tuple[str, ...] = (
+    "mptcpkit.cli.check",
+    "mptcpkit.cli.proxy",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

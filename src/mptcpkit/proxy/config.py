@@ -250,6 +250,8 @@ def _address(r: _Reader, key: str, text: object, *, server: bool) -> Address:
     if addr.protocol not in ("tcp", "mptcp", "unix"):
         raise r.error(key, f"bad address {text!r}: protocol {addr.protocol!r} cannot carry a stream")
     if addr.protocol != "unix":
+        if addr.port is None:
+            raise r.error(key, f"bad address {text!r}: a port is needed, as in {text}:8443")
         if server and addr.port_end != addr.port:
             raise r.error(key, f"bad address {text!r}: a server takes one port, not a range")
         if server and (not addr.host or addr.port == 0):

@@ -49,6 +49,31 @@ def address_text(sock: socket.socket, protocol: str) -> str:
     return f"{protocol}@[{host}]:{port}" if ":" in host else f"{protocol}@{host}:{port}"
 
 
+def _unix_server(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path.startswith("@"):
+            s.bind("\0" + path[1:])
+        else:
+            if os.path.exists(path) and not _listening(path):
+                os.unlink(path)  # a stale socket file from an earlier run
+            s.bind(path)
+        s.listen(BACKLOG)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def resolve_ids(cfg: Config) -> tuple[int | None, int | None]:
     """(uid, gid) to switch to after binding; ConfigError for unknown names."""
     g = cfg.global_
@@ -108,7 +133,10 @@ class ListenerPool:
     @staticmethod
     def _create(cfg: Config, key: str, addr: Any, made: list[socket.socket]) -> list[socket.socket]:
         try:
-            socks: list[socket.socket] = addr.create_server(backlog=BACKLOG, reuse_port=addr.protocol != "unix")
+            if addr.protocol == "unix":
+                socks = [_unix_server(addr.path)]
+            else:
+                socks = list(addr.create_server(backlog=BACKLOG, reuse_port=True))
         except OSError as exc:
             raise ConfigError(cfg.source, key, f"cannot listen on {addr}: {exc.strerror or exc}") from None
         made.extend(socks)

@@ -130,8 +130,11 @@ class FrontendRuntime:
         self.mptcp_listener: dict[int, bool] = {}
         for ls in self.listeners:
             ls.setblocking(False)
+            if ls.family == socket.AF_UNIX:
+                self.mptcp_listener[ls.fileno()] = False
+                continue
             proto = ls.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-            self.mptcp_listener[ls.fileno()] = proto == mptcpkit_IPPROTO_MPTCP
+            self.mptcp_listener[ls.fileno()] = proto == mptcpkit.IPPROTO_MPTCP
 
     def start(self) -> None:
         for ls in self.listeners:
@@ -167,7 +170,7 @@ class FrontendRuntime:
                 self.pause()
                 return
             try:
-                csock, caddr = ls.accept()
+                fd, caddr = ls._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -179,6 +182,8 @@ class FrontendRuntime:
                     self.loop.call_later(0.1, self.resume)
                     return
                 raise
+            # A plain socket object: mptcpkit.Socket's Python-level accept() costs more.
+            csock = socket.socket(ls.family, ls.type, ls.proto, fd)
             if mptcp and not self.rt.uvloop:
                 try:
                     csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -223,9 +228,6 @@ class FrontendRuntime:
             self.resume()
         if self.rt.stopping and not self.rt.busy():
             self.rt.idle_event.set()
-
-
-mptcpkit_IPPROTO_MPTCP = 262
 
 
 class Runtime:
@@ -429,7 +431,4 @@ def _subflows(sock: Any) -> int:
         return 0
     if info is None:
         return 0
-    total = getattr(info, "subflows_total", None)
-    if total:
-        return int(total)
-    return int(getattr(info, "subflows", 0)) + 1
+    return info.subflow_count
