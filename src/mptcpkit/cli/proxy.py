@@ -14,8 +14,13 @@ __all__ = ["register"]
 class _Pair(argparse.Action):
     """Keeps --listen and --to in command-line order: each --to belongs to the last --listen."""
 
-    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        ns: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         pairs: list[tuple[str, list[str]]] = getattr(ns, "pairs", None) or []
         if self.dest == "listen":
             pairs.append((values, []))
@@ -37,13 +42,28 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--listen", metavar="ADDR", action=_Pair, dest="listen",
-                   help="address to accept on (repeatable), e.g. mptcp@:8443")
-    p.add_argument("--to", metavar="ADDR", action=_Pair, dest="to",
-                   help="server for the preceding --listen (repeatable), e.g. tcp@10.0.0.5:443")
-    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per core)")
-    p.add_argument("--metrics", metavar="ADDR",
-                   help='Prometheus endpoint for the quick form (default 127.0.0.1:9464, "" = off)')
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action=_Pair,
+        dest="listen",
+        help="address to accept on (repeatable), e.g. mptcp@:8443",
+    )
+    p.add_argument(
+        "--to",
+        metavar="ADDR",
+        action=_Pair,
+        dest="to",
+        help="server for the preceding --listen (repeatable), e.g. tcp@10.0.0.5:443",
+    )
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes (default: one per core)"
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help='Prometheus endpoint for the quick form (default 127.0.0.1:9464, "" = off)',
+    )
     p.add_argument("--check", action="store_true", help="validate the configuration and exit")
     p.set_defaults(func=run, pairs=None)
 
@@ -72,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
         if args.check:
             master.resolve_ids(cfg)
             n_srv = sum(len(b.servers) for b in cfg.backends.values())
-            print(f"{cfg.source}: OK: {len(cfg.frontends)} frontends, {len(cfg.backends)} "
-                  f"backends, {n_srv} servers")
+            print(
+                f"{cfg.source}: OK: {len(cfg.frontends)} frontends, {len(cfg.backends)} "
+                f"backends, {n_srv} servers"
+            )
             return 0
         path = args.config
         reload = (lambda: config.load(path)) if path else None
@@ -86,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m mptcpkit.cli.proxy ...`: this subcommand alone (used by tests and the demo)."""
-    from mptcpkit.cli import CLIError
+    from mptcpkit.cli.errors import CLIError
 
     parser = argparse.ArgumentParser(prog="mptcpkit")
     sub = parser.add_subparsers(dest="command", required=True)

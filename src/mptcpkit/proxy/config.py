@@ -189,7 +189,7 @@ class _Reader:
     def has(self, name: str) -> bool:
         return name in self.table
 
-    def int(self, name: str, default: int, lo: int = 0, hi: int = 1 << 31) -> int:
+    def get_int(self, name: str, default: int, lo: int = 0, hi: int = 1 << 31) -> int:
         v = self.table.get(name, default)
         if isinstance(v, bool) or not isinstance(v, int):
             raise self.error(name, f"expected an integer, got {_kind(v)}")
@@ -197,21 +197,21 @@ class _Reader:
             raise self.error(name, f"must be between {lo} and {hi}, got {v}")
         return v
 
-    def bool(self, name: str, default: bool) -> bool:
+    def get_bool(self, name: str, default: bool) -> bool:
         v = self.table.get(name, default)
         if not isinstance(v, bool):
             raise self.error(name, f"expected true or false, got {_kind(v)}")
         return v
 
-    def str(self, name: str, default: str | None) -> str | None:
+    def get_str(self, name: str, default: str | None) -> str | None:
         v = self.table.get(name, default)
         if v is not None and not isinstance(v, str):
             raise self.error(name, f"expected a string, got {_kind(v)}")
         return v
 
     def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
-        v = self.str(name, default)
-        if v not in choices:
+        v = self.get_str(name, default)
+        if v is None or v not in choices:
             raise self.error(name, f"must be one of {', '.join(choices)}, got {v!r}")
         return v
 
@@ -229,8 +229,14 @@ class _Reader:
 
 
 def _kind(v: object) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "a table"}.get(type(v), type(v).__name__) + f" ({v!r})"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(v), type(v).__name__) + f" ({v!r})"
 
 
 def _suggest(name: str, allowed: Iterable[str]) -> str:
@@ -248,7 +254,9 @@ def _address(r: _Reader, key: str, text: object, *, server: bool) -> Address:
     except ValueError as exc:
         raise r.error(key, f"bad address {text!r}: {exc}") from None
     if addr.protocol not in ("tcp", "mptcp", "unix"):
-        raise r.error(key, f"bad address {text!r}: protocol {addr.protocol!r} cannot carry a stream")
+        raise r.error(
+            key, f"bad address {text!r}: protocol {addr.protocol!r} cannot carry a stream"
+        )
     if addr.protocol != "unix":
         if addr.port is None:
             raise r.error(key, f"bad address {text!r}: a port is needed, as in {text}:8443")
@@ -265,7 +273,7 @@ def _address(r: _Reader, key: str, text: object, *, server: bool) -> Address:
 def _global(r: _Reader) -> GlobalSettings:
     r.only(("workers", "log", "log-format", "metrics", "user", "group", "stop-timeout"))
     cpus = os.cpu_count() or 1
-    metrics_text = r.str("metrics", DEFAULT_METRICS)
+    metrics_text = r.get_str("metrics", DEFAULT_METRICS)
     metrics = None
     if metrics_text:
         metrics = _address(r, "metrics", metrics_text, server=False)
@@ -274,12 +282,12 @@ def _global(r: _Reader) -> GlobalSettings:
     stop = r.duration("stop-timeout", 10.0)
     assert stop is not None
     return GlobalSettings(
-        workers=r.int("workers", cpus, 1, 256),
-        log=r.str("log", "stderr") or "none",
+        workers=r.get_int("workers", cpus, 1, 256),
+        log=r.get_str("log", "stderr") or "none",
         log_format=r.choice("log-format", "text", LOG_FORMATS),
         metrics=metrics,
-        user=r.str("user", None),
-        group=r.str("group", None),
+        user=r.get_str("user", None),
+        group=r.get_str("group", None),
         stop_timeout=stop,
     )
 
@@ -311,16 +319,16 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         _address(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b, server=False)
         for i, b in enumerate(binds_raw)
     )
-    backend = r.str("backend", None)
+    backend = r.get_str("backend", None)
     if not backend:
         raise r.error("backend", "missing: which backend gets this frontend's connections?")
     return Frontend(
         name=name,
         binds=binds,
         backend=backend,
-        maxconn=r.int("maxconn", 10000, 1, 10_000_000),
+        maxconn=r.get_int("maxconn", 10000, 1, 10_000_000),
         timeouts=_timeouts(r.sub("timeout")),
-        accept_proxy=r.bool("accept-proxy", False),
+        accept_proxy=r.get_bool("accept-proxy", False),
     )
 
 
@@ -350,8 +358,8 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
     return Server(
         name=name,
         address=addr,
-        weight=r.int("weight", 1, 0, 256),
-        backup=r.bool("backup", False),
+        weight=r.get_int("weight", 1, 0, 256),
+        backup=r.get_bool("backup", False),
         send_proxy=_send_proxy(r),
         policy=policy,
     )
@@ -373,15 +381,18 @@ def _check(r: _Reader) -> HealthCheck | None:
         raise c.error("interval", "must be > 0")
     if timeout <= 0:
         raise c.error("timeout", "must be > 0")
-    return HealthCheck(interval, c.int("rise", d.rise, 1, 100), c.int("fall", d.fall, 1, 100), timeout)
+    return HealthCheck(
+        interval, c.get_int("rise", d.rise, 1, 100), c.get_int("fall", d.fall, 1, 100), timeout
+    )
 
 
 def _backend(r: _Reader, name: str) -> Backend:
     r.only(("server", "balance", "retries", "check"))
     servers_table = r.table.get("server")
     if not isinstance(servers_table, dict) or not servers_table:
-        raise r.error("server", "missing: a backend needs at least one server "
-                      "(server.NAME = \"tcp@host:port\")")
+        raise r.error(
+            "server", 'missing: a backend needs at least one server (server.NAME = "tcp@host:port")'
+        )
     servers = []
     for sname, raw in servers_table.items():
         if not _NAME.match(sname):
@@ -393,7 +404,7 @@ def _backend(r: _Reader, name: str) -> Backend:
         name=name,
         servers=tuple(servers),
         balance=r.choice("balance", "roundrobin", BALANCE_ALGORITHMS),
-        retries=r.int("retries", 2, 0, 100),
+        retries=r.get_int("retries", 2, 0, 100),
         check=_check(r),
     )
 
@@ -406,7 +417,9 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     fr = top.sub("frontend")
     br = top.sub("backend")
     if not fr.table:
-        raise ConfigError(source, "frontend", "missing: no [frontend.NAME] section, nothing to listen on")
+        raise ConfigError(
+            source, "frontend", "missing: no [frontend.NAME] section, nothing to listen on"
+        )
     backends: dict[str, Backend] = {}
     for name in br.table:
         if not _NAME.match(name):

@@ -120,14 +120,19 @@ class ListenerPool:
                         if got is None:
                             got = [self._sibling(cfg, key_name, addr, s, made) for s in first]
                         new[(text, w)] = got
-                    lines.extend(f"frontend {f.name} listening on {address_text(s, addr.protocol)}" for s in first)
+                    lines.extend(
+                        f"frontend {f.name} listening on {address_text(s, addr.protocol)}"
+                        for s in first
+                    )
         except BaseException:
             for s in made:
                 s.close()
             raise
         return new, lines
 
-    def _get(self, text: str, w: int, new: dict[_Key, list[socket.socket]]) -> list[socket.socket] | None:
+    def _get(
+        self, text: str, w: int, new: dict[_Key, list[socket.socket]]
+    ) -> list[socket.socket] | None:
         return new.get((text, w)) or self.socks.get((text, w))
 
     @staticmethod
@@ -138,19 +143,29 @@ class ListenerPool:
             else:
                 socks = list(addr.create_server(backlog=BACKLOG, reuse_port=True))
         except OSError as exc:
-            raise ConfigError(cfg.source, key, f"cannot listen on {addr}: {exc.strerror or exc}") from None
+            raise ConfigError(
+                cfg.source, key, f"cannot listen on {addr}: {exc.strerror or exc}"
+            ) from None
         made.extend(socks)
         return socks
 
     @staticmethod
-    def _sibling(cfg: Config, key: str, addr: Any, first: socket.socket, made: list[socket.socket]) -> socket.socket:
+    def _sibling(
+        cfg: Config, key: str, addr: Any, first: socket.socket, made: list[socket.socket]
+    ) -> socket.socket:
         host, port = first.getsockname()[:2]
         try:
             s = mptcpkit.create_server(
-                (host, port), family=first.family, backlog=BACKLOG, reuse_port=True, mptcp=addr.policy
+                (host, port),
+                family=first.family,
+                backlog=BACKLOG,
+                reuse_port=True,
+                mptcp=addr.policy,
             )
         except OSError as exc:
-            raise ConfigError(cfg.source, key, f"cannot listen on {addr}: {exc.strerror or exc}") from None
+            raise ConfigError(
+                cfg.source, key, f"cannot listen on {addr}: {exc.strerror or exc}"
+            ) from None
         made.append(s)
         return s
 
@@ -187,8 +202,11 @@ class Master:
         self.cfg = cfg
         self.reload_fn = reload
         self.pool = ListenerPool()
-        self.log = EventLog(cfg.global_.log if cfg.global_.log != "none" else "stderr", cfg.global_.log_format,
-                            prefix="master: ")
+        self.log = EventLog(
+            cfg.global_.log if cfg.global_.log != "none" else "stderr",
+            cfg.global_.log_format,
+            prefix="master: ",
+        )
         self.workers: dict[int, int] = {}  # pid -> slot
         self.old: set[int] = set()
         self.ids: tuple[int | None, int | None] = (None, None)
@@ -207,12 +225,15 @@ class Master:
         if m is not None:
             self.metrics_dir = metrics_mod.prepare()
             try:
-                self.metrics_server, port = metrics_mod.serve(m.host or "127.0.0.1", m.port)
+                self.metrics_server, port = metrics_mod.serve(m.host or "127.0.0.1", m.port or 0)
             except OSError as exc:
                 self.pool.close()
                 metrics_mod.cleanup(self.metrics_dir)
-                raise ConfigError(self.cfg.source, "global.metrics",
-                                  f"cannot listen on {m}: {exc.strerror or exc}") from None
+                raise ConfigError(
+                    self.cfg.source,
+                    "global.metrics",
+                    f"cannot listen on {m}: {exc.strerror or exc}",
+                ) from None
             host = m.host or "127.0.0.1"
             lines.append(f"metrics on http://{host}:{port}/metrics")
         for line in lines:
@@ -250,7 +271,9 @@ class Master:
             self.start()
             for slot in range(self.cfg.global_.workers):
                 self._spawn(slot)
-            self.log.event(f"ready: {self.cfg.global_.workers} workers, pid {os.getpid()}", now=True)
+            self.log.event(
+                f"ready: {self.cfg.global_.workers} workers, pid {os.getpid()}", now=True
+            )
             return self._loop()
         finally:
             self.pool.close()
@@ -295,8 +318,10 @@ class Master:
             slot = self.workers.pop(pid, None)
             if slot is not None:
                 code = os.waitstatus_to_exitcode(status)
-                self.log.event(f"worker {slot} (pid {pid}) exited unexpectedly ({code}); restarting in 1s",
-                               now=True)
+                self.log.event(
+                    f"worker {slot} (pid {pid}) exited unexpectedly ({code}); restarting in 1s",
+                    now=True,
+                )
                 respawn_at[slot] = time.monotonic() + 1.0
 
     def _reload(self) -> None:
@@ -306,9 +331,12 @@ class Master:
         try:
             cfg = self.reload_fn()
             if cfg.global_.metrics != self.cfg.global_.metrics:
-                cfg = dataclasses.replace(cfg, global_=dataclasses.replace(
-                    cfg.global_, metrics=self.cfg.global_.metrics))
-                self.log.event("reload: global.metrics changes need a restart; keeping the old address")
+                cfg = dataclasses.replace(
+                    cfg, global_=dataclasses.replace(cfg.global_, metrics=self.cfg.global_.metrics)
+                )
+                self.log.event(
+                    "reload: global.metrics changes need a restart; keeping the old address"
+                )
             ids = resolve_ids(cfg)
             new, lines = self.pool.bind(cfg, cfg.global_.workers)
         except ConfigError as exc:
@@ -331,13 +359,18 @@ class Master:
                 os.kill(pid, signal.SIGUSR1)
         for line in lines:
             self.log.event(line)
-        self.log.event(f"reloaded {cfg.source}: {cfg.global_.workers} new workers, "
-                       f"{len(old)} old ones finishing their connections", now=True)
+        self.log.event(
+            f"reloaded {cfg.source}: {cfg.global_.workers} new workers, "
+            f"{len(old)} old ones finishing their connections",
+            now=True,
+        )
 
     def _stop(self) -> int:
         pids = set(self.workers) | self.old
-        self.log.event(f"stopping: draining {len(pids)} workers (up to "
-                       f"{self.cfg.global_.stop_timeout:g}s)", now=True)
+        self.log.event(
+            f"stopping: draining {len(pids)} workers (up to {self.cfg.global_.stop_timeout:g}s)",
+            now=True,
+        )
         self.pool.close()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

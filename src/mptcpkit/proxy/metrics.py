@@ -38,7 +38,7 @@ def cleanup(path: str) -> None:
 def worker_exited(pid: int) -> None:
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def serve(host: str, port: int) -> tuple[Any, int]:
@@ -46,7 +46,7 @@ def serve(host: str, port: int) -> tuple[Any, int]:
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
     return server, server.server_address[1]
 

@@ -146,7 +146,8 @@ def _parse_v2(buf: bytes) -> tuple[ProxyHeader, int] | None:
     elif family == socket.AF_INET6:
         offset = _need(body, _V2_INET6.size, "IPv6")
         s, d, sp, dp = _V2_INET6.unpack_from(body)
-        src, dst = (socket.inet_ntop(family, s), sp), (socket.inet_ntop(family, d), dp)
+        # ipaddress, not inet_ntop: glibc writes ::1:0 as ::0.1.0.0
+        src, dst = (str(ipaddress.IPv6Address(s)), sp), (str(ipaddress.IPv6Address(d)), dp)
     elif family == socket.AF_UNIX:
         offset = _need(body, _V2_UNIX.size, "unix")
         s, d = _V2_UNIX.unpack_from(body)
@@ -196,7 +197,9 @@ def build_v1(source: Endpoint, destination: Endpoint) -> bytes:
     return f"PROXY {proto} {src} {dst} {source[1]} {destination[1]}\r\n".encode("ascii")
 
 
-def _unmap(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _unmap(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip

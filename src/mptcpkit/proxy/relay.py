@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
     from mptcpkit.proxy.runtime import BackendRuntime, FrontendRuntime
 
-__all__ = ["Conn", "HIGH_WATER", "LOW_WATER"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "Conn"]
 
 # Write-buffer marks per leg: large enough for bulk throughput, small enough that
 # 10k connections cannot run the proxy out of memory.
@@ -67,12 +67,12 @@ class _Upstream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.c.ct is not None:
-            self.c.ct.pause_reading()  # type: ignore[attr-defined]
+            self.c.ct.pause_reading()
 
     def resume_writing(self) -> None:
         c = self.c
         if c.ct is not None and not c.c_eof and not c.ct.is_closing():
-            c.ct.resume_reading()  # type: ignore[attr-defined]
+            c.ct.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         c = self.c
@@ -95,13 +95,13 @@ class Conn(asyncio.Protocol):
         "c_info",
         "c_lost",
         "c_req",
-        "done",
         "caddr",
         "csock",
         "ct",
+        "done",
         "fe",
-        "how",
         "hdr",
+        "how",
         "idle",
         "pending",
         "pending_size",
@@ -169,7 +169,7 @@ class Conn(asyncio.Protocol):
         self.pending.append(data)
         self.pending_size += len(data)
         if self.pending_size > PENDING_LIMIT and self.ct is not None:
-            self.ct.pause_reading()  # type: ignore[attr-defined]
+            self.ct.pause_reading()
 
     def _proxy_header(self, data: bytes) -> None:
         hdr = self.hdr
@@ -212,12 +212,12 @@ class Conn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.st is not None:
-            self.st.pause_reading()  # type: ignore[attr-defined]
+            self.st.pause_reading()
 
     def resume_writing(self) -> None:
         st = self.st
         if st is not None and not self.s_eof and not st.is_closing():
-            st.resume_reading()  # type: ignore[attr-defined]
+            st.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.c_lost = True
@@ -334,13 +334,15 @@ class Conn(asyncio.Protocol):
             transport.close()
             return
         if state.server.send_proxy:
-            transport.write(proxyproto.build(state.server.send_proxy, self.caddr, fe.local_of(self)))
+            transport.write(
+                proxyproto.build(state.server.send_proxy, self.caddr, fe.local_of(self))
+            )
         pending = self.pending
         self.pending = None
         if pending:
             transport.writelines(pending)
             if self.pending_size > PENDING_LIMIT and self.ct is not None and not self.c_eof:
-                self.ct.resume_reading()  # type: ignore[attr-defined]
+                self.ct.resume_reading()
         if self.c_eof:
             self.shut(transport)
 

@@ -9,6 +9,7 @@ or drain can stop listening without touching established connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -62,7 +63,7 @@ class BackendRuntime:
                 tr, _ = await loop.create_connection(
                     lambda: protocol, sockaddr[0], sockaddr[1], family=family
                 )
-            return None, tr  # type: ignore[return-value]
+            return None, tr
         sock = await connect_socket(family, sockaddr, policy, timeout, loop)
         try:
             if not self.rt.uvloop and family != socket.AF_UNIX:
@@ -71,7 +72,7 @@ class BackendRuntime:
         except BaseException:
             sock.close()
             raise
-        return sock, tr  # type: ignore[return-value]
+        return sock, tr
 
 
 async def connect_socket(
@@ -117,7 +118,11 @@ class FrontendRuntime:
     """A frontend's listening sockets, its live connections and its maxconn gate."""
 
     def __init__(
-        self, cfg: Frontend, listeners: Sequence[socket.socket], backend: BackendRuntime, rt: Runtime
+        self,
+        cfg: Frontend,
+        listeners: Sequence[socket.socket],
+        backend: BackendRuntime,
+        rt: Runtime,
     ) -> None:
         self.cfg = cfg
         self.rt = rt
@@ -177,7 +182,9 @@ class FrontendRuntime:
                 continue
             except OSError as exc:
                 if exc.errno in _RETRYABLE_ACCEPT:
-                    self.rt.log.event(f"frontend {self.cfg.name}: accept failed ({exc}), pausing 100ms")
+                    self.rt.log.event(
+                        f"frontend {self.cfg.name}: accept failed ({exc}), pausing 100ms"
+                    )
                     self.pause()
                     self.loop.call_later(0.1, self.resume)
                     return
@@ -185,10 +192,8 @@ class FrontendRuntime:
             # A plain socket object: mptcpkit.Socket's Python-level accept() costs more.
             csock = socket.socket(ls.family, ls.type, ls.proto, fd)
             if mptcp and not self.rt.uvloop:
-                try:
+                with contextlib.suppress(OSError):
                     csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
             conn = Conn(self, csock, caddr)
             conn.c_req = mptcp
             conns.add(conn)
@@ -280,7 +285,9 @@ class Runtime:
                     await self.idle_event.wait()
             except TimeoutError:
                 n = sum(len(fe.conns) for fe in self.frontends)
-                self.log.event(f"worker {self.worker}: stop deadline reached, closing {n} connections")
+                self.log.event(
+                    f"worker {self.worker}: stop deadline reached, closing {n} connections"
+                )
                 for fe in self.frontends:
                     for c in list(fe.conns):
                         c.abort("stopped (deadline)")
@@ -288,10 +295,8 @@ class Runtime:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await t
-            except asyncio.CancelledError:
-                pass
         if self.metrics is not None:
             self.metrics.flush(self)
         self.log.flush()
@@ -299,7 +304,9 @@ class Runtime:
     def stop(self, timeout: float | None) -> None:
         """Stop accepting; let connections finish, cutting them after `timeout` seconds."""
         if self.stopping:
-            if timeout is not None and (self.deadline is None or self.deadline > self.loop.time() + timeout):
+            if timeout is not None and (
+                self.deadline is None or self.deadline > self.loop.time() + timeout
+            ):
                 self.deadline = self.loop.time() + timeout
                 self.stop_event.set()
             return
@@ -389,7 +396,10 @@ class Runtime:
             self.log.flush()
 
     def _sample_subflows(self, conn: Conn) -> None:
-        for sock, info, lost in ((conn.csock, conn.c_info, conn.c_lost), (conn.ssock, conn.s_info, conn.st_lost)):
+        for sock, info, lost in (
+            (conn.csock, conn.c_info, conn.c_lost),
+            (conn.ssock, conn.s_info, conn.st_lost),
+        ):
             if sock is None or lost or info[0] in ("TCP", "fallback"):
                 continue
             if sock is conn.csock and not conn.c_req:
@@ -409,7 +419,9 @@ class Runtime:
                 if state.observe(err is None):
                     word = "UP" if state.up else "DOWN"
                     why = "check passed" if err is None else f"check failed: {err}"
-                    self.log.event(f"backend {be.cfg.name}: server {state.server.name} is {word} ({why})")
+                    self.log.event(
+                        f"backend {be.cfg.name}: server {state.server.name} is {word} ({why})"
+                    )
                 if self.metrics is not None:
                     self.metrics.server_health(be.cfg.name, state.server.name, state.up)
             await asyncio.sleep(check.interval)
