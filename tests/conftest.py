@@ -38,3 +38,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if IN_CI and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which is a failure: {report.longrepr}"
+
+pytest_plugins = ["mptcpkit.lab.pytest_plugin"]

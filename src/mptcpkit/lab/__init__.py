@@ -1,0 +1,47 @@
+"""mptcpkit.lab: small multipath networks in network namespaces, for tests and benchmarks.
+
+    from mptcpkit import lab
+    with lab.two_paths(paths=2, rate="50mbit") as net:
+        client, server = net.host("client"), net.host("server")
+        with server.enter():
+            listener = mptcpkit.create_server(("0.0.0.0", 0))
+        ...
+
+Everything the lab makes is named `<prefix><topology>-<id>-<host>` (prefix `mptk-`, or
+`$MPTCPKIT_LAB_PREFIX`) and removed when the `with` block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+from mptcpkit.lab.netns import (
+    DEFAULT_PREFIX,
+    PREFIX_ENV,
+    LabError,
+    default_prefix,
+    list_netns,
+    remove_all,
+)
+from mptcpkit.lab.topologies import gateway, two_paths
+from mptcpkit.lab.topology import Event, Host, Interface, Link, Process, Topology
+from mptcpkit.lab.units import format_rate, parse_duration, parse_rate, parse_size
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "PREFIX_ENV",
+    "Event",
+    "Host",
+    "Interface",
+    "LabError",
+    "Link",
+    "Process",
+    "Topology",
+    "default_prefix",
+    "format_rate",
+    "gateway",
+    "list_netns",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+    "remove_all",
+    "two_paths",
+]

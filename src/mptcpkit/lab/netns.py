@@ -1,0 +1,193 @@
+"""Named network namespaces: enter one from a thread, run tools in one, remove them by prefix.
+
+Python 3.11 has no `os.setns`, so entering goes through libc. `setns(CLONE_NEWNET)` changes
+only the calling thread, which is what lets a test make sockets inside a namespace while the
+rest of the process stays where it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Iterator, Sequence
+
+NETNS_RUN_DIR = "/var/run/netns"
+CLONE_NEWNET = 0x40000000
+DEFAULT_PREFIX = "mptk-"
+PREFIX_ENV = "MPTCPKIT_LAB_PREFIX"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LabError(RuntimeError):
+    """A lab operation failed; the message names the command, namespace and kernel's answer."""
+
+
+def default_prefix() -> str:
+    """The name prefix of everything the lab makes: `$MPTCPKIT_LAB_PREFIX`, else `mptk-`."""
+    prefix = os.environ.get(PREFIX_ENV, "") or DEFAULT_PREFIX
+    check_prefix(prefix)
+    return prefix
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse prefixes that could match namespaces the lab did not make (or none at all)."""
+    if not prefix or "/" in prefix or prefix in (".", "..") or len(prefix) > 200:
+        raise ValueError(f"lab prefix {prefix!r}: must be a non-empty file name such as 'mptk-'")
+
+
+def setns(fd: int) -> None:
+    """Move the calling thread into the network namespace open at `fd`."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered(netns: str) -> Iterator[None]:
+    """Run the block with this thread inside `netns`; the thread's own netns comes back after.
+
+    Sockets made inside the block stay in `netns` for their whole life.
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            target = os.open(os.path.join(NETNS_RUN_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise LabError(f"network namespace {netns!r} does not exist") from None
+        try:
+            setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            setns(own)
+    finally:
+        os.close(own)
+
+
+def run_tool(
+    argv: Sequence[str],
+    *,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = 60.0,
+    what: str = "",
+) -> subprocess.CompletedProcess[str]:
+    """Run an iproute2/sysctl tool; a failure becomes a LabError quoting its stderr."""
+    try:
+        proc = subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise LabError(f"{argv[0]} not found: the lab needs iproute2 (ip, tc)") from exc
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().replace("\n", "; ")
+        where = f" ({what})" if what else ""
+        raise LabError(f"{' '.join(argv)}{where} failed: {detail or f'exit {proc.returncode}'}")
+    return proc
+
+
+def list_netns(prefix: str = "") -> list[str]:
+    """Names of the named network namespaces starting with `prefix`."""
+    try:
+        names = os.listdir(NETNS_RUN_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def netns_pids(netns: str) -> list[int]:
+    """Processes whose network namespace is `netns` (what `ip netns pids` prints)."""
+    proc = run_tool(["ip", "netns", "pids", netns], check=False)
+    return [int(p) for p in proc.stdout.split() if p.isdigit()]
+
+
+def kill_netns_processes(netns: str) -> None:
+    """SIGKILL everything still living in `netns`, so deleting it really frees it."""
+    for pid in netns_pids(netns):
+        if pid == os.getpid():
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def delete_links(netns: str) -> None:
+    """Delete the veth devices in `netns` (their peers go with them).
+
+    A socket still open inside a deleted namespace keeps it alive anonymously; deleting the
+    devices first means no veth outlives the lab even then.
+    """
+    proc = run_tool(["ip", "-n", netns, "-o", "link", "show", "type", "veth"], check=False)
+    names = []
+    for line in proc.stdout.splitlines():
+        parts = line.split(":")
+        if len(parts) > 2:
+            names.append(parts[1].strip().split("@")[0])
+    if names:
+        run_tool(
+            ["ip", "-n", netns, "-force", "-batch", "-"],
+            input="".join(f"link del dev {n}\n" for n in names),
+            check=False,
+        )
+
+
+def delete_netns(netns: str) -> None:
+    """Remove `netns` and everything in it; a namespace already gone is not an error."""
+    if not os.path.exists(os.path.join(NETNS_RUN_DIR, netns)):
+        return
+    kill_netns_processes(netns)
+    delete_links(netns)
+    proc = run_tool(["ip", "netns", "delete", netns], check=False)
+    if proc.returncode != 0 and os.path.exists(os.path.join(NETNS_RUN_DIR, netns)):
+        raise LabError(f"ip netns delete {netns} failed: {proc.stderr.strip()}")
+
+
+def remove_all(prefix: str) -> list[str]:
+    """Remove every namespace whose name starts with `prefix`; returns the names removed.
+
+    This is `mptcpkit lab down`: the way back after a crash that skipped the normal cleanup.
+    """
+    check_prefix(prefix)
+    removed = []
+    errors = []
+    for name in list_netns(prefix):
+        try:
+            delete_netns(name)
+        except LabError as exc:
+            errors.append(str(exc))
+        else:
+            removed.append(name)
+    if errors:
+        raise LabError("; ".join(errors))
+    return removed
+
+
+def is_root() -> bool:
+    """Whether this process may make namespaces (root, or CAP_SYS_ADMIN+CAP_NET_ADMIN)."""
+    return os.geteuid() == 0
+
+
+__all__ = [
+    "CLONE_NEWNET",
+    "DEFAULT_PREFIX",
+    "PREFIX_ENV",
+    "LabError",
+    "default_prefix",
+    "delete_netns",
+    "entered",
+    "is_root",
+    "list_netns",
+    "remove_all",
+    "run_tool",
+    "setns",
+]

@@ -1,0 +1,136 @@
+"""The ready-made topologies: `two_paths` (N parallel links) and `gateway` (via a proxy).
+
+Both come configured for MPTCP out of the box: limits raised on every host and, by
+default, a `subflow` endpoint on the client for every extra link, bound to its device, so
+an MPTCP connection to the server's first address opens one subflow per link.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mptcpkit.lab.topology import (
+    _RULE_PREF_BASE,
+    _TABLE_BASE,
+    ENDPOINT_FLAGS,
+    Host,
+    Link,
+    Topology,
+)
+
+ENDPOINT_MODES = ("subflow", "fullmesh", "signal", "none")
+_MAX_LIMIT = 8  # the kernel's MPTCP_PM_ADDR_MAX for both limits
+
+
+def _check_paths(paths: int) -> None:
+    if isinstance(paths, bool) or not isinstance(paths, int) or not 1 <= paths <= 8:
+        raise ValueError(f"paths={paths!r}: expected an integer from 1 to 8")
+
+
+def _check_endpoints(endpoints: str | None) -> str:
+    mode = endpoints or "none"
+    if mode not in ENDPOINT_MODES:
+        raise ValueError(f"endpoints={endpoints!r}: expected one of {', '.join(ENDPOINT_MODES)}")
+    return mode
+
+
+def _bound_routes(host: Host, links: Sequence[Link], *, default_via: bool) -> None:
+    """Let sockets bound to one device (subflows of `dev` endpoints) leave by that device.
+
+    Each link gets a routing table holding `default via <peer> dev <dev> onlink`, looked up
+    only for flows with that output device (`ip rule oif DEV`), after the main table: plain
+    sockets keep using the main table, so taking a link down never reroutes them.
+    """
+    for link in links:
+        end = link.iface(host)
+        table = _TABLE_BASE + link.index
+        pref = _RULE_PREF_BASE + link.index
+        for fam in (4, 6):
+            host.route_add(
+                "default", end.peer.address(fam), dev=end.name, table=table, onlink=True,
+                family=fam,
+            )  # fmt: skip
+            host.rule_add("oif", end.name, table=table, pref=pref, family=fam)
+    if default_via and links:
+        first = links[0].iface(host)
+        for fam in (4, 6):
+            host.route_add("default", first.peer.address(fam), dev=first.name, family=fam)
+
+
+def _mptcp_setup(client: Host, server: Host, links: Sequence[Link], mode: str) -> None:
+    for host in (client, server):
+        host.limits(subflows=_MAX_LIMIT, add_addr_accepted=_MAX_LIMIT)
+    if mode == "none":
+        return
+    for link in links[1:]:
+        if mode == "signal":
+            server.endpoint_add(link.iface(server).address4, ["signal"])
+        else:
+            flags = ["subflow"] if mode == "subflow" else ["subflow", "fullmesh"]
+            client.endpoint_add(link.iface(client).address4, flags)
+    assert all(f in ENDPOINT_FLAGS for f in ("subflow", "fullmesh", "signal"))
+
+
+def two_paths(
+    paths: int = 2,
+    rate: str | None = None,
+    *,
+    burst: str = "32kbit",
+    latency: str = "50ms",
+    endpoints: str | None = "subflow",
+    prefix: str | None = None,
+    name: str = "twopaths",
+) -> Topology:
+    """Client and server joined by `paths` parallel links, each shaped to `rate`.
+
+    Link i: client `eth<i>` 10.0.i.1 / fd00:0:0:i::1 <-> server `eth<i>` 10.0.i.2 /
+    fd00:0:0:i::2. `endpoints`: "subflow" (client endpoint per extra link), "fullmesh",
+    "signal" (the server announces its extra addresses) or None (limits only).
+    """
+    _check_paths(paths)
+    mode = _check_endpoints(endpoints)
+    topo = Topology(name, prefix=prefix)
+    client = topo.add_host("client")
+    server = topo.add_host("server")
+    links = [
+        topo.add_link(client, server, rate=rate, burst=burst, latency=latency) for _ in range(paths)
+    ]
+    _bound_routes(client, links, default_via=False)
+    _bound_routes(server, links, default_via=False)
+    _mptcp_setup(client, server, links, mode)
+    return topo
+
+
+def gateway(
+    paths: int = 2,
+    rate: str | None = None,
+    *,
+    server_rate: str | None = None,
+    burst: str = "32kbit",
+    latency: str = "50ms",
+    endpoints: str | None = "subflow",
+    prefix: str | None = None,
+    name: str = "gateway",
+) -> Topology:
+    """Client — proxy — server: `paths` links client-proxy, one link proxy-server.
+
+    Links 0..N-1 join client `eth<i>` (10.0.i.1) and proxy `eth<i>` (10.0.i.2); link N joins
+    proxy `eth<N>` (10.0.N.1) and server `eth0` (10.0.N.2). The proxy forwards IPv4 and
+    IPv6, so client and server also reach each other through it. MPTCP endpoints are set
+    up between client and proxy (where an MPTCP-to-TCP proxy would terminate MPTCP).
+    """
+    _check_paths(paths)
+    mode = _check_endpoints(endpoints)
+    topo = Topology(name, prefix=prefix)
+    client = topo.add_host("client")
+    proxy = topo.add_host("proxy", forwarding=True)
+    server = topo.add_host("server")
+    links = [
+        topo.add_link(client, proxy, rate=rate, burst=burst, latency=latency) for _ in range(paths)
+    ]
+    uplink = topo.add_link(proxy, server, rate=server_rate, burst=burst, latency=latency)
+    _bound_routes(client, links, default_via=True)
+    _bound_routes(server, [uplink], default_via=True)
+    _mptcp_setup(client, proxy, links, mode)
+    server.limits(subflows=_MAX_LIMIT, add_addr_accepted=_MAX_LIMIT)
+    return topo
