@@ -60,37 +60,73 @@ def test_full_config() -> None:
 
 
 def test_defaults() -> None:
-    cfg = parse_text('[frontend.f]\nbind = "mptcp@:1"\nbackend = "b"\n[backend.b]\nserver.a = "tcp@h:2"')
+    cfg = parse_text(
+        '[frontend.f]\nbind = "mptcp@:1"\nbackend = "b"\n[backend.b]\nserver.a = "tcp@h:2"'
+    )
     assert cfg.global_.workers >= 1
     assert cfg.global_.metrics is not None and cfg.global_.metrics.host == "127.0.0.1"
     assert cfg.backends["b"].check is None and cfg.backends["b"].balance == "roundrobin"
 
 
 BAD = [
-    ("[frontend.f]\nbind='mptcp@:1'\nbackend='b'\nbakcend='x'\n[backend.b]\nserver.a='h:1'",
-     "frontend.f.bakcend", "unknown key (did you mean 'backend'?)"),
-    ("[frontend.f]\nbind=['mptcp@:1', 'mptcp@nope@:2']\nbackend='b'\n[backend.b]\nserver.a='h:1'",
-     "frontend.f.bind[1]", "bad address"),
-    ("[frontend.f]\nbind='mptcp@:1'\nbackend='ap'\n[backend.app]\nserver.a='h:1'",
-     "frontend.f.backend", "no backend named 'ap' (have: app)"),
-    ("[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]\nserver.a='h:1-5'",
-     "backend.b.server.a.address", "one port, not a range"),
-    ("[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]\nbalance='random'\nserver.a='h:1'",
-     "backend.b.balance", "must be one of roundrobin, leastconn, source"),
+    (
+        "[frontend.f]\nbind='mptcp@:1'\nbackend='b'\nbakcend='x'\n[backend.b]\nserver.a='h:1'",
+        "frontend.f.bakcend",
+        "unknown key (did you mean 'backend'?)",
+    ),
+    (
+        "[frontend.f]\nbind=['mptcp@:1', 'mptcp@nope@:2']\nbackend='b'\n[backend.b]\nserver.a='h:1'",
+        "frontend.f.bind[1]",
+        "bad address",
+    ),
+    (
+        "[frontend.f]\nbind='mptcp@:1'\nbackend='ap'\n[backend.app]\nserver.a='h:1'",
+        "frontend.f.backend",
+        "no backend named 'ap' (have: app)",
+    ),
+    (
+        "[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]\nserver.a='h:1-5'",
+        "backend.b.server.a.address",
+        "one port, not a range",
+    ),
+    (
+        "[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]\nbalance='random'\nserver.a='h:1'",
+        "backend.b.balance",
+        "must be one of roundrobin, leastconn, source",
+    ),
     ("[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]", "backend.b.server", "missing"),
     ("[frontend.f]\nbackend='b'\n[backend.b]\nserver.a='h:1'", "frontend.f.bind", "missing"),
-    ("[frontend.f]\nbind='mptcp@:1'\nbackend='b'\ntimeout={client='5 parsecs'}\n[backend.b]\nserver.a='h:1'",
-     "frontend.f.timeout.client", "expected a duration"),
-    ("[frontend.f]\nbind='mptcp@:1'\nbackend='b'\nmaxconn=0\n[backend.b]\nserver.a='h:1'",
-     "frontend.f.maxconn", "between 1"),
-    ("[global]\nworkers='two'\n[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]\nserver.a='h:1'",
-     "global.workers", "expected an integer"),
-    ("[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]\nserver.a={address='h:1', send-proxy='v3'}",
-     "backend.b.server.a.send-proxy", "must be false"),
-    ("[frontend.f]\nbind='mptcp@host'\nbackend='b'\n[backend.b]\nserver.a='h:1'",
-     "frontend.f.bind", "a port is needed"),
-    ("[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[frontend.g]\nbind='mptcp@:1'\nbackend='b'\n"
-     "[backend.b]\nserver.a='h:1'", "frontend.g.bind", "already bound by frontend 'f'"),
+    (
+        "[frontend.f]\nbind='mptcp@:1'\nbackend='b'\ntimeout={client='5 parsecs'}\n[backend.b]\nserver.a='h:1'",
+        "frontend.f.timeout.client",
+        "expected a duration",
+    ),
+    (
+        "[frontend.f]\nbind='mptcp@:1'\nbackend='b'\nmaxconn=0\n[backend.b]\nserver.a='h:1'",
+        "frontend.f.maxconn",
+        "between 1",
+    ),
+    (
+        "[global]\nworkers='two'\n[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]\nserver.a='h:1'",
+        "global.workers",
+        "expected an integer",
+    ),
+    (
+        "[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[backend.b]\nserver.a={address='h:1', send-proxy='v3'}",
+        "backend.b.server.a.send-proxy",
+        "must be false",
+    ),
+    (
+        "[frontend.f]\nbind='mptcp@host'\nbackend='b'\n[backend.b]\nserver.a='h:1'",
+        "frontend.f.bind",
+        "a port is needed",
+    ),
+    (
+        "[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[frontend.g]\nbind='mptcp@:1'\nbackend='b'\n"
+        "[backend.b]\nserver.a='h:1'",
+        "frontend.g.bind",
+        "already bound by frontend 'f'",
+    ),
     ("[frontend.f\nbind=1", "", "not valid TOML"),
     ("", "frontend", "nothing to listen on"),
 ]
@@ -111,7 +147,9 @@ def test_load_missing_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_quick_form() -> None:
-    cfg = quick([("mptcp@:8443", ["tcp@10.0.0.5:443", "tcp@10.0.0.6:443"]), ("tcp@:80", ["mptcp@h:80"])])
+    cfg = quick(
+        [("mptcp@:8443", ["tcp@10.0.0.5:443", "tcp@10.0.0.6:443"]), ("tcp@:80", ["mptcp@h:80"])]
+    )
     assert [f.name for f in cfg.frontends] == ["listen1", "listen2"]
     assert [s.name for s in cfg.backends["listen1"].servers] == ["s1", "s2"]
     assert cfg.backends["listen2"].servers[0].policy is Policy.PREFER
@@ -143,8 +181,10 @@ def documents(draw):  # type: ignore[no-untyped-def]
         lines.append(f"balance = '{draw(st.sampled_from(config.BALANCE_ALGORITHMS))}'")
         for i in range(draw(st.integers(1, 3))):
             proto = draw(st.sampled_from(["tcp", "mptcp", "tcp4", "mptcp4"]))
-            lines.append(f"server.s{i} = {{ address = '{proto}@10.0.0.{i + 1}:{draw(ports)}', "
-                         f"weight = {draw(st.integers(1, 9))} }}")
+            lines.append(
+                f"server.s{i} = {{ address = '{proto}@10.0.0.{i + 1}:{draw(ports)}', "
+                f"weight = {draw(st.integers(1, 9))} }}"
+            )
     for f, p in zip(fe_names, used_ports, strict=True):
         lines.append(f"[frontend.{f}]")
         lines.append(f"bind = 'mptcp@127.0.0.1:{p}'")
@@ -169,8 +209,20 @@ def test_generated_configs_parse(doc) -> None:  # type: ignore[no-untyped-def]
 @settings(max_examples=60, deadline=None)
 def test_unknown_key_always_named(doc, section, key) -> None:  # type: ignore[no-untyped-def]
     text, fe_names, backends = doc
-    assume(key not in ("bind", "backend", "maxconn", "timeout", "accept-proxy", "server",
-                       "balance", "retries", "check"))
+    assume(
+        key
+        not in (
+            "bind",
+            "backend",
+            "maxconn",
+            "timeout",
+            "accept-proxy",
+            "server",
+            "balance",
+            "retries",
+            "check",
+        )
+    )
     target = fe_names[0] if section == "frontend" else backends[0]
     text = text.replace(f"[{section}.{target}]", f"[{section}.{target}]\n{key} = 1", 1)
     with pytest.raises(ConfigError) as ei:
@@ -199,24 +251,37 @@ endpoints4 = st.tuples(ipv4, st.integers(0, 65535))
 endpoints6 = st.tuples(ipv6, st.integers(0, 65535))
 
 
-@given(st.one_of(st.tuples(endpoints4, endpoints4), st.tuples(endpoints6, endpoints6)),
-       st.sampled_from([1, 2]), st.binary(max_size=40))
+@given(
+    st.one_of(st.tuples(endpoints4, endpoints4), st.tuples(endpoints6, endpoints6)),
+    st.sampled_from([1, 2]),
+    st.binary(max_size=40),
+)
 def test_proxy_round_trip(pair, version, trailer) -> None:  # type: ignore[no-untyped-def]
     src, dst = pair
-    assume(version == 2 or not (ipaddress.ip_address(src[0]).version == 6
-                               and ipaddress.ip_address(src[0]).ipv4_mapped))
+    assume(
+        version == 2
+        or not (
+            ipaddress.ip_address(src[0]).version == 6 and ipaddress.ip_address(src[0]).ipv4_mapped
+        )
+    )
     raw = proxyproto.build(version, src, dst)
     hdr, used = proxyproto.parse(raw + trailer)  # type: ignore[misc]
     assert used == len(raw)
     assert hdr.version == version and not hdr.local
     assert hdr.source == src and hdr.destination == dst
-    assert hdr.family == (socket.AF_INET if "." in src[0] and ":" not in src[0] else socket.AF_INET6)
+    assert hdr.family == (
+        socket.AF_INET if "." in src[0] and ":" not in src[0] else socket.AF_INET6
+    )
     # every strict prefix is "need more", never an error
     for cut in range(len(raw)):
         assert proxyproto.parse(raw[:cut]) is None
 
 
-@given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=50)), max_size=4), endpoints4, endpoints4)
+@given(
+    st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=50)), max_size=4),
+    endpoints4,
+    endpoints4,
+)
 def test_proxy_v2_tlvs(tlvs, src, dst) -> None:  # type: ignore[no-untyped-def]
     raw = proxyproto.build_v2(src, dst, tlvs=tuple(tlvs))
     hdr, used = proxyproto.parse(raw)  # type: ignore[misc]
@@ -246,10 +311,13 @@ def test_proxy_fixed_vectors() -> None:
     assert hdr.local and hdr.version == 2
     hdr, _ = proxyproto.parse(proxyproto.build_v2("/tmp/a", "/tmp/b"))  # type: ignore[misc]
     assert hdr.family == socket.AF_UNIX and hdr.source == "/tmp/a"
-    for bad, why in [(b"GET / HTTP/1.1\r\n", "not a PROXY"), (b"PROXY TCP5 a b 1 2\r\n", "TCP4"),
-                     (b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n", "port"),
-                     (b"PROXY TCP4 ::1 ::1 1 2\r\n", "not TCP4"),
-                     (proxyproto.V2_SIGNATURE + b"\x31\x11\x00\x00", "version 3")]:
+    for bad, why in [
+        (b"GET / HTTP/1.1\r\n", "not a PROXY"),
+        (b"PROXY TCP5 a b 1 2\r\n", "TCP4"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n", "port"),
+        (b"PROXY TCP4 ::1 ::1 1 2\r\n", "not TCP4"),
+        (proxyproto.V2_SIGNATURE + b"\x31\x11\x00\x00", "version 3"),
+    ]:
         with pytest.raises(proxyproto.ProxyProtocolError, match=why):
             proxyproto.parse(bad)
 
@@ -263,8 +331,10 @@ def _backend(balance: str, weights: list[int], backup: list[bool] | None = None)
         f"backup = {str((backup or [False] * len(weights))[i]).lower()} }}"
         for i, w in enumerate(weights)
     )
-    cfg = parse_text(f"[frontend.f]\nbind='tcp@:1'\nbackend='b'\n[backend.b]\nbalance='{balance}'\n"
-                     f"check=true\n{servers}")
+    cfg = parse_text(
+        f"[frontend.f]\nbind='tcp@:1'\nbackend='b'\n[backend.b]\nbalance='{balance}'\n"
+        f"check=true\n{servers}"
+    )
     return Balancer(cfg.backends["b"])
 
 
