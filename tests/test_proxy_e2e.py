@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 import mptcpkit.aio
-
 from mptcpkit.proxy import proxyproto
-from tests.proxy_harness import (
+from proxy_harness import (
     PROXY_CMD,
     Server,
     connect,
@@ -162,7 +161,7 @@ def test_dead_server_retry_then_clean_close(tmp_path: Path) -> None:
             s.close()
         assert srv.accepted == 4
         wait_for(
-            lambda: "connect to a (tcp@127.0.0.1:%d) failed: ECONNREFUSED" % dead in px.log(),
+            lambda: f"connect to a (tcp@127.0.0.1:{dead}) failed: ECONNREFUSED" in px.log(),
             what="the failed connect in the log",
         )
     dead2 = free_port()
@@ -403,69 +402,72 @@ def test_proxy_v2_header_and_accept_proxy(tmp_path: Path) -> None:
 
 
 def test_sighup_reload_keeps_connection(tmp_path: Path) -> None:
-    with Server(echo) as one, Server(echo) as two:
-        with run_proxy(
-            tmp_path, _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{one.port}"'})
-        ) as px:
-            port = px.port("fe")
-            s = connect(port, mptcp=True)
-            s.sendall(b"before")
-            assert s.recv(6) == b"before"
-            old_workers = px.workers()
-            (tmp_path / "proxy.toml").write_text(
-                _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{two.port}"'})
-            )
-            px.signal(signal.SIGHUP)
-            wait_for(lambda: "reloaded" in px.log(), what="reload")
-            assert px.port("fe") == port  # the same listening socket went to the new worker
-            s.sendall(b"after")
-            assert s.recv(5) == b"after"  # the old connection lives on, on the old server
-            n = connect(port, mptcp=True)
-            n.sendall(b"new")
-            assert n.recv(3) == b"new"
-            assert (one.accepted, two.accepted) == (1, 1)
-            n.close()
-            assert set(old_workers) & set(px.workers())  # the old worker is still draining
-            s.close()
-            wait_for(
-                lambda: "old worker" in px.log() and "finished" in px.log(), what="old worker exit"
-            )
-            # a broken config is refused and the proxy keeps running
-            (tmp_path / "proxy.toml").write_text("[frontend.x]\nbind='mptcp@:1'\nbackend='nope'\n")
-            px.signal(signal.SIGHUP)
-            wait_for(lambda: "reload failed" in px.log(), what="reload failure")
-            assert "frontend.x.backend: no backend named 'nope'" in px.log()
-            n = connect(port, mptcp=True)
-            n.sendall(b"still")
-            assert n.recv(5) == b"still"
-            n.close()
+    with (
+        Server(echo) as one,
+        Server(echo) as two,
+        run_proxy(tmp_path, _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{one.port}"'})) as px,
+    ):
+        port = px.port("fe")
+        s = connect(port, mptcp=True)
+        s.sendall(b"before")
+        assert s.recv(6) == b"before"
+        old_workers = px.workers()
+        (tmp_path / "proxy.toml").write_text(
+            _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{two.port}"'})
+        )
+        px.signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in px.log(), what="reload")
+        assert px.port("fe") == port  # the same listening socket went to the new worker
+        s.sendall(b"after")
+        assert s.recv(5) == b"after"  # the old connection lives on, on the old server
+        n = connect(port, mptcp=True)
+        n.sendall(b"new")
+        assert n.recv(3) == b"new"
+        assert (one.accepted, two.accepted) == (1, 1)
+        n.close()
+        assert set(old_workers) & set(px.workers())  # the old worker is still draining
+        s.close()
+        wait_for(
+            lambda: "old worker" in px.log() and "finished" in px.log(), what="old worker exit"
+        )
+        # a broken config is refused and the proxy keeps running
+        (tmp_path / "proxy.toml").write_text("[frontend.x]\nbind='mptcp@:1'\nbackend='nope'\n")
+        px.signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in px.log(), what="reload failure")
+        assert "frontend.x.backend: no backend named 'nope'" in px.log()
+        n = connect(port, mptcp=True)
+        n.sendall(b"still")
+        assert n.recv(5) == b"still"
+        n.close()
 
 
 def test_sigterm_drains_then_cuts(tmp_path: Path) -> None:
-    with Server(echo) as srv:
-        with run_proxy(
+    with (
+        Server(echo) as srv,
+        run_proxy(
             tmp_path,
             _conf(
                 "mptcp@127.0.0.1:0",
                 {"s": f'"tcp@127.0.0.1:{srv.port}"'},
                 glob='workers = 1\nmetrics = ""\nstop-timeout = "1500ms"',
             ),
-        ) as px:
-            port = px.port("fe")
-            s = connect(port, mptcp=True)
-            s.sendall(b"a")
-            assert s.recv(1) == b"a"
-            t0 = time.monotonic()
-            px.signal(signal.SIGTERM)
-            wait_for(lambda: "stopping" in px.log(), what="stopping")
-            s.sendall(b"b")  # still served while draining
-            assert s.recv(1) == b"b"
-            with pytest.raises(OSError):
-                connect(port, mptcp=True).recv(1)  # not accepting anymore
-            px.proc.wait(20)
-            assert px.proc.returncode == 0
-            assert time.monotonic() - t0 >= 1.4
-            assert "stop deadline reached" in px.log()
+        ) as px,
+    ):
+        port = px.port("fe")
+        s = connect(port, mptcp=True)
+        s.sendall(b"a")
+        assert s.recv(1) == b"a"
+        t0 = time.monotonic()
+        px.signal(signal.SIGTERM)
+        wait_for(lambda: "stopping" in px.log(), what="stopping")
+        s.sendall(b"b")  # still served while draining
+        assert s.recv(1) == b"b"
+        with pytest.raises(OSError):
+            connect(port, mptcp=True).recv(1)  # not accepting anymore
+        px.proc.wait(20)
+        assert px.proc.returncode == 0
+        assert time.monotonic() - t0 >= 1.4
+        assert "stop deadline reached" in px.log()
 
 
 # --- configuration errors through the CLI ------------------------------------------------
