@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -113,13 +112,14 @@ class Conn(asyncio.Protocol):
         "st_lost",
         "start",
         "task",
+        "timed_out",
         "up",
     )
 
-    def __init__(self, fe: FrontendRuntime, csock: socket.socket, caddr: Any) -> None:
+    def __init__(self, fe: FrontendRuntime, mptcp: bool) -> None:
         self.fe = fe
-        self.csock = csock
-        self.caddr = caddr
+        self.csock: Any = None
+        self.caddr: Any = None
         self.ct: asyncio.Transport | None = None
         self.st: asyncio.Transport | None = None
         self.ssock: Any = None
@@ -133,7 +133,8 @@ class Conn(asyncio.Protocol):
         self.c_eof = False
         self.s_eof = False
         self.c_lost = False
-        self.c_req = False  # the client leg came through an MPTCP listener
+        self.c_req = mptcp  # the client leg came through an MPTCP listener
+        self.timed_out = False
         self.done = False
         self.st_lost = False
         self.active = True
@@ -150,6 +151,13 @@ class Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.ct = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+        self.fe.accepted(self)
+
+    def begin(self) -> None:
+        """Start the backend connect (or wait for the PROXY header first)."""
+        self.ct.resume_reading()  # type: ignore[union-attr]
+        if self.hdr is None:
+            self.task = self.fe.loop.create_task(self.connect())
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -262,9 +270,6 @@ class Conn(asyncio.Protocol):
         for tr in (self.ct, self.st):
             if tr is not None and not tr.is_closing():
                 tr.abort()
-        if self.ct is None:
-            self.csock.close()
-            self.c_lost = True
         if self.task is not None and not self.task.done() and self.st is None:
             self.task.cancel()
         self.maybe_done()
@@ -272,8 +277,8 @@ class Conn(asyncio.Protocol):
     def sample(self) -> None:
         """Record each still-open leg's MPTCP state and subflow count (once, at the end)."""
         fe = self.fe
-        if self.c_info[0] is None and not self.c_lost:
-            fe.rt.observe_leg(self.csock, self.c_info, self.c_req)
+        if self.c_info[0] is None and not self.c_lost and self.ct is not None:
+            fe.rt.observe_leg(self.ct.get_extra_info("socket"), self.c_info, self.c_req)
         if self.s_info[0] is None and self.ssock is not None and not self.st_lost:
             fe.rt.observe_leg(self.ssock, self.s_info, True)
 
@@ -306,9 +311,21 @@ class Conn(asyncio.Protocol):
                     return
                 self.server = state
                 state.active += 1
+                self.timed_out = False
+                timer = loop.call_later(timeout, self._connect_timeout)
+                failure: BaseException | None = None
                 try:
-                    sock, transport = await be.open(state, self.up, timeout, loop)
-                except (OSError, TimeoutError) as exc:
+                    sock, transport = await be.open(state, self.up, loop)
+                except asyncio.CancelledError:
+                    if not self.timed_out:
+                        raise
+                    failure = TimeoutError()
+                except OSError as err:
+                    failure = err
+                finally:
+                    timer.cancel()
+                if failure is not None:
+                    exc = failure
                     state.active -= 1
                     be.rt.connect_failed(be, state, exc)
                     tried.append(state)
@@ -346,14 +363,16 @@ class Conn(asyncio.Protocol):
         if self.c_eof:
             self.shut(transport)
 
+    def _connect_timeout(self) -> None:
+        self.timed_out = True
+        if self.task is not None:
+            self.task.cancel()
+
     def _give_up(self) -> None:
         """No server: close the client cleanly (FIN after nothing), count it as done."""
         ct = self.ct
         if ct is not None and not ct.is_closing():
             ct.close()
-        if ct is None:
-            self.csock.close()
-            self.c_lost = True
         self.task = None
         self.maybe_done()
 

@@ -9,6 +9,7 @@ or drain can stop listening without touching established connections.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import mptcpkit
+from mptcpkit.abi.constants import MPTCP_INFO, SOL_MPTCP
 from mptcpkit.policy import Policy
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config, Frontend
@@ -26,9 +28,10 @@ from mptcpkit.proxy.relay import Conn, reason_of
 
 __all__ = ["BackendRuntime", "FrontendRuntime", "Runtime"]
 
-ACCEPT_BATCH = 64
+BACKLOG = 4096
+_MPTCP_INFO_LEN = 96
+_SUBFLOWS_TOTAL = 80  # offsetof(struct mptcp_info, mptcpi_subflows_total)
 SWEEP_INTERVAL = 1.0
-_RETRYABLE_ACCEPT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def _on_writable(fut: asyncio.Future[None]) -> None:
@@ -46,25 +49,21 @@ class BackendRuntime:
         self.targets: dict[str, tuple[int, Any]] = {}
         for s in cfg.servers:
             self.targets[s.name] = _resolve(s.address)
+        self.needs_client_addr = cfg.balance == "source" or any(s.send_proxy for s in cfg.servers)
 
     async def open(
-        self,
-        state: ServerState,
-        protocol: asyncio.Protocol,
-        timeout: float,
-        loop: asyncio.AbstractEventLoop,
+        self, state: ServerState, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop
     ) -> tuple[Any, asyncio.Transport]:
-        """Connect to `state`'s server with its MPTCP policy; (socket, transport)."""
+        """Connect to `state`'s server with its MPTCP policy; (socket or None, transport)."""
         family, sockaddr = self.targets[state.server.name]
         policy = state.server.policy
         if policy is Policy.OFF and self.rt.uvloop and family != socket.AF_UNIX:
             # uvloop connects natively (libuv), no Python-level connect dance.
-            async with asyncio.timeout(timeout):
-                tr, _ = await loop.create_connection(
-                    lambda: protocol, sockaddr[0], sockaddr[1], family=family
-                )
+            tr, _ = await loop.create_connection(
+                lambda: protocol, sockaddr[0], sockaddr[1], family=family
+            )
             return None, tr
-        sock = await connect_socket(family, sockaddr, policy, timeout, loop)
+        sock = await connect_socket(family, sockaddr, policy, None, loop)
         try:
             if not self.rt.uvloop and family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -76,7 +75,11 @@ class BackendRuntime:
 
 
 async def connect_socket(
-    family: int, sockaddr: Any, policy: Policy, timeout: float, loop: asyncio.AbstractEventLoop
+    family: int,
+    sockaddr: Any,
+    policy: Policy,
+    timeout: float | None,
+    loop: asyncio.AbstractEventLoop,
 ) -> socket.socket:
     """A non-blocking connect of a socket made with `policy`; raises OSError/TimeoutError."""
     if family == socket.AF_UNIX:
@@ -115,7 +118,12 @@ def _resolve(addr: Any) -> tuple[int, Any]:
 
 
 class FrontendRuntime:
-    """A frontend's listening sockets, its live connections and its maxconn gate."""
+    """A frontend's listening sockets, its live connections and its maxconn gate.
+
+    Accepting goes through `loop.create_server(sock=...)` (uvloop accepts in C and
+    calls `connection_made` directly). Above `maxconn`, new connections are held with
+    reading paused until a slot frees, so no more than `maxconn` reach the servers.
+    """
 
     def __init__(
         self,
@@ -129,97 +137,49 @@ class FrontendRuntime:
         self.loop = rt.loop
         self.backend = backend
         self.listeners = list(listeners)
+        self.servers: list[asyncio.AbstractServer] = []
         self.conns: set[Conn] = set()
-        self.paused = False
+        self.waiting: collections.deque[Conn] = collections.deque()
         self.closed = False
-        self.mptcp_listener: dict[int, bool] = {}
+        self.want_addr = rt.log.fd >= 0 or rt.metrics is not None or backend.needs_client_addr
+
+    async def start(self) -> None:
         for ls in self.listeners:
             ls.setblocking(False)
-            if ls.family == socket.AF_UNIX:
-                self.mptcp_listener[ls.fileno()] = False
-                continue
-            proto = ls.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-            self.mptcp_listener[ls.fileno()] = proto == mptcpkit.IPPROTO_MPTCP
+            mptcp = ls.family != socket.AF_UNIX and (
+                ls.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == mptcpkit.IPPROTO_MPTCP
+            )
 
-    def start(self) -> None:
-        for ls in self.listeners:
-            self.loop.add_reader(ls.fileno(), self.on_accept, ls)
+            def factory(mptcp: bool = mptcp) -> Conn:
+                return Conn(self, mptcp)
 
-    def pause(self) -> None:
-        if not self.paused and not self.closed:
-            self.paused = True
-            for ls in self.listeners:
-                self.loop.remove_reader(ls.fileno())
-
-    def resume(self) -> None:
-        if self.paused and not self.closed:
-            self.paused = False
-            self.start()
+            self.servers.append(await self.loop.create_server(factory, sock=ls, backlog=BACKLOG))
 
     def close_listeners(self) -> None:
         if self.closed:
             return
-        if not self.paused:
-            for ls in self.listeners:
-                self.loop.remove_reader(ls.fileno())
         self.closed = True
+        for srv in self.servers:
+            srv.close()
         for ls in self.listeners:
             ls.close()
 
-    def on_accept(self, ls: socket.socket) -> None:
+    def accepted(self, conn: Conn) -> None:
+        """A new client leg (from Conn.connection_made)."""
         conns = self.conns
-        maxconn = self.cfg.maxconn
-        mptcp = self.mptcp_listener.get(ls.fileno(), False)
-        for _ in range(ACCEPT_BATCH):
-            if len(conns) >= maxconn:
-                self.pause()
-                return
-            try:
-                fd, caddr = ls._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                if exc.errno in _RETRYABLE_ACCEPT:
-                    self.rt.log.event(
-                        f"frontend {self.cfg.name}: accept failed ({exc}), pausing 100ms"
-                    )
-                    self.pause()
-                    self.loop.call_later(0.1, self.resume)
-                    return
-                raise
-            # A plain socket object: mptcpkit.Socket's Python-level accept() costs more.
-            csock = socket.socket(ls.family, ls.type, ls.proto, fd)
-            if mptcp and not self.rt.uvloop:
-                with contextlib.suppress(OSError):
-                    csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Conn(self, csock, caddr)
-            conn.c_req = mptcp
-            conns.add(conn)
-            conn.task = self.loop.create_task(self.run(conn))
-
-    async def run(self, conn: Conn) -> None:
-        try:
-            await self.loop.connect_accepted_socket(lambda: conn, conn.csock)
-        except (OSError, asyncio.CancelledError) as exc:
-            conn.csock.close()
-            conn.c_lost = True
-            conn.how = conn.how or f"client error: {reason_of(exc)}"
-            conn.task = None
-            self.finished(conn)
+        conns.add(conn)
+        if self.want_addr:
+            conn.caddr = conn.ct.get_extra_info("peername")  # type: ignore[union-attr]
+        if len(conns) > self.cfg.maxconn:
+            conn.ct.pause_reading()  # type: ignore[union-attr]
+            self.waiting.append(conn)
             return
-        if conn.hdr is not None:
-            conn.task = None
-            conn.maybe_done()
-            return
-        await conn.connect()
+        if conn.hdr is None:
+            conn.task = self.loop.create_task(conn.connect())
 
     def local_of(self, conn: Conn) -> Any:
-        try:
-            return conn.csock.getsockname()
-        except OSError:
-            return None
+        ct = conn.ct
+        return ct.get_extra_info("sockname") if ct is not None else None
 
     def finished(self, conn: Conn) -> None:
         if conn.done:
@@ -229,8 +189,11 @@ class FrontendRuntime:
         if conn.server is not None:
             conn.server.active -= 1
         self.rt.record(self, conn)
-        if self.paused and len(self.conns) < self.cfg.maxconn:
-            self.resume()
+        waiting = self.waiting
+        while waiting and len(self.conns) - len(waiting) < self.cfg.maxconn:
+            nxt = waiting.popleft()
+            if not nxt.done and not nxt.c_lost:
+                nxt.begin()
         if self.rt.stopping and not self.rt.busy():
             self.rt.idle_event.set()
 
@@ -271,7 +234,7 @@ class Runtime:
 
     async def serve(self) -> None:
         for fe in self.frontends:
-            fe.start()
+            await fe.start()
         for be in self.backends.values():
             if be.cfg.check is not None:
                 self._tasks.append(self.loop.create_task(self._health(be)))
@@ -324,15 +287,15 @@ class Runtime:
             if info[0] is None:
                 info[0] = "TCP"
             return
-        try:
-            st = mptcpkit.status(sock)
-        except (OSError, ValueError, TypeError):
-            return
-        info[0] = str(st)
-        if st.is_mptcp:
-            n = _subflows(sock)
+        n = _subflows(sock)
+        if n:
+            info[0] = "MPTCP"
             if n > info[1]:
                 info[1] = n
+            return
+        # fallback or TCP: SO_PROTOCOL tells. By fd: uvloop's PseudoSocket takes no weakrefs.
+        with contextlib.suppress(OSError, ValueError):
+            info[0] = str(mptcpkit.status(sock.fileno()))
 
     def connect_failed(self, be: BackendRuntime, state: ServerState, exc: BaseException) -> None:
         self.log.event(
@@ -396,17 +359,15 @@ class Runtime:
             self.log.flush()
 
     def _sample_subflows(self, conn: Conn) -> None:
-        for sock, info, lost in (
-            (conn.csock, conn.c_info, conn.c_lost),
-            (conn.ssock, conn.s_info, conn.st_lost),
-        ):
-            if sock is None or lost or info[0] in ("TCP", "fallback"):
-                continue
-            if sock is conn.csock and not conn.c_req:
-                continue  # client leg of a TCP listener
-            n = _subflows(sock)
-            if n > info[1]:
-                info[1] = n
+        """Most subflows seen: sampled on active MPTCP legs by the sweep, not per chunk."""
+        if conn.c_req and not conn.c_lost and conn.ct is not None and conn.c_info[0] != "fallback":
+            n = _subflows(conn.ct.get_extra_info("socket"))
+            if n > conn.c_info[1]:
+                conn.c_info[1] = n
+        if conn.ssock is not None and not conn.st_lost and conn.s_info[0] != "fallback":
+            n = _subflows(conn.ssock)
+            if n > conn.s_info[1]:
+                conn.s_info[1] = n
 
     async def _health(self, be: BackendRuntime) -> None:
         check = be.cfg.check
@@ -437,10 +398,16 @@ class Runtime:
 
 
 def _subflows(sock: Any) -> int:
+    """All subflows of a live MPTCP socket, 0 if it is not one (fell back, plain TCP).
+
+    One getsockopt(MPTCP_INFO) and two byte reads, not a full `mptcpkit.info()`
+    decode: this runs for every MPTCP connection. Layout: REFERENCE §3 (u8 subflows at
+    0 counts extra subflows; u8 subflows_total at 80, 6.8+, counts all).
+    """
     try:
-        info = mptcpkit.info(sock)
-    except (OSError, ValueError, TypeError):
+        raw = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, _MPTCP_INFO_LEN)
+    except (OSError, ValueError):
         return 0
-    if info is None:
-        return 0
-    return info.subflow_count
+    if len(raw) > _SUBFLOWS_TOTAL and raw[_SUBFLOWS_TOTAL]:
+        return int(raw[_SUBFLOWS_TOTAL])
+    return int(raw[0]) + 1 if raw else 0
