@@ -12,14 +12,14 @@ import pathlib
 
 import pytest
 
+pytest_plugins = ["mptcpkit.lab.pytest_plugin"]
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 # Subprocesses (`python -m mptcpkit ...`) must run this checkout's code, not whatever
 # copy of mptcpkit happens to be installed.
 _SRC = str(pathlib.Path(__file__).resolve().parent.parent / "src")
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p
-)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -39,4 +39,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which is a failure: {report.longrepr}"
 
-pytest_plugins = ["mptcpkit.lab.pytest_plugin"]
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def no_fd_leak():  # type: ignore[no-untyped-def]
+    """Fails the test if it leaves file descriptors open."""
+    import gc
+
+    before = open_fds()
+    yield
+    gc.collect()
+    leaked = open_fds() - before
+    assert not leaked, f"file descriptors leaked: {sorted(leaked)}"

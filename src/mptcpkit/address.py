@@ -166,14 +166,14 @@ def _parse_ports(text: str, part: str) -> tuple[int, int]:
     return low, high
 
 
-def _parse_host(text: str, part: str, family: int | None) -> tuple[str, int]:
+def _parse_host(text: str, part: str, family: int | None, bracketed: bool) -> tuple[str, int]:
     if part in ("", "*"):
         return "", family if family is not None else socket.AF_INET
+    if ":" in part and not bracketed:
+        raise _fail(text, part, "IPv6 addresses go in brackets, as in [::1]:80")
     try:
         ip = ipaddress.ip_address(part)
     except ValueError:
-        if ":" in part:
-            raise _fail(text, part, "IPv6 addresses go in brackets, as in [::1]:80") from None
         if not _HOSTNAME.match(part):
             raise _fail(text, part, "not an IP address or host name") from None
         return part.lower(), family if family is not None else socket.AF_UNSPEC
@@ -200,7 +200,8 @@ def parse_address(text: str) -> Address:
         if not rest or "\0" in rest:
             raise _fail(text, rest, "a unix socket needs a path")
         return Address(prefix, "unix", socket.AF_UNIX, "", None, None, rest)
-    if rest.startswith("["):
+    bracketed = rest.startswith("[")
+    if bracketed:
         close = rest.find("]")
         if close < 0:
             raise _fail(text, rest, "missing ']' after an IPv6 address")
@@ -220,7 +221,7 @@ def parse_address(text: str) -> Address:
             port_part = port_text
     if port_part == "":
         raise _fail(text, rest, "':' must be followed by a port")
-    host, resolved_family = _parse_host(text, host_part, family)
+    host, resolved_family = _parse_host(text, host_part, family, bracketed)
     port = port_end = None
     if port_part is not None:
         port, port_end = _parse_ports(text, port_part)

@@ -86,7 +86,7 @@ def status(sock: SocketLike) -> SocketStatus:
         return _FALLBACK if _HAS_SOL_MPTCP else _MPTCP
     if protocol != c.IPPROTO_TCP:
         raise ValueError(f"status() needs a TCP or MPTCP socket; this one has protocol {protocol}")
-    note = _notes.get(sock) if not isinstance(sock, int) else None
+    note = _notes.get(sock) if isinstance(sock, socket.socket) else None
     return SocketStatus(State.TCP, note) if note else _TCP
 
 

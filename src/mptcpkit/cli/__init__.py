@@ -17,7 +17,9 @@ from mptcpkit.cli.errors import CLIError
 # Subcommand modules, in the order `mptcpkit --help` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
     "mptcpkit.cli.check",
+    "mptcpkit.cli.lab",
     "mptcpkit.cli.proxy",
+    "mptcpkit.cli.demo",
 )
 
 

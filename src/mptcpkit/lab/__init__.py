@@ -13,6 +13,8 @@ Everything the lab makes is named `<prefix><topology>-<id>-<host>` (prefix `mptk
 
 from __future__ import annotations
 
+from mptcpkit.lab.bench import BenchResult, run_bench
+from mptcpkit.lab.faults import Fault, Schedule, flap, parse_fault
 from mptcpkit.lab.netns import (
     DEFAULT_PREFIX,
     PREFIX_ENV,
@@ -28,20 +30,26 @@ from mptcpkit.lab.units import format_rate, parse_duration, parse_rate, parse_si
 __all__ = [
     "DEFAULT_PREFIX",
     "PREFIX_ENV",
+    "BenchResult",
     "Event",
+    "Fault",
     "Host",
     "Interface",
     "LabError",
     "Link",
     "Process",
+    "Schedule",
     "Topology",
     "default_prefix",
+    "flap",
     "format_rate",
     "gateway",
     "list_netns",
     "parse_duration",
+    "parse_fault",
     "parse_rate",
     "parse_size",
     "remove_all",
+    "run_bench",
     "two_paths",
 ]

@@ -1,0 +1,156 @@
+"""MPTCP-first sockets on loopback (IPv4 and IPv6): creation, policy, status."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+import mptcpkit
+from mptcpkit import Policy, State
+
+
+def _pair(family: int, host: str, **kw: object):  # type: ignore[no-untyped-def]
+    server = mptcpkit.create_server((host, 0), family=family, **kw)  # type: ignore[arg-type]
+    client = mptcpkit.create_connection(server.getsockname()[:2], timeout=5)
+    accepted, _ = server.accept()
+    return server, client, accepted
+
+
+@pytest.mark.parametrize(
+    ("family", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+)
+def test_mptcp_by_default(no_fd_leak: None, family: int, host: str) -> None:
+    server, client, accepted = _pair(family, host)
+    with server, client, accepted:
+        assert mptcpkit.status(server).state is State.MPTCP
+        assert mptcpkit.status(client).state is State.MPTCP
+        assert mptcpkit.status(accepted).is_mptcp
+        assert isinstance(accepted, mptcpkit.Socket)
+        client.sendall(b"ping")
+        assert accepted.recv(4) == b"ping"
+        assert mptcpkit.status(client.fileno()).state is State.MPTCP  # plain fds work too
+
+
+def test_plain_tcp_client_against_mptcp_listener(no_fd_leak: None) -> None:
+    with mptcpkit.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                assert mptcpkit.status(server).state is State.MPTCP
+                assert mptcpkit.status(accepted).state is State.TCP
+                assert mptcpkit.status(client).state is State.TCP
+
+
+def test_mptcp_client_against_tcp_listener_falls_back(no_fd_leak: None) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with mptcpkit.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                assert mptcpkit.status(client).state is State.FALLBACK
+                assert str(mptcpkit.status(client)) == "fallback"
+                assert client.proto == mptcpkit.IPPROTO_MPTCP  # what Python says: not the truth
+                assert mptcpkit.info(client) is None
+                assert mptcpkit.subflows(client) == []
+
+
+def test_policy_off_and_require(no_fd_leak: None) -> None:
+    with mptcpkit.socket(mptcp="off") as off, mptcpkit.socket(mptcp="require") as req:
+        assert mptcpkit.status(off).state is State.TCP
+        assert mptcpkit.status(req).state is State.MPTCP
+        assert req.mptcp_policy is Policy.REQUIRE
+
+
+def test_environment_default(monkeypatch: pytest.MonkeyPatch, no_fd_leak: None) -> None:
+    monkeypatch.setenv("MPTCPKIT", "listen")
+    server = mptcpkit.create_server(("127.0.0.1", 0))
+    client = mptcpkit.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    with server, client, accepted:
+        assert mptcpkit.status(server).is_mptcp
+        assert mptcpkit.status(client).state is State.TCP
+        explicit = mptcpkit.create_connection(server.getsockname(), mptcp="prefer")
+        with explicit, server.accept()[0]:
+            assert mptcpkit.status(explicit).is_mptcp
+
+
+def test_non_tcp_sockets_are_left_alone(no_fd_leak: None) -> None:
+    with mptcpkit.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        with pytest.raises(ValueError, match="protocol 17"):
+            mptcpkit.status(udp)
+    with mptcpkit.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        assert unix.family == socket.AF_UNIX
+
+
+def test_connect_error_is_not_retried_over_tcp(no_fd_leak: None) -> None:
+    # Go re-dials TCP after any MPTCP error; a refused port must be refused once.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        mptcpkit.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_dualstack_server_accepts_ipv4(no_fd_leak: None) -> None:
+    server = mptcpkit.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    with server, mptcpkit.create_connection(("127.0.0.1", server.getsockname()[1])) as client:
+        accepted, peer = server.accept()
+        with accepted:
+            assert peer[0] == "::ffff:127.0.0.1"
+            assert mptcpkit.status(accepted).is_mptcp and mptcpkit.status(client).is_mptcp
+
+
+def test_create_server_reports_the_address_on_bind_error(no_fd_leak: None) -> None:
+    with mptcpkit.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(OSError, match=r"while attempting to bind on address"):
+            mptcpkit.create_server(taken.getsockname())
+
+
+def test_address_binds_a_port_range_and_connects(no_fd_leak: None) -> None:
+    for _attempt in range(10):  # three free ports in a row: retry if one was taken
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        addr = mptcpkit.parse_address(f"mptcp4@127.0.0.1:{base}-{base + 2}")
+        try:
+            servers = addr.create_server()
+            break
+        except OSError:
+            continue
+    else:
+        pytest.fail("no three consecutive free ports found")
+    try:
+        assert [s.getsockname()[1] for s in servers] == [base, base + 1, base + 2]
+        target = mptcpkit.parse_address(f"mptcp@127.0.0.1:{base + 1}")
+        with target.create_connection(timeout=5) as client:
+            accepted, _ = servers[1].accept()
+            with accepted:
+                assert mptcpkit.status(client).is_mptcp
+        tcp = mptcpkit.parse_address(f"tcp@127.0.0.1:{base}")
+        with tcp.create_connection(timeout=5) as client:
+            servers[0].accept()[0].close()
+            assert mptcpkit.status(client).state is State.TCP
+        with pytest.raises(ValueError, match="plain TCP address"):
+            tcp.create_connection(mptcp="require")
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_accepted_socket_keeps_blocking_mode(no_fd_leak: None) -> None:
+    with mptcpkit.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(5)
+        done = threading.Event()
+
+        def connect() -> None:
+            with mptcpkit.create_connection(server.getsockname()):
+                done.wait(5)
+
+        t = threading.Thread(target=connect)
+        t.start()
+        accepted, _ = server.accept()
+        with accepted:
+            assert accepted.gettimeout() is None
+        done.set()
+        t.join()
