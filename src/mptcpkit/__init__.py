@@ -8,7 +8,7 @@
 See README.md for the whole API.
 """
 
-from mptcpkit.abi.constants import IPPROTO_MPTCP, SOL_MPTCP
+from mptcpkit.abi.constants import IPPROTO_MPTCP, SOL_MPTCP, TCP_MD5SIG, TCP_MD5SIG_EXT
 from mptcpkit.abi.md5sig import encode_tcp_md5sig as tcp_md5sig
 from mptcpkit.abi.mptcp_info import MPTCPInfo
 from mptcpkit.abi.tcp_info import TCPInfo
@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "IPPROTO_MPTCP",
     "SOL_MPTCP",
+    "TCP_MD5SIG",
+    "TCP_MD5SIG_EXT",
     "Address",
     "MPTCPInfo",
     "MPTCPUnavailableError",

@@ -64,5 +64,7 @@ def env_policy(role: Role) -> Policy:
 
 def resolve(value: PolicyLike, role: Role) -> Policy:
     """The policy for one call: the explicit argument, else the environment."""
+    if value.__class__ is Policy:
+        return value
     explicit = as_policy(value)
     return explicit if explicit is not None else env_policy(role)

@@ -32,31 +32,29 @@ class Socket(_socket.socket):
     """
 
     __slots__ = ("mptcp_policy",)
-
-    def __init__(
-        self,
-        family: int = -1,
-        type: int = -1,
-        proto: int = -1,
-        fileno: int | None = None,
-        *,
-        policy: Policy = Policy.PREFER,
-    ) -> None:
-        super().__init__(family, type, proto, fileno)
-        self.mptcp_policy = policy
+    mptcp_policy: Policy
 
     def setsockopt(self, level: int, optname: int, *args: Any) -> None:
         try:
             super().setsockopt(level, optname, *args)
         except OSError as exc:
-            retry_after_downgrade(self, exc, level, optname, args, self.mptcp_policy)
+            policy = getattr(self, "mptcp_policy", Policy.PREFER)
+            retry_after_downgrade(self, exc, level, optname, args, policy)
 
     def accept(self) -> tuple[Socket, Any]:
         fd, addr = self._accept()  # type: ignore[attr-defined]
-        sock = Socket(self.family, self.type, self.proto, fileno=fd, policy=self.mptcp_policy)
+        sock = _make(
+            self.family, self.type, self.proto, fd, getattr(self, "mptcp_policy", Policy.PREFER)
+        )
         if _socket.getdefaulttimeout() is None and self.gettimeout():
             sock.setblocking(True)
         return sock, addr
+
+
+def _make(family: int, type: int, proto: int, fileno: int | None, policy: Policy) -> Socket:
+    sock = Socket(family, type, proto, fileno)
+    sock.mptcp_policy = policy
+    return sock
 
 
 def is_tcp_request(family: int, type: int, proto: int) -> bool:
@@ -67,16 +65,16 @@ def is_tcp_request(family: int, type: int, proto: int) -> bool:
 def open_stream(family: int, type: int, policy: Policy) -> Socket:
     """A stream socket of `family` made by `policy`: the one place policies act."""
     if policy is Policy.OFF:
-        return Socket(family, type, IPPROTO_TCP, policy=policy)
+        return _make(family, type, IPPROTO_TCP, None, policy)
     try:
-        return Socket(family, type, IPPROTO_MPTCP, policy=policy)
+        return _make(family, type, IPPROTO_MPTCP, None, policy)
     except OSError as exc:
         err = exc.errno or 0
         if policy is Policy.REQUIRE:
             raise MPTCPUnavailableError(
                 err, describe_creation_error(err) + "; use mptcp='prefer' to fall back to TCP"
             ) from exc
-        sock = Socket(family, type, IPPROTO_TCP, policy=policy)
+        sock = _make(family, type, IPPROTO_TCP, None, policy)
         record_note(sock, describe_creation_error(err))
         return sock
 
@@ -95,13 +93,13 @@ def socket(
     `mptcp=` says otherwise. Non-TCP sockets are made as asked.
     """
     if fileno is not None:
-        return Socket(family, type, proto, fileno, policy=resolve(mptcp, "socket"))
+        return _make(family, type, proto, fileno, resolve(mptcp, "socket"))
     if proto == IPPROTO_MPTCP and family in _INET:
         return open_stream(
             family, type, resolve(mptcp if mptcp is not None else "require", "socket")
         )
     if not is_tcp_request(family, type, proto):
-        return Socket(family, type, proto, policy=Policy.OFF)
+        return _make(family, type, proto, None, Policy.OFF)
     return open_stream(family, type, resolve(mptcp, "socket"))
 
 

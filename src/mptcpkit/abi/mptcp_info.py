@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mptcpkit.abi._decode import Field, decode_fields, require_length
+from mptcpkit.abi._decode import Field, Layout, require_length
 from mptcpkit.abi.constants import MPTCP_INFO_FLAG_FALLBACK, MPTCP_INFO_FLAG_REMOTE_KEY_RECEIVED
 
 # The size of the newest layout this module knows (6.10+).
@@ -39,6 +39,8 @@ _FIELDS: tuple[Field, ...] = (
     ("last_data_recv", "I", 88),
     ("last_ack_recv", "I", 92),
 )
+
+_LAYOUT = Layout(_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,4 +95,4 @@ class MPTCPInfo:
 def decode_mptcp_info(data: bytes) -> MPTCPInfo:
     """Decode what getsockopt(SOL_MPTCP, MPTCP_INFO) returned; ValueError if too short."""
     require_length(data, MPTCP_INFO_MIN_SIZE, "struct mptcp_info")
-    return MPTCPInfo(**decode_fields(data[:MPTCP_INFO_SIZE], _FIELDS))  # type: ignore[arg-type]
+    return MPTCPInfo(*_LAYOUT.unpack(data, min(len(data), MPTCP_INFO_SIZE)))  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mptcpkit.abi._decode import Field, decode_fields, require_length
+from mptcpkit.abi._decode import Field, Layout, require_length
 from mptcpkit.abi.constants import TCP_STATES
 
 # What we ask the kernel for: up to tcpi_snd_wnd (5.19+); older kernels return less.
@@ -43,6 +43,8 @@ _FIELDS: tuple[Field, ...] = (
     ("bytes_retrans", "Q", 208),
     ("snd_wnd", "I", 228),
 )
+
+_LAYOUT = Layout(_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,4 +93,4 @@ class TCPInfo:
 def decode_tcp_info(data: bytes) -> TCPInfo:
     """Decode a `struct tcp_info`; ValueError if shorter than the oldest layout."""
     require_length(data, TCP_INFO_MIN_SIZE, "struct tcp_info")
-    return TCPInfo(**decode_fields(data[:TCP_INFO_SIZE], _FIELDS))  # type: ignore[arg-type]
+    return TCPInfo(*_LAYOUT.unpack(data, min(len(data), TCP_INFO_SIZE)))  # type: ignore[arg-type]
