@@ -90,9 +90,9 @@ def measure(paths: int, rate: str, duration: float, repeat: int) -> dict[str, An
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", default="50mbit")
-    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--paths", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--repeat", type=int, default=1, help="runs per protocol (median)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per protocol (median)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = [measure(n, args.rate, args.duration, args.repeat) for n in args.paths]

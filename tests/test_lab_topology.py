@@ -479,3 +479,64 @@ def test_bad_arguments_are_reported_clearly() -> None:
         net.host("proxy")
     with pytest.raises(lab.LabError, match=r"no link 5 .*links 0\.\.1"):
         net.link(5)
+
+
+def test_core_api_inside_the_lab(two_paths: lab.Topology) -> None:
+    """The docs' example: mptcpkit sockets made inside hosts, one subflow per link."""
+    import mptcpkit
+
+    client, server = two_paths.host("client"), two_paths.host("server")
+    with server.enter():
+        listener = mptcpkit.create_server(("0.0.0.0", 0))
+    with listener:
+        with client.enter():
+            conn = mptcpkit.create_connection(("10.0.0.2", listener.getsockname()[1]), timeout=10)
+        peer, _ = listener.accept()
+        with conn, peer:
+            conn.sendall(b"hello")
+            assert peer.recv(5) == b"hello"
+            peer.sendall(b"world")
+            assert conn.recv(5) == b"world"
+            deadline = time.monotonic() + 10
+            while len(mptcpkit.subflows(conn)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            flows = mptcpkit.subflows(conn)
+            assert str(mptcpkit.status(conn)) == "MPTCP"
+            assert sorted(sf.local[0] for sf in flows) == ["10.0.0.1", "10.0.1.1"]
+            assert {sf.remote for sf in flows} == {("10.0.0.2", listener.getsockname()[1])}
+
+
+def test_custom_topology_with_a_router(lab_factory) -> None:
+    topo = lab.Topology("mine")
+    a = topo.add_host("a")
+    r = topo.add_host("r", forwarding=True)
+    b = topo.add_host("b")
+    topo.add_link(a, r, rate="20mbit")
+    topo.add_link(r, b)
+    a.route_add("default", "10.0.0.2")
+    b.route_add("default", "10.0.1.1")
+    a.route_add("default", "fd00::2")
+    b.route_add("default", "fd00:0:0:1::1")
+    lab_factory(topo)
+    assert topo.describe()["links"][0]["rate"] == "20mbit"
+    assert a.route_get("10.0.1.2")["gateway"] == "10.0.0.2"
+    for family in (4, 6):
+        local, _ = roundtrip(a, b, b.address(family=family))
+        assert local[0] == a.address(family=family)
+    # Routes through a link come back with it.
+    topo.link(0).down()
+    topo.link(0).up()
+    for family in (4, 6):
+        roundtrip(a, b, b.address(family=family))
+
+
+@pytest.mark.parametrize(
+    "gateway", [{"paths": 1}, {"paths": 3, "endpoints": "signal"}], indirect=True
+)
+def test_fixture_parametrized_indirectly(gateway: lab.Topology) -> None:
+    paths = len(gateway.links) - 1
+    assert len(gateway.host("client").interfaces) == paths
+    signals = gateway.host("proxy").endpoints()
+    assert len(signals) == max(paths - 1, 0)
+    assert all(e.get("signal") for e in signals)
+    assert gateway.host("client").endpoints() == []

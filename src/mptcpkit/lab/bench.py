@@ -28,7 +28,8 @@ from mptcpkit.lab.netns import LabError
 from mptcpkit.lab.topology import Host, Topology
 
 PROTOCOLS = ("mptcp", "tcp")
-_CHUNK = 64 * 1024
+_CHUNK = 128 * 1024
+_POOL = 4 * 1024 * 1024
 _RECV = 256 * 1024
 # A link counts as "recovered" once goodput is back to this share of what the surviving
 # links carried per link before the fault.
@@ -47,11 +48,18 @@ def read_net_dev() -> dict[str, dict[str, int]]:
     return result
 
 
-def stream(seed: int, size: int = _CHUNK) -> Iterator[bytes]:
-    """The deterministic pseudo-random byte stream the sender writes, chunk by chunk."""
+def stream(seed: int, size: int = _CHUNK) -> Iterator[memoryview]:
+    """The deterministic pseudo-random byte stream the sender writes, chunk by chunk.
+
+    Chunks are slices at pseudo-random offsets of a pseudo-random pool: as unpredictable
+    as the hash check needs, and free to produce (generating fresh random bytes would
+    cost the sender more CPU than the network stack at a few hundred Mbit/s).
+    """
     rng = random.Random(seed)
+    pool = memoryview(rng.randbytes(_POOL))
     while True:
-        yield rng.randbytes(size)
+        offset = rng.randrange(0, _POOL - size)
+        yield pool[offset : offset + size]
 
 
 @dataclasses.dataclass

@@ -269,7 +269,7 @@ class Host:
             args += ["table", str(table)]
         if onlink:
             args.append("onlink")
-        link = self._link_of_dev(dev) if dev else None
+        link = self._link_of_dev(dev) if dev else (self._link_of_gateway(via) if via else None)
         route = _Route(fam, tuple(args), link)
         self._routes.append(route)
         if self.topology.is_up:
@@ -300,6 +300,16 @@ class Host:
             args += ["oif", dev]
         out: list[dict[str, Any]] = json.loads(self._ip(*args).stdout)
         return out[0]
+
+    def _link_of_gateway(self, via: str) -> Link | None:
+        gw = ipaddress.ip_address(via)
+        for i in self.interfaces:
+            for net in (i.link.subnet4, i.link.subnet6):
+                if gw.version == ipaddress.ip_network(net).version and gw in ipaddress.ip_network(
+                    net
+                ):
+                    return i.link
+        return None
 
     def _link_of_dev(self, dev: str) -> Link | None:
         for i in self.interfaces:
