@@ -48,7 +48,9 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)(i?B?)?", text.strip(), re.I)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2G, 512M)")
-    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()])
+    return int(
+        float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    )
 
 
 def free_port() -> int:
@@ -157,8 +159,9 @@ class Bench:
         ip, ipm = free_port(), free_port()
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         self.procs.start(["iperf3", "-s", "-p", str(ip), "-B", "127.0.0.1"], **quiet)
-        self.procs.start(["mptcpize", "run", "iperf3", "-s", "-p", str(ipm), "-B", "127.0.0.1"],
-                         **quiet)
+        self.procs.start(
+            ["mptcpize", "run", "iperf3", "-s", "-p", str(ipm), "-B", "127.0.0.1"], **quiet
+        )
         wait_port(ip)
         wait_port(ipm)
         return Backends(ports[0], ip, ports[1], ipm)
@@ -167,9 +170,23 @@ class Bench:
 
     def bulk(self, port: int) -> float:
         out = subprocess.run(
-            ["mptcpize", "run", "iperf3", "-c", "127.0.0.1", "-p", str(port), "-n",
-             str(self.args.bytes), "-J", "-l", "256K"],
-            capture_output=True, text=True, timeout=120,
+            [
+                "mptcpize",
+                "run",
+                "iperf3",
+                "-c",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-n",
+                str(self.args.bytes),
+                "-J",
+                "-l",
+                "256K",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         data = json.loads(out.stdout)
         if "error" in data:
@@ -178,8 +195,19 @@ class Bench:
 
     def loadgen_run(self, mode: str, port: int, conc: int, req: int = 64) -> dict[str, Any]:
         out = subprocess.run(
-            [self.loadgen, mode, str(port), str(conc), str(self.args.seconds), "5000000", str(req), "1"],
-            capture_output=True, text=True, timeout=self.args.seconds + 60,
+            [
+                self.loadgen,
+                mode,
+                str(port),
+                str(conc),
+                str(self.args.seconds),
+                "5000000",
+                str(req),
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=self.args.seconds + 60,
         )
         return dict(json.loads(out.stdout))
 
@@ -188,8 +216,12 @@ class Bench:
             return None
         time.sleep(0.5)
         before = tree_rss_kib(pid)
-        p = subprocess.Popen([self.loadgen, "idle", str(port), str(n), "1"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [self.loadgen, "idle", str(port), str(n), "1"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert p.stdout is not None
             line = p.stdout.readline()
@@ -204,8 +236,9 @@ class Bench:
             raise RuntimeError(f"only {got['ready']} of {n} idle connections came up")
         return (after - before) / got["ready"]
 
-    def measure(self, name: str, bulk_port: int, echo_port: int, pid: int | None,
-                idle_n: int | None = None) -> Result:
+    def measure(
+        self, name: str, bulk_port: int, echo_port: int, pid: int | None, idle_n: int | None = None
+    ) -> Result:
         r = Result(name)
         steps: list[tuple[str, Callable[[], None]]] = [
             ("bulk", lambda: setattr(r, "bulk_gbps", self.bulk(bulk_port))),
@@ -213,7 +246,14 @@ class Bench:
             ("latency", lambda: self._rr(r, echo_port)),
         ]
         if pid is not None and (idle_n or self.args.idle):
-            steps.append(("idle", lambda: setattr(r, "idle_kib", self.idle(echo_port, pid, idle_n or self.args.idle))))
+            steps.append(
+                (
+                    "idle",
+                    lambda: setattr(
+                        r, "idle_kib", self.idle(echo_port, pid, idle_n or self.args.idle)
+                    ),
+                )
+            )
         for what, fn in steps:
             if self.args.only and what not in self.args.only:
                 continue
@@ -252,8 +292,11 @@ class Bench:
             f'[backend.echo]\nserver.s = "tcp@127.0.0.1:{be.echo}"\n'
         )
         env = {**os.environ, "PYTHONPATH": str(SRC)}
-        p = self.procs.start([sys.executable, "-m", "mptcpkit.cli.proxy", "-c", str(cfg)], env=env,
-                             stderr=subprocess.DEVNULL)
+        p = self.procs.start(
+            [sys.executable, "-m", "mptcpkit", "proxy", "-c", str(cfg)],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(fb)
         wait_port(fe)
         try:
@@ -262,7 +305,9 @@ class Bench:
             self._stop(p)
 
     @contextlib.contextmanager
-    def haproxy(self, be: Backends, nbthread: int, bufsize: int | None) -> Iterator[tuple[int, int, int]]:
+    def haproxy(
+        self, be: Backends, nbthread: int, bufsize: int | None
+    ) -> Iterator[tuple[int, int, int]]:
         fb, fe = free_port(), free_port()
         cfg = self.tmp / f"haproxy-{nbthread}-{bufsize}.cfg"
         tune = f"    tune.bufsize {bufsize}\n" if bufsize else ""
@@ -273,8 +318,11 @@ class Bench:
             f"listen bulk\n    bind 127.0.0.1:{fb}\n    server s 127.0.0.1:{be.iperf}\n"
             f"listen echo\n    bind 127.0.0.1:{fe}\n    server s 127.0.0.1:{be.echo}\n"
         )
-        p = self.procs.start(["mptcpize", "run", "haproxy", "-f", str(cfg), "-db"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = self.procs.start(
+            ["mptcpize", "run", "haproxy", "-f", str(cfg), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_port(fb)
         wait_port(fe)
         try:
@@ -286,8 +334,16 @@ class Bench:
     def socat(self, be: Backends) -> Iterator[tuple[int, int, int]]:
         fb, fe = free_port(), free_port()
         ps = [
-            self.procs.start(["mptcpize", "run", "socat", f"TCP-LISTEN:{f},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
-                              f"TCP:127.0.0.1:{b}"], stderr=subprocess.DEVNULL)
+            self.procs.start(
+                [
+                    "mptcpize",
+                    "run",
+                    "socat",
+                    f"TCP-LISTEN:{f},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                    f"TCP:127.0.0.1:{b}",
+                ],
+                stderr=subprocess.DEVNULL,
+            )
             for f, b in ((fb, be.iperf), (fe, be.echo))
         ]
         wait_port(fb)
@@ -338,8 +394,14 @@ def best_of(name: str, rs: list[Result]) -> Result:
             return None
         return min(vals) if low else max(vals)
 
-    return Result(name, pick("bulk_gbps", False), pick("rate", False), pick("p50_us", True),
-                  pick("p99_us", True), pick("idle_kib", True))
+    return Result(
+        name,
+        pick("bulk_gbps", False),
+        pick("rate", False),
+        pick("p50_us", True),
+        pick("p99_us", True),
+        pick("idle_kib", True),
+    )
 
 
 def report(results: list[Result], args: argparse.Namespace) -> str:
@@ -356,8 +418,10 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         return "-" if v is None else format(v, spec)
 
     for r in results:
-        lines.append(f"{r.name:38} {fmt(r.bulk_gbps, '11.2f')} {fmt(r.rate, '9.0f')} "
-                     f"{fmt(r.p50_us, '9.0f')} {fmt(r.p99_us, '9.0f')} {fmt(r.idle_kib, '9.1f')}")
+        lines.append(
+            f"{r.name:38} {fmt(r.bulk_gbps, '11.2f')} {fmt(r.rate, '9.0f')} "
+            f"{fmt(r.p50_us, '9.0f')} {fmt(r.p99_us, '9.0f')} {fmt(r.idle_kib, '9.1f')}"
+        )
         for n in r.notes:
             lines.append(f"    note: {n}")
     m, h, d = by.get("mptcpkit"), by.get("haproxy (best)"), by.get("direct")
@@ -379,18 +443,26 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
                 lines.append(f"  {label:30} -")
                 continue
             ok = v >= target if op == ">=" else v <= target
-            lines.append(f"  {label:30} {v:5.2f}x  (target {op} {target}x) {'met' if ok else 'MISSED'}")
+            lines.append(
+                f"  {label:30} {v:5.2f}x  (target {op} {target}x) {'met' if ok else 'MISSED'}"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bytes", type=parse_size, default=2 << 30, help="bulk transfer size (default 2G)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--bytes", type=parse_size, default=2 << 30, help="bulk transfer size (default 2G)"
+    )
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each rate/latency load")
     ap.add_argument("--concurrency", type=int, default=50, help="concurrent clients for conn rate")
     ap.add_argument("--rr-concurrency", type=int, default=10, help="connections for latency")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections for memory")
-    ap.add_argument("--workers", type=int, default=None, help="mptcpkit workers (default: per core)")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="mptcpkit workers (default: per core)"
+    )
     ap.add_argument("--only", nargs="*", choices=["bulk", "rate", "latency", "idle"])
     ap.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     args = ap.parse_args(argv)
@@ -409,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     args.maxconn = (limit - 200) // 2
     if args.idle > args.maxconn - 100:
-        print(f"proxy_bench: RLIMIT_NOFILE is {limit} (hard limit, no CAP_SYS_RESOURCE): "
-              f"idle connections lowered from {args.idle} to {args.maxconn - 100}", file=sys.stderr)
+        print(
+            f"proxy_bench: RLIMIT_NOFILE is {limit} (hard limit, no CAP_SYS_RESOURCE): "
+            f"idle connections lowered from {args.idle} to {args.maxconn - 100}",
+            file=sys.stderr,
+        )
         args.idle = args.maxconn - 100
     with tempfile.TemporaryDirectory(prefix="mptcpkit-bench-") as tmp:
         loadgen = str(Path(tmp) / "loadgen")

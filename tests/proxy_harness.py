@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 IPPROTO_MPTCP = 262
-PROXY_CMD = [sys.executable, "-m", "mptcpkit.cli.proxy"]
+PROXY_CMD = [sys.executable, "-m", "mptcpkit", "proxy"]
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

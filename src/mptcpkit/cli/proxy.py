@@ -104,25 +104,3 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     finally:
         sys.stdout.flush()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mptcpkit.cli.proxy ...`: this subcommand alone (used by tests and the demo)."""
-    from mptcpkit.cli.errors import CLIError
-
-    parser = argparse.ArgumentParser(prog="mptcpkit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["proxy", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code: int = args.func(args)
-    except CLIError as exc:
-        print(f"mptcpkit proxy: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
