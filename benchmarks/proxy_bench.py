@@ -407,11 +407,13 @@ def best_of(name: str, rs: list[Result]) -> Result:
 def report(results: list[Result], args: argparse.Namespace) -> str:
     by = {r.name: r for r in results}
     lines = [
-        f"loopback, MPTCP client leg, TCP server leg; {os.cpu_count()} CPUs; bulk {args.bytes} bytes; "
+        f"loopback, MPTCP client leg, TCP server leg; {os.cpu_count()} CPUs; "
+        f"bulk {args.bytes} bytes; "
         f"{args.seconds}s per load; conn rate with {args.concurrency} concurrent; latency with "
         f"{args.rr_concurrency} persistent connections; idle memory over {args.idle} connections "
         "(socat: 200)",
-        f"{'contender':38} {'bulk Gbit/s':>11} {'conn/s':>9} {'p50 us':>9} {'p99 us':>9} {'KiB/idle':>9}",
+        f"{'contender':38} {'bulk Gbit/s':>11} {'conn/s':>9} {'p50 us':>9} {'p99 us':>9} "
+        f"{'KiB/idle':>9}",
     ]
 
     def fmt(v: float | None, spec: str) -> str:
