@@ -540,3 +540,51 @@ def test_check_ok_and_quick_form_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and "command line: --to: bad address" in r.stderr, r.stderr
     r = _cli([])
     assert r.returncode == 2 and "nothing to do" in r.stderr
+
+
+def test_idle_timeout_closes(tmp_path: Path) -> None:
+    with (
+        Server(echo) as srv,
+        run_proxy(
+            tmp_path,
+            _conf(
+                "mptcp@127.0.0.1:0",
+                {"s": f'"tcp@127.0.0.1:{srv.port}"'},
+                extra_fe='timeout = { client = "1s", server = "30s" }',
+            ),
+        ) as px,
+    ):
+        s = connect(px.port("fe"), mptcp=True)
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        assert recv_all(s) == b""  # closed by the proxy after ~1-2s of silence
+        s.close()
+        line = wait_for(lambda: px.conn_lines(), what="log line")[0]
+        assert "ended='client timeout (1s idle)'" in line, line
+
+
+@pytest.mark.root
+def test_drops_privileges_after_bind(tmp_path: Path) -> None:
+    with (
+        Server(echo) as srv,
+        run_proxy(
+            tmp_path,
+            _conf(
+                "mptcp@127.0.0.1:0",
+                {"s": f'"tcp@127.0.0.1:{srv.port}"'},
+                glob='workers = 2\nmetrics = ""\nuser = "nobody"\ngroup = "nogroup"',
+            ),
+        ) as px,
+    ):
+
+        def uids(pid: int) -> set[str]:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            return set(next(x for x in status if x.startswith("Uid:")).split()[1:])
+
+        for pid in px.workers():
+            wait_for(lambda pid=pid: uids(pid) == {"65534"}, what=f"worker {pid} to be nobody")
+        assert uids(px.proc.pid) == {"0"}  # the master keeps root to bind on reload
+        s = connect(px.port("fe"), mptcp=True)
+        s.sendall(b"hi")
+        assert s.recv(2) == b"hi"
+        s.close()

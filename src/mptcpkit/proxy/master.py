@@ -224,6 +224,9 @@ class Master:
         m = self.cfg.global_.metrics
         if m is not None:
             self.metrics_dir = metrics_mod.prepare()
+            uid, gid = self.ids
+            if uid is not None or gid is not None:
+                os.chown(self.metrics_dir, -1 if uid is None else uid, -1 if gid is None else gid)
             try:
                 self.metrics_server, port = metrics_mod.serve(m.host or "127.0.0.1", m.port or 0)
             except OSError as exc:
@@ -408,40 +411,42 @@ def _worker_main(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    # Everything that reads files (modules, the log, metrics files, name lookups) happens
+    # before dropping root: the new user may not be able to read the Python installation.
+    import encodings.idna  # noqa: F401  (getaddrinfo needs it, lazily)
+
+    from mptcpkit.proxy.runtime import Runtime, resolve_targets
+
+    factory: Callable[[], asyncio.AbstractEventLoop] | None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    targets = resolve_targets(cfg)
+    log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix=f"worker {slot}: ")
+    metrics = metrics_mod.WorkerMetrics() if with_metrics else None
     uid, gid = ids
     if gid is not None:
         os.setgroups([])
         os.setgid(gid)
     if uid is not None:
         os.setuid(uid)
-    try:
-        import uvloop
 
-        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_worker_async(cfg, listeners, slot, with_metrics))
-    return 0
-
-
-async def _worker_async(
-    cfg: Config, listeners: dict[str, list[socket.socket]], slot: int, with_metrics: bool
-) -> None:
-    from mptcpkit.proxy.runtime import Runtime
-
-    log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix=f"worker {slot}: ")
-    metrics = None
-    if with_metrics:
-        metrics = metrics_mod.WorkerMetrics()
-    rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot)
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout)
-    loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)
-    try:
+    async def main() -> None:
+        rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=targets)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout)
+        loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)
         await rt.serve()
+
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
     finally:
         log.close()
+    return 0
 
 
 def run(cfg: Config, *, reload: Callable[[], Config] | None = None) -> int:

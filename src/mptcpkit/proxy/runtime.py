@@ -42,13 +42,16 @@ def _on_writable(fut: asyncio.Future[None]) -> None:
 class BackendRuntime:
     """A backend's servers, their resolved addresses, and how to open a leg to one."""
 
-    def __init__(self, cfg: Backend, rt: Runtime) -> None:
+    def __init__(
+        self, cfg: Backend, rt: Runtime, targets: Mapping[str, tuple[int, Any]] | None = None
+    ) -> None:
         self.cfg = cfg
         self.rt = rt
         self.balancer = Balancer(cfg)
-        self.targets: dict[str, tuple[int, Any]] = {}
+        self.targets: dict[str, tuple[int, Any]] = dict(targets or {})
         for s in cfg.servers:
-            self.targets[s.name] = _resolve(s.address)
+            if s.name not in self.targets:
+                self.targets[s.name] = _resolve(s.address)
         self.needs_client_addr = cfg.balance == "source" or any(s.send_proxy for s in cfg.servers)
 
     async def open(
@@ -105,6 +108,13 @@ async def connect_socket(
         sock.close()
         raise
     return sock
+
+
+def resolve_targets(cfg: Config) -> dict[str, dict[str, tuple[int, Any]]]:
+    """(family, sockaddr) of every server, by backend: names are looked up once, at start."""
+    return {
+        name: {s.name: _resolve(s.address) for s in b.servers} for name, b in cfg.backends.items()
+    }
 
 
 def _resolve(addr: Any) -> tuple[int, Any]:
@@ -209,6 +219,7 @@ class Runtime:
         log: EventLog,
         metrics: Any = None,
         worker: int = 0,
+        targets: Mapping[str, Mapping[str, tuple[int, Any]]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
@@ -220,7 +231,10 @@ class Runtime:
         self.idle_event = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.deadline: float | None = None
-        self.backends = {name: BackendRuntime(b, self) for name, b in cfg.backends.items()}
+        self.backends = {
+            name: BackendRuntime(b, self, (targets or {}).get(name))
+            for name, b in cfg.backends.items()
+        }
         self.frontends = [
             FrontendRuntime(f, listeners.get(f.name, ()), self.backends[f.backend], self)
             for f in cfg.frontends
