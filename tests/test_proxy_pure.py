@@ -362,3 +362,12 @@ def test_leastconn_source_backup_and_health() -> None:
     assert bk.pick() is bk.states[1]  # the backup takes over
     assert bk.pick(exclude=[bk.states[1]]) is None
     assert [st0.observe(True) for _ in range(2)] == [False, True] and st0.up
+
+
+def test_example_config_is_valid() -> None:
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "proxy.toml"
+    cfg = config.load(path)
+    assert [f.name for f in cfg.frontends] == ["web", "to-site-b"]
+    assert cfg.backends["site-b"].servers[0].policy is Policy.REQUIRE
