@@ -588,3 +588,19 @@ def test_drops_privileges_after_bind(tmp_path: Path) -> None:
         s.sendall(b"hi")
         assert s.recv(2) == b"hi"
         s.close()
+
+
+def test_reload_removes_a_frontend(tmp_path: Path) -> None:
+    with Server(echo) as srv:
+        two = _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{srv.port}"'}) + (
+            '[frontend.gone]\nbind = "mptcp@127.0.0.1:0"\nbackend = "be"\n'
+        )
+        with run_proxy(tmp_path, two, args=[]) as px:
+            gone = px.port("gone")
+            (tmp_path / "proxy.toml").write_text(
+                _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{srv.port}"'})
+            )
+            px.signal(signal.SIGHUP)
+            wait_for(lambda: "old worker" in px.log(), what="the old worker to finish")
+            with pytest.raises(ConnectionRefusedError):
+                connect(gone, mptcp=True)

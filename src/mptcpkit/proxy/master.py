@@ -94,6 +94,13 @@ def resolve_ids(cfg: Config) -> tuple[int | None, int | None]:
     return uid, gid
 
 
+def _pool_key(frontend: str, index: int, addr: Any) -> str:
+    """Same address text, same listening socket (across reloads); port 0 is never shared."""
+    if addr.protocol != "unix" and addr.port == 0:
+        return f"{addr}#{frontend}[{index}]"
+    return str(addr)
+
+
 class ListenerPool:
     """Listening sockets by (address, worker), kept across reloads."""
 
@@ -109,7 +116,7 @@ class ListenerPool:
             for f in cfg.frontends:
                 for i, addr in enumerate(f.binds):
                     key_name = f"frontend.{f.name}.bind" + (f"[{i}]" if len(f.binds) > 1 else "")
-                    text = str(addr)
+                    text = _pool_key(f.name, i, addr)
                     first = self._get(text, 0, new) or self._create(cfg, key_name, addr, made)
                     new[(text, 0)] = first
                     for w in range(1, workers):
@@ -181,7 +188,11 @@ class ListenerPool:
     def for_worker(self, cfg: Config, w: int) -> dict[str, list[socket.socket]]:
         out: dict[str, list[socket.socket]] = {}
         for f in cfg.frontends:
-            out[f.name] = [s for addr in f.binds for s in self.socks[(str(addr), w)]]
+            out[f.name] = [
+                s
+                for i, addr in enumerate(f.binds)
+                for s in self.socks[(_pool_key(f.name, i, addr), w)]
+            ]
         return out
 
     def all(self) -> list[socket.socket]:
@@ -213,6 +224,7 @@ class Master:
         self.metrics_dir: str | None = None
         self.metrics_server: Any = None
         self.generation = 0
+        self.retiring: list[socket.socket] = []
 
     # --- start -----------------------------------------------------------------------
 
@@ -247,7 +259,9 @@ class Master:
         cfg = self.cfg
         mine = self.pool.for_worker(cfg, slot)
         own = {id(s) for socks in mine.values() for s in socks}
-        others = [s for s in self.pool.all() if id(s) not in own]
+        # Close every listener that is not this worker's, including ones a reload is
+        # retiring: an inherited copy would keep a removed address accepting into a void.
+        others = [s for s in (*self.pool.all(), *self.retiring) if id(s) not in own]
         sys.stderr.flush()
         pid = os.fork()
         if pid:
@@ -350,11 +364,15 @@ class Master:
         self.cfg, self.ids = cfg, ids
         # Keep old sockets open until the new workers hold them (adopt closes the rest).
         prev = self.pool.socks
+        self.retiring = self.pool.all()
         self.pool.socks = new
         self.workers = {}
-        for slot in range(cfg.global_.workers):
-            self._spawn(slot)
-        self.pool.socks = prev
+        try:
+            for slot in range(cfg.global_.workers):
+                self._spawn(slot)
+        finally:
+            self.retiring = []
+            self.pool.socks = prev
         self.pool.adopt(new)
         for pid in old:
             self.old.add(pid)
