@@ -91,11 +91,11 @@ class Conn(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "c_eof",
-        "c_info",
         "c_lost",
         "c_req",
+        "c_state",
+        "c_sub",
         "caddr",
-        "csock",
         "ct",
         "done",
         "fe",
@@ -105,7 +105,8 @@ class Conn(asyncio.Protocol):
         "pending",
         "pending_size",
         "s_eof",
-        "s_info",
+        "s_state",
+        "s_sub",
         "server",
         "ssock",
         "st",
@@ -118,14 +119,13 @@ class Conn(asyncio.Protocol):
 
     def __init__(self, fe: FrontendRuntime, mptcp: bool) -> None:
         self.fe = fe
-        self.csock: Any = None
         self.caddr: Any = None
         self.ct: asyncio.Transport | None = None
         self.st: asyncio.Transport | None = None
         self.ssock: Any = None
         self.up = _Upstream(self)
         self.server: ServerState | None = None
-        self.pending: list[bytes] | None = []
+        self.pending: list[bytes] | None = None
         self.pending_size = 0
         self.hdr: bytearray | None = bytearray() if fe.cfg.accept_proxy else None
         self.bytes_in = 0
@@ -142,9 +142,11 @@ class Conn(asyncio.Protocol):
         self.how: str | None = None
         self.start = time.time()
         self.task: asyncio.Task[None] | None = None
-        # [state-or-None, most subflows seen]; state is "MPTCP"/"fallback"/"TCP"
-        self.c_info: list[Any] = [None, 0]
-        self.s_info: list[Any] = [None, 0]
+        # each leg: "MPTCP"/"fallback"/"TCP" (None: not sampled yet), most subflows seen
+        self.c_state: str | None = None
+        self.c_sub = 0
+        self.s_state: str | None = None
+        self.s_sub = 0
 
     # --- client leg --------------------------------------------------------------
 
@@ -173,7 +175,7 @@ class Conn(asyncio.Protocol):
 
     def _hold(self, data: bytes) -> None:
         if self.pending is None:
-            return
+            self.pending = []
         self.pending.append(data)
         self.pending_size += len(data)
         if self.pending_size > PENDING_LIMIT and self.ct is not None:
@@ -277,10 +279,15 @@ class Conn(asyncio.Protocol):
     def sample(self) -> None:
         """Record each still-open leg's MPTCP state and subflow count (once, at the end)."""
         fe = self.fe
-        if self.c_info[0] is None and not self.c_lost and self.ct is not None:
-            fe.rt.observe_leg(self.ct.get_extra_info("socket"), self.c_info, self.c_req)
-        if self.s_info[0] is None and self.ssock is not None and not self.st_lost:
-            fe.rt.observe_leg(self.ssock, self.s_info, True)
+        if self.c_state is None and not self.c_lost and self.ct is not None:
+            if self.c_req:
+                self.c_state, n = fe.rt.observe_leg(self.ct.get_extra_info("socket"))
+                self.c_sub = max(self.c_sub, n)
+            else:
+                self.c_state = "TCP"
+        if self.s_state is None and self.ssock is not None and not self.st_lost:
+            self.s_state, n = fe.rt.observe_leg(self.ssock)
+            self.s_sub = max(self.s_sub, n)
 
     def maybe_done(self) -> None:
         if not self.c_lost:
@@ -346,7 +353,7 @@ class Conn(asyncio.Protocol):
         self.ssock = sock
         self.st = transport
         if sock is None:
-            self.s_info[0] = "TCP"
+            self.s_state = "TCP"
         if self.c_lost:
             transport.close()
             return
@@ -362,6 +369,7 @@ class Conn(asyncio.Protocol):
                 self.ct.resume_reading()
         if self.c_eof:
             self.shut(transport)
+        self.task = None  # done: do not keep the finished Task alive for the connection's life
 
     def _connect_timeout(self) -> None:
         self.timed_out = True

@@ -295,21 +295,16 @@ class Runtime:
 
     # --- per connection ----------------------------------------------------------------
 
-    def observe_leg(self, sock: Any, info: list[Any], requested: bool) -> None:
-        """Fill [state, subflows] for a leg; syscalls only when MPTCP was asked for."""
-        if not requested or sock is None:
-            if info[0] is None:
-                info[0] = "TCP"
-            return
+    def observe_leg(self, sock: Any) -> tuple[str | None, int]:
+        """(state, subflows) of a leg where MPTCP was asked for; one getsockopt if MPTCP."""
         n = _subflows(sock)
         if n:
-            info[0] = "MPTCP"
-            if n > info[1]:
-                info[1] = n
-            return
+            return "MPTCP", n
         # fallback or TCP: SO_PROTOCOL tells. By fd: uvloop's PseudoSocket takes no weakrefs.
-        with contextlib.suppress(OSError, ValueError):
-            info[0] = str(mptcpkit.status(sock.fileno()))
+        try:
+            return str(mptcpkit.status(sock.fileno())), 0
+        except (OSError, ValueError):
+            return None, 0
 
     def connect_failed(self, be: BackendRuntime, state: ServerState, exc: BaseException) -> None:
         self.log.event(
@@ -320,8 +315,8 @@ class Runtime:
             self.metrics.connect_failed(be.cfg.name, state.server.name)
 
     def record(self, fe: FrontendRuntime, conn: Conn) -> None:
-        c_state = conn.c_info[0] or ("?" if conn.c_req else "TCP")
-        s_state = conn.s_info[0] or ("-" if conn.server is None and conn.st is None else "?")
+        c_state = conn.c_state or ("?" if conn.c_req else "TCP")
+        s_state = conn.s_state or ("-" if conn.server is None and conn.st is None else "?")
         server = conn.server.server if conn.server is not None else None
         rec = ConnRecord(
             start=conn.start,
@@ -332,9 +327,9 @@ class Runtime:
             server=server.name if server is not None else None,
             server_address=str(server.address) if server is not None else None,
             client_state=c_state,
-            client_subflows=max(conn.c_info[1], 0),
+            client_subflows=conn.c_sub,
             server_state=s_state,
-            server_subflows=max(conn.s_info[1], 0),
+            server_subflows=conn.s_sub,
             bytes_in=conn.bytes_in,
             bytes_out=conn.bytes_out,
             ended=conn.how or "closed",
@@ -374,14 +369,14 @@ class Runtime:
 
     def _sample_subflows(self, conn: Conn) -> None:
         """Most subflows seen: sampled on active MPTCP legs by the sweep, not per chunk."""
-        if conn.c_req and not conn.c_lost and conn.ct is not None and conn.c_info[0] != "fallback":
+        if conn.c_req and not conn.c_lost and conn.ct is not None and conn.c_state is None:
             n = _subflows(conn.ct.get_extra_info("socket"))
-            if n > conn.c_info[1]:
-                conn.c_info[1] = n
-        if conn.ssock is not None and not conn.st_lost and conn.s_info[0] != "fallback":
+            if n > conn.c_sub:
+                conn.c_sub = n
+        if conn.ssock is not None and not conn.st_lost and conn.s_state is None:
             n = _subflows(conn.ssock)
-            if n > conn.s_info[1]:
-                conn.s_info[1] = n
+            if n > conn.s_sub:
+                conn.s_sub = n
 
     async def _health(self, be: BackendRuntime) -> None:
         check = be.cfg.check
