@@ -17,7 +17,7 @@ __all__ = ["ConnRecord", "EventLog", "format_conn"]
 FLUSH_LINES = 256
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ConnRecord:
     """What the log line and the metrics say about one finished connection."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import grp
 import os
 import pwd
@@ -451,6 +452,10 @@ def _worker_main(
         os.setgid(gid)
     if uid is not None:
         os.setuid(uid)
+
+    # Startup objects will never be garbage: keep them out of every GC pass.
+    gc.collect()
+    gc.freeze()
 
     async def main() -> None:
         rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=targets)

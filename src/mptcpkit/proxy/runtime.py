@@ -199,6 +199,9 @@ class FrontendRuntime:
         if conn.server is not None:
             conn.server.active -= 1
         self.rt.record(self, conn)
+        # Break the Conn <-> _Upstream cycle: plain refcounting frees the pair now,
+        # no cyclic GC pass (and its pauses) per connection.
+        conn.up = None  # type: ignore[assignment]
         waiting = self.waiting
         while waiting and len(self.conns) - len(waiting) < self.cfg.maxconn:
             nxt = waiting.popleft()
