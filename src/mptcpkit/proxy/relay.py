@@ -33,11 +33,32 @@ __all__ = ["HIGH_WATER", "LOW_WATER", "Conn"]
 # 10k connections cannot run the proxy out of memory.
 HIGH_WATER = 1 << 20
 LOW_WATER = 1 << 18
+READ_SIZE = 1 << 18
 PENDING_LIMIT = 1 << 18  # client bytes held while the backend connect is in flight
 PROXY_HEADER_LIMIT = 16 + 65535
 
 
-class _Upstream(asyncio.Protocol):
+class ReadBuffer:
+    """One read buffer shared by every leg of a worker (callbacks never interleave).
+
+    Legs read into it (`BufferedProtocol`) and write a view of it to the other leg: no
+    bytes object per chunk. uvloop's `write()` keeps a reference to data it could not
+    send at once (asyncio 3.12+ too), so whenever the other leg's buffer is not empty
+    after a write, the buffer is handed over and a fresh one taken.
+    """
+
+    __slots__ = ("buf", "view")
+
+    def __init__(self) -> None:
+        self.buf = bytearray(READ_SIZE)
+        self.view = memoryview(self.buf)
+
+    def renew(self) -> None:
+        self.buf = bytearray(READ_SIZE)
+        self.view = memoryview(self.buf)
+
+
+class _Upstream(asyncio.BufferedProtocol):
     """The server leg: forwards to the `Conn` that owns it."""
 
     __slots__ = ("c",)
@@ -48,11 +69,18 @@ class _Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.c.rb.view
+
+    def buffer_updated(self, nbytes: int) -> None:
         c = self.c
-        c.bytes_out += len(data)
+        c.bytes_out += nbytes
         c.active = True
-        c.ct.write(data)  # type: ignore[union-attr]
+        rb = c.rb
+        ct = c.ct
+        ct.write(rb.view[:nbytes])  # type: ignore[union-attr]
+        if ct.get_write_buffer_size():  # type: ignore[union-attr]
+            rb.renew()
 
     def eof_received(self) -> bool:
         c = self.c
@@ -83,7 +111,7 @@ class _Upstream(asyncio.Protocol):
         c.maybe_done()
 
 
-class Conn(asyncio.Protocol):
+class Conn(asyncio.BufferedProtocol):
     """A client connection and, once connected, its server leg."""
 
     __slots__ = (
@@ -104,6 +132,7 @@ class Conn(asyncio.Protocol):
         "idle",
         "pending",
         "pending_size",
+        "rb",
         "s_eof",
         "s_state",
         "s_sub",
@@ -119,6 +148,7 @@ class Conn(asyncio.Protocol):
 
     def __init__(self, fe: FrontendRuntime, mptcp: bool) -> None:
         self.fe = fe
+        self.rb: ReadBuffer = fe.rt.rbuf
         self.caddr: Any = None
         self.ct: asyncio.Transport | None = None
         self.st: asyncio.Transport | None = None
@@ -161,9 +191,23 @@ class Conn(asyncio.Protocol):
         if self.hdr is None:
             self.task = self.fe.loop.create_task(self.connect())
 
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.rb.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
         self.active = True
+        rb = self.rb
+        st = self.st
+        if st is not None:
+            st.write(rb.view[:nbytes])
+            if st.get_write_buffer_size():
+                rb.renew()
+            return
+        self.data_received(bytes(rb.view[:nbytes]))
+
+    def data_received(self, data: bytes) -> None:
+        """Client bytes before the server leg exists: PROXY header, or held."""
         st = self.st
         if st is not None:
             st.write(data)

@@ -24,7 +24,7 @@ from mptcpkit.policy import Policy
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config, Frontend
 from mptcpkit.proxy.logging import ConnRecord, EventLog
-from mptcpkit.proxy.relay import Conn, reason_of
+from mptcpkit.proxy.relay import Conn, ReadBuffer, reason_of
 
 __all__ = ["BackendRuntime", "FrontendRuntime", "Runtime"]
 
@@ -55,7 +55,7 @@ class BackendRuntime:
         self.needs_client_addr = cfg.balance == "source" or any(s.send_proxy for s in cfg.servers)
 
     async def open(
-        self, state: ServerState, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop
+        self, state: ServerState, protocol: asyncio.BaseProtocol, loop: asyncio.AbstractEventLoop
     ) -> tuple[Any, asyncio.Transport]:
         """Connect to `state`'s server with its MPTCP policy; (socket or None, transport)."""
         family, sockaddr = self.targets[state.server.name]
@@ -229,6 +229,7 @@ class Runtime:
         self.uvloop = type(self.loop).__module__.startswith("uvloop")
         self.log = log
         self.metrics = metrics
+        self.rbuf = ReadBuffer()
         self.worker = worker
         self.stopping = False
         self.idle_event = asyncio.Event()
