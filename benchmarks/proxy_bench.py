@@ -31,6 +31,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -241,7 +242,7 @@ class Bench:
     ) -> Result:
         r = Result(name)
         steps: list[tuple[str, Callable[[], None]]] = [
-            ("bulk", lambda: setattr(r, "bulk_gbps", self.bulk(bulk_port))),
+            ("bulk", lambda: setattr(r, "bulk_gbps", self._median(lambda: self.bulk(bulk_port)))),
             ("rate", lambda: self._rate(r, echo_port)),
             ("latency", lambda: self._rr(r, echo_port)),
         ]
@@ -265,17 +266,26 @@ class Bench:
                 self.log(f"  {name}: {what} failed: {exc}")
         return r
 
+    def _median(self, fn: Callable[[], float]) -> float:
+        """The median of --repeat runs (the machine may be shared: one run is noisy)."""
+        return statistics.median(fn() for _ in range(self.args.repeat))
+
     def _rate(self, r: Result, port: int) -> None:
-        d = self.loadgen_run("rate", port, self.args.concurrency)
-        r.rate = d["rate"]
-        if d["errors"]:
-            r.notes.append(f"rate: {d['errors']} errors")
+        runs = [
+            self.loadgen_run("rate", port, self.args.concurrency) for _ in range(self.args.repeat)
+        ]
+        r.rate = statistics.median(d["rate"] for d in runs)
+        if errors := sum(d["errors"] for d in runs):
+            r.notes.append(f"rate: {errors} errors")
 
     def _rr(self, r: Result, port: int) -> None:
-        d = self.loadgen_run("rr", port, self.args.rr_concurrency)
-        r.p50_us, r.p99_us = d["p50_us"], d["p99_us"]
-        if d["errors"]:
-            r.notes.append(f"latency: {d['errors']} errors")
+        runs = [
+            self.loadgen_run("rr", port, self.args.rr_concurrency) for _ in range(self.args.repeat)
+        ]
+        r.p50_us = statistics.median(d["p50_us"] for d in runs)
+        r.p99_us = statistics.median(d["p99_us"] for d in runs)
+        if errors := sum(d["errors"] for d in runs):
+            r.notes.append(f"latency: {errors} errors")
 
     # --- contenders -----------------------------------------------------------------
 
@@ -409,7 +419,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     lines = [
         f"loopback, MPTCP client leg, TCP server leg; {os.cpu_count()} CPUs; "
         f"bulk {args.bytes} bytes; "
-        f"{args.seconds}s per load; conn rate with {args.concurrency} concurrent; latency with "
+        f"{args.seconds}s per load, median of {args.repeat}; conn rate with {args.concurrency} concurrent; latency with "
         f"{args.rr_concurrency} persistent connections; idle memory over {args.idle} connections "
         "(socat: 200)",
         f"{'contender':38} {'bulk Gbit/s':>11} {'conn/s':>9} {'p50 us':>9} {'p99 us':>9} "
@@ -465,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workers", type=int, default=None, help="mptcpkit workers (default: per core)"
     )
+    ap.add_argument("--repeat", type=int, default=1, help="runs per load; the median is kept")
     ap.add_argument("--only", nargs="*", choices=["bulk", "rate", "latency", "idle"])
     ap.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     args = ap.parse_args(argv)
