@@ -419,7 +419,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     lines = [
         f"loopback, MPTCP client leg, TCP server leg; {os.cpu_count()} CPUs; "
         f"bulk {args.bytes} bytes; "
-        f"{args.seconds}s per load, median of {args.repeat}; conn rate with {args.concurrency} concurrent; latency with "
+        f"{args.seconds}s per load, median of {args.repeat}; "
+        f"conn rate with {args.concurrency} concurrent; latency with "
         f"{args.rr_concurrency} persistent connections; idle memory over {args.idle} connections "
         "(socat: 200)",
         f"{'contender':38} {'bulk Gbit/s':>11} {'conn/s':>9} {'p50 us':>9} {'p99 us':>9} "
