@@ -371,3 +371,34 @@ def test_example_config_is_valid() -> None:
     cfg = config.load(path)
     assert [f.name for f in cfg.frontends] == ["web", "to-site-b"]
     assert cfg.backends["site-b"].servers[0].policy is Policy.REQUIRE
+
+
+def test_log_line_formats() -> None:
+    import json
+
+    from mptcpkit.proxy.logging import ConnRecord, format_conn
+
+    rec = ConnRecord(
+        start=0.5,
+        duration=1.25,
+        frontend="web",
+        client=("2001:db8::1", 4242),
+        backend="app",
+        server="s1",
+        server_address="tcp@10.0.0.5:443",
+        client_state="MPTCP",
+        client_subflows=2,
+        server_state="TCP",
+        server_subflows=0,
+        bytes_in=10,
+        bytes_out=20,
+        ended="both closed",
+    )
+    text = format_conn(rec)
+    assert text == (
+        "1970-01-01T00:00:00.500Z conn web [2001:db8::1]:4242 -> app/s1 "
+        "client=MPTCP(2) server=TCP in=10 out=20 time=1.250s ended='both closed'"
+    )
+    d = json.loads(format_conn(rec, "json"))
+    assert d["client"] == "[2001:db8::1]:4242" and d["client_subflows"] == 2
+    assert d["ended"] == "both closed" and d["start"] == "1970-01-01T00:00:00.500Z"
