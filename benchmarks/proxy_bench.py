@@ -81,6 +81,28 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    i = 0
+    while i < len(out):
+        with contextlib.suppress(OSError):
+            for t in Path(f"/proc/{out[i]}/task").iterdir():
+                out += [int(c) for c in (t / "children").read_text().split()]
+        i += 1
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """user+sys CPU time of a process and its descendants (a contention-proof cost)."""
+    ticks = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            # utime, stime, and the same for reaped children (socat forks per connection)
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss_kib(pid: int) -> int:
     """RSS of a process and all its descendants."""
     total = 0
@@ -135,6 +157,7 @@ class Result:
     name: str
     bulk_gbps: float | None = None
     rate: float | None = None
+    cpu_us_per_conn: float | None = None
     p50_us: float | None = None
     p99_us: float | None = None
     idle_kib: float | None = None
@@ -243,7 +266,7 @@ class Bench:
         r = Result(name)
         steps: list[tuple[str, Callable[[], None]]] = [
             ("bulk", lambda: setattr(r, "bulk_gbps", self._median(lambda: self.bulk(bulk_port)))),
-            ("rate", lambda: self._rate(r, echo_port)),
+            ("rate", lambda: self._rate(r, echo_port, pid)),
             ("latency", lambda: self._rr(r, echo_port)),
         ]
         if pid is not None and (idle_n or self.args.idle):
@@ -270,10 +293,14 @@ class Bench:
         """The median of --repeat runs (the machine may be shared: one run is noisy)."""
         return statistics.median(fn() for _ in range(self.args.repeat))
 
-    def _rate(self, r: Result, port: int) -> None:
+    def _rate(self, r: Result, port: int, pid: int | None) -> None:
+        cpu0 = tree_cpu_seconds(pid) if pid is not None else 0.0
         runs = [
             self.loadgen_run("rate", port, self.args.concurrency) for _ in range(self.args.repeat)
         ]
+        if pid is not None:
+            done = sum(d["done"] for d in runs)
+            r.cpu_us_per_conn = (tree_cpu_seconds(pid) - cpu0) * 1e6 / max(done, 1)
         r.rate = statistics.median(d["rate"] for d in runs)
         if errors := sum(d["errors"] for d in runs):
             r.notes.append(f"rate: {errors} errors")
@@ -406,11 +433,12 @@ def best_of(name: str, rs: list[Result]) -> Result:
 
     return Result(
         name,
-        pick("bulk_gbps", False),
-        pick("rate", False),
-        pick("p50_us", True),
-        pick("p99_us", True),
-        pick("idle_kib", True),
+        bulk_gbps=pick("bulk_gbps", False),
+        rate=pick("rate", False),
+        cpu_us_per_conn=pick("cpu_us_per_conn", True),
+        p50_us=pick("p50_us", True),
+        p99_us=pick("p99_us", True),
+        idle_kib=pick("idle_kib", True),
     )
 
 
@@ -423,8 +451,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"conn rate with {args.concurrency} concurrent; latency with "
         f"{args.rr_concurrency} persistent connections; idle memory over {args.idle} connections "
         "(socat: 200)",
-        f"{'contender':38} {'bulk Gbit/s':>11} {'conn/s':>9} {'p50 us':>9} {'p99 us':>9} "
-        f"{'KiB/idle':>9}",
+        f"{'contender':38} {'bulk Gbit/s':>11} {'conn/s':>9} {'CPU us/conn':>11} {'p50 us':>9} "
+        f"{'p99 us':>9} {'KiB/idle':>9}",
     ]
 
     def fmt(v: float | None, spec: str) -> str:
@@ -433,6 +461,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     for r in results:
         lines.append(
             f"{r.name:38} {fmt(r.bulk_gbps, '11.2f')} {fmt(r.rate, '9.0f')} "
+            f"{fmt(r.cpu_us_per_conn, '11.0f')} "
             f"{fmt(r.p50_us, '9.0f')} {fmt(r.p99_us, '9.0f')} {fmt(r.idle_kib, '9.1f')}"
         )
         for n in r.notes:
@@ -447,6 +476,12 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             ("bulk vs HAProxy", ratio(m.bulk_gbps, h.bulk_gbps), ">=", 1.0),
             ("bulk vs direct MPTCP", ratio(m.bulk_gbps, d.bulk_gbps), ">=", 0.8),
             ("conn rate vs HAProxy", ratio(m.rate, h.rate), ">=", 1.0),
+            (
+                "CPU per connection vs HAProxy",
+                ratio(m.cpu_us_per_conn, h.cpu_us_per_conn),
+                "<=",
+                1.0,
+            ),
             ("p99 latency vs HAProxy", ratio(m.p99_us, h.p99_us), "<=", 1.2),
             ("memory/idle conn vs HAProxy", ratio(m.idle_kib, h.idle_kib), "<=", 1.0),
         ]

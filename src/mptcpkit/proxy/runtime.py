@@ -319,6 +319,8 @@ class Runtime:
             self.metrics.connect_failed(be.cfg.name, state.server.name)
 
     def record(self, fe: FrontendRuntime, conn: Conn) -> None:
+        if self.log.fd < 0 and self.metrics is None:
+            return  # nobody reads it
         c_state = conn.c_state or ("?" if conn.c_req else "TCP")
         s_state = conn.s_state or ("-" if conn.server is None and conn.st is None else "?")
         server = conn.server.server if conn.server is not None else None
