@@ -101,14 +101,18 @@ class ProxyProc:
 
 @contextlib.contextmanager
 def run_proxy(
-    tmp: Path, config: str | None = None, args: list[str] | None = None, ready: bool = True
+    tmp: Path,
+    config: str | None = None,
+    args: list[str] | None = None,
+    ready: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ProxyProc]:
     argv = list(args or [])
     if config is not None:
         path = tmp / "proxy.toml"
         path.write_text(config)
         argv = ["-c", str(path), *argv]
-    p = ProxyProc(argv, tmp)
+    p = ProxyProc(argv, tmp, env)
     try:
         if ready:
             p.wait_ready()

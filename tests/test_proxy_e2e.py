@@ -101,6 +101,24 @@ def test_relay_hash_both_directions(
         assert not srv.errors
 
 
+@pytest.mark.parametrize("server_mptcp", [False, True])
+def test_relay_on_stock_asyncio(tmp_path: Path, server_mptcp: bool) -> None:
+    """The same relay without uvloop (MPTCPKIT_PROXY_LOOP=asyncio)."""
+    target = "mptcp" if server_mptcp else "tcp"
+    with (
+        Server(hash_reply, mptcp=server_mptcp) as srv,
+        run_proxy(
+            tmp_path,
+            _conf("mptcp@127.0.0.1:0", {"s1": f'"{target}@127.0.0.1:{srv.port}"'}),
+            env={"MPTCPKIT_PROXY_LOOP": "asyncio"},
+        ) as px,
+    ):
+        _roundtrip(px.port("fe"), mptcp=True).close()
+        line = wait_for(lambda: px.conn_lines(), what="log line")[0]
+        want = "MPTCP" if server_mptcp else "TCP"
+        assert "client=MPTCP" in line and f"server={want}" in line, line
+
+
 def test_fallback_reported(tmp_path: Path) -> None:
     """A TCP client on an MPTCP frontend, an mptcp@ server that only speaks TCP."""
     with (

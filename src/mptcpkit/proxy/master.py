@@ -39,6 +39,7 @@ __all__ = ["Master", "run"]
 
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 BACKLOG = 4096
+LOOP_ENV = "MPTCPKIT_PROXY_LOOP"  # "asyncio" runs workers on stock asyncio, not uvloop
 _Key = tuple[str, int]  # (address text, worker index)
 
 
@@ -436,13 +437,12 @@ def _worker_main(
 
     from mptcpkit.proxy.runtime import Runtime, resolve_targets
 
-    factory: Callable[[], asyncio.AbstractEventLoop] | None
-    try:
-        import uvloop
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if os.environ.get(LOOP_ENV, "uvloop") != "asyncio":
+        with contextlib.suppress(ImportError):
+            import uvloop
 
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
+            factory = uvloop.new_event_loop
     targets = resolve_targets(cfg)
     log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix=f"worker {slot}: ")
     metrics = metrics_mod.WorkerMetrics() if with_metrics else None
