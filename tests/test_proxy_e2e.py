@@ -18,6 +18,7 @@ import mptcpkit.aio
 from mptcpkit.proxy import proxyproto
 from proxy_harness import (
     PROXY_CMD,
+    ProxyProc,
     Server,
     connect,
     echo,
@@ -622,3 +623,27 @@ def test_reload_removes_a_frontend(tmp_path: Path) -> None:
             wait_for(lambda: "old worker" in px.log(), what="the old worker to finish")
             with pytest.raises(ConnectionRefusedError):
                 connect(gone, mptcp=True)
+
+
+def test_workers_die_with_a_killed_master(tmp_path: Path) -> None:
+    with Server(echo) as srv:
+        conf = tmp_path / "p.toml"
+        conf.write_text(
+            _conf(
+                "mptcp@127.0.0.1:0",
+                {"s": f'"tcp@127.0.0.1:{srv.port}"'},
+                glob='workers = 2\nmetrics = ""',
+            )
+        )
+        px = ProxyProc(["-c", str(conf)], tmp_path).wait_ready()
+        try:
+            workers = wait_for(lambda: len(px.workers()) == 2 and px.workers(), what="workers")
+            px.proc.kill()  # SIGKILL: the master cannot tell anyone
+            px.proc.wait(10)
+
+            def gone() -> bool:
+                return not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+            wait_for(gone, what="orphaned workers to exit")
+        finally:
+            px.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import grp
@@ -39,6 +40,7 @@ __all__ = ["Master", "run"]
 
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 BACKLOG = 4096
+_PR_SET_PDEATHSIG = 1
 LOOP_ENV = "MPTCPKIT_PROXY_LOOP"  # "asyncio" runs workers on stock asyncio, not uvloop
 _Key = tuple[str, int]  # (address text, worker index)
 
@@ -265,6 +267,7 @@ class Master:
         # retiring: an inherited copy would keep a removed address accepting into a void.
         others = [s for s in (*self.pool.all(), *self.retiring) if id(s) not in own]
         sys.stderr.flush()
+        master_pid = os.getpid()
         pid = os.fork()
         if pid:
             self.workers[pid] = slot
@@ -276,7 +279,7 @@ class Master:
             if self.metrics_server is not None:
                 with contextlib.suppress(OSError):
                     self.metrics_server.socket.close()
-            code = _worker_main(cfg, mine, slot, self.ids, self.metrics_dir is not None)
+            code = _worker_main(cfg, mine, slot, self.ids, self.metrics_dir is not None, master_pid)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -419,12 +422,22 @@ class Master:
         return 0
 
 
+def _die_with_parent(master_pid: int) -> None:
+    """A worker must not outlive a master killed with SIGKILL: PR_SET_PDEATHSIG."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != master_pid:  # the master died before prctl took effect
+        os._exit(1)
+
+
 def _worker_main(
     cfg: Config,
     listeners: dict[str, list[socket.socket]],
     slot: int,
     ids: tuple[int | None, int | None],
     with_metrics: bool,
+    master_pid: int,
 ) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -452,6 +465,7 @@ def _worker_main(
         os.setgid(gid)
     if uid is not None:
         os.setuid(uid)
+    _die_with_parent(master_pid)  # after setuid, which clears it
 
     # Startup objects will never be garbage: keep them out of every GC pass.
     gc.collect()
