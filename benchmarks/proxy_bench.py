@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,15 @@ class Backends:
 
 
 @dataclass
+class Target:
+    name: str
+    bulk_port: int
+    echo_port: int
+    pid: int | None  # the process tree whose CPU and memory count (None: no proxy)
+    idle: int | None = None
+
+
+@dataclass
 class Result:
     name: str
     bulk_gbps: float | None = None
@@ -260,59 +269,37 @@ class Bench:
             raise RuntimeError(f"only {got['ready']} of {n} idle connections came up")
         return (after - before) / got["ready"]
 
-    def measure(
-        self, name: str, bulk_port: int, echo_port: int, pid: int | None, idle_n: int | None = None
-    ) -> Result:
-        r = Result(name)
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("bulk", lambda: setattr(r, "bulk_gbps", self._median(lambda: self.bulk(bulk_port)))),
-            ("rate", lambda: self._rate(r, echo_port, pid)),
-            ("latency", lambda: self._rr(r, echo_port)),
-        ]
-        if pid is not None and (idle_n or self.args.idle):
-            steps.append(
-                (
-                    "idle",
-                    lambda: setattr(
-                        r, "idle_kib", self.idle(echo_port, pid, idle_n or self.args.idle)
-                    ),
-                )
-            )
-        for what, fn in steps:
-            if self.args.only and what not in self.args.only:
-                continue
-            self.log(f"  {name}: {what} ...")
-            try:
-                fn()
-            except Exception as exc:  # one failed measurement must not sink the run
-                r.notes.append(f"{what} failed: {exc}")
-                self.log(f"  {name}: {what} failed: {exc}")
+    def measure_round(self, t: Target, what: str, raw: dict[str, list[Any]]) -> None:
+        """One run of one load against one contender; results appended to `raw`."""
+        if what == "bulk":
+            raw["bulk"].append(self.bulk(t.bulk_port))
+        elif what == "rate":
+            cpu0 = tree_cpu_seconds(t.pid) if t.pid is not None else 0.0
+            d = self.loadgen_run("rate", t.echo_port, self.args.concurrency)
+            if t.pid is not None:
+                raw["cpu"].append((tree_cpu_seconds(t.pid) - cpu0, d["done"]))
+            raw["rate"].append(d)
+        elif what == "latency":
+            raw["rr"].append(self.loadgen_run("rr", t.echo_port, self.args.rr_concurrency))
+
+    @staticmethod
+    def summarise(name: str, raw: dict[str, list[Any]], notes: list[str]) -> Result:
+        r = Result(name, notes=notes)
+        if raw["bulk"]:
+            r.bulk_gbps = statistics.median(raw["bulk"])
+        if raw["rate"]:
+            r.rate = statistics.median(d["rate"] for d in raw["rate"])
+            if errors := sum(d["errors"] for d in raw["rate"]):
+                notes.append(f"rate: {errors} errors")
+        if raw["cpu"]:
+            cpu = sum(c for c, _ in raw["cpu"])
+            r.cpu_us_per_conn = cpu * 1e6 / max(sum(n for _, n in raw["cpu"]), 1)
+        if raw["rr"]:
+            r.p50_us = statistics.median(d["p50_us"] for d in raw["rr"])
+            r.p99_us = statistics.median(d["p99_us"] for d in raw["rr"])
+            if errors := sum(d["errors"] for d in raw["rr"]):
+                notes.append(f"latency: {errors} errors")
         return r
-
-    def _median(self, fn: Callable[[], float]) -> float:
-        """The median of --repeat runs (the machine may be shared: one run is noisy)."""
-        return statistics.median(fn() for _ in range(self.args.repeat))
-
-    def _rate(self, r: Result, port: int, pid: int | None) -> None:
-        cpu0 = tree_cpu_seconds(pid) if pid is not None else 0.0
-        runs = [
-            self.loadgen_run("rate", port, self.args.concurrency) for _ in range(self.args.repeat)
-        ]
-        if pid is not None:
-            done = sum(d["done"] for d in runs)
-            r.cpu_us_per_conn = (tree_cpu_seconds(pid) - cpu0) * 1e6 / max(done, 1)
-        r.rate = statistics.median(d["rate"] for d in runs)
-        if errors := sum(d["errors"] for d in runs):
-            r.notes.append(f"rate: {errors} errors")
-
-    def _rr(self, r: Result, port: int) -> None:
-        runs = [
-            self.loadgen_run("rr", port, self.args.rr_concurrency) for _ in range(self.args.repeat)
-        ]
-        r.p50_us = statistics.median(d["p50_us"] for d in runs)
-        r.p99_us = statistics.median(d["p99_us"] for d in runs)
-        if errors := sum(d["errors"] for d in runs):
-            r.notes.append(f"latency: {errors} errors")
 
     # --- contenders -----------------------------------------------------------------
 
@@ -402,25 +389,49 @@ class Bench:
         time.sleep(1.0)  # let TIME_WAIT and sockets settle between contenders
 
     def run(self) -> list[Result]:
+        """All contenders run at once; loads go round-robin over them, --repeat rounds.
+
+        Interleaving matters on a shared machine: a contender measured alone in a busy
+        minute would look worse than one measured in a quiet one.
+        """
         be = self.backends()
-        results = []
-        self.log("direct MPTCP (the ceiling)")
-        results.append(self.measure("direct", be.iperf_mptcp, be.echo_mptcp, None))
-        self.log("mptcpkit proxy")
-        with self.mptcpkit(be) as (fb, fe, pid):
-            results.append(self.measure("mptcpkit", fb, fe, pid))
-        variants = []
-        for nbthread in (1, 2):
-            for bufsize in (None, 262144):
-                label = f"haproxy nbthread={nbthread} bufsize={bufsize or 'default'}"
-                self.log(label)
-                with self.haproxy(be, nbthread, bufsize) as (fb, fe, pid):
-                    variants.append(self.measure(label, fb, fe, pid))
-        results.extend(variants)
-        results.append(best_of("haproxy (best)", variants))
-        self.log("socat")
-        with self.socat(be) as (fb, fe, pid):
-            results.append(self.measure("socat", fb, fe, pid, idle_n=min(self.args.idle, 200)))
+        with contextlib.ExitStack() as stack:
+            targets = [Target("direct", be.iperf_mptcp, be.echo_mptcp, None)]
+            fb, fe, pid = stack.enter_context(self.mptcpkit(be))
+            targets.append(Target("mptcpkit", fb, fe, pid))
+            for nbthread in (1, 2):
+                for bufsize in (None, 262144):
+                    label = f"haproxy nbthread={nbthread} bufsize={bufsize or 'default'}"
+                    fb, fe, pid = stack.enter_context(self.haproxy(be, nbthread, bufsize))
+                    targets.append(Target(label, fb, fe, pid))
+            fb, fe, pid = stack.enter_context(self.socat(be))
+            targets.append(Target("socat", fb, fe, pid, idle=min(self.args.idle, 200)))
+            raws = {t.name: {"bulk": [], "rate": [], "cpu": [], "rr": []} for t in targets}
+            notes: dict[str, list[str]] = {t.name: [] for t in targets}
+            for rnd in range(1, self.args.repeat + 1):
+                for what in ("bulk", "rate", "latency"):
+                    if self.args.only and what not in self.args.only:
+                        continue
+                    for t in targets:
+                        self.log(f"round {rnd}/{self.args.repeat}: {what}: {t.name}")
+                        try:
+                            self.measure_round(t, what, raws[t.name])
+                        except Exception as exc:  # one failure must not sink the run
+                            notes[t.name].append(f"{what} failed: {exc}")
+                            self.log(f"  failed: {exc}")
+            results = [self.summarise(t.name, raws[t.name], notes[t.name]) for t in targets]
+            if not self.args.only or "idle" in self.args.only:
+                for t, r in zip(targets, results, strict=True):
+                    if t.pid is None:
+                        continue
+                    self.log(f"idle memory: {t.name}")
+                    try:
+                        r.idle_kib = self.idle(t.echo_port, t.pid, t.idle or self.args.idle)
+                    except Exception as exc:
+                        r.notes.append(f"idle failed: {exc}")
+        variants = [r for r in results if r.name.startswith("haproxy")]
+        at = results.index(variants[-1]) + 1
+        results.insert(at, best_of("haproxy (best)", variants))
         return results
 
 
