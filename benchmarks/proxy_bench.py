@@ -10,8 +10,12 @@ All contenders in one run, on loopback, with an MPTCP client leg and a TCP serve
   socat     socat TCP-LISTEN,fork
 
 Measures: bulk throughput (iperf3, one stream, --bytes), new connections/s with one
-small request each, p50/p99 latency of small requests on persistent connections, and
-memory per idle proxied connection (RSS delta over --idle connections). The load
+small request each and the CPU time (user+sys) the contender spent per connection,
+p50/p99 latency of small requests on persistent connections, and memory per idle
+proxied connection (RSS delta over --idle connections). All contenders run at once and
+the loads go round-robin over them, --repeat times (medians), so that a busy minute on
+a shared machine does not land on one contender only; CPU per connection is the figure
+that contention does not distort. The load
 generator and echo server are a small C program (benchmarks/loadgen.c, needs gcc) so
 that Python is not measuring itself. Every load is bounded in count and time.
 
