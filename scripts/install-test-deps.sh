@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine: real peers from apt
-# (HAProxy, socat, curl, busybox-static, mptcpize, iproute2) and the package with its
-# test extras from PyPI. Idempotent: skips apt when everything is already there.
+# (HAProxy, socat, curl, busybox-static, mptcpize, iproute2, and Go to build a static
+# Go peer) and the package with its test extras from PyPI. Idempotent: skips apt when
+# everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-apt_pkgs=(iproute2 haproxy socat curl busybox-static mptcpize iperf3 procps)
+apt_pkgs=(iproute2 haproxy socat curl busybox-static mptcpize iperf3 procps golang-go)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

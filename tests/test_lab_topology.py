@@ -540,3 +540,22 @@ def test_fixture_parametrized_indirectly(gateway: lab.Topology) -> None:
     assert len(signals) == max(paths - 1, 0)
     assert all(e.get("signal") for e in signals)
     assert gateway.host("client").endpoints() == []
+
+
+def test_no_file_descriptor_leaks() -> None:
+    from mptcpkit.lab.bench import run_bench
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    prefix = unique_prefix()
+    for _ in range(2):
+        with lab.two_paths(paths=2, rate="50mbit", prefix=prefix) as net:
+            net.host("server").popen(["sleep", "30"])
+            with net.host("client").enter():
+                pass
+            net.host("client").call(os.getpid)
+            result = run_bench(net, duration=0.3, interval=0.1)
+            assert result.verified
+    assert fds() == before

@@ -55,6 +55,16 @@ def test_check_command_in_a_disabled_namespace(lab_factory: LabFactory) -> None:
     assert json.loads(ok.stdout)["usable"] is True
 
 
+def test_check_command_reports_endpoints_and_limits(lab_factory: LabFactory) -> None:
+    net = lab_factory(lab.two_paths, paths=2)  # limits 8/8, a subflow endpoint on link 1
+    client = net.host("client")
+    report = json.loads(client.run([sys.executable, "-m", "mptcpkit", "check", "--json"]).stdout)
+    assert report["limits"] == {"subflows": 8, "add_addr_accepted": 8}
+    assert report["endpoints"] == [
+        {"address": client.address(1), "id": 1, "subflow": True, "dev": client.iface(1).name}
+    ]
+
+
 def test_two_subflows_with_the_right_addresses(lab_factory: LabFactory, no_fd_leak: None) -> None:
     net = lab_factory(lab.two_paths, paths=2)  # client has a `subflow` endpoint on link 1
     client, server = net.host("client"), net.host("server")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 
@@ -108,10 +109,11 @@ def test_create_server_reports_the_address_on_bind_error(no_fd_leak: None) -> No
 
 
 def test_address_binds_a_port_range_and_connects(no_fd_leak: None) -> None:
-    for _attempt in range(10):  # three free ports in a row: retry if one was taken
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
+    # Three free ports in a row, below the ephemeral range so that the connections of
+    # other tests do not take them; retry if one is taken anyway.
+    rng = random.Random()
+    for _attempt in range(50):
+        base = rng.randrange(20000, 30000)
         addr = mptcpkit.parse_address(f"mptcp4@127.0.0.1:{base}-{base + 2}")
         try:
             servers = addr.create_server()

@@ -17,6 +17,7 @@ from mptcpkit.downgrade import setsockopt
 from mptcpkit.errors import MPTCPUnavailableError, TCPOnlyOptionError
 from mptcpkit.introspect import Subflow, info, subflows
 from mptcpkit.policy import Policy
+from mptcpkit.run.inprocess import forced
 from mptcpkit.sockets import Socket, create_connection, create_server, socket
 from mptcpkit.status import SocketStatus, State, status
 from mptcpkit.support import Support, Unusable, available, support, tcp_md5sig_available
@@ -43,6 +44,7 @@ __all__ = [
     "available",
     "create_connection",
     "create_server",
+    "forced",
     "info",
     "parse_address",
     "setsockopt",

@@ -122,7 +122,7 @@ def downgrade(sock: socket.socket, option: OptionInfo) -> None:
         socket.socket(sock.family, socket.SOCK_STREAM, c.IPPROTO_MPTCP) as reference,
         socket.socket(sock.family, socket.SOCK_STREAM, c.IPPROTO_TCP) as replacement,
     ):
-        _carry_options(sock, reference, replacement)
+        carry_options(sock, reference, replacement)
         os.dup2(replacement.fileno(), fd, inheritable=inheritable)
     fcntl.fcntl(fd, fcntl.F_SETFL, file_flags)
     reason = f"turned into plain TCP for {option.name} ({option.why})"
@@ -141,7 +141,7 @@ def downgrade(sock: socket.socket, option: OptionInfo) -> None:
         ) from exc
 
 
-def _carry_options(old: socket.socket, reference: socket.socket, new: socket.socket) -> None:
+def carry_options(old: socket.socket, reference: socket.socket, new: socket.socket) -> None:
     """Set on `new` every option of `old` that differs from a fresh MPTCP socket's."""
     for level, optname, size, families in _CARRIED:
         if families is not None and old.family not in families:

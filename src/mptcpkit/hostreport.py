@@ -83,33 +83,13 @@ def rejected_options() -> list[str]:
 
 
 def _pm_state() -> tuple[dict[str, int] | None, list[dict[str, Any]] | None, list[str]]:
-    try:
-        from pyroute2 import MPTCP
+    from mptcpkit import pm
 
-        with MPTCP() as pm:
-            (limits_msg,) = pm.limits("show")
-            endpoints_msgs = pm.endpoint("show")
-    except Exception as exc:  # reported, not fatal: the rest of the report still helps
+    try:
+        limits, endpoints = pm.limits(), pm.endpoints()
+    except (pm.PMError, OSError) as exc:  # reported, not fatal: the rest still helps
         return None, None, [f"path manager state unavailable: {exc}"]
-    names = {
-        "MPTCP_PM_ATTR_SUBFLOWS": "subflows",
-        "MPTCP_PM_ATTR_RCV_ADD_ADDRS": "add_addr_accepted",
-    }
-    limits = {names[k]: v for k, v in limits_msg["attrs"] if k in names}
-    endpoints = []
-    for msg in endpoints_msgs:
-        addr = dict(msg.get_attr("MPTCP_PM_ATTR_ADDR")["attrs"])
-        endpoints.append(
-            {
-                "id": addr.get("MPTCP_PM_ADDR_ATTR_ID"),
-                "address": addr.get("MPTCP_PM_ADDR_ATTR_ADDR4")
-                or addr.get("MPTCP_PM_ADDR_ATTR_ADDR6"),
-                "port": addr.get("MPTCP_PM_ADDR_ATTR_PORT"),
-                "flags": addr.get("MPTCP_PM_ADDR_ATTR_FLAGS", 0),
-                "ifindex": addr.get("MPTCP_PM_ADDR_ATTR_IF_IDX"),
-            }
-        )
-    return limits, endpoints, []
+    return limits.to_json(), [ep.to_json() for ep in endpoints], []
 
 
 def gather() -> HostReport:

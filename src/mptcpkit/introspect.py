@@ -30,7 +30,7 @@ from mptcpkit.abi.subflow import (
 )
 from mptcpkit.abi.tcp_info import TCP_INFO_SIZE, TCPInfo, decode_tcp_info
 from mptcpkit.status import SocketLike
-from mptcpkit.support import support
+from mptcpkit.support import kernel_features
 
 _NOT_MPTCP = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 _MAX_SUBFLOWS = 256  # the kernel's own limit on subflows per connection is far lower
@@ -102,7 +102,7 @@ def subflows(sock: SocketLike) -> list[Subflow]:
     """Every subflow of an MPTCP connection; [] when the socket is not MPTCP."""
     fd = _fd(sock)
     try:
-        if support().full_info:
+        if kernel_features().full_info:
             return _subflows_full_info(fd)
         return _subflows_split(fd)
     except OSError as exc:

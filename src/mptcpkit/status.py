@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import os
 import socket
 import weakref
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Protocol
 
 from mptcpkit._libc import getsockopt_inout
 from mptcpkit.abi import constants as c
+from mptcpkit.support import kernel_version
 
 
 class HasFileno(Protocol):
@@ -60,15 +60,7 @@ def record_note(sock: object, reason: str) -> None:
     _notes[sock] = reason
 
 
-def _kernel_has_sol_mptcp() -> bool:
-    try:
-        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    except ValueError:
-        return True
-    return (major, minor) >= (5, 16)
-
-
-_HAS_SOL_MPTCP = _kernel_has_sol_mptcp()
+_HAS_SOL_MPTCP = kernel_version() >= (5, 16)
 _FALLBACK_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 
 

@@ -1,8 +1,11 @@
 """Can this host, in this network namespace, make MPTCP sockets, and which features?
 
-`net.mptcp.enabled` is per network namespace, so the probe is cached per namespace
-(keyed by the calling thread's netns inode): a thread that moves into another
-namespace gets a fresh answer.
+`net.mptcp.enabled` is per network namespace, so the answer is cached per namespace,
+keyed by the calling thread's namespace cookie (SO_NETNS_COOKIE, 5.14+; unlike a
+namespace's inode number, which the kernel hands out again as soon as a namespace is
+gone, a cookie is never reused). A thread that moves into another namespace gets a fresh
+answer. Kernel features (MPTCP_INFO, MPTCP_FULL_INFO, TCP_IS_MPTCP) belong to the kernel,
+not the namespace, and are probed once per process.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 from mptcpkit._libc import getsockopt_inout
 from mptcpkit.abi import constants as c
+from mptcpkit.abi.constants import SOL_SOCKET
 from mptcpkit.abi.mptcp_info import MPTCP_INFO_SIZE
 from mptcpkit.abi.subflow import FULL_INFO_HEADER_SIZE, encode_full_info
 
@@ -57,7 +61,7 @@ class Support:
     sol_mptcp: bool  # getsockopt(SOL_MPTCP, MPTCP_INFO): 5.16+
     full_info: bool  # MPTCP_FULL_INFO: 6.5+
     tcp_is_mptcp: bool  # getsockopt(SOL_TCP, TCP_IS_MPTCP)
-    netns: int | None  # inode of the network namespace probed
+    netns: int | None  # the probed network namespace's cookie
 
     @property
     def detail(self) -> str:
@@ -68,14 +72,27 @@ class Support:
         return f"{self.reason.value} ({name})"
 
 
+SO_NETNS_COOKIE = 71
+
 _cache: dict[int | None, Support] = {}
 _lock = threading.Lock()
 
 
+@dataclass(frozen=True, slots=True)
+class KernelFeatures:
+    sol_mptcp: bool
+    full_info: bool
+    tcp_is_mptcp: bool
+
+
+_features: KernelFeatures | None = None
+
+
 def current_netns() -> int | None:
-    """The inode of the calling thread's network namespace (setns is per thread)."""
+    """The cookie of the calling thread's network namespace (setns is per thread)."""
     try:
-        return os.stat("/proc/thread-self/ns/net").st_ino
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            return int.from_bytes(probe.getsockopt(SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
     except OSError:
         return None
 
@@ -112,8 +129,35 @@ def _probe_full_info(probe: socket.socket) -> bool:
     return True
 
 
-def _probe() -> Support:
-    netns = current_netns()
+def kernel_version() -> tuple[int, int]:
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return (0, 0)
+    return major, minor
+
+
+def kernel_features() -> KernelFeatures:
+    """What the running kernel offers, probed on an MPTCP socket once per process; by
+    kernel version while no MPTCP socket can be made (e.g. MPTCP disabled here)."""
+    global _features
+    if _features is not None:
+        return _features
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
+    except OSError:
+        version = kernel_version()
+        return KernelFeatures(version >= (5, 16), version >= (6, 5), version >= (6, 11))
+    with probe:
+        _features = KernelFeatures(
+            sol_mptcp=_probe_option(probe, c.SOL_MPTCP, c.MPTCP_INFO, MPTCP_INFO_SIZE),
+            full_info=_probe_full_info(probe),
+            tcp_is_mptcp=_probe_option(probe, c.SOL_TCP, c.TCP_IS_MPTCP, 4),
+        )
+    return _features
+
+
+def _probe(netns: int | None) -> Support:
     enabled = read_sysctl("net.mptcp.enabled")
     enabled_value = int(enabled) if enabled is not None and enabled.isdigit() else None
     kernel = os.uname().release
@@ -162,7 +206,7 @@ def support(*, refresh: bool = False) -> Support:
         found = _cache.get(netns)
         if found is not None:
             return found
-    result = _probe()
+    result = _probe(netns)
     with _lock:
         _cache[netns] = result
     return result

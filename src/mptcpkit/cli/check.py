@@ -44,7 +44,9 @@ def render(report: HostReport, console: Console) -> None:
     if report.endpoints is not None:
         table.add_row("endpoints", str(len(report.endpoints)) if report.endpoints else "none")
         for ep in report.endpoints:
-            table.add_row("", f"id {ep['id']} {ep['address']} flags {ep['flags']}")
+            flags = " ".join(k for k, v in ep.items() if v is True)
+            dev = f" dev {ep['dev']}" if "dev" in ep else ""
+            table.add_row("", f"{ep['address']} id {ep['id']} {flags}{dev}")
     table.add_row("MPTCP_INFO (5.16+)", _yes(s.sol_mptcp))
     table.add_row("MPTCP_FULL_INFO (6.5+)", _yes(s.full_info))
     table.add_row("TCP_IS_MPTCP", _yes(s.tcp_is_mptcp))

@@ -1,25 +1,22 @@
 """Named network namespaces: enter one from a thread, run tools in one, remove them by prefix.
 
-Python 3.11 has no `os.setns`, so entering goes through libc. `setns(CLONE_NEWNET)` changes
-only the calling thread, which is what lets a test make sockets inside a namespace while the
-rest of the process stays where it was.
+Entering is `mptcpkit.netns.entered` (a per-thread setns), which is what lets a test make
+sockets inside a namespace while the rest of the process stays where it was.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 
-NETNS_RUN_DIR = "/var/run/netns"
-CLONE_NEWNET = 0x40000000
+from mptcpkit import netns as _core
+
+NETNS_RUN_DIR = _core.NETNS_RUN_DIR
 DEFAULT_PREFIX = "mptk-"
 PREFIX_ENV = "MPTCPKIT_LAB_PREFIX"
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class LabError(RuntimeError):
@@ -39,35 +36,16 @@ def check_prefix(prefix: str) -> None:
         raise ValueError(f"lab prefix {prefix!r}: must be a non-empty file name such as 'mptk-'")
 
 
-def setns(fd: int) -> None:
-    """Move the calling thread into the network namespace open at `fd`."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
-
-
 @contextlib.contextmanager
 def entered(netns: str) -> Iterator[None]:
-    """Run the block with this thread inside `netns`; the thread's own netns comes back after.
-
-    Sockets made inside the block stay in `netns` for their whole life.
-    """
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    """Run the block with this thread inside `netns` (see `mptcpkit.netns.entered`), with a
+    missing namespace reported as a LabError."""
     try:
-        try:
-            target = os.open(os.path.join(NETNS_RUN_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise LabError(f"network namespace {netns!r} does not exist") from None
-        try:
-            setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            setns(own)
-    finally:
-        os.close(own)
+        os.close(_core.open_netns(netns))
+    except _core.NamespaceNotFound:
+        raise LabError(f"network namespace {netns!r} does not exist") from None
+    with _core.entered(netns):
+        yield
 
 
 def run_tool(
@@ -178,7 +156,6 @@ def is_root() -> bool:
 
 
 __all__ = [
-    "CLONE_NEWNET",
     "DEFAULT_PREFIX",
     "PREFIX_ENV",
     "LabError",
@@ -189,5 +166,4 @@ __all__ = [
     "list_netns",
     "remove_all",
     "run_tool",
-    "setns",
 ]

@@ -1,0 +1,193 @@
+"""`mptcpkit run`: run an unmodified program with its TCP sockets made MPTCP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from mptcpkit.cli.errors import CLIError, UsageError
+
+STRATEGIES = ("auto", "seccomp", "preload", "bpf")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run a program with its TCP sockets forced to MPTCP",
+        description=(
+            "Run CMD so that its IPv4/IPv6 stream sockets (protocol 0 or TCP) are MPTCP, "
+            "and plain TCP wherever MPTCP cannot be made. CMD's terminal, exit status and "
+            "signals pass through."
+        ),
+        epilog="example: mptcpkit run --stats -- curl http://example.test/",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="auto",
+        help="seccomp (any binary; default), preload (mptcpize's libmptcpwrap), "
+        "bpf (update_socket_protocol, where the kernel allows it); auto picks bpf only "
+        "when a probe load succeeds and nothing needs seccomp",
+    )
+    p.add_argument(
+        "--only",
+        choices=("listen", "connect"),
+        help="keep MPTCP only for listening or only for connecting sockets, decided when "
+        "the program calls listen() or connect()",
+    )
+    p.add_argument(
+        "--stats",
+        nargs="?",
+        const="text",
+        choices=("text", "json"),
+        help="print at exit how many sockets were forced, fell back, or were left alone "
+        "(on stderr)",
+    )
+    p.add_argument(
+        "--systemd-dropin",
+        metavar="UNIT",
+        help="write a drop-in that runs UNIT's ExecStart under mptcpkit run (the unit "
+        "file itself is never edited); with --remove, delete it",
+    )
+    p.add_argument("--remove", action="store_true", help="with --systemd-dropin: remove it")
+    p.add_argument(
+        "--root", metavar="DIR", default="/", help="with --systemd-dropin: file-system root"
+    )
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.systemd_dropin:
+        return _dropin(args, command)
+    if args.remove:
+        raise UsageError("--remove goes with --systemd-dropin UNIT")
+    if not command:
+        raise UsageError("no command given: mptcpkit run [OPTIONS] -- CMD ARGS...")
+    strategy = _choose(args)
+    if strategy == "preload":
+        return _preload(command)
+    if strategy == "bpf":
+        return _bpf(command)
+    return _seccomp(args, command)
+
+
+def _choose(args: argparse.Namespace) -> str:
+    strategy: str = args.strategy
+    if strategy in ("preload", "bpf") and (args.only or args.stats):
+        flag = "--only" if args.only else "--stats"
+        raise UsageError(f"{flag} needs --strategy seccomp, not {strategy}")
+    if strategy != "auto":
+        return strategy
+    if args.only or args.stats:
+        return "seccomp"
+    from mptcpkit.run import bpfload
+
+    return "bpf" if bpfload.probe() is None else "seccomp"
+
+
+def _seccomp(args: argparse.Namespace, command: list[str]) -> int:
+    from mptcpkit.run import abi, launch
+    from mptcpkit.run.supervisor import Only
+
+    try:
+        abi.native_arch()
+    except LookupError as exc:
+        raise UsageError(str(exc)) from None
+    only = Only(args.only) if args.only else None
+    try:
+        result = launch.run(command, only=only)
+    except FileNotFoundError:
+        print(f"mptcpkit run: {command[0]}: command not found", file=sys.stderr)
+        return 127
+    except PermissionError as exc:
+        print(f"mptcpkit run: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 126
+    except launch.SeccompUnavailable as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        raise CLIError(f"cannot start {command[0]} under seccomp: {exc}") from exc
+    if args.stats == "json":
+        print(json.dumps(result.stats.as_dict()), file=sys.stderr)
+    elif args.stats:
+        print(f"mptcpkit run: {result.stats.line()}", file=sys.stderr)
+    return result.returncode
+
+
+def _preload(command: list[str]) -> int:
+    from mptcpkit.run import preload
+
+    library = preload.find_library()
+    if library is None:
+        raise CLIError(
+            f"--strategy preload needs {preload.LIBRARY} (Debian/Ubuntu package "
+            "libmptcpwrap0, from mptcpize); it is not installed: use --strategy seccomp"
+        )
+    env = preload.environment(library, os.environ)
+    try:
+        os.execvpe(command[0], command, env)
+    except FileNotFoundError:
+        print(f"mptcpkit run: {command[0]}: command not found", file=sys.stderr)
+        return 127
+    except PermissionError as exc:
+        print(f"mptcpkit run: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 126
+
+
+def _bpf(command: list[str]) -> int:
+    from mptcpkit.run import bpfload
+
+    reason = bpfload.probe()
+    if reason is not None:
+        raise CLIError(
+            f"--strategy bpf is not available here: {reason}; use --strategy seccomp "
+            "(works without BPF)"
+        )
+    return bpfload.run(command)
+
+
+def _dropin(args: argparse.Namespace, command: list[str]) -> int:
+    from mptcpkit.run import systemd
+
+    if command:
+        raise UsageError("--systemd-dropin takes no command: the unit's ExecStart is wrapped")
+    try:
+        if args.remove:
+            path = systemd.remove_dropin(args.systemd_dropin, root=args.root)
+            print(f"removed {path}" if path else f"no drop-in for {args.systemd_dropin}")
+            return 0
+        options = []
+        if args.strategy != "auto":
+            options += ["--strategy", args.strategy]
+        if args.only:
+            options += ["--only", args.only]
+        path = systemd.write_dropin(args.systemd_dropin, options, root=args.root)
+    except systemd.UnitError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"wrote {path}; run `systemctl daemon-reload` and restart {args.systemd_dropin}")
+    return 0
+
+
+def standalone(argv: list[str] | None = None) -> int:
+    """`python -m mptcpkit.cli.run ...`: the subcommand alone, same messages and codes."""
+    parser = argparse.ArgumentParser(prog="mptcpkit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code: int = args.func(args)
+    except CLIError as exc:
+        print(f"mptcpkit run: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(standalone())

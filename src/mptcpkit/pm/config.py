@@ -1,0 +1,250 @@
+"""`pmd.toml`: the path-manager daemon's configuration, parsed and checked without I/O.
+
+mode = "kernel"               # or "userspace" (sets net.mptcp.pm_type=1)
+netns = "client"              # optional: manage this namespace
+cleanup = true                # on SIGTERM remove the endpoints pmd added
+flags = ["subflow"]           # default endpoint flags (kernel mode)
+load_balancer = false         # allow_join_initial_addr_port=0 + "signal" endpoints
+status_socket = "/run/mptcpkit/pmd.sock"
+
+[interfaces]
+allow = ["eth*", "wlan0"]     # fnmatch globs; empty: every interface but lo
+deny = ["docker*"]
+[interfaces.flags]
+wwan0 = ["subflow", "backup"] # per-interface flags (cellular as backup)
+
+[limits]
+subflows = "auto"             # or 0..8; "auto" raises it to the endpoint count
+add_addr_accepted = "auto"
+
+[userspace]
+policy = "fullmesh"           # or "per-interface", "ndiffports"
+ndiffports = 2
+announce = true               # servers announce their other addresses
+
+[resubflow]
+enabled = true
+backoff_initial = 1.0         # seconds, doubled after each failure
+backoff_max = 30.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from mptcpkit.pm import codec
+
+MODES = ("kernel", "userspace")
+POLICIES = ("fullmesh", "per-interface", "ndiffports")
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    mode: str = "kernel"
+    netns: str | None = None
+    cleanup: bool = True
+    flags: tuple[str, ...] = ("subflow",)
+    load_balancer: bool = False
+    status_socket: str | None = None
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    interface_flags: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    subflows: int | None = None  # None: "auto"
+    add_addr_accepted: int | None = None
+    policy: str = "fullmesh"
+    ndiffports: int = 2
+    announce: bool = True
+    resubflow: bool = True
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+    max_attempts: int = 8
+
+    def wants(self, ifname: str) -> bool:
+        """Is `ifname` managed? deny wins over allow; lo never."""
+        if ifname == "lo":
+            return False
+        if any(fnmatch.fnmatchcase(ifname, pat) for pat in self.deny):
+            return False
+        return not self.allow or any(fnmatch.fnmatchcase(ifname, pat) for pat in self.allow)
+
+    def flags_for(self, ifname: str) -> codec.EndpointFlag:
+        """Endpoint flags for addresses on `ifname` (load_balancer forces `signal`)."""
+        names = self.flags
+        for pat, fl in self.interface_flags.items():
+            if fnmatch.fnmatchcase(ifname, pat):
+                names = fl
+                break
+        flags = codec.flags_from_names(names)
+        if self.load_balancer:
+            flags = (flags & ~(codec.EndpointFlag.SUBFLOW | codec.EndpointFlag.FULLMESH)) | (
+                codec.EndpointFlag.SIGNAL
+            )
+        return codec.EndpointFlag(flags)
+
+    def status_path(self) -> str:
+        if self.status_socket:
+            return self.status_socket
+        suffix = f"-{self.netns}" if self.netns else ""
+        return f"/run/mptcpkit/pmd{suffix}.sock"
+
+
+def _strings(where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _flags(where: str, value: Any) -> tuple[str, ...]:
+    names = _strings(where, value)
+    try:
+        codec.flags_from_names(names)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return names
+
+
+def _limit(where: str, value: Any) -> int | None:
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 8:
+        raise ConfigError(f'{where}: expected "auto" or a number 0..8, got {value!r}')
+    return value
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _number(where: str, value: Any, lo: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < lo:
+        raise ConfigError(f"{where}: expected a number >= {lo}, got {value!r}")
+    return float(value)
+
+
+def _check_keys(where: str, table: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+
+
+def from_dict(data: Mapping[str, Any], source: str = "pmd.toml") -> Config:
+    """Validate a parsed TOML document; every error names `source` and the key."""
+    top = {"mode", "netns", "cleanup", "flags", "load_balancer", "status_socket"}
+    tables = {"interfaces", "limits", "userspace", "resubflow"}
+    _check_keys(source, data, top | tables)
+    kw: dict[str, Any] = {}
+    if "mode" in data:
+        if data["mode"] not in MODES:
+            raise ConfigError(
+                f"{source}: mode: expected one of {', '.join(MODES)}, got {data['mode']!r}"
+            )
+        kw["mode"] = data["mode"]
+    if "netns" in data:
+        if not isinstance(data["netns"], str) or not data["netns"]:
+            raise ConfigError(f"{source}: netns: expected a namespace name")
+        kw["netns"] = data["netns"]
+    if "status_socket" in data:
+        if not isinstance(data["status_socket"], str) or not data["status_socket"]:
+            raise ConfigError(f"{source}: status_socket: expected a path")
+        kw["status_socket"] = data["status_socket"]
+    for key in ("cleanup", "load_balancer"):
+        if key in data:
+            kw[key] = _bool(f"{source}: {key}", data[key])
+    if "flags" in data:
+        kw["flags"] = _flags(f"{source}: flags", data["flags"])
+    for name in tables:
+        if name in data and not isinstance(data[name], dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+    ifs = data.get("interfaces", {})
+    _check_keys(f"{source}: [interfaces]", ifs, {"allow", "deny", "flags"})
+    if "allow" in ifs:
+        kw["allow"] = _strings(f"{source}: interfaces.allow", ifs["allow"])
+    if "deny" in ifs:
+        kw["deny"] = _strings(f"{source}: interfaces.deny", ifs["deny"])
+    if "flags" in ifs:
+        if not isinstance(ifs["flags"], dict):
+            raise ConfigError(f"{source}: [interfaces.flags] must be a table")
+        kw["interface_flags"] = {
+            k: _flags(f"{source}: interfaces.flags.{k}", v) for k, v in ifs["flags"].items()
+        }
+    lim = data.get("limits", {})
+    _check_keys(f"{source}: [limits]", lim, {"subflows", "add_addr_accepted"})
+    for key in ("subflows", "add_addr_accepted"):
+        if key in lim:
+            kw[key] = _limit(f"{source}: limits.{key}", lim[key])
+    us = data.get("userspace", {})
+    _check_keys(f"{source}: [userspace]", us, {"policy", "ndiffports", "announce"})
+    if "policy" in us:
+        if us["policy"] not in POLICIES:
+            raise ConfigError(
+                f"{source}: userspace.policy: expected one of {', '.join(POLICIES)}, "
+                f"got {us['policy']!r}"
+            )
+        kw["policy"] = us["policy"]
+    if "ndiffports" in us:
+        n = us["ndiffports"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 8:
+            raise ConfigError(f"{source}: userspace.ndiffports: expected 1..8, got {n!r}")
+        kw["ndiffports"] = n
+    if "announce" in us:
+        kw["announce"] = _bool(f"{source}: userspace.announce", us["announce"])
+    rs = data.get("resubflow", {})
+    _check_keys(
+        f"{source}: [resubflow]", rs, {"enabled", "backoff_initial", "backoff_max", "max_attempts"}
+    )
+    if "max_attempts" in rs:
+        n = rs["max_attempts"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(
+                f"{source}: resubflow.max_attempts: expected a number >= 1, got {n!r}"
+            )
+        kw["max_attempts"] = n
+    if "enabled" in rs:
+        kw["resubflow"] = _bool(f"{source}: resubflow.enabled", rs["enabled"])
+    if "backoff_initial" in rs:
+        kw["backoff_initial"] = _number(
+            f"{source}: resubflow.backoff_initial", rs["backoff_initial"], 0.05
+        )
+    if "backoff_max" in rs:
+        kw["backoff_max"] = _number(f"{source}: resubflow.backoff_max", rs["backoff_max"], 0.05)
+    config = Config(**kw)
+    if config.backoff_max < config.backoff_initial:
+        raise ConfigError(f"{source}: resubflow.backoff_max must be >= backoff_initial")
+    return config
+
+
+def loads(text: str, source: str = "pmd.toml") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return from_dict(data, source)
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    return loads(text, os.fspath(path))
+
+
+def backoff(attempt: int, initial: float, maximum: float) -> float:
+    """Delay before retry number `attempt` (0-based): initial * 2**attempt, capped."""
+    return float(min(maximum, initial * (2 ** min(attempt, 30))))

@@ -1,0 +1,41 @@
+"""Counters of what forcing did to a program's sockets, for `--stats`."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+
+@dataclasses.dataclass
+class Stats:
+    """What the supervisor did, for `--stats`."""
+
+    forced: int = 0  # made MPTCP at socket()
+    fell_back: int = 0  # MPTCP could not be made: plain TCP
+    left_alone: int = 0  # trapped but deliberately not forced
+    swapped: int = 0  # forced, then rebuilt as plain TCP before use
+    reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def line(self) -> str:
+        mptcp = self.forced - self.swapped
+        parts = [
+            f"{mptcp} socket{'s' if mptcp != 1 else ''} forced to MPTCP",
+            f"{self.fell_back} fell back to TCP",
+            f"{self.left_alone + self.swapped} left alone",
+        ]
+        text = ", ".join(parts)
+        if self.reasons:
+            detail = "; ".join(f"{why}: {n}" for why, n in sorted(self.reasons.items()))
+            text += f" ({detail})"
+        return text
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "forced": self.forced - self.swapped,
+            "fell_back": self.fell_back,
+            "left_alone": self.left_alone + self.swapped,
+            "swapped_to_tcp": self.swapped,
+            "reasons": dict(self.reasons),
+            "warnings": list(self.warnings),
+        }

@@ -1,0 +1,499 @@
+"""The seccomp supervisor: answers a forced program's trapped calls.
+
+For each trapped socket() it makes the socket itself, MPTCP first, in the calling
+thread's network namespace and with its credentials, and injects it as socket()'s
+return value (SECCOMP_IOCTL_NOTIF_ADDFD; nothing is injected into a program that
+died or whose call was interrupted meanwhile). When
+MPTCP cannot be made, the call proceeds in the kernel and the program gets plain
+TCP. For a TCP-only option, or `--only`, it swaps a forced socket that is not yet
+connected for plain TCP (SECCOMP_ADDFD_FLAG_SETFD) and lets the call proceed.
+
+Every piece of information read from /proc is confirmed afterwards with
+SECCOMP_IOCTL_NOTIF_ID_VALID, so a recycled thread id cannot redirect a socket.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import enum
+import errno
+import fcntl
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import TextIO
+
+from mptcpkit.abi.constants import IPPROTO_MPTCP
+from mptcpkit.run import abi, swap, syscalls
+from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
+from mptcpkit.run.options import tcp_only_options
+from mptcpkit.run.stats import Stats
+
+SOCK_CLOEXEC = socket.SOCK_CLOEXEC
+SOCK_NONBLOCK = socket.SOCK_NONBLOCK
+FORCED_MEMORY = 1 << 16  # forced sockets remembered for a later swap (oldest forgotten)
+MAX_CONTEXTS = 32  # worker threads kept for other namespaces / credentials
+
+
+class Only(enum.Enum):
+    """`--only`: which sockets stay MPTCP once the program shows what they are for."""
+
+    LISTEN = "listen"
+    CONNECT = "connect"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+    """Who a trapped thread is: process, credentials, network namespace."""
+
+    tgid: int
+    uids: tuple[int, int, int]
+    gids: tuple[int, int, int]
+    groups: tuple[int, ...]
+    netns: tuple[int, int]
+
+
+def _field(status: bytes, name: bytes) -> list[bytes]:
+    start = status.find(b"\n" + name + b":")
+    if start < 0:
+        return []
+    start += len(name) + 2
+    return status[start : status.find(b"\n", start)].split()
+
+
+def read_task(tid: int) -> TaskContext:
+    """Read /proc/<tid>; raises ProcessLookupError when the thread is gone."""
+    try:
+        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 8192)
+        finally:
+            os.close(fd)
+        st = os.stat(f"/proc/{tid}/ns/net")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(errno.ESRCH, f"thread {tid} is gone") from None
+    uids = _field(status, b"Uid")
+    gids = _field(status, b"Gid")
+    return TaskContext(
+        int(_field(status, b"Tgid")[0]),
+        (int(uids[0]), int(uids[1]), int(uids[2])),
+        (int(gids[0]), int(gids[1]), int(gids[2])),
+        tuple(int(g) for g in _field(status, b"Groups")),
+        (st.st_dev, st.st_ino),
+    )
+
+
+class ContextError(OSError):
+    """The worker thread could not enter the program's namespace or credentials."""
+
+
+class _Context:
+    """A worker thread living in one (network namespace, credentials) of the program."""
+
+    def __init__(self, arch: abi.Arch, ns_fd: int | None, ctx: TaskContext, creds: bool) -> None:
+        self.error: OSError | None = None
+        self._ns_fd = ns_fd
+
+        def enter() -> None:
+            try:
+                if self._ns_fd is not None:
+                    syscalls.setns(self._ns_fd)
+                if creds:
+                    syscalls.set_thread_credentials(arch, ctx.uids, ctx.gids, ctx.groups)
+            except OSError as exc:
+                self.error = exc  # every job of this worker now fails with it
+
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="mptcpkit-run-ctx", initializer=enter
+        )
+
+    def _run(self, fn: Callable[[], socket.socket]) -> socket.socket:
+        if self.error is not None:
+            raise ContextError(self.error.errno, self.error.strerror)
+        return fn()
+
+    def call(self, fn: Callable[[], socket.socket]) -> socket.socket:
+        try:
+            return self.pool.submit(self._run, fn).result()
+        finally:
+            if self._ns_fd is not None:
+                os.close(self._ns_fd)
+                self._ns_fd = None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+        if self._ns_fd is not None:
+            os.close(self._ns_fd)
+            self._ns_fd = None
+
+
+class _Gone(Exception):
+    """The notification is no longer valid: the thread died or its call was interrupted."""
+
+
+class Supervisor:
+    """Serves one seccomp listener. Not thread-safe: drive it from one thread."""
+
+    def __init__(
+        self,
+        listener: int,
+        arch: abi.Arch,
+        *,
+        only: Only | None = None,
+        tcp_only: Mapping[tuple[int, int], str] | None = None,
+        stats: Stats | None = None,
+        warn: TextIO | None = sys.stderr,
+        killable: bool = False,
+    ) -> None:
+        self.listener = listener
+        # Received calls wait killable: a socket can be installed first and the call
+        # answered after our copy is closed, so the program's close() is the last one.
+        self.killable = killable
+        self.arch = arch
+        self.only = only
+        self.tcp_only = dict(tcp_only_options() if tcp_only is None else tcp_only)
+        self.stats = stats or Stats()
+        self._warn_to = warn
+        self._warned: set[str] = set()
+        sizes = syscalls.notif_sizes(arch)
+        self._recv_size = max(abi.NOTIF_SIZE, sizes[0])
+        self._own = read_task(threading.get_native_id())
+        self._contexts: collections.OrderedDict[tuple[object, ...], _Context] = (
+            collections.OrderedDict()
+        )
+        self._forced: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
+
+    # -- the loop ----------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.listener
+
+    def handle_one(self) -> bool:
+        """Receive and answer one notification; False if there was none to receive."""
+        try:
+            _, buf = syscalls.ioctl(
+                self.listener, abi.SECCOMP_IOCTL_NOTIF_RECV, b"", self._recv_size
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EAGAIN):
+                return False  # the thread died between poll and receive
+            raise
+        notif = abi.decode_notif(buf)
+        try:
+            self.handle(notif)
+        except _Gone:
+            pass
+        except Exception as exc:  # never leave the program hanging on a call
+            self.warn(
+                f"error-{type(exc).__name__}",
+                f"supervisor error ({exc}); the call went ahead unforced",
+            )
+            self.stats.left_alone += 1
+            self.stats.reasons["supervisor error"] += 1
+            with contextlib.suppress(OSError):
+                self._continue(notif)
+        return True
+
+    def close(self) -> None:
+        for ctx in self._contexts.values():
+            ctx.close()
+        self._contexts.clear()
+        os.close(self.listener)
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def handle(self, n: abi.Notification) -> None:
+        nr = n.nr
+        if n.arch != self.arch.audit_arch:
+            self.warn(
+                "compat",
+                f"a 32-bit program (audit arch {n.arch:#x}) is running: its sockets are not forced",
+            )
+            self._continue(n)
+        elif nr == self.arch.socket:
+            self._on_socket(n)
+        elif nr == self.arch.setsockopt:
+            self._on_setsockopt(n)
+        elif nr == self.arch.connect:
+            self._on_use(n, Only.LISTEN, "--only listen")
+        elif nr == self.arch.listen:
+            self._on_use(n, Only.CONNECT, "--only connect")
+        elif nr == self.arch.io_uring_setup:
+            self.warn(
+                "io_uring",
+                "the program uses io_uring: sockets it makes through io_uring are not forced",
+            )
+            self._continue(n)
+        elif nr == self.arch.seccomp:
+            self.warn(
+                "seccomp",
+                "the program installs its own seccomp listener, which the kernel refuses "
+                "under mptcpkit run (EBUSY)",
+            )
+            self._continue(n)
+        else:
+            self._continue(n)
+
+    def warn(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        self.stats.warnings.append(message)
+        if self._warn_to is not None:
+            print(f"mptcpkit run: warning: {message}", file=self._warn_to, flush=True)
+
+    # -- socket() ----------------------------------------------------------------
+
+    def _on_socket(self, n: abi.Notification) -> None:
+        family, type_, _proto = (abi.signed32(a) for a in n.args[:3])
+        try:
+            ctx = read_task(n.pid)
+        except ProcessLookupError:
+            self._check_valid(n)  # gone, or /proc hides it (hidepid): then let it be
+            self._leave(n, "cannot read the program's /proc entry")
+            return
+        make = self._maker(n, ctx)
+        try:
+            sock = make(family, (type_ | SOCK_CLOEXEC), IPPROTO_MPTCP)
+        except ContextError as exc:
+            self._leave(n, f"cannot enter the program's namespace or credentials ({exc.strerror})")
+            return
+        except OSError as exc:
+            self.stats.fell_back += 1
+            self.stats.reasons[
+                f"MPTCP refused: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+            ] += 1
+            self._continue(n)
+            return
+        try:
+            st = os.fstat(sock.fileno())
+            flags = os.O_CLOEXEC if type_ & SOCK_CLOEXEC else 0
+            if self.killable:
+                newfd = self._addfd(n, sock.fileno(), 0, 0, flags)
+            else:  # atomic, but our copy may outlive the program's for a moment
+                self._addfd(n, sock.fileno(), abi.SECCOMP_ADDFD_FLAG_SEND, 0, flags)
+        except OSError as exc:  # EMFILE and the like: the kernel's own call reports it
+            self._leave(n, f"could not install the socket: {errno.errorcode.get(exc.errno or 0)}")
+            return
+        finally:
+            sock.close()
+        if self.killable:
+            self._send(n, newfd)
+        self.stats.forced += 1
+        self._remember((st.st_dev, st.st_ino))
+
+    def _maker(
+        self, n: abi.Notification, ctx: TaskContext
+    ) -> Callable[[int, int, int], socket.socket]:
+        """socket() in the thread's namespace with its credentials (checked still valid)."""
+        other_ns = ctx.netns != self._own.netns
+        other_creds = (ctx.uids, ctx.gids, ctx.groups) != (
+            self._own.uids,
+            self._own.gids,
+            self._own.groups,
+        )
+        if not other_ns and not other_creds:
+            self._check_valid(n)
+            return socket.socket
+        key = (ctx.netns if other_ns else None, ctx.uids, ctx.gids, ctx.groups)
+        worker = self._contexts.get(key)
+        if worker is None:
+            ns_fd = None
+            if other_ns:
+                try:
+                    ns_fd = os.open(f"/proc/{n.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    self._check_valid(n)
+                    raise  # still waiting, yet unreadable: the handler lets it go ahead
+                try:
+                    self._check_valid(n)  # the tid was still the caller's: ns_fd is its
+                    if os.fstat(ns_fd).st_ino != ctx.netns[1]:
+                        # a thread blocked in socket() cannot have moved; never hang it
+                        raise OSError(errno.ESTALE, "network namespace changed while read")
+                except BaseException:
+                    os.close(ns_fd)
+                    raise
+            worker = _Context(self.arch, ns_fd, ctx, other_creds)
+            self._contexts[key] = worker
+            while len(self._contexts) > MAX_CONTEXTS:
+                self._contexts.popitem(last=False)[1].close()
+        else:
+            self._contexts.move_to_end(key)
+        self._check_valid(n)
+
+        def make(f: int, t: int, p: int) -> socket.socket:
+            # a worker that could not enter stays cached: it fails at once next time
+            return worker.call(lambda: socket.socket(f, t, p))
+
+        return make
+
+    # -- swaps: setsockopt() of a TCP-only option, connect()/listen() with --only --
+
+    def _on_setsockopt(self, n: abi.Notification) -> None:
+        level, opt = abi.signed32(n.args[1]), abi.signed32(n.args[2])
+        name = self.tcp_only.get((level, opt))
+        if name is None or not self._forced:
+            self._continue(n)
+            return
+        if self._swap(n, abi.signed32(n.args[0])):
+            self.stats.reasons[f"swapped to TCP for {name}"] += 1
+        self._continue(n)
+
+    def _on_use(self, n: abi.Notification, swap_when: Only, reason: str) -> None:
+        """connect() under `--only listen`, listen() under `--only connect`: plain TCP."""
+        if self.only is not swap_when or not self._forced:
+            self._continue(n)
+            return
+        if self._swap(n, abi.signed32(n.args[0])):
+            self.stats.reasons[reason] += 1
+        self._continue(n)
+
+    def _swap(self, n: abi.Notification, fd: int) -> bool:
+        """Replace the program's forced socket `fd` by plain TCP while it can still change."""
+        try:
+            ctx = read_task(n.pid)
+            pidfd = _pidfd_of_thread(n.pid, ctx.tgid)
+        except (ProcessLookupError, FileNotFoundError):
+            self._check_valid(n)  # gone, or hidden from us: leave the socket as it is
+            return False
+        try:
+            self._check_valid(n)
+            try:
+                old_fd = syscalls.pidfd_getfd(pidfd, fd)
+            except OSError:
+                return False
+        finally:
+            os.close(pidfd)
+        with socket.socket(fileno=old_fd) as old:
+            st = os.fstat(old_fd)
+            key = (st.st_dev, st.st_ino)
+            if key not in self._forced or old.proto != IPPROTO_MPTCP:
+                return False
+            how = swap.plan(old)
+            if how is None:
+                return False
+            make = self._maker(n, ctx)
+            nonblock = fcntl.fcntl(old_fd, fcntl.F_GETFL) & os.O_NONBLOCK
+            with make(
+                old.family,
+                socket.SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0),
+                socket.IPPROTO_TCP,
+            ) as new:
+                try:
+                    with make(old.family, socket.SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_MPTCP) as ref:
+                        swap.carry_options(old, ref, new)
+                except OSError as exc:
+                    self.warn("carry", f"could not carry an option to plain TCP: {exc.strerror}")
+                    return False
+                self._addfd(
+                    n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(ctx.tgid, fd)
+                )
+                # The program's descriptor now holds the plain TCP socket. The MPTCP one
+                # is only released when the program's call returns (the kernel closes
+                # it in the program's context), so it must let go of its port first.
+                self._forced.pop(key, None)
+                self.stats.swapped += 1
+                try:
+                    swap.rebind(old, new, how)
+                except OSError as exc:
+                    self.warn(
+                        f"bind-{how.address}",
+                        f"could not re-bind the socket made plain TCP to {how.address}: "
+                        f"{exc.strerror} (is the descriptor shared with another process?)",
+                    )
+        return True
+
+    # -- kernel calls ------------------------------------------------------------
+
+    def _remember(self, key: tuple[int, int]) -> None:
+        self._forced[key] = None
+        if len(self._forced) > FORCED_MEMORY:
+            self._forced.popitem(last=False)
+
+    def _leave(self, n: abi.Notification, reason: str) -> None:
+        self.stats.left_alone += 1
+        self.stats.reasons[reason] += 1
+        self._continue(n)
+
+    def _check_valid(self, n: abi.Notification) -> None:
+        try:
+            syscalls.ioctl(
+                self.listener, abi.SECCOMP_IOCTL_NOTIF_ID_VALID, n.id.to_bytes(8, "little")
+            )
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise _Gone from None
+            raise
+
+    def _send(self, n: abi.Notification, val: int) -> None:
+        try:
+            syscalls.ioctl(self.listener, abi.SECCOMP_IOCTL_NOTIF_SEND, abi.encode_resp(n.id, val))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise _Gone from None  # killed: its descriptors went with it
+            raise
+
+    def _continue(self, n: abi.Notification) -> None:
+        resp = abi.encode_resp(n.id, flags=abi.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        try:
+            syscalls.ioctl(self.listener, abi.SECCOMP_IOCTL_NOTIF_SEND, resp)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    def _addfd(
+        self, n: abi.Notification, srcfd: int, flags: int, newfd: int, newfd_flags: int
+    ) -> int:
+        req = abi.encode_addfd(n.id, srcfd, flags=flags, newfd=newfd, newfd_flags=newfd_flags)
+        try:
+            ret, _ = syscalls.ioctl(self.listener, abi.SECCOMP_IOCTL_NOTIF_ADDFD, req)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise _Gone from None
+            raise
+        return ret
+
+
+def _pidfd_of_thread(tid: int, tgid: int) -> int:
+    """A pidfd whose descriptor table is the thread's (PIDFD_THREAD, 6.9+), else its process's."""
+    try:
+        return syscalls.pidfd_open(tid, syscalls.PIDFD_THREAD)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    return syscalls.pidfd_open(tgid)
+
+
+def _fd_cloexec(pid: int, fd: int) -> int:
+    """O_CLOEXEC if descriptor `fd` of `pid` is close-on-exec (from /proc fdinfo)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"flags:"):
+                    return os.O_CLOEXEC if int(line.split()[1], 8) & os.O_CLOEXEC else 0
+    except OSError:
+        pass
+    return 0
+
+
+def filter_spec(
+    arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
+) -> FilterSpec:
+    """The filter for these settings: trap only what the supervisor acts on."""
+    return FilterSpec(
+        arch=arch,
+        sockopts=sockopt_table(tcp_only),
+        trap_connect=only is Only.LISTEN,
+        trap_listen=only is Only.CONNECT,
+    )
+
+
+def filter_program(
+    arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
+) -> bytes:
+    return build_filter(filter_spec(arch, only, tcp_only))

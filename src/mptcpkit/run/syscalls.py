@@ -1,0 +1,139 @@
+"""Thin ctypes wrappers for the system calls Python's os module lacks.
+
+seccomp(2), prctl(2), pidfd_getfd(2), setns(2), signalfd(2) and the raw, per-thread
+credential calls (glibc's setresuid() changes every thread of the process; the raw
+system call changes only the calling thread, which is what a per-target worker
+thread needs). Every failure raises OSError with the errno and the call's name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Iterable, Sequence
+
+from mptcpkit.run import abi
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.restype = ctypes.c_int
+_libc.setns.restype = ctypes.c_int
+_libc.signalfd.restype = ctypes.c_int
+
+CLONE_NEWNET = 0x40000000
+PIDFD_THREAD = os.O_EXCL
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def syscall(nr: int, *args: object, what: str = "syscall") -> int:
+    cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    return _check(_libc.syscall(ctypes.c_long(nr), *cargs), what)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def install_filter(prog: bytes, arch: abi.Arch) -> tuple[int, bool]:
+    """Install a user-notification filter on the calling thread.
+
+    Returns the listener fd and whether trapped calls wait killable once received
+    (SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, 5.19+). Sets PR_SET_NO_NEW_PRIVS first,
+    as unprivileged callers must (setuid programs then start without extra privileges).
+    """
+    _check(_libc.prctl(abi.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = _SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    for killable in (True, False):
+        flags = abi.SECCOMP_FILTER_FLAG_NEW_LISTENER
+        if killable:
+            flags |= abi.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+        try:
+            fd = syscall(
+                arch.seccomp,
+                abi.SECCOMP_SET_MODE_FILTER,
+                flags,
+                ctypes.byref(fprog),
+                what="seccomp(SECCOMP_SET_MODE_FILTER)",
+            )
+        except OSError as exc:
+            if not killable or exc.errno != errno.EINVAL:
+                raise
+            continue  # before 5.19: a signal may interrupt a call until it is answered
+        return fd, killable
+    raise AssertionError("unreachable")
+
+
+def notif_sizes(arch: abi.Arch) -> tuple[int, int, int]:
+    """The kernel's (seccomp_notif, seccomp_notif_resp, seccomp_data) sizes."""
+    buf = ctypes.create_string_buffer(abi.NOTIF_SIZES.size)
+    syscall(arch.seccomp, abi.SECCOMP_GET_NOTIF_SIZES, 0, buf, what="seccomp(GET_NOTIF_SIZES)")
+    return abi.decode_notif_sizes(buf.raw)
+
+
+def ioctl(fd: int, request: int, payload: bytes, size: int | None = None) -> tuple[int, bytes]:
+    """ioctl with an in/out buffer; returns (return value, buffer after the call)."""
+    buf = bytearray(payload.ljust(size or len(payload), b"\0"))
+    while True:
+        try:
+            ret = fcntl.ioctl(fd, request, buf, True)
+        except InterruptedError:
+            continue
+        return ret, bytes(buf)
+
+
+def pidfd_open(pid: int, flags: int = 0) -> int:
+    return syscall(abi.SYS_PIDFD_OPEN, pid, flags, what=f"pidfd_open({pid})")
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """A copy (with FD_CLOEXEC) of another process's descriptor; needs ptrace access."""
+    return syscall(abi.SYS_PIDFD_GETFD, pidfd, targetfd, 0, what="pidfd_getfd")
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """Move the calling thread into the namespace `fd` refers to."""
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def set_thread_credentials(
+    arch: abi.Arch, uids: Sequence[int], gids: Sequence[int], groups: Iterable[int]
+) -> None:
+    """setgroups, setresgid, setresuid for the calling thread only (raw system calls)."""
+    glist = list(groups)
+    garr = (ctypes.c_uint * max(1, len(glist)))(*glist)
+    syscall(arch.setgroups, len(glist), garr, what="setgroups")
+    syscall(arch.setresgid, *gids[:3], what="setresgid")
+    syscall(arch.setresuid, *uids[:3], what="setresuid")
+
+
+SIGNALFD_SIGINFO = struct.Struct("=IiiIII")  # ssi_signo, errno, code, pid, uid, fd (of 128)
+SI_KERNEL = 0x80
+
+
+def signalfd(signals: Iterable[int]) -> int:
+    """A non-blocking signalfd for signals the caller has blocked."""
+    mask = 0
+    for sig in signals:
+        mask |= 1 << (sig - 1)
+    sigset = ctypes.create_string_buffer(struct.pack("=Q", mask).ljust(128, b"\0"), 128)
+    return _check(_libc.signalfd(-1, sigset, os.O_CLOEXEC | os.O_NONBLOCK), "signalfd")
+
+
+def read_signal(fd: int) -> tuple[int, int, int] | None:
+    """(signo, si_code, sender pid) of the next pending signal, or None."""
+    try:
+        data = os.read(fd, 128)
+    except BlockingIOError:
+        return None
+    signo, _errno, code, pid, _uid, _fd = SIGNALFD_SIGINFO.unpack_from(data)
+    return signo, code, pid

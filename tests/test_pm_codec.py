@@ -1,0 +1,298 @@
+"""mptcp_pm codecs and ip-mptcp grammar: pure logic, property-tested."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pyroute2.netlink.marshal import Marshal
+
+from mptcpkit.pm import codec, grammar
+from mptcpkit.pm.api import to_flags, userspace_pm_problem
+
+FAMILY_ID = 0x1C
+
+ipv4 = st.ip_addresses(v=4).map(str)
+ipv6 = st.ip_addresses(v=6).map(str)
+u8 = st.integers(0, 255)
+u16 = st.integers(0, 65535)
+u32 = st.integers(0, 2**32 - 1)
+
+
+def wire_roundtrip(msg: object, msg_class: type) -> dict:
+    """Encode like the kernel would send it, parse back with pyroute2's Marshal."""
+    msg["header"]["type"] = FAMILY_ID  # type: ignore[index]
+    msg.encode()  # type: ignore[attr-defined]
+    marshal = Marshal()
+    marshal.msg_map[FAMILY_ID] = msg_class
+    (parsed,) = list(marshal.parse(msg.data))  # type: ignore[attr-defined]
+    return {"cmd": parsed["cmd"], "attrs": codec.attrs_of(parsed)}
+
+
+@st.composite
+def event_fields(draw: st.DrawFn) -> tuple[codec.EventType, dict]:
+    etype = draw(st.sampled_from(list(codec.EventType)))
+    v6 = draw(st.booleans())
+    addr = ipv6 if v6 else ipv4
+    fields: dict = {}
+    optional = {
+        "token": u32,
+        "loc_id": u8,
+        "rem_id": u8,
+        "saddr": addr,
+        "daddr": addr,
+        "sport": u16,
+        "dport": u16,
+        "backup": st.booleans(),
+        "error": u8,
+        "timeout": u32,
+        "ifindex": st.integers(0, 2**31 - 1),
+        "reset_reason": u32,
+        "reset_flags": u32,
+        "server_side": st.booleans(),
+    }
+    for name, strategy in optional.items():
+        if draw(st.booleans()):
+            fields[name] = draw(strategy)
+    fields["family"] = socket.AF_INET6 if v6 else socket.AF_INET
+    return etype, fields
+
+
+ATTR = {
+    "token": "MPTCP_ATTR_TOKEN",
+    "family": "MPTCP_ATTR_FAMILY",
+    "loc_id": "MPTCP_ATTR_LOC_ID",
+    "rem_id": "MPTCP_ATTR_REM_ID",
+    "sport": "MPTCP_ATTR_SPORT",
+    "dport": "MPTCP_ATTR_DPORT",
+    "backup": "MPTCP_ATTR_BACKUP",
+    "error": "MPTCP_ATTR_ERROR",
+    "timeout": "MPTCP_ATTR_TIMEOUT",
+    "ifindex": "MPTCP_ATTR_IF_IDX",
+    "reset_reason": "MPTCP_ATTR_RESET_REASON",
+    "reset_flags": "MPTCP_ATTR_RESET_FLAGS",
+    "server_side": "MPTCP_ATTR_SERVER_SIDE",
+}
+
+
+@given(event_fields())
+def test_event_wire_roundtrip(case: tuple[codec.EventType, dict]) -> None:
+    etype, fields = case
+    msg = codec.event_msg()
+    msg["cmd"] = int(etype)
+    msg["version"] = 1
+    for name, value in fields.items():
+        if name in ("saddr", "daddr"):
+            v = "6" if ":" in value else "4"
+            msg["attrs"].append((f"MPTCP_ATTR_{name.upper()}{v}", value))
+        else:
+            msg["attrs"].append((ATTR[name], int(value)))
+    parsed = wire_roundtrip(msg, codec.event_msg)
+    event = codec.decode_event(parsed["cmd"], parsed["attrs"])
+    assert event.type is etype
+    for name, value in fields.items():
+        got = getattr(event, name)
+        if name in ("saddr", "daddr"):
+            assert got == str(ipaddress.ip_address(value))
+        else:
+            assert got == value, name
+    for name in set(ATTR) - set(fields) - {"family"}:
+        assert getattr(event, name) is None, name
+    # Every record renders both ways without losing the type.
+    assert event.to_json()["type"] == etype.name
+    line = str(event)
+    assert line.startswith(f"[{codec.IP_MONITOR_NAMES.get(etype, etype.name):>16}]")
+    if "token" in fields:
+        assert f"token={fields['token']:08x}" in line
+
+
+def test_event_known_numbers() -> None:
+    # include/uapi/linux/mptcp_pm.h, enum mptcp_event_type
+    assert {e.name: e.value for e in codec.EventType} == {
+        "CREATED": 1,
+        "ESTABLISHED": 2,
+        "CLOSED": 3,
+        "ANNOUNCED": 6,
+        "REMOVED": 7,
+        "SUB_ESTABLISHED": 10,
+        "SUB_CLOSED": 11,
+        "SUB_PRIORITY": 13,
+        "LISTENER_CREATED": 15,
+        "LISTENER_CLOSED": 16,
+    }
+    with pytest.raises(ValueError):
+        codec.decode_event(99, {})
+
+
+def test_monitor_line_like_iproute2() -> None:
+    # The line iproute2's `ip mptcp monitor` prints (ip/ipmptcp.c, mptcp_monitor_msg).
+    event = codec.decode_event(
+        10,
+        {
+            "token": 0x1F2E3D4C, "family": 2, "loc_id": 1, "rem_id": 0,
+            "saddr4": "10.0.1.1", "daddr4": "10.0.0.2", "sport": 40000, "dport": 8000,
+            "backup": 0, "if_idx": 3, "error": 111,
+        },
+    )  # fmt: skip
+    assert str(event) == (
+        "[  SF_ESTABLISHED] token=1f2e3d4c remid=0 locid=1 saddr4=10.0.1.1 daddr4=10.0.0.2"
+        " sport=40000 dport=8000 backup=0 error=111 ifindex=3"
+    )
+
+
+def test_server_side_from_flags() -> None:
+    event = codec.decode_event(1, {"token": 1, "flags": codec.EV_FLAG_SERVER_SIDE})
+    assert event.server_side is True
+
+
+@given(
+    address=st.one_of(ipv4, ipv6),
+    id=st.integers(1, 255),
+    port=st.integers(0, 65535),
+    flags=st.integers(0, 0x3F),
+    ifindex=st.integers(0, 2**31 - 1),
+)
+def test_endpoint_wire_roundtrip(
+    address: str, id: int, port: int, flags: int, ifindex: int
+) -> None:
+    attrs = codec.address_attrs(address, id=id, port=port, flags=flags, ifindex=ifindex)
+    msg = codec.request(codec.Cmd.ADD_ADDR, [("MPTCP_PM_ATTR_ADDR", attrs)])
+    parsed = wire_roundtrip(msg, codec.pm_msg)
+    assert parsed["cmd"] == codec.Cmd.ADD_ADDR
+    ep = codec.decode_endpoint(parsed["attrs"]["addr"])
+    assert ep == codec.Endpoint(
+        id, str(ipaddress.ip_address(address)), port, codec.EndpointFlag(flags), ifindex
+    )
+    # `ip mptcp endpoint show` line: address first, then the words it knows.
+    words = str(ep).split()
+    assert words[0] == ep.address
+    assert words[words.index("id") + 1] == str(id)
+    assert ("port" in words) == bool(port)
+
+
+@given(st.lists(st.sampled_from(["signal", "subflow", "backup", "fullmesh"]), unique=True))
+def test_flag_names_roundtrip(names: list[str]) -> None:
+    flags = codec.flags_from_names(names)
+    assert set(codec.flag_names(flags)) == set(names)
+    assert to_flags(" ".join(names)) == flags
+    assert to_flags(names) == flags
+
+
+def test_bad_values_refused_before_sending() -> None:
+    with pytest.raises(ValueError, match=r"invalid IP address '10\.0\.0\.300'"):
+        codec.address_attrs("10.0.0.300")
+    with pytest.raises(ValueError, match="unknown endpoint flag 'signall'"):
+        codec.flags_from_names(["signall"])
+    with pytest.raises(ValueError, match="out of range"):
+        codec.address_attrs("10.0.0.1", id=256)
+    with pytest.raises(ValueError, match="out of range"):
+        codec.address_attrs("10.0.0.1", port=70000)
+
+
+@st.composite
+def endpoint_commands(draw: st.DrawFn) -> grammar.EndpointCommand:
+    action = draw(st.sampled_from(["add", "del", "show", "flush", "change"]))
+    address = draw(st.one_of(ipv4, ipv6))
+    if action == "add":
+        flags = draw(
+            st.lists(st.sampled_from(["signal", "subflow", "backup", "fullmesh"]), unique=True)
+        )
+        if "signal" in flags and "fullmesh" in flags:
+            flags.remove("fullmesh")
+        return grammar.EndpointCommand(
+            "add",
+            address,
+            draw(st.none() | st.integers(1, 255)),
+            draw(st.none() | st.integers(1, 65535)),
+            draw(st.none() | st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)),
+            tuple(flags),
+        )
+    if action == "del":
+        return grammar.EndpointCommand("del", None, draw(st.integers(0, 255)))
+    if action == "change":
+        words = draw(
+            st.lists(
+                st.sampled_from(["backup", "nobackup", "fullmesh", "nofullmesh"]),
+                min_size=1,
+                max_size=2,
+                unique=True,
+            )
+        )
+        if len({w.removeprefix("no") for w in words}) < len(words):
+            words = words[:1]
+        return grammar.EndpointCommand(
+            "change", None, draw(st.integers(1, 255)), flags=tuple(words)
+        )
+    if action == "show":
+        return grammar.EndpointCommand("show", None, draw(st.none() | st.integers(1, 255)))
+    return grammar.EndpointCommand("flush")
+
+
+@given(endpoint_commands())
+def test_endpoint_grammar_roundtrip(cmd: grammar.EndpointCommand) -> None:
+    assert grammar.parse_endpoint(str(cmd).split()) == cmd
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["add"], "needs an address"),
+        (["add", "10.0.0.300"], "invalid IP address"),
+        (["add", "10.0.0.1", "signall"], "unexpected word 'signall'"),
+        (["add", "10.0.0.1", "id"], "'id' needs a value"),
+        (["add", "10.0.0.1", "id", "x"], "not a number"),
+        (["add", "10.0.0.1", "port", "0"], "out of range"),
+        (["add", "10.0.0.1", "signal", "fullmesh"], "both signal and fullmesh"),
+        (["del"], "needs 'id ID'"),
+        (["change", "id", "1"], "needs backup"),
+        (["change", "id", "1", "backup", "nobackup"], "both backup and nobackup"),
+        (["frob"], "unknown endpoint command 'frob'"),
+        (["flush", "10.0.0.1"], "unexpected word .10.0.0.1. in .endpoint flush."),
+    ],
+)
+def test_endpoint_grammar_errors(words: list[str], message: str) -> None:
+    with pytest.raises(grammar.GrammarError, match=message):
+        grammar.parse_endpoint(words)
+
+
+@given(
+    current=st.integers(0, 0x3F).map(codec.EndpointFlag),
+    words=st.lists(st.sampled_from(["backup", "nobackup", "fullmesh", "nofullmesh"]), max_size=4),
+)
+def test_change_flags(current: codec.EndpointFlag, words: list[str]) -> None:
+    new = grammar.change_flags(current, words)
+    assert not new & ~codec.CHANGEABLE
+    for bit in ("backup", "fullmesh"):
+        last = [w for w in words if w.removeprefix("no") == bit]
+        flag = codec.FLAG_NAMES[bit]
+        if last:
+            assert bool(new & flag) == (not last[-1].startswith("no"))
+        else:
+            assert bool(new & flag) == bool(current & flag)
+
+
+@given(st.none() | st.integers(0, 8), st.none() | st.integers(0, 8))
+def test_limits_grammar_roundtrip(subflows: int | None, accepted: int | None) -> None:
+    if subflows is None and accepted is None:
+        return
+    cmd = grammar.LimitsCommand("set", subflows, accepted)
+    assert grammar.parse_limits(str(cmd).split()) == cmd
+
+
+def test_limits_grammar_errors() -> None:
+    with pytest.raises(grammar.GrammarError, match=r"out of range 0\.\.8"):
+        grammar.parse_limits(["set", "subflows", "9"])
+    with pytest.raises(grammar.GrammarError, match="needs subflows"):
+        grammar.parse_limits(["set"])
+    with pytest.raises(grammar.GrammarError, match="unexpected word 'foo'"):
+        grammar.parse_limits(["set", "foo", "1"])
+
+
+def test_userspace_pm_problem() -> None:
+    assert userspace_pm_problem("0", "kernel userspace") is None
+    assert userspace_pm_problem("1", None) is None
+    assert "5.19" in (userspace_pm_problem(None, None) or "")
+    assert "not available" in (userspace_pm_problem("0", "kernel") or "")

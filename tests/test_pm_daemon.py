@@ -1,0 +1,487 @@
+"""mptcpkit pmd: its configuration (pure) and its behaviour in the lab's namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mptcpkit
+from mptcpkit import lab, pm
+from mptcpkit.pm import config as cfgmod
+
+# ------------------------------------------------------------------ configuration
+
+
+def test_config_example_parses() -> None:
+    cfg = cfgmod.loads(
+        """
+        mode = "userspace"
+        netns = "client"
+        cleanup = false
+        flags = ["subflow"]
+        [interfaces]
+        allow = ["eth*", "wlan0"]
+        deny = ["eth9"]
+        [interfaces.flags]
+        "wwan*" = ["subflow", "backup"]
+        [limits]
+        subflows = 4
+        add_addr_accepted = "auto"
+        [userspace]
+        policy = "ndiffports"
+        ndiffports = 3
+        [resubflow]
+        backoff_initial = 0.5
+        backoff_max = 10
+        """
+    )
+    assert cfg.mode == "userspace" and cfg.netns == "client" and not cfg.cleanup
+    assert cfg.wants("eth0") and cfg.wants("wlan0")
+    assert not cfg.wants("eth9") and not cfg.wants("lo") and not cfg.wants("docker0")
+    assert cfg.flags_for("wwan0") == pm.EndpointFlag.SUBFLOW | pm.EndpointFlag.BACKUP
+    assert cfg.flags_for("eth0") == pm.EndpointFlag.SUBFLOW
+    assert (cfg.subflows, cfg.add_addr_accepted) == (4, None)
+    assert (cfg.policy, cfg.ndiffports) == ("ndiffports", 3)
+
+
+def test_load_balancer_forces_signal() -> None:
+    cfg = cfgmod.loads('load_balancer = true\nflags = ["subflow", "backup"]')
+    assert cfg.flags_for("eth0") == pm.EndpointFlag.SIGNAL | pm.EndpointFlag.BACKUP
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('mode = "turbo"', "mode: expected one of kernel, userspace"),
+        ('flags = ["subflow", "sideways"]', "flags: unknown endpoint flag 'sideways'"),
+        ("[limits]\nsubflows = 9", "limits.subflows: expected"),
+        ('[userspace]\npolicy = "roundrobin"', "userspace.policy: expected one of"),
+        ("[interfaces]\nallowed = []", "unknown key 'allowed'"),
+        ("colour = 1", "unknown key 'colour'"),
+        ("[resubflow]\nbackoff_initial = 5\nbackoff_max = 1", "backoff_max must be >="),
+        ("mode = ", "pmd.toml: "),
+    ],
+)
+def test_config_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(cfgmod.ConfigError, match=message.replace(".", r"\.")):
+        cfgmod.loads(text)
+
+
+@given(
+    allow=st.lists(st.from_regex(r"[a-z]{1,4}\*?", fullmatch=True), max_size=3),
+    deny=st.lists(st.from_regex(r"[a-z]{1,4}\*?", fullmatch=True), max_size=3),
+    name=st.from_regex(r"[a-z]{1,5}[0-9]?", fullmatch=True),
+)
+def test_deny_wins_over_allow(allow: list[str], deny: list[str], name: str) -> None:
+    cfg = cfgmod.from_dict({"interfaces": {"allow": allow, "deny": deny}})
+    import fnmatch
+
+    if any(fnmatch.fnmatchcase(name, p) for p in deny) or name == "lo":
+        assert not cfg.wants(name)
+    elif not allow:
+        assert cfg.wants(name)
+    else:
+        assert cfg.wants(name) == any(fnmatch.fnmatchcase(name, p) for p in allow)
+
+
+@given(st.floats(0.05, 10), st.floats(0.05, 100), st.integers(0, 100))
+def test_backoff_doubles_and_caps(initial: float, maximum: float, attempt: int) -> None:
+    maximum = max(maximum, initial)
+    delay = cfgmod.backoff(attempt, initial, maximum)
+    assert initial <= delay <= maximum
+    assert cfgmod.backoff(attempt + 1, initial, maximum) >= delay
+
+
+# ------------------------------------------------------------------ live
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+def v4(endpoints: list[pm.Endpoint]) -> list[str]:
+    return [ep.address for ep in endpoints if ":" not in ep.address]
+
+
+class Pmd:
+    """`mptcpkit pmd` running against a namespace, stopped with SIGTERM at the end."""
+
+    def __init__(self, tmp: Path, netns: str, text: str) -> None:
+        self.socket = str(tmp / "pmd.sock")
+        self.config = tmp / "pmd.toml"
+        self.config.write_text(f'status_socket = "{self.socket}"\n{text}')
+        self.log: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mptcpkit", "pmd", "-c", str(self.config), "--netns", netns],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if "started:" in line:
+                break
+        else:
+            raise AssertionError(f"pmd did not start: {''.join(self.log)}")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        r = subprocess.run(
+            [sys.executable, "-m", "mptcpkit", "pmd", "status", "--json", "--socket", self.socket],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def topo(lab_factory: Callable[..., lab.Topology]) -> lab.Topology:
+    return lab_factory(lab.two_paths, paths=2, endpoints=None)
+
+
+@pytest.fixture
+def start_pmd(tmp_path: Path) -> Iterator[Callable[[str, str], Pmd]]:
+    started: list[Pmd] = []
+
+    def start(netns: str, text: str) -> Pmd:
+        d = tmp_path / f"pmd{len(started)}"
+        d.mkdir()
+        p = Pmd(d, netns, text)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+class Transfer:
+    """An MPTCP connection client -> server with data flowing until closed."""
+
+    def __init__(self, topo: lab.Topology) -> None:
+        client, server = topo.host("client"), topo.host("server")
+        with server.enter():
+            self.listener = mptcpkit.create_server(("0.0.0.0", 0), mptcp=mptcpkit.Policy.REQUIRE)
+        port = self.listener.getsockname()[1]
+        with client.enter():
+            self.sock = mptcpkit.create_connection(
+                (server.address(0), port), timeout=30, mptcp=mptcpkit.Policy.REQUIRE
+            )
+        self.peer, _ = self.listener.accept()
+        self.stopped = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._send, daemon=True),
+            threading.Thread(target=self._recv, daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _send(self) -> None:
+        chunk = b"x" * 16384
+        while not self.stopped.is_set():
+            try:
+                self.sock.sendall(chunk)
+            except OSError:
+                return
+
+    def _recv(self) -> None:
+        while True:
+            try:
+                if not self.peer.recv(65536):
+                    return
+            except OSError:
+                return
+
+    def locals(self) -> list[str]:
+        return [sf.local[0] for sf in mptcpkit.subflows(self.sock) if sf.state == "ESTABLISHED"]
+
+    def close(self) -> None:
+        self.stopped.set()
+        for s in (self.sock, self.peer, self.listener):
+            s.close()
+        for t in self.threads:
+            t.join(10)
+
+
+@pytest.mark.root
+def test_new_address_gets_endpoint_and_subflow(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd]
+) -> None:
+    client = topo.host("client")
+    eth1, addr1 = client.iface(1).name, client.address(1)
+    client.run(["ip", "-4", "addr", "del", f"{addr1}/24", "dev", eth1])
+    pmd = start_pmd(client.netns, '[interfaces]\nallow = ["eth*"]\n')
+    assert v4(pm.endpoints(netns=client.netns)) == [client.address(0)]
+
+    client.run(["ip", "addr", "add", f"{addr1}/24", "dev", eth1])
+    assert wait_for(lambda: addr1 in v4(pm.endpoints(netns=client.netns)))
+    (ep,) = [ep for ep in pm.endpoints(netns=client.netns) if ep.address == addr1]
+    assert ep.ifname == eth1 and ep.flags == pm.EndpointFlag.SUBFLOW
+    assert addr1 in [e["address"] for e in pmd.status()["endpoints"]]
+
+    t = Transfer(topo)
+    try:
+        assert wait_for(lambda: addr1 in t.locals()), t.locals()
+    finally:
+        t.close()
+
+    # The address goes away: so does the endpoint.
+    client.run(["ip", "-4", "addr", "del", f"{addr1}/24", "dev", eth1])
+    assert wait_for(lambda: addr1 not in [e.address for e in pm.endpoints(netns=client.netns)])
+    assert wait_for(lambda: any("disappeared" in line for line in pmd.log))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("variant", ["pmd-kernel", "pmd-userspace", "kernel-alone"])
+def test_link_down_up_subflow_comes_back(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd], variant: str
+) -> None:
+    client = topo.host("client")
+    addr1 = client.address(1)
+    # Short TCP retries in the client namespace: a subflow on a dead link really dies
+    # during the outage (default: ~15 minutes), which is the case the kernel never repairs.
+    client.sysctl("net.ipv4.tcp_retries2", 3)
+    with_pmd = variant != "kernel-alone"
+    if variant == "pmd-userspace":
+        pmd = start_pmd(
+            client.netns,
+            'mode = "userspace"\n[interfaces]\nallow = ["eth*"]\n'
+            '[userspace]\npolicy = "per-interface"\n[resubflow]\nbackoff_initial = 0.5\n',
+        )
+    elif with_pmd:
+        pmd = start_pmd(
+            client.netns, '[interfaces]\nallow = ["eth1"]\n[resubflow]\nbackoff_initial = 0.5\n'
+        )
+    else:
+        pm.add_endpoint(addr1, flags="subflow", dev=client.iface(1).name, netns=client.netns)
+    t = Transfer(topo)
+    try:
+        assert wait_for(lambda: addr1 in t.locals()), (t.locals(), with_pmd and pmd.log)
+        topo.link(1).down()
+        assert wait_for(lambda: addr1 not in t.locals(), timeout=60), "subflow never died"
+        topo.link(1).up()
+        if with_pmd:
+            assert wait_for(lambda: addr1 in t.locals(), timeout=20), pmd.log
+            # ...and it carries data.
+            (sf,) = [s for s in mptcpkit.subflows(t.sock) if s.local[0] == addr1]
+            before = sf.bytes_acked
+            assert wait_for(
+                lambda: any(
+                    s.bytes_acked > before for s in mptcpkit.subflows(t.sock) if s.local[0] == addr1
+                )
+            )
+        else:
+            # The kernel alone: the endpoint is still there, the link is up, no subflow.
+            time.sleep(6)
+            assert addr1 not in t.locals()
+            assert addr1 in [e.address for e in pm.endpoints(netns=client.netns)]
+        info = mptcpkit.info(t.sock)
+        assert info is not None
+    finally:
+        t.close()
+
+
+@pytest.mark.root
+def test_userspace_fullmesh_2x2(
+    lab_factory: Callable[..., lab.Topology], start_pmd: Callable[..., Pmd]
+) -> None:
+    # The server announces its second address (in-kernel PM, `signal` endpoint).
+    topo = lab_factory(lab.two_paths, paths=2, endpoints="signal")
+    client = topo.host("client")
+    pmd = start_pmd(client.netns, 'mode = "userspace"\n[userspace]\npolicy = "fullmesh"\n')
+    assert client.sysctl("net.mptcp.pm_type") == "1"
+    t = Transfer(topo)
+    try:
+
+        def total() -> int:
+            info = mptcpkit.info(t.sock)
+            return info.subflow_count if info else 0
+
+        assert wait_for(lambda: total() == 4), pmd.log
+        pairs = {(s.local[0], s.remote[0]) for s in mptcpkit.subflows(t.sock)}
+        assert pairs == {
+            (client.address(i), topo.host("server").address(j)) for i in (0, 1) for j in (0, 1)
+        }
+        time.sleep(1)
+        assert total() == 4  # no duplicates requested later
+    finally:
+        t.close()
+    assert pmd.stop() == 0
+    assert client.sysctl("net.mptcp.pm_type") == "0"  # restored
+
+
+@pytest.mark.root
+def test_sigterm_removes_what_it_added(topo: lab.Topology, start_pmd: Callable[..., Pmd]) -> None:
+    client = topo.host("client")
+    pm.set_limits(subflows=0, add_addr_accepted=0, netns=client.netns)
+    pm.add_endpoint("10.9.9.9", flags="signal", netns=client.netns)  # not pmd's: must stay
+    pmd = start_pmd(client.netns, '[interfaces.flags]\neth1 = ["subflow", "backup"]\n')
+    state = pmd.status()
+    ours = {ep["address"] for ep in state["endpoints"]}
+    assert state["mode"] == "kernel"
+    assert ours == set(client.addresses(4) + client.addresses(6))
+    n = len(ours)
+    assert pm.limits(netns=client.netns) == pm.Limits(n, n)  # raised to match
+    flags = {ep.address: ep.flags for ep in pm.endpoints(netns=client.netns)}
+    assert flags[client.address(0)] == pm.EndpointFlag.SUBFLOW
+    assert flags[client.address(1)] == pm.EndpointFlag.SUBFLOW | pm.EndpointFlag.BACKUP
+    assert pmd.stop() == 0
+    assert [ep.address for ep in pm.endpoints(netns=client.netns)] == ["10.9.9.9"]
+    assert pm.limits(netns=client.netns) == pm.Limits(0, 0)
+    assert not os.path.exists(pmd.socket)
+
+
+@pytest.mark.root
+def test_load_balancer_option(topo: lab.Topology, start_pmd: Callable[..., Pmd]) -> None:
+    server = topo.host("server")
+    start_pmd(server.netns, "load_balancer = true\n")
+    assert server.sysctl("net.mptcp.allow_join_initial_addr_port") == "0"
+    eps = pm.endpoints(netns=server.netns)
+    assert {ep.address for ep in eps} == set(server.addresses(4) + server.addresses(6))
+    assert all(ep.flags == pm.EndpointFlag.SIGNAL for ep in eps)
+
+
+# ------------------------------------------------------------------ errors: exit 2, nothing done
+
+
+def run_pmd(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "mptcpkit", "pmd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_pmd_bad_config_exit_2(tmp_path: Path) -> None:
+    conf = tmp_path / "pmd.toml"
+    conf.write_text('mode = "turbo"\n')
+    r = run_pmd("-c", str(conf))
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        == f"mptcpkit pmd: {conf}: mode: expected one of kernel, userspace, got 'turbo'"
+    )
+    r = run_pmd("-c", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "No such file or directory" in r.stderr
+    assert run_pmd().returncode == 2
+
+
+@pytest.mark.root
+def test_pmd_unknown_namespace_exit_2(tmp_path: Path) -> None:
+    conf = tmp_path / "pmd.toml"
+    conf.write_text("")
+    r = run_pmd("-c", str(conf), "--netns", "mptk-pm-nope")
+    assert r.returncode == 2 and "network namespace 'mptk-pm-nope' does not exist" in r.stderr
+
+
+@pytest.mark.root
+def test_pmd_without_privilege_exit_2(topo: lab.Topology, tmp_path: Path) -> None:
+    client = topo.host("client")
+    conf = tmp_path / "pmd.toml"
+    conf.write_text(f'mode = "userspace"\nstatus_socket = "{tmp_path}/s.sock"\n')
+    drop = (
+        "ip",
+        "netns",
+        "exec",
+        client.netns,
+        "setpriv",
+        "--bounding-set=-net_admin",
+        "--inh-caps=-net_admin",
+    )
+    r = run_pmd("-c", str(conf), prefix=drop)
+    assert r.returncode == 2, r.stderr
+    assert "needs CAP_NET_ADMIN" in r.stderr
+    # Nothing half-applied: the sysctl and the endpoints are untouched.
+    assert client.sysctl("net.mptcp.pm_type") == "0"
+    assert pm.endpoints(netns=client.netns) == []
+
+
+@pytest.mark.root
+def test_pmd_status_socket_unusable(topo: lab.Topology, tmp_path: Path) -> None:
+    client = topo.host("client")
+    conf = tmp_path / "pmd.toml"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    conf.write_text(f'status_socket = "{blocker}/pmd.sock"\n')
+    r = run_pmd("-c", str(conf), "--netns", client.netns)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].startswith(f"mptcpkit pmd: status socket {blocker}/pmd.sock: ")
+    assert "added endpoint" not in r.stderr
+    assert pm.endpoints(netns=client.netns) == []
+
+
+def test_pmd_status_without_daemon(tmp_path: Path) -> None:
+    r = run_pmd("status", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 1 and "no pmd answering on" in r.stderr
+
+
+@pytest.mark.root
+def test_userspace_ndiffports(topo: lab.Topology, start_pmd: Callable[..., Pmd]) -> None:
+    client = topo.host("client")
+    start_pmd(
+        client.netns, 'mode = "userspace"\n[userspace]\npolicy = "ndiffports"\nndiffports = 3\n'
+    )
+    t = Transfer(topo)
+    try:
+        assert wait_for(lambda: len(t.locals()) == 3), t.locals()
+        subflows = mptcpkit.subflows(t.sock)
+        assert {(s.local[0], s.remote) for s in subflows} == {
+            (client.address(0), t.sock.getpeername())
+        }
+        assert len({s.local[1] for s in subflows}) == 3  # three source ports
+    finally:
+        t.close()
+
+
+@pytest.mark.root
+def test_userspace_server_announces(
+    lab_factory: Callable[..., lab.Topology], start_pmd: Callable[..., Pmd]
+) -> None:
+    # Client: in-kernel PM accepting announcements; server: pmd announcing its addresses.
+    topo = lab_factory(lab.two_paths, paths=2, endpoints=None)
+    server = topo.host("server")
+    pmd = start_pmd(server.netns, 'mode = "userspace"\n[interfaces]\nallow = ["eth*"]\n')
+    t = Transfer(topo)
+    try:
+        assert wait_for(
+            lambda: server.address(1) in [s.remote[0] for s in mptcpkit.subflows(t.sock)]
+        ), pmd.log
+        assert wait_for(lambda: any(f"announced {server.address(1)}" in line for line in pmd.log))
+    finally:
+        t.close()
