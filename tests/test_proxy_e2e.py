@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -647,3 +649,41 @@ def test_workers_die_with_a_killed_master(tmp_path: Path) -> None:
             wait_for(gone, what="orphaned workers to exit")
         finally:
             px.stop()
+
+
+def test_no_fd_leak_in_workers(tmp_path: Path) -> None:
+    """Normal closes, resets, failed connects and retries all give their fds back."""
+    dead = free_port()
+    with (
+        Server(echo) as srv,
+        run_proxy(
+            tmp_path,
+            _conf(
+                "mptcp@127.0.0.1:0",
+                {"a": f'"tcp@127.0.0.1:{dead}"', "b": f'"mptcp@127.0.0.1:{srv.port}"'},
+                glob='workers = 1\nmetrics = ""',
+            ),
+        ) as px,
+    ):
+        (worker,) = wait_for(lambda: px.workers(), what="worker")
+        port = px.port("fe")
+
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{worker}/fd"))
+
+        s = connect(port, mptcp=True)  # warm up (lazy imports, loop internals)
+        s.sendall(b"w")
+        assert s.recv(1) == b"w"
+        s.close()
+        wait_for(lambda: len(px.conn_lines()) == 1, what="warm-up done")
+        before = fds()
+        for i in range(60):
+            s = connect(port, mptcp=i % 2 == 0)
+            s.sendall(b"x")
+            if i % 3 == 0:  # reset instead of a clean close
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                assert s.recv(1) == b"x"
+            s.close()
+        wait_for(lambda: len(px.conn_lines()) == 61, what="all 60 connections logged")
+        wait_for(lambda: fds() <= before, timeout=10, what=f"fds back to {before} (now {fds()})")
