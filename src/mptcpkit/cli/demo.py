@@ -475,8 +475,8 @@ def _format(s: dict[str, Any]) -> str:
     ]
     if s["link0_down_at_s"] is not None:
         lines.append(
-            f"  after link 0 went down at {s['link0_down_at_s']:.1f}s:    "
-            f"{mbit(s['after_link_down_mbit'])} (the connection survived"
+            f"  after link 0 went down at {s['link0_down_at_s']:.1f}s:".ljust(41)
+            + f"{mbit(s['after_link_down_mbit'])} (the connection survived"
             + (f", recovered in {s['recovery_s']:.1f}s)" if s["recovery_s"] is not None else ")")
         )
     check = "verified" if s["verified"] else "MISMATCH"
