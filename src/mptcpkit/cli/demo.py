@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
         rate_bps = lab.parse_rate(args.rate)
     except ValueError as exc:
         raise UsageError(f"--rate: {exc}") from None
-    out_dir = tempfile.mkdtemp(prefix="mptcpkit-demo-")
-    plot_path = args.plot or os.path.join(out_dir, "demo.png")
+    plot_path = args.plot or os.path.join(tempfile.mkdtemp(prefix="mptcpkit-demo-"), "demo.png")
     err = sys.stderr
     print(f"mptcpkit demo: building the lab (2 x {args.rate} links client<->proxy) ...", file=err)
     with lab.gateway(paths=2, rate=args.rate) as net:
