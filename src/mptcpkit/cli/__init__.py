@@ -23,6 +23,8 @@ SUBCOMMANDS: tuple[str, ...] = (
     "mptcpkit.cli.pmd",
     "mptcpkit.cli.lab",
     "mptcpkit.cli.run",
+    "mptcpkit.cli.proxy",
+    "mptcpkit.cli.demo",
 )
 
 

@@ -1,0 +1,570 @@
+#!/usr/bin/env python3
+"""Benchmark `mptcpkit proxy` against HAProxy, socat and a direct MPTCP connection.
+
+All contenders in one run, on loopback, with an MPTCP client leg and a TCP server leg
+(HAProxy and socat run under `mptcpize run` so that they accept MPTCP):
+
+  direct    MPTCP client -> MPTCP server, no proxy (the ceiling)
+  mptcpkit  mptcpkit proxy, one worker per core
+  haproxy   Debian's haproxy, mode tcp, best of nbthread 1/2 x default/large buffers
+  socat     socat TCP-LISTEN,fork
+
+Measures: bulk throughput (iperf3, one stream, --bytes), new connections/s with one
+small request each and the CPU time (user+sys) the contender spent per connection,
+p50/p99 latency of small requests on persistent connections, and memory per idle
+proxied connection (RSS delta over --idle connections). All contenders run at once and
+the loads go round-robin over them, --repeat times (medians), so that a busy minute on
+a shared machine does not land on one contender only; CPU per connection is the figure
+that contention does not distort. The load
+generator and echo server are a small C program (benchmarks/loadgen.c, needs gcc) so
+that Python is not measuring itself. Every load is bounded in count and time.
+
+    sudo python3 benchmarks/proxy_bench.py [--bytes 2G] [--seconds 5] [--idle 10000]
+
+The CPU may be shared with other work: run it on a quiet machine for numbers to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)(i?B?)?", text.strip(), re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2G, 512M)")
+    return int(
+        float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    suffix = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[1].endswith(suffix) and fields[3] == "0A":
+                    return True
+    return False
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    """Wait for a listener without connecting (a probe would confuse iperf3's server)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if _listening(port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    i = 0
+    while i < len(out):
+        with contextlib.suppress(OSError):
+            for t in Path(f"/proc/{out[i]}/task").iterdir():
+                out += [int(c) for c in (t / "children").read_text().split()]
+        i += 1
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """user+sys CPU time of a process and its descendants (a contention-proof cost)."""
+    ticks = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            # utime, stime, and the same for reaped children (socat forks per connection)
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_rss_kib(pid: int) -> int:
+    """RSS of a process and all its descendants."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for t in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (t / "children").read_text().split()]
+    return total
+
+
+class Procs:
+    """Background processes, all stopped at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(argv, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
+
+
+@dataclass
+class Backends:
+    echo: int  # TCP echo server port (loadgen server)
+    iperf: int  # TCP iperf3 server port
+    echo_mptcp: int
+    iperf_mptcp: int
+
+
+@dataclass
+class Target:
+    name: str
+    bulk_port: int
+    echo_port: int
+    pid: int | None  # the process tree whose CPU and memory count (None: no proxy)
+    idle: int | None = None
+
+
+@dataclass
+class Result:
+    name: str
+    bulk_gbps: float | None = None
+    rate: float | None = None
+    cpu_us_per_conn: float | None = None
+    p50_us: float | None = None
+    p99_us: float | None = None
+    idle_kib: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, loadgen: str, tmp: Path) -> None:
+        self.args = args
+        self.loadgen = loadgen
+        self.tmp = tmp
+        self.procs = Procs()
+
+    def log(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    def backends(self) -> Backends:
+        ports = []
+        for mptcp in ("0", "1"):
+            p = self.procs.start([self.loadgen, "server", mptcp], stdout=subprocess.PIPE)
+            assert p.stdout is not None
+            ports.append(int(p.stdout.readline()))
+        ip, ipm = free_port(), free_port()
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.procs.start(["iperf3", "-s", "-p", str(ip), "-B", "127.0.0.1"], **quiet)
+        self.procs.start(
+            ["mptcpize", "run", "iperf3", "-s", "-p", str(ipm), "-B", "127.0.0.1"], **quiet
+        )
+        wait_port(ip)
+        wait_port(ipm)
+        return Backends(ports[0], ip, ports[1], ipm)
+
+    # --- the measurements ------------------------------------------------------------
+
+    def bulk(self, port: int) -> float:
+        out = subprocess.run(
+            [
+                "mptcpize",
+                "run",
+                "iperf3",
+                "-c",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-n",
+                str(self.args.bytes),
+                "-J",
+                "-l",
+                "256K",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        data = json.loads(out.stdout)
+        if "error" in data:
+            raise RuntimeError(f"iperf3: {data['error']}")
+        return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+    def loadgen_run(self, mode: str, port: int, conc: int, req: int = 64) -> dict[str, Any]:
+        out = subprocess.run(
+            [
+                self.loadgen,
+                mode,
+                str(port),
+                str(conc),
+                str(self.args.seconds),
+                "5000000",
+                str(req),
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=self.args.seconds + 60,
+        )
+        return dict(json.loads(out.stdout))
+
+    def idle(self, port: int, pid: int | None, n: int) -> float | None:
+        if pid is None:
+            return None
+        time.sleep(0.5)
+        before = tree_rss_kib(pid)
+        p = subprocess.Popen(
+            [self.loadgen, "idle", str(port), str(n), "1"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            got = json.loads(line)
+            time.sleep(1.0)
+            after = tree_rss_kib(pid)
+        finally:
+            assert p.stdin is not None
+            p.stdin.close()
+            p.wait(60)
+        if got["ready"] < n * 0.95:
+            raise RuntimeError(f"only {got['ready']} of {n} idle connections came up")
+        return (after - before) / got["ready"]
+
+    def measure_round(self, t: Target, what: str, raw: dict[str, list[Any]]) -> None:
+        """One run of one load against one contender; results appended to `raw`."""
+        if what == "bulk":
+            raw["bulk"].append(self.bulk(t.bulk_port))
+        elif what == "rate":
+            cpu0 = tree_cpu_seconds(t.pid) if t.pid is not None else 0.0
+            d = self.loadgen_run("rate", t.echo_port, self.args.concurrency)
+            if t.pid is not None:
+                raw["cpu"].append((tree_cpu_seconds(t.pid) - cpu0, d["done"]))
+            raw["rate"].append(d)
+        elif what == "latency":
+            raw["rr"].append(self.loadgen_run("rr", t.echo_port, self.args.rr_concurrency))
+
+    @staticmethod
+    def summarise(name: str, raw: dict[str, list[Any]], notes: list[str]) -> Result:
+        r = Result(name, notes=notes)
+        if raw["bulk"]:
+            r.bulk_gbps = statistics.median(raw["bulk"])
+        if raw["rate"]:
+            r.rate = statistics.median(d["rate"] for d in raw["rate"])
+            if errors := sum(d["errors"] for d in raw["rate"]):
+                notes.append(f"rate: {errors} errors")
+        if raw["cpu"]:
+            cpu = sum(c for c, _ in raw["cpu"])
+            r.cpu_us_per_conn = cpu * 1e6 / max(sum(n for _, n in raw["cpu"]), 1)
+        if raw["rr"]:
+            r.p50_us = statistics.median(d["p50_us"] for d in raw["rr"])
+            r.p99_us = statistics.median(d["p99_us"] for d in raw["rr"])
+            if errors := sum(d["errors"] for d in raw["rr"]):
+                notes.append(f"latency: {errors} errors")
+        return r
+
+    # --- contenders -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def mptcpkit(self, be: Backends) -> Iterator[tuple[int, int, int]]:
+        fb, fe = free_port(), free_port()
+        cfg = self.tmp / "mptcpkit.toml"
+        workers = f"workers = {self.args.workers}\n" if self.args.workers else ""
+        cfg.write_text(
+            f'[global]\n{workers}metrics = ""\nlog = "none"\n'
+            f'[frontend.bulk]\nbind = "mptcp@127.0.0.1:{fb}"\nbackend = "bulk"\nmaxconn = 30000\n'
+            f'[frontend.echo]\nbind = "mptcp@127.0.0.1:{fe}"\nbackend = "echo"\nmaxconn = 30000\n'
+            f'[backend.bulk]\nserver.s = "tcp@127.0.0.1:{be.iperf}"\n'
+            f'[backend.echo]\nserver.s = "tcp@127.0.0.1:{be.echo}"\n'
+        )
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        p = self.procs.start(
+            [sys.executable, "-m", "mptcpkit", "proxy", "-c", str(cfg)],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(fb)
+        wait_port(fe)
+        try:
+            yield fb, fe, p.pid
+        finally:
+            self._stop(p)
+
+    @contextlib.contextmanager
+    def haproxy(
+        self, be: Backends, nbthread: int, bufsize: int | None
+    ) -> Iterator[tuple[int, int, int]]:
+        fb, fe = free_port(), free_port()
+        cfg = self.tmp / f"haproxy-{nbthread}-{bufsize}.cfg"
+        tune = f"    tune.bufsize {bufsize}\n" if bufsize else ""
+        cfg.write_text(
+            f"global\n    nbthread {nbthread}\n    maxconn {self.args.maxconn}\n{tune}"
+            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n"
+            f"    timeout server 60s\n    maxconn {self.args.maxconn}\n"
+            f"listen bulk\n    bind 127.0.0.1:{fb}\n    server s 127.0.0.1:{be.iperf}\n"
+            f"listen echo\n    bind 127.0.0.1:{fe}\n    server s 127.0.0.1:{be.echo}\n"
+        )
+        p = self.procs.start(
+            ["mptcpize", "run", "haproxy", "-f", str(cfg), "-db"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(fb)
+        wait_port(fe)
+        try:
+            yield fb, fe, p.pid
+        finally:
+            self._stop(p)
+
+    @contextlib.contextmanager
+    def socat(self, be: Backends) -> Iterator[tuple[int, int, int]]:
+        fb, fe = free_port(), free_port()
+        ps = [
+            self.procs.start(
+                [
+                    "mptcpize",
+                    "run",
+                    "socat",
+                    f"TCP-LISTEN:{f},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                    f"TCP:127.0.0.1:{b}",
+                ],
+                stderr=subprocess.DEVNULL,
+            )
+            for f, b in ((fb, be.iperf), (fe, be.echo))
+        ]
+        wait_port(fb)
+        wait_port(fe)
+        try:
+            yield fb, fe, ps[1].pid
+        finally:
+            for p in ps:
+                self._stop(p)
+
+    def _stop(self, p: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        time.sleep(1.0)  # let TIME_WAIT and sockets settle between contenders
+
+    def run(self) -> list[Result]:
+        """All contenders run at once; loads go round-robin over them, --repeat rounds.
+
+        Interleaving matters on a shared machine: a contender measured alone in a busy
+        minute would look worse than one measured in a quiet one.
+        """
+        be = self.backends()
+        with contextlib.ExitStack() as stack:
+            targets = [Target("direct", be.iperf_mptcp, be.echo_mptcp, None)]
+            fb, fe, pid = stack.enter_context(self.mptcpkit(be))
+            targets.append(Target("mptcpkit", fb, fe, pid))
+            for nbthread in (1, 2):
+                for bufsize in (None, 262144):
+                    label = f"haproxy nbthread={nbthread} bufsize={bufsize or 'default'}"
+                    fb, fe, pid = stack.enter_context(self.haproxy(be, nbthread, bufsize))
+                    targets.append(Target(label, fb, fe, pid))
+            fb, fe, pid = stack.enter_context(self.socat(be))
+            targets.append(Target("socat", fb, fe, pid, idle=min(self.args.idle, 200)))
+            raws = {t.name: {"bulk": [], "rate": [], "cpu": [], "rr": []} for t in targets}
+            notes: dict[str, list[str]] = {t.name: [] for t in targets}
+            for rnd in range(1, self.args.repeat + 1):
+                for what in ("bulk", "rate", "latency"):
+                    if self.args.only and what not in self.args.only:
+                        continue
+                    for t in targets:
+                        self.log(f"round {rnd}/{self.args.repeat}: {what}: {t.name}")
+                        try:
+                            self.measure_round(t, what, raws[t.name])
+                        except Exception as exc:  # one failure must not sink the run
+                            notes[t.name].append(f"{what} failed: {exc}")
+                            self.log(f"  failed: {exc}")
+            results = [self.summarise(t.name, raws[t.name], notes[t.name]) for t in targets]
+            if not self.args.only or "idle" in self.args.only:
+                for t, r in zip(targets, results, strict=True):
+                    if t.pid is None:
+                        continue
+                    self.log(f"idle memory: {t.name}")
+                    try:
+                        r.idle_kib = self.idle(t.echo_port, t.pid, t.idle or self.args.idle)
+                    except Exception as exc:
+                        r.notes.append(f"idle failed: {exc}")
+        variants = [r for r in results if r.name.startswith("haproxy")]
+        at = results.index(variants[-1]) + 1
+        results.insert(at, best_of("haproxy (best)", variants))
+        return results
+
+
+def best_of(name: str, rs: list[Result]) -> Result:
+    def pick(attr: str, low: bool) -> float | None:
+        vals = [getattr(r, attr) for r in rs if getattr(r, attr) is not None]
+        if not vals:
+            return None
+        return min(vals) if low else max(vals)
+
+    return Result(
+        name,
+        bulk_gbps=pick("bulk_gbps", False),
+        rate=pick("rate", False),
+        cpu_us_per_conn=pick("cpu_us_per_conn", True),
+        p50_us=pick("p50_us", True),
+        p99_us=pick("p99_us", True),
+        idle_kib=pick("idle_kib", True),
+    )
+
+
+def report(results: list[Result], args: argparse.Namespace) -> str:
+    by = {r.name: r for r in results}
+    lines = [
+        f"loopback, MPTCP client leg, TCP server leg; {os.cpu_count()} CPUs; "
+        f"bulk {args.bytes} bytes; "
+        f"{args.seconds}s per load, median of {args.repeat}; "
+        f"conn rate with {args.concurrency} concurrent; latency with "
+        f"{args.rr_concurrency} persistent connections; idle memory over {args.idle} connections "
+        "(socat: 200)",
+        f"{'contender':38} {'bulk Gbit/s':>11} {'conn/s':>9} {'CPU us/conn':>11} {'p50 us':>9} "
+        f"{'p99 us':>9} {'KiB/idle':>9}",
+    ]
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for r in results:
+        lines.append(
+            f"{r.name:38} {fmt(r.bulk_gbps, '11.2f')} {fmt(r.rate, '9.0f')} "
+            f"{fmt(r.cpu_us_per_conn, '11.0f')} "
+            f"{fmt(r.p50_us, '9.0f')} {fmt(r.p99_us, '9.0f')} {fmt(r.idle_kib, '9.1f')}"
+        )
+        for n in r.notes:
+            lines.append(f"    note: {n}")
+    m, h, d = by.get("mptcpkit"), by.get("haproxy (best)"), by.get("direct")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    if m and h and d:
+        checks = [
+            ("bulk vs HAProxy", ratio(m.bulk_gbps, h.bulk_gbps), ">=", 1.0),
+            ("bulk vs direct MPTCP", ratio(m.bulk_gbps, d.bulk_gbps), ">=", 0.8),
+            ("conn rate vs HAProxy", ratio(m.rate, h.rate), ">=", 1.0),
+            (
+                "CPU per connection vs HAProxy",
+                ratio(m.cpu_us_per_conn, h.cpu_us_per_conn),
+                "<=",
+                1.0,
+            ),
+            ("p99 latency vs HAProxy", ratio(m.p99_us, h.p99_us), "<=", 1.2),
+            ("memory/idle conn vs HAProxy", ratio(m.idle_kib, h.idle_kib), "<=", 1.0),
+        ]
+        lines.append("mptcpkit ratios (target):")
+        for label, v, op, target in checks:
+            if v is None:
+                lines.append(f"  {label:30} -")
+                continue
+            ok = v >= target if op == ">=" else v <= target
+            lines.append(
+                f"  {label:30} {v:5.2f}x  (target {op} {target}x) {'met' if ok else 'MISSED'}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--bytes", type=parse_size, default=2 << 30, help="bulk transfer size (default 2G)"
+    )
+    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each rate/latency load")
+    ap.add_argument("--concurrency", type=int, default=50, help="concurrent clients for conn rate")
+    ap.add_argument("--rr-concurrency", type=int, default=10, help="connections for latency")
+    ap.add_argument("--idle", type=int, default=10000, help="idle connections for memory")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="mptcpkit workers (default: per core)"
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="runs per load; the median is kept")
+    ap.add_argument("--only", nargs="*", choices=["bulk", "rate", "latency", "idle"])
+    ap.add_argument("--json", action="store_true", help="print results as JSON on stdout")
+    args = ap.parse_args(argv)
+    missing = [t for t in ("gcc", "iperf3", "haproxy", "socat", "mptcpize") if not shutil.which(t)]
+    if missing:
+        print(f"proxy_bench: missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    # HAProxy needs 2 fds per connection in one process: raise the limit as far as allowed
+    # (CAP_SYS_RESOURCE lifts the hard limit) and size maxconn and --idle to fit.
+    need = 2 * args.idle + 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), max(hard, need)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    args.maxconn = (limit - 200) // 2
+    if args.idle > args.maxconn - 100:
+        print(
+            f"proxy_bench: RLIMIT_NOFILE is {limit} (hard limit, no CAP_SYS_RESOURCE): "
+            f"idle connections lowered from {args.idle} to {args.maxconn - 100}",
+            file=sys.stderr,
+        )
+        args.idle = args.maxconn - 100
+    with tempfile.TemporaryDirectory(prefix="mptcpkit-bench-") as tmp:
+        loadgen = str(Path(tmp) / "loadgen")
+        subprocess.run(["gcc", "-O2", "-o", loadgen, str(HERE / "loadgen.c")], check=True)
+        bench = Bench(args, loadgen, Path(tmp))
+        try:
+            results = bench.run()
+        finally:
+            bench.procs.stop_all()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        print(report(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""`mptcpkit proxy`: run the MPTCP gateway from a TOML file or --listen/--to pairs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mptcpkit.cli.errors import UsageError
+
+__all__ = ["register"]
+
+
+class _Pair(argparse.Action):
+    """Keeps --listen and --to in command-line order: each --to belongs to the last --listen."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        ns: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        pairs: list[tuple[str, list[str]]] = getattr(ns, "pairs", None) or []
+        if self.dest == "listen":
+            pairs.append((values, []))
+        elif not pairs:
+            parser.error("--to must follow a --listen")
+        else:
+            pairs[-1][1].append(values)
+        ns.pairs = pairs
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "proxy",
+        help="MPTCP gateway: terminate MPTCP in front of TCP services, or carry TCP over MPTCP",
+        description=(
+            "Relay connections between per-address protocols, HAProxy style: "
+            "`mptcpkit proxy --listen mptcp@:8443 --to tcp@10.0.0.5:443`, or a TOML config "
+            "(-c FILE; see docs/proxy.md). SIGHUP reloads the file, SIGTERM drains and stops."
+        ),
+    )
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action=_Pair,
+        dest="listen",
+        help="address to accept on (repeatable), e.g. mptcp@:8443",
+    )
+    p.add_argument(
+        "--to",
+        metavar="ADDR",
+        action=_Pair,
+        dest="to",
+        help="server for the preceding --listen (repeatable), e.g. tcp@10.0.0.5:443",
+    )
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes (default: one per core)"
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help='Prometheus endpoint for the quick form (default 127.0.0.1:9464, "" = off)',
+    )
+    p.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    p.set_defaults(func=run, pairs=None)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from mptcpkit.proxy import config
+
+    if args.config and args.pairs:
+        raise UsageError("use either -c FILE or --listen/--to, not both")
+    if args.config:
+        if args.workers is not None or args.metrics is not None:
+            raise UsageError("--workers/--metrics go with --listen/--to; with -c use [global]")
+        return config.load(args.config)
+    if not args.pairs:
+        raise UsageError("nothing to do: give -c FILE, or --listen ADDR --to ADDR")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    return config.quick(args.pairs, workers=args.workers, metrics=args.metrics)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mptcpkit.proxy import config, master
+
+    try:
+        cfg = _load(args)
+        if args.check:
+            master.resolve_ids(cfg)
+            n_srv = sum(len(b.servers) for b in cfg.backends.values())
+            print(
+                f"{cfg.source}: OK: {len(cfg.frontends)} frontends, {len(cfg.backends)} "
+                f"backends, {n_srv} servers"
+            )
+            return 0
+        path = args.config
+        reload = (lambda: config.load(path)) if path else None
+        return master.run(cfg, reload=reload)
+    except config.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        sys.stdout.flush()

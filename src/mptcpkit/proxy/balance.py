@@ -1,0 +1,93 @@
+"""Choosing a server: roundrobin, leastconn, source; and the rise/fall health state.
+
+Pure bookkeeping, no I/O: the relay asks `pick()`, reports `started()/finished()`,
+and the health checker feeds `ServerState.observe()`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Collection, Sequence
+
+from mptcpkit.proxy.config import Backend, HealthCheck, Server
+
+__all__ = ["Balancer", "ServerState"]
+
+
+class ServerState:
+    """One server's live state: up/down (rise/fall), active connections, WRR credit."""
+
+    __slots__ = ("active", "check", "credit", "fails", "oks", "server", "up")
+
+    def __init__(self, server: Server, check: HealthCheck | None = None) -> None:
+        self.server = server
+        self.check = check
+        self.up = True  # like HAProxy: servers start up, checks may take them down
+        self.active = 0
+        self.credit = 0
+        self.oks = 0
+        self.fails = 0
+
+    def observe(self, ok: bool) -> bool:
+        """Feed one health-check result; True when the server changed state."""
+        rise = self.check.rise if self.check else 1
+        fall = self.check.fall if self.check else 1
+        if ok:
+            self.fails = 0
+            self.oks += 1
+            if not self.up and self.oks >= rise:
+                self.up = True
+                return True
+        else:
+            self.oks = 0
+            self.fails += 1
+            if self.up and self.fails >= fall:
+                self.up = False
+                return True
+        return False
+
+
+class Balancer:
+    """The servers of one backend and the algorithm that picks among them."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.states = [ServerState(s, backend.check) for s in backend.servers]
+        self._algo = backend.balance
+
+    def pick(
+        self, client_host: str | None = None, exclude: Collection[ServerState] = ()
+    ) -> ServerState | None:
+        """The next server, or None when every usable server is down or excluded."""
+        for backup in (False, True):
+            cands = [
+                s
+                for s in self.states
+                if s.up and s.server.backup == backup and s.server.weight > 0 and s not in exclude
+            ]
+            if cands:
+                return self._choose(cands, client_host)
+        return None
+
+    def _choose(self, cands: Sequence[ServerState], client_host: str | None) -> ServerState:
+        if len(cands) == 1:
+            return cands[0]
+        if self._algo == "leastconn":
+            return min(cands, key=lambda s: (s.active / s.server.weight, -s.server.weight))
+        if self._algo == "source" and client_host is not None:
+            total = sum(s.server.weight for s in cands)
+            point = zlib.crc32(client_host.encode()) % total
+            for s in cands:
+                point -= s.server.weight
+                if point < 0:
+                    return s
+        # Smooth weighted round robin (nginx): spreads heavy servers between light ones.
+        total = 0
+        best = cands[0]
+        for s in cands:
+            s.credit += s.server.weight
+            total += s.server.weight
+            if s.credit > best.credit:
+                best = s
+        best.credit -= total
+        return best

@@ -1,0 +1,508 @@
+"""The proxy's configuration: a TOML file (or `--listen/--to` pairs) made into a checked model.
+
+Pure: no sockets are touched here. Every error names the file, the key and the reason
+(`proxy.toml: frontend.web.backend: no backend named 'ap' (have: app)`), so that
+`mptcpkit proxy --check` and a failed reload can say exactly what to fix.
+
+    [global]
+    workers = 2                 # default: one per core
+    metrics = "127.0.0.1:9464"  # Prometheus endpoint; "" turns it off
+    log = "stderr"              # or "none", or a file path
+    log-format = "text"         # or "json"
+    user = "nobody"             # drop root after binding
+    group = "nogroup"
+    stop-timeout = "10s"        # SIGTERM: drain this long, then cut
+
+    [frontend.web]
+    bind = ["mptcp@:8443", "mptcp@[::]:9000-9010"]
+    backend = "app"
+    maxconn = 10000
+    accept-proxy = false
+    timeout = { client = "60s", connect = "5s", server = "60s" }
+
+    [backend.app]
+    balance = "roundrobin"      # leastconn, source
+    retries = 2                 # other servers tried after a failed connect
+    check = { interval = "2s", rise = 2, fall = 3, timeout = "1s" }
+    server.s1 = "tcp@10.0.0.5:443"
+    server.s2 = { address = "mptcp@10.0.0.6:443", weight = 2, backup = false,
+                  send-proxy = "v2", mptcp = "require" }
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mptcpkit.address import Address, parse_address
+from mptcpkit.policy import Policy
+
+__all__ = [
+    "BALANCE_ALGORITHMS",
+    "Backend",
+    "Config",
+    "ConfigError",
+    "Frontend",
+    "GlobalSettings",
+    "HealthCheck",
+    "Server",
+    "Timeouts",
+    "load",
+    "parse_duration",
+    "parse_text",
+    "quick",
+]
+
+BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "source")
+LOG_FORMATS = ("text", "json")
+DEFAULT_METRICS = "tcp@127.0.0.1:9464"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem: where (file, key) and why."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; None means no limit. `client`/`server` are idle limits on each leg."""
+
+    client: float | None = 60.0
+    connect: float = 5.0
+    server: float | None = 60.0
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """TCP-connect checks: `fall` failures mark a server down, `rise` successes up again."""
+
+    interval: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    address: Address
+    weight: int = 1
+    backup: bool = False
+    send_proxy: int = 0  # 0: no header, 1: PROXY v1, 2: PROXY v2
+    policy: Policy = Policy.OFF  # from the address (mptcp@ prefers), or `mptcp = ...`
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    servers: tuple[Server, ...]
+    balance: str = "roundrobin"
+    retries: int = 2
+    check: HealthCheck | None = None
+
+
+@dataclass(frozen=True)
+class Frontend:
+    name: str
+    binds: tuple[Address, ...]
+    backend: str
+    maxconn: int = 10000
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    accept_proxy: bool = False
+
+
+@dataclass(frozen=True)
+class GlobalSettings:
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    log: str = "stderr"
+    log_format: str = "text"
+    metrics: Address | None = field(default_factory=lambda: parse_address(DEFAULT_METRICS))
+    user: str | None = None
+    group: str | None = None
+    stop_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    global_: GlobalSettings
+    frontends: tuple[Frontend, ...]
+    backends: Mapping[str, Backend]
+
+
+# --- scalar readers: each raises ConfigError naming the key ---------------------------
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or "500ms", "5s", "2m", "1h"; raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+        if not m:
+            raise ValueError(f"expected a duration like 500ms, 5s, 2m, got {value!r}")
+        unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
+        seconds = float(m.group(1)) * unit
+    else:
+        raise ValueError(f"expected a duration, got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration must be finite and >= 0, got {value!r}")
+    return seconds
+
+
+class _Reader:
+    """Reads one table, remembering the key path for error messages."""
+
+    def __init__(self, source: str, path: str, table: object) -> None:
+        self.source = source
+        self.path = path
+        if not isinstance(table, dict):
+            raise ConfigError(source, path, f"expected a table, got {_kind(table)}")
+        self.table: dict[str, Any] = table
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), reason)
+
+    def only(self, allowed: Iterable[str]) -> None:
+        allowed = set(allowed)
+        for name in self.table:
+            if name not in allowed:
+                hint = _suggest(name, allowed)
+                raise self.error(name, f"unknown key{hint} (allowed: {', '.join(sorted(allowed))})")
+
+    def has(self, name: str) -> bool:
+        return name in self.table
+
+    def get_int(self, name: str, default: int, lo: int = 0, hi: int = 1 << 31) -> int:
+        v = self.table.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.error(name, f"expected an integer, got {_kind(v)}")
+        if not lo <= v <= hi:
+            raise self.error(name, f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        v = self.table.get(name, default)
+        if not isinstance(v, bool):
+            raise self.error(name, f"expected true or false, got {_kind(v)}")
+        return v
+
+    def get_str(self, name: str, default: str | None) -> str | None:
+        v = self.table.get(name, default)
+        if v is not None and not isinstance(v, str):
+            raise self.error(name, f"expected a string, got {_kind(v)}")
+        return v
+
+    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
+        v = self.get_str(name, default)
+        if v is None or v not in choices:
+            raise self.error(name, f"must be one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def duration(self, name: str, default: float | None, allow_none: bool = False) -> float | None:
+        v = self.table.get(name, default)
+        if v is None or (allow_none and v in ("none", "off", 0)):
+            return None if allow_none else default
+        try:
+            return parse_duration(v)
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from None
+
+    def sub(self, name: str) -> _Reader:
+        return _Reader(self.source, self.key(name), self.table.get(name, {}))
+
+
+def _kind(v: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(v), type(v).__name__) + f" ({v!r})"
+
+
+def _suggest(name: str, allowed: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _address(r: _Reader, key: str, text: object, *, server: bool) -> Address:
+    if not isinstance(text, str):
+        raise r.error(key, f"expected an address string like 'mptcp@:8443', got {_kind(text)}")
+    try:
+        addr = parse_address(text)
+    except ValueError as exc:
+        raise r.error(key, f"bad address {text!r}: {exc}") from None
+    if addr.protocol not in ("tcp", "mptcp", "unix"):
+        raise r.error(
+            key, f"bad address {text!r}: protocol {addr.protocol!r} cannot carry a stream"
+        )
+    if addr.protocol != "unix":
+        if addr.port is None:
+            raise r.error(key, f"bad address {text!r}: a port is needed, as in {text}:8443")
+        if server and addr.port_end != addr.port:
+            raise r.error(key, f"bad address {text!r}: a server takes one port, not a range")
+        if server and (not addr.host or addr.port == 0):
+            raise r.error(key, f"bad address {text!r}: a server needs a host and a port")
+    return addr
+
+
+# --- sections -------------------------------------------------------------------
+
+
+def _global(r: _Reader) -> GlobalSettings:
+    r.only(("workers", "log", "log-format", "metrics", "user", "group", "stop-timeout"))
+    cpus = os.cpu_count() or 1
+    metrics_text = r.get_str("metrics", DEFAULT_METRICS)
+    metrics = None
+    if metrics_text:
+        metrics = _address(r, "metrics", metrics_text, server=False)
+        if metrics.protocol == "unix" or metrics.port_end != metrics.port:
+            raise r.error("metrics", f"bad address {metrics_text!r}: one TCP port, not a range")
+    stop = r.duration("stop-timeout", 10.0)
+    assert stop is not None
+    return GlobalSettings(
+        workers=r.get_int("workers", cpus, 1, 256),
+        log=r.get_str("log", "stderr") or "none",
+        log_format=r.choice("log-format", "text", LOG_FORMATS),
+        metrics=metrics,
+        user=r.get_str("user", None),
+        group=r.get_str("group", None),
+        stop_timeout=stop,
+    )
+
+
+def _timeouts(r: _Reader) -> Timeouts:
+    r.only(("client", "connect", "server"))
+    d = Timeouts()
+    connect = r.duration("connect", d.connect)
+    assert connect is not None
+    if connect == 0:
+        raise r.error("connect", "must be > 0")
+    return Timeouts(
+        client=r.duration("client", d.client, allow_none=True),
+        connect=connect,
+        server=r.duration("server", d.server, allow_none=True),
+    )
+
+
+def _frontend(r: _Reader, name: str) -> Frontend:
+    r.only(("bind", "backend", "maxconn", "timeout", "accept-proxy"))
+    if not r.has("bind"):
+        raise r.error("bind", "missing: a frontend needs at least one address to listen on")
+    binds_raw = r.table["bind"]
+    if isinstance(binds_raw, str):
+        binds_raw = [binds_raw]
+    if not isinstance(binds_raw, list) or not binds_raw:
+        raise r.error("bind", f"expected an address or a non-empty array, got {_kind(binds_raw)}")
+    binds = tuple(
+        _address(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b, server=False)
+        for i, b in enumerate(binds_raw)
+    )
+    backend = r.get_str("backend", None)
+    if not backend:
+        raise r.error("backend", "missing: which backend gets this frontend's connections?")
+    return Frontend(
+        name=name,
+        binds=binds,
+        backend=backend,
+        maxconn=r.get_int("maxconn", 10000, 1, 10_000_000),
+        timeouts=_timeouts(r.sub("timeout")),
+        accept_proxy=r.get_bool("accept-proxy", False),
+    )
+
+
+def _send_proxy(r: _Reader) -> int:
+    v = r.table.get("send-proxy", False)
+    if v is False or v == "off":
+        return 0
+    if v is True or v in ("v1", 1):
+        return 1
+    if v in ("v2", 2):
+        return 2
+    raise r.error("send-proxy", f"must be false, true/'v1' or 'v2', got {_kind(v)}")
+
+
+def _server(r_backend: _Reader, name: str, raw: object) -> Server:
+    if isinstance(raw, str):
+        raw = {"address": raw}
+    r = _Reader(r_backend.source, r_backend.key(f"server.{name}"), raw)
+    r.only(("address", "weight", "backup", "send-proxy", "mptcp"))
+    if not r.has("address"):
+        raise r.error("address", "missing: where is this server?")
+    addr = _address(r, "address", r.table["address"], server=True)
+    policy = Policy.PREFER if addr.protocol == "mptcp" else Policy.OFF
+    if r.has("mptcp"):
+        mode = r.choice("mptcp", "prefer", ("prefer", "require", "off"))
+        policy = Policy(mode)
+    return Server(
+        name=name,
+        address=addr,
+        weight=r.get_int("weight", 1, 0, 256),
+        backup=r.get_bool("backup", False),
+        send_proxy=_send_proxy(r),
+        policy=policy,
+    )
+
+
+def _check(r: _Reader) -> HealthCheck | None:
+    v = r.table.get("check", False)
+    if v is False:
+        return None
+    if v is True:
+        return HealthCheck()
+    c = r.sub("check")
+    c.only(("interval", "rise", "fall", "timeout"))
+    d = HealthCheck()
+    interval = c.duration("interval", d.interval)
+    timeout = c.duration("timeout", d.timeout)
+    assert interval is not None and timeout is not None
+    if interval <= 0:
+        raise c.error("interval", "must be > 0")
+    if timeout <= 0:
+        raise c.error("timeout", "must be > 0")
+    return HealthCheck(
+        interval, c.get_int("rise", d.rise, 1, 100), c.get_int("fall", d.fall, 1, 100), timeout
+    )
+
+
+def _backend(r: _Reader, name: str) -> Backend:
+    r.only(("server", "balance", "retries", "check"))
+    servers_table = r.table.get("server")
+    if not isinstance(servers_table, dict) or not servers_table:
+        raise r.error(
+            "server", 'missing: a backend needs at least one server (server.NAME = "tcp@host:port")'
+        )
+    servers = []
+    for sname, raw in servers_table.items():
+        if not _NAME.match(sname):
+            raise r.error(f"server.{sname}", "server names are letters, digits and _.:-")
+        servers.append(_server(r, sname, raw))
+    if all(s.weight == 0 for s in servers):
+        raise r.error("server", "every server has weight 0: nothing could be chosen")
+    return Backend(
+        name=name,
+        servers=tuple(servers),
+        balance=r.choice("balance", "roundrobin", BALANCE_ALGORITHMS),
+        retries=r.get_int("retries", 2, 0, 100),
+        check=_check(r),
+    )
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate a decoded TOML document."""
+    top = _Reader(source, "", dict(data))
+    top.only(("global", "frontend", "backend"))
+    global_ = _global(top.sub("global"))
+    fr = top.sub("frontend")
+    br = top.sub("backend")
+    if not fr.table:
+        raise ConfigError(
+            source, "frontend", "missing: no [frontend.NAME] section, nothing to listen on"
+        )
+    backends: dict[str, Backend] = {}
+    for name in br.table:
+        if not _NAME.match(name):
+            raise br.error(name, "backend names are letters, digits and _.:-")
+        backends[name] = _backend(br.sub(name), name)
+    frontends = []
+    seen_binds: dict[str, str] = {}
+    for name in fr.table:
+        if not _NAME.match(name):
+            raise fr.error(name, "frontend names are letters, digits and _.:-")
+        sub = fr.sub(name)
+        f = _frontend(sub, name)
+        if f.backend not in backends:
+            have = ", ".join(sorted(backends)) or "none"
+            raise sub.error("backend", f"no backend named {f.backend!r} (have: {have})")
+        for b in f.binds:
+            k = _bind_key(b)
+            if k in seen_binds and not (b.protocol != "unix" and b.port == 0):
+                raise sub.error("bind", f"{b} is already bound by frontend {seen_binds[k]!r}")
+            seen_binds[k] = name
+        frontends.append(f)
+    return Config(source, global_, tuple(frontends), backends)
+
+
+def _bind_key(a: Address) -> str:
+    if a.protocol == "unix":
+        return f"unix:{a.path}"
+    return f"{a.family}:{a.host}:{a.port}-{a.port_end}"
+
+
+def parse_text(text: str, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    return from_mapping(data, source)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML file."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "not UTF-8 text") from None
+    return parse_text(text, source)
+
+
+def quick(
+    pairs: Sequence[tuple[str, Sequence[str]]],
+    *,
+    workers: int | None = None,
+    metrics: str | None = None,
+    source: str = "command line",
+) -> Config:
+    """The `--listen A --to B [--to C]` form: one frontend+backend per --listen."""
+    if not pairs:
+        raise ConfigError(source, "--listen", "missing: give at least one --listen ADDR --to ADDR")
+    doc: dict[str, Any] = {"frontend": {}, "backend": {}, "global": {}}
+    if workers is not None:
+        doc["global"]["workers"] = workers
+    if metrics is not None:
+        doc["global"]["metrics"] = metrics
+    for i, (listen, targets) in enumerate(pairs, 1):
+        if not targets:
+            raise ConfigError(source, "--to", f"--listen {listen} has no --to after it")
+        name = f"listen{i}"
+        doc["frontend"][name] = {"bind": [listen], "backend": name}
+        doc["backend"][name] = {"server": {f"s{j}": t for j, t in enumerate(targets, 1)}}
+    try:
+        return from_mapping(doc, source)
+    except ConfigError as exc:
+        raise ConfigError(source, _quick_key(exc.key), exc.reason) from None
+
+
+def _quick_key(key: str) -> str:
+    if ".bind" in key:
+        return "--listen"
+    if ".server" in key:
+        return "--to"
+    return key
