@@ -16,15 +16,15 @@ from mptcpkit.cli.errors import CLIError
 
 # Subcommand modules, in the order `mptcpkit --help` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
+    "mptcpkit.cli.demo",
     "mptcpkit.cli.check",
+    "mptcpkit.cli.proxy",
+    "mptcpkit.cli.run",
     "mptcpkit.cli.endpoint",
     "mptcpkit.cli.limits",
     "mptcpkit.cli.monitor",
     "mptcpkit.cli.pmd",
     "mptcpkit.cli.lab",
-    "mptcpkit.cli.run",
-    "mptcpkit.cli.proxy",
-    "mptcpkit.cli.demo",
 )
 
 
