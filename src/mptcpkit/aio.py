@@ -9,6 +9,8 @@ which both loops accept.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -22,30 +24,32 @@ _STREAM_LIMIT = 2**16
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 
 
-async def sock_connect(sock: socket.socket, address: tuple[Any, ...]) -> None:
-    """Connect a socket (MPTCP or not) without blocking the loop; `address` is resolved."""
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def sock_connect(sock: socket.socket, address: Any) -> None:
+    """Connect a socket (MPTCP or not) without blocking the loop; `address` is resolved.
+
+    `connect_ex` rather than `connect`: no exception is raised and caught on the usual
+    EINPROGRESS, which measurably shortens every connect.
+    """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
-    try:
-        sock.connect(address)
-        return
-    except (BlockingIOError, InterruptedError):
-        pass
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def writable() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, writable)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    err = sock.connect_ex(address)
+    # EAGAIN on a unix socket means a full backlog, not a connect in progress.
+    if err == errno.EINPROGRESS or (err == errno.EAGAIN and sock.family != socket.AF_UNIX):
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
-        raise OSError(err, f"Connect call failed {address}")
+        raise OSError(err, f"Connect call failed {address}: {os.strerror(err)}")
 
 
 async def _resolve(

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
-import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +18,7 @@ from typing import Any
 
 import mptcpkit
 from mptcpkit.abi.constants import MPTCP_INFO, SOL_MPTCP
+from mptcpkit.aio import sock_connect
 from mptcpkit.policy import Policy
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config, Frontend
@@ -32,11 +31,6 @@ BACKLOG = 4096
 _MPTCP_INFO_LEN = 96
 _SUBFLOWS_TOTAL = 80  # offsetof(struct mptcp_info, mptcpi_subflows_total)
 SWEEP_INTERVAL = 1.0
-
-
-def _on_writable(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class BackendRuntime:
@@ -90,20 +84,11 @@ async def connect_socket(
     else:
         sock = mptcpkit.socket(family, socket.SOCK_STREAM, mptcp=policy)
     try:
-        sock.setblocking(False)
-        err = sock.connect_ex(sockaddr)
-        if err in (errno.EINPROGRESS, errno.EAGAIN) and family != socket.AF_UNIX:
-            fut: asyncio.Future[None] = loop.create_future()
-            fd = sock.fileno()
-            loop.add_writer(fd, _on_writable, fut)
-            try:
-                async with asyncio.timeout(timeout):
-                    await fut
-            finally:
-                loop.remove_writer(fd)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
+        if timeout is None:
+            await sock_connect(sock, sockaddr)
+        else:
+            async with asyncio.timeout(timeout):
+                await sock_connect(sock, sockaddr)
     except BaseException:
         sock.close()
         raise
