@@ -95,6 +95,28 @@ class Server:
         self.sock.close()
 
 
+@pytest.fixture(scope="module")
+def nobody_env() -> Iterator[dict[str, str]]:
+    """An environment whose PYTHONPATH holds a copy of mptcpkit that any user can read:
+    the checkout may live where `nobody` cannot (CI clones wherever it likes)."""
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="mptcpkit-src-", dir="/tmp")
+    try:
+        shutil.copytree(
+            os.path.dirname(mptcpkit.__file__),
+            os.path.join(root, "mptcpkit"),
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        for folder, _, files in os.walk(root):
+            os.chmod(folder, 0o755)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o644)
+        yield {**os.environ, "PYTHONPATH": root, "PYTHONDONTWRITEBYTECODE": "1"}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def server() -> Iterator[Server]:
     s = Server()
@@ -646,7 +668,7 @@ def test_target_running_as_another_user(server: Server) -> None:
 
 @pytest.mark.root
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv not installed")
-def test_supervisor_needs_no_privileges(server: Server) -> None:
+def test_supervisor_needs_no_privileges(server: Server, nobody_env: dict[str, str]) -> None:
     """The whole of `mptcpkit run` as an unprivileged user (no root, no capabilities)."""
     nobody = pwd.getpwnam("nobody")
     code = f"""
@@ -661,7 +683,10 @@ def test_supervisor_needs_no_privileges(server: Server) -> None:
     cli = [system_python, "-m", "mptcpkit.cli.run"]  # the subcommand alone: no rich needed
     target = [system_python, *py(code)[1:]]
     proc = subprocess.run(
-        [*as_nobody, "--clear-groups", *cli, "--", *target], capture_output=True, timeout=60
+        [*as_nobody, "--clear-groups", *cli, "--", *target],
+        capture_output=True,
+        timeout=60,
+        env=nobody_env,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [b"pong"]
@@ -670,7 +695,9 @@ def test_supervisor_needs_no_privileges(server: Server) -> None:
 
 @pytest.mark.root
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare not installed")
-def test_unprivileged_supervisor_leaves_a_rootless_namespace_alone() -> None:
+def test_unprivileged_supervisor_leaves_a_rootless_namespace_alone(
+    nobody_env: dict[str, str],
+) -> None:
     """It cannot enter a namespace owned by the program's own user namespace: the
     program gets its plain TCP socket, and the reason is counted."""
     if not os.access("/usr/bin/python3", os.X_OK):
@@ -696,6 +723,7 @@ def test_unprivileged_supervisor_leaves_a_rootless_namespace_alone() -> None:
         [*as_nobody, "/usr/bin/python3", "-m", "mptcpkit.cli.run", "--stats=json", "--", *target],
         capture_output=True,
         timeout=60,
+        env=nobody_env,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [b"6"]
