@@ -418,8 +418,13 @@ def _summary(
 
     both = avg(0.5, t_fault) if t_fault is not None else avg(0.5, t_end)
     recovery = recovery_time(intervals, faults, 2)
-    # the single surviving path, once the connection has recovered from the loss
-    after = avg(t_fault + (recovery or 1.0), t_end) if t_fault is not None else None
+    # the single surviving path, once the connection has recovered from the loss; a short
+    # download may end before a whole interval follows the recovery: then all after the loss
+    after = (
+        avg(t_fault + (recovery or 1.0), t_end) or avg(t_fault, t_end)
+        if t_fault is not None
+        else None
+    )
     digest = dl.digest.hexdigest()
     expected = sent.get(size)
     verified = dl.error is None and dl.received == size and expected == digest
