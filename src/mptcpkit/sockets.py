@@ -19,7 +19,9 @@ from mptcpkit.status import record_note
 from mptcpkit.support import describe_creation_error
 
 _GLOBAL_DEFAULT_TIMEOUT: Any = _socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
-_INET = (_socket.AF_INET, _socket.AF_INET6)
+_AF_INET, _AF_INET6, _SOCK_STREAM = _socket.AF_INET, _socket.AF_INET6, _socket.SOCK_STREAM
+_inet_pton = _socket.inet_pton  # module globals: the connect path looks these up every time
+_INET = (_AF_INET, _AF_INET6)
 _STREAM_PROTOCOLS = (0, IPPROTO_TCP)
 
 
@@ -136,7 +138,7 @@ def _dial(
     source_address: tuple[str, int] | None,
 ) -> Socket:
     """One connect attempt; the socket is closed if it fails."""
-    sock = open_stream(family, _socket.SOCK_STREAM, policy)
+    sock = open_stream(family, _SOCK_STREAM, policy)
     try:
         if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
             sock.settimeout(timeout)
@@ -161,13 +163,13 @@ def create_connection(
     """Like `socket.create_connection()`, over MPTCP by policy ("dial" role)."""
     host, port = address
     policy = resolve(mptcp, "dial")
-    if family != _socket.AF_INET6 and isinstance(port, int):
+    if family != _AF_INET6 and port.__class__ is int:
         try:  # an IPv4 literal: one address, no lookup (the common case, kept short)
-            _socket.inet_pton(_socket.AF_INET, host)
+            _inet_pton(_AF_INET, host)
         except OSError:
             pass
         else:
-            return _dial(_socket.AF_INET, (host, port), policy, timeout, source_address)
+            return _dial(_AF_INET, (host, port), policy, timeout, source_address)
     errors: list[OSError] = []
     for af, sockaddr in resolve_stream(host, port, family):
         try:
