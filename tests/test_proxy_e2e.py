@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import resource
@@ -12,7 +13,9 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +50,19 @@ def _conf(
         f'[global]\n{glob}\n[frontend.fe]\nbind = "{bind}"\nbackend = "be"\n{extra_fe}\n'
         f"[backend.be]\n{srv}\n{extra_be}\n"
     )
+
+
+@contextlib.contextmanager
+def _echo_behind_proxy(tmp_path: Path, **conf: str) -> Iterator[tuple[Server, Any]]:
+    """An echo server with the proxy in front of it (MPTCP frontend, one TCP server)."""
+    with (
+        Server(echo) as srv,
+        run_proxy(
+            tmp_path,
+            _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{srv.port}"'}, **conf),  # type: ignore[arg-type]
+        ) as px,
+    ):
+        yield srv, px
 
 
 def _metric(text: str, name: str) -> float:
@@ -246,15 +262,7 @@ def test_health_checks_down_and_up(tmp_path: Path) -> None:
 
 
 def test_maxconn_holds(tmp_path: Path) -> None:
-    with (
-        Server(echo) as srv,
-        run_proxy(
-            tmp_path,
-            _conf(
-                "mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{srv.port}"'}, extra_fe="maxconn = 2"
-            ),
-        ) as px,
-    ):
+    with _echo_behind_proxy(tmp_path, extra_fe="maxconn = 2") as (srv, px):
         port = px.port("fe")
         a, b = connect(port, mptcp=True), connect(port, mptcp=True)
         for s in (a, b):
@@ -463,17 +471,9 @@ def test_sighup_reload_keeps_connection(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_then_cuts(tmp_path: Path) -> None:
-    with (
-        Server(echo) as srv,
-        run_proxy(
-            tmp_path,
-            _conf(
-                "mptcp@127.0.0.1:0",
-                {"s": f'"tcp@127.0.0.1:{srv.port}"'},
-                glob='workers = 1\nmetrics = ""\nstop-timeout = "1500ms"',
-            ),
-        ) as px,
-    ):
+    with _echo_behind_proxy(
+        tmp_path, glob='workers = 1\nmetrics = ""\nstop-timeout = "1500ms"'
+    ) as (_, px):
         port = px.port("fe")
         s = connect(port, mptcp=True)
         s.sendall(b"a")
@@ -564,16 +564,9 @@ def test_check_ok_and_quick_form_errors(tmp_path: Path) -> None:
 
 
 def test_idle_timeout_closes(tmp_path: Path) -> None:
-    with (
-        Server(echo) as srv,
-        run_proxy(
-            tmp_path,
-            _conf(
-                "mptcp@127.0.0.1:0",
-                {"s": f'"tcp@127.0.0.1:{srv.port}"'},
-                extra_fe='timeout = { client = "1s", server = "30s" }',
-            ),
-        ) as px,
+    with _echo_behind_proxy(tmp_path, extra_fe='timeout = { client = "1s", server = "30s" }') as (
+        _,
+        px,
     ):
         s = connect(px.port("fe"), mptcp=True)
         s.sendall(b"x")
@@ -586,17 +579,9 @@ def test_idle_timeout_closes(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_drops_privileges_after_bind(tmp_path: Path) -> None:
-    with (
-        Server(echo) as srv,
-        run_proxy(
-            tmp_path,
-            _conf(
-                "mptcp@127.0.0.1:0",
-                {"s": f'"tcp@127.0.0.1:{srv.port}"'},
-                glob='workers = 2\nmetrics = ""\nuser = "nobody"\ngroup = "nogroup"',
-            ),
-        ) as px,
-    ):
+    with _echo_behind_proxy(
+        tmp_path, glob='workers = 2\nmetrics = ""\nuser = "nobody"\ngroup = "nogroup"'
+    ) as (_, px):
 
         def uids(pid: int) -> set[str]:
             status = Path(f"/proc/{pid}/status").read_text().splitlines()
