@@ -51,6 +51,8 @@ def test_check_command_in_a_disabled_namespace(lab_factory: LabFactory) -> None:
     report = json.loads(done.stdout)
     assert report["usable"] is False and report["reason"] == "disabled"
     assert report["sysctls"]["net.mptcp.enabled"] == "0"
+    # No MPTCP socket can be made here: features come from the version and a TCP probe.
+    assert report["features"] == {"mptcp_info": True, "mptcp_full_info": True, "tcp_is_mptcp": True}
     ok = net.host("server").run([sys.executable, "-m", "mptcpkit", "check", "--json"])
     assert json.loads(ok.stdout)["usable"] is True
 

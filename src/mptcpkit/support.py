@@ -138,8 +138,12 @@ def kernel_version() -> tuple[int, int]:
 
 
 def kernel_features() -> KernelFeatures:
-    """What the running kernel offers, probed on an MPTCP socket once per process; by
-    kernel version while no MPTCP socket can be made (e.g. MPTCP disabled here)."""
+    """What the running kernel offers, probed on an MPTCP socket once per process.
+
+    While no MPTCP socket can be made (e.g. MPTCP disabled here), MPTCP_INFO and
+    MPTCP_FULL_INFO are judged by kernel version (5.16, 6.5); TCP_IS_MPTCP is still
+    probed, on a plain TCP socket, which answers it on every kernel that knows it.
+    """
     global _features
     if _features is not None:
         return _features
@@ -147,7 +151,9 @@ def kernel_features() -> KernelFeatures:
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
     except OSError:
         version = kernel_version()
-        return KernelFeatures(version >= (5, 16), version >= (6, 5), version >= (6, 11))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, c.IPPROTO_TCP) as tcp:
+            is_mptcp = _probe_option(tcp, c.SOL_TCP, c.TCP_IS_MPTCP, 4)
+        return KernelFeatures(version >= (5, 16), version >= (6, 5), is_mptcp)
     with probe:
         _features = KernelFeatures(
             sol_mptcp=_probe_option(probe, c.SOL_MPTCP, c.MPTCP_INFO, MPTCP_INFO_SIZE),
@@ -163,32 +169,24 @@ def _probe(netns: int | None) -> Support:
     kernel = os.uname().release
     family = socket.AF_INET if _has_ipv4() else socket.AF_INET6
     try:
-        probe = socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
+        socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP).close()
     except OSError as exc:
-        err = exc.errno or 0
-        return Support(
-            False,
-            classify_creation_error(err),
-            err,
-            kernel,
-            enabled_value,
-            False,
-            False,
-            False,
-            netns,
-        )
-    with probe:
-        return Support(
-            usable=True,
-            reason=None,
-            errno=None,
-            kernel=kernel,
-            enabled_sysctl=enabled_value,
-            sol_mptcp=_probe_option(probe, c.SOL_MPTCP, c.MPTCP_INFO, MPTCP_INFO_SIZE),
-            full_info=_probe_full_info(probe),
-            tcp_is_mptcp=_probe_option(probe, c.SOL_TCP, c.TCP_IS_MPTCP, 4),
-            netns=netns,
-        )
+        err: int | None = exc.errno or 0
+        reason: Unusable | None = classify_creation_error(exc.errno or 0)
+    else:
+        err = reason = None
+    features = kernel_features()
+    return Support(
+        usable=reason is None,
+        reason=reason,
+        errno=err,
+        kernel=kernel,
+        enabled_sysctl=enabled_value,
+        sol_mptcp=features.sol_mptcp,
+        full_info=features.full_info,
+        tcp_is_mptcp=features.tcp_is_mptcp,
+        netns=netns,
+    )
 
 
 def _has_ipv4() -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from mptcpkit.hostreport import HostReport, gather
+from mptcpkit.cli.hostreport import HostReport, gather
 
 
 def register(subparsers: Any) -> None:

@@ -1,6 +1,8 @@
 """What `mptcpkit check` reports: the host's MPTCP state in this network namespace.
 
 Gathering is separate from printing so that the report can be tested and serialised.
+It lives with the CLI because it draws on the path manager (`mptcpkit.pm`) as well as
+the socket layer.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def rejected_options() -> list[str]:
 
 
 def _pm_state() -> tuple[dict[str, int] | None, list[dict[str, Any]] | None, list[str]]:
-    from mptcpkit import pm
+    from mptcpkit import pm  # here, not at the top: pyroute2 would slow every `--help`
 
     try:
         limits, endpoints = pm.limits(), pm.endpoints()
