@@ -79,6 +79,7 @@ def test_protocol_level_and_policy(run: Runner, no_fd_leak: None) -> None:
 
         server = await aio.create_server(factory, "127.0.0.1", 0, mptcp="require")
         port = server.sockets[0].getsockname()[1]
+        server_state = str(mptcpkit.status(server.sockets[0]))
         transport, _ = await aio.create_connection(asyncio.Protocol, "127.0.0.1", port, mptcp="off")
         client_state = str(mptcpkit.status(transport.get_extra_info("socket")))
         transport.write(b"payload")  # type: ignore[attr-defined]
@@ -87,18 +88,15 @@ def test_protocol_level_and_policy(run: Runner, no_fd_leak: None) -> None:
         transport.close()
         server.close()
         await server.wait_closed()
-        return (
-            client_state,
-            str(mptcpkit.status(server.sockets[0])) if server.sockets else "closed",
-            data,
-        )
+        return client_state, server_state, data
 
-    client_state, _, data = run(main())
+    client_state, server_state, data = run(main())
     assert client_state == "TCP"
+    assert server_state == "MPTCP"
     assert data == b"payload"
 
 
-def test_connect_refused_and_stdlib_limitation(run: Runner, no_fd_leak: None) -> None:
+def test_connect_refused(run: Runner, no_fd_leak: None) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
