@@ -47,7 +47,7 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
-    from mptcpkit.pm import daemon, netns
+    from mptcpkit.pm import daemon
 
     cfg = _config(args)
     if args.action == "status":
@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s pmd: %(message)s")
     logging.getLogger("mptcpkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     with pm_errors(cfg.netns):
-        netns.check(cfg.netns)
         try:
             daemon.run(cfg)
         except daemon.StatusSocketError as exc:

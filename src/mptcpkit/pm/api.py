@@ -68,7 +68,6 @@ class PathManager:
     """The `mptcp_pm` family of one namespace (None: this thread's)."""
 
     def __init__(self, netns: str | None = None) -> None:
-        _netns.check(netns)
         self.netns = netns
         self._sock = GenlSocket(codec.GENL_NAME, codec.pm_msg, netns=netns)
         self._lock = threading.Lock()

@@ -291,14 +291,6 @@ class Event:
         return self.type.name
 
     @property
-    def is_subflow(self) -> bool:
-        return self.type in (
-            EventType.SUB_ESTABLISHED,
-            EventType.SUB_CLOSED,
-            EventType.SUB_PRIORITY,
-        )
-
-    @property
     def local(self) -> tuple[str, int] | None:
         return None if self.saddr is None else (self.saddr, self.sport or 0)
 

@@ -45,7 +45,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from mptcpkit.pm import netns as _netns
-from mptcpkit.pm.api import PathManager, UserspacePMUnavailable, userspace_pm_problem
+from mptcpkit.pm.api import PathManager, UserspacePMUnavailable
 from mptcpkit.pm.codec import Endpoint, Event, EventType
 from mptcpkit.pm.config import Config, backoff
 from mptcpkit.pm.events import EventStream
@@ -146,12 +146,7 @@ class Daemon:
         self.pm = PathManager()
         self.pm.endpoints()  # needs CAP_NET_ADMIN: EPERM or a missing family surface here
         if cfg.mode == "userspace":
-            problem = userspace_pm_problem(
-                _netns.read_sysctl(None, "net.mptcp.pm_type"),
-                _netns.read_sysctl(None, "net.mptcp.available_path_managers"),
-            )
-            if problem:
-                raise UserspacePMUnavailable(errno.EOPNOTSUPP, problem)
+            self.pm.check_userspace()
         if (
             cfg.load_balancer
             and _netns.read_sysctl(None, "net.mptcp.allow_join_initial_addr_port") is None

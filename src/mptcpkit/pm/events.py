@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from mptcpkit.pm import codec
-from mptcpkit.pm import netns as _netns
 from mptcpkit.pm.codec import Event
 from mptcpkit.pm.transport import GenlSocket
 
@@ -45,7 +44,6 @@ class EventStream:
     """An open subscription to `mptcp_pm` events in one network namespace."""
 
     def __init__(self, netns: str | None = None) -> None:
-        _netns.check(netns)
         self.netns = netns
         self._sock = GenlSocket(codec.GENL_NAME, codec.event_msg, netns=netns, nonblocking=True)
         try:

@@ -8,15 +8,14 @@ missing name is an error.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 
-from mptcpkit.netns import NamespaceNotFound, entered, open_netns
+from mptcpkit.netns import NamespaceNotFound, entered
 from mptcpkit.netns import enter_for_good as enter_process
+from mptcpkit.support import read_sysctl as read_sysctl_here
 
 __all__ = [
     "NamespaceNotFound",
-    "check",
     "create_socket",
     "enter_process",
     "entered",
@@ -25,12 +24,6 @@ __all__ = [
     "read_sysctl",
     "write_sysctl",
 ]
-
-
-def check(name: str | None) -> None:
-    """Raise NamespaceNotFound unless `name` is None or an existing namespace."""
-    if name is not None:
-        os.close(open_netns(name))
 
 
 def create_socket(name: str | None, family: int, type: int, proto: int = 0) -> socket.socket:
@@ -58,13 +51,8 @@ def if_indextoname(name: str | None, index: int) -> str | None:
 
 def read_sysctl(name: str | None, key: str) -> str | None:
     """Read a sysctl (dotted key) as seen from namespace `name`; None if absent."""
-    path = "/proc/sys/" + key.replace(".", "/")
     with entered(name):
-        try:
-            with open(path) as f:
-                return f.read().strip()
-        except FileNotFoundError:
-            return None
+        return read_sysctl_here(key)
 
 
 def write_sysctl(name: str | None, key: str, value: str | int) -> None:
