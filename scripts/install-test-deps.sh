@@ -5,7 +5,7 @@
 # everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-apt_pkgs=(iproute2 haproxy socat curl busybox-static mptcpize iperf3 procps golang-go)
+apt_pkgs=(iproute2 haproxy socat curl busybox-static mptcpize iperf3 procps golang-go file)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -18,6 +18,7 @@ import struct
 import subprocess
 from collections.abc import Sequence
 
+from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.run import abi, syscalls
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
@@ -28,7 +29,6 @@ BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_PROG_TYPE_TRACING = 26
 BPF_MODIFY_RETURN = 26
 BPF_FUNC_GET_CURRENT_CGROUP_ID = 80
-IPPROTO_MPTCP = 262
 
 # --- BTF ---------------------------------------------------------------------
 

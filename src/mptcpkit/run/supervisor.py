@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
+from mptcpkit import netns
 from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.run import abi, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
@@ -102,7 +103,7 @@ class _Context:
         def enter() -> None:
             try:
                 if self._ns_fd is not None:
-                    syscalls.setns(self._ns_fd)
+                    netns.setns(self._ns_fd)
                 if creds:
                     syscalls.set_thread_credentials(arch, ctx.uids, ctx.gids, ctx.groups)
             except OSError as exc:
@@ -391,7 +392,7 @@ class Supervisor:
                     self.warn("carry", f"could not carry an option to plain TCP: {exc.strerror}")
                     return False
                 self._addfd(
-                    n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(ctx.tgid, fd)
+                    n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(n.pid, fd)
                 )
                 # The program's descriptor now holds the plain TCP socket. The MPTCP one
                 # is only released when the program's call returns (the kernel closes

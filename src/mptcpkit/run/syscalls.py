@@ -1,6 +1,6 @@
 """Thin ctypes wrappers for the system calls Python's os module lacks.
 
-seccomp(2), prctl(2), pidfd_getfd(2), setns(2), signalfd(2) and the raw, per-thread
+seccomp(2), prctl(2), pidfd_getfd(2), signalfd(2) and the raw, per-thread
 credential calls (glibc's setresuid() changes every thread of the process; the raw
 system call changes only the calling thread, which is what a per-target worker
 thread needs). Every failure raises OSError with the errno and the call's name.
@@ -20,10 +20,8 @@ from mptcpkit.run import abi
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.prctl.restype = ctypes.c_int
-_libc.setns.restype = ctypes.c_int
 _libc.signalfd.restype = ctypes.c_int
 
-CLONE_NEWNET = 0x40000000
 PIDFD_THREAD = os.O_EXCL
 
 
@@ -98,11 +96,6 @@ def pidfd_open(pid: int, flags: int = 0) -> int:
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """A copy (with FD_CLOEXEC) of another process's descriptor; needs ptrace access."""
     return syscall(abi.SYS_PIDFD_GETFD, pidfd, targetfd, 0, what="pidfd_getfd")
-
-
-def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
-    """Move the calling thread into the namespace `fd` refers to."""
-    _check(_libc.setns(fd, nstype), "setns")
 
 
 def set_thread_credentials(
