@@ -146,7 +146,6 @@ def test_mptcp_transfer_survives_a_link_going_down(lab_factory) -> None:
 def test_plain_tcp_on_the_failed_link_stalls(lab_factory) -> None:
     """The contrast: single-path TCP on link 0 gets nothing through once link 0 is down."""
     net = lab_factory(lab.two_paths, paths=2, rate="30mbit")
-    start = time.monotonic()
     result = run_bench(
         net,
         duration=2.0,
@@ -155,7 +154,6 @@ def test_plain_tcp_on_the_failed_link_stalls(lab_factory) -> None:
         faults=[Fault(0.8, 0, "down"), Fault(1.6, 0, "up")],
         timeout=30,
     )
-    assert time.monotonic() - start < 60
     assert result.verified and not result.mptcp
     down_t, up_t = (f["t"] for f in result.faults)
     during = [iv for iv in result.intervals if iv["t"] - iv["dt"] > down_t + 0.1 and iv["t"] < up_t]

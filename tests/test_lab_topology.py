@@ -19,6 +19,7 @@ import pytest
 
 from mptcpkit import lab
 from mptcpkit.lab import netns as labns
+from mptcpkit.support import read_sysctl
 
 pytestmark = pytest.mark.root
 
@@ -306,6 +307,7 @@ def test_enter_and_call_are_per_thread(two_paths: lab.Topology) -> None:
 
 
 def test_sysctls_and_mptcp_settings(lab_factory) -> None:
+    root_before = read_sysctl("net.mptcp.enabled"), read_sysctl("net.mptcp.pm_type")
     net = lab.two_paths(paths=2, endpoints=None)
     net.host("server").sysctl("net.mptcp.pm_type", 1)
     net.host("server").limits(subflows=3, add_addr_accepted=1)
@@ -340,8 +342,7 @@ def test_sysctls_and_mptcp_settings(lab_factory) -> None:
     with pytest.raises(ValueError, match="endpoint flags"):
         client.endpoint_add("10.0.1.1", ["subflows"])
     # The root namespace was not touched.
-    with open("/proc/sys/net/mptcp/enabled") as f:
-        assert f.read().strip() == "1"
+    assert (read_sysctl("net.mptcp.enabled"), read_sysctl("net.mptcp.pm_type")) == root_before
 
 
 def test_shaping_limits_the_rate(two_paths: lab.Topology) -> None:
@@ -559,3 +560,13 @@ def test_no_file_descriptor_leaks() -> None:
             result = run_bench(net, duration=0.3, interval=0.1)
             assert result.verified
     assert fds() == before
+
+
+@pytest.mark.root
+def test_endpoint_added_before_up_keeps_its_port(lab_factory) -> None:
+    net = lab.two_paths(paths=2, endpoints=None)
+    server = net.host("server")
+    server.endpoint_add("10.0.1.2", ["signal"], port=10000)
+    lab_factory(net)
+    (endpoint,) = server.endpoints()
+    assert endpoint["address"] == "10.0.1.2" and endpoint["port"] == 10000

@@ -26,6 +26,7 @@ from mptcpkit.introspect import subflows as _subflows
 from mptcpkit.lab.faults import Fault, Schedule
 from mptcpkit.lab.netns import LabError
 from mptcpkit.lab.topology import Host, Topology
+from mptcpkit.status import status
 
 PROTOCOLS = ("mptcp", "tcp")
 _CHUNK = 128 * 1024
@@ -202,7 +203,7 @@ def run_bench(
         end = state.finished_at or time.monotonic()
         sampler.stop_and_join(sampler_thread)
         schedule.stop()
-        mptcp_on = bool(_subflows(conn)) if proto else False
+        mptcp_on = status(conn).is_mptcp if proto else False
 
     if state.error is None and receiver.is_alive():
         state.error = "the receiver did not finish in time"

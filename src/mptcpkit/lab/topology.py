@@ -214,7 +214,7 @@ class Host:
         self._sysctls: dict[str, str] = {k: str(v) for k, v in (sysctls or {}).items()}
         self._routes: list[_Route] = []
         self._limits: dict[str, int] = {}
-        self._endpoints: list[tuple[str, tuple[str, ...], str | None, int | None]] = []
+        self._endpoints: list[tuple[str, tuple[str, ...], str | None, int | None, int | None]] = []
         self._processes: list[Process] = []
 
     def __repr__(self) -> str:
@@ -362,7 +362,7 @@ class Host:
                 if address in (i.address4, i.address6):
                     dev = i.name
         spec = (address, tuple(flags), dev, id, port)
-        self._endpoints.append(spec[:4])
+        self._endpoints.append(spec)
         if self.topology.is_up:
             self._add_endpoint(*spec)
 
@@ -927,8 +927,8 @@ class Topology:
             user = {k: v for k, v in host._sysctls.items() if k not in _BASE_SYSCTLS}
             host._set_sysctls(user)
             host._apply_limits()
-            for address, flags, dev, id in host._endpoints:
-                host._add_endpoint(address, flags, dev, id)
+            for spec in host._endpoints:
+                host._add_endpoint(*spec)
         self._t0 = time.monotonic()
 
     def close(self) -> None:
