@@ -351,7 +351,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
     if not r.has("address"):
         raise r.error("address", "missing: where is this server?")
     addr = _address(r, "address", r.table["address"], server=True)
-    policy = Policy.PREFER if addr.protocol == "mptcp" else Policy.OFF
+    policy = addr.policy
     if r.has("mptcp"):
         mode = r.choice("mptcp", "prefer", ("prefer", "require", "off"))
         policy = Policy(mode)

@@ -24,6 +24,7 @@ from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config, Frontend
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.relay import Conn, ReadBuffer, reason_of
+from mptcpkit.status import protocol as socket_protocol
 
 __all__ = ["BackendRuntime", "FrontendRuntime", "Runtime"]
 
@@ -141,9 +142,7 @@ class FrontendRuntime:
     async def start(self) -> None:
         for ls in self.listeners:
             ls.setblocking(False)
-            mptcp = ls.family != socket.AF_UNIX and (
-                ls.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == mptcpkit.IPPROTO_MPTCP
-            )
+            mptcp = ls.family != socket.AF_UNIX and socket_protocol(ls) == mptcpkit.IPPROTO_MPTCP
 
             def factory(mptcp: bool = mptcp) -> Conn:
                 return Conn(self, mptcp)
@@ -220,6 +219,7 @@ class Runtime:
         self.idle_event = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.deadline: float | None = None
+        self._drain: asyncio.Timeout | None = None  # the running drain deadline, if any
         self.backends = {
             name: BackendRuntime(b, self, (targets or {}).get(name))
             for name, b in cfg.backends.items()
@@ -247,7 +247,7 @@ class Runtime:
             fe.close_listeners()
         if self.busy():
             try:
-                async with asyncio.timeout_at(self.deadline):
+                async with asyncio.timeout_at(self.deadline) as self._drain:
                     await self.idle_event.wait()
             except TimeoutError:
                 n = sum(len(fe.conns) for fe in self.frontends)
@@ -273,8 +273,10 @@ class Runtime:
             if timeout is not None and (
                 self.deadline is None or self.deadline > self.loop.time() + timeout
             ):
+                # A tighter deadline (SIGTERM during a reload's drain) moves the running timer.
                 self.deadline = self.loop.time() + timeout
-                self.stop_event.set()
+                if self._drain is not None:
+                    self._drain.reschedule(self.deadline)
             return
         self.stopping = True
         self.deadline = None if timeout is None else self.loop.time() + timeout
