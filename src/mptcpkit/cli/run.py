@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from mptcpkit.cli import dispatch
 from mptcpkit.cli.errors import CLIError, UsageError
 
 STRATEGIES = ("auto", "seccomp", "preload", "bpf")
@@ -103,12 +104,8 @@ def _seccomp(args: argparse.Namespace, command: list[str]) -> int:
     only = Only(args.only) if args.only else None
     try:
         result = launch.run(command, only=only)
-    except FileNotFoundError:
-        print(f"mptcpkit run: {command[0]}: command not found", file=sys.stderr)
-        return 127
-    except PermissionError as exc:
-        print(f"mptcpkit run: {command[0]}: {exc.strerror}", file=sys.stderr)
-        return 126
+    except (FileNotFoundError, PermissionError) as exc:
+        return _not_started(command[0], exc)
     except launch.SeccompUnavailable as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:
@@ -118,6 +115,15 @@ def _seccomp(args: argparse.Namespace, command: list[str]) -> int:
     elif args.stats:
         print(f"mptcpkit run: {result.stats.line()}", file=sys.stderr)
     return result.returncode
+
+
+def _not_started(program: str, exc: OSError) -> int:
+    """A shell's answer to a program that cannot be run: 127 not found, 126 not runnable."""
+    if isinstance(exc, FileNotFoundError):
+        print(f"mptcpkit run: {program}: command not found", file=sys.stderr)
+        return 127
+    print(f"mptcpkit run: {program}: {exc.strerror}", file=sys.stderr)
+    return 126
 
 
 def _preload(command: list[str]) -> int:
@@ -132,12 +138,8 @@ def _preload(command: list[str]) -> int:
     env = preload.environment(library, os.environ)
     try:
         os.execvpe(command[0], command, env)
-    except FileNotFoundError:
-        print(f"mptcpkit run: {command[0]}: command not found", file=sys.stderr)
-        return 127
-    except PermissionError as exc:
-        print(f"mptcpkit run: {command[0]}: {exc.strerror}", file=sys.stderr)
-        return 126
+    except (FileNotFoundError, PermissionError) as exc:
+        return _not_started(command[0], exc)
 
 
 def _bpf(command: list[str]) -> int:
@@ -178,15 +180,7 @@ def standalone(argv: list[str] | None = None) -> int:
     """`python -m mptcpkit.cli.run ...`: the subcommand alone, same messages and codes."""
     parser = argparse.ArgumentParser(prog="mptcpkit")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code: int = args.func(args)
-    except CLIError as exc:
-        print(f"mptcpkit run: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return code
+    return dispatch(parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":
