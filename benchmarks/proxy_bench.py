@@ -325,12 +325,8 @@ class Bench:
             env=env,
             stderr=subprocess.DEVNULL,
         )
-        wait_port(fb)
-        wait_port(fe)
-        try:
+        with self._serving(fb, fe, [p]):
             yield fb, fe, p.pid
-        finally:
-            self._stop(p)
 
     @contextlib.contextmanager
     def haproxy(
@@ -351,12 +347,8 @@ class Bench:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_port(fb)
-        wait_port(fe)
-        try:
+        with self._serving(fb, fe, [p]):
             yield fb, fe, p.pid
-        finally:
-            self._stop(p)
 
     @contextlib.contextmanager
     def socat(self, be: Backends) -> Iterator[tuple[int, int, int]]:
@@ -374,23 +366,25 @@ class Bench:
             )
             for f, b in ((fb, be.iperf), (fe, be.echo))
         ]
+        with self._serving(fb, fe, ps):
+            yield fb, fe, ps[1].pid
+
+    @contextlib.contextmanager
+    def _serving(self, fb: int, fe: int, ps: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+        """Once both ports answer, the contender is up; its processes stop afterwards."""
         wait_port(fb)
         wait_port(fe)
         try:
-            yield fb, fe, ps[1].pid
+            yield
         finally:
             for p in ps:
-                self._stop(p)
-
-    def _stop(self, p: subprocess.Popen[bytes]) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        time.sleep(1.0)  # let TIME_WAIT and sockets settle between contenders
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
 
     def run(self) -> list[Result]:
         """All contenders run at once; loads go round-robin over them, --repeat rounds.
