@@ -59,6 +59,10 @@ class Balancer:
         self, client_host: str | None = None, exclude: Collection[ServerState] = ()
     ) -> ServerState | None:
         """The next server, or None when every usable server is down or excluded."""
+        states = self.states
+        if len(states) == 1 and not exclude:  # one server: nothing to choose
+            only = states[0]
+            return only if only.up and only.server.weight > 0 else None
         for backup in (False, True):
             cands = [
                 s

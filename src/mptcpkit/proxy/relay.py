@@ -1,440 +1,508 @@
-"""One proxied connection: two asyncio Protocols joined back to back.
+"""One proxied connection: two non-blocking sockets joined back to back.
 
-Why protocols and not streams: streams cost two tasks, reader/writer objects and
-futures per connection (REFERENCE §9). Here a connection is one `Conn` (the client
-leg's protocol) and one `_Upstream` (the server leg's), one task for the backend
-connect, and nothing per chunk beyond `transport.write()`.
+A `Conn` owns the client leg and, once a server is picked, the server leg; the
+worker's `Poller` delivers each socket's epoll events to its `Leg`.
 
-- Backpressure: a leg whose write buffer passes the high-water mark pauses reading
-  on the other leg, so a slow reader never makes the proxy buffer without bound.
-- Half-close: EOF on one leg becomes `write_eof()` (shutdown(SHUT_WR)) on the other;
-  the connection ends when both directions are done or a leg fails.
-- Idle timeouts are enforced by the runtime's once-a-second sweep: a leg only sets a
-  flag when it sees data, no timer is re-armed per chunk.
+- Bytes go through one worker-wide read buffer: `recv_into()` it, `send()` a view of
+  it. Only what the other side could not take at once is copied (`Leg.pending`, at
+  most one read), and until it is sent nothing more is read from the source: that
+  is the backpressure, and the kernel's socket buffers hold the rest. A slow reader
+  never makes the proxy buffer more than one read per direction.
+- Half-close: EOF on one leg becomes shutdown(SHUT_WR) on the other once its pending
+  bytes are out; the connection ends when FIN has crossed both ways, or a leg fails.
+- The server connect is non-blocking; a failed or timed-out connect moves to the
+  next server the balancer offers, up to the backend's retries.
+- Idle timeouts belong to the runtime's once-a-second sweep: a leg only sets a flag
+  when it sees data, no timer is re-armed per read.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
+import select
+import socket
+import struct
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mptcpkit.policy import Policy
 from mptcpkit.proxy import proxyproto
+from mptcpkit.proxy.poller import READABLE
 
 if TYPE_CHECKING:
+    import asyncio
+
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.runtime import BackendRuntime, FrontendRuntime
+    from mptcpkit.proxy.runtime import FrontendRuntime
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "Conn"]
+__all__ = ["READ_SIZE", "Conn", "Leg", "ReadBuffer", "reason_of"]
 
-# Write-buffer marks per leg: large enough for bulk throughput, small enough that
-# 10k connections cannot run the proxy out of memory.
-HIGH_WATER = 1 << 20
-LOW_WATER = 1 << 18
 READ_SIZE = 1 << 18
-PENDING_LIMIT = 1 << 18  # client bytes held while the backend connect is in flight
+BURST = 16  # reads per leg per event before other sockets get their turn
 PROXY_HEADER_LIMIT = 16 + 65535
+_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_EPOLLERR = select.EPOLLERR
+_FAILED = select.EPOLLERR | select.EPOLLHUP
+_HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
 
 
 class ReadBuffer:
-    """One read buffer shared by every leg of a worker (callbacks never interleave).
+    """The one read buffer of a worker: callbacks never interleave, so legs share it."""
 
-    Legs read into it (`BufferedProtocol`) and write a view of it to the other leg: no
-    bytes object per chunk. uvloop's `write()` keeps a reference to data it could not
-    send at once (asyncio 3.12+ too), so whenever the other leg's buffer is not empty
-    after a write, the buffer is handed over and a fresh one taken.
+    __slots__ = ("buf", "size", "view")
+
+    def __init__(self, size: int = READ_SIZE) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.size = size
+
+
+class Leg:
+    """One side of a connection: its socket, and bytes still owed to it.
+
+    The socket is a bare `_socket.socket` where possible: the relay needs none of the
+    Python-level wrapper's makefile/io machinery, and skips its per-call overhead.
     """
 
-    __slots__ = ("buf", "view")
+    __slots__ = (
+        "born",
+        "client",
+        "conn",
+        "connecting",
+        "eof",
+        "fd",
+        "hup",
+        "pending",
+        "shut",
+        "sock",
+        "waiting",
+    )
 
-    def __init__(self) -> None:
-        self.buf = bytearray(READ_SIZE)
-        self.view = memoryview(self.buf)
+    def __init__(self, conn: Conn, sock: Any, client: bool) -> None:
+        self.conn = conn
+        self.client = client
+        self.sock: Any = sock
+        self.fd = sock.fileno() if sock is not None else -1
+        self.born = 0
+        self.connecting = False
+        self.pending: bytes | None = None  # read from the other leg, not yet sent here
+        self.waiting = False  # readable but not read: the other leg had no room
+        self.eof = False  # this leg sent FIN (read returned 0)
+        self.hup = False  # epoll saw its FIN (or an error): read on until it shows
+        self.shut = False  # FIN sent to this leg
 
-    def renew(self) -> None:
-        self.buf = bytearray(READ_SIZE)
-        self.view = memoryview(self.buf)
-
-
-class _Upstream(asyncio.BufferedProtocol):
-    """The server leg: forwards to the `Conn` that owns it."""
-
-    __slots__ = ("c",)
-
-    def __init__(self, conn: Conn) -> None:
-        self.c = conn
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.c.rb.view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        c = self.c
-        c.bytes_out += nbytes
-        c.active = True
-        rb = c.rb
-        ct = c.ct
-        ct.write(rb.view[:nbytes])  # type: ignore[union-attr]
-        if ct.get_write_buffer_size():  # type: ignore[union-attr]
-            rb.renew()
-
-    def eof_received(self) -> bool:
-        c = self.c
-        c.s_eof = True
-        c.sample()
-        if c.c_eof:
-            c.end("both closed")
-            return True
-        c.shut(c.ct)
-        return True
-
-    def pause_writing(self) -> None:
-        if self.c.ct is not None:
-            self.c.ct.pause_reading()
-
-    def resume_writing(self) -> None:
-        c = self.c
-        if c.ct is not None and not c.c_eof and not c.ct.is_closing():
-            c.ct.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        c = self.c
-        c.st_lost = True
-        if exc is not None and c.how is None:
-            c.how = f"server error: {_reason(exc)}"
-        if c.ct is not None and not c.ct.is_closing():
-            c.ct.close()
-        c.maybe_done()
+    def on_event(self, events: int) -> None:
+        conn = self.conn
+        if self.connecting:
+            conn.connected(self, events)
+            return
+        if self.pending is not None:
+            conn.flush(self)
+        if events & READABLE and self.sock is not None:
+            if events & _HANGUPS:
+                self.hup = True
+            if events & _EPOLLERR and not conn.check_error(self):
+                return
+            conn.pump(self)
 
 
-class Conn(asyncio.BufferedProtocol):
+class Conn:
     """A client connection and, once connected, its server leg."""
 
     __slots__ = (
         "active",
         "bytes_in",
         "bytes_out",
-        "c_eof",
-        "c_lost",
+        "c",
         "c_req",
         "c_state",
         "c_sub",
         "caddr",
-        "ct",
         "done",
+        "early",
         "fe",
         "hdr",
         "how",
         "idle",
-        "pending",
-        "pending_size",
-        "rb",
-        "s_eof",
+        "s",
         "s_state",
         "s_sub",
         "server",
-        "ssock",
-        "st",
-        "st_lost",
         "start",
-        "task",
-        "timed_out",
-        "up",
+        "timer",
+        "tried",
     )
 
-    def __init__(self, fe: FrontendRuntime, mptcp: bool) -> None:
+    def __init__(self, fe: FrontendRuntime, sock: Any, caddr: Any, mptcp: bool) -> None:
         self.fe = fe
-        self.rb: ReadBuffer = fe.rt.rbuf
-        self.caddr: Any = None
-        self.ct: asyncio.Transport | None = None
-        self.st: asyncio.Transport | None = None
-        self.ssock: Any = None
-        self.up = _Upstream(self)
+        self.c = Leg(self, sock, True)
+        self.s: Leg | None = None
+        self.caddr = caddr
+        self.c_req = mptcp  # the client leg came through an MPTCP listener
         self.server: ServerState | None = None
-        self.pending: list[bytes] | None = None
-        self.pending_size = 0
+        self.tried: list[ServerState] | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.hdr: bytearray | None = bytearray() if fe.cfg.accept_proxy else None
+        self.early: bytes | None = None  # client bytes that came with the PROXY header
         self.bytes_in = 0
         self.bytes_out = 0
-        self.c_eof = False
-        self.s_eof = False
-        self.c_lost = False
-        self.c_req = mptcp  # the client leg came through an MPTCP listener
-        self.timed_out = False
         self.done = False
-        self.st_lost = False
         self.active = True
         self.idle = 0.0
         self.how: str | None = None
         self.start = time.time()
-        self.task: asyncio.Task[None] | None = None
         # each leg: "MPTCP"/"fallback"/"TCP" (None: not sampled yet), most subflows seen
         self.c_state: str | None = None
         self.c_sub = 0
         self.s_state: str | None = None
         self.s_sub = 0
 
-    # --- client leg --------------------------------------------------------------
+    @property
+    def connected_server(self) -> bool:
+        s = self.s
+        return s is not None and s.sock is not None and not s.connecting
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.ct = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
-        self.fe.accepted(self)
+    # --- moving bytes ----------------------------------------------------------------
+
+    def pump(self, src: Leg) -> None:
+        """Read from `src` and send to the other leg until `src` is drained or it is full."""
+        if src.eof:
+            return
+        if src.client:
+            dst = self.s
+            if self.hdr is not None:
+                self._proxy_header()
+                return
+        else:
+            dst = self.c
+        if dst is None or dst.connecting or dst.pending is not None or dst.sock is None:
+            src.waiting = True
+            return
+        src.waiting = False
+        rb = self.fe.rt.rbuf
+        buf, view, size = rb.buf, rb.view, rb.size
+        recv_into, send = src.sock.recv_into, dst.sock.send
+        for _ in range(BURST):
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.fail(src, exc)
+                return
+            if not n:
+                self._eof(src, dst)
+                return
+            self.active = True
+            if src.client:
+                self.bytes_in += n
+            else:
+                self.bytes_out += n
+            try:
+                sent = send(view[:n])
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.fail(dst, exc)
+                return
+            if sent < n:
+                dst.pending = bytes(view[sent:n])
+                src.waiting = True
+                return
+            if n < size and not src.hup:
+                return  # a short read: drained; the next edge (data or FIN) will say more
+        self._later(src)
+
+    def _later(self, src: Leg) -> None:
+        """`src` still has data: read it after other sockets had their turn."""
+        src.waiting = True
+        self.fe.rt.poller.soon(lambda: self._resume(src))
+
+    def _resume(self, src: Leg) -> None:
+        if src.waiting and not self.done:
+            self.pump(src)
+
+    def flush(self, dst: Leg) -> None:
+        """Send what `dst` is owed; then read its source again, or pass its FIN on."""
+        data = dst.pending
+        assert data is not None
+        try:
+            sent = dst.sock.send(data)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.fail(dst, exc)
+            return
+        if sent < len(data):
+            dst.pending = data[sent:]
+            return
+        dst.pending = None
+        src = self.s if dst.client else self.c
+        if src is None:
+            return
+        if src.eof:
+            self._shut(dst)
+        elif src.waiting:
+            self.pump(src)
+
+    def _eof(self, src: Leg, dst: Leg) -> None:
+        src.eof = True
+        src.waiting = False
+        self.sample()
+        if dst.pending is None:
+            self._shut(dst)
+
+    def _shut(self, leg: Leg) -> None:
+        """Pass a FIN on to `leg`; the last FIN is the close of both legs."""
+        other = self.s if leg.client else self.c
+        if other is not None and other.shut:
+            self.end("both closed")
+            return
+        try:
+            leg.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.fail(leg, exc)
+            return
+        leg.shut = True
+
+    def check_error(self, leg: Leg) -> bool:
+        """EPOLLERR: fail now, even if the leg is not read for a while; False if it failed."""
+        err = leg.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.fail(leg, _oserror(err))
+            return False
+        return True
+
+    # --- the server leg ------------------------------------------------------------------
 
     def begin(self) -> None:
-        """Start the backend connect (or wait for the PROXY header first)."""
-        self.ct.resume_reading()  # type: ignore[union-attr]
+        """Connect to a server, unless a PROXY header must come first."""
         if self.hdr is None:
-            self.task = self.fe.loop.create_task(self.connect())
+            self.connect()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.rb.view
+    def connect(self) -> None:
+        """Pick a server and start a non-blocking connect; on failure try the next one."""
+        fe = self.fe
+        be = fe.backend
+        tried = self.tried
+        host = self.caddr[0] if isinstance(self.caddr, tuple) else None
+        while True:
+            state = be.balancer.pick(host, tried or ())
+            if state is None:
+                self._give_up("no server available" if not tried else "every server failed")
+                return
+            self.server = state
+            state.active += 1
+            try:
+                sock, err = be.start_connect(state)
+            except OSError as exc:
+                sock, err = None, exc.errno or errno.EIO
+            if err == 0 or err in _IN_PROGRESS:
+                break
+            if sock is not None:
+                sock.close()
+            if not self._connect_failed(_oserror(err)):
+                return
+            tried = self.tried
+        assert sock is not None  # err is 0 or EINPROGRESS: start_connect returned
+        s = self.s
+        if s is None:
+            s = self.s = Leg(self, sock, False)
+        else:
+            s.sock, s.fd = sock, sock.fileno()
+        fe.rt.poller.watch(s.fd, s)
+        if err:
+            s.connecting = True
+            self.timer = fe.loop.call_later(fe.cfg.timeouts.connect, self._connect_timeout)
+        else:
+            self._established(s, READABLE)
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self.bytes_in += nbytes
-        self.active = True
-        rb = self.rb
-        st = self.st
-        if st is not None:
-            st.write(rb.view[:nbytes])
-            if st.get_write_buffer_size():
-                rb.renew()
+    def connected(self, s: Leg, events: int) -> None:
+        """The connect finished, one way or the other (no error event: it worked)."""
+        err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & _FAILED else 0
+        if err:
+            self._drop_server_socket()
+            if self._connect_failed(_oserror(err)):
+                self.connect()
             return
-        self.data_received(bytes(rb.view[:nbytes]))
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        s.connecting = False
+        self._established(s, events)
 
-    def data_received(self, data: bytes) -> None:
-        """Client bytes before the server leg exists: PROXY header, or held."""
-        st = self.st
-        if st is not None:
-            st.write(data)
+    def _established(self, s: Leg, events: int) -> None:
+        self.tried = None
+        send_proxy = self.server.server.send_proxy if self.server is not None else 0
+        head = b""
+        if send_proxy:
+            head = proxyproto.build(send_proxy, self.caddr, self.fe.local_of(self))
+        if self.early:
+            head += self.early
+            self.early = None
+        if head:
+            s.pending = head
+            self.flush(s)
+        if self.done:
             return
-        if self.hdr is not None:
-            self._proxy_header(data)
+        if self.c.waiting:
+            self.pump(self.c)
+        if not self.done and events & READABLE:
+            self.pump(s)
+
+    def _connect_timeout(self) -> None:
+        self.timer = None
+        if self.done or self.s is None or not self.s.connecting:
             return
-        self._hold(data)
+        self._drop_server_socket()
+        if self._connect_failed(TimeoutError()):
+            self.connect()
 
-    def _hold(self, data: bytes) -> None:
-        if self.pending is None:
-            self.pending = []
-        self.pending.append(data)
-        self.pending_size += len(data)
-        if self.pending_size > PENDING_LIMIT and self.ct is not None:
-            self.ct.pause_reading()
+    def _drop_server_socket(self) -> None:
+        s = self.s
+        if s is not None and s.sock is not None:
+            self.fe.rt.poller.drop(s.fd)
+            s.sock.close()
+            s.sock, s.fd, s.connecting = None, -1, False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
-    def _proxy_header(self, data: bytes) -> None:
+    def _connect_failed(self, exc: BaseException) -> bool:
+        """Count a failed attempt; True if another server may be tried."""
+        state = self.server
+        assert state is not None
+        state.active -= 1
+        self.server = None
+        be = self.fe.backend
+        be.rt.connect_failed(be, state, exc)
+        if self.tried is None:
+            self.tried = []
+        self.tried.append(state)
+        if len(self.tried) > be.cfg.retries:
+            self._give_up(f"connect failed: {reason_of(exc)}")
+            return False
+        return True
+
+    def _give_up(self, how: str) -> None:
+        """No server: close the client cleanly (FIN after nothing)."""
+        self.end(how)
+
+    def _proxy_header(self) -> None:
+        """Read the client's PROXY header; then connect, with what came after it held."""
         hdr = self.hdr
         assert hdr is not None
-        hdr += data
-        try:
-            parsed = proxyproto.parse(hdr)
-        except proxyproto.ProxyProtocolError as exc:
-            self.bytes_in = 0
-            self.abort(f"bad PROXY header: {exc}")
-            return
-        if parsed is None:
+        rb = self.fe.rt.rbuf
+        while True:
+            try:
+                n = self.c.sock.recv_into(rb.buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.fail(self.c, exc)
+                return
+            if not n:
+                self.abort("client closed before its PROXY header")
+                return
+            hdr += rb.view[:n]
+            try:
+                parsed = proxyproto.parse(hdr)
+            except proxyproto.ProxyProtocolError as exc:
+                self.abort(f"bad PROXY header: {exc}")
+                return
+            if parsed is not None:
+                break
             if len(hdr) > PROXY_HEADER_LIMIT:
                 self.abort("PROXY header too long")
-            return
+                return
         header, used = parsed
         self.hdr = None
-        self.bytes_in -= used
         if not header.local and header.source is not None:
             self.caddr = header.source
         rest = bytes(hdr[used:])
-        if rest:
-            self._hold(rest)
-        self.task = self.fe.loop.create_task(self.connect())
+        self.bytes_in += len(rest)
+        self.early = rest or None
+        self.c.waiting = True  # more may follow the header: read it once connected
+        self.connect()
 
-    def eof_received(self) -> bool:
-        self.c_eof = True
-        if self.hdr is not None:
-            self.abort("client closed before its PROXY header")
-            return True
-        st = self.st
-        if st is None:
-            return True  # written after the connect completes
-        self.sample()
-        if self.s_eof:
-            self.end("both closed")
-            return True
-        self.shut(st)
-        return True
-
-    def pause_writing(self) -> None:
-        if self.st is not None:
-            self.st.pause_reading()
-
-    def resume_writing(self) -> None:
-        st = self.st
-        if st is not None and not self.s_eof and not st.is_closing():
-            st.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.c_lost = True
-        if exc is not None and self.how is None:
-            self.how = f"client error: {_reason(exc)}"
-        st = self.st
-        if st is not None and not st.is_closing():
-            if exc is not None:
-                st.abort()
-            else:
-                st.close()
-        elif st is None and self.task is not None and not self.task.done():
-            self.how = self.how or "client left during connect"
-            self.task.cancel()
-        self.maybe_done()
-
-    # --- both legs ---------------------------------------------------------------
-
-    @staticmethod
-    def shut(tr: asyncio.Transport | None) -> None:
-        """write_eof, tolerating a transport that is already closed (uvloop: RuntimeError)."""
-        if tr is None or tr.is_closing():
-            return
-        try:
-            if tr.can_write_eof():
-                tr.write_eof()
-            else:
-                tr.close()
-        except (OSError, RuntimeError):
-            tr.close()
-
-    def end(self, how: str) -> None:
-        if self.how is None:
-            self.how = how
-        for tr in (self.ct, self.st):
-            if tr is not None and not tr.is_closing():
-                tr.close()
-
-    def abort(self, how: str) -> None:
-        if self.how is None:
-            self.how = how
-        for tr in (self.ct, self.st):
-            if tr is not None and not tr.is_closing():
-                tr.abort()
-        if self.task is not None and not self.task.done() and self.st is None:
-            self.task.cancel()
-        self.maybe_done()
+    # --- the end -----------------------------------------------------------------------
 
     def sample(self) -> None:
-        """Record each still-open leg's MPTCP state and subflow count (once, at the end)."""
-        fe = self.fe
-        if self.c_state is None and not self.c_lost and self.ct is not None:
+        """Record each leg's MPTCP state and subflow count (once, while still open)."""
+        rt = self.fe.rt
+        if not rt.observing:
+            return
+        if self.c_state is None and self.c.sock is not None:
             if self.c_req:
-                self.c_state, n = fe.rt.observe_leg(self.ct.get_extra_info("socket"))
+                self.c_state, n = rt.observe_leg(self.c.sock)
                 self.c_sub = max(self.c_sub, n)
             else:
                 self.c_state = "TCP"
-        if self.s_state is None and self.ssock is not None and not self.st_lost:
-            self.s_state, n = fe.rt.observe_leg(self.ssock)
-            self.s_sub = max(self.s_sub, n)
+        s = self.s
+        if self.s_state is None and s is not None and s.sock is not None and not s.connecting:
+            if self.server is not None and self.server.server.policy is Policy.OFF:
+                self.s_state = "TCP"
+            else:
+                self.s_state, n = rt.observe_leg(s.sock)
+                self.s_sub = max(self.s_sub, n)
 
-    def maybe_done(self) -> None:
-        if not self.c_lost:
+    def fail(self, leg: Leg, exc: BaseException) -> None:
+        """A leg broke: reset the other one too."""
+        if self.how is None:
+            self.how = f"{'client' if leg.client else 'server'} error: {reason_of(exc)}"
+        self.abort(self.how)
+
+    def end(self, how: str) -> None:
+        """Close both legs (FIN; unsent bytes, if any, are dropped)."""
+        self._close(how, abort=False)
+
+    def abort(self, how: str) -> None:
+        """Close both legs with RST."""
+        self._close(how, abort=True)
+
+    def _close(self, how: str, abort: bool) -> None:
+        if self.done:
             return
-        if self.st is not None and not self.st_lost:
-            return
-        if self.task is not None and not self.task.done() and self.st is None:
-            return  # the connect task finishes the connection
+        if self.how is None:
+            self.how = how
+        self.sample()
+        poller = self.fe.rt.poller
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for leg in (self.c, self.s):
+            if leg is None or leg.sock is None:
+                continue
+            poller.drop(leg.fd)
+            if abort:
+                with contextlib.suppress(OSError):
+                    leg.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+            elif not leg.eof:
+                self._discard_input(leg)  # unread bytes would make close() send RST
+            leg.sock.close()
+            leg.sock = None
+            leg.pending = None
         self.fe.finished(self)
 
-    # --- backend connect ---------------------------------------------------------
-
-    async def connect(self) -> None:
-        """Pick a server, connect (retrying on others), then splice the legs."""
-        fe = self.fe
-        be: BackendRuntime = fe.backend
-        loop = fe.loop
-        tried: list[ServerState] = []
-        host = self.caddr[0] if isinstance(self.caddr, tuple) else None
-        timeout = fe.cfg.timeouts.connect
-        try:
-            while True:
-                state = be.balancer.pick(host, tried)
-                if state is None:
-                    reason = "no server available" if not tried else "every server failed"
-                    self.how = self.how or reason
-                    self._give_up()
+    def _discard_input(self, leg: Leg) -> None:
+        buf = self.fe.rt.rbuf.buf
+        for _ in range(BURST):
+            try:
+                if not leg.sock.recv_into(buf):
                     return
-                self.server = state
-                state.active += 1
-                self.timed_out = False
-                timer = loop.call_later(timeout, self._connect_timeout)
-                failure: BaseException | None = None
-                try:
-                    sock, transport = await be.open(state, self.up, loop)
-                except asyncio.CancelledError:
-                    if not self.timed_out:
-                        raise
-                    failure = TimeoutError()
-                except OSError as err:
-                    failure = err
-                finally:
-                    timer.cancel()
-                if failure is not None:
-                    exc = failure
-                    state.active -= 1
-                    be.rt.connect_failed(be, state, exc)
-                    tried.append(state)
-                    self.server = None
-                    if len(tried) > be.cfg.retries:
-                        self.how = self.how or f"connect failed: {_reason(exc)}"
-                        self._give_up()
-                        return
-                    continue
-                break
-        except asyncio.CancelledError:
-            if self.server is not None:
-                self.server.active -= 1
-                self.server = None
-            self.c_lost = True
-            self.fe.finished(self)
-            return
-        self.ssock = sock
-        self.st = transport
-        if sock is None:
-            self.s_state = "TCP"
-        if self.c_lost:
-            transport.close()
-            return
-        if state.server.send_proxy:
-            transport.write(
-                proxyproto.build(state.server.send_proxy, self.caddr, fe.local_of(self))
-            )
-        pending = self.pending
-        self.pending = None
-        if pending:
-            transport.writelines(pending)
-            if self.pending_size > PENDING_LIMIT and self.ct is not None and not self.c_eof:
-                self.ct.resume_reading()
-        if self.c_eof:
-            self.shut(transport)
-        self.task = None  # done: do not keep the finished Task alive for the connection's life
-
-    def _connect_timeout(self) -> None:
-        self.timed_out = True
-        if self.task is not None:
-            self.task.cancel()
-
-    def _give_up(self) -> None:
-        """No server: close the client cleanly (FIN after nothing), count it as done."""
-        ct = self.ct
-        if ct is not None and not ct.is_closing():
-            ct.close()
-        self.task = None
-        self.maybe_done()
+            except OSError:
+                return
 
 
-def _reason(exc: BaseException) -> str:
+def _oserror(err: int) -> OSError:
+    return OSError(err, errno.errorcode.get(err, str(err)))
+
+
+def reason_of(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, OSError) and exc.errno:
         return errno.errorcode.get(exc.errno, str(exc.errno))
     return type(exc).__name__
-
-
-reason_of: Callable[[BaseException], str] = _reason

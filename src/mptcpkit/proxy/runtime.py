@@ -1,16 +1,18 @@
 """A worker's event loop: accept on its listeners, relay, check servers, log, count.
 
-One `Runtime` per worker process. Accepting is done by hand (`add_reader` on the
-listening socket) rather than through `loop.create_server()`, so that `maxconn` can
-really stop accepting (connections then wait in the kernel's backlog) and a reload
-or drain can stop listening without touching established connections.
+One `Runtime` per worker process. Listening and relayed sockets live in the worker's
+`Poller` (an epoll set nested in the asyncio loop); asyncio runs the rest: health
+checks, the once-a-second sweep, signals. `maxconn` stops accepting, so connections
+wait in the kernel's backlog, and a reload or drain can stop listening without
+touching established connections.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
-import collections
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -23,15 +25,18 @@ from mptcpkit.policy import Policy
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config, Frontend
 from mptcpkit.proxy.logging import ConnRecord, EventLog
+from mptcpkit.proxy.poller import Poller
 from mptcpkit.proxy.relay import Conn, ReadBuffer, reason_of
 from mptcpkit.status import protocol as socket_protocol
 
 __all__ = ["BackendRuntime", "FrontendRuntime", "Runtime"]
 
-BACKLOG = 4096
 _MPTCP_INFO_LEN = 96
 _SUBFLOWS_TOTAL = 80  # offsetof(struct mptcp_info, mptcpi_subflows_total)
 SWEEP_INTERVAL = 1.0
+ACCEPT_BATCH = 64  # connections accepted per wakeup before others get a turn
+ACCEPT_RETRY = 1.0  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 class BackendRuntime:
@@ -49,27 +54,26 @@ class BackendRuntime:
                 self.targets[s.name] = _resolve(s.address)
         self.needs_client_addr = cfg.balance == "source" or any(s.send_proxy for s in cfg.servers)
 
-    async def open(
-        self, state: ServerState, protocol: asyncio.BaseProtocol, loop: asyncio.AbstractEventLoop
-    ) -> tuple[Any, asyncio.Transport]:
-        """Connect to `state`'s server with its MPTCP policy; (socket or None, transport)."""
+    def start_connect(self, state: ServerState) -> tuple[Any, int]:
+        """A non-blocking connect to `state`'s server, made with its MPTCP policy.
+
+        (socket, errno): 0 if connected already, EINPROGRESS while under way, else the
+        failure (the caller closes the socket).
+        """
         family, sockaddr = self.targets[state.server.name]
         policy = state.server.policy
-        if policy is Policy.OFF and self.rt.uvloop and family != socket.AF_UNIX:
-            # uvloop connects natively (libuv), no Python-level connect dance.
-            tr, _ = await loop.create_connection(
-                lambda: protocol, sockaddr[0], sockaddr[1], family=family
-            )
-            return None, tr
-        sock = await connect_socket(family, sockaddr, policy, None, loop)
+        if family == socket.AF_UNIX or policy is Policy.OFF:
+            sock: Any = _socket.socket(family, _NONBLOCKING_STREAM)
+        else:
+            sock = mptcpkit.socket(family, _NONBLOCKING_STREAM, mptcp=policy)
         try:
-            if not self.rt.uvloop and family != socket.AF_UNIX:
+            if family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tr, _ = await loop.create_connection(lambda: protocol, sock=sock)
+            err = sock.connect_ex(sockaddr)
         except BaseException:
             sock.close()
             raise
-        return sock, tr
+        return sock, err
 
 
 async def connect_socket(
@@ -114,12 +118,7 @@ def _resolve(addr: Any) -> tuple[int, Any]:
 
 
 class FrontendRuntime:
-    """A frontend's listening sockets, its live connections and its maxconn gate.
-
-    Accepting goes through `loop.create_server(sock=...)` (uvloop accepts in C and
-    calls `connection_made` directly). Above `maxconn`, new connections are held with
-    reading paused until a slot frees, so no more than `maxconn` reach the servers.
-    """
+    """A frontend's listening sockets, its live connections and its maxconn gate."""
 
     def __init__(
         self,
@@ -133,47 +132,65 @@ class FrontendRuntime:
         self.loop = rt.loop
         self.backend = backend
         self.listeners = list(listeners)
-        self.servers: list[asyncio.AbstractServer] = []
         self.conns: set[Conn] = set()
-        self.waiting: collections.deque[Conn] = collections.deque()
         self.closed = False
-        self.want_addr = rt.log.fd >= 0 or rt.metrics is not None or backend.needs_client_addr
+        self.paused = False
 
     async def start(self) -> None:
         for ls in self.listeners:
             ls.setblocking(False)
-            mptcp = ls.family != socket.AF_UNIX and socket_protocol(ls) == mptcpkit.IPPROTO_MPTCP
-
-            def factory(mptcp: bool = mptcp) -> Conn:
-                return Conn(self, mptcp)
-
-            self.servers.append(await self.loop.create_server(factory, sock=ls, backlog=BACKLOG))
+            tcp = ls.family != socket.AF_UNIX
+            if tcp:  # accepted sockets inherit it (MPTCP ones too): no setsockopt per client
+                ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            mptcp = tcp and socket_protocol(ls) == mptcpkit.IPPROTO_MPTCP
+            self.rt.poller.listen(ls.fileno(), functools.partial(self._accept, ls, mptcp))
 
     def close_listeners(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for srv in self.servers:
-            srv.close()
         for ls in self.listeners:
+            self.rt.poller.unlisten(ls.fileno())
             ls.close()
 
-    def accepted(self, conn: Conn) -> None:
-        """A new client leg (from Conn.connection_made)."""
+    def _accept(self, ls: socket.socket, mptcp: bool) -> None:
+        """Take waiting connections, up to maxconn; each connects to a server at once."""
         conns = self.conns
-        conns.add(conn)
-        if self.want_addr:
-            conn.caddr = conn.ct.get_extra_info("peername")  # type: ignore[union-attr]
-        if len(conns) > self.cfg.maxconn:
-            conn.ct.pause_reading()  # type: ignore[union-attr]
-            self.waiting.append(conn)
+        maxconn = self.cfg.maxconn
+        poller = self.rt.poller
+        for _ in range(ACCEPT_BATCH):
+            if len(conns) >= maxconn:
+                self._pause(True)
+                return
+            try:
+                fd, addr = ls._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                self.rt.log.event(
+                    f"frontend {self.cfg.name}: accept failed ({reason_of(exc)}),"
+                    f" retrying in {ACCEPT_RETRY:g}s"
+                )
+                self._pause(True)
+                self.loop.call_later(ACCEPT_RETRY, self._pause, False)
+                return
+            sock = _socket.socket(ls.family, socket.SOCK_STREAM, ls.proto, fd)
+            sock.setblocking(False)
+            conn = Conn(self, sock, addr, mptcp)
+            conns.add(conn)
+            poller.watch(fd, conn.c)
+            conn.begin()
+
+    def _pause(self, paused: bool) -> None:
+        if paused == self.paused or self.closed:
             return
-        if conn.hdr is None:
-            conn.task = self.loop.create_task(conn.connect())
+        self.paused = paused
+        for ls in self.listeners:
+            self.rt.poller.pause_listening(ls.fileno(), paused)
 
     def local_of(self, conn: Conn) -> Any:
-        ct = conn.ct
-        return ct.get_extra_info("sockname") if ct is not None else None
+        sock = conn.c.sock
+        return sock.getsockname() if sock is not None else None
 
     def finished(self, conn: Conn) -> None:
         if conn.done:
@@ -183,14 +200,13 @@ class FrontendRuntime:
         if conn.server is not None:
             conn.server.active -= 1
         self.rt.record(self, conn)
-        # Break the Conn <-> _Upstream cycle: plain refcounting frees the pair now,
-        # no cyclic GC pass (and its pauses) per connection.
-        conn.up = None  # type: ignore[assignment]
-        waiting = self.waiting
-        while waiting and len(self.conns) - len(waiting) < self.cfg.maxconn:
-            nxt = waiting.popleft()
-            if not nxt.done and not nxt.c_lost:
-                nxt.begin()
+        # Break the Conn <-> Leg cycles: plain refcounting frees them now, no cyclic GC
+        # pass (and its pauses) per connection.
+        conn.c.conn = None  # type: ignore[assignment]
+        if conn.s is not None:
+            conn.s.conn = None  # type: ignore[assignment]
+        if self.paused and len(self.conns) < self.cfg.maxconn:
+            self._pause(False)
         if self.rt.stopping and not self.rt.busy():
             self.rt.idle_event.set()
 
@@ -210,10 +226,11 @@ class Runtime:
     ) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self.uvloop = type(self.loop).__module__.startswith("uvloop")
         self.log = log
         self.metrics = metrics
         self.rbuf = ReadBuffer()
+        self.poller = Poller(self.loop)
+        self.observing = log.fd >= 0 or metrics is not None  # anyone reading the records
         self.worker = worker
         self.stopping = False
         self.idle_event = asyncio.Event()
@@ -263,6 +280,7 @@ class Runtime:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        self.poller.close()
         if self.metrics is not None:
             self.metrics.flush(self)
         self.log.flush()
@@ -291,7 +309,7 @@ class Runtime:
         n = _subflows(sock)
         if n:
             return "MPTCP", n
-        # fallback or TCP: SO_PROTOCOL tells. By fd: uvloop's PseudoSocket takes no weakrefs.
+        # fallback or TCP: SO_PROTOCOL tells.
         try:
             return str(mptcpkit.status(sock.fileno())), 0
         except (OSError, ValueError):
@@ -306,10 +324,10 @@ class Runtime:
             self.metrics.connect_failed(be.cfg.name, state.server.name)
 
     def record(self, fe: FrontendRuntime, conn: Conn) -> None:
-        if self.log.fd < 0 and self.metrics is None:
-            return  # nobody reads it
+        if not self.observing:
+            return
         c_state = conn.c_state or ("?" if conn.c_req else "TCP")
-        s_state = conn.s_state or ("-" if conn.server is None and conn.st is None else "?")
+        s_state = conn.s_state or ("-" if conn.server is None else "?")
         server = conn.server.server if conn.server is not None else None
         rec = ConnRecord(
             start=conn.start,
@@ -347,13 +365,13 @@ class Runtime:
                     if conn.active:
                         conn.active = False
                         conn.idle = 0.0
-                        if conn.st is not None:
+                        if conn.connected_server:
                             self._sample_subflows(conn)
                         continue
                     conn.idle += SWEEP_INTERVAL
                     if conn.hdr is not None and t.client is not None and conn.idle >= t.client:
                         conn.abort("client timeout (no PROXY header)")
-                    elif limit is not None and conn.idle >= limit and conn.st is not None:
+                    elif limit is not None and conn.idle >= limit and conn.connected_server:
                         who = "client" if limit == t.client else "server"
                         conn.end(f"{who} timeout ({limit:g}s idle)")
             if self.metrics is not None:
@@ -361,13 +379,14 @@ class Runtime:
             self.log.flush()
 
     def _sample_subflows(self, conn: Conn) -> None:
-        """Most subflows seen: sampled on active MPTCP legs by the sweep, not per chunk."""
-        if conn.c_req and not conn.c_lost and conn.ct is not None and conn.c_state is None:
-            n = _subflows(conn.ct.get_extra_info("socket"))
+        """Most subflows seen: sampled on active MPTCP legs by the sweep, not per read."""
+        if conn.c_req and conn.c.sock is not None and conn.c_state is None:
+            n = _subflows(conn.c.sock)
             if n > conn.c_sub:
                 conn.c_sub = n
-        if conn.ssock is not None and not conn.st_lost and conn.s_state is None:
-            n = _subflows(conn.ssock)
+        s = conn.s
+        if s is not None and s.sock is not None and conn.s_state is None:
+            n = _subflows(s.sock)
             if n > conn.s_sub:
                 conn.s_sub = n
 
