@@ -5,7 +5,7 @@ All contenders in one run, on loopback, with an MPTCP client leg and a TCP serve
 (HAProxy and socat run under `mptcpize run` so that they accept MPTCP):
 
   direct    MPTCP client -> MPTCP server, no proxy (the ceiling)
-  mptcpkit  mptcpkit proxy, one worker per core
+  mptcpkit  mptcpkit proxy, best of 1 and 2 workers
   haproxy   Debian's haproxy, mode tcp, best of nbthread 1/2 x default/large buffers
   socat     socat TCP-LISTEN,fork
 
@@ -308,12 +308,11 @@ class Bench:
     # --- contenders -----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def mptcpkit(self, be: Backends) -> Iterator[tuple[int, int, int]]:
+    def mptcpkit(self, be: Backends, workers: int) -> Iterator[tuple[int, int, int]]:
         fb, fe = free_port(), free_port()
-        cfg = self.tmp / "mptcpkit.toml"
-        workers = f"workers = {self.args.workers}\n" if self.args.workers else ""
+        cfg = self.tmp / f"mptcpkit-{workers}.toml"
         cfg.write_text(
-            f'[global]\n{workers}metrics = ""\nlog = "none"\n'
+            f'[global]\nworkers = {workers}\nmetrics = ""\nlog = "none"\n'
             f'[frontend.bulk]\nbind = "mptcp@127.0.0.1:{fb}"\nbackend = "bulk"\nmaxconn = 30000\n'
             f'[frontend.echo]\nbind = "mptcp@127.0.0.1:{fe}"\nbackend = "echo"\nmaxconn = 30000\n'
             f'[backend.bulk]\nserver.s = "tcp@127.0.0.1:{be.iperf}"\n'
@@ -395,8 +394,9 @@ class Bench:
         be = self.backends()
         with contextlib.ExitStack() as stack:
             targets = [Target("direct", be.iperf_mptcp, be.echo_mptcp, None)]
-            fb, fe, pid = stack.enter_context(self.mptcpkit(be))
-            targets.append(Target("mptcpkit", fb, fe, pid))
+            for workers in self.args.workers:
+                fb, fe, pid = stack.enter_context(self.mptcpkit(be, workers))
+                targets.append(Target(f"mptcpkit workers={workers}", fb, fe, pid))
             for nbthread in (1, 2):
                 for bufsize in (None, 262144):
                     label = f"haproxy nbthread={nbthread} bufsize={bufsize or 'default'}"
@@ -427,9 +427,11 @@ class Bench:
                         r.idle_kib = self.idle(t.echo_port, t.pid, t.idle or self.args.idle)
                     except Exception as exc:
                         r.notes.append(f"idle failed: {exc}")
-        variants = [r for r in results if r.name.startswith("haproxy")]
-        at = results.index(variants[-1]) + 1
-        results.insert(at, best_of("haproxy (best)", variants))
+        # Each proxy gets its best configuration, metric by metric, alike.
+        for proxy in ("mptcpkit", "haproxy"):
+            variants = [r for r in results if r.name.startswith(proxy + " ")]
+            at = results.index(variants[-1]) + 1
+            results.insert(at, best_of(f"{proxy} (best)", variants))
         return results
 
 
@@ -475,7 +477,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         )
         for n in r.notes:
             lines.append(f"    note: {n}")
-    m, h, d = by.get("mptcpkit"), by.get("haproxy (best)"), by.get("direct")
+    m, h, d = by.get("mptcpkit (best)"), by.get("haproxy (best)"), by.get("direct")
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or not b else a / b
@@ -518,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rr-concurrency", type=int, default=10, help="connections for latency")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections for memory")
     ap.add_argument(
-        "--workers", type=int, default=None, help="mptcpkit workers (default: per core)"
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="mptcpkit worker counts to run, best kept (default: 1 2, as HAProxy's nbthread)",
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs per load; the median is kept")
     ap.add_argument("--only", nargs="*", choices=["bulk", "rate", "latency", "idle"])

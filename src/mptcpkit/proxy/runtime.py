@@ -36,7 +36,8 @@ _SUBFLOWS_TOTAL = 80  # offsetof(struct mptcp_info, mptcpi_subflows_total)
 SWEEP_INTERVAL = 1.0
 ACCEPT_BATCH = 64  # connections accepted per wakeup before others get a turn
 ACCEPT_RETRY = 1.0  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
-_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_STREAM = int(socket.SOCK_STREAM)
+_NONBLOCKING_STREAM = _STREAM | socket.SOCK_NONBLOCK
 
 
 class BackendRuntime:
@@ -143,7 +144,9 @@ class FrontendRuntime:
             if tcp:  # accepted sockets inherit it (MPTCP ones too): no setsockopt per client
                 ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mptcp = tcp and socket_protocol(ls) == mptcpkit.IPPROTO_MPTCP
-            self.rt.poller.listen(ls.fileno(), functools.partial(self._accept, ls, mptcp))
+            # family and proto as plain ints: socket.family converts to an enum each call
+            accept = functools.partial(self._accept, ls, int(ls.family), ls.proto, mptcp)
+            self.rt.poller.listen(ls.fileno(), accept)
 
     def close_listeners(self) -> None:
         if self.closed:
@@ -153,7 +156,7 @@ class FrontendRuntime:
             self.rt.poller.unlisten(ls.fileno())
             ls.close()
 
-    def _accept(self, ls: socket.socket, mptcp: bool) -> None:
+    def _accept(self, ls: socket.socket, family: int, proto: int, mptcp: bool) -> None:
         """Take waiting connections, up to maxconn; each connects to a server at once."""
         conns = self.conns
         maxconn = self.cfg.maxconn
@@ -174,7 +177,7 @@ class FrontendRuntime:
                 self._pause(True)
                 self.loop.call_later(ACCEPT_RETRY, self._pause, False)
                 return
-            sock = _socket.socket(ls.family, socket.SOCK_STREAM, ls.proto, fd)
+            sock = _socket.socket(family, _STREAM, proto, fd)
             sock.setblocking(False)
             conn = Conn(self, sock, addr, mptcp)
             conns.add(conn)
