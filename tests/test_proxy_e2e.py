@@ -216,6 +216,43 @@ def test_dead_server_retry_then_clean_close(tmp_path: Path) -> None:
         assert "-> be/-" in line and "every server failed" in line, line
 
 
+def test_connect_timeout_moves_on(tmp_path: Path) -> None:
+    # A listener whose accept queue is full drops SYNs: connects to it hang, and only
+    # `timeout.connect` ends them.
+    with contextlib.ExitStack() as stack:
+        hole = stack.enter_context(socket.socket())
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        for _ in range(2):
+            filler = stack.enter_context(socket.socket())
+            filler.settimeout(0.2)
+            with contextlib.suppress(OSError):
+                filler.connect(hole.getsockname())
+        port = hole.getsockname()[1]
+        srv = stack.enter_context(Server(echo))
+        px = stack.enter_context(
+            run_proxy(
+                tmp_path,
+                _conf(
+                    "mptcp@127.0.0.1:0",
+                    {"a": f'"tcp@127.0.0.1:{port}"', "b": f'"tcp@127.0.0.1:{srv.port}"'},
+                    extra_fe='timeout = { connect = "300ms" }',
+                ),
+            )
+        )
+        for _ in range(2):  # roundrobin: one of these tries the silent server first
+            s = connect(px.port("fe"), mptcp=True)
+            s.sendall(b"ping")
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s) == b"ping"
+            s.close()
+        assert srv.accepted == 2
+        wait_for(
+            lambda: f"connect to a (tcp@127.0.0.1:{port}) failed: timeout" in px.log(),
+            what="the timed-out connect in the log",
+        )
+
+
 def test_health_checks_down_and_up(tmp_path: Path) -> None:
     served: list[str] = []
 
