@@ -41,6 +41,9 @@ __all__ = ["READ_SIZE", "Conn", "Leg", "ReadBuffer", "reason_of"]
 READ_SIZE = 1 << 20  # bulk: 1 MiB reads measured ~15% faster than 256 KiB
 BURST = 16  # reads per leg per event before other sockets get their turn
 PROXY_HEADER_LIMIT = 16 + 65535
+# Every read and write says MSG_DONTWAIT: accepted sockets can stay in blocking mode,
+# which saves an ioctl(FIONBIO) per connection (CPython's accept cannot pass SOCK_NONBLOCK).
+_DONTWAIT = socket.MSG_DONTWAIT
 _ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _EPOLLERR = select.EPOLLERR
 _FAILED = select.EPOLLERR | select.EPOLLHUP
@@ -186,7 +189,7 @@ class Conn:
         recv_into, send = src.sock.recv_into, dst.sock.send
         for _ in range(BURST):
             try:
-                n = recv_into(buf)
+                n = recv_into(buf, 0, _DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -201,7 +204,7 @@ class Conn:
             else:
                 self.bytes_out += n
             try:
-                sent = send(view[:n])
+                sent = send(view[:n], _DONTWAIT)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
@@ -229,7 +232,7 @@ class Conn:
         data = dst.pending
         assert data is not None
         try:
-            sent = dst.sock.send(data)
+            sent = dst.sock.send(data, _DONTWAIT)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -397,7 +400,7 @@ class Conn:
         rb = self.fe.rt.rbuf
         while True:
             try:
-                n = self.c.sock.recv_into(rb.buf)
+                n = self.c.sock.recv_into(rb.buf, 0, _DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -490,7 +493,7 @@ class Conn:
         buf = self.fe.rt.rbuf.buf
         for _ in range(BURST):
             try:
-                if not leg.sock.recv_into(buf):
+                if not leg.sock.recv_into(buf, 0, _DONTWAIT):
                     return
             except OSError:
                 return

@@ -177,8 +177,7 @@ class FrontendRuntime:
                 self._pause(True)
                 self.loop.call_later(ACCEPT_RETRY, self._pause, False)
                 return
-            sock = _socket.socket(family, _STREAM, proto, fd)
-            sock.setblocking(False)
+            sock = _socket.socket(family, _STREAM, proto, fd)  # blocking: see relay._DONTWAIT
             conn = Conn(self, sock, addr, mptcp)
             conns.add(conn)
             poller.watch(fd, conn.c)
