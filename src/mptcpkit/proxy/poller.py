@@ -49,19 +49,14 @@ class Poller:
         loop.add_reader(self._ep.fileno(), self.poll)
 
     def watch(self, fd: int, obj: Watched) -> None:
-        """Deliver `fd`'s events to `obj` until `forget()`; closing the fd ends it too."""
+        """Deliver `fd`'s events to `obj` until `drop()`."""
         obj.born = self.batch
         self._watched[fd] = obj
         self._ep.register(fd, _WATCH)
 
-    def forget(self, fd: int) -> None:
-        """Stop delivering `fd`'s events (call before closing it)."""
-        if self._watched.pop(fd, None) is not None:
-            with contextlib.suppress(OSError):
-                self._ep.unregister(fd)
-
     def drop(self, fd: int) -> None:
-        """Forget `fd` that is about to be closed (closing removes it from epoll itself)."""
+        """Stop delivering `fd`'s events; call it just before closing `fd`, which takes it
+        out of the epoll set (the relay never dup()s its sockets)."""
         self._watched.pop(fd, None)
 
     def listen(self, fd: int, on_ready: Callable[[], None]) -> None:

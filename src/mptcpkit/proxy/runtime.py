@@ -367,7 +367,7 @@ class Runtime:
                     if conn.active:
                         conn.active = False
                         conn.idle = 0.0
-                        if conn.connected_server:
+                        if self.observing and conn.connected_server:
                             self._sample_subflows(conn)
                         continue
                     conn.idle += SWEEP_INTERVAL
@@ -381,13 +381,20 @@ class Runtime:
             self.log.flush()
 
     def _sample_subflows(self, conn: Conn) -> None:
-        """Most subflows seen: sampled on active MPTCP legs by the sweep, not per read."""
+        """Most subflows seen: sampled by the sweep on active legs where MPTCP was asked
+        for, not per read; and only when a log or metrics will show it."""
         if conn.c_req and conn.c.sock is not None and conn.c_state is None:
             n = _subflows(conn.c.sock)
             if n > conn.c_sub:
                 conn.c_sub = n
-        s = conn.s
-        if s is not None and s.sock is not None and conn.s_state is None:
+        s, server = conn.s, conn.server
+        if (
+            s is not None
+            and s.sock is not None
+            and conn.s_state is None
+            and server is not None
+            and server.server.policy is not Policy.OFF
+        ):
             n = _subflows(s.sock)
             if n > conn.s_sub:
                 conn.s_sub = n
