@@ -129,6 +129,7 @@ class Conn:
         "hdr",
         "how",
         "idle",
+        "rb",
         "s",
         "s_state",
         "s_sub",
@@ -140,6 +141,7 @@ class Conn:
 
     def __init__(self, fe: FrontendRuntime, sock: Any, caddr: Any, mptcp: bool) -> None:
         self.fe = fe
+        self.rb = fe.rt.rbuf
         self.c = Leg(self, sock, True)
         self.s: Leg | None = None
         self.caddr = caddr
@@ -184,7 +186,7 @@ class Conn:
             src.waiting = True
             return
         src.waiting = False
-        rb = self.fe.rt.rbuf
+        rb = self.rb
         buf, view, size = rb.buf, rb.view, rb.size
         recv_into, send = src.sock.recv_into, dst.sock.send
         for _ in range(BURST):
@@ -397,7 +399,7 @@ class Conn:
         """Read the client's PROXY header; then connect, with what came after it held."""
         hdr = self.hdr
         assert hdr is not None
-        rb = self.fe.rt.rbuf
+        rb = self.rb
         while True:
             try:
                 n = self.c.sock.recv_into(rb.buf, 0, _DONTWAIT)
@@ -490,7 +492,7 @@ class Conn:
         self.fe.finished(self)
 
     def _discard_input(self, leg: Leg) -> None:
-        buf = self.fe.rt.rbuf.buf
+        buf = self.rb.buf
         for _ in range(BURST):
             try:
                 if not leg.sock.recv_into(buf, 0, _DONTWAIT):

@@ -180,8 +180,11 @@ class FrontendRuntime:
             sock = _socket.socket(family, _STREAM, proto, fd)  # blocking: see relay._DONTWAIT
             conn = Conn(self, sock, addr, mptcp)
             conns.add(conn)
-            poller.watch(fd, conn.c)
+            # Server leg first: on loopback its connect is usually done by now, and epoll
+            # then reports it before the client's first bytes, which can go straight on.
             conn.begin()
+            if not conn.done:
+                poller.watch(fd, conn.c)
 
     def _pause(self, paused: bool) -> None:
         if paused == self.paused or self.closed:
