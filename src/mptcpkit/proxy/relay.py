@@ -84,7 +84,7 @@ class Leg:
     )
 
     def __init__(self, conn: Conn, sock: Any, client: bool) -> None:
-        self.conn = conn
+        self.conn: Conn | None = conn  # None once finished: no cycle outlives the connection
         self.client = client
         self.sock: Any = sock
         self.fd = sock.fileno() if sock is not None else -1
@@ -98,6 +98,8 @@ class Leg:
 
     def on_event(self, events: int) -> None:
         conn = self.conn
+        if conn is None:
+            return
         if self.connecting:
             conn.connected(self, events)
             return

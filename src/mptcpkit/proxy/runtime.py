@@ -207,9 +207,9 @@ class FrontendRuntime:
         self.rt.record(self, conn)
         # Break the Conn <-> Leg cycles: plain refcounting frees them now, no cyclic GC
         # pass (and its pauses) per connection.
-        conn.c.conn = None  # type: ignore[assignment]
+        conn.c.conn = None
         if conn.s is not None:
-            conn.s.conn = None  # type: ignore[assignment]
+            conn.s.conn = None
         if self.paused and len(self.conns) < self.cfg.maxconn:
             self._pause(False)
         if self.rt.stopping and not self.rt.busy():
