@@ -100,14 +100,14 @@ class Leg:
         conn = self.conn
         if conn is None:
             return
+        if events & _HANGUPS:
+            self.hup = True  # also on a connect's first event: a server may say hello and go
         if self.connecting:
             conn.connected(self, events)
             return
         if self.pending is not None:
             conn.flush(self)
         if events & READABLE and self.sock is not None:
-            if events & _HANGUPS:
-                self.hup = True
             if events & _EPOLLERR and not conn.check_error(self):
                 return
             conn.pump(self)
@@ -317,8 +317,8 @@ class Conn:
         s = self.s
         if s is None:
             s = self.s = Leg(self, sock, False)
-        else:
-            s.sock, s.fd = sock, sock.fileno()
+        else:  # a new attempt after a failed one
+            s.sock, s.fd, s.hup = sock, sock.fileno(), False
         fe.rt.poller.watch(s.fd, s)
         if err:
             s.connecting = True
