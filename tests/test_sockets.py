@@ -156,3 +156,14 @@ def test_accepted_socket_keeps_blocking_mode(no_fd_leak: None) -> None:
             assert accepted.gettimeout() is None
         done.set()
         t.join()
+
+
+def test_create_connection_takes_what_the_stdlib_takes(no_fd_leak: None) -> None:
+    # Not only IP literals: a name, and None (getaddrinfo's loopback), as socket's does.
+    with mptcpkit.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        for host in ("localhost", None):
+            with mptcpkit.create_connection((host, port)) as c:  # type: ignore[arg-type]
+                assert c.getpeername()[1] == port
+                assert mptcpkit.status(c).is_mptcp
+            server.accept()[0].close()

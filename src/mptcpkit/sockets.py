@@ -170,6 +170,7 @@ def create_connection(
         and source_address is None
         and not family
         and port.__class__ is int
+        and host.__class__ is str
         and _ENV_KEY not in _ENV_DATA
     ):
         # The common case, kept to the fewest steps: each one runs with the CPU's caches
