@@ -265,9 +265,10 @@ def test_cli_endpoint_and_limits(net: Net) -> None:
     }
 
 
-def test_cli_monitor_lines(net: Net) -> None:
+def _monitor(net: Net, *args: str) -> subprocess.Popen[str]:
+    """`mptcpkit monitor ARGS`, once it says it is monitoring."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "mptcpkit", "monitor", "-n", net.server, "--count", "3"],
+        [sys.executable, "-m", "mptcpkit", "monitor", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -275,6 +276,11 @@ def test_cli_monitor_lines(net: Net) -> None:
     net.procs.append(p)
     assert p.stderr is not None
     assert "monitoring" in p.stderr.readline()
+    return p
+
+
+def test_cli_monitor_lines(net: Net) -> None:
+    p = _monitor(net, "-n", net.server, "--count", "3")
     srv, c, a = open_connection(net)
     port = srv.getsockname()[1]
     try:
@@ -291,40 +297,14 @@ def test_cli_monitor_lines(net: Net) -> None:
 
 
 def test_cli_monitor_stops_on_sigterm(net: Net) -> None:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "mptcpkit", "monitor", "-n", net.client],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    net.procs.append(p)
-    assert p.stderr is not None
-    assert "monitoring" in p.stderr.readline()
+    p = _monitor(net, "-n", net.client)
     p.terminate()
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0 and out == "" and err == ""
 
 
 def test_cli_monitor_json(net: Net) -> None:
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mptcpkit",
-            "monitor",
-            "--json",
-            "--netns",
-            net.client,
-            "--count",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    net.procs.append(p)
-    assert p.stderr is not None
-    assert "monitoring" in p.stderr.readline()  # subscribed: safe to connect now
+    p = _monitor(net, "--json", "--netns", net.client, "--count", "2")
     srv, c, a = open_connection(net)
     try:
         out, _ = p.communicate(timeout=30)

@@ -87,6 +87,15 @@ def _roundtrip(port: int, *, mptcp: bool, size: int = 5 << 20) -> socket.socket:
     return s
 
 
+def _echo_through(port: int, data: bytes = b"ping") -> None:
+    """One MPTCP client through the proxy to an echo server: send, FIN, read it all back."""
+    s = connect(port, mptcp=True)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == data
+    s.close()
+
+
 @pytest.mark.parametrize(
     ("client_mptcp", "server_mptcp", "bind", "target"),
     [
@@ -191,11 +200,7 @@ def test_dead_server_retry_then_clean_close(tmp_path: Path) -> None:
         ) as px,
     ):
         for _ in range(4):  # roundrobin: half of these try the dead one first
-            s = connect(px.port("fe"), mptcp=True)
-            s.sendall(b"ping")
-            s.shutdown(socket.SHUT_WR)
-            assert recv_all(s) == b"ping"
-            s.close()
+            _echo_through(px.port("fe"))
         assert srv.accepted == 4
         wait_for(
             lambda: f"connect to a (tcp@127.0.0.1:{dead}) failed: ECONNREFUSED" in px.log(),
@@ -241,11 +246,7 @@ def test_connect_timeout_moves_on(tmp_path: Path) -> None:
             )
         )
         for _ in range(2):  # roundrobin: one of these tries the silent server first
-            s = connect(px.port("fe"), mptcp=True)
-            s.sendall(b"ping")
-            s.shutdown(socket.SHUT_WR)
-            assert recv_all(s) == b"ping"
-            s.close()
+            _echo_through(px.port("fe"))
         assert srv.accepted == 2
         wait_for(
             lambda: f"connect to a (tcp@127.0.0.1:{port}) failed: timeout" in px.log(),
@@ -284,11 +285,7 @@ def test_health_checks_down_and_up(tmp_path: Path) -> None:
                 what="metrics to show a down",
             )
             for _ in range(3):  # all go to b, without a failed connect
-                s = connect(px.port("fe"), mptcp=True)
-                s.sendall(b"x")
-                s.shutdown(socket.SHUT_WR)
-                assert recv_all(s) == b"x"
-                s.close()
+                _echo_through(px.port("fe"), b"x")
             assert served == ["b", "b", "b"]
             assert "connect to a" not in px.log()
             srv = Server(tagged("a"), port=port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 from mptcpkit.proxy.poller import Poller
 
@@ -13,12 +14,12 @@ class Watcher:
         self.name = name
         self.log = log
         self.born = 0
-        self.then: list[object] = []
+        self.then: list[Callable[[], None]] = []
 
     def on_event(self, events: int) -> None:
         self.log.append(self.name)
         for action in self.then:
-            action()  # type: ignore[operator]
+            action()
         self.then.clear()
 
 

@@ -10,6 +10,7 @@ import re
 
 # tc(8) units: bit-based and byte-based ("Bps" = bytes per second), decimal and binary.
 _RATE_UNITS: dict[str, float] = {
+    "": 1,  # a bare number is bits per second, as in tc
     "bit": 1,
     "kbit": 1e3,
     "mbit": 1e6,
@@ -67,22 +68,28 @@ def _split(text: str, what: str) -> tuple[float, str]:
     return float(m.group(1)), m.group(2).lower()
 
 
+def _scaled(
+    value: str | int | float, what: str, units: dict[str, float], example: str, hint: str
+) -> float:
+    """`value` in base units: a number as it is, or a string of a number and a unit."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} {value!r}: expected a number or a string such as {example!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    number, unit = _split(value, what)
+    if unit not in units:
+        raise ValueError(f"{what} {value!r}: unknown unit {unit!r} ({hint})")
+    return number * units[unit]
+
+
 def parse_rate(rate: str | int | float) -> float:
     """Return `rate` in bits per second; numbers pass through, strings use tc's units.
 
     A bare number in a string is bits per second, as in tc ("50mbit", "6Mbps", "1gbit").
     """
-    if isinstance(rate, bool):
-        raise ValueError(f"rate {rate!r}: expected a number or a string such as '50mbit'")
-    if isinstance(rate, int | float):
-        value = float(rate)
-    else:
-        number, unit = _split(rate, "rate")
-        if unit not in _RATE_UNITS and unit != "":
-            raise ValueError(
-                f"rate {rate!r}: unknown unit {unit!r} (use bit, kbit, mbit, gbit or kbps, mbps...)"
-            )
-        value = number * _RATE_UNITS.get(unit, 1)
+    value = _scaled(
+        rate, "rate", _RATE_UNITS, "50mbit", "use bit, kbit, mbit, gbit or kbps, mbps..."
+    )
     if value <= 0:
         raise ValueError(f"rate {rate!r}: must be more than 0")
     return value
@@ -90,15 +97,7 @@ def parse_rate(rate: str | int | float) -> float:
 
 def parse_size(size: str | int) -> int:
     """Return `size` in bytes, using tc's size units ("32kbit" = 4096 bytes, "64k")."""
-    if isinstance(size, bool):
-        raise ValueError(f"size {size!r}: expected a number or a string such as '32kbit'")
-    if isinstance(size, int):
-        value = float(size)
-    else:
-        number, unit = _split(size, "size")
-        if unit not in _SIZE_UNITS:
-            raise ValueError(f"size {size!r}: unknown unit {unit!r} (use b, k, m, kbit, mbit)")
-        value = number * _SIZE_UNITS[unit]
+    value = _scaled(size, "size", _SIZE_UNITS, "32kbit", "use b, k, m, kbit, mbit")
     if value <= 0:
         raise ValueError(f"size {size!r}: must be more than 0")
     return round(value)
@@ -106,15 +105,7 @@ def parse_size(size: str | int) -> int:
 
 def parse_duration(text: str | int | float) -> float:
     """Return a duration in seconds: "4s", "250ms", "1.5" (seconds), or a number."""
-    if isinstance(text, bool):
-        raise ValueError(f"duration {text!r}: expected a number or a string such as '4s'")
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        number, unit = _split(text, "duration")
-        if unit not in _TIME_UNITS:
-            raise ValueError(f"duration {text!r}: unknown unit {unit!r} (use s, ms or us)")
-        value = number * _TIME_UNITS[unit]
+    value = _scaled(text, "duration", _TIME_UNITS, "4s", "use s, ms or us")
     if value < 0:
         raise ValueError(f"duration {text!r}: must not be negative")
     return value

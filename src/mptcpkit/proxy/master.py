@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mptcpkit
@@ -105,6 +105,17 @@ def _pool_key(frontend: str, index: int, addr: Any) -> str:
     return str(addr)
 
 
+@contextlib.contextmanager
+def _listen_errors(cfg: Config, key: str, addr: Any) -> Iterator[None]:
+    """A bind or listen that fails is a config error naming the file, key and address."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(
+            cfg.source, key, f"cannot listen on {addr}: {exc.strerror or exc}"
+        ) from None
+
+
 class ListenerPool:
     """Listening sockets by (address, worker), kept across reloads."""
 
@@ -148,15 +159,11 @@ class ListenerPool:
 
     @staticmethod
     def _create(cfg: Config, key: str, addr: Any, made: list[socket.socket]) -> list[socket.socket]:
-        try:
+        with _listen_errors(cfg, key, addr):
             if addr.protocol == "unix":
                 socks = [_unix_server(addr.path)]
             else:
                 socks = list(addr.create_server(backlog=BACKLOG, reuse_port=True))
-        except OSError as exc:
-            raise ConfigError(
-                cfg.source, key, f"cannot listen on {addr}: {exc.strerror or exc}"
-            ) from None
         made.extend(socks)
         return socks
 
@@ -165,7 +172,7 @@ class ListenerPool:
         cfg: Config, key: str, addr: Any, first: socket.socket, made: list[socket.socket]
     ) -> socket.socket:
         host, port = first.getsockname()[:2]
-        try:
+        with _listen_errors(cfg, key, addr):
             s = mptcpkit.create_server(
                 (host, port),
                 family=first.family,
@@ -173,10 +180,6 @@ class ListenerPool:
                 reuse_port=True,
                 mptcp=addr.policy,
             )
-        except OSError as exc:
-            raise ConfigError(
-                cfg.source, key, f"cannot listen on {addr}: {exc.strerror or exc}"
-            ) from None
         made.append(s)
         return s
 

@@ -298,7 +298,7 @@ class Conn:
         while True:
             state = be.balancer.pick(host, tried or ())
             if state is None:
-                self._give_up("no server available" if not tried else "every server failed")
+                self.end("no server available" if not tried else "every server failed")  # FIN
                 return
             self.server = state
             state.active += 1
@@ -389,13 +389,9 @@ class Conn:
             self.tried = []
         self.tried.append(state)
         if len(self.tried) > be.cfg.retries:
-            self._give_up(f"connect failed: {reason_of(exc)}")
+            self.end(f"connect failed: {reason_of(exc)}")
             return False
         return True
-
-    def _give_up(self, how: str) -> None:
-        """No server: close the client cleanly (FIN after nothing)."""
-        self.end(how)
 
     def _proxy_header(self) -> None:
         """Read the client's PROXY header; then connect, with what came after it held."""

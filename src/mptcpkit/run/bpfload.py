@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import functools
 import os
 import struct
 import subprocess
@@ -91,7 +92,9 @@ def btf_find(blob: bytes, name: str, kind: int = BTF_KIND_FUNC) -> int:
     raise BTFError(f"{name} not found in BTF")
 
 
+@functools.cache
 def hook_btf_id(path: str = BTF_PATH) -> int:
+    """The hook's BTF id; read once per process (vmlinux BTF is megabytes to parse)."""
     with open(path, "rb") as f:
         return btf_find(f.read(), HOOK)
 
@@ -181,8 +184,10 @@ def attach(prog_fd: int) -> int:
     return _bpf(BPF_RAW_TRACEPOINT_OPEN, attr, "bpf(BPF_RAW_TRACEPOINT_OPEN)")
 
 
+@functools.cache
 def probe() -> str | None:
-    """None when the program loads here, else one line saying why not."""
+    """None when the program loads here, else one line saying why not (asked once per
+    process: `--strategy auto` and the bpf strategy both ask)."""
     try:
         abi.native_arch()
         btf_id = hook_btf_id()
