@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 import mptcpkit.aio
-from mptcpkit.proxy import proxyproto
+from mptcpkit.proxy import compiled, proxyproto
+from mptcpkit.proxy.config import ConfigError
 from proxy_harness import (
     PROXY_CMD,
     ProxyProc,
@@ -35,6 +36,16 @@ from proxy_harness import (
     run_proxy,
     wait_for,
 )
+
+
+@pytest.fixture(autouse=True, params=["c", "python"], ids=["compiled", "python"])
+def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both data paths: the C engine and the pure-Python relay."""
+    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
+    try:
+        return compiled.data_path()
+    except ConfigError as exc:
+        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
 
 
 def _conf(
@@ -611,6 +622,24 @@ def test_check_ok_and_quick_form_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and "command line: --to: bad address" in r.stderr, r.stderr
     r = _cli([])
     assert r.returncode == 2 and "nothing to do" in r.stderr
+
+
+def test_ready_line_names_the_relay(tmp_path: Path, relay: str) -> None:
+    with _echo_behind_proxy(tmp_path) as (_, px):
+        _echo_through(px.port("fe"))
+        assert f"({relay} relay)" in px.log(), px.log()
+
+
+def test_unknown_relay_choice_exits_2_listening_on_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(compiled.ENGINE_ENV, "rust")
+    port = free_port()
+    r = _cli(["--listen", f"mptcp@127.0.0.1:{port}", "--to", "tcp@127.0.0.1:9"])
+    assert r.returncode == 2, r
+    assert "MPTCPKIT_PROXY_ENGINE: 'rust' is not auto, c or python" in r.stderr, r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # nothing was bound there
 
 
 def test_idle_timeout_closes(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""`struct sockaddr_in` / `sockaddr_in6` inside a `sockaddr_storage`, to (host, port)."""
+"""`struct sockaddr_in` / `sockaddr_in6` inside a `sockaddr_storage`, to (host, port);
+and the sockaddr that connect() takes for a Python socket address."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
+from typing import Any
 
 SOCKADDR_STORAGE_SIZE = 128
 
@@ -39,3 +42,30 @@ def encode_sockaddr(host: str, port: int) -> bytes:
     else:
         raw = struct.pack("=H", socket.AF_INET6) + struct.pack("!HI16sI", port, 0, ip.packed, 0)
     return raw.ljust(SOCKADDR_STORAGE_SIZE, b"\0")
+
+
+def encode_address(family: int, address: Any) -> bytes:
+    """The exact `struct sockaddr` connect() takes for a Python socket address.
+
+    `address` is what the socket module uses: (host, port) for AF_INET, (host, port[,
+    flowinfo, scope_id]) for AF_INET6 with an IP literal as host, a path for AF_UNIX
+    (a leading NUL makes it abstract).
+    """
+    if family == socket.AF_UNIX:
+        path = os.fsencode(address)
+        tail = b"" if path.startswith(b"\0") else b"\0"
+        if len(path) + len(tail) > 108:
+            raise ValueError(f"AF_UNIX path is longer than 108 bytes: {address!r}")
+        return struct.pack("=H", socket.AF_UNIX) + path + tail
+    host, port = address[0], address[1]
+    if family == socket.AF_INET:
+        return struct.pack("=H", family) + struct.pack("!H4s8x", port, socket.inet_aton(host))
+    if family == socket.AF_INET6:
+        flow, scope = (address[2], address[3]) if len(address) >= 4 else (0, 0)
+        packed = socket.inet_pton(socket.AF_INET6, host)
+        return (
+            struct.pack("=H", family)
+            + struct.pack("!HI16s", port, flow, packed)
+            + struct.pack("=I", scope)
+        )
+    raise ValueError(f"address family {family} is not AF_INET, AF_INET6 or AF_UNIX")

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import mptcpkit
+from mptcpkit.proxy import compiled
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
 from mptcpkit.proxy.logging import EventLog
@@ -293,11 +294,13 @@ class Master:
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, _MASTER_SIGNALS)
         try:
+            relay = compiled.data_path()  # before listening: a missing engine is an error
             self.start()
             for slot in range(self.cfg.global_.workers):
                 self._spawn(slot)
             self.log.event(
-                f"ready: {self.cfg.global_.workers} workers, pid {os.getpid()}", now=True
+                f"ready: {self.cfg.global_.workers} workers ({relay} relay), pid {os.getpid()}",
+                now=True,
             )
             return self._loop()
         finally:

@@ -143,7 +143,7 @@ class WorkerMetrics:
         self._fail.clear()
         self._subflows.clear()
         for fe in rt.frontends:
-            self.m_active.labels(fe.cfg.name).set(len(fe.conns))
+            self.m_active.labels(fe.cfg.name).set(fe.count())
         for be in rt.backends.values():
             for st in be.balancer.states:
                 self.m_server_active.labels(be.cfg.name, st.server.name).set(st.active)

@@ -26,6 +26,8 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
+import mptcpkit
+from mptcpkit.abi.constants import MPTCP_INFO, SOL_MPTCP
 from mptcpkit.policy import Policy
 from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.poller import READABLE
@@ -34,9 +36,18 @@ if TYPE_CHECKING:
     import asyncio
 
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.runtime import FrontendRuntime
+    from mptcpkit.proxy.frontend import FrontendRuntime
 
-__all__ = ["READ_SIZE", "Conn", "Leg", "ReadBuffer", "reason_of"]
+__all__ = [
+    "READ_SIZE",
+    "Conn",
+    "Leg",
+    "ReadBuffer",
+    "leg_state",
+    "read_proxy_header",
+    "reason_of",
+    "subflows",
+]
 
 READ_SIZE = 1 << 20  # bulk: 1 MiB reads measured ~15% faster than 256 KiB
 BURST = 16  # reads per leg per event before other sockets get their turn
@@ -49,6 +60,8 @@ _EPOLLERR = select.EPOLLERR
 _FAILED = select.EPOLLERR | select.EPOLLHUP
 _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
+_MPTCP_INFO_LEN = 96
+_SUBFLOWS_TOTAL = 80  # offsetof(struct mptcp_info, mptcpi_subflows_total)
 
 
 class ReadBuffer:
@@ -293,15 +306,12 @@ class Conn:
         """Pick a server and start a non-blocking connect; on failure try the next one."""
         fe = self.fe
         be = fe.backend
-        tried = self.tried
-        host = self.caddr[0] if isinstance(self.caddr, tuple) else None
         while True:
-            state = be.balancer.pick(host, tried or ())
-            if state is None:
-                self.end("no server available" if not tried else "every server failed")  # FIN
+            state = be.next_server(self.caddr, self.tried)
+            if isinstance(state, str):
+                self.end(state)  # FIN
                 return
             self.server = state
-            state.active += 1
             try:
                 sock, err = be.start_connect(state)
             except OSError as exc:
@@ -312,7 +322,6 @@ class Conn:
                 sock.close()
             if not self._connect_failed(_oserror(err)):
                 return
-            tried = self.tried
         assert sock is not None  # err is 0 or EINPROGRESS: start_connect returned
         s = self.s
         if s is None:
@@ -381,15 +390,12 @@ class Conn:
         """Count a failed attempt; True if another server may be tried."""
         state = self.server
         assert state is not None
-        state.active -= 1
         self.server = None
-        be = self.fe.backend
-        be.rt.connect_failed(be, state, exc)
         if self.tried is None:
             self.tried = []
-        self.tried.append(state)
-        if len(self.tried) > be.cfg.retries:
-            self.end(f"connect failed: {reason_of(exc)}")
+        why = self.fe.backend.attempt_failed(state, exc, self.tried)
+        if why is not None:
+            self.end(why)
             return False
         return True
 
@@ -410,20 +416,16 @@ class Conn:
                 self.abort("client closed before its PROXY header")
                 return
             hdr += rb.view[:n]
-            try:
-                parsed = proxyproto.parse(hdr)
-            except proxyproto.ProxyProtocolError as exc:
-                self.abort(f"bad PROXY header: {exc}")
+            parsed = read_proxy_header(hdr)
+            if isinstance(parsed, str):
+                self.abort(parsed)
                 return
             if parsed is not None:
                 break
-            if len(hdr) > PROXY_HEADER_LIMIT:
-                self.abort("PROXY header too long")
-                return
-        header, used = parsed
+        source, used = parsed
         self.hdr = None
-        if not header.local and header.source is not None:
-            self.caddr = header.source
+        if source is not None:
+            self.caddr = source
         rest = bytes(hdr[used:])
         self.bytes_in += len(rest)
         self.early = rest or None
@@ -434,12 +436,11 @@ class Conn:
 
     def sample(self) -> None:
         """Record each leg's MPTCP state and subflow count (once, while still open)."""
-        rt = self.fe.rt
-        if not rt.observing:
+        if not self.fe.rt.observing:
             return
         if self.c_state is None and self.c.sock is not None:
             if self.c_req:
-                self.c_state, n = rt.observe_leg(self.c.sock)
+                self.c_state, n = observe_leg(self.c.sock)
                 self.c_sub = max(self.c_sub, n)
             else:
                 self.c_state = "TCP"
@@ -448,7 +449,7 @@ class Conn:
             if self.server is not None and self.server.server.policy is Policy.OFF:
                 self.s_state = "TCP"
             else:
-                self.s_state, n = rt.observe_leg(s.sock)
+                self.s_state, n = observe_leg(s.sock)
                 self.s_sub = max(self.s_sub, n)
 
     def fail(self, leg: Leg, exc: BaseException) -> None:
@@ -497,6 +498,51 @@ class Conn:
                     return
             except OSError:
                 return
+
+
+def read_proxy_header(hdr: bytearray) -> tuple[Any, int] | str | None:
+    """A client's PROXY header so far: None while incomplete, (source or None, bytes
+    used) once read, or why the connection must be reset."""
+    try:
+        parsed = proxyproto.parse(hdr)
+    except proxyproto.ProxyProtocolError as exc:
+        return f"bad PROXY header: {exc}"
+    if parsed is None:
+        return "PROXY header too long" if len(hdr) > PROXY_HEADER_LIMIT else None
+    header, used = parsed
+    return (None if header.local else header.source), used
+
+
+def observe_leg(sock: Any) -> tuple[str | None, int]:
+    """(state, subflows) of a leg where MPTCP was asked for; one getsockopt if MPTCP."""
+    n = subflows(sock)
+    if n:
+        return "MPTCP", n
+    return leg_state(sock.fileno()), 0
+
+
+def leg_state(fd: int) -> str | None:
+    """The state of a leg without subflows, "fallback" or "TCP"; None if unknown."""
+    try:
+        return str(mptcpkit.status(fd))
+    except (OSError, ValueError):
+        return None
+
+
+def subflows(sock: Any) -> int:
+    """All subflows of a live MPTCP socket, 0 if it is not one (fell back, plain TCP).
+
+    One getsockopt(MPTCP_INFO) and two byte reads, not a full `mptcpkit.info()`
+    decode: this runs for every MPTCP connection. Layout: REFERENCE §3 (u8 subflows at
+    0 counts extra subflows; u8 subflows_total at 80, 6.8+, counts all).
+    """
+    try:
+        raw = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, _MPTCP_INFO_LEN)
+    except (OSError, ValueError):
+        return 0
+    if len(raw) > _SUBFLOWS_TOTAL and raw[_SUBFLOWS_TOTAL]:
+        return int(raw[_SUBFLOWS_TOTAL])
+    return int(raw[0]) + 1 if raw else 0
 
 
 def _oserror(err: int) -> OSError:

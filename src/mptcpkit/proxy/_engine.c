@@ -1,0 +1,1321 @@
+/* The proxy's compiled data path: accept -> connect -> relay -> close, in C.
+ *
+ * Why: per proxied connection the pure-Python relay (relay.py) spends about 50 us of
+ * user CPU in the interpreter against HAProxy's 15-20; on a busy machine that CPU is
+ * the connection rate.  This module runs the same state machine as relay.py, with the
+ * same rules (one shared read buffer, one pending copy per direction as backpressure,
+ * half-close carried across, FIN on graceful close, RST on abort), and leaves every
+ * decision that is not about moving bytes to Python, through the frontend object it
+ * is given:
+ *
+ *   fe.pick(caddr, tried)          -> target tuple, or a str: why the client is closed
+ *   fe.failed(state, err, tried)   -> None: try another server; str: close the client
+ *   fe.header(state, caddr, local) -> bytes of a PROXY header for the server
+ *   fe.parse(hdr)                  -> None (need more) | (caddr or None, used) | str
+ *   fe.leg_state(fd)               -> "fallback"/"TCP"/None for a leg without subflows
+ *   fe.done(state, record)         -> a connection ended (record None unless observing)
+ *   fe.accept_failed(err)          -> accept() failed with something other than EAGAIN
+ *
+ * A target tuple is (state, family, sockaddr bytes, proto, fallback, send_proxy,
+ * observe), made once per server by Python.  Everything here is single-threaded and
+ * runs with the GIL held; sockets are registered edge-triggered once, for life.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BURST 16          /* reads per leg per event before other sockets get a turn */
+#define EVENTS 512        /* epoll events per poll() */
+#define ACCEPT_BATCH 64   /* connections accepted per listener wakeup */
+#define MAX_FRONTENDS 256
+#define MAX_LISTENERS 64  /* per frontend */
+#ifndef IPPROTO_MPTCP
+#define IPPROTO_MPTCP 262
+#endif
+#define SOL_MPTCP 284
+#define MPTCP_INFO 1
+#define MPTCP_INFO_LEN 96
+#define SUBFLOWS_TOTAL 80 /* offsetof(struct mptcp_info, mptcpi_subflows_total), 6.8+ */
+
+#define WATCH (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+#define READABLE (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)
+#define HANGUPS (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+
+enum kind { K_LISTENER = 1, K_LEG, K_TIMER };
+
+typedef struct Engine Engine;
+typedef struct Frontend Frontend;
+typedef struct Conn Conn;
+
+typedef struct {
+    int kind;             /* K_LEG: first, so an epoll pointer says what it points to */
+    int fd;               /* -1: no socket (not connected yet, or closed) */
+    uint64_t born;        /* poll() batch it was registered in: older events are stale */
+    unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1;
+    char *pend;           /* bytes owed to this leg (one read at most), or NULL */
+    size_t pend_off, pend_len;
+    Conn *conn;
+} Leg;
+
+typedef struct {
+    int kind;             /* K_LISTENER */
+    int fd;
+    int mptcp;            /* an MPTCP listener: its clients asked for MPTCP */
+    Frontend *fe;
+} Listener;
+
+struct Conn {
+    Leg c, s;
+    Frontend *fe;
+    Conn *prev, *next;    /* the frontend's live connections */
+    Conn *tprev, *tnext;  /* the frontend's connect-timeout queue, while connecting */
+    int timed;            /* in the timeout queue */
+    double deadline;
+    PyObject *server;     /* the ServerState connected (or being connected) to */
+    PyObject *tried;      /* list of states that failed, or NULL */
+    PyObject *hdr;        /* bytearray while a PROXY header is read, else NULL */
+    PyObject *early;      /* bytes that came after the PROXY header, or NULL */
+    PyObject *caddr;      /* the client's address as Python sees it (made lazily) */
+    PyObject *how;        /* how it ended */
+    PyObject *c_state, *s_state;
+    long c_sub, s_sub;
+    int c_req, send_proxy, s_observe, active, done, queued;
+    double idle, start;
+    unsigned long long bytes_in, bytes_out;
+    struct sockaddr_storage ca;
+    socklen_t calen;
+    Conn *free_next;
+};
+
+struct Frontend {
+    PyObject *key;        /* the Python frontend: callbacks go to its methods */
+    Engine *eng;
+    int id, accept_proxy, needs_caddr, paused, closed;
+    long maxconn, count;
+    double connect_timeout, client_timeout, idle_limit; /* < 0: none */
+    PyObject *idle_how;   /* "client timeout (5s idle)" or the server's */
+    Listener *listeners[MAX_LISTENERS];
+    int nlisteners;
+    Conn head;            /* sentinel of the live list */
+    Conn *tq_head, *tq_tail;
+};
+
+struct Engine {
+    PyObject_HEAD
+    int ep, tfd;
+    int observing;
+    char *buf;
+    size_t size;
+    uint64_t batch;
+    double armed;         /* deadline the timerfd is set for, 0: disarmed */
+    Frontend *fes[MAX_FRONTENDS];
+    int nfes;
+    Leg **again;          /* legs with data left after a burst */
+    size_t nagain, capagain;
+    Conn *to_free;
+    int timer_kind;       /* K_TIMER: epoll pointer of the timerfd */
+};
+
+/* ---- module state: interned names and fixed reasons ------------------------------ */
+
+static PyObject *s_pick, *s_failed, *s_header, *s_parse, *s_leg_state, *s_done,
+    *s_accept_failed, *s_both_closed, *s_internal, *s_no_header, *s_closed_before_header,
+    *s_tcp, *s_mptcp, *s_question, *s_dash, *s_errorcode;
+
+static double monotonic(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static double wallclock(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
+
+/* A failed callback: say so on stderr (as asyncio does for a failing callback). */
+static void report(const char *what) {
+    if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_RuntimeError, what);
+    PyObject *msg = PyUnicode_FromFormat("mptcpkit proxy engine: %s", what);
+    PyErr_WriteUnraisable(msg);
+    Py_XDECREF(msg);
+}
+
+static PyObject *errname(int err) {
+    PyObject *code = PyLong_FromLong(err);
+    PyObject *name = code ? PyDict_GetItemWithError(s_errorcode, code) : NULL;
+    Py_XDECREF(code);
+    if (name) {
+        Py_INCREF(name);
+        return name;
+    }
+    PyErr_Clear();
+    return PyUnicode_FromFormat("%d", err);
+}
+
+/* ---- forward declarations ---------------------------------------------------------- */
+
+static void pump(Engine *e, Conn *c, Leg *src);
+static void flush(Engine *e, Conn *c, Leg *dst);
+static void do_connect(Engine *e, Conn *c);
+static void close_conn(Engine *e, Conn *c, PyObject *how, int abort);
+static void fail(Engine *e, Conn *c, Leg *leg, int err);
+
+static void end(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 0); }
+static void abort_conn(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 1); }
+
+/* ---- the client's address, as Python's socket module would give it ---------------- */
+
+static PyObject *sockaddr_to_py(struct sockaddr_storage *sa, socklen_t len) {
+    char host[INET6_ADDRSTRLEN];
+    if (sa->ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    }
+    if (sa->ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo),
+                             a->sin6_scope_id);
+    }
+    if (sa->ss_family == AF_UNIX) {
+        struct sockaddr_un *a = (struct sockaddr_un *)sa;
+        size_t n = len > offsetof(struct sockaddr_un, sun_path)
+                       ? len - offsetof(struct sockaddr_un, sun_path) : 0;
+        if (n && a->sun_path[0] != '\0')
+            n = strnlen(a->sun_path, n);
+        return PyUnicode_DecodeFSDefaultAndSize(a->sun_path, (Py_ssize_t)n);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *client_addr(Conn *c) {
+    if (!c->caddr) {
+        c->caddr = sockaddr_to_py(&c->ca, c->calen);
+        if (!c->caddr) {
+            PyErr_Clear();
+            c->caddr = Py_NewRef(Py_None);
+        }
+    }
+    return c->caddr;
+}
+
+/* ---- the connect-timeout queue: one FIFO per frontend (one timeout each), one timerfd */
+
+static void arm(Engine *e, double deadline) {
+    if (e->armed && e->armed <= deadline)
+        return;
+    struct itimerspec its = {0};
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double d = deadline > 0 ? deadline : 0;
+    its.it_value.tv_sec = (time_t)d;
+    its.it_value.tv_nsec = (long)((d - (double)(time_t)d) * 1e9);
+    if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0)
+        its.it_value.tv_nsec = 1;
+    timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    e->armed = deadline;
+}
+
+static void timeout_add(Engine *e, Conn *c) {
+    Frontend *fe = c->fe;
+    c->deadline = monotonic() + fe->connect_timeout;
+    c->tnext = NULL;
+    c->tprev = fe->tq_tail;
+    if (fe->tq_tail)
+        fe->tq_tail->tnext = c;
+    else
+        fe->tq_head = c;
+    fe->tq_tail = c;
+    c->timed = 1;
+    arm(e, c->deadline);
+}
+
+static void timeout_remove(Conn *c) {
+    if (!c->timed)
+        return;
+    Frontend *fe = c->fe;
+    if (c->tprev)
+        c->tprev->tnext = c->tnext;
+    else
+        fe->tq_head = c->tnext;
+    if (c->tnext)
+        c->tnext->tprev = c->tprev;
+    else
+        fe->tq_tail = c->tprev;
+    c->timed = 0;
+    c->tprev = c->tnext = NULL;
+}
+
+/* ---- moving bytes ------------------------------------------------------------------ */
+
+static int set_pending(Leg *leg, const char *data, size_t n) {
+    char *p = PyMem_RawMalloc(n ? n : 1);
+    if (!p)
+        return -1;
+    memcpy(p, data, n);
+    leg->pend = p;
+    leg->pend_off = 0;
+    leg->pend_len = n;
+    return 0;
+}
+
+static void clear_pending(Leg *leg) {
+    PyMem_RawFree(leg->pend);
+    leg->pend = NULL;
+    leg->pend_off = leg->pend_len = 0;
+}
+
+static void later(Engine *e, Conn *c, Leg *src) {
+    src->waiting = 1;
+    if (e->nagain == e->capagain) {
+        size_t cap = e->capagain ? e->capagain * 2 : 64;
+        Leg **a = PyMem_RawRealloc(e->again, cap * sizeof *a);
+        if (!a)
+            return; /* still waiting: the next event or flush reads it */
+        e->again = a;
+        e->capagain = cap;
+    }
+    e->again[e->nagain++] = src;
+    c->queued++;
+}
+
+static void sample(Engine *e, Conn *c);
+
+static void shut(Engine *e, Conn *c, Leg *leg) {
+    Leg *other = leg->client ? &c->s : &c->c;
+    if (other->shut) {
+        end(e, c, s_both_closed);
+        return;
+    }
+    if (shutdown(leg->fd, SHUT_WR) < 0) {
+        fail(e, c, leg, errno);
+        return;
+    }
+    leg->shut = 1;
+}
+
+static void on_eof(Engine *e, Conn *c, Leg *src, Leg *dst) {
+    src->eof = 1;
+    src->waiting = 0;
+    sample(e, c);
+    if (!dst->pend)
+        shut(e, c, dst);
+}
+
+static void proxy_header(Engine *e, Conn *c);
+
+static void pump(Engine *e, Conn *c, Leg *src) {
+    if (src->eof)
+        return;
+    Leg *dst;
+    if (src->client) {
+        dst = &c->s;
+        if (c->hdr) {
+            proxy_header(e, c);
+            return;
+        }
+    } else {
+        dst = &c->c;
+    }
+    if (dst->fd < 0 || dst->connecting || dst->pend) {
+        src->waiting = 1;
+        return;
+    }
+    src->waiting = 0;
+    char *buf = e->buf;
+    size_t size = e->size;
+    for (int i = 0; i < BURST; i++) {
+        ssize_t n = recv(src->fd, buf, size, MSG_DONTWAIT);
+        if (n < 0) {
+            if (would_block(errno))
+                return;
+            if (errno == EINTR)
+                continue;
+            fail(e, c, src, errno);
+            return;
+        }
+        if (n == 0) {
+            on_eof(e, c, src, dst);
+            return;
+        }
+        c->active = 1;
+        if (src->client)
+            c->bytes_in += (unsigned long long)n;
+        else
+            c->bytes_out += (unsigned long long)n;
+        ssize_t sent = send(dst->fd, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (!would_block(errno)) {
+                fail(e, c, dst, errno);
+                return;
+            }
+            sent = 0;
+        }
+        if (sent < n) {
+            if (set_pending(dst, buf + sent, (size_t)(n - sent)) < 0) {
+                fail(e, c, dst, ENOMEM);
+                return;
+            }
+            src->waiting = 1;
+            return;
+        }
+        if ((size_t)n < size && !src->hup)
+            return; /* a short read: drained; the next edge (data or FIN) says more */
+    }
+    later(e, c, src);
+}
+
+static void flush(Engine *e, Conn *c, Leg *dst) {
+    ssize_t sent = send(dst->fd, dst->pend + dst->pend_off, dst->pend_len - dst->pend_off,
+                        MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (sent < 0) {
+        if (!would_block(errno))
+            fail(e, c, dst, errno);
+        return;
+    }
+    dst->pend_off += (size_t)sent;
+    if (dst->pend_off < dst->pend_len)
+        return;
+    clear_pending(dst);
+    Leg *src = dst->client ? &c->s : &c->c;
+    if (src->eof)
+        shut(e, c, dst);
+    else if (src->waiting)
+        pump(e, c, src);
+}
+
+static int check_error(Engine *e, Conn *c, Leg *leg) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(leg->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err) {
+        fail(e, c, leg, err);
+        return 0;
+    }
+    return 1;
+}
+
+/* ---- the server leg ----------------------------------------------------------------- */
+
+static int watch(Engine *e, Leg *leg) {
+    struct epoll_event ev = {.events = WATCH, .data.ptr = leg};
+    leg->born = e->batch;
+    return epoll_ctl(e->ep, EPOLL_CTL_ADD, leg->fd, &ev);
+}
+
+static void drop_server_socket(Conn *c) {
+    if (c->s.fd >= 0) {
+        close(c->s.fd); /* also leaves the epoll set: the engine never dup()s */
+        c->s.fd = -1;
+        c->s.connecting = 0;
+    }
+    timeout_remove(c);
+}
+
+/* A failed attempt (err 0: timed out); 1 if another server may be tried. */
+static int connect_failed(Engine *e, Conn *c, int err) {
+    PyObject *state = c->server;
+    c->server = NULL;
+    if (!c->tried && !(c->tried = PyList_New(0))) {
+        PyErr_Clear();
+        Py_XDECREF(state);
+        abort_conn(e, c, s_internal);
+        return 0;
+    }
+    PyObject *errobj = PyLong_FromLong(err);
+    PyObject *r = errobj ? PyObject_CallMethodObjArgs(c->fe->key, s_failed,
+                                                      state ? state : Py_None, errobj,
+                                                      c->tried, NULL)
+                         : NULL;
+    Py_XDECREF(errobj);
+    Py_XDECREF(state);
+    if (!r) {
+        report("failed() raised");
+        abort_conn(e, c, s_internal);
+        return 0;
+    }
+    if (r == Py_None) {
+        Py_DECREF(r);
+        return 1;
+    }
+    end(e, c, r);
+    Py_DECREF(r);
+    return 0;
+}
+
+static void established(Engine *e, Conn *c, uint32_t events) {
+    Leg *s = &c->s;
+    Py_CLEAR(c->tried);
+    PyObject *head = NULL;
+    if (c->send_proxy) {
+        struct sockaddr_storage local;
+        socklen_t llen = sizeof local;
+        PyObject *lo = getsockname(c->c.fd, (struct sockaddr *)&local, &llen) == 0
+                           ? sockaddr_to_py(&local, llen) : Py_NewRef(Py_None);
+        head = lo ? PyObject_CallMethodObjArgs(c->fe->key, s_header, c->server,
+                                               client_addr(c), lo, NULL)
+                  : NULL;
+        Py_XDECREF(lo);
+        if (!head || !PyBytes_Check(head)) {
+            Py_XDECREF(head);
+            report("header() failed");
+            abort_conn(e, c, s_internal);
+            return;
+        }
+    }
+    if (c->early) {
+        if (head) {
+            PyBytes_Concat(&head, c->early);
+            if (!head) {
+                report("PROXY header concat failed");
+                abort_conn(e, c, s_internal);
+                return;
+            }
+        } else {
+            head = Py_NewRef(c->early);
+        }
+        Py_CLEAR(c->early);
+    }
+    if (head && PyBytes_GET_SIZE(head)) {
+        int r = set_pending(s, PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head));
+        Py_DECREF(head);
+        if (r < 0) {
+            fail(e, c, s, ENOMEM);
+            return;
+        }
+        flush(e, c, s);
+    } else {
+        Py_XDECREF(head);
+    }
+    if (c->done)
+        return;
+    if (c->c.waiting)
+        pump(e, c, &c->c);
+    if (!c->done && (events & READABLE))
+        pump(e, c, s);
+}
+
+static void connected(Engine *e, Conn *c, uint32_t events) {
+    int err = 0;
+    if (events & (EPOLLERR | EPOLLHUP)) {
+        socklen_t len = sizeof err;
+        if (getsockopt(c->s.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+    }
+    if (err) {
+        drop_server_socket(c);
+        if (connect_failed(e, c, err))
+            do_connect(e, c);
+        return;
+    }
+    timeout_remove(c);
+    c->s.connecting = 0;
+    established(e, c, events);
+}
+
+static void connect_timeout(Engine *e, Conn *c) {
+    if (c->done || !c->s.connecting)
+        return;
+    drop_server_socket(c);
+    if (connect_failed(e, c, 0))
+        do_connect(e, c);
+}
+
+/* Pick a server and start a non-blocking connect; on failure try the next one. */
+static void do_connect(Engine *e, Conn *c) {
+    Frontend *fe = c->fe;
+    int fd = -1, err = 0;
+    for (;;) {
+        PyObject *caddr = fe->needs_caddr ? client_addr(c) : Py_None;
+        PyObject *r = PyObject_CallMethodObjArgs(fe->key, s_pick, caddr,
+                                                 c->tried ? c->tried : Py_None, NULL);
+        if (!r) {
+            report("pick() raised");
+            abort_conn(e, c, s_internal);
+            return;
+        }
+        if (PyUnicode_Check(r)) {
+            end(e, c, r);
+            Py_DECREF(r);
+            return;
+        }
+        PyObject *state, *sa;
+        int family, proto, fallback, send_proxy, observe;
+        if (!PyArg_ParseTuple(r, "OiSipip", &state, &family, &sa, &proto, &fallback,
+                              &send_proxy, &observe)) {
+            Py_DECREF(r);
+            report("pick() returned a bad target");
+            abort_conn(e, c, s_internal);
+            return;
+        }
+        Py_XSETREF(c->server, Py_NewRef(state));
+        c->send_proxy = send_proxy;
+        c->s_observe = observe;
+        fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, proto);
+        if (fd < 0 && proto == IPPROTO_MPTCP && fallback)
+            fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+        if (fd < 0) {
+            err = errno;
+        } else {
+            if (family != AF_UNIX) {
+                int one = 1;
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            }
+            err = connect(fd, (struct sockaddr *)PyBytes_AS_STRING(sa),
+                          (socklen_t)PyBytes_GET_SIZE(sa)) == 0 ? 0 : errno;
+        }
+        Py_DECREF(r);
+        if (err == 0 || err == EINPROGRESS || err == EALREADY)
+            break;
+        if (fd >= 0)
+            close(fd);
+        if (!connect_failed(e, c, err))
+            return;
+    }
+    Leg *s = &c->s;
+    s->fd = fd;
+    s->hup = 0;
+    if (watch(e, s) < 0) {
+        int werr = errno;
+        close(fd);
+        s->fd = -1;
+        fail(e, c, s, werr);
+        return;
+    }
+    if (err) {
+        s->connecting = 1;
+        timeout_add(e, c);
+    } else {
+        established(e, c, READABLE);
+    }
+}
+
+/* Read the client's PROXY header; then connect, holding what came after it. */
+static void proxy_header(Engine *e, Conn *c) {
+    PyObject *parsed = NULL;
+    for (;;) {
+        ssize_t n = recv(c->c.fd, e->buf, e->size, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (!would_block(errno))
+                fail(e, c, &c->c, errno);
+            return;
+        }
+        if (n == 0) {
+            abort_conn(e, c, s_closed_before_header);
+            return;
+        }
+        Py_ssize_t old = PyByteArray_GET_SIZE(c->hdr);
+        if (PyByteArray_Resize(c->hdr, old + n) < 0) {
+            PyErr_Clear();
+            fail(e, c, &c->c, ENOMEM);
+            return;
+        }
+        memcpy(PyByteArray_AS_STRING(c->hdr) + old, e->buf, (size_t)n);
+        parsed = PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, NULL);
+        if (!parsed) {
+            report("parse() raised");
+            abort_conn(e, c, s_internal);
+            return;
+        }
+        if (parsed != Py_None)
+            break;
+        Py_DECREF(parsed);
+    }
+    if (PyUnicode_Check(parsed)) {
+        abort_conn(e, c, parsed);
+        Py_DECREF(parsed);
+        return;
+    }
+    PyObject *source;
+    Py_ssize_t used;
+    if (!PyArg_ParseTuple(parsed, "On", &source, &used)) {
+        Py_DECREF(parsed);
+        report("parse() returned a bad value");
+        abort_conn(e, c, s_internal);
+        return;
+    }
+    if (source != Py_None)
+        Py_XSETREF(c->caddr, Py_NewRef(source));
+    Py_DECREF(parsed);
+    Py_ssize_t total = PyByteArray_GET_SIZE(c->hdr);
+    if (used < total) {
+        c->early = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(c->hdr) + used, total - used);
+        if (!c->early)
+            PyErr_Clear();
+        c->bytes_in += (unsigned long long)(total - used);
+    }
+    Py_CLEAR(c->hdr);
+    c->c.waiting = 1; /* more may follow the header: read it once connected */
+    do_connect(e, c);
+}
+
+/* ---- the end -------------------------------------------------------------------------- */
+
+static long subflows(int fd) {
+    unsigned char raw[MPTCP_INFO_LEN];
+    socklen_t len = sizeof raw;
+    if (getsockopt(fd, SOL_MPTCP, MPTCP_INFO, raw, &len) < 0 || len == 0)
+        return 0;
+    if (len > SUBFLOWS_TOTAL && raw[SUBFLOWS_TOTAL])
+        return raw[SUBFLOWS_TOTAL];
+    return raw[0] + 1;
+}
+
+/* A leg's MPTCP state and subflows: one getsockopt if MPTCP, else Python tells. */
+static void observe(Conn *c, int fd, PyObject **state, long *sub) {
+    long n = subflows(fd);
+    if (n) {
+        Py_XSETREF(*state, Py_NewRef(s_mptcp));
+        if (n > *sub)
+            *sub = n;
+        return;
+    }
+    PyObject *fdo = PyLong_FromLong(fd);
+    PyObject *r = fdo ? PyObject_CallMethodObjArgs(c->fe->key, s_leg_state, fdo, NULL) : NULL;
+    Py_XDECREF(fdo);
+    if (!r) {
+        report("leg_state() raised");
+        return;
+    }
+    if (r == Py_None)
+        Py_DECREF(r);
+    else
+        Py_XSETREF(*state, r);
+}
+
+static void sample(Engine *e, Conn *c) {
+    if (!e->observing)
+        return;
+    if (!c->c_state && c->c.fd >= 0) {
+        if (c->c_req)
+            observe(c, c->c.fd, &c->c_state, &c->c_sub);
+        else
+            c->c_state = Py_NewRef(s_tcp);
+    }
+    if (!c->s_state && c->s.fd >= 0 && !c->s.connecting) {
+        if (c->s_observe)
+            observe(c, c->s.fd, &c->s_state, &c->s_sub);
+        else
+            c->s_state = Py_NewRef(s_tcp);
+    }
+}
+
+static void fail(Engine *e, Conn *c, Leg *leg, int err) {
+    if (!c->how) {
+        PyObject *name = errname(err);
+        c->how = PyUnicode_FromFormat("%s error: %U", leg->client ? "client" : "server", name);
+        Py_XDECREF(name);
+        if (!c->how)
+            PyErr_Clear();
+    }
+    abort_conn(e, c, c->how ? c->how : s_internal);
+}
+
+static void discard_input(Engine *e, Leg *leg) {
+    for (int i = 0; i < BURST; i++)
+        if (recv(leg->fd, e->buf, e->size, MSG_DONTWAIT) <= 0)
+            return;
+}
+
+static PyObject *state_or(PyObject *state, PyObject *dflt) { return state ? state : dflt; }
+
+static void finished(Engine *e, Conn *c) {
+    Frontend *fe = c->fe;
+    c->done = 1;
+    c->prev->next = c->next;
+    c->next->prev = c->prev;
+    fe->count--;
+    PyObject *rec = Py_None;
+    Py_INCREF(rec);
+    if (e->observing) {
+        Py_DECREF(rec);
+        rec = Py_BuildValue("(OdOlOlKKO)", client_addr(c), c->start,
+                            state_or(c->c_state, c->c_req ? s_question : s_tcp), c->c_sub,
+                            state_or(c->s_state, c->server ? s_question : s_dash), c->s_sub,
+                            c->bytes_in, c->bytes_out, c->how ? c->how : s_both_closed);
+        if (!rec) {
+            report("record failed");
+            rec = Py_NewRef(Py_None);
+        }
+    }
+    PyObject *r = PyObject_CallMethodObjArgs(fe->key, s_done, c->server ? c->server : Py_None,
+                                             rec, NULL);
+    Py_DECREF(rec);
+    if (!r)
+        report("done() raised");
+    Py_XDECREF(r);
+    if (fe->paused && fe->count < fe->maxconn && !fe->closed) {
+        fe->paused = 0;
+        for (int i = 0; i < fe->nlisteners; i++) {
+            struct epoll_event ev = {.events = EPOLLIN, .data.ptr = fe->listeners[i]};
+            epoll_ctl(e->ep, EPOLL_CTL_MOD, fe->listeners[i]->fd, &ev);
+        }
+    }
+    c->free_next = e->to_free;
+    e->to_free = c;
+}
+
+static void close_conn(Engine *e, Conn *c, PyObject *how, int abort) {
+    if (c->done)
+        return;
+    if (!c->how)
+        c->how = Py_NewRef(how);
+    sample(e, c);
+    timeout_remove(c);
+    Leg *legs[2] = {&c->c, &c->s};
+    for (int i = 0; i < 2; i++) {
+        Leg *leg = legs[i];
+        if (leg->fd < 0)
+            continue;
+        if (abort) {
+            struct linger lg = {1, 0}; /* close() sends RST */
+            setsockopt(leg->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        } else if (!leg->eof) {
+            discard_input(e, leg); /* unread bytes would make close() send RST */
+        }
+        close(leg->fd);
+        leg->fd = -1;
+        clear_pending(leg);
+    }
+    finished(e, c);
+}
+
+static void free_conn(Conn *c) {
+    Py_CLEAR(c->server);
+    Py_CLEAR(c->tried);
+    Py_CLEAR(c->hdr);
+    Py_CLEAR(c->early);
+    Py_CLEAR(c->caddr);
+    Py_CLEAR(c->how);
+    Py_CLEAR(c->c_state);
+    Py_CLEAR(c->s_state);
+    clear_pending(&c->c);
+    clear_pending(&c->s);
+    PyMem_RawFree(c);
+}
+
+/* Free what ended: only between batches, so no event still points at it. */
+static void reap(Engine *e) {
+    Conn **p = &e->to_free;
+    while (*p) {
+        Conn *c = *p;
+        if (c->queued) {
+            p = &c->free_next;
+            continue;
+        }
+        *p = c->free_next;
+        free_conn(c);
+    }
+}
+
+/* ---- accepting ---------------------------------------------------------------------- */
+
+static void pause_frontend(Engine *e, Frontend *fe, int paused) {
+    if (fe->paused == paused || fe->closed)
+        return;
+    fe->paused = paused;
+    for (int i = 0; i < fe->nlisteners; i++) {
+        struct epoll_event ev = {.events = paused ? 0 : EPOLLIN, .data.ptr = fe->listeners[i]};
+        epoll_ctl(e->ep, EPOLL_CTL_MOD, fe->listeners[i]->fd, &ev);
+    }
+}
+
+static void on_accept(Engine *e, Listener *l) {
+    Frontend *fe = l->fe;
+    for (int i = 0; i < ACCEPT_BATCH && !fe->closed; i++) {
+        if (fe->count >= fe->maxconn) {
+            pause_frontend(e, fe, 1);
+            return;
+        }
+        struct sockaddr_storage sa;
+        socklen_t salen = sizeof sa;
+        int fd = accept4(l->fd, (struct sockaddr *)&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            int err = errno;
+            if (would_block(err) || err == EINTR || err == ECONNABORTED)
+                return;
+            PyObject *eo = PyLong_FromLong(err);
+            PyObject *r = eo ? PyObject_CallMethodObjArgs(fe->key, s_accept_failed, eo, NULL)
+                             : NULL;
+            Py_XDECREF(eo);
+            if (!r)
+                report("accept_failed() raised");
+            Py_XDECREF(r);
+            return;
+        }
+        Conn *c = PyMem_RawCalloc(1, sizeof *c);
+        if (!c) {
+            close(fd);
+            return;
+        }
+        c->fe = fe;
+        c->c.kind = c->s.kind = K_LEG;
+        c->c.conn = c->s.conn = c;
+        c->c.client = 1;
+        c->c.fd = fd;
+        c->c_req = l->mptcp;
+        c->s.fd = -1;
+        c->ca = sa;
+        c->calen = salen;
+        c->active = 1;
+        if (e->observing)
+            c->start = wallclock();
+        c->next = &fe->head;
+        c->prev = fe->head.prev;
+        fe->head.prev->next = c;
+        fe->head.prev = c;
+        fe->count++;
+        if (fe->accept_proxy) {
+            c->hdr = PyByteArray_FromStringAndSize(NULL, 0);
+            if (!c->hdr) {
+                PyErr_Clear();
+                abort_conn(e, c, s_internal);
+                continue;
+            }
+        } else {
+            /* Server leg first: on loopback its connect is usually done at once, and
+             * epoll then reports it before the client's bytes, which go straight on. */
+            do_connect(e, c);
+        }
+        if (!c->done && watch(e, &c->c) < 0)
+            fail(e, c, &c->c, errno);
+    }
+}
+
+/* ---- events --------------------------------------------------------------------------- */
+
+static void on_leg(Engine *e, Leg *l, uint32_t events) {
+    Conn *c = l->conn;
+    if (c->done || l->fd < 0)
+        return;
+    if (events & HANGUPS)
+        l->hup = 1; /* also on a connect's first event: a server may say hello and go */
+    if (l->connecting) {
+        connected(e, c, events);
+        return;
+    }
+    if (l->pend)
+        flush(e, c, l);
+    if (c->done || l->fd < 0)
+        return;
+    if (events & READABLE) {
+        if ((events & EPOLLERR) && !check_error(e, c, l))
+            return;
+        pump(e, c, l);
+    }
+}
+
+static void on_timer(Engine *e) {
+    uint64_t ticks;
+    if (read(e->tfd, &ticks, sizeof ticks) < 0 && errno != EAGAIN)
+        return;
+    e->armed = 0;
+    double now = monotonic(), next = 0;
+    for (int i = 0; i < e->nfes; i++) {
+        Frontend *fe = e->fes[i];
+        if (!fe)
+            continue;
+        while (fe->tq_head && fe->tq_head->deadline <= now) {
+            Conn *c = fe->tq_head;
+            timeout_remove(c);
+            connect_timeout(e, c);
+        }
+        if (fe->tq_head && (!next || fe->tq_head->deadline < next))
+            next = fe->tq_head->deadline;
+    }
+    if (next)
+        arm(e, next);
+}
+
+static void run_again(Engine *e) {
+    size_t n = e->nagain;
+    if (!n)
+        return;
+    Leg **todo = PyMem_RawMalloc(n * sizeof *todo);
+    if (!todo)
+        return;
+    memcpy(todo, e->again, n * sizeof *todo);
+    e->nagain = 0;
+    for (size_t i = 0; i < n; i++) {
+        Leg *src = todo[i];
+        Conn *c = src->conn;
+        c->queued--;
+        if (src->waiting && !c->done && src->fd >= 0)
+            pump(e, c, src);
+    }
+    PyMem_RawFree(todo);
+}
+
+/* ---- the Python type ---------------------------------------------------------------- */
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"read_size", "observing", NULL};
+    Py_ssize_t size;
+    int observing;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "np", kwlist, &size, &observing))
+        return NULL;
+    if (size < 1024) {
+        PyErr_SetString(PyExc_ValueError, "read_size must be at least 1024");
+        return NULL;
+    }
+    Engine *e = (Engine *)type->tp_alloc(type, 0);
+    if (!e)
+        return NULL;
+    e->ep = e->tfd = -1;
+    e->observing = observing;
+    e->size = (size_t)size;
+    e->timer_kind = K_TIMER;
+    e->buf = PyMem_RawMalloc(e->size);
+    e->ep = epoll_create1(EPOLL_CLOEXEC);
+    e->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (!e->buf || e->ep < 0 || e->tfd < 0) {
+        if (e->buf)
+            PyErr_SetFromErrno(PyExc_OSError);
+        else
+            PyErr_NoMemory();
+        Py_DECREF(e);
+        return NULL;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &e->timer_kind};
+    if (epoll_ctl(e->ep, EPOLL_CTL_ADD, e->tfd, &ev) < 0) {
+        Py_DECREF(e);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return (PyObject *)e;
+}
+
+static void abort_all(Engine *e, Frontend *fe, PyObject *how) {
+    while (fe->head.next != &fe->head)
+        abort_conn(e, fe->head.next, how);
+}
+
+/* Reset every connection, drop the frontends (and the references to them), close. */
+static void shutdown_engine(Engine *e) {
+    for (int i = 0; i < e->nfes; i++) {
+        Frontend *fe = e->fes[i];
+        if (!fe)
+            continue;
+        abort_all(e, fe, s_internal);
+        for (int j = 0; j < fe->nlisteners; j++)
+            PyMem_RawFree(fe->listeners[j]);
+        Py_XDECREF(fe->key);
+        Py_XDECREF(fe->idle_how);
+        PyMem_RawFree(fe);
+        e->fes[i] = NULL;
+    }
+    e->nfes = 0;
+    e->nagain = 0;
+    for (Conn *c = e->to_free; c;) {
+        Conn *next = c->free_next;
+        free_conn(c);
+        c = next;
+    }
+    e->to_free = NULL;
+    if (e->ep >= 0)
+        close(e->ep);
+    if (e->tfd >= 0)
+        close(e->tfd);
+    e->ep = e->tfd = -1;
+}
+
+static void Engine_dealloc(Engine *e) {
+    shutdown_engine(e);
+    PyErr_Clear();
+    PyMem_RawFree(e->buf);
+    PyMem_RawFree(e->again);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *Engine_close(Engine *e, PyObject *Py_UNUSED(ignored)) {
+    shutdown_engine(e);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static Frontend *get_fe(Engine *e, int id) {
+    if (id < 0 || id >= e->nfes || !e->fes[id]) {
+        PyErr_Format(PyExc_ValueError, "no frontend %d", id);
+        return NULL;
+    }
+    return e->fes[id];
+}
+
+static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"key", "maxconn", "accept_proxy", "needs_caddr",
+                             "connect_timeout", "client_timeout", "idle_limit", "idle_how",
+                             NULL};
+    PyObject *key, *idle_how;
+    long maxconn;
+    int accept_proxy, needs_caddr;
+    double ct, cl, il;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU", kwlist, &key, &maxconn,
+                                     &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how))
+        return NULL;
+    if (e->nfes >= MAX_FRONTENDS) {
+        PyErr_SetString(PyExc_ValueError, "too many frontends");
+        return NULL;
+    }
+    Frontend *fe = PyMem_RawCalloc(1, sizeof *fe);
+    if (!fe)
+        return PyErr_NoMemory();
+    fe->key = Py_NewRef(key);
+    fe->idle_how = Py_NewRef(idle_how);
+    fe->eng = e;
+    fe->id = e->nfes;
+    fe->maxconn = maxconn;
+    fe->accept_proxy = accept_proxy;
+    fe->needs_caddr = needs_caddr;
+    fe->connect_timeout = ct;
+    fe->client_timeout = cl;
+    fe->idle_limit = il;
+    fe->head.next = fe->head.prev = &fe->head;
+    e->fes[e->nfes++] = fe;
+    return PyLong_FromLong(fe->id);
+}
+
+static PyObject *Engine_listen(Engine *e, PyObject *args) {
+    int id, fd, mptcp;
+    if (!PyArg_ParseTuple(args, "iip", &id, &fd, &mptcp))
+        return NULL;
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    if (fe->nlisteners >= MAX_LISTENERS) {
+        PyErr_SetString(PyExc_ValueError, "too many listeners for one frontend");
+        return NULL;
+    }
+    Listener *l = PyMem_RawCalloc(1, sizeof *l);
+    if (!l)
+        return PyErr_NoMemory();
+    l->kind = K_LISTENER;
+    l->fd = fd;
+    l->mptcp = mptcp;
+    l->fe = fe;
+    struct epoll_event ev = {.events = fe->paused ? 0 : EPOLLIN, .data.ptr = l};
+    if (epoll_ctl(e->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        PyMem_RawFree(l);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    fe->listeners[fe->nlisteners++] = l;
+    Py_RETURN_NONE;
+}
+
+/* Stop accepting for good (the caller closes the listening sockets). */
+static PyObject *Engine_close_frontend(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    for (int i = 0; i < fe->nlisteners; i++) {
+        epoll_ctl(e->ep, EPOLL_CTL_DEL, fe->listeners[i]->fd, NULL);
+        PyMem_RawFree(fe->listeners[i]);
+    }
+    fe->nlisteners = 0;
+    fe->closed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_pause(Engine *e, PyObject *args) {
+    int id, paused;
+    if (!PyArg_ParseTuple(args, "ip", &id, &paused))
+        return NULL;
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    pause_frontend(e, fe, paused);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_count(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    if (e->ep < 0)
+        return PyLong_FromLong(0); /* closed: nothing is left */
+    Frontend *fe = get_fe(e, id);
+    return fe ? PyLong_FromLong(fe->count) : NULL;
+}
+
+static PyObject *Engine_abort_all(Engine *e, PyObject *args) {
+    int id;
+    PyObject *how;
+    if (!PyArg_ParseTuple(args, "iU", &id, &how))
+        return NULL;
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    abort_all(e, fe, how);
+    reap(e);
+    Py_RETURN_NONE;
+}
+
+/* Run one batch of events; True if work was cut short (call again soon). */
+static PyObject *Engine_poll(Engine *e, PyObject *Py_UNUSED(ignored)) {
+    struct epoll_event evs[EVENTS];
+    if (e->ep < 0)
+        Py_RETURN_FALSE;
+    run_again(e);
+    e->batch++;
+    int n = epoll_wait(e->ep, evs, EVENTS, 0);
+    for (int i = 0; i < n; i++) {
+        int kind = *(int *)evs[i].data.ptr;
+        if (kind == K_LEG) {
+            Leg *l = evs[i].data.ptr;
+            if (l->born != e->batch)
+                on_leg(e, l, evs[i].events);
+        } else if (kind == K_LISTENER) {
+            on_accept(e, evs[i].data.ptr);
+        } else {
+            on_timer(e);
+        }
+    }
+    reap(e);
+    if (PyErr_Occurred())
+        PyErr_Clear();
+    return PyBool_FromLong(e->nagain > 0);
+}
+
+/* Idle timeouts and subflow sampling: the runtime calls this every `interval` s. */
+static PyObject *Engine_sweep(Engine *e, PyObject *args) {
+    int id;
+    double interval;
+    if (!PyArg_ParseTuple(args, "id", &id, &interval))
+        return NULL;
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    {
+        Conn *c = fe->head.next;
+        while (c != &fe->head) {
+            Conn *next = c->next;
+            int connected = c->s.fd >= 0 && !c->s.connecting;
+            if (c->active) {
+                c->active = 0;
+                c->idle = 0;
+                if (e->observing && connected) {
+                    if (c->c_req && c->c.fd >= 0 && !c->c_state) {
+                        long n = subflows(c->c.fd);
+                        if (n > c->c_sub)
+                            c->c_sub = n;
+                    }
+                    if (c->s_observe && !c->s_state) {
+                        long n = subflows(c->s.fd);
+                        if (n > c->s_sub)
+                            c->s_sub = n;
+                    }
+                }
+            } else {
+                c->idle += interval;
+                if (c->hdr && fe->client_timeout >= 0 && c->idle >= fe->client_timeout)
+                    abort_conn(e, c, s_no_header);
+                else if (fe->idle_limit >= 0 && c->idle >= fe->idle_limit && connected)
+                    end(e, c, fe->idle_how);
+            }
+            c = next;
+        }
+    }
+    reap(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_fileno(Engine *e, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(e->ep);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"frontend", (PyCFunction)(void (*)(void))Engine_frontend, METH_VARARGS | METH_KEYWORDS,
+     "Register a frontend; returns its id."},
+    {"listen", (PyCFunction)Engine_listen, METH_VARARGS, "listen(id, fd, mptcp): accept on fd."},
+    {"close_frontend", (PyCFunction)Engine_close_frontend, METH_VARARGS,
+     "close_frontend(id): stop accepting; connections go on."},
+    {"pause", (PyCFunction)Engine_pause, METH_VARARGS, "pause(id, paused): hold accepts."},
+    {"count", (PyCFunction)Engine_count, METH_VARARGS, "count(id): live connections."},
+    {"abort_all", (PyCFunction)Engine_abort_all, METH_VARARGS,
+     "abort_all(id, how): reset every connection of a frontend."},
+    {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Run ready events; True: call again."},
+    {"sweep", (PyCFunction)Engine_sweep, METH_VARARGS,
+     "sweep(id, interval): idle timeouts and subflow sampling of one frontend."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS,
+     "Reset every connection and close; the engine is unusable after."},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to wait on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mptcpkit.proxy._engine.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The proxy's compiled data path for one worker.",
+    .tp_new = Engine_new,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_engine", "The proxy's compiled data path.", -1, NULL,
+};
+
+#define INTERN(var, text)                                   \
+    if (!((var) = PyUnicode_InternFromString(text))) return NULL
+
+PyMODINIT_FUNC PyInit__engine(void) {
+    INTERN(s_pick, "pick");
+    INTERN(s_failed, "failed");
+    INTERN(s_header, "header");
+    INTERN(s_parse, "parse");
+    INTERN(s_leg_state, "leg_state");
+    INTERN(s_done, "done");
+    INTERN(s_accept_failed, "accept_failed");
+    INTERN(s_both_closed, "both closed");
+    INTERN(s_internal, "internal error");
+    INTERN(s_no_header, "client timeout (no PROXY header)");
+    INTERN(s_closed_before_header, "client closed before its PROXY header");
+    INTERN(s_tcp, "TCP");
+    INTERN(s_mptcp, "MPTCP");
+    INTERN(s_question, "?");
+    INTERN(s_dash, "-");
+    PyObject *errno_mod = PyImport_ImportModule("errno");
+    if (!errno_mod)
+        return NULL;
+    s_errorcode = PyObject_GetAttrString(errno_mod, "errorcode");
+    Py_DECREF(errno_mod);
+    if (!s_errorcode)
+        return NULL;
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "BURST", BURST);
+    PyModule_AddIntConstant(m, "ACCEPT_BATCH", ACCEPT_BATCH);
+    return m;
+}

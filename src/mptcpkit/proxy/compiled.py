@@ -1,0 +1,165 @@
+"""The compiled data path: `_engine` (C) relays, Python decides.
+
+`_engine.c` runs accept -> connect -> relay -> close for every connection of a
+worker, with the rules of relay.py. What is not about moving bytes stays here, so
+there is one place for it: the balancer picks servers, a failed connect is counted
+and logged by the backend, PROXY headers are built and parsed by proxyproto, a leg's
+MPTCP state comes from `mptcpkit.status`, and records go to the log and metrics.
+
+The engine is a C extension built when the package is installed. Without it, or with
+`MPTCPKIT_PROXY_ENGINE=python`, workers relay in pure Python (relay.py): same
+behaviour, about a fifth fewer connections per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from mptcpkit.proxy import proxyproto
+from mptcpkit.proxy.config import ConfigError
+from mptcpkit.proxy.frontend import FrontendRuntime, idle_rule
+from mptcpkit.proxy.relay import leg_state, read_proxy_header
+
+if TYPE_CHECKING:
+    from mptcpkit.proxy.balance import ServerState
+    from mptcpkit.proxy.config import Frontend
+    from mptcpkit.proxy.runtime import BackendRuntime, Runtime
+
+try:
+    from mptcpkit.proxy import _engine  # type: ignore[attr-defined]
+except ImportError:  # not built: no compiler when installed, or a source checkout
+    _engine = None
+
+__all__ = ["ENGINE_ENV", "CompiledFrontend", "close_engine", "data_path", "open_engine"]
+
+ENGINE_ENV = "MPTCPKIT_PROXY_ENGINE"  # auto (default); python; c: the engine or an error
+
+
+def data_path() -> str:
+    """How workers relay here: "compiled" (the engine) or "python"."""
+    choice = os.environ.get(ENGINE_ENV, "auto")
+    if choice not in ("auto", "c", "python"):
+        raise ConfigError(ENGINE_ENV, "", f"{choice!r} is not auto, c or python")
+    if choice == "c" and _engine is None:
+        raise ConfigError(
+            ENGINE_ENV,
+            "",
+            "c, but mptcpkit.proxy._engine is not built"
+            " (reinstall with a C compiler and the Python headers)",
+        )
+    return "compiled" if choice != "python" and _engine is not None else "python"
+
+
+def open_engine(loop: asyncio.AbstractEventLoop, read_size: int, observing: bool) -> Any:
+    """A worker's engine, polled from `loop`; None when workers relay in Python."""
+    if _engine is None or data_path() == "python":
+        return None
+    engine = _engine.Engine(read_size, observing)
+
+    def poll() -> None:
+        if engine.poll():  # work was cut short to let other sockets in: go on soon
+            loop.call_soon(poll)
+
+    loop.add_reader(engine.fileno(), poll)
+    return engine
+
+
+def close_engine(loop: asyncio.AbstractEventLoop, engine: Any) -> None:
+    """Take the engine out of the loop, then reset what is left and close it."""
+    loop.remove_reader(engine.fileno())
+    engine.close()
+
+
+class CompiledFrontend(FrontendRuntime):
+    """A frontend whose connections live in the worker's engine.
+
+    The engine calls the methods below; each is one decision, made the way the
+    Python relay makes it.
+    """
+
+    def __init__(
+        self,
+        cfg: Frontend,
+        listeners: Sequence[socket.socket],
+        backend: BackendRuntime,
+        rt: Runtime,
+    ) -> None:
+        super().__init__(cfg, listeners, backend, rt)
+        self.engine = rt.engine
+        t = cfg.timeouts
+        limit, how = idle_rule(cfg)
+        self.id: int = self.engine.frontend(
+            self,
+            maxconn=cfg.maxconn,
+            accept_proxy=cfg.accept_proxy,
+            needs_caddr=backend.needs_client_addr,
+            connect_timeout=t.connect,
+            client_timeout=-1.0 if t.client is None else t.client,
+            idle_limit=-1.0 if limit is None else limit,
+            idle_how=how,
+        )
+
+    # --- what the runtime uses --------------------------------------------------------
+
+    def _listen(self, ls: socket.socket, mptcp: bool) -> None:
+        self.engine.listen(self.id, ls.fileno(), mptcp)
+
+    def close_listeners(self) -> None:
+        if not self.closed:
+            self.engine.close_frontend(self.id)
+        super().close_listeners()
+
+    def _unlisten(self, ls: socket.socket) -> None:
+        pass  # the engine let go of all of them at once
+
+    def count(self) -> int:
+        return int(self.engine.count(self.id))
+
+    def abort_all(self, how: str) -> None:
+        self.engine.abort_all(self.id, how)
+
+    def sweep(self, interval: float) -> None:
+        self.engine.sweep(self.id, interval)
+
+    def _pause(self, paused: bool) -> None:
+        if paused != self.paused and not self.closed:
+            self.paused = paused
+            self.engine.pause(self.id, paused)
+
+    # --- what the engine asks ---------------------------------------------------------
+
+    def pick(self, caddr: Any, tried: list[ServerState] | None) -> Any:
+        """The next server's wire tuple (see `BackendRuntime._wire`), or why there is none."""
+        state = self.backend.next_server(caddr, tried)
+        return state if isinstance(state, str) else self.backend.wire[state]
+
+    def failed(self, state: ServerState, err: int, tried: list[ServerState]) -> str | None:
+        """A connect failed (err 0: it timed out); None to try another server."""
+        exc: BaseException = TimeoutError() if err == 0 else OSError(err, os.strerror(err))
+        return self.backend.attempt_failed(state, exc, tried)
+
+    def header(self, state: ServerState, caddr: Any, local: Any) -> bytes:
+        return proxyproto.build(state.server.send_proxy, caddr, local)
+
+    def parse(self, hdr: bytearray) -> tuple[Any, int] | str | None:
+        return read_proxy_header(hdr)
+
+    def leg_state(self, fd: int) -> str | None:
+        return leg_state(fd)
+
+    def done(self, state: ServerState | None, rec: tuple[Any, ...] | None) -> None:
+        """A connection ended; `rec` (client, start, client state, client subflows, server
+        state, server subflows, bytes in, bytes out, how) when someone reads records."""
+        if state is not None:
+            state.active -= 1
+        if rec is not None:
+            client, start, c_state, c_sub, s_state, s_sub, b_in, b_out, how = rec
+            self.rt.record(
+                self, state, client, start, (c_state, c_sub), (s_state, s_sub), (b_in, b_out), how
+            )
+        if self.rt.stopping:
+            self.rt.conn_ended()

@@ -1,0 +1,204 @@
+"""A frontend in a worker: its listening sockets, live connections and maxconn gate.
+
+`FrontendRuntime` relays in Python (`relay.Conn` on the worker's `Poller`); the
+compiled data path (`compiled.CompiledFrontend`) keeps this interface and moves the
+per-connection work to C. The runtime only uses what both provide: start, count,
+sweep, abort_all, close_listeners.
+"""
+
+from __future__ import annotations
+
+import _socket
+import functools
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import mptcpkit
+from mptcpkit.policy import Policy
+from mptcpkit.proxy.relay import Conn, reason_of, subflows
+from mptcpkit.status import protocol as socket_protocol
+
+if TYPE_CHECKING:
+    from mptcpkit.proxy.config import Frontend
+    from mptcpkit.proxy.runtime import BackendRuntime, Runtime
+
+__all__ = ["ACCEPT_BATCH", "ACCEPT_RETRY", "FrontendRuntime", "idle_rule"]
+
+ACCEPT_BATCH = 64  # connections accepted per wakeup before others get a turn
+ACCEPT_RETRY = 1.0  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+_STREAM = int(socket.SOCK_STREAM)
+
+
+def idle_rule(cfg: Frontend) -> tuple[float | None, str]:
+    """The idle limit of a relayed connection (the smaller of the client and server
+    timeouts) and how a connection cut by it ended."""
+    t = cfg.timeouts
+    limits = [x for x in (t.client, t.server) if x is not None]
+    if not limits:
+        return None, ""
+    limit = min(limits)
+    who = "client" if limit == t.client else "server"
+    return limit, f"{who} timeout ({limit:g}s idle)"
+
+
+class FrontendRuntime:
+    """A frontend whose connections are relayed in Python."""
+
+    def __init__(
+        self,
+        cfg: Frontend,
+        listeners: Sequence[socket.socket],
+        backend: BackendRuntime,
+        rt: Runtime,
+    ) -> None:
+        self.cfg = cfg
+        self.rt = rt
+        self.loop = rt.loop
+        self.backend = backend
+        self.listeners = list(listeners)
+        self.conns: set[Conn] = set()
+        self.closed = False
+        self.paused = False
+
+    async def start(self) -> None:
+        for ls in self.listeners:
+            ls.setblocking(False)
+            tcp = ls.family != socket.AF_UNIX
+            if tcp:  # accepted sockets inherit it (MPTCP ones too): no setsockopt per client
+                ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            mptcp = tcp and socket_protocol(ls) == mptcpkit.IPPROTO_MPTCP
+            self._listen(ls, mptcp)
+
+    def _listen(self, ls: socket.socket, mptcp: bool) -> None:
+        # family and proto as plain ints: socket.family converts to an enum each call
+        accept = functools.partial(self._accept, ls, int(ls.family), ls.proto, mptcp)
+        self.rt.poller.listen(ls.fileno(), accept)
+
+    def close_listeners(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for ls in self.listeners:
+            self._unlisten(ls)
+            ls.close()
+
+    def _unlisten(self, ls: socket.socket) -> None:
+        self.rt.poller.unlisten(ls.fileno())
+
+    def count(self) -> int:
+        """Live connections."""
+        return len(self.conns)
+
+    def abort_all(self, how: str) -> None:
+        for c in list(self.conns):
+            c.abort(how)
+
+    def _accept(self, ls: socket.socket, family: int, proto: int, mptcp: bool) -> None:
+        """Take waiting connections, up to maxconn; each connects to a server at once."""
+        conns = self.conns
+        maxconn = self.cfg.maxconn
+        poller = self.rt.poller
+        for _ in range(ACCEPT_BATCH):
+            if len(conns) >= maxconn:
+                self._pause(True)
+                return
+            try:
+                fd, addr = ls._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                self.accept_failed(exc.errno or 0)
+                return
+            sock = _socket.socket(family, _STREAM, proto, fd)  # blocking: see relay._DONTWAIT
+            conn = Conn(self, sock, addr, mptcp)
+            conns.add(conn)
+            # Server leg first: on loopback its connect is usually done by now, and epoll
+            # then reports it before the client's first bytes, which can go straight on.
+            conn.begin()
+            if not conn.done:
+                poller.watch(fd, conn.c)
+
+    def accept_failed(self, err: int) -> None:
+        """accept() failed for want of fds or memory: stop accepting for a while."""
+        self.rt.log.event(
+            f"frontend {self.cfg.name}: accept failed ({reason_of(OSError(err, ''))}),"
+            f" retrying in {ACCEPT_RETRY:g}s"
+        )
+        self._pause(True)
+        self.loop.call_later(ACCEPT_RETRY, self._pause, False)
+
+    def _pause(self, paused: bool) -> None:
+        if paused == self.paused or self.closed:
+            return
+        self.paused = paused
+        for ls in self.listeners:
+            self.rt.poller.pause_listening(ls.fileno(), paused)
+
+    def local_of(self, conn: Conn) -> Any:
+        sock = conn.c.sock
+        return sock.getsockname() if sock is not None else None
+
+    def finished(self, conn: Conn) -> None:
+        if conn.done:
+            return
+        conn.done = True
+        self.conns.discard(conn)
+        if conn.server is not None:
+            conn.server.active -= 1
+        if self.rt.observing:
+            self.rt.record(
+                self,
+                conn.server,
+                conn.caddr,
+                conn.start,
+                (conn.c_state or ("?" if conn.c_req else "TCP"), conn.c_sub),
+                (conn.s_state or ("-" if conn.server is None else "?"), conn.s_sub),
+                (conn.bytes_in, conn.bytes_out),
+                conn.how or "closed",
+            )
+        # Break the Conn <-> Leg cycles: plain refcounting frees them now, no cyclic GC
+        # pass (and its pauses) per connection.
+        conn.c.conn = None
+        if conn.s is not None:
+            conn.s.conn = None
+        if self.paused and len(self.conns) < self.cfg.maxconn:
+            self._pause(False)
+        self.rt.conn_ended()
+
+    def sweep(self, interval: float) -> None:
+        """Idle timeouts; subflow sampling of active MPTCP legs (when observed)."""
+        t = self.cfg.timeouts
+        limit, how = idle_rule(self.cfg)
+        for conn in list(self.conns):
+            if conn.active:
+                conn.active = False
+                conn.idle = 0.0
+                if self.rt.observing and conn.connected_server:
+                    _sample_subflows(conn)
+                continue
+            conn.idle += interval
+            if conn.hdr is not None and t.client is not None and conn.idle >= t.client:
+                conn.abort("client timeout (no PROXY header)")
+            elif limit is not None and conn.idle >= limit and conn.connected_server:
+                conn.end(how)
+
+
+def _sample_subflows(conn: Conn) -> None:
+    """Most subflows seen: sampled by the sweep on active legs where MPTCP was asked
+    for, not per read; and only when a log or metrics will show it."""
+    if conn.c_req and conn.c.sock is not None and conn.c_state is None:
+        n = subflows(conn.c.sock)
+        if n > conn.c_sub:
+            conn.c_sub = n
+    s, server = conn.s, conn.server
+    if (
+        s is not None
+        and s.sock is not None
+        and conn.s_state is None
+        and server is not None
+        and server.server.policy is not Policy.OFF
+    ):
+        n = subflows(s.sock)
+        if n > conn.s_sub:
+            conn.s_sub = n
