@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine: real peers from apt
 # (HAProxy, socat, curl, busybox-static, mptcpize, iproute2, and Go to build a static
-# Go peer) and the package with its test extras from PyPI. Idempotent: skips apt when
-# everything is already there.
+# Go peer, gcc for the proxy's compiled data path, which the tests run too) and the
+# package with its test extras from PyPI, editable (the C extension is built in place).
+# Idempotent: skips apt when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-apt_pkgs=(iproute2 haproxy socat curl busybox-static mptcpize iperf3 procps golang-go file)
+apt_pkgs=(iproute2 haproxy socat curl busybox-static mptcpize iperf3 procps golang-go file gcc)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import socket
 import struct
 
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 import captured
 from mptcpkit.abi.md5sig import TCP_MD5SIG_SIZE, encode_tcp_md5sig
 from mptcpkit.abi.mptcp_info import MPTCP_INFO_MIN_SIZE, decode_mptcp_info
-from mptcpkit.abi.sockaddr import decode_sockaddr, encode_sockaddr
+from mptcpkit.abi.sockaddr import decode_sockaddr, encode_address, encode_sockaddr
 from mptcpkit.abi.subflow import (
     SUBFLOW_INFO_SIZE,
     decode_full_info,
@@ -132,3 +134,25 @@ def test_split_elements_never_overreads(data: bytes) -> None:
 @given(st.ip_addresses(), st.integers(0, 65535))
 def test_sockaddr_round_trip(ip: object, port: int) -> None:
     assert decode_sockaddr(encode_sockaddr(str(ip), port)) == (str(ip), port)
+
+
+@given(st.ip_addresses(), st.integers(0, 65535))
+def test_connect_address_round_trip(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+) -> None:
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    raw = encode_address(family, (str(ip), port))
+    assert len(raw) == (16 if ip.version == 4 else 28)  # sizeof sockaddr_in / sockaddr_in6
+    assert decode_sockaddr(raw) == (str(ip), port)
+
+
+def test_connect_address_scope_and_unix_paths() -> None:
+    raw = encode_address(socket.AF_INET6, ("fe80::1", 80, 0, 7))
+    assert struct.unpack_from("=I", raw, 24) == (7,)  # scope id in host order
+    family = struct.pack("=H", socket.AF_UNIX)
+    assert encode_address(socket.AF_UNIX, "/tmp/s") == family + b"/tmp/s\0"
+    assert encode_address(socket.AF_UNIX, "\0abstract") == family + b"\0abstract"
+    with pytest.raises(ValueError, match="longer than 108 bytes"):
+        encode_address(socket.AF_UNIX, "/" + "x" * 200)
+    with pytest.raises(ValueError, match="not AF_INET, AF_INET6 or AF_UNIX"):
+        encode_address(socket.AF_PACKET, ("eth0", 0))

@@ -171,6 +171,17 @@ def test_fallback_reported(tmp_path: Path) -> None:
         assert "client=TCP" in line and "server=fallback" in line, line
 
 
+def test_ipv6_mptcp_server(tmp_path: Path) -> None:
+    with (
+        Server(hash_reply, mptcp=True, family=socket.AF_INET6) as srv,
+        run_proxy(tmp_path, _conf("mptcp@127.0.0.1:0", {"s1": f'"mptcp@[::1]:{srv.port}"'})) as px,
+    ):
+        _roundtrip(px.port("fe"), mptcp=True, size=1000).close()
+        line = wait_for(lambda: px.conn_lines(), what="log line")[0]
+        assert "client=MPTCP" in line and "server=MPTCP" in line, line
+        assert "in=1000 " in line and "ended='both closed'" in line, line
+
+
 def test_half_close_server_first(tmp_path: Path) -> None:
     """The server sends and shuts down first; the client keeps sending afterwards."""
     got: list[bytes] = []
