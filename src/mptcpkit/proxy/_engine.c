@@ -37,7 +37,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define BURST 16          /* reads per leg per event before other sockets get a turn */
+#ifndef BURST
+#define BURST 16 /* reads per leg per event before other sockets get a turn */
+#endif
 #define EVENTS 512        /* epoll events per poll() */
 #define ACCEPT_BATCH 64   /* connections accepted per listener wakeup */
 #define MAX_FRONTENDS 256
@@ -51,6 +53,7 @@
 #define SUBFLOWS_TOTAL 80 /* offsetof(struct mptcp_info, mptcpi_subflows_total), 6.8+ */
 
 #define WATCH (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+#define WATCH_IN (EPOLLIN | EPOLLRDHUP | EPOLLET)
 #define READABLE (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)
 #define HANGUPS (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
 
@@ -64,7 +67,7 @@ typedef struct {
     int kind;             /* K_LEG: first, so an epoll pointer says what it points to */
     int fd;               /* -1: no socket (not connected yet, or closed) */
     uint64_t born;        /* poll() batch it was registered in: older events are stale */
-    unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1;
+    unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1, out : 1;
     char *pend;           /* bytes owed to this leg (one read at most), or NULL */
     size_t pend_off, pend_len;
     Conn *conn;
@@ -127,6 +130,8 @@ struct Engine {
     size_t nagain, capagain;
     Conn *to_free;
     int timer_kind;       /* K_TIMER: epoll pointer of the timerfd */
+    PyObject *call_soon;  /* the loop's call_soon, and our poll, for work cut short */
+    PyObject *poll;
 };
 
 /* ---- module state: interned names and fixed reasons ------------------------------ */
@@ -300,6 +305,16 @@ static void later(Engine *e, Conn *c, Leg *src) {
 
 static void sample(Engine *e, Conn *c);
 
+/* Client legs are watched for EPOLLOUT only once they are owed bytes: a new socket is
+ * writable at once, and that event would wake the worker for nothing. */
+static void want_out(Engine *e, Leg *leg) {
+    if (leg->out)
+        return;
+    struct epoll_event ev = {.events = WATCH, .data.ptr = leg};
+    if (epoll_ctl(e->ep, EPOLL_CTL_MOD, leg->fd, &ev) == 0)
+        leg->out = 1;
+}
+
 static void shut(Engine *e, Conn *c, Leg *leg) {
     Leg *other = leg->client ? &c->s : &c->c;
     if (other->shut) {
@@ -375,6 +390,7 @@ static void pump(Engine *e, Conn *c, Leg *src) {
                 fail(e, c, dst, ENOMEM);
                 return;
             }
+            want_out(e, dst);
             src->waiting = 1;
             return;
         }
@@ -417,9 +433,10 @@ static int check_error(Engine *e, Conn *c, Leg *leg) {
 
 /* ---- the server leg ----------------------------------------------------------------- */
 
-static int watch(Engine *e, Leg *leg) {
-    struct epoll_event ev = {.events = WATCH, .data.ptr = leg};
+static int watch(Engine *e, Leg *leg, uint32_t events) {
+    struct epoll_event ev = {.events = events, .data.ptr = leg};
     leg->born = e->batch;
+    leg->out = (events & EPOLLOUT) != 0;
     return epoll_ctl(e->ep, EPOLL_CTL_ADD, leg->fd, &ev);
 }
 
@@ -595,7 +612,7 @@ static void do_connect(Engine *e, Conn *c) {
     Leg *s = &c->s;
     s->fd = fd;
     s->hup = 0;
-    if (watch(e, s) < 0) {
+    if (watch(e, s, WATCH) < 0) {
         int werr = errno;
         close(fd);
         s->fd = -1;
@@ -899,7 +916,7 @@ static void on_accept(Engine *e, Listener *l) {
              * epoll then reports it before the client's bytes, which go straight on. */
             do_connect(e, c);
         }
-        if (!c->done && watch(e, &c->c) < 0)
+        if (!c->done && watch(e, &c->c, WATCH_IN) < 0)
             fail(e, c, &c->c, errno);
     }
 }
@@ -971,10 +988,11 @@ static void run_again(Engine *e) {
 /* ---- the Python type ---------------------------------------------------------------- */
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"read_size", "observing", NULL};
+    static char *kwlist[] = {"read_size", "observing", "call_soon", NULL};
     Py_ssize_t size;
     int observing;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "np", kwlist, &size, &observing))
+    PyObject *call_soon;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "npO", kwlist, &size, &observing, &call_soon))
         return NULL;
     if (size < 1024) {
         PyErr_SetString(PyExc_ValueError, "read_size must be at least 1024");
@@ -1000,8 +1018,15 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     }
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &e->timer_kind};
     if (epoll_ctl(e->ep, EPOLL_CTL_ADD, e->tfd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(e);
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    e->call_soon = Py_NewRef(call_soon);
+    e->poll = PyObject_GetAttrString((PyObject *)e, "poll"); /* a cycle until close() */
+    if (!e->poll) {
+        Py_DECREF(e);
+        return NULL;
     }
     return (PyObject *)e;
 }
@@ -1038,6 +1063,8 @@ static void shutdown_engine(Engine *e) {
     if (e->tfd >= 0)
         close(e->tfd);
     e->ep = e->tfd = -1;
+    Py_CLEAR(e->call_soon);
+    Py_CLEAR(e->poll);
 }
 
 static void Engine_dealloc(Engine *e) {
@@ -1178,7 +1205,7 @@ static PyObject *Engine_abort_all(Engine *e, PyObject *args) {
 static PyObject *Engine_poll(Engine *e, PyObject *Py_UNUSED(ignored)) {
     struct epoll_event evs[EVENTS];
     if (e->ep < 0)
-        Py_RETURN_FALSE;
+        Py_RETURN_NONE;
     run_again(e);
     e->batch++;
     int n = epoll_wait(e->ep, evs, EVENTS, 0);
@@ -1197,7 +1224,13 @@ static PyObject *Engine_poll(Engine *e, PyObject *Py_UNUSED(ignored)) {
     reap(e);
     if (PyErr_Occurred())
         PyErr_Clear();
-    return PyBool_FromLong(e->nagain > 0);
+    if (e->nagain && e->call_soon) { /* work was cut short to let others in: go on soon */
+        PyObject *r = PyObject_CallOneArg(e->call_soon, e->poll);
+        if (!r)
+            report("call_soon() failed");
+        Py_XDECREF(r);
+    }
+    Py_RETURN_NONE;
 }
 
 /* Idle timeouts and subflow sampling: the runtime calls this every `interval` s. */
@@ -1257,7 +1290,7 @@ static PyMethodDef Engine_methods[] = {
     {"count", (PyCFunction)Engine_count, METH_VARARGS, "count(id): live connections."},
     {"abort_all", (PyCFunction)Engine_abort_all, METH_VARARGS,
      "abort_all(id, how): reset every connection of a frontend."},
-    {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Run ready events; True: call again."},
+    {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Run the ready events."},
     {"sweep", (PyCFunction)Engine_sweep, METH_VARARGS,
      "sweep(id, interval): idle timeouts and subflow sampling of one frontend."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS,

@@ -58,13 +58,8 @@ def open_engine(loop: asyncio.AbstractEventLoop, read_size: int, observing: bool
     """A worker's engine, polled from `loop`; None when workers relay in Python."""
     if _engine is None or data_path() == "python":
         return None
-    engine = _engine.Engine(read_size, observing)
-
-    def poll() -> None:
-        if engine.poll():  # work was cut short to let other sockets in: go on soon
-            loop.call_soon(poll)
-
-    loop.add_reader(engine.fileno(), poll)
+    engine = _engine.Engine(read_size, observing, loop.call_soon)
+    loop.add_reader(engine.fileno(), engine.poll)
     return engine
 
 
