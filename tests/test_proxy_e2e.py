@@ -434,6 +434,39 @@ def test_thousand_concurrent(tmp_path: Path) -> None:
     loop.close()
 
 
+def test_out_of_fds_pauses_accepting_then_recovers(tmp_path: Path) -> None:
+    """A worker that runs out of file descriptors says so, stops accepting for a while,
+    and serves again once connections close."""
+    with _echo_behind_proxy(tmp_path, glob='workers = 1\nmetrics = ""') as (_, px):
+        port = px.port("fe")
+        _echo_through(port)
+        (worker,) = px.workers()
+        top = max(int(fd) for fd in os.listdir(f"/proc/{worker}/fd"))
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, (top + 5, top + 5))
+        held = []
+        try:
+            for _ in range(40):
+                c = connect(port, mptcp=True)
+                c.sendall(b"x")
+                held.append(c)
+                if "accept failed (EMFILE), retrying in 1s" in px.log():
+                    break
+                time.sleep(0.05)
+            assert "accept failed (EMFILE), retrying in 1s" in px.log(), px.log()
+        finally:
+            for c in held:
+                c.close()
+        wait_for(lambda: _echoes(port), timeout=20, what="the worker to accept again")
+
+
+def _echoes(port: int) -> bool:
+    try:
+        _echo_through(port)
+    except (OSError, AssertionError):
+        return False
+    return True
+
+
 def test_proxy_v2_header_and_accept_proxy(tmp_path: Path) -> None:
     headers: list[proxyproto.ProxyHeader] = []
 
