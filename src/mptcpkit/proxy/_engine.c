@@ -228,9 +228,7 @@ static PyObject *client_addr(Conn *c) {
 static void arm(Engine *e, double deadline) {
     if (e->armed && e->armed <= deadline)
         return;
-    struct itimerspec its = {0};
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
+    struct itimerspec its = {0}; /* an absolute CLOCK_MONOTONIC time, as monotonic() */
     double d = deadline > 0 ? deadline : 0;
     its.it_value.tv_sec = (time_t)d;
     its.it_value.tv_nsec = (long)((d - (double)(time_t)d) * 1e9);
