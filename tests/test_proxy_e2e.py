@@ -434,6 +434,39 @@ def test_thousand_concurrent(tmp_path: Path) -> None:
     loop.close()
 
 
+def _free_port_range(n: int) -> int:
+    """The first of `n` consecutive ports free on 127.0.0.1 (below the ephemeral range)."""
+    for base in range(20000 + os.getpid() % 97 * 100, 32000, 137):
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError(f"no {n} consecutive free ports")
+
+
+def test_port_range_bind(tmp_path: Path) -> None:
+    """A frontend bound to a port range (100 listeners) serves on each of its ports."""
+    base = _free_port_range(100)
+    with (
+        Server(echo) as srv,
+        run_proxy(
+            tmp_path,
+            _conf(f"mptcp@127.0.0.1:{base}-{base + 99}", {"s": f'"tcp@127.0.0.1:{srv.port}"'}),
+        ) as px,
+    ):
+        assert len(px.ports("fe")) == 100, px.log()
+        for port in (base, base + 57, base + 99):
+            _echo_through(port)
+
+
 def test_out_of_fds_pauses_accepting_then_recovers(tmp_path: Path) -> None:
     """A worker that runs out of file descriptors says so, stops accepting for a while,
     and serves again once connections close."""

@@ -42,8 +42,6 @@
 #endif
 #define EVENTS 512        /* epoll events per poll() */
 #define ACCEPT_BATCH 64   /* connections accepted per listener wakeup */
-#define MAX_FRONTENDS 256
-#define MAX_LISTENERS 64  /* per frontend */
 #ifndef IPPROTO_MPTCP
 #define IPPROTO_MPTCP 262
 #endif
@@ -105,13 +103,12 @@ struct Conn {
 
 struct Frontend {
     PyObject *key;        /* the Python frontend: callbacks go to its methods */
-    Engine *eng;
     int id, accept_proxy, needs_caddr, paused, closed;
     long maxconn, count;
     double connect_timeout, client_timeout, idle_limit; /* < 0: none */
     PyObject *idle_how;   /* "client timeout (5s idle)" or the server's */
-    Listener *listeners[MAX_LISTENERS];
-    int nlisteners;
+    Listener **listeners; /* a port range binds many */
+    int nlisteners, caplisteners;
     Conn head;            /* sentinel of the live list */
     Conn *tq_head, *tq_tail;
 };
@@ -124,8 +121,8 @@ struct Engine {
     size_t size;
     uint64_t batch;
     double armed;         /* deadline the timerfd is set for, 0: disarmed */
-    Frontend *fes[MAX_FRONTENDS];
-    int nfes;
+    Frontend **fes;
+    int nfes, capfes;
     Leg **again;          /* legs with data left after a burst */
     size_t nagain, capagain;
     Conn *to_free;
@@ -182,6 +179,7 @@ static void flush(Engine *e, Conn *c, Leg *dst);
 static void do_connect(Engine *e, Conn *c);
 static void close_conn(Engine *e, Conn *c, PyObject *how, int abort);
 static void fail(Engine *e, Conn *c, Leg *leg, int err);
+static void pause_frontend(Engine *e, Frontend *fe, int paused);
 
 static void end(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 0); }
 static void abort_conn(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 1); }
@@ -781,13 +779,8 @@ static void finished(Engine *e, Conn *c) {
     if (!r)
         report("done() raised");
     Py_XDECREF(r);
-    if (fe->paused && fe->count < fe->maxconn && !fe->closed) {
-        fe->paused = 0;
-        for (int i = 0; i < fe->nlisteners; i++) {
-            struct epoll_event ev = {.events = EPOLLIN, .data.ptr = fe->listeners[i]};
-            epoll_ctl(e->ep, EPOLL_CTL_MOD, fe->listeners[i]->fd, &ev);
-        }
-    }
+    if (fe->paused && fe->count < fe->maxconn)
+        pause_frontend(e, fe, 0);
     c->free_next = e->to_free;
     e->to_free = c;
 }
@@ -1043,6 +1036,7 @@ static void shutdown_engine(Engine *e) {
         abort_all(e, fe, s_internal);
         for (int j = 0; j < fe->nlisteners; j++)
             PyMem_RawFree(fe->listeners[j]);
+        PyMem_RawFree(fe->listeners);
         Py_XDECREF(fe->key);
         Py_XDECREF(fe->idle_how);
         PyMem_RawFree(fe);
@@ -1070,6 +1064,7 @@ static void Engine_dealloc(Engine *e) {
     PyErr_Clear();
     PyMem_RawFree(e->buf);
     PyMem_RawFree(e->again);
+    PyMem_RawFree(e->fes);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -1099,16 +1094,19 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU", kwlist, &key, &maxconn,
                                      &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how))
         return NULL;
-    if (e->nfes >= MAX_FRONTENDS) {
-        PyErr_SetString(PyExc_ValueError, "too many frontends");
-        return NULL;
+    if (e->nfes == e->capfes) {
+        int cap = e->capfes ? e->capfes * 2 : 4;
+        Frontend **a = PyMem_RawRealloc(e->fes, (size_t)cap * sizeof *a);
+        if (!a)
+            return PyErr_NoMemory();
+        e->fes = a;
+        e->capfes = cap;
     }
     Frontend *fe = PyMem_RawCalloc(1, sizeof *fe);
     if (!fe)
         return PyErr_NoMemory();
     fe->key = Py_NewRef(key);
     fe->idle_how = Py_NewRef(idle_how);
-    fe->eng = e;
     fe->id = e->nfes;
     fe->maxconn = maxconn;
     fe->accept_proxy = accept_proxy;
@@ -1128,9 +1126,13 @@ static PyObject *Engine_listen(Engine *e, PyObject *args) {
     Frontend *fe = get_fe(e, id);
     if (!fe)
         return NULL;
-    if (fe->nlisteners >= MAX_LISTENERS) {
-        PyErr_SetString(PyExc_ValueError, "too many listeners for one frontend");
-        return NULL;
+    if (fe->nlisteners == fe->caplisteners) {
+        int cap = fe->caplisteners ? fe->caplisteners * 2 : 4;
+        Listener **a = PyMem_RawRealloc(fe->listeners, (size_t)cap * sizeof *a);
+        if (!a)
+            return PyErr_NoMemory();
+        fe->listeners = a;
+        fe->caplisteners = cap;
     }
     Listener *l = PyMem_RawCalloc(1, sizeof *l);
     if (!l)

@@ -1,7 +1,9 @@
 """One proxied connection: two non-blocking sockets joined back to back.
 
 A `Conn` owns the client leg and, once a server is picked, the server leg; the
-worker's `Poller` delivers each socket's epoll events to its `Leg`.
+worker's `Poller` delivers each socket's epoll events to its `Leg`. This is the
+pure-Python data path; `_engine.c` is the same state machine compiled, and a change
+to one is a change to both.
 
 - Bytes go through one worker-wide read buffer: `recv_into()` it, `send()` a view of
   it. Only what the other side could not take at once is copied (`Leg.pending`, at
