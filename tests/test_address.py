@@ -59,6 +59,7 @@ def test_unix_and_policy() -> None:
         ("[::1]x80", "'x80'"),
         ("bad host!:80", "'bad host!'"),
         ("unix@", "''"),
+        ("unix@/" + "x" * 107, "at most 107 bytes"),
         ("mptcp@", "''"),
     ],
 )

@@ -98,6 +98,14 @@ def _roundtrip(port: int, *, mptcp: bool, size: int = 5 << 20) -> socket.socket:
     return s
 
 
+def _echoed(port: int, data: bytes = b"a") -> socket.socket:
+    """An MPTCP client through the proxy whose first bytes came back: a live connection."""
+    s = connect(port, mptcp=True)
+    s.sendall(data)
+    assert s.recv(len(data)) == data
+    return s
+
+
 def _echo_through(port: int, data: bytes = b"ping") -> None:
     """One MPTCP client through the proxy to an echo server: send, FIN, read it all back."""
     s = connect(port, mptcp=True)
@@ -559,9 +567,7 @@ def test_sighup_reload_keeps_connection(tmp_path: Path) -> None:
         run_proxy(tmp_path, _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{one.port}"'})) as px,
     ):
         port = px.port("fe")
-        s = connect(port, mptcp=True)
-        s.sendall(b"before")
-        assert s.recv(6) == b"before"
+        s = _echoed(port, b"before")
         old_workers = px.workers()
         (tmp_path / "proxy.toml").write_text(
             _conf("mptcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{two.port}"'})
@@ -571,9 +577,7 @@ def test_sighup_reload_keeps_connection(tmp_path: Path) -> None:
         assert px.port("fe") == port  # the same listening socket went to the new worker
         s.sendall(b"after")
         assert s.recv(5) == b"after"  # the old connection lives on, on the old server
-        n = connect(port, mptcp=True)
-        n.sendall(b"new")
-        assert n.recv(3) == b"new"
+        n = _echoed(port, b"new")
         assert (one.accepted, two.accepted) == (1, 1)
         n.close()
         assert set(old_workers) & set(px.workers())  # the old worker is still draining
@@ -586,20 +590,17 @@ def test_sighup_reload_keeps_connection(tmp_path: Path) -> None:
         px.signal(signal.SIGHUP)
         wait_for(lambda: "reload failed" in px.log(), what="reload failure")
         assert "frontend.x.backend: no backend named 'nope'" in px.log()
-        n = connect(port, mptcp=True)
-        n.sendall(b"still")
-        assert n.recv(5) == b"still"
+        n = _echoed(port, b"still")
         n.close()
 
 
+_STOP_SOON = 'workers = 1\nmetrics = ""\nstop-timeout = "1500ms"'
+
+
 def test_sigterm_drains_then_cuts(tmp_path: Path) -> None:
-    with _echo_behind_proxy(
-        tmp_path, glob='workers = 1\nmetrics = ""\nstop-timeout = "1500ms"'
-    ) as (_, px):
+    with _echo_behind_proxy(tmp_path, glob=_STOP_SOON) as (_, px):
         port = px.port("fe")
-        s = connect(port, mptcp=True)
-        s.sendall(b"a")
-        assert s.recv(1) == b"a"
+        s = _echoed(port)
         px.signal(signal.SIGTERM)
         wait_for(lambda: "stopping" in px.log(), what="stopping")
         s.sendall(b"b")  # still served while draining
@@ -613,13 +614,9 @@ def test_sigterm_drains_then_cuts(tmp_path: Path) -> None:
 
 def test_sigterm_cuts_a_reload_drain_at_the_stop_deadline(tmp_path: Path) -> None:
     """A worker draining after a reload has no deadline; SIGTERM must give it one."""
-    with _echo_behind_proxy(
-        tmp_path, glob='workers = 1\nmetrics = ""\nstop-timeout = "1500ms"'
-    ) as (_, px):
+    with _echo_behind_proxy(tmp_path, glob=_STOP_SOON) as (_, px):
         port = px.port("fe")
-        s = connect(port, mptcp=True)
-        s.sendall(b"a")
-        assert s.recv(1) == b"a"
+        s = _echoed(port)
         px.signal(signal.SIGHUP)  # the old worker now drains `s` without a deadline
         wait_for(lambda: "reloaded" in px.log(), what="reload")
         px.signal(signal.SIGTERM)
@@ -724,9 +721,7 @@ def test_idle_timeout_closes(tmp_path: Path) -> None:
         _,
         px,
     ):
-        s = connect(px.port("fe"), mptcp=True)
-        s.sendall(b"x")
-        assert s.recv(1) == b"x"
+        s = _echoed(px.port("fe"), b"x")
         assert recv_all(s) == b""  # closed by the proxy after ~1-2s of silence
         s.close()
         line = wait_for(lambda: px.conn_lines(), what="log line")[0]
@@ -746,9 +741,7 @@ def test_drops_privileges_after_bind(tmp_path: Path) -> None:
         for pid in px.workers():
             wait_for(lambda pid=pid: uids(pid) == {"65534"}, what=f"worker {pid} to be nobody")
         assert uids(px.proc.pid) == {"0"}  # the master keeps root to bind on reload
-        s = connect(px.port("fe"), mptcp=True)
-        s.sendall(b"hi")
-        assert s.recv(2) == b"hi"
+        s = _echoed(px.port("fe"), b"hi")
         s.close()
 
 

@@ -12,6 +12,7 @@ Parsing is pure; `create_server()` and `create_connection()` act on the result.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -184,6 +185,9 @@ def _parse_host(text: str, part: str, family: int | None, bracketed: bool) -> tu
     return str(ip), ip_family
 
 
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes, with its terminating NUL
+
+
 def parse_address(text: str) -> Address:
     """Parse `[proto@]host[:port[-port]]`; ValueError quoting the bad part."""
     if not isinstance(text, str):
@@ -199,6 +203,8 @@ def parse_address(text: str) -> Address:
     if protocol == "unix":
         if not rest or "\0" in rest:
             raise _fail(text, rest, "a unix socket needs a path")
+        if len(os.fsencode(rest)) > _UNIX_PATH_MAX:
+            raise _fail(text, rest, f"a unix socket path is at most {_UNIX_PATH_MAX} bytes")
         return Address(prefix, "unix", socket.AF_UNIX, "", None, None, rest)
     bracketed = rest.startswith("[")
     if bracketed:

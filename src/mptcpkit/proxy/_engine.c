@@ -1348,7 +1348,5 @@ PyMODINIT_FUNC PyInit__engine(void) {
         Py_DECREF(m);
         return NULL;
     }
-    PyModule_AddIntConstant(m, "BURST", BURST);
-    PyModule_AddIntConstant(m, "ACCEPT_BATCH", ACCEPT_BATCH);
     return m;
 }

@@ -103,13 +103,8 @@ class CompiledFrontend(FrontendRuntime):
     def _listen(self, ls: socket.socket, mptcp: bool) -> None:
         self.engine.listen(self.id, ls.fileno(), mptcp)
 
-    def close_listeners(self) -> None:
-        if not self.closed:
-            self.engine.close_frontend(self.id)
-        super().close_listeners()
-
-    def _unlisten(self, ls: socket.socket) -> None:
-        pass  # the engine let go of all of them at once
+    def _stop_listening(self) -> None:
+        self.engine.close_frontend(self.id)
 
     def count(self) -> int:
         return int(self.engine.count(self.id))
@@ -120,10 +115,8 @@ class CompiledFrontend(FrontendRuntime):
     def sweep(self, interval: float) -> None:
         self.engine.sweep(self.id, interval)
 
-    def _pause(self, paused: bool) -> None:
-        if paused != self.paused and not self.closed:
-            self.paused = paused
-            self.engine.pause(self.id, paused)
+    def _hold(self, paused: bool) -> None:
+        self.engine.pause(self.id, paused)
 
     # --- what the engine asks ---------------------------------------------------------
 

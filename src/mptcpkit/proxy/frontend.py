@@ -79,12 +79,13 @@ class FrontendRuntime:
         if self.closed:
             return
         self.closed = True
+        self._stop_listening()
         for ls in self.listeners:
-            self._unlisten(ls)
             ls.close()
 
-    def _unlisten(self, ls: socket.socket) -> None:
-        self.rt.poller.unlisten(ls.fileno())
+    def _stop_listening(self) -> None:
+        for ls in self.listeners:
+            self.rt.poller.unlisten(ls.fileno())
 
     def count(self) -> int:
         """Live connections."""
@@ -132,6 +133,10 @@ class FrontendRuntime:
         if paused == self.paused or self.closed:
             return
         self.paused = paused
+        self._hold(paused)
+
+    def _hold(self, paused: bool) -> None:
+        """Leave new connections in the backlog, or take them again."""
         for ls in self.listeners:
             self.rt.poller.pause_listening(ls.fileno(), paused)
 

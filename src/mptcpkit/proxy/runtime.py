@@ -52,7 +52,11 @@ class BackendRuntime:
                 self.targets[s.name] = _resolve(s.address)
         self.needs_client_addr = cfg.balance == "source" or any(s.send_proxy for s in cfg.servers)
         # What the compiled engine needs to open a leg to each server, made once.
-        self.wire = {state: self._wire(state) for state in self.balancer.states}
+        self.wire = (
+            {state: self._wire(state) for state in self.balancer.states}
+            if rt.engine is not None
+            else {}
+        )
 
     def _wire(self, state: ServerState) -> tuple[ServerState, int, bytes, int, bool, int, bool]:
         """(state, family, sockaddr, proto, may fall back to TCP, send-proxy, observe MPTCP)."""
