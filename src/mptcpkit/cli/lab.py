@@ -552,12 +552,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if result.error:
         err.print(f"mptcpkit lab bench: {escape(result.error)}", highlight=False, soft_wrap=True)
     for reason in data["claim"].get("reasons", []):
-        err.print(f"mptcpkit lab bench: not as promised: {escape(reason)}", highlight=False, soft_wrap=True)
+        err.print(
+            f"mptcpkit lab bench: not as promised: {escape(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     for warning in result.warnings:
-        err.print(f"mptcpkit lab bench: warning: {escape(warning)}", highlight=False, soft_wrap=True)
-    if not result.ok:
+        err.print(
+            f"mptcpkit lab bench: warning: {escape(warning)}", highlight=False, soft_wrap=True
+        )
+    return exit_code(data, strict=args.strict)
+
+
+def exit_code(data: dict[str, Any], *, strict: bool) -> int:
+    """0 verified and as promised; 1 not, or (with --strict) disturbed by memory pressure."""
+    if not data["verified"] or not data.get("claim", {}).get("ok", True):
         return 1
-    if args.strict and result.memory.get("under_pressure"):
+    if strict and data.get("memory", {}).get("under_pressure"):
         return 1
     return 0
 
