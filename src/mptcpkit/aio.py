@@ -237,12 +237,12 @@ async def open_connection(
 class Servers:
     """Several listening servers (one per address) behind `asyncio.Server`'s methods."""
 
-    def __init__(self, servers: Sequence[asyncio.AbstractServer]) -> None:
+    def __init__(self, servers: Sequence[asyncio.Server]) -> None:
         self._servers = list(servers)
 
     @property
-    def sockets(self) -> tuple[Any, ...]:
-        return tuple(s for server in self._servers for s in server.sockets)  # type: ignore[attr-defined]
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(s for server in self._servers for s in server.sockets)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._servers[0].get_loop()
@@ -327,7 +327,7 @@ async def create_server(
     reuse_port: bool = False,
     sock: socket.socket | None = None,
     **kwargs: Any,
-) -> asyncio.AbstractServer | Servers:
+) -> asyncio.Server | Servers:
     """`loop.create_server()` over MPTCP by policy ("listen" role).
 
     With no host, one dual-stack IPv6 socket serves IPv4 and IPv6. Several addresses
@@ -339,7 +339,7 @@ async def create_server(
     listeners = await _listeners(
         host, port, family=family, backlog=backlog, reuse_port=reuse_port, mptcp=mptcp
     )
-    servers: list[asyncio.AbstractServer] = []
+    servers: list[asyncio.Server] = []
     try:
         for listener in listeners:
             servers.append(
@@ -362,7 +362,7 @@ async def start_server(
     limit: int = _STREAM_LIMIT,
     mptcp: PolicyLike = None,
     **kwargs: Any,
-) -> asyncio.AbstractServer | Servers:
+) -> asyncio.Server | Servers:
     """`asyncio.start_server()` over MPTCP by policy."""
     loop = asyncio.get_running_loop()
 
