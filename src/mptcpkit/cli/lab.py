@@ -115,7 +115,7 @@ def register(subparsers: Any) -> None:
         help="remove the labs left up and those of crashed programs",
         description="Remove the labs with the prefix that `lab up` left running and those "
         "whose program died without cleaning up, with their devices and processes. Only "
-        "namespaces a lab made (its marker in /run/mptcpkit/labs lists them) are removed; "
+        "namespaces a lab made (its marker in /run/mptcpkit-labs lists them) are removed; "
         "labs of programs still running are left alone unless --running is given.",
     )
     common(down)

@@ -1,7 +1,7 @@
 """Which namespaces belong to which lab, and whether the process that made it still lives.
 
 A namespace name alone proves nothing: anyone can `ip netns add mptk-x`. Every topology
-writes a marker file (`/run/mptcpkit/labs/<prefix><name>-<id>.json`) before it creates
+writes a marker file (`/run/mptcpkit-labs/<prefix><name>-<id>.json`) before it creates
 its first namespace and removes it after the last one is gone. The marker names the
 namespaces and the creator (pid and start time, so a recycled pid is not mistaken for
 it). `lab down` removes exactly what markers list: labs left running on purpose
@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-MARK_DIR = "/run/mptcpkit/labs"
+MARK_DIR = "/run/mptcpkit-labs"
 DETACHED = "detached"
 RUNNING = "running"
 ORPHAN = "orphan"
@@ -85,12 +85,11 @@ def write(record: LabRecord) -> None:
 
 
 def remove(record: LabRecord) -> None:
-    """Remove the marker, and the marker directories once empty (nothing left in /run)."""
+    """Remove the marker, and the marker directory once empty (nothing left in /run)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(record.path)
-    for path in (MARK_DIR, os.path.dirname(MARK_DIR)):
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(MARK_DIR)
 
 
 def read_all(prefix: str) -> list[LabRecord]:
