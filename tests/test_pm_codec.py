@@ -322,3 +322,68 @@ def test_userspace_pm_problem() -> None:
     assert userspace_pm_problem("1", None) is None
     assert "5.19" in (userspace_pm_problem(None, None) or "")
     assert "not available" in (userspace_pm_problem("0", "kernel") or "")
+
+
+# ------------------------------------------------------------------ sock_diag (pm.diag)
+
+
+def _rta(kind: int, payload: bytes) -> bytes:
+    import struct
+
+    data = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _diag_msg(family: int, local: tuple[str, int], remote: tuple[str, int], attrs: bytes) -> bytes:
+    import struct
+
+    def addr(text: str) -> bytes:
+        return socket.inet_pton(family, text).ljust(16, b"\0")
+
+    body = struct.pack(
+        "=BBBB2s2s16s16sI8sIIIII",
+        family,
+        1,
+        0,
+        0,
+        local[1].to_bytes(2, "big"),
+        remote[1].to_bytes(2, "big"),
+        addr(local[0]),
+        addr(remote[0]),
+        0,
+        b"\0" * 8,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+    body += attrs
+    return struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+
+
+@given(token=u32, sport=st.integers(1, 65535), local_id=u8, v4=ipv4)
+def test_diag_subflow_entry(token: int, sport: int, local_id: int, v4: str) -> None:
+    import struct
+
+    from mptcpkit.pm import diag
+
+    mp = (
+        _rta(diag.MPTCP_SUBFLOW_ATTR_TOKEN_LOC, struct.pack("=I", token))
+        + _rta(diag.MPTCP_SUBFLOW_ATTR_ID_LOC, bytes([local_id]))
+        + _rta(diag.MPTCP_SUBFLOW_ATTR_ID_REM, b"\0")
+    )
+    ulp = _rta(diag.INET_ULP_INFO_NAME, b"mptcp\0") + _rta(diag.INET_ULP_INFO_MPTCP | 0x8000, mp)
+    data = _diag_msg(socket.AF_INET, (v4, sport), ("10.0.0.2", 80), _rta(19 | 0x8000, ulp))
+    data += struct.pack("=IHHIIi", 20, diag.NLMSG_DONE, 2, 1, 0, 0)
+    first, end = list(diag.parse_messages(data))
+    assert end is None and first is not None
+    assert first.local == (v4, sport) and first.remote == ("10.0.0.2", 80)
+    assert diag.subflow_entry(first) == diag.SubflowEntry(
+        token, (v4, sport), ("10.0.0.2", 80), local_id, 0
+    )
+    # A plain TCP socket is no subflow; a v4-mapped address reads as IPv4, as events name it.
+    plain = _diag_msg(socket.AF_INET6, (f"::ffff:{v4}", sport), ("::1", 80), b"")
+    (entry,) = diag.parse_messages(plain)
+    assert entry is not None and diag.subflow_entry(entry) is None
+    assert entry.local == (v4, sport)
