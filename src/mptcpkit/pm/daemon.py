@@ -10,7 +10,9 @@ per connection by policy and re-creates dead ones with backoff.
 
 Everything the daemon decides is logged; `mptcpkit pmd status` reads its state
 from a unix socket. SIGTERM stops it; with `cleanup = true` it removes what it
-added and restores what it changed.
+added and restores what it changed. What it owns and the original values it will
+restore live in a state file (`mptcpkit.pm.state`), so a pmd started after a crash
+adopts them, and it re-reads open connections from the kernel (`mptcpkit.pm.diag`).
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from mptcpkit.pm import netns as _netns
+from mptcpkit.pm import state as _state
 from mptcpkit.pm.api import PathManager, UserspacePMUnavailable
 from mptcpkit.pm.codec import Endpoint, Event, EventType
 from mptcpkit.pm.config import Config, backoff
 from mptcpkit.pm.events import EventStream
 from mptcpkit.pm.transport import PMError
+from mptcpkit.pm.userspace import Conn, UserspaceMode
 
 log = logging.getLogger("mptcpkit.pmd")
 
@@ -82,6 +86,10 @@ class StatusSocketError(OSError):
     """The status socket cannot be created (path not writable, a directory...)."""
 
 
+class AlreadyRunning(OSError):
+    """Another live pmd manages this namespace (its state file names its pid)."""
+
+
 @dataclasses.dataclass
 class Link:
     index: int
@@ -89,24 +97,9 @@ class Link:
     running: bool
 
 
-@dataclasses.dataclass
-class Conn:
-    """A connection the userspace PM drives."""
+class Daemon(UserspaceMode):
+    """One pmd: watches links, addresses and mptcp_pm events, keeps its state file."""
 
-    token: int
-    family: int
-    local: tuple[str, int]
-    remote: tuple[str, int]
-    server_side: bool
-    remotes: dict[str, int] = dataclasses.field(default_factory=dict)  # address -> port
-    rem_ids: dict[int, str] = dataclasses.field(default_factory=dict)
-    established: set[tuple[str, str]] = dataclasses.field(default_factory=set)
-    ports: dict[tuple[str, str], list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
-    announced: set[str] = dataclasses.field(default_factory=set)
-    pending: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # requested
-
-
-class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.links: dict[int, Link] = {}
@@ -123,6 +116,9 @@ class Daemon:
         self.decisions: list[str] = []
         self.restore_sysctls: dict[str, str] = {}
         self.restore_limits: tuple[int, int] | None = None
+        self.state_path = config.state_path()
+        self.previous: _state.State | None = None  # left by a pmd that died
+        self.claimed = False  # the state file is ours to write and remove
         self.started = time.time()
         self.pm: PathManager | None = None
         self.events: EventStream | None = None
@@ -157,20 +153,90 @@ class Daemon:
             )
         if os.geteuid() != 0:
             raise PMError(errno.EPERM, "pmd changes sysctls and endpoints: run it as root")
+        self.previous = _state.load(self.state_path)
+        if self.previous is not None and _state.pid_is_pmd(self.previous.pid):
+            raise AlreadyRunning(
+                errno.EBUSY,
+                f"pmd pid {self.previous.pid} already manages this namespace "
+                f"(state file {self.state_path})",
+            )
 
     def _set_sysctl(self, key: str, value: str) -> None:
         old = _netns.read_sysctl(None, key)
         if old is None or old == value:
             return
-        _netns.write_sysctl(None, key, value)
         self.restore_sysctls.setdefault(key, old)
+        self.save()  # the original value is on disk before the change
+        _netns.write_sysctl(None, key, value)
         self.decide(f"sysctl {key}={value} (was {old})")
+
+    # ------------------------------------------------------------ state file
+
+    def save(self) -> None:
+        if not self.claimed:
+            return
+        _state.save(
+            self.state_path,
+            _state.State(
+                pid=os.getpid(),
+                owned=dict(self.owned),
+                parked=dict(self.parked),
+                sysctls=dict(self.restore_sysctls),
+                limits=self.restore_limits,
+                local_ids=dict(self.local_ids),
+            ),
+        )
+
+    def adopt(self) -> None:
+        """Take over what a pmd that died owned: its endpoints still in the kernel (same
+        id and address), its parked addresses, the original values it would restore."""
+        prev = self.previous
+        self.claimed = True
+        if prev is None:
+            self.save()
+            return
+        assert self.pm is not None
+        kernel = {ep.address: ep for ep in self.pm.endpoints()}
+        for address, ep in prev.owned.items():
+            current = kernel.get(address)
+            if current is not None and current.id == ep.id:
+                self.owned[address] = current
+        for address, ep in prev.parked.items():
+            if address not in kernel:
+                self.parked[address] = ep
+        self.restore_sysctls = dict(prev.sysctls)
+        self.restore_limits = prev.limits
+        self.local_ids = dict(prev.local_ids)
+        self.save()
+        originals = ", ".join(f"{k}={v}" for k, v in sorted(prev.sysctls.items()))
+        self.decide(
+            f"adopted what pmd pid {prev.pid} left: endpoints "
+            f"{' '.join(sorted(self.owned)) or '-'}, parked {' '.join(sorted(self.parked)) or '-'}"
+            + (f", original {originals}" if originals else "")
+        )
+
+    def reconcile(self) -> None:
+        """After adopting: endpoints whose address went or whose link went down while no
+        pmd was watching are removed (parked if the link is only down)."""
+        for address in list(self.owned):
+            index = self.addrs.get(address)
+            if index is None:
+                self._remove_endpoint(address, f"address {address} disappeared", park=False)
+            elif not self._usable(index):
+                link = self.links.get(index)
+                managed = link is not None and self.config.wants(link.name)
+                why = f"link {self._ifname(index)} " + ("down" if managed else "not managed")
+                self._remove_endpoint(address, why, park=managed)
+        for address in [a for a in self.parked if a not in self.addrs]:
+            del self.parked[address]
+        self.save()
 
     async def start(self) -> None:
         cfg = self.config
         try:
             self.preflight()
             await self._start_status()  # first: a bad path must fail before any change
+            self.adopt()
             if cfg.mode == "userspace":
                 self._set_sysctl("net.mptcp.pm_type", "1")
             if cfg.load_balancer:
@@ -182,6 +248,9 @@ class Daemon:
             self.rtnl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             self.rtnl.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             self._initial_dump()
+            self.reconcile()
+            if cfg.mode == "userspace":
+                self.rebuild_connections()
             loop = asyncio.get_running_loop()
             loop.add_reader(self.rtnl.fileno(), self._on_rtnl)
             loop.add_reader(self.events.fileno(), self._on_events)
@@ -260,6 +329,7 @@ class Daemon:
                 for c in self.conns.values()
             ],
             "pending_retries": len(self.timers),
+            "state_file": self.state_path,
             "decisions": self.decisions[-20:],
         }
 
@@ -305,6 +375,11 @@ class Daemon:
                     _netns.write_sysctl(None, key, old)
                     self.decide(f"cleanup: sysctl {key}={old}")
             self.restore_sysctls.clear()
+            if self.claimed:
+                _state.remove(self.state_path)  # all put back: nothing left to adopt
+        elif self.claimed:
+            self.save()  # cleanup = false: the next pmd adopts what is left
+        self.claimed = False
         if self.pm is not None:
             self.pm.close()
             self.pm = None
@@ -343,6 +418,8 @@ class Daemon:
         running = bool(msg["flags"] & IFF_UP) and bool(msg["flags"] & IFF_RUNNING)
         old = self.links.get(index)
         self.links[index] = Link(index, name, running)
+        if not initial and old is not None and old.name != name:
+            self.renamed(old, self.links[index])
         if initial or old is None or old.running == running or not self.config.wants(name):
             return
         if running:
@@ -399,6 +476,7 @@ class Daemon:
         ep = self.pm.add_endpoint(address, flags=flags, dev=name)
         self.owned[address] = ep
         self.parked.pop(address, None)
+        self.save()
         self.decide(f"{why}: added endpoint {ep}")
         self._sync_limits()
 
@@ -412,13 +490,39 @@ class Daemon:
             self.pm.delete_endpoint(ep.id)
         if park:
             self.parked[address] = ep
+        self.save()
         self.decide(f"{why}: removed endpoint {ep}")
 
     def address_gone(self, address: str) -> None:
-        self.parked.pop(address, None)
+        if self.parked.pop(address, None) is not None:
+            self.save()
         self._cancel(("ep", address))
         if self.config.mode == "kernel":
             self._remove_endpoint(address, f"address {address} disappeared", park=False)
+
+    def renamed(self, old: Link, new: Link) -> None:
+        """An interface got a new name; it is the same interface (same ifindex), so its
+        endpoints follow it, unless the configuration does not manage the new name."""
+        was, now = self.config.wants(old.name), self.config.wants(new.name)
+        self.decide(
+            f"link {old.name} renamed {new.name}"
+            + ("" if was == now else (" (now managed)" if now else " (no longer managed)"))
+        )
+        for table in (self.owned, self.parked):
+            for address, ep in list(table.items()):
+                if ep.ifindex == new.index:
+                    table[address] = dataclasses.replace(ep, ifname=new.name)
+        if was and not now:
+            for address, ep in list(self.owned.items()):
+                if ep.ifindex == new.index:
+                    self._remove_endpoint(address, f"{new.name} not managed", park=False)
+            for address in [a for a, ep in self.parked.items() if ep.ifindex == new.index]:
+                del self.parked[address]
+            for key in [k for k in self.timers if self._key_ifindex(k) == new.index]:
+                self._cancel(key)
+            self.save()
+        elif now and not was and old.running == new.running and new.running:
+            self.link_up(new)  # what the link would have got had it always been managed
 
     def link_down(self, link: Link) -> None:
         self.decide(f"link {link.name} down")
@@ -463,6 +567,7 @@ class Daemon:
         if (subflows, accepted) != (current.subflows, current.add_addr_accepted):
             if self.restore_limits is None:
                 self.restore_limits = (current.subflows, current.add_addr_accepted)
+                self.save()
             self.pm.set_limits(subflows=subflows, add_addr_accepted=accepted)
             self.decide(f"limits: subflows {subflows} add_addr_accepted {accepted}")
 
@@ -585,112 +690,6 @@ class Daemon:
             return
         self._remove_endpoint(address, "re-creating subflows", park=False)
         self._add_endpoint(address, index, "re-creating subflows")
-
-    # ------------------------------------------------------------ userspace mode
-
-    def _local_id(self, address: str) -> int:
-        if address not in self.local_ids:
-            used = set(self.local_ids.values())
-            self.local_ids[address] = next(i for i in range(1, 256) if i not in used)
-        return self.local_ids[address]
-
-    def _locals(self, family: int) -> list[tuple[str, int]]:
-        """(address, ifindex) of managed running interfaces, in the connection's family."""
-        out = []
-        for address, index in sorted(self.addrs.items()):
-            if not self._usable(index):
-                continue
-            if (":" in address) != (family == socket.AF_INET6):
-                continue
-            out.append((address, index))
-        return out
-
-    def _conn_established(self, ev: Event) -> None:
-        if ev.token is None or ev.saddr is None or ev.daddr is None:
-            return
-        conn = Conn(
-            token=ev.token,
-            family=ev.family or socket.AF_INET,
-            local=(ev.saddr, ev.sport or 0),
-            remote=(ev.daddr, ev.dport or 0),
-            server_side=bool(ev.server_side),
-        )
-        conn.remotes[ev.daddr] = ev.dport or 0
-        conn.established.add((ev.saddr, ev.daddr))
-        conn.ports[(ev.saddr, ev.daddr)] = [(ev.sport or 0, ev.dport or 0)]
-        self.conns[ev.token] = conn
-        self.decide(
-            f"token {ev.token:08x}: {'server' if conn.server_side else 'client'} connection "
-            f"{ev.saddr}:{ev.sport} -> {ev.daddr}:{ev.dport} established"
-        )
-        self._apply_policy(conn, why="new connection")
-
-    def desired(self, conn: Conn) -> list[tuple[str, str, int, int]]:
-        """Subflows the policy wants: (local, remote, remote port, ifindex)."""
-        policy = self.config.policy
-        locals_ = self._locals(conn.family)
-        want: list[tuple[str, str, int, int]] = []
-        if policy == "fullmesh":
-            for laddr, index in locals_:
-                for raddr, rport in sorted(conn.remotes.items()):
-                    want.append((laddr, raddr, rport, index))
-        elif policy == "per-interface":
-            for laddr, index in locals_:
-                want.append((laddr, conn.remote[0], conn.remote[1], index))
-        return want
-
-    def _apply_policy(self, conn: Conn, why: str) -> None:
-        if conn.token not in self.conns:
-            return
-        assert self.pm is not None
-        if conn.server_side:
-            if self.config.announce:
-                for laddr, _index in self._locals(conn.family):
-                    if laddr == conn.local[0] or laddr in conn.announced:
-                        continue
-                    self.pm.announce(conn.token, laddr, id=self._local_id(laddr))
-                    conn.announced.add(laddr)
-                    self.decide(f"token {conn.token:08x}: announced {laddr} ({why})")
-            return
-        if self.config.policy == "ndiffports":
-            extra = self.config.ndiffports - len(
-                conn.ports.get((conn.local[0], conn.remote[0]), [])
-            )
-            for _ in range(max(0, extra)):
-                self._create(conn, conn.local[0], conn.remote[0], conn.remote[1], None, why)
-            return
-        for laddr, raddr, rport, index in self.desired(conn):
-            if (laddr, raddr) in conn.established or (laddr, raddr) in conn.pending:
-                continue
-            if ("sf", conn.token, laddr, raddr) in self.timers and why != "retry":
-                continue
-            self._create(conn, laddr, raddr, rport, index, why)
-
-    def _create(
-        self, conn: Conn, laddr: str, raddr: str, rport: int, index: int | None, why: str
-    ) -> None:
-        assert self.pm is not None
-        dev = (
-            self._ifname(index)
-            if index is not None and self.config.policy == "per-interface"
-            else None
-        )
-        lid = self._local_id(laddr) if laddr != conn.local[0] else 0
-        try:
-            self.pm.create_subflow(conn.token, laddr, (raddr, rport), id=lid or None, dev=dev)
-        except PMError as exc:
-            self.decide(
-                f"token {conn.token:08x}: subflow {laddr} -> {raddr}:{rport} "
-                f"failed ({why}): {exc.strerror}"
-            )
-            key: tuple[Any, ...] = ("sf", conn.token, laddr, raddr)
-            if conn.token in self.live_tokens and self.config.resubflow:
-                self._schedule(
-                    key, "subflow create failed", lambda: self._apply_policy(conn, why="retry")
-                )
-            return
-        conn.pending.add((laddr, raddr))
-        self.decide(f"token {conn.token:08x}: subflow {laddr} -> {raddr}:{rport} requested ({why})")
 
 
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
