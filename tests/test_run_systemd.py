@@ -474,3 +474,27 @@ def test_cli_dropin_round_trip_and_usage_errors(tmp_path: pathlib.Path) -> None:
     assert extra.returncode == 2 and "takes no command" in extra.stderr
     lonely = subprocess.run([*run, "--remove"], capture_output=True, text=True)
     assert lonely.returncode == 2
+
+
+def test_activation_is_handed_to_a_child() -> None:
+    """The bpf strategy runs CMD as a child: fds 3.. go with it, LISTEN_PID and
+    WATCHDOG_PID name it, and the parent keeps no copy of the sockets."""
+    code = textwrap.dedent("""
+        import os, socket, subprocess, sys
+        from mptcpkit.run.activation import Activation
+        fd = socket.socket().detach()
+        if fd != 3:
+            os.dup2(fd, 3)
+            os.close(fd)
+        os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), WATCHDOG_PID="1")
+        act = Activation.inherited()
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import os, socket; socket.socket(fileno=3).detach(); "
+             "print(os.environ['LISTEN_PID'] == str(os.getpid()), os.environ['WATCHDOG_PID'])"],
+            preexec_fn=act.in_child, pass_fds=act.fds, stdout=subprocess.PIPE, text=True)
+        act.close_in_parent()
+        out = child.communicate()[0].split()
+        print(out[0], out[1], os.path.exists("/proc/self/fd/3"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "1", "False"], out.stderr
