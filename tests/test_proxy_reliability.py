@@ -4,11 +4,16 @@ its own limits as its own, and cleans up after itself. Both data paths."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +220,163 @@ def test_reload_whose_workers_cannot_start_keeps_the_running_ones(
         wait_for(lambda: px.workers() == workers, what="only the running worker left")
         for _ in range(3):
             _echo_through(port)
+
+
+# --- reloads under load lose nothing (item 4) -------------------------------------------
+
+
+class Load:
+    """Paced connections through the proxy to an asyncio echo server, in one thread:
+    each sends a payload, half-closes, and must read back exactly what it sent."""
+
+    def __init__(self, rate: float, total: int, concurrency: int = 64) -> None:
+        self.rate, self.total, self.concurrency = rate, total, concurrency
+        self.ok = self.refused = self.reset = self.truncated = 0
+        self.other: list[str] = []
+        self.elapsed = 0.0
+        self.server_port = 0
+        self._proxy_port = 0
+        self._ready = threading.Event()
+        self._go = threading.Event()
+        self._t = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def start_server(self) -> int:
+        self._t.start()
+        assert self._ready.wait(20)
+        return self.server_port
+
+    def run(self, proxy_port: int) -> None:
+        self._proxy_port = proxy_port
+        self._go.set()
+
+    def wait(self, timeout: float) -> None:
+        self._t.join(timeout)
+        assert not self._t.is_alive(), "load did not finish"
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.refused + self.reset + self.truncated + len(self.other)
+
+    async def _main(self) -> None:
+        async def echo_handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+                w.write_eof()
+                await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(echo_handler, "127.0.0.1", 0, backlog=4096)
+        self.server_port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._go.wait)
+        sem = asyncio.Semaphore(self.concurrency)
+        tasks = []
+        t0 = time.monotonic()
+        for i in range(self.total):
+            delay = t0 + i / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await sem.acquire()
+            tasks.append(asyncio.create_task(self._one(i, sem)))
+        await asyncio.gather(*tasks)
+        self.elapsed = time.monotonic() - t0
+        server.close()
+
+    async def _one(self, i: int, sem: asyncio.Semaphore) -> None:
+        data = hashlib.sha256(str(i).encode()).digest() * (16 + i % 64)
+        try:
+            r, w = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", self._proxy_port), 30
+            )
+            try:
+                w.write(data)
+                await w.drain()
+                w.write_eof()
+                got = await asyncio.wait_for(r.read(-1), 30)
+            finally:
+                w.close()
+            if hashlib.sha256(got).digest() == hashlib.sha256(data).digest():
+                self.ok += 1
+            else:
+                self.truncated += 1
+        except ConnectionRefusedError:
+            self.refused += 1
+        except ConnectionResetError:
+            self.reset += 1
+        except (OSError, TimeoutError) as exc:
+            self.other.append(repr(exc))
+        finally:
+            sem.release()
+
+    def summary(self) -> str:
+        rate = self.done / self.elapsed if self.elapsed else 0.0
+        return (
+            f"{self.done} connections in {self.elapsed:.1f}s ({rate:.0f}/s): ok {self.ok},"
+            f" refused {self.refused}, reset {self.reset}, truncated {self.truncated},"
+            f" other {self.other[:3]}"
+        )
+
+
+def _reloads_under_load(tmp_path: Path, reloads: int, total: int) -> None:
+    """`reloads` SIGHUPs, the worker count going 2 -> 1 -> 3 -> 2 ..., while paced
+    connections (1200/s) go through: none refused, reset or cut short."""
+    load = Load(rate=1200, total=total)
+    sport = load.start_server()
+    counts = [1, 3, 2]
+    with run_proxy(tmp_path, _conf(0, {"s": f"tcp@127.0.0.1:{sport}"}, _GLOB.format(n=2))) as px:
+        load.run(px.port("fe"))
+        done = 0
+        while done < reloads and load.done < total:
+            n = counts[done % len(counts)]
+            (tmp_path / "proxy.toml").write_text(
+                _conf(0, {"s": f"tcp@127.0.0.1:{sport}"}, _GLOB.format(n=n))
+            )
+            px.signal(signal.SIGHUP)
+            done += 1
+            wait_for(lambda d=done: px.log().count("reloaded") >= d, what=f"reload {done}")
+            time.sleep(0.05)
+        load.wait(120)
+        print(f"{done} reloads; {load.summary()}")
+        assert done >= reloads, f"the load ended after {done} reloads; {load.summary()}"
+        assert (load.refused, load.reset, load.truncated, load.other) == (0, 0, 0, []), (
+            load.summary()
+        )
+        assert load.ok == total
+        assert "reload failed" not in px.log()
+
+
+_GLOB = 'workers = {n}\nmetrics = ""\nlog = "none"'
+
+
+def test_reloads_under_load_lose_nothing(tmp_path: Path) -> None:
+    _reloads_under_load(tmp_path, reloads=4, total=2500)
+
+
+@pytest.mark.slow
+def test_many_reloads_under_load_lose_nothing(tmp_path: Path) -> None:
+    _reloads_under_load(tmp_path, reloads=24, total=30000)
+
+
+def test_hard_stop_after_cuts_old_workers(tmp_path: Path) -> None:
+    """HAProxy's hard-stop-after: an old worker still draining after it is cut."""
+    glob = 'workers = 1\nmetrics = ""\nhard-stop-after = "1s"'
+    with (
+        Server(echo) as srv,
+        run_proxy(tmp_path, _conf(0, {"s": f"tcp@127.0.0.1:{srv.port}"}, glob)) as px,
+    ):
+        held = socket.create_connection(("127.0.0.1", px.port("fe")), timeout=20)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        (old,) = px.workers()
+        px.signal(signal.SIGHUP)
+        wait_for(lambda: f"old worker {old}: hard-stop-after reached" in px.log(), what="the cut")
+        wait_for(lambda: f"old worker {old} finished" in px.log(), what="the old worker to exit")
+        with contextlib.suppress(ConnectionResetError):
+            assert held.recv(1) == b""
+        held.close()
+        _echo_through(px.port("fe"))  # the new worker serves
