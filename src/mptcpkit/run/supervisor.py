@@ -30,7 +30,7 @@ from typing import TextIO
 
 from mptcpkit import netns
 from mptcpkit.abi.constants import IPPROTO_MPTCP
-from mptcpkit.run import abi, swap, syscalls
+from mptcpkit.run import abi, execwatch, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.procfd import epoll_watches, process_fds
@@ -246,6 +246,8 @@ class Supervisor:
                 "the program uses io_uring: sockets it makes through io_uring are not forced",
             )
             self._continue(n)
+        elif nr in (self.arch.execve, self.arch.execveat):
+            self._on_exec(n)
         elif nr == self.arch.seccomp:
             self.warn(
                 "seccomp",
@@ -255,6 +257,23 @@ class Supervisor:
             self._continue(n)
         else:
             self._continue(n)
+
+    def _on_exec(self, n: abi.Notification) -> None:
+        """A setuid/file-capability program exec'd under forcing starts unprivileged."""
+        try:
+            ctx = read_task(n.pid)
+            found = execwatch.privileged_exec(n, self.arch, ctx.uids[1], ctx.gids[1], ctx.groups)
+            if found is not None:
+                self._check_valid(n)  # the memory read was the caller's
+                path, why = found
+                self.warn(
+                    f"exec-{path}",
+                    f"{path} is {why}: under forcing (no_new_privs) it runs without its "
+                    "privileges and may fail; run it outside mptcpkit run",
+                )
+        except (ProcessLookupError, _Gone):
+            pass
+        self._continue(n)
 
     def warn(self, key: str, message: str) -> None:
         if key in self._warned:
