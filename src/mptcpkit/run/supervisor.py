@@ -449,8 +449,11 @@ class Supervisor:
             # The program's descriptor now holds the plain TCP socket. The MPTCP one
             # is only released when the program's call returns (the kernel closes
             # it in the program's context), so it must let go of its port first.
-            self._forced.pop(key, None)
-            self.stats.swapped += 1
+            if key in self._forced:
+                self._forced.pop(key)
+                self.stats.swapped += 1
+            else:
+                self.stats.repaired += 1  # an MPTCP socket the program asked for itself
             try:
                 swap.rebind(old, new, how)
             except OSError as exc:
@@ -463,17 +466,22 @@ class Supervisor:
 
     def _rewatch(self, pidfd: int, pid: int, fds: list[int], ino: int, new_fd: int) -> None:
         """Add `new_fd` to each epoll set of `pid` that watched the old socket."""
-        for epfd, events, data in epoll_watches(pid, set(fds), ino):
-            try:
-                ours = syscalls.pidfd_getfd(pidfd, epfd)
-            except OSError:
-                continue
-            try:
-                syscalls.epoll_ctl(ours, syscalls.EPOLL_CTL_ADD, new_fd, events, data)
-            except OSError as exc:
-                self.warn("epoll", f"could not watch the plain TCP socket: {exc.strerror}")
-            finally:
-                os.close(ours)
+        held: list[int] = []  # epoll keys a watch by (file, fd number): one number per watch
+        try:
+            for epfd, events, data in epoll_watches(pid, set(fds), ino):
+                try:
+                    ours = syscalls.pidfd_getfd(pidfd, epfd)
+                except OSError:
+                    continue
+                held.append(ours)
+                held.append(os.dup(new_fd))
+                try:
+                    syscalls.epoll_ctl(ours, syscalls.EPOLL_CTL_ADD, held[-1], events, data)
+                except OSError as exc:
+                    self.warn("epoll", f"could not watch the plain TCP socket: {exc.strerror}")
+        finally:
+            for fd in held:
+                os.close(fd)
 
     # -- kernel calls ------------------------------------------------------------
 
