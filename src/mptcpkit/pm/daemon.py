@@ -46,7 +46,6 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from mptcpkit.pm import diag
 from mptcpkit.pm import netns as _netns
 from mptcpkit.pm import state as _state
 from mptcpkit.pm.api import PathManager, UserspacePMUnavailable
@@ -253,7 +252,7 @@ class Daemon(UserspaceMode):
             if cfg.mode == "userspace":
                 self.rebuild_connections()
             else:  # subflows of connections open before this pmd are repaired too
-                self.live_tokens.update(c.token for c in diag.connections())
+                self.live_tokens.update(c.token for c in self.open_connections())
             loop = asyncio.get_running_loop()
             loop.add_reader(self.rtnl.fileno(), self._on_rtnl)
             loop.add_reader(self.events.fileno(), self._on_events)
