@@ -162,6 +162,15 @@ def test_ignored_sigpipe_stays_ignored_for_a_systemd_service(tmp_path) -> None: 
     assert int(proc.stdout.split()[1], 16) >> (signal.SIGPIPE - 1) & 1
 
 
+def test_a_shells_ignored_sigpipe_stays_ignored() -> None:
+    """`trap '' PIPE` in the shell: the program must get SIGPIPE ignored, as the shell
+    gives its children (yes then sees EPIPE, says so and exits 1)."""
+    cmd = f"trap '' PIPE; {' '.join(RUN)} -- yes | head -1; echo ${{PIPESTATUS[0]}}"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["y", "1"], proc.stderr
+    assert "Broken pipe" in proc.stderr
+
+
 # --- returning when CMD returns ---------------------------------------------------
 
 
