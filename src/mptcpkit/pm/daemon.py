@@ -251,6 +251,8 @@ class Daemon(UserspaceMode):
             self.reconcile()
             if cfg.mode == "userspace":
                 self.rebuild_connections()
+            else:  # subflows of connections open before this pmd are repaired too
+                self.live_tokens.update(c.token for c in self.open_connections())
             loop = asyncio.get_running_loop()
             loop.add_reader(self.rtnl.fileno(), self._on_rtnl)
             loop.add_reader(self.events.fileno(), self._on_events)
@@ -693,13 +695,16 @@ class Daemon(UserspaceMode):
 
 
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
-    """Run until SIGTERM/SIGINT; `ready` is called once the daemon is watching."""
+    """Run until SIGTERM/SIGINT; `ready` is called once the daemon is watching.
+
+    The signal handlers come first: a SIGTERM that arrives while pmd is starting stops
+    it, cleanly, once started (instead of killing it half-way)."""
     daemon = Daemon(config)
-    await daemon.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopping.set)
     try:
+        await daemon.start()
         if ready is not None:
             ready()
         await daemon.stopping.wait()

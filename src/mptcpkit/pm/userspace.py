@@ -49,6 +49,18 @@ class UserspaceMode:
     local_ids: dict[str, int]
     timers: dict[Any, asyncio.TimerHandle]
 
+    def open_connections(self) -> list[diag.Connection]:
+        """The namespace's open MPTCP connections; none (and a warning) when the kernel
+        cannot list them (no `mptcp_diag`): then only new connections are managed."""
+        try:
+            return diag.connections()
+        except OSError as exc:
+            self.decide(
+                f"cannot list open connections (sock_diag: {exc.strerror}): "
+                "only connections opened from now on are managed"
+            )
+            return []
+
     # Provided by the daemon.
     def decide(self, text: str) -> None:
         raise NotImplementedError
@@ -68,7 +80,7 @@ class UserspaceMode:
     def rebuild_connections(self) -> None:
         """Userspace mode: the connections open before this pmd started, from sock_diag,
         driven from now on like those it saw being established."""
-        found = diag.connections()
+        found = self.open_connections()
         for c in found:
             conn = Conn(
                 token=c.token,

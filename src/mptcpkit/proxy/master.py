@@ -237,6 +237,9 @@ class Master:
     def start(self) -> None:
         """Resolve, check and bind everything, or raise ConfigError with nothing listening."""
         self.prep = prepare(self.cfg)
+        self.cfg = self.prep.cfg or self.cfg
+        for note in self.prep.notes:
+            self.log.event(note)
         new, lines = self.pool.bind(self.cfg, self.cfg.global_.workers)
         self.pool.adopt(new)
         m = self.cfg.global_.metrics
@@ -434,6 +437,7 @@ class Master:
                     "reload: global.metrics changes need a restart; keeping the old address"
                 )
             prep = prepare(cfg)
+            cfg = prep.cfg or cfg
             new, lines = self.pool.bind(cfg, cfg.global_.workers)
         except ConfigError as exc:
             self._reload_failed(str(exc))
@@ -470,7 +474,7 @@ class Master:
         self._retire(
             list(running[2]), signal.SIGUSR1, None if hard is None else time.monotonic() + hard
         )
-        for line in lines:
+        for line in (*prep.notes, *lines):
             self.log.event(line)
         self.log.event(
             f"reloaded {cfg.source}: {cfg.global_.workers} new workers, "
@@ -574,6 +578,14 @@ def _worker_main(
     # Startup objects will never be garbage: keep them out of every GC pass.
     gc.collect()
     gc.freeze()
+
+    # maxconn is for the whole proxy: this worker takes its share of each frontend's.
+    cfg = dataclasses.replace(
+        cfg,
+        frontends=tuple(
+            dataclasses.replace(f, maxconn=cfg.maxconn_share(f, slot)) for f in cfg.frontends
+        ),
+    )
 
     async def main() -> None:
         rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=prep.targets)
