@@ -541,3 +541,36 @@ def test_default_maxconn_fits_a_low_fd_limit(tmp_path: Path) -> None:
         assert "maxconn lowered from 10000 to 223 per frontend to fit the fd limit of 512" in (
             r.stdout
         ), r.stdout
+
+
+# --- unix socket binds (item 10) ----------------------------------------------------
+
+
+def test_unix_bind_removed_on_stop_and_on_reload(tmp_path: Path) -> None:
+    sock = tmp_path / "p.sock"
+    gone = tmp_path / "gone.sock"
+    keep = tmp_path / "not-a-socket"
+    keep.write_text("data")
+    with Server(echo) as srv:
+        conf = _conf(0, {"s": f"tcp@127.0.0.1:{srv.port}"}).replace(
+            "bind = 'mptcp@127.0.0.1:0'", f"bind = ['unix@{sock}', 'unix@{gone}']"
+        )
+        with run_proxy(tmp_path, conf) as px:
+            assert sock.is_socket() and gone.is_socket()
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect(str(sock))
+                c.sendall(b"hi")
+                c.shutdown(socket.SHUT_WR)
+                assert recv_all(c) == b"hi"
+            (tmp_path / "proxy.toml").write_text(conf.replace(f", 'unix@{gone}'", ""))
+            px.signal(signal.SIGHUP)
+            wait_for(lambda: "reloaded" in px.log(), what="reload")
+            assert not gone.exists(), "a unix bind removed by a reload left its file"
+            assert sock.is_socket()
+        assert not sock.exists(), "the proxy left its unix socket behind"
+    # a bind on a path that is not a socket is refused, the file untouched
+    bad = tmp_path / "bad.toml"
+    bad.write_text(conf.replace(f"['unix@{sock}', 'unix@{gone}']", f"'unix@{keep}'"))
+    r = _cli(["-c", str(bad)])
+    assert r.returncode == 2 and "cannot listen on unix@" in r.stderr, r.stderr
+    assert keep.read_text() == "data"
