@@ -8,6 +8,7 @@ head, timeout, sleep, id, busybox, a static Go binary).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -122,6 +123,25 @@ def test_death_by_a_signal_is_the_programs_own(strategy: str) -> None:
         timeout=60,
     )
     assert loop.stdout.split() == [str(128 + signal.SIGTERM)]  # what bash reports for it
+
+
+def test_ctrl_c_stops_a_shell_loop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`for i in 1 2 3; do mptcpkit run -- sleep 30; done` and ^C (SIGINT to the
+    foreground group): bash stops the loop only if its child died of SIGINT."""
+    ready, rounds = tmp_path / "ready", tmp_path / "rounds"
+    body = f"echo $i >> {rounds}; {' '.join(RUN)} -- sh -c 'echo $$ > {ready}; exec sleep 30'"
+    loop = subprocess.Popen(
+        ["bash", "-c", f"for i in 1 2 3; do {body}; done"], start_new_session=True
+    )
+    try:
+        wait_for(str(ready), loop)
+        os.killpg(loop.pid, signal.SIGINT)  # what the terminal does on ^C
+        assert loop.wait(60) == -signal.SIGINT
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(loop.pid, signal.SIGKILL)
+        loop.wait()
+    assert rounds.read_text().split() == ["1"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
