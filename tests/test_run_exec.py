@@ -64,6 +64,12 @@ def test_inherited_descriptors_pass_through(strategy: str, tmp_path) -> None:  #
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == "through-fd3\n"
+    # and nothing of mptcpkit's own: the same descriptors as the program run bare
+    listing = "ls /proc/self/fd 4</dev/null"
+    bare = subprocess.run(["bash", "-c", listing], capture_output=True, text=True)
+    cmd = f"{' '.join(RUN)} --strategy {strategy} -- ls /proc/self/fd 4</dev/null"
+    wrapped = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert wrapped.stdout.split() == bare.stdout.split() == ["0", "1", "2", "3", "4"]
 
 
 # --- signals --------------------------------------------------------------------
