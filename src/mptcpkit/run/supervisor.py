@@ -30,7 +30,7 @@ from typing import TextIO
 
 from mptcpkit import netns
 from mptcpkit.abi.constants import IPPROTO_MPTCP
-from mptcpkit.run import abi, binary, execwatch, swap, syscalls
+from mptcpkit.run import abi, binary, execwatch, fastpath, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.procfd import epoll_watches, process_fds
@@ -180,6 +180,17 @@ class Supervisor:
             collections.OrderedDict()
         )
         self._forced: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
+        # The common socket() calls answered in C (run/fastpath.py), the rest here.
+        self._fast = fastpath.open_fastpath(
+            listener,
+            arch,
+            recv_size=self._recv_size,
+            netns=self._own.netns,
+            uids=self._own.uids,
+            gids=self._own.gids,
+            groups=self._own.groups,
+            killable=killable,
+        )
 
     # -- the loop ----------------------------------------------------------------
 
@@ -187,15 +198,29 @@ class Supervisor:
         return self.listener
 
     def handle_one(self) -> bool:
-        """Receive and answer one notification; False if there was none to receive."""
-        try:
-            _, buf = syscalls.ioctl(
-                self.listener, abi.SECCOMP_IOCTL_NOTIF_RECV, b"", self._recv_size
-            )
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.EAGAIN):
-                return False  # the thread died between poll and receive
-            raise
+        """Receive and answer one notification (with the compiled path: every pending
+        one it can answer, up to one it cannot); False if there was none to receive."""
+        if self._fast is not None:
+            _kind, payload, forced = self._fast.serve()
+            for key in forced:
+                self._remember(key)
+            self.stats.forced += len(forced)
+            if isinstance(payload, int):  # the receive failed
+                if payload in (errno.ENOENT, errno.EAGAIN):
+                    return bool(forced)
+                raise OSError(payload, os.strerror(payload))
+            if payload is None:
+                return True
+            buf = payload
+        else:
+            try:
+                _, buf = syscalls.ioctl(
+                    self.listener, abi.SECCOMP_IOCTL_NOTIF_RECV, b"", self._recv_size
+                )
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EAGAIN):
+                    return False  # the thread died between poll and receive
+                raise
         notif = abi.decode_notif(buf)
         try:
             self.handle(notif)
