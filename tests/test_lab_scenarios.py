@@ -72,6 +72,7 @@ def test_per_link_rates_sum_and_loss(prefix: str) -> None:
     assert d["rate_mbit"] is None  # no single rate to speak of
     assert [lk["rate_mbit"] for lk in d["links"]] == [20.0, 5.0]
     assert d["share_of_sum"] == pytest.approx(d["goodput_mbit"] / 25.0, abs=1e-3)
+    assert d["steady_share_of_sum"] == pytest.approx(d["steady_mbit"] / 25.0, abs=1e-3)
     assert d["claim"]["used_links"] == [0, 1] and d["verified"] and d["lost_bytes"] == 0
     # Packets dropped on link 1 in both directions, by the rule in each namespace.
     assert d["filters"]["client"]["loss-1"] > 0 and d["filters"]["server"]["loss-1"] > 0

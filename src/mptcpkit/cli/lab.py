@@ -595,6 +595,8 @@ def _summary(console: Console, d: dict[str, Any]) -> None:
         table.add_row(
             f"of the sum of path rates ({d['sum_rate_mbit']:g})", f"{d['share_of_sum']:.1%}"
         )
+        if d.get("steady_share_of_sum") is not None:
+            table.add_row("  steady (after the first second)", f"{d['steady_share_of_sum']:.1%}")
     if len(d.get("flows", [])) > 1:
         rates = ", ".join(f"{f['goodput_mbit']:.1f}" for f in d["flows"])
         table.add_row(f"{len(d['flows'])} flows (Mbit/s)", rates)
