@@ -13,8 +13,8 @@ import os
 import pwd
 import shutil
 import signal
-import subprocess
 import struct
+import subprocess
 import sys
 import tempfile
 import textwrap
