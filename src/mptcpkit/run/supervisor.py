@@ -30,7 +30,7 @@ from typing import TextIO
 
 from mptcpkit import netns
 from mptcpkit.abi.constants import IPPROTO_MPTCP
-from mptcpkit.run import abi, execwatch, fastpath, swap, syscalls
+from mptcpkit.run import abi, binary, execwatch, fastpath, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.procfd import epoll_watches, process_fds
@@ -286,16 +286,18 @@ class Supervisor:
     def _on_exec(self, n: abi.Notification) -> None:
         """A setuid/file-capability program exec'd under forcing starts unprivileged."""
         try:
-            ctx = read_task(n.pid)
-            found = execwatch.privileged_exec(n, self.arch, ctx.uids[1], ctx.gids[1], ctx.groups)
+            found = execwatch.privileged_exec(n, self.arch)
             if found is not None:
-                self._check_valid(n)  # the memory read was the caller's
-                path, why = found
-                self.warn(
-                    f"exec-{path}",
-                    f"{path} is {why}: under forcing (no_new_privs) it runs without its "
-                    "privileges and may fail; run it outside mptcpkit run",
-                )
+                shown, path = found
+                ctx = read_task(n.pid)
+                why = binary.privilege(path, euid=ctx.uids[1], egid=ctx.gids[1], groups=ctx.groups)
+                self._check_valid(n)  # the memory and /proc reads were the caller's
+                if why is not None:
+                    self.warn(
+                        f"exec-{shown}",
+                        f"{shown} is {why}: under forcing (no_new_privs) it runs without its "
+                        "privileges and may fail; run it outside mptcpkit run",
+                    )
         except (ProcessLookupError, _Gone):
             pass
         self._continue(n)
