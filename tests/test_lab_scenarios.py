@@ -72,6 +72,7 @@ def test_per_link_rates_sum_and_loss(prefix: str) -> None:
     assert d["rate_mbit"] is None  # no single rate to speak of
     assert [lk["rate_mbit"] for lk in d["links"]] == [20.0, 5.0]
     assert d["share_of_sum"] == pytest.approx(d["goodput_mbit"] / 25.0, abs=1e-3)
+    assert d["steady_share_of_sum"] == pytest.approx(d["steady_mbit"] / 25.0, abs=1e-3)
     assert d["claim"]["used_links"] == [0, 1] and d["verified"] and d["lost_bytes"] == 0
     # Packets dropped on link 1 in both directions, by the rule in each namespace.
     assert d["filters"]["client"]["loss-1"] > 0 and d["filters"]["server"]["loss-1"] > 0
@@ -200,7 +201,7 @@ def test_scenario_usage_errors(prefix: str) -> None:
         ("--jitter", "5ms"): "need a delay",
         ("--signal-port",): "needs endpoints='signal'",
         ("--tcp", "--fastclose"): "MPTCP scenarios",
-        ("--flows", "0"): "expected 1 or more",
+        ("--flows", "0"): "expected 1 to 64",
     }
     for args, message in cases.items():
         rc, _, err = bench(prefix, *args, json_out=False)
@@ -208,3 +209,15 @@ def test_scenario_usage_errors(prefix: str) -> None:
         assert message in err, (args, err)
         assert err.count("\n") == 1, err
     assert lab.list_netns(prefix) == []
+
+
+def test_endpoints_of_both_families_while_they_fit(prefix: str) -> None:
+    # The kernel holds 8 endpoints per namespace: both families up to 5 paths; beyond,
+    # IPv4 only unless IPv6 is asked for (`lab bench --ipv6` does).
+    def families(**kwargs: Any) -> list[int]:
+        with lab.two_paths(prefix=prefix, **kwargs) as net:
+            return sorted(6 if ":" in e["address"] else 4 for e in net.host("client").endpoints())
+
+    assert families(paths=5) == [4] * 4 + [6] * 4
+    assert families(paths=8) == [4] * 7
+    assert families(paths=8, family=6) == [6] * 7
