@@ -26,12 +26,14 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.root
 def test_recipe_every_join_reaches_its_instance() -> None:
-    with fleet(2, recipe=True, rate="50mbit") as net, fleetrun.serving(net, proxy=False):
-        r = fleetrun.run(net, 16, 256 * 1024, concurrency=8)
+    # 20mbit links and 512K: each download takes long enough for its join (two round
+    # trips after the handshake) to be seen however loaded the machine.
+    with fleet(2, recipe=True, rate="20mbit") as net, fleetrun.serving(net, proxy=False):
+        r = fleetrun.run(net, 16, 512 * 1024, concurrency=8)
         unicast = {i.unicast for i in net.instances}
     assert r.verified, r.errors
     assert r.misrouted_joins == 0
-    assert r.joins == 16  # one join per connection, each to the owner's unicast address
+    assert r.joins == r.joins_established == 16  # one per connection, to its owner
     assert r.subflows_per_conn_min == r.subflows_per_conn_max == 2
     assert sum(r.per_instance) == 16
     for c in r.conns:  # the VIP subflow and one to an instance's own address
@@ -42,11 +44,12 @@ def test_recipe_every_join_reaches_its_instance() -> None:
 def test_naive_fleet_misroutes_joins() -> None:
     # Joins through the VIP land on the owner 1 time in 2: 24 connections all lucky is
     # a 2**-24 chance.
-    with fleet(2, recipe=False, rate="50mbit") as net, fleetrun.serving(net, proxy=False):
+    with fleet(2, recipe=False, rate="20mbit") as net, fleetrun.serving(net, proxy=False):
         r = fleetrun.run(net, 24, 256 * 1024, concurrency=8)
     assert r.verified, r.errors  # the data still arrives, over one path
     assert r.joins == 24
     assert r.misrouted_joins > 0
+    assert r.joins_established == 24 - r.misrouted_joins
     assert r.subflows_per_conn_min == 1
     single = sum(1 for c in r.conns if c.subflows == 1)
     assert single == r.misrouted_joins  # each misrouted join is a connection left on one path
@@ -94,7 +97,7 @@ def test_drain_moves_only_the_drained_buckets() -> None:
 @pytest.mark.root
 def test_demo_fleet_json() -> None:
     out = subprocess.run(
-        [*DEMO, "--connections", "6", "--size", "256K", "--rate", "50mbit", "--json"],
+        [*DEMO, "--connections", "6", "--size", "512K", "--no-naive", "--json"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -108,8 +111,7 @@ def test_demo_fleet_json() -> None:
     assert s["misrouted_joins"] == 0 and s["verified"] is True
     assert s["single_path_bps"] > 0 and s["goodput_ratio"]["c1"] > 0
     assert s["drain"]["finished_on_drained"] == s["drain"]["open_on_drained"] > 0
-    naive = s["naive"]
-    assert naive["verified"] and naive["joins"] == 6
+    assert "naive" not in s
     assert s["ok"] and all(c["ok"] for c in s["checks"])
 
 
@@ -117,7 +119,7 @@ def test_demo_fleet_json() -> None:
 @pytest.mark.slow
 def test_demo_fleet_recipe_100_connections() -> None:
     out = subprocess.run(
-        [*DEMO, "--instances", "3", "--no-naive", "--json"],
+        [*DEMO, "--instances", "3", "--json"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -127,6 +129,9 @@ def test_demo_fleet_recipe_100_connections() -> None:
     s = json.loads(out.stdout)
     assert s["connections"] >= 100 and s["misrouted_joins"] == 0
     assert s["subflows_per_conn_min"] == 2 and s["verified"]
+    naive = s["naive"]  # joins through the VIP: about 2 in 3 reach another instance
+    assert naive["verified"] and naive["misrouted_joins"] > 0
+    assert naive["subflows_per_conn_min"] == 1
 
 
 @pytest.mark.parametrize(

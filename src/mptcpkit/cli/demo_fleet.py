@@ -145,7 +145,8 @@ def _checks(s: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         (
             f"every connection has its {s['paths']} subflows (recipe)",
-            s["subflows_per_conn_min"] == s["paths"],
+            s["subflows_per_conn_min"] == s["paths"]
+            and s["joins_established"] == s["connections"] * (s["paths"] - 1),
         ),
         (
             f"connections of drained gw{d['drained']} finished over their unicast subflows",
@@ -177,7 +178,8 @@ def _format_run(title: str, r: dict[str, Any]) -> list[str]:
         f"  per instance     {per}",
         f"  subflows/conn    min {r['subflows_per_conn_min']} max {r['subflows_per_conn_max']} "
         f"(paths: {r['paths']})",
-        f"  joins            {r['joins']}, misrouted {r['misrouted_joins']} "
+        f"  joins            {r['joins']} ({r['joins_established']} established), misrouted "
+        f"{r['misrouted_joins']} "
         f"({100 * r['misroute_rate']:.0f}%: MPJoinNoTokenFound on the instances)",
     ]
     for client, bps in r["goodput_bps"].items():

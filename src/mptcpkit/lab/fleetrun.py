@@ -298,6 +298,7 @@ class FleetRun:
     size: int
     per_instance: list[int]
     joins: int
+    joins_established: int  # joins the instances completed (MPJoinAckRx)
     misrouted_joins: int
     subflows_per_conn_min: int
     subflows_per_conn_max: int
@@ -349,6 +350,7 @@ def run(
         size=size,
         per_instance=[accepted[i.index] for i in net.instances],
         joins=sum(_count(deltas, "MPJoinSynRx").values()),
+        joins_established=sum(_count(deltas, "MPJoinAckRx").values()),
         misrouted_joins=sum(_count(deltas, "MPJoinNoTokenFound").values()),
         subflows_per_conn_min=min(subflows),
         subflows_per_conn_max=max(subflows),
