@@ -8,21 +8,45 @@
 See README.md for the whole API.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from mptcpkit.abi.constants import IPPROTO_MPTCP, SOL_MPTCP, TCP_MD5SIG, TCP_MD5SIG_EXT
 from mptcpkit.abi.md5sig import encode_tcp_md5sig as tcp_md5sig
 from mptcpkit.abi.mptcp_info import MPTCPInfo
 from mptcpkit.abi.tcp_info import TCPInfo
-from mptcpkit.address import Address, parse_address
 from mptcpkit.downgrade import setsockopt
 from mptcpkit.errors import MPTCPUnavailableError, TCPOnlyOptionError
 from mptcpkit.introspect import Subflow, info, subflows
 from mptcpkit.policy import Policy
-from mptcpkit.run.inprocess import forced
 from mptcpkit.sockets import Socket, create_connection, create_server, socket
 from mptcpkit.status import SocketStatus, State, status
 from mptcpkit.support import Support, Unusable, available, support, tcp_md5sig_available
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from mptcpkit.address import Address, parse_address
+    from mptcpkit.run.inprocess import forced
+
+# Imported when first used (PEP 562): the address parser and `forced` (the layer of
+# `mptcpkit run`) cost every `import mptcpkit` time that socket users do not need.
+_LAZY = {
+    "Address": "mptcpkit.address",
+    "parse_address": "mptcpkit.address",
+    "forced": "mptcpkit.run.inprocess",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mptcpkit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "IPPROTO_MPTCP",

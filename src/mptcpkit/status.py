@@ -12,11 +12,11 @@ import enum
 import errno
 import socket
 import weakref
-from dataclasses import dataclass
 from typing import Protocol
 
 from mptcpkit._libc import getsockopt_inout
 from mptcpkit.abi import constants as c
+from mptcpkit.abi._record import record
 from mptcpkit.support import kernel_version
 
 
@@ -33,7 +33,7 @@ class State(enum.Enum):
     TCP = "TCP"  # a plain TCP socket
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SocketStatus:
     """`state`, and `reason` when mptcpkit knows why a socket is not MPTCP."""
 
