@@ -2,7 +2,10 @@
 
 `MPTCPKIT=off|on|listen|dial` is Go's `GODEBUG=multipathtcp=0|1|2|3` in words: `on`
 uses MPTCP for listeners and dialers, `listen` only for listeners, `dial` only for
-dialers. Unset means `on`. An explicit `mptcp=` argument always wins.
+dialers. Unset means `on`. An explicit `mptcp=` argument always wins. A socket made by
+`mptcpkit.socket()` has no role yet: under `listen` or `dial` it is MPTCP until its
+`connect()` or `listen()`, which makes it plain TCP if that role is not MPTCP's
+(`mptcpkit.sockets.RoleSocket`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ ENV_KEY = os.fsencode(ENV_VAR)
 def _env_value() -> str | None:
     raw = ENV_DATA.get(ENV_KEY)
     return None if raw is None else os.fsdecode(raw)
+
+
+def env_setting() -> str:
+    """$MPTCPKIT as given ("" when unset)."""
+    return _env_value() or ""
 
 
 def env_policy(role: Role) -> Policy:
