@@ -8,7 +8,7 @@
 See README.md for the whole API.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
 from mptcpkit.abi.constants import IPPROTO_MPTCP, SOL_MPTCP, TCP_MD5SIG, TCP_MD5SIG_EXT
 from mptcpkit.abi.md5sig import encode_tcp_md5sig as tcp_md5sig
@@ -22,11 +22,15 @@ from mptcpkit.sockets import Socket, create_connection, create_server, socket
 from mptcpkit.status import SocketStatus, State, status
 from mptcpkit.support import Support, Unusable, available, support, tcp_md5sig_available
 
-__version__ = "0.1.0"
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from typing import Any
+
     from mptcpkit.address import Address, parse_address
     from mptcpkit.run.inprocess import forced
+
+
+__version__ = "0.1.0"
 
 # Imported when first used (PEP 562): the address parser and `forced` (the layer of
 # `mptcpkit run`) cost every `import mptcpkit` time that socket users do not need.

@@ -8,10 +8,12 @@ buffer first (REFERENCE §3).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import ctypes
+    from typing import Any
+
 
 # Loaded on first use: importing ctypes costs every `import mptcpkit` several ms.
 _getsockopt: Any = None

@@ -13,14 +13,11 @@ Once connected, the error names the option and the way out.
 from __future__ import annotations
 
 import _socket
-import contextlib
 import errno
 import fcntl
 import os
 import socket
 import struct
-from collections.abc import Sequence
-from typing import Any
 
 from mptcpkit.abi import constants as c
 from mptcpkit.errors import TCPOnlyOptionError
@@ -34,6 +31,12 @@ from mptcpkit.handover import (
 from mptcpkit.options import OptionInfo, option_name, tcp_only_options
 from mptcpkit.policy import Policy
 from mptcpkit.status import protocol, record_note
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
 
 _REJECTION_ERRNOS = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _S, _IP, _IP6, _TCP = c.SOL_SOCKET, c.SOL_IP, c.SOL_IPV6, c.SOL_TCP
@@ -224,16 +227,16 @@ def _plan(family: int, reference: socket.socket | None = None) -> Plan:
     process (a downgrade runs it ~40 times: it is kept to one syscall each)."""
     plan = _plans.get(family) if reference is None else None
     if plan is None:
-        with (
-            socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
-            if reference is None
-            else contextlib.nullcontext(reference)
-        ) as fresh:
+        fresh = reference or socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
+        try:
             plan = tuple(
                 (level, optname, size, _get(fresh, level, optname, size))
                 for (level, optname), size in CARRIED.items()
                 if not (family == socket.AF_INET and level == _IP6)  # TCP has none there
             )
+        finally:
+            if reference is None:
+                fresh.close()
         if reference is None:
             _plans[family] = plan
     return plan

@@ -18,7 +18,6 @@ from __future__ import annotations
 import _thread
 import errno
 import socket
-from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
 from mptcpkit.abi._record import record
@@ -31,6 +30,11 @@ from mptcpkit.abi.optnames import (
     SOL_TCP,
     option_name,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
 
 IPPROTO_MPTCP = 262
 OptionKey = tuple[int, int]  # (level, optname)

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Literal
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Literal
+
 
 ENV_VAR = "MPTCPKIT"
 
@@ -23,8 +27,11 @@ class Policy(enum.Enum):
     OFF = "off"  # plain TCP
 
 
-PolicyLike = Policy | Literal["prefer", "require", "off"] | bool | None
-Role = Literal["listen", "dial", "socket"]
+if TYPE_CHECKING:
+    PolicyLike = Policy | Literal["prefer", "require", "off"] | bool | None
+    Role = Literal["listen", "dial", "socket"]
+else:  # names for annotations only; spelt out above for type checkers
+    PolicyLike = Role = object
 
 _ENV_ROLES: dict[str, frozenset[str]] = {
     "on": frozenset({"listen", "dial", "socket"}),

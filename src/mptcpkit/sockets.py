@@ -8,10 +8,8 @@ Only a failure to *create* the MPTCP socket falls back.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket as _socket
-from typing import Any
 
 from mptcpkit.abi.constants import IPPROTO_MPTCP, IPPROTO_TCP
 from mptcpkit.downgrade import become_plain_tcp, retry_after_downgrade
@@ -28,6 +26,11 @@ from mptcpkit.policy import (
 )
 from mptcpkit.status import protocol, record_note, status
 from mptcpkit.support import describe_creation_error
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
+
 
 _GLOBAL_DEFAULT_TIMEOUT: Any = _socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
 _AF_INET, _AF_INET6, _SOCK_STREAM = _socket.AF_INET, _socket.AF_INET6, _socket.SOCK_STREAM
@@ -331,8 +334,10 @@ def create_server(
     else:  # AF_UNIX and the like: what the stdlib makes
         sock = _make(family, _socket.SOCK_STREAM, 0, None, Policy.OFF)
     try:
-        with contextlib.suppress(OSError):  # as the stdlib: bind() will say what is wrong
+        try:  # noqa: SIM105 - importing contextlib would cost every import mptcpkit
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        except OSError:
+            pass  # as the stdlib: bind() will say what is wrong
         if reuse_port:
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
         if family == _socket.AF_INET6:

@@ -10,9 +10,18 @@ dataclass (PEP 681).
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, dataclass_transform
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar, dataclass_transform
 
-_C = TypeVar("_C", bound=type)
+    _C = TypeVar("_C", bound=type)
+
+
+else:
+
+    def dataclass_transform(**_: object) -> Callable[[_C], _C]:
+        return lambda decorator: decorator
 
 
 def _frozen(self: object, name: str, value: object = None) -> None:
