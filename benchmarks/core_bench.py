@@ -154,16 +154,15 @@ def downgrade_cost(rounds: int = 7, count: int = 3000) -> float:
 
 
 def import_time(runs: int = 21) -> float:
-    """Wall time `import mptcpkit` adds to a fresh interpreter, in ms: medians of runs
-    alternating with a bare interpreter start."""
+    """Wall time `import mptcpkit` and the socket layer's first use add to a fresh
+    interpreter, in ms: medians of runs alternating with a bare interpreter start."""
     import os
     import subprocess
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "src"))
-    commands = {
-        "bare": [sys.executable, "-c", "pass"],
-        "import": [sys.executable, "-c", "import mptcpkit"],
-    }
+    # The import, and the first use of the socket layer (the package loads on use).
+    use = "import mptcpkit; mptcpkit.create_connection, mptcpkit.subflows, mptcpkit.setsockopt"
+    commands = {"bare": [sys.executable, "-c", "pass"], "import": [sys.executable, "-c", use]}
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(runs):
         for name, command in commands.items():
@@ -225,7 +224,8 @@ def main() -> int:
     print(f" (target <= 30 us: {verdict})")
     import_ms = import_time()
     verdict = "ok" if import_ms <= 30 else "MISSED"
-    print(f"  import mptcpkit, fresh interpreter: {import_ms:.1f} ms (target <= 30 ms: {verdict})")
+    print(f"  import mptcpkit + socket layer, fresh interpreter: {import_ms:.1f} ms", end="")
+    print(f" (target <= 30 ms: {verdict})")
     for s in (client, accepted, fallback, fallback_server, mptcp_listener, tcp_listener):
         s.close()
     cli_help()

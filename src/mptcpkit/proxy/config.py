@@ -12,6 +12,7 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
     user = "nobody"             # drop root after binding
     group = "nogroup"
     stop-timeout = "10s"        # SIGTERM: drain this long, then cut
+    hard-stop-after = "30m"     # reload: old workers still draining then are cut
 
     [frontend.web]
     bind = ["mptcp@:8443", "mptcp@[::]:9000-9010"]
@@ -133,6 +134,7 @@ class GlobalSettings:
     user: str | None = None
     group: str | None = None
     stop_timeout: float = 10.0
+    hard_stop_after: float | None = None  # reload: old workers are cut after this
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,18 @@ def _address(r: _Reader, key: str, text: object, *, server: bool) -> Address:
 
 
 def _global(r: _Reader) -> GlobalSettings:
-    r.only(("workers", "log", "log-format", "metrics", "user", "group", "stop-timeout"))
+    r.only(
+        (
+            "workers",
+            "log",
+            "log-format",
+            "metrics",
+            "user",
+            "group",
+            "stop-timeout",
+            "hard-stop-after",
+        )
+    )
     cpus = os.cpu_count() or 1
     metrics_text = r.get_str("metrics", DEFAULT_METRICS)
     metrics = None
@@ -291,6 +304,7 @@ def _global(r: _Reader) -> GlobalSettings:
         user=r.get_str("user", None),
         group=r.get_str("group", None),
         stop_timeout=stop,
+        hard_stop_after=r.duration("hard-stop-after", None, allow_none=True),
     )
 
 

@@ -30,7 +30,7 @@ from typing import TextIO
 
 from mptcpkit import netns
 from mptcpkit.abi.constants import IPPROTO_MPTCP
-from mptcpkit.run import abi, swap, syscalls
+from mptcpkit.run import abi, execwatch, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.procfd import epoll_watches, process_fds
@@ -246,6 +246,8 @@ class Supervisor:
                 "the program uses io_uring: sockets it makes through io_uring are not forced",
             )
             self._continue(n)
+        elif nr in (self.arch.execve, self.arch.execveat):
+            self._on_exec(n)
         elif nr == self.arch.seccomp:
             self.warn(
                 "seccomp",
@@ -255,6 +257,23 @@ class Supervisor:
             self._continue(n)
         else:
             self._continue(n)
+
+    def _on_exec(self, n: abi.Notification) -> None:
+        """A setuid/file-capability program exec'd under forcing starts unprivileged."""
+        try:
+            ctx = read_task(n.pid)
+            found = execwatch.privileged_exec(n, self.arch, ctx.uids[1], ctx.gids[1], ctx.groups)
+            if found is not None:
+                self._check_valid(n)  # the memory read was the caller's
+                path, why = found
+                self.warn(
+                    f"exec-{path}",
+                    f"{path} is {why}: under forcing (no_new_privs) it runs without its "
+                    "privileges and may fail; run it outside mptcpkit run",
+                )
+        except (ProcessLookupError, _Gone):
+            pass
+        self._continue(n)
 
     def warn(self, key: str, message: str) -> None:
         if key in self._warned:
@@ -449,8 +468,11 @@ class Supervisor:
             # The program's descriptor now holds the plain TCP socket. The MPTCP one
             # is only released when the program's call returns (the kernel closes
             # it in the program's context), so it must let go of its port first.
-            self._forced.pop(key, None)
-            self.stats.swapped += 1
+            if key in self._forced:
+                self._forced.pop(key)
+                self.stats.swapped += 1
+            else:
+                self.stats.repaired += 1  # an MPTCP socket the program asked for itself
             try:
                 swap.rebind(old, new, how)
             except OSError as exc:
@@ -463,17 +485,22 @@ class Supervisor:
 
     def _rewatch(self, pidfd: int, pid: int, fds: list[int], ino: int, new_fd: int) -> None:
         """Add `new_fd` to each epoll set of `pid` that watched the old socket."""
-        for epfd, events, data in epoll_watches(pid, set(fds), ino):
-            try:
-                ours = syscalls.pidfd_getfd(pidfd, epfd)
-            except OSError:
-                continue
-            try:
-                syscalls.epoll_ctl(ours, syscalls.EPOLL_CTL_ADD, new_fd, events, data)
-            except OSError as exc:
-                self.warn("epoll", f"could not watch the plain TCP socket: {exc.strerror}")
-            finally:
-                os.close(ours)
+        held: list[int] = []  # epoll keys a watch by (file, fd number): one number per watch
+        try:
+            for epfd, events, data in epoll_watches(pid, set(fds), ino):
+                try:
+                    ours = syscalls.pidfd_getfd(pidfd, epfd)
+                except OSError:
+                    continue
+                held.append(ours)
+                held.append(os.dup(new_fd))
+                try:
+                    syscalls.epoll_ctl(ours, syscalls.EPOLL_CTL_ADD, held[-1], events, data)
+                except OSError as exc:
+                    self.warn("epoll", f"could not watch the plain TCP socket: {exc.strerror}")
+        finally:
+            for fd in held:
+                os.close(fd)
 
     # -- kernel calls ------------------------------------------------------------
 
