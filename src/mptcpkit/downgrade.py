@@ -136,6 +136,12 @@ def retry_after_downgrade(
 
 
 def _refuse(option: OptionInfo, why: str) -> TCPOnlyOptionError:
+    if option.level == -1:  # not an option: become_plain_tcp()
+        return TCPOnlyOptionError(
+            errno.EOPNOTSUPP,
+            f"{option.name} asks for plain TCP here ({option.why}), but this socket cannot "
+            f"become plain TCP now: {why}; pass mptcp='off' or 'prefer' explicitly",
+        )
     return TCPOnlyOptionError(
         errno.ENOPROTOOPT,
         f"{option.name} is not supported on MPTCP sockets, and this socket cannot become "
