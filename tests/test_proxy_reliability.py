@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -380,3 +382,195 @@ def test_hard_stop_after_cuts_old_workers(tmp_path: Path) -> None:
             assert held.recv(1) == b""
         held.close()
         _echo_through(px.port("fe"))  # the new worker serves
+
+
+# --- maxconn for the whole proxy, and the fd limit it needs (item 5) --------------------
+
+
+def test_maxconn_is_for_the_whole_proxy(tmp_path: Path) -> None:
+    """workers = 2, maxconn = 4: four connections served at once, not eight."""
+    with (
+        Server(echo) as srv,
+        run_proxy(
+            tmp_path,
+            _conf(0, {"s": f"tcp@127.0.0.1:{srv.port}"}, 'workers = 2\nmetrics = ""').replace(
+                "backend = 'be'", "backend = 'be'\nmaxconn = 4"
+            ),
+        ) as px,
+    ):
+        port = px.port("fe")
+        clients = []
+        for _ in range(20):  # SO_REUSEPORT spreads them: each worker gets more than 2
+            c = socket.create_connection(("127.0.0.1", port), timeout=20)
+            c.sendall(b"x")
+            clients.append(c)
+        wait_for(lambda: srv.accepted >= 4, what="four served")
+        time.sleep(1.0)  # would a fifth get through?
+        assert srv.accepted == 4, f"maxconn = 4 let {srv.accepted} through"
+        for c in clients:
+            c.close()
+
+
+def _limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no fd limit")
+
+
+def test_fd_limit_raised_for_maxconn(tmp_path: Path) -> None:
+    """ulimit -n 512, maxconn 3000: the workers may open the 6000-odd fds maxconn
+    needs (as HAProxy computes ulimit-n)."""
+    conf = _conf(0, {"s": "tcp@127.0.0.1:9"}).replace(
+        "backend = 'be'", "backend = 'be'\nmaxconn = 3000"
+    )
+    path = tmp_path / "p.toml"
+    path.write_text(conf)
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    p = subprocess.Popen(
+        [*PROXY_CMD, "-c", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=low,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split(),
+            what="a worker",
+        )
+        (worker,) = (
+            int(x) for x in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+        )
+        soft, _ = _limits(worker)
+        assert soft >= 2 * 3000, f"worker fd limit {soft} for maxconn 3000"
+    finally:
+        p.terminate()
+        p.wait(20)
+
+
+def test_fd_limit_out_of_reach_exit_2_saying_what_to_change(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "p.toml"
+    path.write_text(
+        _conf(port, {"s": "tcp@127.0.0.1:9"}).replace(
+            "backend = 'be'", "backend = 'be'\nmaxconn = 10000000"
+        )
+    )
+    for extra in (["--check"], []):
+        r = _cli(["-c", str(path), *extra])
+        assert r.returncode == 2, r
+        assert f"{path}: frontend.fe.maxconn: maxconn 10000000 needs " in r.stderr, r.stderr
+        assert "lower maxconn, or raise the limit (ulimit -n" in r.stderr, r.stderr
+        _nothing_listens(port)
+
+
+def test_out_of_fds_for_a_server_socket_is_the_proxys_error(tmp_path: Path) -> None:
+    """The worker can accept a client but not open the server's socket: EMFILE is the
+    proxy's failure (logged and counted as such), not the server's."""
+    glob = 'workers = 1\nmetrics = "127.0.0.1:0"'
+    with (
+        Server(echo) as srv,
+        run_proxy(tmp_path, _conf(0, {"s": f"tcp@127.0.0.1:{srv.port}"}, glob)) as px,
+    ):
+        port = px.port("fe")
+        _echo_through(port)
+        # the warm-up's fds are closed and the metrics files open once its line is out
+        wait_for(lambda: px.conn_lines(), what="the warm-up connection's log line")
+        (worker,) = px.workers()
+        before = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+        used = {int(fd) for fd in os.listdir(f"/proc/{worker}/fd")}
+        free = sorted(set(range(max(used) + 3)) - used)
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, (free[1], before[1]))  # one fd left
+        try:
+            c = socket.create_connection(("127.0.0.1", port), timeout=20)
+            c.sendall(b"x")
+            with contextlib.suppress(ConnectionResetError):
+                assert c.recv(1) == b""
+            c.close()
+            want = "frontend fe: no socket for a server connection (EMFILE), retrying in 1s"
+            wait_for(lambda: want in px.log(), what="the proxy to own the EMFILE")
+        finally:
+            resource.prlimit(worker, resource.RLIMIT_NOFILE, before)
+        assert "connect to s" not in px.log(), px.log()
+        line = wait_for(lambda: px.conn_lines(), what="the connection's log line")[-1]
+        assert "ended='proxy error: EMFILE'" in line, line
+        wait_for(lambda: _echoes(port), what="serving again")
+
+        def counted() -> str | None:
+            t = px.metrics()
+            return t if "mptcpkit_proxy_errors_total{" in t else None
+
+        m = wait_for(counted, what="the error counted")
+        assert 'mptcpkit_proxy_errors_total{error="EMFILE",frontend="fe"} 1.0' in m, m
+        assert "mptcpkit_proxy_connect_failures_total{" not in m, m
+
+
+def _echoes(port: int) -> bool:
+    try:
+        _echo_through(port)
+    except (OSError, AssertionError):
+        return False
+    return True
+
+
+def test_default_maxconn_fits_a_low_fd_limit(tmp_path: Path) -> None:
+    """Without maxconn in the file, a low `ulimit -n` lowers it (as HAProxy derives
+    maxconn from ulimit-n) and says so: (512 - 66 fixed) / 2 per connection."""
+    path = tmp_path / "p.toml"
+    with Server(echo) as srv:
+        path.write_text(_conf(0, {"s": f"tcp@127.0.0.1:{srv.port}"}))
+
+        def low() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+        r = subprocess.run(
+            [*PROXY_CMD, "-c", str(path), "--check"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            preexec_fn=low,
+        )
+        assert r.returncode == 0, r
+        assert "maxconn lowered from 10000 to 223 per frontend to fit the fd limit of 512" in (
+            r.stdout
+        ), r.stdout
+
+
+# --- unix socket binds (item 10) ----------------------------------------------------
+
+
+def test_unix_bind_removed_on_stop_and_on_reload(tmp_path: Path) -> None:
+    sock = tmp_path / "p.sock"
+    gone = tmp_path / "gone.sock"
+    keep = tmp_path / "not-a-socket"
+    keep.write_text("data")
+    with Server(echo) as srv:
+        conf = _conf(0, {"s": f"tcp@127.0.0.1:{srv.port}"}).replace(
+            "bind = 'mptcp@127.0.0.1:0'", f"bind = ['unix@{sock}', 'unix@{gone}']"
+        )
+        with run_proxy(tmp_path, conf) as px:
+            assert sock.is_socket() and gone.is_socket()
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect(str(sock))
+                c.sendall(b"hi")
+                c.shutdown(socket.SHUT_WR)
+                assert recv_all(c) == b"hi"
+            (tmp_path / "proxy.toml").write_text(conf.replace(f", 'unix@{gone}'", ""))
+            px.signal(signal.SIGHUP)
+            wait_for(lambda: "reloaded" in px.log(), what="reload")
+            assert not gone.exists(), "a unix bind removed by a reload left its file"
+            assert sock.is_socket()
+        assert not sock.exists(), "the proxy left its unix socket behind"
+    # a bind on a path that is not a socket is refused, the file untouched
+    bad = tmp_path / "bad.toml"
+    bad.write_text(conf.replace(f"['unix@{sock}', 'unix@{gone}']", f"'unix@{keep}'"))
+    r = _cli(["-c", str(bad)])
+    assert r.returncode == 2 and "cannot listen on unix@" in r.stderr, r.stderr
+    assert keep.read_text() == "data"

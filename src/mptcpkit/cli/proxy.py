@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
         if args.check:
-            prepare.prepare(cfg)  # names resolved, log writable, users known: as at start
+            prep = prepare.prepare(cfg)  # as at start: names, log, users, fd limit
+            for note in prep.notes:
+                print(f"{cfg.source}: {note}")
             n_srv = sum(len(b.servers) for b in cfg.backends.values())
             print(
                 f"{cfg.source}: OK: {len(cfg.frontends)} frontends, {len(cfg.backends)} "

@@ -17,7 +17,7 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
     [frontend.web]
     bind = ["mptcp@:8443", "mptcp@[::]:9000-9010"]
     backend = "app"
-    maxconn = 10000
+    maxconn = 10000             # for the whole proxy, shared out between the workers
     accept-proxy = false
     timeout = { client = "60s", connect = "5s", server = "60s" }
 
@@ -121,6 +121,7 @@ class Frontend:
     binds: tuple[Address, ...]
     backend: str
     maxconn: int = 10000
+    maxconn_set: bool = False  # given in the file: never lowered to fit the fd limit
     timeouts: Timeouts = field(default_factory=Timeouts)
     accept_proxy: bool = False
 
@@ -143,6 +144,11 @@ class Config:
     global_: GlobalSettings
     frontends: tuple[Frontend, ...]
     backends: Mapping[str, Backend]
+
+    def maxconn_share(self, f: Frontend, worker: int) -> int:
+        """Worker `worker`'s part of `f.maxconn`: the parts add up to maxconn."""
+        n = self.global_.workers
+        return f.maxconn // n + (1 if worker < f.maxconn % n else 0)
 
 
 # --- scalar readers: each raises ConfigError naming the key ---------------------------
@@ -343,6 +349,7 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         binds=binds,
         backend=backend,
         maxconn=r.get_int("maxconn", 10000, 1, 10_000_000),
+        maxconn_set=r.has("maxconn"),
         timeouts=_timeouts(r.sub("timeout")),
         accept_proxy=r.get_bool("accept-proxy", False),
     )
@@ -451,6 +458,12 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if f.backend not in backends:
             have = ", ".join(sorted(backends)) or "none"
             raise sub.error("backend", f"no backend named {f.backend!r} (have: {have})")
+        if f.maxconn < global_.workers:
+            raise sub.error(
+                "maxconn",
+                f"{f.maxconn} is fewer than global.workers ({global_.workers}):"
+                " maxconn is shared out between the workers, each needs at least one",
+            )
         for i, b in enumerate(f.binds):
             key = f"bind[{i}]" if len(f.binds) > 1 else "bind"
             for other_fe, other_key, other in bound:

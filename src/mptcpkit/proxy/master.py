@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -61,14 +62,21 @@ def _unix_server(path: str) -> socket.socket:
         if path.startswith("@"):
             s.bind("\0" + path[1:])
         else:
-            if os.path.exists(path) and not _listening(path):
-                os.unlink(path)  # a stale socket file from an earlier run
+            if _is_socket(path) and not _listening(path):
+                os.unlink(path)  # a stale socket file from an earlier run (never another file)
             s.bind(path)
         s.listen(BACKLOG)
     except BaseException:
         s.close()
         raise
     return s
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _listening(path: str) -> bool:
@@ -103,6 +111,7 @@ class ListenerPool:
 
     def __init__(self) -> None:
         self.socks: dict[_Key, list[socket.socket]] = {}
+        self.files: dict[int, tuple[str, int]] = {}  # id(unix socket) -> (path, inode)
 
     def bind(self, cfg: Config, workers: int) -> tuple[dict[_Key, list[socket.socket]], list[str]]:
         """Sockets for `cfg` (reusing ours), plus 'frontend address' lines; all or nothing."""
@@ -137,20 +146,32 @@ class ListenerPool:
                     )
         except BaseException:
             for s in made:
-                s.close()
+                self.discard(s)
             raise
         return new, lines
+
+    def discard(self, s: socket.socket) -> None:
+        """Close a listener; a unix socket's file goes too (if it is still ours)."""
+        path, ino = self.files.pop(id(s), ("", 0))
+        s.close()
+        if path:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
 
     def _get(
         self, text: str, w: int, new: dict[_Key, list[socket.socket]]
     ) -> list[socket.socket] | None:
         return new.get((text, w)) or self.socks.get((text, w))
 
-    @staticmethod
-    def _create(cfg: Config, key: str, addr: Any, made: list[socket.socket]) -> list[socket.socket]:
+    def _create(
+        self, cfg: Config, key: str, addr: Any, made: list[socket.socket]
+    ) -> list[socket.socket]:
         with _listen_errors(cfg, key, addr):
             if addr.protocol == "unix":
                 socks = [_unix_server(addr.path)]
+                if not addr.path.startswith("@"):
+                    self.files[id(socks[0])] = (addr.path, os.stat(addr.path).st_ino)
             else:
                 socks = list(addr.create_server(backlog=BACKLOG, reuse_port=True))
         made.extend(socks)
@@ -175,10 +196,9 @@ class ListenerPool:
     def adopt(self, new: dict[_Key, list[socket.socket]]) -> None:
         """Make `new` the pool; close what the new config no longer uses."""
         keep = {id(s) for socks in new.values() for s in socks}
-        for socks in self.socks.values():
-            for s in socks:
-                if id(s) not in keep:
-                    s.close()
+        for s in self.all():
+            if id(s) not in keep:
+                self.discard(s)
         self.socks = new
 
     def for_worker(self, cfg: Config, w: int) -> dict[str, list[socket.socket]]:
@@ -206,7 +226,7 @@ class ListenerPool:
 
     def close(self) -> None:
         for s in self.all():
-            s.close()
+            self.discard(s)
         self.socks = {}
 
 
@@ -237,6 +257,9 @@ class Master:
     def start(self) -> None:
         """Resolve, check and bind everything, or raise ConfigError with nothing listening."""
         self.prep = prepare(self.cfg)
+        self.cfg = self.prep.cfg or self.cfg
+        for note in self.prep.notes:
+            self.log.event(note)
         new, lines = self.pool.bind(self.cfg, self.cfg.global_.workers)
         self.pool.adopt(new)
         m = self.cfg.global_.metrics
@@ -434,6 +457,7 @@ class Master:
                     "reload: global.metrics changes need a restart; keeping the old address"
                 )
             prep = prepare(cfg)
+            cfg = prep.cfg or cfg
             new, lines = self.pool.bind(cfg, cfg.global_.workers)
         except ConfigError as exc:
             self._reload_failed(str(exc))
@@ -457,10 +481,9 @@ class Master:
             # had are closed, and the running ones never knew.
             self._retire(list(self.workers), signal.SIGTERM, None)
             keep = {id(s) for s in self.pool.all()}
-            for socks in new.values():
-                for s in socks:
-                    if id(s) not in keep:
-                        s.close()
+            for s in {id(s): s for socks in new.values() for s in socks}.values():
+                if id(s) not in keep:
+                    self.pool.discard(s)
             self.cfg, self.prep, self.workers = running
             self._reload_failed(error)
             return
@@ -470,7 +493,7 @@ class Master:
         self._retire(
             list(running[2]), signal.SIGUSR1, None if hard is None else time.monotonic() + hard
         )
-        for line in lines:
+        for line in (*prep.notes, *lines):
             self.log.event(line)
         self.log.event(
             f"reloaded {cfg.source}: {cfg.global_.workers} new workers, "
@@ -574,6 +597,14 @@ def _worker_main(
     # Startup objects will never be garbage: keep them out of every GC pass.
     gc.collect()
     gc.freeze()
+
+    # maxconn is for the whole proxy: this worker takes its share of each frontend's.
+    cfg = dataclasses.replace(
+        cfg,
+        frontends=tuple(
+            dataclasses.replace(f, maxconn=cfg.maxconn_share(f, slot)) for f in cfg.frontends
+        ),
+    )
 
     async def main() -> None:
         rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=prep.targets)

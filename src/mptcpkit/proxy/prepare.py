@@ -10,10 +10,13 @@ name themselves.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import grp
 import os
 import pwd
+import resource
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,8 @@ __all__ = [
     "Prepared",
     "Targets",
     "check_log",
+    "fd_limit",
+    "fds_needed",
     "log_error",
     "prepare",
     "resolve",
@@ -31,6 +36,7 @@ __all__ = [
     "resolve_targets",
 ]
 
+FD_RESERVE = 64  # the interpreter, epoll, timers, the log, metrics files, pipes
 Targets = dict[str, dict[str, tuple[int, Any]]]  # backend -> server -> (family, sockaddr)
 
 
@@ -40,6 +46,8 @@ class Prepared:
 
     ids: tuple[int | None, int | None] = (None, None)  # (uid, gid) workers switch to
     targets: Targets = field(default_factory=dict)
+    cfg: Config | None = None  # the configuration to run (maxconn fitted to the fd limit)
+    notes: tuple[str, ...] = ()  # what was changed, for the log
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -47,7 +55,61 @@ def prepare(cfg: Config) -> Prepared:
     ids = resolve_ids(cfg)
     targets = resolve_targets(cfg)
     check_log(cfg)
-    return Prepared(ids, targets)
+    cfg, notes = fd_limit(cfg)
+    return Prepared(ids, targets, cfg, notes)
+
+
+def fds_needed(cfg: Config) -> tuple[int, int]:
+    """(fixed, connection slots): a process of `cfg` needs fixed + 2 * slots file
+    descriptors, as HAProxy computes ulimit-n. A worker: two per connection of its
+    maxconn share, its listeners, a health check per server and a reserve; the master
+    holds every worker's listeners."""
+    listeners = sum(len(a.ports) or 1 for f in cfg.frontends for a in f.binds)
+    servers = sum(len(b.servers) for b in cfg.backends.values())
+    conns = sum(cfg.maxconn_share(f, 0) for f in cfg.frontends)  # worker 0: the largest
+    worker = listeners + servers + FD_RESERVE
+    master = listeners * cfg.global_.workers + FD_RESERVE
+    return max(worker, master - 2 * conns), conns
+
+
+def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
+    """Raise RLIMIT_NOFILE to what maxconn needs (workers inherit it): the soft limit,
+    and the hard one when allowed (root with CAP_SYS_RESOURCE). Out of reach, maxconns
+    left at their default are lowered to fit (HAProxy derives maxconn from ulimit-n);
+    a maxconn given in the file is a ConfigError saying what to change."""
+    fixed, conns = fds_needed(cfg)
+    need = fixed + 2 * conns
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return cfg, ()
+    for limits in ((need, max(hard, need)), (hard, hard)):
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            break
+    have = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if have >= need:
+        return cfg, ()
+    named = [f for f in cfg.frontends if f.maxconn_set]
+    if named:
+        key = f"frontend.{named[0].name}.maxconn" if len(named) == 1 else "maxconn"
+        total = sum(f.maxconn for f in cfg.frontends)
+        raise ConfigError(
+            cfg.source,
+            key,
+            f"maxconn {total} needs {need} file descriptors per process, above the"
+            f" limit of {have} (ulimit -n): lower maxconn, or raise the limit"
+            f" (ulimit -n {need}; systemd: LimitNOFILE={need})",
+        )
+    n = cfg.global_.workers
+    per_worker = max(1, (have - fixed) // 2 // len(cfg.frontends))
+    maxconn = max(n, per_worker * n)
+    fitted = dataclasses.replace(
+        cfg, frontends=tuple(dataclasses.replace(f, maxconn=maxconn) for f in cfg.frontends)
+    )
+    return fitted, (
+        f"maxconn lowered from {cfg.frontends[0].maxconn} to {maxconn} per frontend to fit"
+        f" the fd limit of {have} (ulimit -n): set maxconn, or raise the limit",
+    )
 
 
 def resolve(addr: Any) -> tuple[int, Any]:
