@@ -51,6 +51,11 @@ struct pidfd_info_v0 {
 #define PIDFD_GET_INFO _IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info_v0)
 #define PIDFD_INFO_CREDS (1UL << 1)
 
+/* 6.6+: the kernel switches between the trapped thread and the supervisor on one CPU
+ * (a synchronous wake-up) instead of waking the other side elsewhere. */
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS _IOW('!', 4, uint64_t)
+#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP 1ULL
+
 enum { DONE, GONE, SLOW };
 enum { KIND_IDLE, KIND_SLOW, KIND_ERROR };
 
@@ -67,6 +72,7 @@ typedef struct {
     int ngroups;
     int killable;
     int use_pidfd; /* 1: pidfs ioctls work here; 0: /proc */
+    int sync_wakeup;
     unsigned long io_recv, io_send, io_addfd, io_id_valid;
     uint32_t addfd_flag_send;
     unsigned char *buf;
@@ -295,17 +301,17 @@ static int long3(PyObject *seq, long *out) {
 static int Server_init(Server *s, PyObject *args, PyObject *kwds) {
     static char *kw[] = {"listener", "recv_size", "audit_arch", "nr_socket", "netns",
                          "uids",     "gids",      "groups",     "killable",  "ioctls",
-                         "addfd_flag_send", "pidfd", NULL};
+                         "addfd_flag_send", "pidfd", "sync_wakeup", NULL};
     unsigned long long ns_dev, ns_ino;
     PyObject *uids, *gids, *groups;
     unsigned int audit_arch, flag_send;
-    int killable, pidfd = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inIi(KK)O!O!O!p(kkkk)I|p", kw, &s->listener,
+    int killable, pidfd = 1, sync_wakeup = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inIi(KK)O!O!O!p(kkkk)I|pp", kw, &s->listener,
                                      &s->recv_size, &audit_arch, &s->nr_socket, &ns_dev,
                                      &ns_ino, &PyTuple_Type, &uids, &PyTuple_Type, &gids,
                                      &PyTuple_Type, &groups, &killable, &s->io_recv,
                                      &s->io_send, &s->io_addfd, &s->io_id_valid, &flag_send,
-                                     &pidfd))
+                                     &pidfd, &sync_wakeup))
         return -1;
     if (long3(uids, s->uids) < 0 || long3(gids, s->gids) < 0)
         return -1;
@@ -329,6 +335,8 @@ static int Server_init(Server *s, PyObject *args, PyObject *kwds) {
     s->ns_dev = (dev_t)ns_dev;
     s->ns_ino = (ino_t)ns_ino;
     s->killable = killable;
+    uint64_t sync = SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP;
+    s->sync_wakeup = sync_wakeup && ioctl(s->listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, sync) == 0;
     /* pidfs only if it describes this very thread as Python saw it */
     s->use_pidfd = pidfd && same_context_pidfd(s, (uint32_t)syscall(SYS_gettid)) == 1;
     PyMem_Free(s->buf);

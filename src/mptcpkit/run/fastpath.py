@@ -14,6 +14,11 @@ calls instead of formatting /proc/<tid>/status. Supplementary groups are not com
 there (Python compares them): a socket records its creator's fsuid/fsgid and network
 namespace, never its groups.
 
+It also asks the kernel (6.6+) for synchronous wake-ups on the listener
+(SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP): the trapped thread and the supervisor then hand
+over on one CPU, as a call and its return would, instead of waking each other on
+another.
+
 Optional: without a C compiler the package builds without it and the supervisor is
 pure Python. `MPTCPKIT_RUN_FASTPATH=0` turns it off, `=proc` makes it read /proc
 (tests run all three).
