@@ -91,14 +91,19 @@ PROBE = textwrap.dedent("""
         # our own clock is exact; a sleeping supervisor's schedstat is up to date
         return time.process_time_ns() + cpu_ns(others)
 
+    def cpu_helper():
+        return cpu_ns(others)
+
     def timed(fn, count):
-        walls, cpus = [], []
+        walls, cpus, helper = [], [], []
         for _ in range(repeat):
-            c, t = cpu_all(), time.perf_counter_ns()
+            h, c, t = cpu_helper(), cpu_all(), time.perf_counter_ns()
             fn(count)
             walls.append((time.perf_counter_ns() - t) / count)
             cpus.append((cpu_all() - c) / count)
-        return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+            helper.append((cpu_helper() - h) / count)
+        mid = len(walls) // 2
+        return sorted(walls)[mid], sorted(cpus)[mid], sorted(helper)[mid]
 
     s = _socket.socket(2, 1, proto)
     made = s.getsockopt(1, 38)
@@ -186,6 +191,10 @@ def main() -> int:
         "bare MPTCP": ([], IPPROTO_MPTCP),
         "mptcpize": ([mptcpize, "run"] if mptcpize else None, 0),
         "seccomp": ([*run, "--strategy", "seccomp", "--"], 0),
+        "seccomp, Python only": (
+            ["env", "MPTCPKIT_RUN_FASTPATH=0", *run, "--strategy", "seccomp", "--"],
+            0,
+        ),
         "bpf": ([*run, "--strategy", "bpf", "--"], 0),
     }
     results: dict[str, dict[str, object] | str] = {}
@@ -196,31 +205,32 @@ def main() -> int:
 
     print(f"{os.uname().release}, {os.cpu_count()} CPUs; medians of {args.repeat} samples.")
     print("wall: per call, seen by the program; cpu: per call, every process of the run")
-    print("(the supervisor included); x MPTCP / x TCP: ratio to the same call made bare")
+    print("(superv.: the supervisor's part); x MPTCP / x TCP: ratio to the same call made bare")
     cols = (
         ("socket", f"socket()+close(), {args.sockets} in a row"),
         ("concurrent", f"socket()+close(), {args.threads} threads at once"),
         ("getppid", "getppid(), a call the filter lets through"),
     )
     for key, title in cols:
-        print(f"\n{title:<42}{'wall':>9}{'x MPTCP':>9}{'x TCP':>7}{'cpu':>10}{'x MPTCP':>9}")
+        head = f"{'wall':>9}{'x MPTCP':>9}{'x TCP':>7}{'cpu':>10}{'x MPTCP':>9}{'superv.':>10}"
+        print(f"\n{title:<42}{head}")
         for name, res in results.items():
             if isinstance(res, str):
                 print(f"  {name:<40}unavailable: {res}")
                 continue
-            wall, cpu = res[key]  # type: ignore[misc]
-            mw, mc = mptcp[key]  # type: ignore[misc]
+            wall, cpu, helper = res[key]  # type: ignore[misc]
+            mw, mc, _ = mptcp[key]  # type: ignore[misc]
             tw = tcp[key][0]  # type: ignore[index]
             print(
                 f"  {name:<40}{wall / 1000:6.2f} us{wall / mw:8.2f}x{wall / tw:6.2f}x"
-                f"{cpu / 1000:7.2f} us{cpu / mc:8.2f}x"
+                f"{cpu / 1000:7.2f} us{cpu / mc:8.2f}x{helper / 1000:7.2f} us"
             )
     print("\nsockets made (SO_PROTOCOL) and the supervisor's resident memory:")
     for name, res in results.items():
         if isinstance(res, dict):
             rss = int(res["helper_rss_kb"])  # type: ignore[call-overload]
             mem = f"{rss / 1024:.1f} MB RSS" if rss else "no supervisor"
-            print(f"  {name:<15} {res['protocol']!s:>4}   {mem}")
+            print(f"  {name:<21} {res['protocol']!s:>4}   {mem}")
 
     print(f"\nstart-up of `true` (median wall of {args.starts}, CPU of every process):")
     base = start([], args.starts)

@@ -109,7 +109,12 @@ def test_preload_on_a_go_program_says_so(go_prog: str) -> None:
         [*RUN, "--strategy", "preload", "--", go_prog, "check"], capture_output=True, text=True
     )
     assert proc.returncode == 0
-    assert "is a Go program" in proc.stderr and "--strategy seccomp" in proc.stderr
+    assert "is a Go 1.2" in proc.stderr and "GODEBUG=multipathtcp=1" in proc.stderr
+    assert "--strategy seccomp" in proc.stderr
+    from mptcpkit.run import binary
+
+    assert binary.go_version(go_prog) is not None and binary.go_version(go_prog) >= (1, 24)
+    assert binary.go_version(sys.executable) is None
 
 
 def test_repair_forces_nothing() -> None:
@@ -213,11 +218,18 @@ def test_ipv6_tclass_from_the_probed_table_is_swapped() -> None:
     print(s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL),
           s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS),
           s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS))
+    for level, opt in ((socket.IPPROTO_TCP, socket.TCP_SYNCNT), (socket.IPPROTO_IP, 8),
+                       (socket.SOL_SOCKET, 42)):  # IP_PKTINFO, SO_PEEK_OFF
+        t = socket.socket()
+        t.setsockopt(level, opt, 3)
+        print(t.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL), t.getsockopt(level, opt))
     """
     proc = subprocess.run(
         [*RUN, "--", sys.executable, "-c", textwrap.dedent(code)], capture_output=True, timeout=60
     )
-    assert proc.stdout.split() == [b"6", b"16", b"9"], proc.stderr
+    assert proc.stdout.split() == [b"6", b"16", b"9", b"6", b"3", b"6", b"1", b"6", b"3"], (
+        proc.stderr
+    )
 
 
 def test_epoll_watches_read_back_from_fdinfo() -> None:

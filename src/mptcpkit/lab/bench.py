@@ -39,6 +39,8 @@ _RECV = 256 * 1024
 # A link counts as "recovered" once goodput is back to this share of what the surviving
 # links carried per link before the fault.
 RECOVERY_SHARE = 0.8
+# "Steady" goodput leaves out the first second (slow start, joins) and the final drain.
+WARMUP_S = 1.0
 
 
 def read_net_dev() -> dict[str, dict[str, int]]:
@@ -102,6 +104,8 @@ class BenchResult:
     rates_mbit: list[float | None] = dataclasses.field(default_factory=list)
     sum_rate_mbit: float | None = None
     share_of_sum: float | None = None
+    steady_mbit: float | None = None
+    steady_share_of_sum: float | None = None
     family: int = 4
     flows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     claim: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -317,6 +321,7 @@ def run_bench(
     known = [r for r in rates if r]
     sum_rate = sum(known) if len(known) == len(rates) and rates else None
     goodput = received * 8 / elapsed
+    steady = steady_rate(intervals, duration)
     return BenchResult(
         paths=paths,
         rate_mbit=rates[0] / 1e6 if rates and rates[0] and len(set(rates)) == 1 else None,
@@ -351,6 +356,8 @@ def run_bench(
         rates_mbit=[r / 1e6 if r else None for r in rates],
         sum_rate_mbit=sum_rate / 1e6 if sum_rate else None,
         share_of_sum=round(goodput / sum_rate, 4) if sum_rate else None,
+        steady_mbit=round(steady / 1e6, 4) if steady is not None else None,
+        steady_share_of_sum=round(steady / sum_rate, 4) if sum_rate and steady else None,
         family=6 if fam == socket.AF_INET6 else 4,
         flows=flow_rows,
         claim=verdict.as_dict(),
@@ -360,6 +367,13 @@ def run_bench(
         scenario={**scenario, "flows": flows, "fastclose": fastclose},
         warnings=warnings,
     )
+
+
+def steady_rate(intervals: list[dict[str, Any]], duration: float) -> float | None:
+    """Goodput (bit/s) of the intervals after WARMUP_S and before `duration`, None if none."""
+    ivs = [iv for iv in intervals if iv["t"] - iv["dt"] >= WARMUP_S and iv["t"] <= duration]
+    seconds = sum(iv["dt"] for iv in ivs)
+    return sum(iv["bytes"] for iv in ivs) * 8 / seconds if seconds else None
 
 
 def _endpoint_links(client: Host, server: Host, link_of: dict[str, int]) -> set[int]:
