@@ -613,6 +613,8 @@ def _summary(console: Console, d: dict[str, Any]) -> None:
         want = ", ".join(map(str, claim["expected_links"]))
         verdict = "yes" if claim["ok"] else "[red]NO[/]"
         table.add_row("links that carried data", f"{used} (promised {want}): {verdict}")
+        for note in claim.get("notes", []):
+            table.add_row("  promise", escape(note))
     for f in d["faults"]:
         table.add_row(f"fault at {f['t']:.2f} s", f"{f['action']} link {f.get('link', '')}")
     if d["recovery_s"] is not None:
