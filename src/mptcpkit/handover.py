@@ -24,7 +24,6 @@ handover is refused before anything changes.
 from __future__ import annotations
 
 import os
-import platform
 import socket
 import struct
 import time
@@ -38,7 +37,7 @@ FILTER_OPTIONS = frozenset(
     (c.SOL_SOCKET, n) for n in (SO_ATTACH_FILTER, SO_DETACH_FILTER, 44, 50, 51, 52, 68)
 )
 _DRAIN_SECONDS = 0.25  # how long the old listener's queue may take to empty
-_ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242)}.get(platform.machine(), ())
+_ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242)}.get(os.uname().machine, ())
 
 
 class HandoverRefused(Exception):
