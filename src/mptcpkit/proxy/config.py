@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,14 @@ class Frontend:
     maxconn: int = 10000
     timeouts: Timeouts = field(default_factory=Timeouts)
     accept_proxy: bool = False
+    # per bind: an IPv6 listener that refuses IPv4 clients (`v6only`); else dual-stack
+    v6only: tuple[bool, ...] = ()
+
+    def dualstack(self, i: int) -> bool:
+        """Bind `i` is an IPv6 address taking IPv4 clients too (IPV6_V6ONLY=0)."""
+        return self.binds[i].family == socket.AF_INET6 and not (
+            i < len(self.v6only) and self.v6only[i]
+        )
 
 
 @dataclass(frozen=True)
@@ -315,10 +324,10 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         binds_raw = [binds_raw]
     if not isinstance(binds_raw, list) or not binds_raw:
         raise r.error("bind", f"expected an address or a non-empty array, got {_kind(binds_raw)}")
-    binds = tuple(
-        _address(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b, server=False)
-        for i, b in enumerate(binds_raw)
-    )
+    parsed = [
+        _bind(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b) for i, b in enumerate(binds_raw)
+    ]
+    binds = tuple(a for a, _ in parsed)
     backend = r.get_str("backend", None)
     if not backend:
         raise r.error("backend", "missing: which backend gets this frontend's connections?")
@@ -329,7 +338,26 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         maxconn=r.get_int("maxconn", 10000, 1, 10_000_000),
         timeouts=_timeouts(r.sub("timeout")),
         accept_proxy=r.get_bool("accept-proxy", False),
+        v6only=tuple(v6 for _, v6 in parsed),
     )
+
+
+BIND_OPTIONS = ("v4v6", "v6only")
+
+
+def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool]:
+    """`mptcp@[::]:443 [v4v6|v6only]`: the address, and whether an IPv6 listener is
+    IPv6-only. As in HAProxy, `[::]` takes IPv4 clients too unless `v6only` says not."""
+    words = text.split() if isinstance(text, str) else []
+    addr = _address(r, key, words[0] if words else text, server=False)
+    v6only = False
+    for word in words[1:]:
+        if word not in BIND_OPTIONS:
+            raise r.error(key, f"unknown bind option {word!r} (known: {', '.join(BIND_OPTIONS)})")
+        if word == "v6only" and addr.family != socket.AF_INET6:
+            raise r.error(key, f"v6only needs an IPv6 address, {addr} is not one")
+        v6only = word == "v6only"
+    return addr, v6only
 
 
 def _send_proxy(r: _Reader) -> int:
