@@ -11,7 +11,8 @@
  *   fe.pick(caddr, tried)          -> target tuple, or a str: why the client is closed
  *   fe.failed(state, err, tried)   -> None: try another server; str: close the client
  *   fe.header(state, caddr, local) -> bytes of a PROXY header for the server
- *   fe.parse(hdr)                  -> None (need more) | (caddr or None, used) | str
+ *   fe.parse(hdr)                  -> None (need more) | (caddr, daddr, used) | str
+ *                                     (caddr, daddr None: LOCAL, the socket's own stand)
  *   fe.leg_state(fd)               -> "fallback"/"TCP"/None for a leg without subflows
  *   fe.done(state, record)         -> a connection ended (record None unless observing)
  *   fe.accept_failed(err)          -> accept() failed with something other than EAGAIN
@@ -90,6 +91,7 @@ struct Conn {
     PyObject *hdr;        /* bytearray while a PROXY header is read, else NULL */
     PyObject *early;      /* bytes that came after the PROXY header, or NULL */
     PyObject *caddr;      /* the client's address as Python sees it (made lazily) */
+    PyObject *daddr;      /* the destination a PROXY header carried, or NULL */
     PyObject *how;        /* how it ended */
     PyObject *c_state, *s_state;
     long c_sub, s_sub;
@@ -483,7 +485,8 @@ static void established(Engine *e, Conn *c, uint32_t events) {
     if (c->send_proxy) {
         struct sockaddr_storage local;
         socklen_t llen = sizeof local;
-        PyObject *lo = getsockname(c->c.fd, (struct sockaddr *)&local, &llen) == 0
+        PyObject *lo = c->daddr ? Py_NewRef(c->daddr)
+                       : getsockname(c->c.fd, (struct sockaddr *)&local, &llen) == 0
                            ? sockaddr_to_py(&local, llen) : Py_NewRef(Py_None);
         head = lo ? PyObject_CallMethodObjArgs(c->fe->key, s_header, c->server,
                                                client_addr(c), lo, NULL)
@@ -661,16 +664,19 @@ static void proxy_header(Engine *e, Conn *c) {
         Py_DECREF(parsed);
         return;
     }
-    PyObject *source;
+    PyObject *source, *destination;
     Py_ssize_t used;
-    if (!PyArg_ParseTuple(parsed, "On", &source, &used)) {
+    if (!PyArg_ParseTuple(parsed, "OOn", &source, &destination, &used)) {
         Py_DECREF(parsed);
         report("parse() returned a bad value");
         abort_conn(e, c, s_internal);
         return;
     }
-    if (source != Py_None)
+    if (source != Py_None) {
         Py_XSETREF(c->caddr, Py_NewRef(source));
+        if (destination != Py_None)
+            Py_XSETREF(c->daddr, Py_NewRef(destination));
+    }
     Py_DECREF(parsed);
     Py_ssize_t total = PyByteArray_GET_SIZE(c->hdr);
     if (used < total) {
@@ -816,6 +822,7 @@ static void free_conn(Conn *c) {
     Py_CLEAR(c->hdr);
     Py_CLEAR(c->early);
     Py_CLEAR(c->caddr);
+    Py_CLEAR(c->daddr);
     Py_CLEAR(c->how);
     Py_CLEAR(c->c_state);
     Py_CLEAR(c->s_state);

@@ -133,7 +133,7 @@ class CompiledFrontend(FrontendRuntime):
     def header(self, state: ServerState, caddr: Any, local: Any) -> bytes:
         return proxyproto.build(state.server.send_proxy, caddr, local)
 
-    def parse(self, hdr: bytearray) -> tuple[Any, int] | str | None:
+    def parse(self, hdr: bytearray) -> tuple[Any, Any, int] | str | None:
         return read_proxy_header(hdr)
 
     def leg_state(self, fd: int) -> str | None:

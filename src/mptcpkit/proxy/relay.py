@@ -140,6 +140,7 @@ class Conn:
         "c_state",
         "c_sub",
         "caddr",
+        "daddr",
         "done",
         "early",
         "fe",
@@ -162,6 +163,7 @@ class Conn:
         self.c = Leg(self, sock, True)
         self.s: Leg | None = None
         self.caddr = caddr
+        self.daddr: Any = None  # the destination a PROXY header carried, if any
         self.c_req = mptcp  # the client leg came through an MPTCP listener
         self.server: ServerState | None = None
         self.tried: list[ServerState] | None = None
@@ -356,7 +358,8 @@ class Conn:
         send_proxy = self.server.server.send_proxy if self.server is not None else 0
         head = b""
         if send_proxy:
-            head = proxyproto.build(send_proxy, self.caddr, self.fe.local_of(self))
+            local = self.daddr if self.daddr is not None else self.fe.local_of(self)
+            head = proxyproto.build(send_proxy, self.caddr, local)
         if self.early:
             head += self.early
             self.early = None
@@ -424,10 +427,11 @@ class Conn:
                 return
             if parsed is not None:
                 break
-        source, used = parsed
+        source, destination, used = parsed
         self.hdr = None
         if source is not None:
             self.caddr = source
+            self.daddr = destination
         rest = bytes(hdr[used:])
         self.bytes_in += len(rest)
         self.early = rest or None
@@ -502,9 +506,10 @@ class Conn:
                 return
 
 
-def read_proxy_header(hdr: bytearray) -> tuple[Any, int] | str | None:
-    """A client's PROXY header so far: None while incomplete, (source or None, bytes
-    used) once read, or why the connection must be reset."""
+def read_proxy_header(hdr: bytearray) -> tuple[Any, Any, int] | str | None:
+    """A client's PROXY header so far: None while incomplete, (source, destination,
+    bytes used) once read (None, None for LOCAL/UNKNOWN: the connection's own addresses
+    stand), or why the connection must be reset."""
     try:
         parsed = proxyproto.parse(hdr)
     except proxyproto.ProxyProtocolError as exc:
@@ -512,7 +517,9 @@ def read_proxy_header(hdr: bytearray) -> tuple[Any, int] | str | None:
     if parsed is None:
         return "PROXY header too long" if len(hdr) > PROXY_HEADER_LIMIT else None
     header, used = parsed
-    return (None if header.local else header.source), used
+    if header.local:
+        return None, None, used
+    return header.source, header.destination, used
 
 
 def observe_leg(sock: Any) -> tuple[str | None, int]:
