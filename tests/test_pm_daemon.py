@@ -70,6 +70,14 @@ def test_load_balancer_forces_signal() -> None:
         ("colour = 1", "unknown key 'colour'"),
         ("[resubflow]\nbackoff_initial = 5\nbackoff_max = 1", "backoff_max must be >="),
         ("mode = ", "pmd.toml: "),
+        # What the kernel would refuse at the first address is refused before anything.
+        ('flags = ["signal", "fullmesh"]', "pmd.toml: flags: 'signal' and 'fullmesh' together"),
+        ('flags = ["subflow", "implicit"]', "pmd.toml: flags: 'implicit' cannot be asked for"),
+        ("flags = []", "pmd.toml: flags: expected at least one flag"),
+        (
+            '[interfaces.flags]\neth1 = ["fullmesh", "signal"]',
+            "pmd.toml: interfaces.flags.eth1: 'signal' and 'fullmesh' together",
+        ),
     ],
 )
 def test_config_errors_name_the_key(text: str, message: str) -> None:
@@ -397,6 +405,12 @@ def test_pmd_bad_config_exit_2(tmp_path: Path) -> None:
         r.stderr.strip()
         == f"mptcpkit pmd: {conf}: mode: expected one of kernel, userspace, got 'turbo'"
     )
+    # A flag set the kernel refuses: exit 2, file and key named, before anything starts.
+    conf.write_text('flags = ["signal", "fullmesh"]\n')
+    r = run_pmd("-c", str(conf), "--netns", "h14a-never-made")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"mptcpkit pmd: {conf}: flags: 'signal' and 'fullmesh'")
+    assert len(r.stderr.splitlines()) == 1
     r = run_pmd("-c", str(tmp_path / "missing.toml"))
     assert r.returncode == 2 and "No such file or directory" in r.stderr
     assert run_pmd().returncode == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import socket
@@ -315,6 +316,23 @@ def test_cli_monitor_json(net: Net) -> None:
     lines = [json.loads(line) for line in out.splitlines()]
     assert [e["type"] for e in lines[:2]] == ["CREATED", "ESTABLISHED"]
     assert lines[0]["saddr"] == net.client_addr(0) and lines[0]["family"] == "inet"
+    # Tokens as ip mptcp monitor and pmd status print them: 8 hex digits.
+    assert lines[0]["token"] == lines[1]["token"]
+    assert len(lines[0]["token"]) == 8 and int(lines[0]["token"], 16) >= 0
+
+
+def test_set_endpoint_flags_as_documented(net: Net) -> None:
+    """docs/pm.md: set_endpoint_flags(ep.id, "subflow backup") on a subflow endpoint."""
+    with pm.PathManager(net.client) as mgr:
+        ep = mgr.add_endpoint(net.client_addr(1), flags=["subflow"], dev=net.client_dev(1))
+        changed = mgr.set_endpoint_flags(ep.id, "subflow backup")
+        assert changed.flags == pm.EndpointFlag.SUBFLOW | pm.EndpointFlag.BACKUP
+        assert mgr.set_endpoint_flags(ep.id, "fullmesh").flags == (
+            pm.EndpointFlag.SUBFLOW | pm.EndpointFlag.FULLMESH
+        )
+        with pytest.raises(ValueError, match="is not signal"):
+            mgr.set_endpoint_flags(ep.id, "signal backup")
+        assert mgr.endpoint(ep.id).flags == pm.EndpointFlag.SUBFLOW | pm.EndpointFlag.FULLMESH
 
 
 # ------------------------------------------------------------------ errors: exit 2, nothing applied
@@ -380,6 +398,9 @@ def test_no_fd_leaks(net: Net) -> None:
             stream.poll(0)
         with pytest.raises(pm.NamespaceNotFound):
             pm.PathManager("mptk-pm-does-not-exist")
+        with pytest.raises(OSError) as missing:  # an OSError like every other pm failure
+            pm.endpoints(netns="mptk-pm-does-not-exist")
+        assert missing.value.errno == errno.ENOENT
         with pytest.raises(pm.PMError):
             pm.delete_endpoint(200, netns=net.client)
     assert fds() == before

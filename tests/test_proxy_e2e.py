@@ -609,7 +609,8 @@ def test_sigterm_drains_then_cuts(tmp_path: Path) -> None:
             connect(port, mptcp=True).recv(1)  # not accepting anymore
         px.proc.wait(20)
         assert px.proc.returncode == 0
-        assert "stop deadline reached" in px.log()
+        assert "worker 0: stop deadline reached" in px.log()
+        assert "worker 0: worker 0:" not in px.log()  # the prefix once
 
 
 def test_sigterm_cuts_a_reload_drain_at_the_stop_deadline(tmp_path: Path) -> None:

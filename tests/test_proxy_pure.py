@@ -129,7 +129,7 @@ BAD = [
         "[frontend.f]\nbind='mptcp@:1'\nbackend='b'\n[frontend.g]\nbind='mptcp@:1'\nbackend='b'\n"
         "[backend.b]\nserver.a='h:1'",
         "frontend.g.bind",
-        "already bound by frontend 'f'",
+        "mptcp@:1 overlaps mptcp@:1 (frontend.f.bind)",
     ),
     ("[frontend.f\nbind=1", "", "not valid TOML"),
     ("", "frontend", "nothing to listen on"),
@@ -418,3 +418,47 @@ def test_proxy_mixed_families_map_ipv4_into_ipv6() -> None:
     # the same family stays as it is, IPv4-mapped included (a dual-stack listener's view)
     mapped = ("::ffff:127.0.0.1", 5), ("::ffff:127.0.0.2", 6)
     assert proxyproto.build_v1(*mapped).startswith(b"PROXY TCP6 ::ffff:127.0.0.1 ")
+
+
+def _two_frontends(a: str, b: str) -> str:
+    return (
+        f"[frontend.one]\nbind='{a}'\nbackend='b'\n"
+        f"[frontend.two]\nbind=['tcp@127.0.0.1:0', '{b}']\n"
+        "backend='b'\n[backend.b]\nserver.s='tcp@127.0.0.1:1'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("tcp@127.0.0.1:42470-42473", "tcp@127.0.0.1:42472"),  # inside a range
+        ("tcp@127.0.0.1:42470-42473", "mptcp@127.0.0.1:42473-42480"),  # ranges crossing
+        ("tcp@127.0.0.1:42472", "tcp@:42472"),  # the IPv4 wildcard covers it
+        ("tcp@0.0.0.0:42472", "mptcp4@10.1.2.3:42472"),
+        ("tcp@127.0.0.1:42472", "mptcp@[::]:42472"),  # [::] is dual-stack
+        ("tcp6@[::1]:42472", "tcp@[::]:42470-42479"),
+        ("tcp@127.0.0.1:42472", "tcp@[::ffff:127.0.0.1]:42472"),
+        ("unix@/run/p.sock", "unix@/run/p.sock"),
+    ],
+)
+def test_overlapping_binds_are_an_error_naming_both(a: str, b: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_text(_two_frontends(a, b), "p.toml")
+    e = ei.value
+    assert e.key == "frontend.two.bind[1]", str(e)
+    assert f"{config.parse_address(b)} overlaps {config.parse_address(a)}" in e.reason, str(e)
+    assert "(frontend.one.bind)" in e.reason, str(e)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("tcp@127.0.0.1:42470-42471", "tcp@127.0.0.1:42472"),
+        ("tcp@127.0.0.1:42472", "tcp@127.0.0.2:42472"),
+        ("tcp@127.0.0.1:0", "tcp@127.0.0.1:0"),  # the kernel picks two ports
+        ("tcp@[::1]:42472", "tcp@:42472"),  # IPv4 wildcard, IPv6 loopback
+        ("unix@/run/a.sock", "unix@/run/b.sock"),
+    ],
+)
+def test_disjoint_binds_pass(a: str, b: str) -> None:
+    assert len(parse_text(_two_frontends(a, b)).frontends) == 2

@@ -21,7 +21,7 @@ from typing import Any
 from mptcpkit.abi import constants as c
 from mptcpkit.abi.tcp_info import TCP_INFO_MIN_SIZE, decode_tcp_info
 from mptcpkit.errors import TCPOnlyOptionError
-from mptcpkit.options import TCP_ONLY_OPTIONS, OptionInfo
+from mptcpkit.options import OptionInfo, tcp_only_options
 from mptcpkit.policy import Policy
 from mptcpkit.status import protocol, record_note
 
@@ -84,7 +84,7 @@ def retry_after_downgrade(
 ) -> None:
     """Handle a failed setsockopt: re-raise unless MPTCP was the cause; else downgrade
     (if `policy` allows and the socket can still change) and set the option again."""
-    option = TCP_ONLY_OPTIONS.get((level, optname))
+    option = tcp_only_options().get((level, optname))
     if option is None or exc.errno not in _REJECTION_ERRNOS or protocol(sock) != c.IPPROTO_MPTCP:
         raise exc
     if policy is Policy.REQUIRE:

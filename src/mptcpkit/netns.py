@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 from collections.abc import Iterator
 
@@ -19,12 +20,21 @@ NETNS_RUN_DIR = "/run/netns"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class NamespaceNotFound(LookupError):
-    """The named network namespace does not exist (no /run/netns/NAME)."""
+class NamespaceNotFound(FileNotFoundError, LookupError):
+    """The named network namespace does not exist (no /run/netns/NAME).
+
+    An OSError (ENOENT), so `except OSError` around namespace work catches it; still a
+    LookupError, as it always was."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"network namespace {name!r} does not exist (no {NETNS_RUN_DIR}/{name})")
+        super().__init__(
+            errno.ENOENT,
+            f"network namespace {name!r} does not exist (no {NETNS_RUN_DIR}/{name})",
+        )
         self.name = name
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def setns(fd: int) -> None:

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from mptcpkit.cli.errors import CLIError
+from mptcpkit.cli.errors import CLIError, quiet_on_epipe
 
 # Subcommand modules, in the order `mptcpkit --help` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return dispatch(build_parser().parse_args(argv))
+    return quiet_on_epipe(lambda: dispatch(build_parser().parse_args(argv)))
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ def pm_errors(netns: str | None) -> Iterator[None]:
 
     try:
         yield
+    except BrokenPipeError:
+        raise  # stdout's reader left: quiet exit (mptcpkit.cli.errors.quiet_on_epipe)
     except ValueError as exc:  # also grammar.GrammarError
         raise UsageError(str(exc)) from None
     except pm.NamespaceNotFound as exc:

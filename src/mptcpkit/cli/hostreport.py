@@ -7,13 +7,10 @@ the socket layer.
 
 from __future__ import annotations
 
-import errno
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from mptcpkit.abi.constants import IPPROTO_MPTCP
-from mptcpkit.options import TCP_ONLY_OPTIONS
+from mptcpkit.options import probe_tcp_only_options
 from mptcpkit.support import Support, read_sysctl, support, tcp_md5sig_available
 
 
@@ -59,29 +56,12 @@ _SYSCTLS = (
     "net.mptcp.allow_join_initial_addr_port",
 )
 
-_PROBE_VALUES: dict[str, int | bytes] = {
-    "TCP_MD5SIG": b"\0" * 216,
-    "TCP_MD5SIG_EXT": b"\0" * 216,
-    "TCP_ULP": b"tls",
-    "SO_ATTACH_FILTER": b"\0" * 16,
-}
-
 
 def rejected_options() -> list[str]:
-    """Names of the TCP-only options a fresh MPTCP socket rejects on this kernel."""
-    lost = []
-    for option in TCP_ONLY_OPTIONS.values():
-        try:
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
-        except OSError:
-            return []
-        with probe:
-            try:
-                probe.setsockopt(option.level, option.optname, _PROBE_VALUES.get(option.name, 1))
-            except OSError as exc:
-                if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                    lost.append(option.name)
-    return lost
+    """Names of the options an MPTCP socket refuses and plain TCP takes on this kernel,
+    asked of the kernel now (not the static table); [] when no MPTCP socket can be made."""
+    found = probe_tcp_only_options()
+    return list(dict.fromkeys(o.name for o in found.values())) if found else []
 
 
 def _pm_state() -> tuple[dict[str, int] | None, list[dict[str, Any]] | None, list[str]]:

@@ -173,13 +173,19 @@ class PathManager:
     def set_endpoint_flags(self, id: int, flags: FlagsArg) -> Endpoint:
         """Set backup/fullmesh of endpoint `id` to exactly `flags` (`endpoint change`).
 
-        Only backup and fullmesh can change; other bits in `flags` are refused.
+        Only backup and fullmesh can change. `flags` may repeat the endpoint's other
+        flags (`"subflow backup"` for a subflow endpoint); a flag it does not have
+        besides backup/fullmesh is refused (ValueError), as nothing could add it.
         """
         fl = to_flags(flags)
-        if fl & ~codec.CHANGEABLE:
-            bad = " ".join(codec.flag_names(fl & ~codec.CHANGEABLE))
-            raise ValueError(f"only backup and fullmesh can be changed, not {bad}")
         current = self.endpoint(id)
+        extra = fl & ~codec.CHANGEABLE & ~current.flags
+        if extra:
+            bad = " ".join(codec.flag_names(extra))
+            raise ValueError(
+                f"endpoint id {id} is not {bad}, and only backup and fullmesh can be changed"
+            )
+        fl = codec.EndpointFlag(fl & codec.CHANGEABLE)
         addr = codec.address_attrs(current.address, id=id, flags=int(fl))
         self._call(Cmd.SET_FLAGS, [("MPTCP_PM_ATTR_ADDR", addr)], what=f"endpoint change id {id}")
         return self.endpoint(id)

@@ -308,6 +308,8 @@ class Event:
                 continue
             if field.name == "family":
                 value = _family_name(value)
+            elif field.name == "token":
+                value = f"{value:08x}"  # as `ip mptcp monitor` and `pmd status` print it
             out[field.name] = value
         return out
 

@@ -106,11 +106,26 @@ def _strings(where: str, value: Any) -> tuple[str, ...]:
 
 
 def _flags(where: str, value: Any) -> tuple[str, ...]:
+    """Endpoint flags, refused here when the kernel would refuse them at the first address."""
     names = _strings(where, value)
     try:
-        codec.flags_from_names(names)
+        flags = codec.flags_from_names(names)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    if not names:
+        raise ConfigError(
+            f"{where}: expected at least one flag (signal, subflow, backup, fullmesh, laminar):"
+            " an endpoint without flags never opens or announces a path"
+        )
+    if flags & codec.EndpointFlag.IMPLICIT:
+        raise ConfigError(
+            f"{where}: 'implicit' cannot be asked for: the kernel marks endpoints it made"
+            " itself that way and refuses to add one"
+        )
+    if flags & codec.EndpointFlag.SIGNAL and flags & codec.EndpointFlag.FULLMESH:
+        raise ConfigError(
+            f"{where}: 'signal' and 'fullmesh' together: the kernel refuses such an endpoint"
+        )
     return names
 
 

@@ -31,6 +31,7 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -53,6 +54,7 @@ __all__ = [
     "HealthCheck",
     "Server",
     "Timeouts",
+    "binds_overlap",
     "load",
     "parse_duration",
     "parse_text",
@@ -454,7 +456,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             raise br.error(name, "backend names are letters, digits and _.:-")
         backends[name] = _backend(br.sub(name), name)
     frontends = []
-    seen_binds: dict[str, str] = {}
+    bound: list[tuple[str, str, Address]] = []  # (frontend, key, address) of every bind
     for name in fr.table:
         if not _NAME.match(name):
             raise fr.error(name, "frontend names are letters, digits and _.:-")
@@ -463,19 +465,56 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if f.backend not in backends:
             have = ", ".join(sorted(backends)) or "none"
             raise sub.error("backend", f"no backend named {f.backend!r} (have: {have})")
-        for b in f.binds:
-            k = _bind_key(b)
-            if k in seen_binds and not (b.protocol != "unix" and b.port == 0):
-                raise sub.error("bind", f"{b} is already bound by frontend {seen_binds[k]!r}")
-            seen_binds[k] = name
+        for i, b in enumerate(f.binds):
+            key = f"bind[{i}]" if len(f.binds) > 1 else "bind"
+            for other_fe, other_key, other in bound:
+                if binds_overlap(b, other):
+                    raise sub.error(
+                        key,
+                        f"{b} overlaps {other} (frontend.{other_fe}.{other_key}):"
+                        " one address, one frontend",
+                    )
+            bound.append((name, key, b))
         frontends.append(f)
     return Config(source, global_, tuple(frontends), backends)
 
 
-def _bind_key(a: Address) -> str:
-    if a.protocol == "unix":
-        return f"unix:{a.path}"
-    return f"{a.family}:{a.host}:{a.port}-{a.port_end}"
+def binds_overlap(a: Address, b: Address) -> bool:
+    """Whether two binds could take the same connection: a shared port (ranges too) on
+    the same address, or a wildcard covering the other's address. `[::]` is dual-stack
+    and so covers IPv4 too; port 0 (a port the kernel picks) never overlaps."""
+    if a.protocol == "unix" or b.protocol == "unix":
+        return a.protocol == b.protocol and a.path == b.path
+    if not a.port or not b.port:
+        return False
+    if max(a.port, b.port) > min(a.port_end or a.port, b.port_end or b.port):
+        return False
+    ha, hb = _bind_host(a), _bind_host(b)
+    if ha == hb:
+        return True
+    for wild, other in ((ha, hb), (hb, ha)):
+        if wild == "::" or (wild == "0.0.0.0" and _is_v4(other)):
+            return True
+    return False
+
+
+def _bind_host(a: Address) -> str:
+    """The host a bind really binds, normalized ("0.0.0.0"/"::" for the wildcards)."""
+    host = a.bind_host()
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()  # a name: only the same name is known to be the same
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _is_v4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return True  # a name may resolve to IPv4: a wildcard covers it
 
 
 def parse_text(text: str, source: str = "<config>") -> Config:

@@ -217,9 +217,7 @@ class Runtime:
                     await self.idle_event.wait()
             except TimeoutError:
                 n = sum(fe.count() for fe in self.frontends)
-                self.log.event(
-                    f"worker {self.worker}: stop deadline reached, closing {n} connections"
-                )
+                self.log.event(f"stop deadline reached, closing {n} connections")
                 for fe in self.frontends:
                     fe.abort_all("stopped (deadline)")
                 await asyncio.sleep(0)
