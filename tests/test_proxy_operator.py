@@ -7,19 +7,39 @@ paths (the C engine and the Python relay), as in test_proxy_e2e.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import os
+import re
+import select
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mptcpkit.proxy import config, proxyproto
-from proxy_harness import Server, connect, echo, free_port, recv_all, run_proxy, wait_for
-from test_proxy_e2e import _conf, relay  # noqa: F401  (relay: both data paths, autouse)
+from proxy_harness import (
+    PROXY_CMD,
+    Server,
+    connect,
+    echo,
+    free_port,
+    recv_all,
+    run_proxy,
+    wait_for,
+)
+from test_proxy_e2e import _conf, _metric, relay  # noqa: F401  (relay: both data paths)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "proxy.toml"
+
+
+def _scrape(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        return recv_all(s).decode()
 
 
 def _echo_v(port: int, family: int, host: str) -> bytes:
@@ -187,3 +207,120 @@ def test_accept_proxy_from_haproxy_forwards_its_addresses(
         (h,) = headers
         assert h.source == s.getsockname()
         assert h.destination == ("127.0.0.1", hp)
+
+
+# --- item 3: logging never blocks the data path -------------------------------------------
+
+
+def _many_through(port: int, n: int) -> None:
+    """`n` echo round trips through the proxy, 8 at a time; each must finish."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for got in pool.map(lambda _: _echo_v(port, socket.AF_INET, "127.0.0.1"), range(n)):
+            assert got == b"hello"
+
+
+def _read_until(fd: int, pattern: str, seen: bytearray, timeout: float = 20) -> re.Match[str]:
+    end = time.monotonic() + timeout
+    while not (m := re.search(pattern, seen.decode(errors="replace"))):
+        left = end - time.monotonic()
+        assert left > 0, f"{pattern!r} not in {seen.decode(errors='replace')[-2000:]}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 1 << 16)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+    return m
+
+
+def test_stalled_stdout_reader_does_not_stop_traffic(tmp_path: Path) -> None:
+    """stdout piped into a reader that stops reading: connections keep flowing, the
+    lines that did not fit are dropped, counted, and reported once it reads again."""
+    cfg = tmp_path / "p.toml"
+    with Server(echo) as srv:
+        cfg.write_text(_conf("tcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{srv.port}"'}))
+        p = subprocess.Popen(
+            [*PROXY_CMD, "-c", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        assert p.stdout is not None
+        fd = p.stdout.fileno()
+        seen = bytearray()
+        try:
+            _read_until(fd, r"ready:", seen)
+            port = int(_read_until(fd, r"listening on \S+:(\d+)", seen).group(1))
+            mport = int(_read_until(fd, r"metrics on http://[^:]+:(\d+)/", seen).group(1))
+            _many_through(port, 3000)  # ~450 KB of log lines; the pipe holds 64 KiB
+            _read_until(fd, r"(\d+) log lines dropped", seen)  # reading again: reported
+            metrics = _scrape(mport)
+            assert _metric(metrics, "mptcpkit_log_dropped_total") > 0
+        finally:
+            p.terminate()
+            with contextlib.suppress(OSError):
+                while os.read(fd, 1 << 16):  # drain so that it can exit
+                    pass
+            p.wait(20)
+
+
+def test_syslog_udp_rfc5424(tmp_path: Path) -> None:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        Server(echo) as srv,
+    ):
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(20)
+        target = f"udp@127.0.0.1:{rx.getsockname()[1]} rfc5424 local3"
+        conf = _conf(
+            "tcp@127.0.0.1:0",
+            {"s": f'"tcp@127.0.0.1:{srv.port}"'},
+            glob=f'workers = 1\nmetrics = ""\nlog = "{target}"',
+        )
+        with run_proxy(tmp_path, conf, ready=False):
+            got = _datagrams(rx, r"listening on \S+:(\d+)")
+            _echo_v(int(got.group(1)), socket.AF_INET, "127.0.0.1")
+            line = _datagrams(rx, r".* conn fe .*").group(0)
+        # <facility 19 * 8 + info 6>1 TIMESTAMP HOST APP PROCID MSGID SD MSG
+        assert re.fullmatch(
+            r"<158>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z \S+ mptcpkit-proxy \d+ - - "
+            r"\S+ conn fe .*",
+            line,
+        ), line
+
+
+def _datagrams(rx: socket.socket, pattern: str) -> re.Match[str]:
+    while True:
+        m = re.search(pattern, rx.recv(65536).decode(errors="replace"))
+        if m:
+            return m
+
+
+def test_syslog_unix_stalled_reader_does_not_stop_traffic(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sock")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx,
+        Server(echo) as srv,
+    ):
+        rx.bind(path)
+        rx.settimeout(20)
+        conf = _conf(
+            "tcp@127.0.0.1:0",
+            {"s": f'"tcp@127.0.0.1:{srv.port}"'},
+            glob=f'workers = 1\nmetrics = ""\nlog = "unix@{path}"',
+        )
+        with run_proxy(tmp_path, conf, ready=False):
+            port = int(_datagrams(rx, r"listening on \S+:(\d+)").group(1))
+            _many_through(port, 1500)  # the socket queues 512 datagrams unread (max_dgram_qlen)
+            line = _datagrams(rx, r".* conn fe .*").group(0)
+            assert re.fullmatch(
+                r"<134>\w{3} [ \d]\d \d\d:\d\d:\d\d mptcpkit-proxy\[\d+\]: \S+ conn fe .*", line
+            ), line
+            _datagrams(rx, r"\d+ log lines dropped")
+
+
+def test_log_targets_checked() -> None:
+    base = '[global]\nlog = "{}"\n[frontend.f]\nbind = ":1"\nbackend = "b"\n'
+    base += '[backend.b]\nserver.s = "tcp@h:1"\n'
+    assert config.parse_text(base.format("udp@[::1]:5514 rfc5424 daemon")).global_.log
+    for bad, why in (
+        ("udp@:514", "udp@ needs a host"),
+        ("unix@/dev/log rfc1234", "unknown syslog option 'rfc1234'"),
+    ):
+        with pytest.raises(config.ConfigError, match=f"global.log: {why}"):
+            config.parse_text(base.format(bad))

@@ -7,7 +7,7 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
     [global]
     workers = 2                 # default: one per core
     metrics = "127.0.0.1:9464"  # Prometheus endpoint; "" turns it off
-    log = "stderr"              # or "none", or a file path
+    log = "stderr"              # or "none", a file path, syslog: "udp@host:514 local0"
     log-format = "text"         # or "json"
     user = "nobody"             # drop root after binding
     group = "nogroup"
@@ -43,6 +43,7 @@ from typing import Any
 
 from mptcpkit.address import Address, parse_address
 from mptcpkit.policy import Policy
+from mptcpkit.proxy.logging import parse_target
 
 __all__ = [
     "BALANCE_ALGORITHMS",
@@ -294,13 +295,22 @@ def _global(r: _Reader) -> GlobalSettings:
     assert stop is not None
     return GlobalSettings(
         workers=r.get_int("workers", cpus, 1, 256),
-        log=r.get_str("log", "stderr") or "none",
+        log=_log_target(r),
         log_format=r.choice("log-format", "text", LOG_FORMATS),
         metrics=metrics,
         user=r.get_str("user", None),
         group=r.get_str("group", None),
         stop_timeout=stop,
     )
+
+
+def _log_target(r: _Reader) -> str:
+    text = r.get_str("log", "stderr") or "none"
+    try:
+        parse_target(text)
+    except ValueError as exc:
+        raise r.error("log", str(exc)) from None
+    return text
 
 
 def _timeouts(r: _Reader) -> Timeouts:

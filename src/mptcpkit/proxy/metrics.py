@@ -101,6 +101,11 @@ class WorkerMetrics:
             "Failed connects to a server",
             ["backend", "server"],
         )
+        self.m_log_dropped = Counter(
+            "mptcpkit_log_dropped",
+            "Log lines dropped because the log destination did not take them in time",
+        )
+        self._log_counted = 0
         self._conns: Tally[tuple[str, str, str]] = Tally()
         self._legs: Tally[tuple[str, str, str]] = Tally()
         self._bytes: Tally[tuple[str, str]] = Tally()
@@ -142,6 +147,9 @@ class WorkerMetrics:
         self._bytes.clear()
         self._fail.clear()
         self._subflows.clear()
+        if rt.log.dropped > self._log_counted:
+            self.m_log_dropped.inc(rt.log.dropped - self._log_counted)
+            self._log_counted = rt.log.dropped
         for fe in rt.frontends:
             self.m_active.labels(fe.cfg.name).set(fe.count())
         for be in rt.backends.values():
