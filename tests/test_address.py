@@ -23,7 +23,16 @@ from mptcpkit import Policy, parse_address
         ("tcp4@Example.NET:443", "tcp", socket.AF_INET, "example.net", range(443, 444)),
         ("ipv6@[2001:db8::1]:22", "tcp", socket.AF_INET6, "2001:db8::1", range(22, 23)),
         ("ipv4@10.0.0.5", "tcp", socket.AF_INET, "10.0.0.5", range(0)),
-        ("MPTCP@127.0.0.1:0", "mptcp", socket.AF_INET, "127.0.0.1", range(0, 1)),
+        ("mptcp@127.0.0.1:0", "mptcp", socket.AF_INET, "127.0.0.1", range(0, 1)),
+        # HAProxy's reading: the last ':' is the port's, brackets are optional
+        (":::80", "tcp", socket.AF_INET6, "::", range(80, 81)),
+        ("ipv6@::1:80", "tcp", socket.AF_INET6, "::1", range(80, 81)),
+        ("tcp4@[127.0.0.1]:80", "tcp", socket.AF_INET, "127.0.0.1", range(80, 81)),
+        ("127.0.0.1:041018", "tcp", socket.AF_INET, "127.0.0.1", range(41018, 41019)),
+        ("127.1:80", "tcp", socket.AF_INET, "127.0.0.1", range(80, 81)),  # inet_aton
+        # v4-mapped addresses written as the socket module writes them
+        ("[::ffff:7f00:1]:80", "tcp", socket.AF_INET6, "::ffff:127.0.0.1", range(80, 81)),
+        ("[::ffff:127.0.0.1]:80", "tcp", socket.AF_INET6, "::ffff:127.0.0.1", range(80, 81)),
     ],
 )
 def test_examples(text: str, protocol: str, family: int, host: str, ports: range) -> None:
@@ -39,6 +48,8 @@ def test_unix_and_policy() -> None:
         "/run/app.sock",
         "unix@/run/app.sock",
     )
+    bare = parse_address("/run/app.sock")  # as in HAProxy, a path is a unix socket
+    assert (bare.protocol, bare.path, str(bare)) == ("unix", "/run/app.sock", "/run/app.sock")
     assert parse_address("mptcp@:1").policy is Policy.PREFER
     assert parse_address("tcp@:1").policy is Policy.OFF
 
@@ -47,15 +58,22 @@ def test_unix_and_policy() -> None:
     ("text", "quoted"),
     [
         ("mptpc@1.2.3.4:80", "'mptpc@'"),
-        ("mptcp4@[::1]:80", "'::1'"),
+        ("mptcp4@[::1]:80", "'[::1]'"),
         ("mptcp6@10.0.0.1:80", "'10.0.0.1'"),
-        ("::1:80", "'::1'"),
+        ("MPTCP@1.2.3.4:80", "'MPTCP@'"),  # prefixes are lower-case, as in HAProxy
+        ("@1.2.3.4:80", "'@'"),
+        ("999.1.1.1:80", "'999.1.1.1'"),
+        ("ipv4@999.1.1.1:80", "'999.1.1.1'"),
+        ("2001:db8::1", "'2001:db8:'"),  # the last ':' is the port's
+        ("[fe80::1%lo]:80", "'[fe80::1%lo]'"),
+        ("1.2.3.4:80x", "'80x'"),
+        ("1.2.3.4:+80", "'+80'"),
         ("1.2.3.4:99999", "'99999'"),
         ("1.2.3.4:80-70", "'80-70'"),
         ("1.2.3.4:0-5", "'0'"),
         ("1.2.3.4:", "'1.2.3.4:'"),
         ("[::1:80", "'[::1:80'"),
-        ("[fe80::zz]:80", "'fe80::zz'"),
+        ("[fe80::zz]:80", "'[fe80::zz]'"),
         ("[::1]x80", "'x80'"),
         ("bad host!:80", "'bad host!'"),
         ("unix@", "''"),

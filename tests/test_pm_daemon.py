@@ -132,7 +132,10 @@ class Pmd:
     def __init__(self, tmp: Path, netns: str, text: str) -> None:
         self.socket = str(tmp / "pmd.sock")
         self.config = tmp / "pmd.toml"
-        self.config.write_text(f'status_socket = "{self.socket}"\n{text}')
+        self.state_dir = tmp / "state"
+        self.config.write_text(
+            f'status_socket = "{self.socket}"\nstate_dir = "{self.state_dir}"\n{text}'
+        )
         self.log: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mptcpkit", "pmd", "-c", str(self.config), "--netns", netns],
@@ -165,6 +168,11 @@ class Pmd:
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)  # type: ignore[no-any-return]
 
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._reader.join(5)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -186,9 +194,10 @@ def topo(lab_factory: Callable[..., lab.Topology]) -> lab.Topology:
 def start_pmd(tmp_path: Path) -> Iterator[Callable[[str, str], Pmd]]:
     started: list[Pmd] = []
 
-    def start(netns: str, text: str) -> Pmd:
-        d = tmp_path / f"pmd{len(started)}"
-        d.mkdir()
+    def start(netns: str, text: str, again: Pmd | None = None) -> Pmd:
+        """A pmd; `again`: in the directory of that (killed) one, sharing its state."""
+        d = tmp_path / f"pmd{len(started)}" if again is None else again.config.parent
+        d.mkdir(exist_ok=True)
         p = Pmd(d, netns, text)
         started.append(p)
         return p
@@ -499,3 +508,141 @@ def test_userspace_server_announces(
         assert wait_for(lambda: any(f"announced {server.address(1)}" in line for line in pmd.log))
     finally:
         t.close()
+
+
+# ------------------------------------------------------------------ surviving its own crash
+
+
+def closed_pipe_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """`mptcpkit ARGS | head -c0`, deterministically: stdout is a pipe nobody reads."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "mptcpkit", *args],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(w)
+
+
+@pytest.mark.root
+def test_kill9_then_restart_kernel_mode(topo: lab.Topology, start_pmd: Callable[..., Pmd]) -> None:
+    client = topo.host("client")
+    ns, addr1 = client.netns, client.address(1)
+    pm.set_limits(subflows=0, add_addr_accepted=0, netns=ns)
+    text = '[interfaces]\nallow = ["eth*"]\n'
+    first = start_pmd(ns, text)
+    ours = set(client.addresses(4) + client.addresses(6))
+    assert {e["address"] for e in first.status()["endpoints"]} == ours
+    # A second pmd for the namespace is refused, and leaves the first one's socket alone.
+    r = run_pmd("-c", str(first.config), "--netns", ns)
+    assert r.returncode == 2 and f"pmd pid {first.proc.pid} already manages" in r.stderr
+    assert first.status()["pid"] == first.proc.pid
+    first.kill9()
+    # While no pmd watches, an address goes away.
+    v6 = client.address(1, family=6)
+    client.run(["ip", "-6", "addr", "del", f"{v6}/64", "dev", client.iface(1).name])
+
+    pmd = start_pmd(ns, text, again=first)
+    log = "".join(pmd.log)
+    assert "not ours" not in log and f"adopted what pmd pid {first.proc.pid} left" in log
+    ours.discard(v6)
+    assert {e["address"] for e in pmd.status()["endpoints"]} == ours
+    assert v6 not in [e.address for e in pm.endpoints(netns=ns)]
+    r = closed_pipe_run("pmd", "status", "--socket", pmd.socket)  # pmd status | head
+    assert (r.returncode, r.stderr) == (0, "")
+
+    # What it adopted it manages: link down/up, address deleted...
+    topo.link(1).down()
+    assert wait_for(lambda: addr1 not in v4(pm.endpoints(netns=ns))), pmd.log
+    topo.link(1).up()
+    assert wait_for(lambda: addr1 in v4(pm.endpoints(netns=ns))), pmd.log
+    client.run(["ip", "-4", "addr", "del", f"{addr1}/24", "dev", client.iface(1).name])
+    assert wait_for(lambda: addr1 not in v4(pm.endpoints(netns=ns))), pmd.log
+    # ...and SIGTERM removes it all and puts back the limits the first pmd found.
+    assert pmd.stop() == 0
+    assert pm.endpoints(netns=ns) == []
+    assert pm.limits(netns=ns) == pm.Limits(0, 0)
+    assert list(pmd.state_dir.iterdir()) == []
+
+
+@pytest.mark.root
+def test_kill9_then_restart_userspace_mode(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd]
+) -> None:
+    client = topo.host("client")
+    addr1 = client.address(1)
+    text = (
+        'mode = "userspace"\n[interfaces]\nallow = ["eth*"]\n'
+        '[userspace]\npolicy = "per-interface"\n[resubflow]\nbackoff_initial = 0.5\n'
+    )
+    first = start_pmd(client.netns, text)
+    t = Transfer(topo)
+    try:
+        assert wait_for(lambda: addr1 in t.locals()), first.log
+        first.kill9()
+        assert client.sysctl("net.mptcp.pm_type") == "1"
+        pmd = start_pmd(client.netns, text, again=first)
+        info = mptcpkit.info(t.sock)
+        assert info is not None
+        (conn,) = pmd.status()["connections"]
+        assert conn["token"] == f"{info.token:08x}"
+        assert any(sf.startswith(f"{addr1}->") for sf in conn["subflows"])
+
+        # A subflow of that connection killed with an error is created again.
+        (old,) = [s for s in mptcpkit.subflows(t.sock) if s.local[0] == addr1]
+        client.run(["ss", "-K", "-t", "src", addr1, "sport", "=", f":{old.local[1]}"])
+        assert wait_for(
+            lambda: any(
+                s.local[0] == addr1 and s.local[1] != old.local[1]
+                for s in mptcpkit.subflows(t.sock)
+            )
+        ), pmd.log
+    finally:
+        t.close()
+    assert pmd.stop() == 0
+    assert client.sysctl("net.mptcp.pm_type") == "0"  # the real original, not the crash's 1
+
+
+@pytest.mark.root
+def test_renames_followed_by_ifindex(topo: lab.Topology, start_pmd: Callable[..., Pmd]) -> None:
+    client = topo.host("client")
+    ns, addr1 = client.netns, client.address(1)
+    pmd = start_pmd(ns, '[interfaces]\nallow = ["eth*"]\n')
+
+    def dev_of_addr1() -> str | None:
+        eps = [ep for ep in pm.endpoints(netns=ns) if ep.address == addr1]
+        return eps[0].ifname if eps else None
+
+    def ip(*args: str) -> None:
+        client.run(["ip", "link", "set", *args])
+
+    try:
+        assert dev_of_addr1() == "eth1"
+        # Renamed (while up) out of the managed names: its endpoint goes, status agrees.
+        ip("eth1", "name", "wan1")
+        assert wait_for(lambda: dev_of_addr1() is None), pmd.log
+        state = pmd.status()
+        assert state["interfaces"]["wan1"]["managed"] is False
+        assert addr1 not in [e["address"] for e in state["endpoints"]]
+        # Renamed back into them: managed again, endpoint on the new name.
+        ip("wan1", "name", "eth7")
+        assert wait_for(lambda: dev_of_addr1() == "eth7"), pmd.log
+        assert [e["dev"] for e in pmd.status()["endpoints"] if e["address"] == addr1] == ["eth7"]
+        # Down, renamed while down, up: the parked address comes back on the new name.
+        ip("eth7", "down")
+        assert wait_for(lambda: dev_of_addr1() is None), pmd.log
+        ip("eth7", "name", "eth8")
+        ip("eth8", "up")
+        assert wait_for(lambda: dev_of_addr1() == "eth8"), pmd.log
+        # And later down/up still follow it.
+        ip("eth8", "down")
+        assert wait_for(lambda: dev_of_addr1() is None), pmd.log
+        ip("eth8", "up")
+        assert wait_for(lambda: dev_of_addr1() == "eth8"), pmd.log
+    finally:
+        client.run(["ip", "link", "set", "eth8", "name", "eth1"], check=False)

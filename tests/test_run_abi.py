@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mptcpkit.options import TCP_ONLY_OPTIONS
-from mptcpkit.run import abi, bpf, bpfload, preload, systemd
+from mptcpkit.run import abi, bpf, bpfload, preload
 from mptcpkit.run.supervisor import Only, filter_program
 
 u64 = st.integers(0, 2**64 - 1)
@@ -200,7 +200,7 @@ def test_program_bytes() -> None:
     assert prog.hex().startswith("bf1600000000000085000000500000001801")
 
 
-# --- preload and systemd -----------------------------------------------------
+# --- preload -----------------------------------------------------
 
 
 def test_parse_ldconfig() -> None:
@@ -218,103 +218,6 @@ def test_preload_environment_keeps_existing_values() -> None:
     assert env["LD_PRELOAD"] == "/x/libmptcpwrap.so.0 /y.so"
     assert env["GODEBUG"] == "a=1,multipathtcp=1"
     assert preload.environment("/x", {"GODEBUG": "multipathtcp=0"})["GODEBUG"] == "multipathtcp=0"
-
-
-def test_exec_starts_resets_and_continuations() -> None:
-    unit = "[Unit]\nExecStart=/not/service\n[Service]\nExecStart=/a b\\\n  c\nExecStart=/d\n"
-    dropin = "[Service]\nExecStart=\nExecStart=/e\n"
-    assert systemd.exec_starts([unit]) == ["/a b c", "/d"]
-    assert systemd.exec_starts([unit, dropin]) == ["/e"]
-
-
-@given(
-    st.lists(
-        st.text(
-            st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters="\\#;[=\"'"),
-            min_size=1,
-            max_size=12,
-        ),
-        min_size=1,
-        max_size=4,
-    )
-)
-def test_wrap_keeps_the_command_and_prefix(words: list[str]) -> None:
-    command = "/usr/bin/" + " ".join(words).lstrip("-:+!@")
-    line = systemd.wrap("-" + command, ["/usr/bin/mptcpkit"], ["--only", "listen"])
-    assert line == "-/usr/bin/mptcpkit run --only listen -- " + command
-    assert systemd.exec_starts([f"[Service]\nExecStart={line}\n"]) == [line]
-
-
-def test_wrap_refuses_custom_argv0() -> None:
-    with pytest.raises(systemd.UnitError, match="'@'"):
-        systemd.wrap("@/bin/sh sh -c true", ["m"], [])
-
-
-def test_split_systemctl_cat_skips_our_dropin() -> None:
-    out = (
-        "# /lib/systemd/system/x.service\n[Service]\nExecStart=/x\n\n"
-        "# /etc/systemd/system/x.service.d/mptcpkit.conf\n[Service]\nExecStart=\nExecStart=/w /x\n"
-        "# /etc/systemd/system/x.service.d/local.conf\n[Service]\nEnvironment=A=1\n"
-    )
-    assert systemd.exec_starts(systemd.split_systemctl_cat(out)) == ["/x"]
-
-
-def test_dropin_write_and_remove(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    unit_dir = tmp_path / "usr/lib/systemd/system"
-    unit_dir.mkdir(parents=True)
-    unit = unit_dir / "web.service"
-    unit.write_text("[Service]\nExecStart=/usr/bin/web --port 80\n")
-    before = unit.read_text()
-    path = systemd.write_dropin("web", ["--only", "listen"], root=str(tmp_path))
-    assert path == str(tmp_path / "etc/systemd/system/web.service.d/mptcpkit.conf")
-    text = (tmp_path / path).read_text()
-    assert "ExecStart=\n" in text and text.rstrip().endswith(
-        "run --only listen -- /usr/bin/web --port 80"
-    )
-    # written again: still wraps the unit's own command, not our earlier drop-in
-    systemd.write_dropin("web", [], root=str(tmp_path))
-    assert systemd.exec_starts([(tmp_path / path).read_text()])[-1].endswith(
-        "-- /usr/bin/web --port 80"
-    )
-    assert unit.read_text() == before
-    assert systemd.remove_dropin("web", root=str(tmp_path)) == path
-    assert not (tmp_path / "etc/systemd/system/web.service.d").exists()
-    assert systemd.remove_dropin("web", root=str(tmp_path)) is None
-    with pytest.raises(systemd.UnitError, match="not found"):
-        systemd.write_dropin("missing", [], root=str(tmp_path))
-
-
-def test_cli_dropin_round_trip_and_usage_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import importlib.util
-    import subprocess
-    import sys
-
-    run = (
-        [sys.executable, "-m", "mptcpkit", "run"]
-        if importlib.util.find_spec("mptcpkit.cli.check")
-        else [sys.executable, "-m", "mptcpkit.cli.run"]
-    )
-    (tmp_path / "etc/systemd/system").mkdir(parents=True)
-    (tmp_path / "etc/systemd/system/bgp.service").write_text(
-        "[Service]\nExecStart=/usr/sbin/bgpd\n"
-    )
-    root = ["--root", str(tmp_path)]
-    done = subprocess.run([*run, "--systemd-dropin", "bgp", *root], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    conf = tmp_path / "etc/systemd/system/bgp.service.d/mptcpkit.conf"
-    assert conf.read_text().rstrip().endswith("run -- /usr/sbin/bgpd")
-    gone = subprocess.run([*run, "--systemd-dropin", "bgp", "--remove", *root], capture_output=True)
-    assert gone.returncode == 0 and not conf.exists()
-    missing = subprocess.run(
-        [*run, "--systemd-dropin", "nope", *root], capture_output=True, text=True
-    )
-    assert missing.returncode == 1 and "unit nope.service not found" in missing.stderr
-    extra = subprocess.run(
-        [*run, "--systemd-dropin", "bgp", "--", "x"], capture_output=True, text=True
-    )
-    assert extra.returncode == 2 and "takes no command" in extra.stderr
-    lonely = subprocess.run([*run, "--remove"], capture_output=True, text=True)
-    assert lonely.returncode == 2
 
 
 def test_preload_without_the_library_is_a_clear_error(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -1,11 +1,15 @@
 """Addresses in HAProxy's syntax: `[proto@]host[:port[-port]]` (HAProxy doc §2.9.3).
 
     mptcp@[::]:5000     mptcp4@0.0.0.0:8000-8010     tcp@example.net:443
-    :8443 (any IPv4)    *:80                         unix@/run/app.sock
+    :8443 (any IPv4)    *:80     :::80 (any IPv6)    unix@/run/app.sock   /run/app.sock
 
 `mptcp@`, `mptcp4@`, `mptcp6@` ask for MPTCP (by default with fallback to TCP: see
 `mptcpkit.policy`); `tcp@`, `tcp4@`, `tcp6@`, `ipv4@`, `ipv6@` and no prefix mean
-plain TCP. A `4`/`6` suffix fixes the address family. IPv6 literals go in brackets.
+plain TCP. A `4`/`6` suffix fixes the address family. The parse follows HAProxy's
+own (`str2sa_range()`): the last `:` before any `]` separates the port, so `::1:80`
+is `[::1]:80`; brackets are optional and may hold IPv4; a path starting with `/` is
+a unix socket. The deliberate differences are listed in docs/addresses.md and
+checked against `haproxy -c` by tests/test_address_haproxy.py.
 Parsing is pure; `create_server()` and `create_connection()` act on the result.
 """
 
@@ -35,17 +39,13 @@ _PREFIXES: dict[str, tuple[str, int | None]] = {
     "ipv6": ("tcp", socket.AF_INET6),
     "unix": ("unix", socket.AF_UNIX),
 }
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
-)
-_PORT = re.compile(r"^[0-9]{1,5}$")
 
 
 @dataclass(frozen=True, slots=True)
 class Address:
     """A parsed address. `host` is "" for any address; `port` is None when absent."""
 
-    prefix: str  # as written ("" when none), lower-case
+    prefix: str  # as written ("" when none)
     protocol: str  # "mptcp", "tcp" or "unix"
     family: int  # AF_INET, AF_INET6, AF_UNSPEC (a host name) or AF_UNIX
     host: str
@@ -155,19 +155,26 @@ def _fail(text: str, part: str, why: str) -> ValueError:
     return ValueError(f"bad address {text!r}: {why}: {part!r}")
 
 
+_PORT_RULE = "a port is a number from 1 to 65535"
+
+
 def _parse_port(text: str, part: str, allow_zero: bool) -> int:
-    if not _PORT.match(part):
-        raise _fail(text, part, "a port is a number from 1 to 65535")
+    # HAProxy reads a port with atoi(): leading zeros are fine (`041018` is 41018);
+    # unlike atoi, trailing junk (`80x`) is an error here.
+    if not part.isascii() or not part.isdigit():
+        raise _fail(text, part, _PORT_RULE)
     value = int(part)
     if value > 65535 or (value == 0 and not allow_zero):
-        raise _fail(text, part, "a port is a number from 1 to 65535")
+        raise _fail(text, part, _PORT_RULE)
     return value
 
 
 def _parse_ports(text: str, part: str) -> tuple[int, int]:
+    if part[:1] in ("+", "-"):
+        raise _fail(text, part, "port offsets are not supported")
     low_text, dash, high_text = part.partition("-")
     if not dash:
-        port = _parse_port(text, part, allow_zero=True)
+        port = _parse_port(text, part, allow_zero=True)  # 0: the kernel picks (a difference)
         return port, port
     low = _parse_port(text, low_text, allow_zero=False)
     high = _parse_port(text, high_text, allow_zero=False)
@@ -176,22 +183,58 @@ def _parse_ports(text: str, part: str) -> tuple[int, int]:
     return low, high
 
 
-def _parse_host(text: str, part: str, family: int | None, bracketed: bool) -> tuple[str, int]:
+def _ip_literal(part: str, family: int | None) -> tuple[str, int] | None:
+    """HAProxy's str2ip2() without resolution: (host, family), host "" for any."""
+    if part.startswith("["):
+        if len(part) < 4 or len(part) >= 48 or not part.endswith("]"):
+            return None
+        part = part[1:-1]
+    if part == "::" and family in (None, socket.AF_INET6):
+        return "::", socket.AF_INET6
     if part in ("", "*"):
         return "", family if family is not None else socket.AF_INET
-    if ":" in part and not bracketed:
-        raise _fail(text, part, "IPv6 addresses go in brackets, as in [::1]:80")
-    try:
-        ip = ipaddress.ip_address(part)
-    except ValueError:
-        if not _HOSTNAME.match(part):
-            raise _fail(text, part, "not an IP address or host name") from None
-        return part.lower(), family if family is not None else socket.AF_UNSPEC
-    ip_family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    if family is not None and family != ip_family:
+    for af in (socket.AF_INET6, socket.AF_INET):
+        if family in (None, af):
+            try:
+                # inet_ntop writes v4-mapped addresses as the socket module does
+                return socket.inet_ntop(af, socket.inet_pton(af, part)), af
+            except (OSError, ValueError):
+                pass
+    return None
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9_-]{0,63}$")
+# what gethostbyname() hands to inet_aton() instead of the resolver
+_NUMERIC = re.compile(r"^[0-9.]+$|^(0[xX][0-9A-Fa-f]*|[0-9]+)(\.(0[xX][0-9A-Fa-f]*|[0-9]+))*\.?$")
+
+
+def _parse_host(text: str, part: str, family: int | None) -> tuple[str, int]:
+    literal = _ip_literal(part, family)
+    if literal is not None:
+        return literal
+    if family is not None and _ip_literal(part, None) is not None:
         want = "IPv4" if family == socket.AF_INET else "IPv6"
         raise _fail(text, part, f"the prefix asks for {want}")
-    return str(ip), ip_family
+    if part.startswith("["):
+        close = part.find("]")
+        if 0 < close < len(part) - 1:
+            raise _fail(text, part[close + 1 :], "expected ':port' after ']'")
+        raise _fail(text, part, "not an IP address in brackets")
+    # Not an IP literal: HAProxy then checks the name's characters and resolves it
+    # with gethostbyname(), which also reads inet_aton() numbers ("127.1", "0x7f.1").
+    if len(part) > 255 or not all(_LABEL.match(label) for label in part.split(".")):
+        raise _fail(text, part, "not an IP address or host name")
+    if _NUMERIC.match(part):
+        try:
+            host = socket.inet_ntoa(socket.inet_aton(part))
+        except OSError:
+            raise _fail(text, part, "not an IPv4 address") from None
+        if family not in (None, socket.AF_INET):
+            raise _fail(text, part, "the prefix asks for IPv6")
+        return host, socket.AF_INET
+    if part.startswith(".") or ".." in part:
+        raise _fail(text, part, "not a host name")
+    return part.lower(), family if family is not None else socket.AF_UNSPEC
 
 
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes, with its terminating NUL
@@ -204,39 +247,27 @@ def parse_address(text: str) -> Address:
     prefix, at, rest = text.partition("@")
     if not at:
         prefix, rest = "", text
-    prefix = prefix.lower()
-    if prefix and prefix not in _PREFIXES:
+    elif prefix not in _PREFIXES:
         known = ", ".join(f"{p}@" for p in _PREFIXES)
         raise _fail(text, prefix + "@", f"unknown prefix (known: {known})")
     protocol, family = _PREFIXES.get(prefix, ("tcp", None))
-    if protocol == "unix":
-        if not rest or "\0" in rest:
+    if protocol == "unix" or (not prefix and rest.startswith("/")):
+        if "\0" in rest:
+            raise _fail(text, rest, "a unix socket path cannot hold a NUL")
+        if not rest:
             raise _fail(text, rest, "a unix socket needs a path")
         if len(os.fsencode(rest)) > _UNIX_PATH_MAX:
             raise _fail(text, rest, f"a unix socket path is at most {_UNIX_PATH_MAX} bytes")
         return Address(prefix, "unix", socket.AF_UNIX, "", None, None, rest)
-    bracketed = rest.startswith("[")
-    if bracketed:
-        close = rest.find("]")
-        if close < 0:
-            raise _fail(text, rest, "missing ']' after an IPv6 address")
-        host_part, tail = rest[1:close], rest[close + 1 :]
-        if tail and not tail.startswith(":"):
-            raise _fail(text, tail, "expected ':port' after ']'")
-        try:
-            ipaddress.IPv6Address(host_part)
-        except ValueError:
-            raise _fail(text, host_part, "not an IPv6 address") from None
-        port_part = tail[1:] if tail else None
+    # As HAProxy: the last ':' or ']' decides; a ':' there separates the port.
+    cut = max(rest.rfind(":"), rest.rfind("]"))
+    if cut >= 0 and rest[cut] == ":":
+        host_part, port_part = rest[:cut], rest[cut + 1 :]
+        if port_part == "":
+            raise _fail(text, rest, "':' must be followed by a port")
     else:
-        host_part, colon, port_text = rest.rpartition(":")
-        if not colon:
-            host_part, port_part = rest, None
-        else:
-            port_part = port_text
-    if port_part == "":
-        raise _fail(text, rest, "':' must be followed by a port")
-    host, resolved_family = _parse_host(text, host_part, family, bracketed)
+        host_part, port_part = rest, None
+    host, resolved_family = _parse_host(text, host_part, family)
     port = port_end = None
     if port_part is not None:
         port, port_end = _parse_ports(text, port_part)

@@ -12,7 +12,7 @@ import asyncio
 import errno
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from mptcpkit.errors import MPTCPUnavailableError
@@ -62,6 +62,80 @@ async def _resolve(
     return [(info[0], info[4]) for info in infos]
 
 
+def _interleave(
+    infos: list[tuple[int, tuple[Any, ...]]], first_family_count: int
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """RFC 8305 §4: alternate families, `first_family_count` of the first one to start."""
+    by_family: dict[int, list[tuple[int, tuple[Any, ...]]]] = {}
+    for info in infos:
+        by_family.setdefault(info[0], []).append(info)
+    queues = list(by_family.values())
+    ordered = queues[0][: first_family_count - 1]
+    del queues[0][: first_family_count - 1]
+    while any(queues):
+        for queue in queues:
+            if queue:
+                ordered.append(queue.pop(0))
+    return ordered
+
+
+def _collect(task: asyncio.Task[Socket]) -> Socket | BaseException:
+    if task.cancelled():
+        return asyncio.CancelledError()
+    exc = task.exception()
+    return task.result() if exc is None else exc
+
+
+async def _staggered(
+    infos: list[tuple[int, tuple[Any, ...]]],
+    attempt: Callable[[int, tuple[Any, ...]], Coroutine[Any, Any, Socket]],
+    delay: float,
+) -> tuple[Socket | None, list[OSError]]:
+    """RFC 8305 §5: start the next attempt after `delay`, or at once when one fails; the
+    first connected socket wins, the others are cancelled (and closed)."""
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[Socket]] = set()
+    errors: list[OSError] = []
+    winner: Socket | None = None
+    todo = list(infos)
+    try:
+        while winner is None and (todo or running):
+            if todo:
+                af, sockaddr = todo.pop(0)
+                running.add(loop.create_task(attempt(af, sockaddr)))
+            done, _ = await asyncio.wait(
+                running, timeout=delay if todo else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                running.discard(task)
+                outcome = _collect(task)
+                if isinstance(outcome, Socket):
+                    if winner is None:
+                        winner = outcome
+                    else:
+                        outcome.close()
+                elif isinstance(outcome, OSError) and not isinstance(
+                    outcome, MPTCPUnavailableError
+                ):
+                    errors.append(outcome)
+                else:
+                    raise outcome
+    except BaseException:
+        if winner is not None:
+            winner.close()
+        raise
+    finally:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        for task in running:
+            late = _collect(task)
+            if isinstance(late, Socket):
+                late.close()
+    return winner, errors
+
+
 async def connect_socket(
     host: str,
     port: int,
@@ -69,26 +143,46 @@ async def connect_socket(
     mptcp: PolicyLike = None,
     family: int = 0,
     local_addr: tuple[str, int] | None = None,
+    happy_eyeballs_delay: float | None = None,
+    interleave: int | None = None,
 ) -> Socket:
-    """A connected, non-blocking socket to (host, port), by policy ("dial" role)."""
+    """A connected, non-blocking socket to (host, port), by policy ("dial" role).
+
+    `happy_eyeballs_delay` and `interleave` as in `loop.create_connection()`: with a
+    delay, attempts to the resolved addresses are staggered (RFC 8305), so one address
+    that does not answer costs `delay` seconds, not a TCP connect timeout.
+    """
     policy = resolve(mptcp, "dial")
-    errors: list[OSError] = []
-    for af, sockaddr in await _resolve(host, port, family):
+    infos = await _resolve(host, port, family)
+    if interleave is None and happy_eyeballs_delay is not None:
+        interleave = 1
+    if interleave:
+        infos = _interleave(infos, interleave)
+
+    async def attempt(af: int, sockaddr: tuple[Any, ...]) -> Socket:
         sock = open_stream(af, socket.SOCK_STREAM, policy)
         try:
             if local_addr is not None:
                 sock.bind(local_addr)
             await sock_connect(sock, sockaddr)
-            return sock
-        except MPTCPUnavailableError:
-            sock.close()
-            raise
-        except OSError as exc:
-            sock.close()
-            errors.append(exc)
         except BaseException:
             sock.close()
             raise
+        return sock
+
+    errors: list[OSError] = []
+    if happy_eyeballs_delay is not None and len(infos) > 1:
+        winner, errors = await _staggered(infos, attempt, happy_eyeballs_delay)
+        if winner is not None:
+            return winner
+    else:
+        for af, sockaddr in infos:
+            try:
+                return await attempt(af, sockaddr)
+            except MPTCPUnavailableError:
+                raise
+            except OSError as exc:
+                errors.append(exc)
     if not errors:
         raise OSError(f"getaddrinfo returned no addresses for {host!r}")
     if len(errors) == 1:
@@ -104,11 +198,21 @@ async def create_connection(
     mptcp: PolicyLike = None,
     family: int = 0,
     local_addr: tuple[str, int] | None = None,
+    happy_eyeballs_delay: float | None = None,
+    interleave: int | None = None,
     **kwargs: Any,
 ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
-    """`loop.create_connection()` over MPTCP by policy."""
+    """`loop.create_connection()` over MPTCP by policy, Happy Eyeballs included."""
     loop = asyncio.get_running_loop()
-    sock = await connect_socket(host, port, mptcp=mptcp, family=family, local_addr=local_addr)
+    sock = await connect_socket(
+        host,
+        port,
+        mptcp=mptcp,
+        family=family,
+        local_addr=local_addr,
+        happy_eyeballs_delay=happy_eyeballs_delay,
+        interleave=interleave,
+    )
     if kwargs.get("ssl") and "server_hostname" not in kwargs:
         kwargs["server_hostname"] = host
     try:
@@ -133,12 +237,12 @@ async def open_connection(
 class Servers:
     """Several listening servers (one per address) behind `asyncio.Server`'s methods."""
 
-    def __init__(self, servers: Sequence[asyncio.AbstractServer]) -> None:
+    def __init__(self, servers: Sequence[asyncio.Server]) -> None:
         self._servers = list(servers)
 
     @property
-    def sockets(self) -> tuple[Any, ...]:
-        return tuple(s for server in self._servers for s in server.sockets)  # type: ignore[attr-defined]
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(s for server in self._servers for s in server.sockets)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._servers[0].get_loop()
@@ -223,7 +327,7 @@ async def create_server(
     reuse_port: bool = False,
     sock: socket.socket | None = None,
     **kwargs: Any,
-) -> asyncio.AbstractServer | Servers:
+) -> asyncio.Server | Servers:
     """`loop.create_server()` over MPTCP by policy ("listen" role).
 
     With no host, one dual-stack IPv6 socket serves IPv4 and IPv6. Several addresses
@@ -235,7 +339,7 @@ async def create_server(
     listeners = await _listeners(
         host, port, family=family, backlog=backlog, reuse_port=reuse_port, mptcp=mptcp
     )
-    servers: list[asyncio.AbstractServer] = []
+    servers: list[asyncio.Server] = []
     try:
         for listener in listeners:
             servers.append(
@@ -258,7 +362,7 @@ async def start_server(
     limit: int = _STREAM_LIMIT,
     mptcp: PolicyLike = None,
     **kwargs: Any,
-) -> asyncio.AbstractServer | Servers:
+) -> asyncio.Server | Servers:
     """`asyncio.start_server()` over MPTCP by policy."""
     loop = asyncio.get_running_loop()
 

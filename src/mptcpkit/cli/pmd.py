@@ -48,6 +48,7 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def run(args: argparse.Namespace) -> int:
     from mptcpkit.pm import daemon
+    from mptcpkit.pm.state import StateError
 
     cfg = _config(args)
     if args.action == "status":
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     with pm_errors(cfg.netns):
         try:
             daemon.run(cfg)
-        except daemon.StatusSocketError as exc:
+        except (daemon.StatusSocketError, daemon.AlreadyRunning, StateError) as exc:
             raise UsageError(exc.strerror or str(exc)) from None
     return 0
 

@@ -169,10 +169,14 @@ def _dropin(args: argparse.Namespace, command: list[str]) -> int:
             options += ["--strategy", args.strategy]
         if args.only:
             options += ["--only", args.only]
-        path = systemd.write_dropin(args.systemd_dropin, options, root=args.root)
+        plan = systemd.write_dropin(args.systemd_dropin, options, root=args.root)
     except systemd.UnitError as exc:
         raise CLIError(str(exc)) from None
-    print(f"wrote {path}; run `systemctl daemon-reload` and restart {args.systemd_dropin}")
+    except OSError as exc:
+        raise CLIError(f"cannot write the drop-in: {exc}") from None
+    for note in plan.notes:
+        print(f"mptcpkit run: note: {note}", file=sys.stderr)
+    print(f"wrote {plan.path}; run `systemctl daemon-reload` and restart {args.systemd_dropin}")
     return 0
 
 

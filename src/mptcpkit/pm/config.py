@@ -6,6 +6,7 @@ cleanup = true                # on SIGTERM remove the endpoints pmd added
 flags = ["subflow"]           # default endpoint flags (kernel mode)
 load_balancer = false         # allow_join_initial_addr_port=0 + "signal" endpoints
 status_socket = "/run/mptcpkit/pmd.sock"
+state_dir = "/run/mptcpkit"   # where pmd keeps what it owns, to survive its own crash
 
 [interfaces]
 allow = ["eth*", "wlan0"]     # fnmatch globs; empty: every interface but lo
@@ -55,6 +56,7 @@ class Config:
     flags: tuple[str, ...] = ("subflow",)
     load_balancer: bool = False
     status_socket: str | None = None
+    state_dir: str = "/run/mptcpkit"
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     interface_flags: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
@@ -95,6 +97,11 @@ class Config:
             return self.status_socket
         suffix = f"-{self.netns}" if self.netns else ""
         return f"/run/mptcpkit/pmd{suffix}.sock"
+
+    def state_path(self) -> str:
+        """The state file: one per namespace, so two pmds for one namespace collide."""
+        suffix = f"-{self.netns}" if self.netns else ""
+        return os.path.join(self.state_dir, f"pmd{suffix}.json")
 
 
 def _strings(where: str, value: Any) -> tuple[str, ...]:
@@ -159,7 +166,7 @@ def _check_keys(where: str, table: Mapping[str, Any], known: set[str]) -> None:
 
 def from_dict(data: Mapping[str, Any], source: str = "pmd.toml") -> Config:
     """Validate a parsed TOML document; every error names `source` and the key."""
-    top = {"mode", "netns", "cleanup", "flags", "load_balancer", "status_socket"}
+    top = {"mode", "netns", "cleanup", "flags", "load_balancer", "status_socket", "state_dir"}
     tables = {"interfaces", "limits", "userspace", "resubflow"}
     _check_keys(source, data, top | tables)
     kw: dict[str, Any] = {}
@@ -177,6 +184,10 @@ def from_dict(data: Mapping[str, Any], source: str = "pmd.toml") -> Config:
         if not isinstance(data["status_socket"], str) or not data["status_socket"]:
             raise ConfigError(f"{source}: status_socket: expected a path")
         kw["status_socket"] = data["status_socket"]
+    if "state_dir" in data:
+        if not isinstance(data["state_dir"], str) or not data["state_dir"]:
+            raise ConfigError(f"{source}: state_dir: expected a directory")
+        kw["state_dir"] = data["state_dir"]
     for key in ("cleanup", "load_balancer"):
         if key in data:
             kw[key] = _bool(f"{source}: {key}", data[key])

@@ -10,7 +10,9 @@ per connection by policy and re-creates dead ones with backoff.
 
 Everything the daemon decides is logged; `mptcpkit pmd status` reads its state
 from a unix socket. SIGTERM stops it; with `cleanup = true` it removes what it
-added and restores what it changed.
+added and restores what it changed. What it owns and the original values it will
+restore live in a state file (`mptcpkit.pm.state`), so a pmd started after a crash
+adopts them, and it re-reads open connections from the kernel (`mptcpkit.pm.diag`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from mptcpkit.pm import diag
 from mptcpkit.pm import netns as _netns
+from mptcpkit.pm import state as _state
 from mptcpkit.pm.api import PathManager, UserspacePMUnavailable
 from mptcpkit.pm.codec import Endpoint, Event, EventType
 from mptcpkit.pm.config import Config, backoff
@@ -80,6 +84,10 @@ def rtnl_dump(msg: Any, mtype: int) -> list[Any]:
 
 class StatusSocketError(OSError):
     """The status socket cannot be created (path not writable, a directory...)."""
+
+
+class AlreadyRunning(OSError):
+    """Another live pmd manages this namespace (its state file names its pid)."""
 
 
 @dataclasses.dataclass
@@ -123,6 +131,9 @@ class Daemon:
         self.decisions: list[str] = []
         self.restore_sysctls: dict[str, str] = {}
         self.restore_limits: tuple[int, int] | None = None
+        self.state_path = config.state_path()
+        self.previous: _state.State | None = None  # left by a pmd that died
+        self.claimed = False  # the state file is ours to write and remove
         self.started = time.time()
         self.pm: PathManager | None = None
         self.events: EventStream | None = None
@@ -157,20 +168,123 @@ class Daemon:
             )
         if os.geteuid() != 0:
             raise PMError(errno.EPERM, "pmd changes sysctls and endpoints: run it as root")
+        self.previous = _state.load(self.state_path)
+        if self.previous is not None and _state.pid_is_pmd(self.previous.pid):
+            raise AlreadyRunning(
+                errno.EBUSY,
+                f"pmd pid {self.previous.pid} already manages this namespace "
+                f"(state file {self.state_path})",
+            )
 
     def _set_sysctl(self, key: str, value: str) -> None:
         old = _netns.read_sysctl(None, key)
         if old is None or old == value:
             return
-        _netns.write_sysctl(None, key, value)
         self.restore_sysctls.setdefault(key, old)
+        self.save()  # the original value is on disk before the change
+        _netns.write_sysctl(None, key, value)
         self.decide(f"sysctl {key}={value} (was {old})")
+
+    # ------------------------------------------------------------ state file
+
+    def save(self) -> None:
+        if not self.claimed:
+            return
+        _state.save(
+            self.state_path,
+            _state.State(
+                pid=os.getpid(),
+                owned=dict(self.owned),
+                parked=dict(self.parked),
+                sysctls=dict(self.restore_sysctls),
+                limits=self.restore_limits,
+                local_ids=dict(self.local_ids),
+            ),
+        )
+
+    def adopt(self) -> None:
+        """Take over what a pmd that died owned: its endpoints still in the kernel (same
+        id and address), its parked addresses, the original values it would restore."""
+        prev = self.previous
+        self.claimed = True
+        if prev is None:
+            self.save()
+            return
+        assert self.pm is not None
+        kernel = {ep.address: ep for ep in self.pm.endpoints()}
+        for address, ep in prev.owned.items():
+            current = kernel.get(address)
+            if current is not None and current.id == ep.id:
+                self.owned[address] = current
+        for address, ep in prev.parked.items():
+            if address not in kernel:
+                self.parked[address] = ep
+        self.restore_sysctls = dict(prev.sysctls)
+        self.restore_limits = prev.limits
+        self.local_ids = dict(prev.local_ids)
+        self.save()
+        originals = ", ".join(f"{k}={v}" for k, v in sorted(prev.sysctls.items()))
+        self.decide(
+            f"adopted what pmd pid {prev.pid} left: endpoints "
+            f"{' '.join(sorted(self.owned)) or '-'}, parked {' '.join(sorted(self.parked)) or '-'}"
+            + (f", original {originals}" if originals else "")
+        )
+
+    def reconcile(self) -> None:
+        """After adopting: endpoints whose address went or whose link went down while no
+        pmd was watching are removed (parked if the link is only down)."""
+        for address in list(self.owned):
+            index = self.addrs.get(address)
+            if index is None:
+                self._remove_endpoint(address, f"address {address} disappeared", park=False)
+            elif not self._usable(index):
+                link = self.links.get(index)
+                managed = link is not None and self.config.wants(link.name)
+                why = f"link {self._ifname(index)} " + ("down" if managed else "not managed")
+                self._remove_endpoint(address, why, park=managed)
+        for address in [a for a in self.parked if a not in self.addrs]:
+            del self.parked[address]
+        self.save()
+
+    def rebuild_connections(self) -> None:
+        """Userspace mode: the connections open before this pmd started, from sock_diag,
+        driven from now on like those it saw being established."""
+        found = diag.connections()
+        for c in found:
+            conn = Conn(
+                token=c.token,
+                family=c.family,
+                local=c.local,
+                remote=c.remote,
+                server_side=c.server_side,
+            )
+            conn.remotes[c.remote[0]] = c.remote[1]
+            for sf in c.subflows:
+                pair = (sf.local[0], sf.remote[0])
+                conn.established.add(pair)
+                conn.ports.setdefault(pair, []).append((sf.local[1], sf.remote[1]))
+                conn.remotes.setdefault(sf.remote[0], sf.remote[1])
+                if sf.remote_id is not None:
+                    conn.rem_ids[sf.remote_id] = sf.remote[0]
+                if sf.local_id:
+                    self.local_ids.setdefault(sf.local[0], sf.local_id)
+            self.conns[c.token] = conn
+            self.live_tokens.add(c.token)
+        if found:
+            self.decide(
+                f"found {len(found)} open connection(s): "
+                + ", ".join(f"{c.token:08x} ({len(c.subflows)} subflows)" for c in found)
+            )
+            self.save()
+        for conn in list(self.conns.values()):
+            self._apply_policy(conn, why="found open at start")
 
     async def start(self) -> None:
         cfg = self.config
         try:
             self.preflight()
             await self._start_status()  # first: a bad path must fail before any change
+            self.adopt()
             if cfg.mode == "userspace":
                 self._set_sysctl("net.mptcp.pm_type", "1")
             if cfg.load_balancer:
@@ -182,6 +296,9 @@ class Daemon:
             self.rtnl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             self.rtnl.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             self._initial_dump()
+            self.reconcile()
+            if cfg.mode == "userspace":
+                self.rebuild_connections()
             loop = asyncio.get_running_loop()
             loop.add_reader(self.rtnl.fileno(), self._on_rtnl)
             loop.add_reader(self.events.fileno(), self._on_events)
@@ -260,6 +377,7 @@ class Daemon:
                 for c in self.conns.values()
             ],
             "pending_retries": len(self.timers),
+            "state_file": self.state_path,
             "decisions": self.decisions[-20:],
         }
 
@@ -305,6 +423,11 @@ class Daemon:
                     _netns.write_sysctl(None, key, old)
                     self.decide(f"cleanup: sysctl {key}={old}")
             self.restore_sysctls.clear()
+            if self.claimed:
+                _state.remove(self.state_path)  # all put back: nothing left to adopt
+        elif self.claimed:
+            self.save()  # cleanup = false: the next pmd adopts what is left
+        self.claimed = False
         if self.pm is not None:
             self.pm.close()
             self.pm = None
@@ -343,6 +466,8 @@ class Daemon:
         running = bool(msg["flags"] & IFF_UP) and bool(msg["flags"] & IFF_RUNNING)
         old = self.links.get(index)
         self.links[index] = Link(index, name, running)
+        if not initial and old is not None and old.name != name:
+            self.renamed(old, self.links[index])
         if initial or old is None or old.running == running or not self.config.wants(name):
             return
         if running:
@@ -399,6 +524,7 @@ class Daemon:
         ep = self.pm.add_endpoint(address, flags=flags, dev=name)
         self.owned[address] = ep
         self.parked.pop(address, None)
+        self.save()
         self.decide(f"{why}: added endpoint {ep}")
         self._sync_limits()
 
@@ -412,13 +538,39 @@ class Daemon:
             self.pm.delete_endpoint(ep.id)
         if park:
             self.parked[address] = ep
+        self.save()
         self.decide(f"{why}: removed endpoint {ep}")
 
     def address_gone(self, address: str) -> None:
-        self.parked.pop(address, None)
+        if self.parked.pop(address, None) is not None:
+            self.save()
         self._cancel(("ep", address))
         if self.config.mode == "kernel":
             self._remove_endpoint(address, f"address {address} disappeared", park=False)
+
+    def renamed(self, old: Link, new: Link) -> None:
+        """An interface got a new name; it is the same interface (same ifindex), so its
+        endpoints follow it, unless the configuration does not manage the new name."""
+        was, now = self.config.wants(old.name), self.config.wants(new.name)
+        self.decide(
+            f"link {old.name} renamed {new.name}"
+            + ("" if was == now else (" (now managed)" if now else " (no longer managed)"))
+        )
+        for table in (self.owned, self.parked):
+            for address, ep in list(table.items()):
+                if ep.ifindex == new.index:
+                    table[address] = dataclasses.replace(ep, ifname=new.name)
+        if was and not now:
+            for address, ep in list(self.owned.items()):
+                if ep.ifindex == new.index:
+                    self._remove_endpoint(address, f"{new.name} not managed", park=False)
+            for address in [a for a, ep in self.parked.items() if ep.ifindex == new.index]:
+                del self.parked[address]
+            for key in [k for k in self.timers if self._key_ifindex(k) == new.index]:
+                self._cancel(key)
+            self.save()
+        elif now and not was and old.running == new.running and new.running:
+            self.link_up(new)  # what the link would have got had it always been managed
 
     def link_down(self, link: Link) -> None:
         self.decide(f"link {link.name} down")
@@ -463,6 +615,7 @@ class Daemon:
         if (subflows, accepted) != (current.subflows, current.add_addr_accepted):
             if self.restore_limits is None:
                 self.restore_limits = (current.subflows, current.add_addr_accepted)
+                self.save()
             self.pm.set_limits(subflows=subflows, add_addr_accepted=accepted)
             self.decide(f"limits: subflows {subflows} add_addr_accepted {accepted}")
 
@@ -592,6 +745,7 @@ class Daemon:
         if address not in self.local_ids:
             used = set(self.local_ids.values())
             self.local_ids[address] = next(i for i in range(1, 256) if i not in used)
+            self.save()
         return self.local_ids[address]
 
     def _locals(self, family: int) -> list[tuple[str, int]]:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.run import abi, syscalls
+from mptcpkit.run.activation import Activation
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 HOOK = "update_socket_protocol"
@@ -216,12 +217,16 @@ def run(argv: Sequence[str], cgroup_root: str = "/sys/fs/cgroup") -> int:
             os.close(prog_fd)
         try:
             procs = os.path.join(cgroup, "cgroup.procs")
+            activation = Activation.inherited()
 
             def enter() -> None:
+                activation.in_child()
                 with open(procs, "w") as f:
                     f.write("0")
 
-            status = subprocess.call(list(argv), preexec_fn=enter)
+            with subprocess.Popen(list(argv), preexec_fn=enter, pass_fds=activation.fds) as proc:
+                activation.close_in_parent()
+                status = proc.wait()
         finally:
             os.close(link_fd)
     finally:

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from mptcpkit.run import abi, syscalls
+from mptcpkit.run.activation import Activation
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.stats import Stats
 from mptcpkit.run.supervisor import Only, Supervisor, filter_program
@@ -54,8 +55,10 @@ def spawn(
     """Start argv with the filter installed: the process, the listener fd, and whether
     received calls wait killable (see syscalls.install_filter)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    activation = Activation.inherited()  # socket activation, watchdog: CMD's, not ours
 
     def install() -> None:  # runs in the child, single-threaded, before exec
+        activation.in_child()
         if sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
         try:
@@ -68,7 +71,9 @@ def spawn(
 
     with ours:
         try:
-            proc = subprocess.Popen(list(argv), env=env, preexec_fn=install)
+            proc = subprocess.Popen(
+                list(argv), env=env, preexec_fn=install, pass_fds=activation.fds
+            )
         except subprocess.SubprocessError as exc:
             ours.setblocking(False)
             try:
@@ -81,6 +86,7 @@ def spawn(
             ) from None
         finally:
             theirs.close()
+        activation.close_in_parent()
         msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
     if not fds:
         proc.wait()

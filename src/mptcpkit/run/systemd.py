@@ -10,6 +10,7 @@ which knows every unit directory and drop-in, and falls back to the unit paths.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -17,7 +18,12 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 
-DROPIN_NAME = "mptcpkit.conf"
+# Sorts after `override.conf` (what `systemctl edit` writes) and the usual NN-name.conf:
+# systemd applies drop-ins in file-name order, the last ExecStart= winning.
+DROPIN_NAME = "zz-mptcpkit.conf"
+OLD_DROPIN_NAMES = ("mptcpkit.conf",)  # written by earlier versions; replaced
+HEADER = "# Written by `mptcpkit run --systemd-dropin"
+CREATED_DIR = "# mptcpkit created this directory: --remove deletes it when empty."
 UNIT_DIRS = (
     "etc/systemd/system",
     "run/systemd/system",
@@ -53,9 +59,8 @@ def _logical_lines(text: str) -> Iterable[str]:
         yield pending
 
 
-def exec_starts(texts: Sequence[str]) -> list[str]:
-    """The effective ExecStart= command lines of unit text(s) applied in order."""
-    commands: list[str] = []
+def _assignments(texts: Sequence[str], key: str) -> Iterable[str]:
+    """Every `key=value` of the [Service] sections, in order (value stripped)."""
     for text in texts:
         section = ""
         for line in _logical_lines(text):
@@ -64,30 +69,37 @@ def exec_starts(texts: Sequence[str]) -> list[str]:
             if line.startswith("[") and line.endswith("]"):
                 section = line[1:-1]
                 continue
-            key, sep, value = line.partition("=")
-            if section == "Service" and sep and key.strip() == "ExecStart":
-                value = value.strip()
-                if value:
-                    commands.append(value)
-                else:
-                    commands.clear()
+            name, sep, value = line.partition("=")
+            if section == "Service" and sep and name.strip() == key:
+                yield value.strip()
+
+
+def exec_starts(texts: Sequence[str]) -> list[str]:
+    """The effective ExecStart= command lines of unit text(s) applied in order."""
+    commands: list[str] = []
+    for value in _assignments(texts, "ExecStart"):
+        if value:
+            commands.append(value)
+        else:
+            commands.clear()
     return commands
 
 
-def split_systemctl_cat(output: str, skip_dropin: str = DROPIN_NAME) -> list[str]:
-    """`systemctl cat` output as one text per file, without our own drop-in."""
-    texts: list[str] = []
-    current: list[str] | None = None
+def service_setting(texts: Sequence[str], key: str) -> str | None:
+    """The effective value of `key` in [Service] (the last one; an empty one resets)."""
+    values = list(_assignments(texts, key))
+    return values[-1] or None if values else None
+
+
+def split_systemctl_cat(output: str) -> list[UnitFile]:
+    """`systemctl cat` output as its files, in the order systemd applies them."""
+    files: list[UnitFile] = []
     for line in output.splitlines():
         if line.startswith("# /"):
-            path = line[2:].strip()
-            current = None if os.path.basename(path) == skip_dropin else []
-            if current is not None:
-                texts.append("")
-            continue
-        if current is not None:
-            texts[-1] += line + "\n"
-    return texts
+            files.append(UnitFile(line[2:].strip(), ""))
+        elif files:
+            files[-1].text += line + "\n"
+    return files
 
 
 def wrap(command: str, runner: Sequence[str], options: Sequence[str]) -> str:
@@ -103,16 +115,27 @@ def wrap(command: str, runner: Sequence[str], options: Sequence[str]) -> str:
 
 
 def render_dropin(
-    unit: str, commands: Sequence[str], runner: Sequence[str], options: Sequence[str]
+    unit: str,
+    commands: Sequence[str],
+    runner: Sequence[str],
+    options: Sequence[str],
+    *,
+    notify_all: bool = False,
+    created_dir: bool = False,
 ) -> str:
     lines = [
-        f"# Written by `mptcpkit run --systemd-dropin {unit}`: runs the unit's ExecStart",
+        f"{HEADER} {unit}`: runs the unit's ExecStart",
         "# with its TCP sockets forced to MPTCP. Remove with",
         f"# `mptcpkit run --systemd-dropin {unit} --remove`; the unit file is untouched.",
-        "[Service]",
-        "ExecStart=",
+        "# The wrapped command is a copy: run the command again after changing ExecStart.",
     ]
+    if created_dir:
+        lines.append(CREATED_DIR)
+    lines += ["[Service]", "ExecStart="]
     lines += [f"ExecStart={wrap(cmd, runner, options)}" for cmd in commands]
+    if notify_all:
+        # READY=1 now comes from mptcpkit run's child, not from the main process.
+        lines.append("NotifyAccess=all")
     return "\n".join(lines) + "\n"
 
 
@@ -122,61 +145,180 @@ def runner() -> list[str]:
     return [found] if found else [sys.executable, "-m", "mptcpkit"]
 
 
-def _read_unit(unit: str, root: str) -> list[str]:
+@dataclasses.dataclass
+class UnitFile:
+    path: str
+    text: str
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def ours(self) -> bool:
+        return self.name in (DROPIN_NAME, *OLD_DROPIN_NAMES) and self.text.startswith(HEADER)
+
+
+def _dropin_dirs(unit: str) -> list[str]:
+    """The drop-in directories systemd reads for `unit`, most specific first:
+    UNIT.d, the template's, the dash-prefixes' (a-b-.service.d) and the type's."""
+    stem, _, suffix = unit.rpartition(".")
+    names = [unit + ".d"]
+    if "@" in stem:
+        names.append(stem[: stem.index("@") + 1] + "." + suffix + ".d")
+    parts = stem.split("@")[0].split("-")
+    names += ["-".join(parts[:i]) + "-." + suffix + ".d" for i in range(len(parts) - 1, 0, -1)]
+    names.append(suffix + ".d")
+    return names
+
+
+def _read_files(unit: str, root: str) -> list[UnitFile]:
+    """The unit's fragment and drop-ins in the order systemd applies them."""
     if root == "/" and shutil.which("systemctl"):
         proc = subprocess.run(
             ["systemctl", "cat", "--", unit], capture_output=True, text=True, check=False
         )
         if proc.returncode == 0 and proc.stdout.strip():
             return split_systemctl_cat(proc.stdout)
-    texts = []
     for d in UNIT_DIRS:
         path = os.path.join(root, d, unit)
         if os.path.isfile(path):
-            with open(path) as f:
-                texts.append(f.read())
             break
     else:
         raise UnitError(
             f"unit {unit} not found (looked in {', '.join('/' + d for d in UNIT_DIRS)})"
         )
-    for d in reversed(UNIT_DIRS):
-        dropins = os.path.join(root, d, unit + ".d")
-        if os.path.isdir(dropins):
-            for name in sorted(os.listdir(dropins)):
-                if name.endswith(".conf") and name != DROPIN_NAME:
-                    with open(os.path.join(dropins, name)) as f:
-                        texts.append(f.read())
-    return texts
+    files = [UnitFile(path, _read(path))]
+    # Drop-ins of every directory, sorted by file name only; a name in a directory of
+    # higher priority (UNIT_DIRS order) hides the same name further down.
+    dropins: dict[str, str] = {}
+    for d in UNIT_DIRS:
+        for sub in _dropin_dirs(unit):
+            folder = os.path.join(root, d, sub)
+            with contextlib.suppress(OSError):
+                for name in os.listdir(folder):
+                    if name.endswith(".conf"):
+                        dropins.setdefault(name, os.path.join(folder, name))
+    for name in sorted(dropins):
+        path = dropins[name]
+        if os.path.realpath(path) != "/dev/null" and os.path.isfile(path):
+            files.append(UnitFile(path, _read(path)))
+    return files
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def dropin_path(unit: str, root: str = "/") -> str:
     return os.path.join(root, "etc/systemd/system", unit_name(unit) + ".d", DROPIN_NAME)
 
 
-def write_dropin(unit: str, options: Sequence[str] = (), *, root: str = "/") -> str:
-    """Write the drop-in for `unit`; returns its path."""
+@dataclasses.dataclass
+class Plan:
+    """What `write_dropin` writes, and what the user should know about the unit."""
+
+    path: str
+    text: str
+    notes: list[str]
+    created_dir: bool
+
+
+def plan_dropin(unit: str, options: Sequence[str] = (), *, root: str = "/") -> Plan:
     name = unit_name(unit)
-    commands = exec_starts(_read_unit(name, root))
+    files = [f for f in _read_files(name, root) if not f.ours()]
+    # The fragment comes first, then the drop-ins sorted by name; ours goes in between.
+    before = [files[0], *(f for f in files[1:] if f.name < DROPIN_NAME)]
+    for later in files[len(before) :]:
+        if any(True for _ in _assignments([later.text], "ExecStart")):
+            raise UnitError(
+                f"{later.path} sets ExecStart= and systemd applies it after {DROPIN_NAME}, "
+                "so it would replace the wrapped command: move its ExecStart= into a "
+                f"drop-in that sorts before {DROPIN_NAME} (such as override.conf), "
+                "then run this again"
+            )
+    texts = [f.text for f in before]
+    commands = exec_starts(texts)
     if not commands:
         raise UnitError(f"unit {name} has no ExecStart= to wrap")
-    text = render_dropin(name, commands, runner(), options)
+    type_ = service_setting(texts, "Type") or "simple"
+    notes = []
+    notify_all = False
+    if type_ in ("notify", "notify-reload"):
+        access = service_setting(texts, "NotifyAccess") or "main"
+        notify_all = access in ("main", "exec")
+        if notify_all:
+            notes.append(
+                f"NotifyAccess=all: READY=1 comes from the program, a child of the main "
+                f"process mptcpkit run (the unit had NotifyAccess={access})"
+            )
+    if type_ == "forking" and not service_setting(texts, "PIDFile"):
+        notes.append(
+            "Type=forking without PIDFile=: systemd cannot tell the daemon from the "
+            "supervisor serving it, so $MAINPID stays empty; set PIDFile= to the daemon's"
+        )
+    stem = name.rpartition(".")[0].split("@")[0]
+    socket_unit = any(os.path.isfile(os.path.join(root, d, stem + ".socket")) for d in UNIT_DIRS)
+    if socket_unit or service_setting(texts, "Sockets"):
+        notes.append(
+            "socket activation: the listening sockets are made by systemd, not by the "
+            "program, so they stay TCP unless the .socket unit sets SocketProtocol=mptcp "
+            "(systemd 257+); the sockets the program makes itself are forced"
+        )
     path = dropin_path(name, root)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    created = not os.path.isdir(os.path.dirname(path)) or _created_by_us(path)
+    text = render_dropin(
+        name, commands, runner(), options, notify_all=notify_all, created_dir=created
+    )
+    return Plan(path, text, notes, created)
+
+
+def _created_by_us(path: str) -> bool:
+    """Whether our drop-in (or its earlier name) says we created its directory."""
+    folder = os.path.dirname(path)
+    for name in (DROPIN_NAME, *OLD_DROPIN_NAMES):
+        with contextlib.suppress(OSError):
+            text = _read(os.path.join(folder, name))
+            if text.startswith(HEADER) and CREATED_DIR in text:
+                return True
+    return False
+
+
+def write_dropin(unit: str, options: Sequence[str] = (), *, root: str = "/") -> Plan:
+    """Write the drop-in for `unit` (replacing an earlier one of ours)."""
+    plan = plan_dropin(unit, options, root=root)
+    folder = os.path.dirname(plan.path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = plan.path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+        f.write(plan.text)
+    os.replace(tmp, plan.path)
+    for old in OLD_DROPIN_NAMES:  # an earlier name, which sorted before override.conf
+        path = os.path.join(folder, old)
+        with contextlib.suppress(OSError):
+            if _read(path).startswith(HEADER):
+                os.unlink(path)
+    return plan
 
 
 def remove_dropin(unit: str, *, root: str = "/") -> str | None:
-    """Remove the drop-in (and its directory if now empty); the path, or None if absent."""
+    """Remove our drop-in; its directory too if we created it and it is now empty.
+    Returns the path removed, or None if there was none."""
     path = dropin_path(unit, root)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return None
-    with contextlib.suppress(OSError):
-        os.rmdir(os.path.dirname(path))  # only if empty: other drop-ins stay
-    return path
+    folder = os.path.dirname(path)
+    removed = None
+    created = False
+    for candidate in (path, *(os.path.join(folder, n) for n in OLD_DROPIN_NAMES)):
+        try:
+            text = _read(candidate)
+        except OSError:
+            continue
+        if candidate != path and not text.startswith(HEADER):
+            continue  # someone else's file of that name
+        os.unlink(candidate)
+        removed = removed or candidate
+        created = created or CREATED_DIR in text
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only if empty: other drop-ins stay
+    return removed
