@@ -324,3 +324,101 @@ def test_log_targets_checked() -> None:
     ):
         with pytest.raises(config.ConfigError, match=f"global.log: {why}"):
             config.parse_text(base.format(bad))
+
+
+# --- item 9: metrics that move while connections live, and scrapes that never fail -------
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample (labels in any order), 0 if absent."""
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{re.escape(name)}\{{(.*)\}} (\S+)", line)
+        if m and dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))) == labels:
+            return float(m.group(2))
+    return 0.0
+
+
+def test_bytes_counted_while_the_connection_lives(tmp_path: Path) -> None:
+    """bytes_total moves within a sweep or two of the bytes, not when the connection ends."""
+    with (
+        Server(echo) as srv,
+        run_proxy(tmp_path, _conf("tcp@127.0.0.1:0", {"s": f'"tcp@127.0.0.1:{srv.port}"'})) as px,
+        connect(px.port("fe"), mptcp=False) as s,
+    ):
+        data = b"x" * (1 << 20)
+        s.sendall(data)
+        got = 0
+        while got < len(data):
+            got += len(s.recv(1 << 20))
+        wait_for(
+            lambda: (
+                _sample(px.metrics(), "mptcpkit_proxy_bytes_total", direction="in", frontend="fe")
+                >= len(data)
+                and _sample(
+                    px.metrics(), "mptcpkit_proxy_bytes_total", direction="out", frontend="fe"
+                )
+                >= len(data)
+            ),
+            what="bytes_total of a live connection",
+        )
+
+
+def test_scrape_with_a_worker_file_being_created(tmp_path: Path) -> None:
+    """A worker's metrics file exists empty for a moment before prometheus_client sizes it
+    (new workers at every reload): a scrape then must still answer 200."""
+    with run_proxy(tmp_path, _conf("tcp@127.0.0.1:0", {"s": '"tcp@127.0.0.1:9"'})) as px:
+        (worker,) = px.workers()
+        maps = wait_for(
+            lambda: re.search(r"(/\S+)/counter_\d+\.db", Path(f"/proc/{worker}/maps").read_text()),
+            what="the worker's metrics file",
+        )
+        creating = Path(maps.group(1)) / "counter_999999999.db"
+        creating.touch()
+        try:
+            with socket.create_connection(("127.0.0.1", px.metrics_port()), timeout=10) as s:
+                s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                reply = recv_all(s).decode()
+        finally:
+            creating.unlink()
+        assert reply.startswith("HTTP/1.0 200"), reply[:300]
+        assert "mptcpkit_log_dropped_total 0.0" in reply
+
+
+def test_duration_connect_time_and_end_reasons(tmp_path: Path) -> None:
+    dead = free_port()
+    with (
+        Server(echo) as srv,
+        run_proxy(
+            tmp_path,
+            _conf(
+                "tcp@127.0.0.1:0",
+                {"s": f'"tcp@127.0.0.1:{srv.port}"', "dead": f'"tcp@127.0.0.1:{dead}"'},
+                extra_be="retries = 0",
+            ),
+        ) as px,
+    ):
+        for _ in range(4):  # round robin: two reach the echo server, two a closed port
+            with contextlib.suppress(OSError):
+                _echo_v(px.port("fe"), socket.AF_INET, "127.0.0.1")
+
+        def counted() -> str | None:
+            text = px.metrics()
+            done = _sample(
+                text, "mptcpkit_proxy_connections_total", frontend="fe", backend="be", server="s"
+            )
+            return text if done == 2 else None
+
+        text = wait_for(counted, what="4 connections in the metrics")
+        assert _sample(text, "mptcpkit_proxy_ended_total", frontend="fe", reason="both closed") == 2
+        assert (
+            _sample(
+                text,
+                "mptcpkit_proxy_ended_total",
+                frontend="fe",
+                reason="connect failed: ECONNREFUSED",
+            )
+            == 2
+        )
+        assert _sample(text, "mptcpkit_proxy_connection_duration_seconds_count", frontend="fe") == 4
+        assert _sample(text, "mptcpkit_proxy_connect_time_seconds_count", backend="be") == 2
+        assert 0 < _sample(text, "mptcpkit_proxy_connect_time_seconds_sum", backend="be") < 60

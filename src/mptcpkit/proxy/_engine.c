@@ -97,6 +97,7 @@ struct Conn {
     long c_sub, s_sub;
     int c_req, send_proxy, s_observe, active, done, queued;
     double idle, start;
+    double t_connect, connect_time; /* first attempt (monotonic); to established, -1: not */
     unsigned long long bytes_in, bytes_out;
     struct sockaddr_storage ca;
     socklen_t calen;
@@ -107,6 +108,7 @@ struct Frontend {
     PyObject *key;        /* the Python frontend: callbacks go to its methods */
     int id, accept_proxy, needs_caddr, paused, closed;
     long maxconn, count;
+    unsigned long long bytes_in, bytes_out; /* relayed, not yet taken (take_bytes) */
     double connect_timeout, client_timeout, idle_limit; /* < 0: none */
     PyObject *idle_how;   /* "client timeout (5s idle)" or the server's */
     Listener **listeners; /* a port range binds many */
@@ -371,10 +373,13 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             return;
         }
         c->active = 1;
-        if (src->client)
+        if (src->client) {
             c->bytes_in += (unsigned long long)n;
-        else
+            c->fe->bytes_in += (unsigned long long)n;
+        } else {
             c->bytes_out += (unsigned long long)n;
+            c->fe->bytes_out += (unsigned long long)n;
+        }
         ssize_t sent = send(dst->fd, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (sent < 0) {
             if (!would_block(errno)) {
@@ -481,6 +486,8 @@ static int connect_failed(Engine *e, Conn *c, int err) {
 static void established(Engine *e, Conn *c, uint32_t events) {
     Leg *s = &c->s;
     Py_CLEAR(c->tried);
+    if (e->observing)
+        c->connect_time = monotonic() - c->t_connect;
     PyObject *head = NULL;
     if (c->send_proxy) {
         struct sockaddr_storage local;
@@ -561,6 +568,8 @@ static void connect_timeout(Engine *e, Conn *c) {
 static void do_connect(Engine *e, Conn *c) {
     Frontend *fe = c->fe;
     int fd = -1, err = 0;
+    if (e->observing && !c->t_connect)
+        c->t_connect = monotonic();
     for (;;) {
         PyObject *caddr = fe->needs_caddr ? client_addr(c) : Py_None;
         PyObject *r = PyObject_CallMethodObjArgs(fe->key, s_pick, caddr,
@@ -684,6 +693,7 @@ static void proxy_header(Engine *e, Conn *c) {
         if (!c->early)
             PyErr_Clear();
         c->bytes_in += (unsigned long long)(total - used);
+        c->fe->bytes_in += (unsigned long long)(total - used);
     }
     Py_CLEAR(c->hdr);
     c->c.waiting = 1; /* more may follow the header: read it once connected */
@@ -770,10 +780,11 @@ static void finished(Engine *e, Conn *c) {
     Py_INCREF(rec);
     if (e->observing) {
         Py_DECREF(rec);
-        rec = Py_BuildValue("(OdOlOlKKO)", client_addr(c), c->start,
+        rec = Py_BuildValue("(OdOlOlKKOd)", client_addr(c), c->start,
                             state_or(c->c_state, c->c_req ? s_question : s_tcp), c->c_sub,
                             state_or(c->s_state, c->server ? s_question : s_dash), c->s_sub,
-                            c->bytes_in, c->bytes_out, c->how ? c->how : s_both_closed);
+                            c->bytes_in, c->bytes_out, c->how ? c->how : s_both_closed,
+                            c->connect_time);
         if (!rec) {
             report("record failed");
             rec = Py_NewRef(Py_None);
@@ -895,6 +906,7 @@ static void on_accept(Engine *e, Listener *l) {
         c->ca = sa;
         c->calen = salen;
         c->active = 1;
+        c->connect_time = -1;
         if (e->observing)
             c->start = wallclock();
         c->next = &fe->head;
@@ -1283,6 +1295,21 @@ static PyObject *Engine_sweep(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Bytes relayed since the last call, live connections' included: (in, out). */
+static PyObject *Engine_take_bytes(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    if (e->ep < 0)
+        return Py_BuildValue("(ii)", 0, 0); /* closed */
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    PyObject *r = Py_BuildValue("(KK)", fe->bytes_in, fe->bytes_out);
+    fe->bytes_in = fe->bytes_out = 0;
+    return r;
+}
+
 static PyObject *Engine_fileno(Engine *e, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromLong(e->ep);
 }
@@ -1302,6 +1329,8 @@ static PyMethodDef Engine_methods[] = {
      "sweep(id, interval): idle timeouts and subflow sampling of one frontend."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS,
      "Reset every connection and close; the engine is unusable after."},
+    {"take_bytes", (PyCFunction)Engine_take_bytes, METH_VARARGS,
+     "take_bytes(id): (in, out) bytes relayed since the last call."},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to wait on."},
     {NULL, NULL, 0, NULL},
 };

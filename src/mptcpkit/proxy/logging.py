@@ -107,6 +107,7 @@ class ConnRecord:
     bytes_in: int  # client -> server
     bytes_out: int  # server -> client
     ended: str
+    connect_time: float | None = None  # first connect attempt to established (None: never)
 
 
 def _endpoint(a: Any) -> str:
@@ -126,6 +127,8 @@ def format_conn(rec: ConnRecord, fmt: str = "text") -> str:
         d["client"] = _endpoint(rec.client)
         d["start"] = _stamp(rec.start)
         d["duration"] = round(rec.duration, 6)
+        if rec.connect_time is not None:
+            d["connect_time"] = round(rec.connect_time, 6)
         return json.dumps(d, separators=(",", ":"))
     server = f"{rec.backend}/{rec.server}" if rec.server else f"{rec.backend}/-"
     return (

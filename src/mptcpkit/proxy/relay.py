@@ -140,6 +140,9 @@ class Conn:
         "c_state",
         "c_sub",
         "caddr",
+        "connect_time",
+        "counted_in",
+        "counted_out",
         "daddr",
         "done",
         "early",
@@ -153,6 +156,7 @@ class Conn:
         "s_sub",
         "server",
         "start",
+        "t_connect",
         "timer",
         "tried",
     )
@@ -172,6 +176,10 @@ class Conn:
         self.early: bytes | None = None  # client bytes that came with the PROXY header
         self.bytes_in = 0
         self.bytes_out = 0
+        self.counted_in = 0  # bytes the metrics have (frontend.take_bytes)
+        self.counted_out = 0
+        self.t_connect = 0.0  # first connect attempt (monotonic)
+        self.connect_time = -1.0  # seconds from it to established; -1: not connected
         self.done = False
         self.active = True
         self.idle = 0.0
@@ -310,6 +318,8 @@ class Conn:
         """Pick a server and start a non-blocking connect; on failure try the next one."""
         fe = self.fe
         be = fe.backend
+        if not self.t_connect:
+            self.t_connect = time.monotonic()
         while True:
             state = be.next_server(self.caddr, self.tried)
             if isinstance(state, str):
@@ -355,6 +365,7 @@ class Conn:
 
     def _established(self, s: Leg, events: int) -> None:
         self.tried = None
+        self.connect_time = time.monotonic() - self.t_connect
         send_proxy = self.server.server.send_proxy if self.server is not None else 0
         head = b""
         if send_proxy:
