@@ -6,10 +6,14 @@ made by mptcpkit.socket(), both MPTCP by default, set TCP_MD5SIG for each other.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
 import socket
+import struct
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -17,7 +21,9 @@ import pytest
 import mptcpkit
 from mptcpkit import State, TCPOnlyOptionError
 from mptcpkit.abi.constants import SOL_TCP, TCP_MD5SIG
-from mptcpkit.options import TCP_ONLY_OPTIONS
+from mptcpkit.abi.optnames import NAMED_OPTIONS, OPTION_NAMES, option_name
+from mptcpkit.downgrade import CARRIED
+from mptcpkit.options import TCP_ONLY_OPTIONS, tcp_only_options
 
 KEY = b"bgp-session-key"
 
@@ -166,3 +172,172 @@ def test_tcp_md5sig_available_ignores_the_mptcp_default(monkeypatch: pytest.Monk
     for env in ("on", "off"):
         monkeypatch.setenv("MPTCPKIT", env)
         assert mptcpkit.tcp_md5sig_available() is True
+
+
+# Item 3: every option MPTCP took is still there after a downgrade.
+_LINGER = struct.pack("ii", 1, 5)
+_CARRY_VALUES: dict[str, object] = {
+    "SO_LINGER": _LINGER,  # first: SO_LINGER == TCP_CONGESTION == 13 broke every later carry
+    "SO_DEBUG": 1,
+    "SO_REUSEADDR": 1,
+    "SO_REUSEPORT": 1,
+    "SO_KEEPALIVE": 1,
+    "SO_RCVBUF": 100_000,
+    "SO_SNDBUF": 90_000,
+    "SO_RCVLOWAT": 10,
+    "SO_PRIORITY": 3,
+    "SO_MARK": 7,
+    "SO_BINDTODEVICE": b"lo",
+    "SO_RCVTIMEO": struct.pack("ll", 3, 5000),
+    "SO_SNDTIMEO": struct.pack("ll", 4, 0),
+    "SO_TIMESTAMPNS_NEW": 1,
+    "SO_TIMESTAMPING": 8 | 16,  # SOF_TIMESTAMPING_RX_SOFTWARE | SOFTWARE
+    "SO_BUSY_POLL": 50,
+    "SO_PREFER_BUSY_POLL": 1,
+    "SO_BUSY_POLL_BUDGET": 16,
+    "SO_INCOMING_CPU": 0,
+    "IP_TOS": 0x20,
+    "IP_FREEBIND": 1,
+    "IP_TRANSPARENT": 1,
+    "IP_BIND_ADDRESS_NO_PORT": 1,
+    "IP_LOCAL_PORT_RANGE": struct.pack("I", 40000 | 50000 << 16),
+    "IPV6_V6ONLY": 1,
+    "IPV6_TRANSPARENT": 1,
+    "TCP_NODELAY": 1,
+    "TCP_CORK": 1,
+    "TCP_KEEPIDLE": 77,
+    "TCP_KEEPINTVL": 9,
+    "TCP_KEEPCNT": 4,
+    "TCP_MAXSEG": 1200,
+    "TCP_DEFER_ACCEPT": 5,
+    "TCP_CONGESTION": b"reno",
+    "TCP_FASTOPEN": 5,
+    "TCP_FASTOPEN_CONNECT": 1,
+    "TCP_FASTOPEN_NO_COOKIE": 1,
+    "TCP_NOTSENT_LOWAT": 12345,
+    "TCP_INQ": 1,
+}
+
+
+def _snapshot(sock: socket.socket) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, size in CARRIED.items():
+        if sock.family == socket.AF_INET and key[0] == socket.IPPROTO_IPV6:
+            continue  # MPTCP answers these on IPv4 sockets, TCP does not
+        try:
+            seen[option_name(*key)] = sock.getsockopt(*key, size) if size else sock.getsockopt(*key)
+        except OSError as exc:
+            seen[option_name(*key)] = errno.errorcode[exc.errno or 0]
+    return seen
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_every_carried_option_survives_a_downgrade(family: int, no_fd_leak: None) -> None:
+    with mptcpkit.socket(family) as sock:
+        for name, value in _CARRY_VALUES.items():
+            if family == socket.AF_INET and name.startswith("IPV6_"):
+                continue
+            sock.setsockopt(*NAMED_OPTIONS[name], value)  # type: ignore[call-overload]
+        assert mptcpkit.status(sock).is_mptcp
+        before = _snapshot(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+        assert mptcpkit.status(sock).state is State.TCP
+        after = _snapshot(sock)
+    changed = {k: (v, after[k]) for k, v in before.items() if after[k] != v}
+    assert not changed, f"not carried over (before, after): {changed}"
+    assert before["SO_LINGER"] == _LINGER and before["TCP_CONGESTION"].startswith(b"reno")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_no_option_mptcp_keeps_is_left_behind(family: int) -> None:
+    """Every option an MPTCP socket takes and reports back is one the downgrade carries."""
+    same_state = {NAMED_OPTIONS["SO_BINDTOIFINDEX"]}  # SO_BINDTODEVICE's
+    missed = []
+    for key in OPTION_NAMES:
+        if key in CARRIED or key in same_state or key in tcp_only_options():
+            continue
+        with socket.socket(family, socket.SOCK_STREAM, mptcpkit.IPPROTO_MPTCP) as sock:
+            try:
+                before = sock.getsockopt(*key)
+            except OSError:
+                continue
+            for value in {1, before + 1, 0} - {before}:
+                try:
+                    sock.setsockopt(*key, value)
+                except OSError:
+                    continue
+                if sock.getsockopt(*key) != before:
+                    missed.append(option_name(*key))
+                    break
+    assert not missed, f"MPTCP keeps these, a downgrade drops them: {missed}"
+
+
+# Item 4: an option TCP refuses too leaves the MPTCP socket as it was.
+@pytest.mark.parametrize(
+    ("name", "value", "err"),
+    [
+        ("TCP_ULP", b"tls", errno.ENOENT),  # kTLS needs a connected socket
+        ("TCP_MD5SIG", b"\0" * 8, errno.EINVAL),  # too short for struct tcp_md5sig
+        ("IP_MULTICAST_IF", 0, errno.EINVAL),  # not on a stream socket
+    ],
+)
+def test_option_tcp_refuses_keeps_mptcp(
+    name: str, value: object, err: int, no_fd_leak: None
+) -> None:
+    with mptcpkit.create_server(("127.0.0.1", 0)) as server, mptcpkit.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        bound = sock.getsockname()
+        for target in (sock, server):
+            with pytest.raises(OSError) as info:
+                target.setsockopt(*NAMED_OPTIONS[name], value)  # type: ignore[call-overload]
+            assert info.value.errno == err
+            assert mptcpkit.status(target).is_mptcp
+            assert target.proto == mptcpkit.IPPROTO_MPTCP
+        assert sock.getsockname() == bound
+        assert server.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+
+
+def test_tcp_repair_without_cap_net_admin_keeps_mptcp(tmp_path: object) -> None:
+    """EPERM from TCP (no CAP_NET_ADMIN), run as an unprivileged user: still MPTCP."""
+    code = (
+        "import errno, os, socket, mptcpkit\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = mptcpkit.socket()\n"
+        "try:\n"
+        "    s.setsockopt(socket.IPPROTO_TCP, 19, 1)\n"
+        "except PermissionError:\n"
+        "    pass\n"
+        "print(mptcpkit.status(s).state.value, s.proto)\n"
+    )
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to nobody")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["MPTCP", "262"]
+
+
+# Item 5: after a downgrade the object says TCP, so stock asyncio takes it.
+def test_downgraded_socket_reads_tcp_and_asyncio_connects(no_fd_leak: None) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server, mptcpkit.socket() as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+        assert sock.proto == socket.IPPROTO_TCP and "proto=6" in repr(sock)
+        assert sock.gettimeout() is None
+        sock.setblocking(False)
+
+        async def connect() -> None:
+            await asyncio.get_running_loop().sock_connect(sock, server.getsockname())
+
+        asyncio.run(connect())
+        conn, _ = server.accept()
+        conn.close()
+
+
+def test_bound_socket_keeps_its_port_through_the_downgrade(no_fd_leak: None) -> None:
+    """The TCP socket binds beside the MPTCP one before taking its place."""
+    with mptcpkit.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        bound = sock.getsockname()
+        sock.settimeout(3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 2)
+        assert sock.getsockname() == bound and sock.gettimeout() == 3
+        assert not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)

@@ -15,7 +15,6 @@ Parsing is pure; `create_server()` and `create_connection()` act on the result.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
@@ -145,10 +144,7 @@ class Address:
 
 
 def _family_of(host: str) -> int:
-    try:
-        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return socket.AF_INET
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _fail(text: str, part: str, why: str) -> ValueError:
@@ -203,9 +199,10 @@ def _ip_literal(part: str, family: int | None) -> tuple[str, int] | None:
     return None
 
 
-_LABEL = re.compile(r"^[A-Za-z0-9_-]{0,63}$")
+# patterns compiled on first use (re's cache), not at import
+_LABEL = r"[A-Za-z0-9_-]{0,63}"
 # what gethostbyname() hands to inet_aton() instead of the resolver
-_NUMERIC = re.compile(r"^[0-9.]+$|^(0[xX][0-9A-Fa-f]*|[0-9]+)(\.(0[xX][0-9A-Fa-f]*|[0-9]+))*\.?$")
+_NUMERIC = r"[0-9.]+|(0[xX][0-9A-Fa-f]*|[0-9]+)(\.(0[xX][0-9A-Fa-f]*|[0-9]+))*\.?"
 
 
 def _parse_host(text: str, part: str, family: int | None) -> tuple[str, int]:
@@ -222,9 +219,9 @@ def _parse_host(text: str, part: str, family: int | None) -> tuple[str, int]:
         raise _fail(text, part, "not an IP address in brackets")
     # Not an IP literal: HAProxy then checks the name's characters and resolves it
     # with gethostbyname(), which also reads inet_aton() numbers ("127.1", "0x7f.1").
-    if len(part) > 255 or not all(_LABEL.match(label) for label in part.split(".")):
+    if len(part) > 255 or not all(re.fullmatch(_LABEL, label) for label in part.split(".")):
         raise _fail(text, part, "not an IP address or host name")
-    if _NUMERIC.match(part):
+    if re.fullmatch(_NUMERIC, part):
         try:
             host = socket.inet_ntoa(socket.inet_aton(part))
         except OSError:

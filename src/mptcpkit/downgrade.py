@@ -3,13 +3,16 @@
 Go issue 74643: once sockets default to MPTCP, TCP_MD5SIG fails with ENOPROTOOPT and
 BGP speakers break. While a socket is not connected yet (or is a listener with nothing
 waiting to be accepted), nothing is lost by making it plain TCP instead: a new TCP
-socket takes over the same descriptor number (dup2), with the options already set, the
-bound address and, for a listener, the backlog. Then the option is applied. Once
-connected, the error names the option and the way out.
+socket gets every option the MPTCP one had, then the option asked for, then the bound
+address (bound beside the old socket, so the port is never free) and, for a listener,
+the backlog (see `mptcpkit.handover`); only then does it take the same descriptor
+number (dup2). Any failure before that leaves the MPTCP socket exactly as it was.
+Once connected, the error names the option and the way out.
 """
 
 from __future__ import annotations
 
+import _socket
 import errno
 import fcntl
 import ipaddress
@@ -21,47 +24,76 @@ from typing import Any
 from mptcpkit.abi import constants as c
 from mptcpkit.abi.tcp_info import TCP_INFO_MIN_SIZE, decode_tcp_info
 from mptcpkit.errors import TCPOnlyOptionError
-from mptcpkit.options import OptionInfo, tcp_only_options
+from mptcpkit.handover import (
+    FILTER_OPTIONS,
+    HandoverRefused,
+    finish_handover,
+    hand_over,
+    settled_queue,
+)
+from mptcpkit.options import OptionInfo, option_name, tcp_only_options
 from mptcpkit.policy import Policy
 from mptcpkit.status import protocol, record_note
 
 _REJECTION_ERRNOS = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+_S, _IP, _IP6, _TCP = c.SOL_SOCKET, c.SOL_IP, c.SOL_IPV6, c.SOL_TCP
 
-# Options carried over to the replacement socket when they differ from a fresh MPTCP
-# socket's: (level, optname, buffer size or 0 for an int, families or None for all).
-_CARRIED: tuple[tuple[int, int, int, tuple[int, ...] | None], ...] = (
-    (c.SOL_SOCKET, socket.SO_REUSEADDR, 0, None),
-    (c.SOL_SOCKET, socket.SO_REUSEPORT, 0, None),
-    (c.SOL_SOCKET, socket.SO_KEEPALIVE, 0, None),
-    (c.SOL_SOCKET, socket.SO_RCVBUF, 0, None),
-    (c.SOL_SOCKET, socket.SO_SNDBUF, 0, None),
-    (c.SOL_SOCKET, socket.SO_RCVLOWAT, 0, None),
-    (c.SOL_SOCKET, c.SO_PRIORITY, 0, None),
-    (c.SOL_SOCKET, c.SO_MARK, 0, None),
-    (c.SOL_SOCKET, socket.SO_LINGER, 8, None),
-    (c.SOL_SOCKET, c.SO_BINDTODEVICE, 16, None),
-    (c.SOL_IP, c.IP_TOS, 0, (socket.AF_INET,)),
-    (c.SOL_IP, c.IP_FREEBIND, 0, (socket.AF_INET,)),
-    (c.SOL_IP, c.IP_TRANSPARENT, 0, (socket.AF_INET,)),
-    (c.SOL_IP, c.IP_BIND_ADDRESS_NO_PORT, 0, None),
-    (c.SOL_IPV6, c.IPV6_V6ONLY, 0, (socket.AF_INET6,)),
-    (c.SOL_IPV6, c.IPV6_FREEBIND, 0, (socket.AF_INET6,)),
-    (c.SOL_IPV6, c.IPV6_TRANSPARENT, 0, (socket.AF_INET6,)),
-    (c.SOL_TCP, c.TCP_NODELAY, 0, None),
-    (c.SOL_TCP, c.TCP_CORK, 0, None),
-    (c.SOL_TCP, c.TCP_KEEPIDLE, 0, None),
-    (c.SOL_TCP, c.TCP_KEEPINTVL, 0, None),
-    (c.SOL_TCP, c.TCP_KEEPCNT, 0, None),
-    (c.SOL_TCP, c.TCP_MAXSEG, 0, None),
-    (c.SOL_TCP, c.TCP_DEFER_ACCEPT, 0, None),
-    (c.SOL_TCP, c.TCP_CONGESTION, 16, None),
-    (c.SOL_TCP, c.TCP_FASTOPEN, 0, None),
-    (c.SOL_TCP, c.TCP_FASTOPEN_CONNECT, 0, None),
-    (c.SOL_TCP, c.TCP_NOTSENT_LOWAT, 0, None),
-    (c.SOL_TCP, c.TCP_INQ, 0, None),
-)
+# Every option an MPTCP socket takes and reports back (tests/test_downgrade.py checks
+# that no other one does; SO_BINDTOIFINDEX is SO_BINDTODEVICE's state):
+# (level, optname) -> buffer size, or 0 for an int.
+CARRIED: dict[tuple[int, int], int] = {
+    (_S, 1): 0,  # SO_DEBUG
+    (_S, 2): 0,  # SO_REUSEADDR
+    (_S, 15): 0,  # SO_REUSEPORT
+    (_S, 9): 0,  # SO_KEEPALIVE
+    (_S, 8): 0,  # SO_RCVBUF
+    (_S, 7): 0,  # SO_SNDBUF
+    (_S, 18): 0,  # SO_RCVLOWAT
+    (_S, 12): 0,  # SO_PRIORITY
+    (_S, 36): 0,  # SO_MARK
+    (_S, 13): 8,  # SO_LINGER
+    (_S, 25): 16,  # SO_BINDTODEVICE
+    (_S, 20): 16,  # SO_RCVTIMEO
+    (_S, 21): 16,  # SO_SNDTIMEO
+    (_S, 29): 0,  # SO_TIMESTAMP
+    (_S, 35): 0,  # SO_TIMESTAMPNS
+    (_S, 37): 0,  # SO_TIMESTAMPING
+    (_S, 63): 0,  # SO_TIMESTAMP_NEW
+    (_S, 64): 0,  # SO_TIMESTAMPNS_NEW
+    (_S, 65): 0,  # SO_TIMESTAMPING_NEW
+    (_S, 46): 0,  # SO_BUSY_POLL
+    (_S, 69): 0,  # SO_PREFER_BUSY_POLL
+    (_S, 70): 0,  # SO_BUSY_POLL_BUDGET
+    (_S, 49): 0,  # SO_INCOMING_CPU
+    (_IP, 1): 0,  # IP_TOS
+    (_IP, 15): 0,  # IP_FREEBIND
+    (_IP, 19): 0,  # IP_TRANSPARENT
+    (_IP, 24): 0,  # IP_BIND_ADDRESS_NO_PORT
+    (_IP, 51): 0,  # IP_LOCAL_PORT_RANGE
+    (_IP6, 26): 0,  # IPV6_V6ONLY
+    (_IP6, 78): 0,  # IPV6_FREEBIND
+    (_IP6, 75): 0,  # IPV6_TRANSPARENT
+    (_TCP, 1): 0,  # TCP_NODELAY
+    (_TCP, 3): 0,  # TCP_CORK
+    (_TCP, 4): 0,  # TCP_KEEPIDLE
+    (_TCP, 5): 0,  # TCP_KEEPINTVL
+    (_TCP, 6): 0,  # TCP_KEEPCNT
+    (_TCP, 2): 0,  # TCP_MAXSEG
+    (_TCP, 9): 0,  # TCP_DEFER_ACCEPT
+    (_TCP, 13): 16,  # TCP_CONGESTION
+    (_TCP, 23): 0,  # TCP_FASTOPEN
+    (_TCP, 30): 0,  # TCP_FASTOPEN_CONNECT
+    (_TCP, 34): 0,  # TCP_FASTOPEN_NO_COOKIE
+    (_TCP, 25): 0,  # TCP_NOTSENT_LOWAT
+    (_TCP, 36): 0,  # TCP_INQ
+}
+_STRINGS = frozenset({(_S, 25), (_TCP, 13)})  # SO_BINDTODEVICE, TCP_CONGESTION: NUL-padded
 # The kernel doubles what is set for these and reports the doubled value.
-_DOUBLED = frozenset({(c.SOL_SOCKET, socket.SO_RCVBUF), (c.SOL_SOCKET, socket.SO_SNDBUF)})
+_DOUBLED = frozenset({(_S, 8), (_S, 7)})
+_IPV4_ONLY = frozenset({_IP6})  # levels an AF_INET socket does not have
+
+# What a fresh MPTCP socket reports, per family: the values nobody set.
+_defaults: dict[int, dict[tuple[int, int], int | bytes | None]] = {}
 
 
 def setsockopt(sock: socket.socket, level: int, optname: int, *args: Any) -> None:
@@ -83,9 +115,11 @@ def retry_after_downgrade(
     policy: Policy,
 ) -> None:
     """Handle a failed setsockopt: re-raise unless MPTCP was the cause; else downgrade
-    (if `policy` allows and the socket can still change) and set the option again."""
+    (if `policy` allows and the socket can still change) with the option set."""
+    if exc.errno not in _REJECTION_ERRNOS:
+        raise exc
     option = tcp_only_options().get((level, optname))
-    if option is None or exc.errno not in _REJECTION_ERRNOS or protocol(sock) != c.IPPROTO_MPTCP:
+    if option is None or protocol(sock) != c.IPPROTO_MPTCP:
         raise exc
     if policy is Policy.REQUIRE:
         raise TCPOnlyOptionError(
@@ -93,74 +127,128 @@ def retry_after_downgrade(
             f"{option.name} is not supported on MPTCP sockets, and mptcp='require' forbids "
             "turning this socket into plain TCP; create it with mptcp='prefer' or 'off'",
         ) from exc
-    downgrade(sock, option)
-    socket.socket.setsockopt(sock, level, optname, *args)
+    downgrade(sock, option, args)
 
 
 def _refuse(option: OptionInfo, why: str) -> TCPOnlyOptionError:
     return TCPOnlyOptionError(
         errno.ENOPROTOOPT,
-        f"{option.name} is not supported on MPTCP sockets, and this socket can no longer "
-        f"become plain TCP: {why}; create it with mptcp='off' to use {option.name}",
+        f"{option.name} is not supported on MPTCP sockets, and this socket cannot become "
+        f"plain TCP now: {why}; create it with mptcp='off' to use {option.name}",
     )
 
 
-def downgrade(sock: socket.socket, option: OptionInfo) -> None:
-    """Replace the MPTCP socket behind `sock` by a plain TCP one, keeping what it had."""
+def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | None = None) -> None:
+    """Replace the MPTCP socket behind `sock` by a plain TCP one, keeping what it had,
+    with `option` set to `args` when given. On any error `sock` is left as it was: the
+    error is TCP's own for the option (e.g. ENOENT for TCP_ULP "tls" before connect),
+    else a TCPOnlyOptionError that says why."""
     tcp = decode_tcp_info(sock.getsockopt(c.SOL_TCP, c.TCP_INFO, TCP_INFO_MIN_SIZE))
     listening = tcp.state == c.TCP_LISTEN
-    if listening and tcp.unacked:
+    if listening and settled_queue(sock, tcp.unacked):
         raise _refuse(option, f"the listener has {tcp.unacked} connection(s) waiting in its queue")
     if not listening and tcp.state != c.TCP_CLOSE:
         raise _refuse(option, f"it is already {tcp.state_name.lower().replace('_', '-')}")
+    if listening and (option.level, option.optname) in FILTER_OPTIONS:
+        raise _refuse(option, "it is listening (set socket filters before listen())")
     fd = sock.fileno()
     bound = sock.getsockname()
     is_bound = bound[1] != 0 or not ipaddress.ip_address(bound[0]).is_unspecified
     file_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     inheritable = os.get_inheritable(fd)
-    with (
-        socket.socket(sock.family, socket.SOCK_STREAM, c.IPPROTO_MPTCP) as reference,
-        socket.socket(sock.family, socket.SOCK_STREAM, c.IPPROTO_TCP) as replacement,
-    ):
-        carry_options(sock, reference, replacement)
-        os.dup2(replacement.fileno(), fd, inheritable=inheritable)
-    fcntl.fcntl(fd, fcntl.F_SETFL, file_flags)
-    reason = f"turned into plain TCP for {option.name} ({option.why})"
-    record_note(sock, reason)
+    timeout = sock.gettimeout()
+    replacement = socket.socket(sock.family, socket.SOCK_STREAM, c.IPPROTO_TCP)
     try:
-        if is_bound:
-            sock.bind(bound)
-        if listening:
-            sock.listen(tcp.sacked)
-    except OSError as exc:
-        record_note(sock, reason + f"; re-binding {bound} failed")
-        raise OSError(
-            exc.errno,
-            f"the socket was turned into plain TCP for {option.name}, but re-binding it to "
-            f"{bound} failed: {exc.strerror}",
-        ) from exc
-
-
-def carry_options(old: socket.socket, reference: socket.socket, new: socket.socket) -> None:
-    """Set on `new` every option of `old` that differs from a fresh MPTCP socket's."""
-    for level, optname, size, families in _CARRIED:
-        if families is not None and old.family not in families:
-            continue
         try:
-            value: int | bytes = (
-                old.getsockopt(level, optname, size) if size else old.getsockopt(level, optname)
-            )
-            default = (
-                reference.getsockopt(level, optname, size)
-                if size
-                else reference.getsockopt(level, optname)
-            )
-        except OSError:
+            carry_options(sock, None, replacement)
+        except OSError as exc:
+            raise _refuse(option, str(exc)) from exc
+        if args is not None:
+            replacement.setsockopt(option.level, option.optname, *args)
+        if listening:
+            try:
+                hand_over(sock, replacement, bound, tcp.sacked)
+            except HandoverRefused as exc:
+                raise _refuse(option, str(exc)) from None
+        elif is_bound:
+            _bind_beside(sock, replacement, bound, option)
+        os.dup2(replacement.fileno(), fd, inheritable=inheritable)
+    finally:
+        replacement.close()
+    if listening:
+        finish_handover(sock)
+    # The socket object now describes a TCP socket: `proto` (and repr) say 6, like
+    # the kernel; re-initialising the C object resets its timeout, so that comes back.
+    _socket.socket.__init__(sock, sock.family, sock.type, c.IPPROTO_TCP, fd)
+    sock.settimeout(timeout)
+    fcntl.fcntl(fd, fcntl.F_SETFL, file_flags)
+    record_note(sock, f"turned into plain TCP for {option.name} ({option.why})")
+
+
+def _bind_beside(
+    old: socket.socket, new: socket.socket, address: tuple[Any, ...], option: OptionInfo
+) -> None:
+    """Bind `new` to the address `old` holds, while it still holds it (SO_REUSEADDR on
+    both for the moment: neither listens), so the port is never free for others."""
+    reuse = new.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+    old_reuse = old.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+    old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        new.bind(address)
+    except OSError as exc:
+        raise _refuse(
+            option, f"a TCP socket could not bind beside it to {address}: {exc.strerror}"
+        ) from exc
+    finally:
+        if not old_reuse:
+            old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    if not reuse:
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+
+
+def _fresh_defaults(family: int) -> dict[tuple[int, int], int | bytes | None]:
+    """What a fresh MPTCP socket of `family` reports for each carried option (None: it
+    cannot say), measured once per process."""
+    found = _defaults.get(family)
+    if found is None:
+        found = {}
+        with socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP) as fresh:
+            for key, size in CARRIED.items():
+                found[key] = _get(fresh, key, size)
+        _defaults[family] = found
+    return found
+
+
+def _get(sock: socket.socket, key: tuple[int, int], size: int) -> int | bytes | None:
+    try:
+        return sock.getsockopt(key[0], key[1], size) if size else sock.getsockopt(*key)
+    except OSError:
+        return None
+
+
+def carry_options(old: socket.socket, reference: socket.socket | None, new: socket.socket) -> None:
+    """Set on `new` every option of `old` that differs from a fresh MPTCP socket's (the
+    `reference` socket's when given, else measured once per process). An option `new`
+    refuses raises OSError naming it."""
+    defaults = _fresh_defaults(old.family) if reference is None else None
+    family = old.family
+    for key, size in CARRIED.items():
+        if family == socket.AF_INET and key[0] == _IP6:
+            continue
+        value = _get(old, key, size)
+        if value is None:
             continue  # MPTCP cannot report it, so it cannot have been set either
+        default = defaults.get(key) if defaults is not None else _get(reference, key, size)  # type: ignore[arg-type]
         if value == default:
             continue
-        if (level, optname) in _DOUBLED and isinstance(value, int):
+        if key in _DOUBLED and isinstance(value, int):
             value //= 2
-        if isinstance(value, bytes) and optname in (c.SO_BINDTODEVICE, c.TCP_CONGESTION):
+        elif key in _STRINGS and isinstance(value, bytes):
             value = value.rstrip(b"\0")
-        new.setsockopt(level, optname, value)
+        try:
+            new.setsockopt(key[0], key[1], value)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"{option_name(*key)} could not be carried over: {exc.strerror}"
+            ) from exc

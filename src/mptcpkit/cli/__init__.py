@@ -14,33 +14,44 @@ from collections.abc import Sequence
 
 from mptcpkit.cli.errors import CLIError, quiet_on_epipe
 
-# Subcommand modules, in the order `mptcpkit --help` lists them.
-SUBCOMMANDS: tuple[str, ...] = (
-    "mptcpkit.cli.demo",
-    "mptcpkit.cli.check",
-    "mptcpkit.cli.proxy",
-    "mptcpkit.cli.run",
-    "mptcpkit.cli.endpoint",
-    "mptcpkit.cli.limits",
-    "mptcpkit.cli.monitor",
-    "mptcpkit.cli.pmd",
-    "mptcpkit.cli.lab",
+# (subcommand, its one-line help), in the order `mptcpkit --help` lists them. The help
+# is the one the module's register() gives (a test compares): it is written here too so
+# that `mptcpkit --help`, and any one subcommand, import no other subcommand's module.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("demo", "watch MPTCP survive a link failure through the mptcpkit gateway (needs root)"),
+    ("check", "report MPTCP support, settings and limits of this host"),
+    ("proxy", "MPTCP gateway: terminate MPTCP in front of TCP services, or carry TCP over MPTCP"),
+    ("run", "run a program with its TCP sockets forced to MPTCP"),
+    ("endpoint", "list, add, delete, flush and change MPTCP endpoints (ip mptcp endpoint)"),
+    ("limits", "show or set MPTCP limits (ip mptcp limits)"),
+    ("monitor", "print MPTCP connection and subflow events (ip mptcp monitor)"),
+    ("pmd", "path-manager daemon: endpoints follow interfaces, subflows come back"),
+    ("lab", "multipath test networks in network namespaces (needs root)"),
 )
+SUBCOMMANDS: tuple[str, ...] = tuple(f"mptcpkit.cli.{name}" for name, _ in COMMANDS)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand's module is imported (the
+    others are listed by name and help line), without it every module is."""
     parser = argparse.ArgumentParser(
         prog="mptcpkit",
         description="Multipath TCP (RFC 8684) on Linux: sockets, gateway, forcing, paths, lab.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMANDS:
-        importlib.import_module(name).register(subparsers)
+    for name, summary in COMMANDS:
+        if command is None or name == command:
+            importlib.import_module(f"mptcpkit.cli.{name}").register(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return quiet_on_epipe(lambda: dispatch(build_parser().parse_args(argv)))
+    args = sys.argv[1:] if argv is None else list(argv)
+    # the first word is the subcommand (the top level has no option taking a value)
+    command = next((arg for arg in args if not arg.startswith("-")), "")
+    return quiet_on_epipe(lambda: dispatch(build_parser(command).parse_args(args)))
 
 
 def dispatch(args: argparse.Namespace) -> int:

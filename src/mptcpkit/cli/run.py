@@ -6,10 +6,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mptcpkit.cli import dispatch
 from mptcpkit.cli.errors import CLIError, UsageError
+
+if TYPE_CHECKING:
+    from mptcpkit.run.launch import Report as launch_report
+    from mptcpkit.run.stats import Stats
 
 STRATEGIES = ("auto", "seccomp", "preload", "bpf")
 
@@ -35,9 +39,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--only",
-        choices=("listen", "connect"),
+        choices=("listen", "connect", "repair"),
         help="keep MPTCP only for listening or only for connecting sockets, decided when "
-        "the program calls listen() or connect()",
+        "the program calls listen() or connect(); repair: force nothing, only make the "
+        "program's own MPTCP sockets plain TCP when it sets a TCP-only option (Go 1.24+ "
+        "listeners and TCP_MD5SIG)",
     )
     p.add_argument(
         "--stats",
@@ -94,7 +100,7 @@ def _choose(args: argparse.Namespace) -> str:
 
 
 def _seccomp(args: argparse.Namespace, command: list[str]) -> int:
-    from mptcpkit.run import abi, launch
+    from mptcpkit.run import abi, binary, execute, launch
     from mptcpkit.run.supervisor import Only
 
     try:
@@ -102,32 +108,48 @@ def _seccomp(args: argparse.Namespace, command: list[str]) -> int:
     except LookupError as exc:
         raise UsageError(str(exc)) from None
     only = Only(args.only) if args.only else None
+    env = dict(os.environ)
     try:
-        result = launch.run(command, only=only)
-    except (FileNotFoundError, PermissionError) as exc:
-        return _not_started(command[0], exc)
+        path = execute.resolve(command[0], env)
+        why = binary.privilege(path)
+        if why is not None:
+            _warn(
+                f"{path} is {why}: under forcing (no_new_privs) it would start without its "
+                "privileges, so it runs unforced"
+            )
+            execute.restore_dispositions(env)
+            execute.exec_program(path, command, env)
+        launch.exec_forced(command, path, only=only, env=env, report=_reporter(args.stats))
+    except execute.ExecError as exc:
+        return _not_started(exc)
     except launch.SeccompUnavailable as exc:
-        raise CLIError(str(exc)) from None
-    except OSError as exc:
-        raise CLIError(f"cannot start {command[0]} under seccomp: {exc}") from exc
-    if args.stats == "json":
-        print(json.dumps(result.stats.as_dict()), file=sys.stderr)
-    elif args.stats:
-        print(f"mptcpkit run: {result.stats.line()}", file=sys.stderr)
-    return result.returncode
+        raise CLIError(exc.strerror or str(exc)) from None
 
 
-def _not_started(program: str, exc: OSError) -> int:
+def _reporter(fmt: str | None) -> launch_report | None:
+    """How the supervisor prints --stats when the program exits."""
+    if not fmt:
+        return None
+
+    def report(stats: Stats, out: TextIO) -> None:
+        line = json.dumps(stats.as_dict()) if fmt == "json" else f"mptcpkit run: {stats.line()}"
+        print(line, file=out, flush=True)
+
+    return report
+
+
+def _warn(message: str) -> None:
+    print(f"mptcpkit run: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _not_started(exc: Exception) -> int:
     """A shell's answer to a program that cannot be run: 127 not found, 126 not runnable."""
-    if isinstance(exc, FileNotFoundError):
-        print(f"mptcpkit run: {program}: command not found", file=sys.stderr)
-        return 127
-    print(f"mptcpkit run: {program}: {exc.strerror}", file=sys.stderr)
-    return 126
+    print(f"mptcpkit run: {exc}", file=sys.stderr)
+    return getattr(exc, "status", 126)
 
 
 def _preload(command: list[str]) -> int:
-    from mptcpkit.run import preload
+    from mptcpkit.run import binary, execute, preload
 
     library = preload.find_library()
     if library is None:
@@ -137,9 +159,26 @@ def _preload(command: list[str]) -> int:
         )
     env = preload.environment(library, os.environ)
     try:
-        os.execvpe(command[0], command, env)
-    except (FileNotFoundError, PermissionError) as exc:
-        return _not_started(command[0], exc)
+        path = execute.resolve(command[0], env)
+        kind = binary.elf_kind(path)
+        if kind == "static":
+            _warn(
+                f"{path} is statically linked: the preload strategy cannot reach it and its "
+                "sockets stay TCP; use --strategy seccomp"
+            )
+        elif kind == "go":
+            _warn(
+                f"{path} is a Go program, which makes its system calls without libc: the "
+                "preload strategy cannot reach it (only GODEBUG=multipathtcp=1 is passed "
+                "on); use --strategy seccomp"
+            )
+        why = binary.privilege(path)
+        if why is not None:
+            _warn(f"{path} is {why}: the dynamic loader ignores LD_PRELOAD for it")
+        execute.restore_dispositions(env)
+        execute.exec_program(path, command, env)
+    except execute.ExecError as exc:
+        return _not_started(exc)
 
 
 def _bpf(command: list[str]) -> int:

@@ -48,6 +48,7 @@ class FilterSpec:
 
     arch: abi.Arch
     sockopts: Mapping[int, frozenset[int]] = dataclasses.field(default_factory=dict)
+    trap_socket: bool = True  # False: repair only, nothing is forced
     trap_connect: bool = False
     trap_listen: bool = False
     # Report, not fix: io_uring can make sockets behind seccomp's back, and a
@@ -95,7 +96,8 @@ def build_filter(spec: FilterSpec) -> bytes:
     a.op(LD_ABS, OFF_NR)
     if arch.has_x32:
         a.op(JGE_K, abi.X32_SYSCALL_BIT, "allow", 0)
-    a.op(JEQ_K, arch.socket, "socket", 0)
+    if spec.trap_socket:
+        a.op(JEQ_K, arch.socket, "socket", 0)
     if spec.sockopts:
         a.op(JEQ_K, arch.setsockopt, "setsockopt", 0)
     if spec.trap_connect:

@@ -1,175 +1,180 @@
-"""Start a program under the seccomp filter and supervise it until its last task exits.
+"""Run a program under the seccomp filter in this very process, as `exec` would.
 
-The filter is installed in the child between fork and exec (after unblocking the
-signals the supervisor keeps for itself); the child hands the listener descriptor
-back over a socketpair (SCM_RIGHTS) before exec. The supervisor then answers
-notifications, forwards signals sent to it, reaps the child, and returns the child's
-exit status once the listener reports that no task uses the filter anymore: a
-daemon forked by the program is still served after the program itself exits.
+The supervisor is forked into the background first (a grandchild in a session of its
+own, so group and terminal signals meant for the program never reach it). This
+process then installs the filter on itself, hands the listener descriptor to the
+supervisor (SCM_RIGHTS), lets it use ptrace-level access where Yama asks for a
+declaration (PR_SET_PTRACER), and execs CMD. CMD therefore keeps this process id, its
+parent, its inherited descriptors, terminal and signal dispositions, and its exit or
+death by a signal is what the caller sees; nothing forwards or re-raises signals.
+
+The supervisor serves the filter as long as any task uses it (the program, its
+threads, and descendants such as a daemon it forked), prints `--stats` when the
+program itself exits, then lets go of its standard error and keeps serving whatever
+the program left behind, silently, until the last of them exits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import ctypes
 import os
 import select
 import signal
 import socket
-import subprocess
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn, TextIO
 
-from mptcpkit.run import abi, syscalls
-from mptcpkit.run.activation import Activation
+from mptcpkit.run import abi, execute, syscalls
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.stats import Stats
 from mptcpkit.run.supervisor import Only, Supervisor, filter_program
 
-# Signals a user sends to "the program" that reach the supervisor instead: forwarded.
-FORWARDED = (
-    signal.SIGHUP,
+PR_SET_NAME = 15
+PR_SET_PTRACER = 0x59616D61  # Yama: "the supervisor may ptrace me" (pidfd_getfd)
+# The supervisor stays out of the program's job control and terminal.
+_SUPERVISOR_IGNORES = (
     signal.SIGINT,
     signal.SIGQUIT,
-    signal.SIGTERM,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
-    signal.SIGALRM,
+    signal.SIGHUP,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGPIPE,
 )
 
-
-@dataclasses.dataclass
-class Result:
-    returncode: int  # shell style: 128+N when killed by signal N
-    stats: Stats
-
-
-def spawn(
-    argv: Sequence[str],
-    program: bytes,
-    arch: abi.Arch,
-    *,
-    env: Mapping[str, str] | None = None,
-    sigmask: set[int] | None = None,
-) -> tuple[subprocess.Popen[bytes], int, bool]:
-    """Start argv with the filter installed: the process, the listener fd, and whether
-    received calls wait killable (see syscalls.install_filter)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    activation = Activation.inherited()  # socket activation, watchdog: CMD's, not ours
-
-    def install() -> None:  # runs in the child, single-threaded, before exec
-        activation.in_child()
-        if sigmask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-        try:
-            listener, killable = syscalls.install_filter(program, arch)
-        except OSError as exc:
-            theirs.send(f"E{exc.strerror or exc}".encode())
-            raise
-        socket.send_fds(theirs, [b"K" if killable else b"L"], [listener])
-        os.close(listener)
-
-    with ours:
-        try:
-            proc = subprocess.Popen(
-                list(argv), env=env, preexec_fn=install, pass_fds=activation.fds
-            )
-        except subprocess.SubprocessError as exc:
-            ours.setblocking(False)
-            try:
-                why = ours.recv(512).decode(errors="replace")[1:] or str(exc)
-            except BlockingIOError:
-                why = str(exc)
-            raise SeccompUnavailable(
-                f"cannot install the seccomp filter ({why}); the kernel needs seccomp user "
-                "notification (5.14+): try --strategy preload"
-            ) from None
-        finally:
-            theirs.close()
-        activation.close_in_parent()
-        msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
-    if not fds:
-        proc.wait()
-        raise SeccompUnavailable("the child did not hand over its seccomp listener")
-    return proc, fds[0], msg == b"K"
+Report = Callable[[Stats, TextIO], None]
 
 
 class SeccompUnavailable(OSError):
-    """The filter could not be installed in the child."""
+    """The filter could not be installed."""
 
 
-def run(
+def exec_forced(
     argv: Sequence[str],
+    path: str,
     *,
     only: Only | None = None,
     env: Mapping[str, str] | None = None,
-    forward_signals: bool = True,
-) -> Result:
-    """Run argv forced to MPTCP through seccomp; return its status and what was done."""
+    report: Report | None = None,
+) -> NoReturn:
+    """Become `argv` (already resolved to `path`) with the filter installed.
+
+    Raises SeccompUnavailable if the filter cannot be installed, and
+    execute.ExecError if the program cannot be executed (as a shell would say).
+    """
+    environ = dict(os.environ if env is None else env)
     arch = abi.native_arch()
     tcp_only = tcp_only_options()
     program = filter_program(arch, only, tcp_only)
-    sigfd = -1
-    old_mask: set[int] | None = None
-    if forward_signals:
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-        sigfd = syscalls.signalfd(FORWARDED)
-    try:
-        proc, listener, killable = spawn(argv, program, arch, env=env, sigmask=old_mask)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    me = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked processes
+        code = 1
         try:
-            supervisor = Supervisor(listener, arch, only=only, tcp_only=tcp_only, killable=killable)
-        except BaseException:
-            os.close(listener)  # the program's trapped calls now fail with ENOSYS
-            proc.kill()
-            proc.wait()
-            raise
-        try:
-            returncode = _supervise(supervisor, proc, sigfd)
+            ours.close()
+            if os.fork() == 0:
+                _supervise(theirs, me, arch, only, tcp_only, report)
+            code = 0
         finally:
-            supervisor.close()
+            os._exit(code)
+    theirs.close()
+    os.waitpid(child, 0)
+    with ours:
+        try:
+            listener, killable = syscalls.install_filter(program, arch)
+        except OSError as exc:
+            raise SeccompUnavailable(
+                exc.errno,
+                f"cannot install the seccomp filter ({exc.strerror}); the kernel needs "
+                "seccomp user notification (5.14+): try --strategy preload",
+            ) from None
+        try:
+            socket.send_fds(ours, [b"K" if killable else b"L"], [listener])
+        finally:
+            os.close(listener)
+        ack = ours.recv(32)
+    if not ack.isdigit():
+        raise SeccompUnavailable(0, "the supervisor did not start")
+    _allow_ptrace(int(ack))
+    execute.restore_dispositions(environ)
+    execute.exec_program(path, argv, environ)
+
+
+def _allow_ptrace(pid: int) -> None:
+    """Under Yama's ptrace_scope 1 only ancestors may pidfd_getfd: declare the supervisor."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(pid), 0, 0, 0)  # EINVAL without Yama
+
+
+def _supervise(
+    sock: socket.socket,
+    program_pid: int,
+    arch: abi.Arch,
+    only: Only | None,
+    tcp_only: Mapping[tuple[int, int], str],
+    report: Report | None,
+) -> NoReturn:  # pragma: no cover - runs in the background process
+    """The background supervisor's life: serve until no task uses the filter."""
+    try:
+        os.setsid()
+        ctypes.CDLL(None).prctl(PR_SET_NAME, b"mptcpkit-run", 0, 0, 0)
+        for sig in _SUPERVISOR_IGNORES:
+            signal.signal(sig, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        keep = {0, 1, 2, devnull, sock.fileno()}
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(int(name))  # the program's descriptors are not ours to hold
+        pidfd = os.pidfd_open(program_pid)
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+        if not fds:
+            os._exit(0)
+        sock.sendall(str(os.getpid()).encode())
+        sock.close()
+        warn = os.fdopen(os.dup(2), "w")
+        supervisor = Supervisor(
+            fds[0], arch, only=only, tcp_only=dict(tcp_only), killable=msg == b"K", warn=warn
+        )
+        _loop(supervisor, pidfd, report, warn, devnull)
     finally:
-        if sigfd >= 0:
-            os.close(sigfd)
-        if old_mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    return Result(returncode, supervisor.stats)
+        os._exit(0)
 
 
-def _supervise(supervisor: Supervisor, proc: subprocess.Popen[bytes], sigfd: int) -> int:
+def _loop(
+    supervisor: Supervisor, pidfd: int, report: Report | None, warn: TextIO, devnull: int
+) -> None:  # pragma: no cover - runs in the background process
     listener = supervisor.fileno()
-    pidfd = os.pidfd_open(proc.pid)
     poller = select.poll()
     poller.register(listener, select.POLLIN)
     poller.register(pidfd, select.POLLIN)
-    if sigfd >= 0:
-        poller.register(sigfd, select.POLLIN)
-    status: int | None = None
-    served = False
-    try:
-        while status is None or not served:
-            for fd, events in poller.poll():
-                if fd == listener:
-                    if events & select.POLLIN:
-                        supervisor.handle_one()
-                    elif events & (select.POLLHUP | select.POLLERR):
-                        served = True
-                        poller.unregister(listener)
-                elif fd == pidfd:
-                    status = proc.wait()
-                    poller.unregister(pidfd)
-                elif fd == sigfd:
-                    _forward(sigfd, proc, status)
-    finally:
-        os.close(pidfd)
-    return 128 - status if status < 0 else status
-
-
-def _forward(sigfd: int, proc: subprocess.Popen[bytes], status: int | None) -> None:
-    while (sig := syscalls.read_signal(sigfd)) is not None:
-        signo, code, sender = sig
-        # A terminal's ^C / hangup already reached the whole foreground process
-        # group (the program included); so did a signal the program sent itself.
-        if code == syscalls.SI_KERNEL or sender == proc.pid or status is not None:
-            continue
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signo)
+    program_alive = True
+    while True:
+        events = dict(poller.poll())
+        hangup = False
+        if listener in events:
+            if events[listener] & select.POLLIN:
+                supervisor.handle_one()
+            elif events[listener] & (select.POLLHUP | select.POLLERR):
+                hangup = True
+        if program_alive and (pidfd in events or hangup):
+            program_alive = False
+            poller.unregister(pidfd)
+            if report is not None:
+                with contextlib.suppress(OSError):
+                    report(supervisor.stats, warn)
+            # Keep serving what the program left behind, without holding its stderr
+            # open: a reader of that pipe sees the end when the program ends.
+            supervisor.mute()
+            with contextlib.suppress(OSError):
+                warn.close()
+            os.dup2(devnull, 2)
+        if hangup:
+            return

@@ -16,6 +16,8 @@ class Stats:
     swapped: int = 0  # forced, then rebuilt as plain TCP before use
     reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # TCP-only options refused on MPTCP sockets already connected or accepted: lost
+    lost: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
     def line(self) -> str:
         mptcp = self.forced - self.swapped
@@ -28,6 +30,9 @@ class Stats:
         if self.reasons:
             detail = "; ".join(f"{why}: {n}" for why, n in sorted(self.reasons.items()))
             text += f" ({detail})"
+        if self.lost:
+            lost = ", ".join(f"{name} x{n}" for name, n in sorted(self.lost.items()))
+            text += f"; options lost on connected MPTCP sockets: {lost}"
         return text
 
     def as_dict(self) -> dict[str, object]:
@@ -38,4 +43,5 @@ class Stats:
             "swapped_to_tcp": self.swapped,
             "reasons": dict(self.reasons),
             "warnings": list(self.warnings),
+            "lost_options": dict(self.lost),
         }

@@ -33,7 +33,9 @@ from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.run import abi, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
 from mptcpkit.run.options import tcp_only_options
+from mptcpkit.run.procfd import epoll_watches, process_fds
 from mptcpkit.run.stats import Stats
+from mptcpkit.status import State, status
 
 SOCK_CLOEXEC = socket.SOCK_CLOEXEC
 SOCK_NONBLOCK = socket.SOCK_NONBLOCK
@@ -46,6 +48,16 @@ class Only(enum.Enum):
 
     LISTEN = "listen"
     CONNECT = "connect"
+    REPAIR = "repair"  # force nothing: only rescue TCP-only options on MPTCP sockets
+
+
+class Swap(enum.Enum):
+    """What became of a socket the program needs as plain TCP."""
+
+    DONE = "swapped"
+    NOT_MPTCP = "not an MPTCP socket (or not one of ours)"
+    TOO_LATE = "already connected, accepted or with connections waiting"
+    FAILED = "gone, or not reachable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +212,10 @@ class Supervisor:
                 self._continue(notif)
         return True
 
+    def mute(self) -> None:
+        """Stop printing warnings (they are still counted)."""
+        self._warn_to = None
+
     def close(self) -> None:
         for ctx in self._contexts.values():
             ctx.close()
@@ -336,13 +352,23 @@ class Supervisor:
     # -- swaps: setsockopt() of a TCP-only option, connect()/listen() with --only --
 
     def _on_setsockopt(self, n: abi.Notification) -> None:
+        """A TCP-only option: make the socket plain TCP if it is MPTCP and can still change,
+        whoever made it (the program may ask for MPTCP itself, as Go 1.24+ listeners do)."""
         level, opt = abi.signed32(n.args[1]), abi.signed32(n.args[2])
         name = self.tcp_only.get((level, opt))
-        if name is None or not self._forced:
+        if name is None:
             self._continue(n)
             return
-        if self._swap(n, abi.signed32(n.args[0])):
+        outcome = self._swap(n, abi.signed32(n.args[0]), level=level)
+        if outcome is Swap.DONE:
             self.stats.reasons[f"swapped to TCP for {name}"] += 1
+        elif outcome is Swap.TOO_LATE:
+            self.stats.lost[name] += 1
+            self.warn(
+                f"lost-{name}",
+                f"{name} cannot be set on an MPTCP socket that is already connected or "
+                "accepted: the program's setting is lost on such sockets (counted in --stats)",
+            )
         self._continue(n)
 
     def _on_use(self, n: abi.Notification, swap_when: Only, reason: str) -> None:
@@ -350,64 +376,104 @@ class Supervisor:
         if self.only is not swap_when or not self._forced:
             self._continue(n)
             return
-        if self._swap(n, abi.signed32(n.args[0])):
+        if self._swap(n, abi.signed32(n.args[0]), forced_only=True) is Swap.DONE:
             self.stats.reasons[reason] += 1
         self._continue(n)
 
-    def _swap(self, n: abi.Notification, fd: int) -> bool:
-        """Replace the program's forced socket `fd` by plain TCP while it can still change."""
+    def _swap(
+        self, n: abi.Notification, fd: int, *, forced_only: bool = False, level: int = -1
+    ) -> Swap:
+        """Replace the program's MPTCP socket `fd` by plain TCP while it can still change."""
         try:
             ctx = read_task(n.pid)
             pidfd = _pidfd_of_thread(n.pid, ctx.tgid)
         except (ProcessLookupError, FileNotFoundError):
             self._check_valid(n)  # gone, or hidden from us: leave the socket as it is
-            return False
+            return Swap.FAILED
         try:
             self._check_valid(n)
             try:
                 old_fd = syscalls.pidfd_getfd(pidfd, fd)
             except OSError:
-                return False
+                return Swap.FAILED
+            with socket.socket(fileno=old_fd) as old:
+                return self._replace(n, ctx, pidfd, fd, old, forced_only, level)
         finally:
             os.close(pidfd)
-        with socket.socket(fileno=old_fd) as old:
-            st = os.fstat(old_fd)
-            key = (st.st_dev, st.st_ino)
-            if key not in self._forced or old.proto != IPPROTO_MPTCP:
-                return False
-            how = swap.plan(old)
-            if how is None:
-                return False
-            make = self._maker(n, ctx)
-            nonblock = fcntl.fcntl(old_fd, fcntl.F_GETFL) & os.O_NONBLOCK
-            with make(
-                old.family,
-                socket.SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0),
-                socket.IPPROTO_TCP,
-            ) as new:
-                try:
-                    with make(old.family, socket.SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_MPTCP) as ref:
-                        swap.carry_options(old, ref, new)
-                except OSError as exc:
-                    self.warn("carry", f"could not carry an option to plain TCP: {exc.strerror}")
-                    return False
+
+    def _replace(
+        self,
+        n: abi.Notification,
+        ctx: TaskContext,
+        pidfd: int,
+        fd: int,
+        old: socket.socket,
+        forced_only: bool,
+        level: int,
+    ) -> Swap:
+        st = os.fstat(old.fileno())
+        key = (st.st_dev, st.st_ino)
+        if (forced_only and key not in self._forced) or old.proto != IPPROTO_MPTCP:
+            return Swap.NOT_MPTCP
+        how = swap.plan(old)
+        if how is None:
+            if level != socket.SOL_SOCKET and status(old).state is State.FALLBACK:
+                return Swap.NOT_MPTCP  # the kernel passes it to the TCP subflow
+            return Swap.TOO_LATE
+        make = self._maker(n, ctx)
+        nonblock = fcntl.fcntl(old.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        with make(
+            old.family,
+            socket.SOCK_STREAM | SOCK_CLOEXEC | (SOCK_NONBLOCK if nonblock else 0),
+            socket.IPPROTO_TCP,
+        ) as new:
+            try:
+                with make(old.family, socket.SOCK_STREAM | SOCK_CLOEXEC, IPPROTO_MPTCP) as ref:
+                    swap.carry_options(old, ref, new)
+            except OSError as exc:
+                self.warn("carry", f"could not carry an option to plain TCP: {exc.strerror}")
+                return Swap.FAILED
+            # Every descriptor of this socket in the calling process (dup, Go's File())
+            # gets the plain TCP socket, and every epoll set watching one of them (Go's
+            # netpoller, libuv, asyncio) watches the new socket the same way.
+            fds = process_fds(n.pid, st.st_ino, fd)
+            for target in fds:
                 self._addfd(
-                    n, new.fileno(), abi.SECCOMP_ADDFD_FLAG_SETFD, fd, _fd_cloexec(n.pid, fd)
+                    n,
+                    new.fileno(),
+                    abi.SECCOMP_ADDFD_FLAG_SETFD,
+                    target,
+                    _fd_cloexec(n.pid, target),
                 )
-                # The program's descriptor now holds the plain TCP socket. The MPTCP one
-                # is only released when the program's call returns (the kernel closes
-                # it in the program's context), so it must let go of its port first.
-                self._forced.pop(key, None)
-                self.stats.swapped += 1
-                try:
-                    swap.rebind(old, new, how)
-                except OSError as exc:
-                    self.warn(
-                        f"bind-{how.address}",
-                        f"could not re-bind the socket made plain TCP to {how.address}: "
-                        f"{exc.strerror} (is the descriptor shared with another process?)",
-                    )
-        return True
+            self._rewatch(pidfd, n.pid, fds, st.st_ino, new.fileno())
+            # The program's descriptor now holds the plain TCP socket. The MPTCP one
+            # is only released when the program's call returns (the kernel closes
+            # it in the program's context), so it must let go of its port first.
+            self._forced.pop(key, None)
+            self.stats.swapped += 1
+            try:
+                swap.rebind(old, new, how)
+            except OSError as exc:
+                self.warn(
+                    f"bind-{how.address}",
+                    f"could not re-bind the socket made plain TCP to {how.address}: "
+                    f"{exc.strerror} (is the descriptor shared with another process?)",
+                )
+        return Swap.DONE
+
+    def _rewatch(self, pidfd: int, pid: int, fds: list[int], ino: int, new_fd: int) -> None:
+        """Add `new_fd` to each epoll set of `pid` that watched the old socket."""
+        for epfd, events, data in epoll_watches(pid, set(fds), ino):
+            try:
+                ours = syscalls.pidfd_getfd(pidfd, epfd)
+            except OSError:
+                continue
+            try:
+                syscalls.epoll_ctl(ours, syscalls.EPOLL_CTL_ADD, new_fd, events, data)
+            except OSError as exc:
+                self.warn("epoll", f"could not watch the plain TCP socket: {exc.strerror}")
+            finally:
+                os.close(ours)
 
     # -- kernel calls ------------------------------------------------------------
 
@@ -486,11 +552,14 @@ def filter_spec(
     arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
 ) -> FilterSpec:
     """The filter for these settings: trap only what the supervisor acts on."""
+    forcing = only is not Only.REPAIR
     return FilterSpec(
         arch=arch,
         sockopts=sockopt_table(tcp_only),
+        trap_socket=forcing,
         trap_connect=only is Only.LISTEN,
         trap_listen=only is Only.CONNECT,
+        trap_io_uring=forcing,
     )
 
 

@@ -1,6 +1,6 @@
 """Thin ctypes wrappers for the system calls Python's os module lacks.
 
-seccomp(2), prctl(2), pidfd_getfd(2), signalfd(2) and the raw, per-thread
+seccomp(2), prctl(2), pidfd_getfd(2), epoll_ctl(2) with raw user data, and the raw, per-thread
 credential calls (glibc's setresuid() changes every thread of the process; the raw
 system call changes only the calling thread, which is what a per-target worker
 thread needs). Every failure raises OSError with the errno and the call's name.
@@ -20,7 +20,7 @@ from mptcpkit.run import abi
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.prctl.restype = ctypes.c_int
-_libc.signalfd.restype = ctypes.c_int
+_libc.epoll_ctl.restype = ctypes.c_int
 
 PIDFD_THREAD = os.O_EXCL
 
@@ -109,24 +109,12 @@ def set_thread_credentials(
     syscall(arch.setresuid, *uids[:3], what="setresuid")
 
 
-SIGNALFD_SIGINFO = struct.Struct("=IiiIII")  # ssi_signo, errno, code, pid, uid, fd (of 128)
-SI_KERNEL = 0x80
+EPOLL_CTL_ADD = 1
+# struct epoll_event is packed on x86-64 (12 bytes), naturally aligned elsewhere (16).
+_EPOLL_EVENT = struct.Struct("=IQ" if os.uname().machine == "x86_64" else "=I4xQ")
 
 
-def signalfd(signals: Iterable[int]) -> int:
-    """A non-blocking signalfd for signals the caller has blocked."""
-    mask = 0
-    for sig in signals:
-        mask |= 1 << (sig - 1)
-    sigset = ctypes.create_string_buffer(struct.pack("=Q", mask).ljust(128, b"\0"), 128)
-    return _check(_libc.signalfd(-1, sigset, os.O_CLOEXEC | os.O_NONBLOCK), "signalfd")
-
-
-def read_signal(fd: int) -> tuple[int, int, int] | None:
-    """(signo, si_code, sender pid) of the next pending signal, or None."""
-    try:
-        data = os.read(fd, 128)
-    except BlockingIOError:
-        return None
-    signo, _errno, code, pid, _uid, _fd = SIGNALFD_SIGINFO.unpack_from(data)
-    return signo, code, pid
+def epoll_ctl(epfd: int, op: int, fd: int, events: int, data: int) -> None:
+    """epoll_ctl with the caller's own 64-bit user data (Python's epoll sets data = fd)."""
+    buf = ctypes.create_string_buffer(_EPOLL_EVENT.pack(events & 0xFFFFFFFF, data), 16)
+    _check(_libc.epoll_ctl(epfd, op, fd, buf), "epoll_ctl")

@@ -1,0 +1,211 @@
+"""Hand a listening port from one socket to another without dropping a connection.
+
+Closing a listener resets every connection in its accept queue and every handshake
+still in flight, and re-binding after the close can find the port taken. So the new
+listener is bound and listening *before* the old one goes, both in one SO_REUSEPORT
+group, in this order (each step checked on Linux 6.18, tests/test_downgrade.py):
+
+1. the new socket drops every packet (a socket filter): a SYN sent to it is lost and
+   the client sends it again a second later, so nothing can queue there yet;
+2. it binds and listens beside the old one (SO_REUSEPORT on both, for the moment);
+3. a reuseport program sends every new SYN to the new socket, so the old one gets no
+   more handshakes;
+4. the old one's accept queue and its half-open handshakes are waited for (the
+   program's own accept() drains them); if they do not drain, everything is undone
+   (the old listener never stopped listening) and the caller is told why;
+5. the filter goes, the new socket takes the old one's descriptor (dup2), which closes
+   the old one, empty; only then does the program go.
+
+A thread blocked in accept() on the old listener, or an event loop that has it
+registered (epoll), would keep waiting on the old socket after the swap; then the
+handover is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import struct
+import time
+
+from mptcpkit.abi import constants as c
+
+SO_ATTACH_FILTER, SO_DETACH_FILTER = 26, 27
+SO_ATTACH_REUSEPORT_CBPF, SO_DETACH_REUSEPORT_BPF = 51, 68
+# Options a handover cannot carry: it uses the socket filter and reuseport program.
+FILTER_OPTIONS = frozenset(
+    (c.SOL_SOCKET, n) for n in (SO_ATTACH_FILTER, SO_DETACH_FILTER, 44, 50, 51, 52, 68)
+)
+_DRAIN_SECONDS = 0.25  # how long the old listener's queue may take to empty
+_ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242)}.get(platform.machine(), ())
+
+
+class HandoverRefused(Exception):
+    """The handover did not start, or was undone; the old listener is as it was."""
+
+
+def _program(ret: int) -> tuple[object, bytes]:
+    """A one-instruction classic BPF program `ret #ret`, as a struct sock_fprog (and the
+    buffer its pointer refers to, which must outlive the setsockopt)."""
+    import ctypes  # here: importing ctypes costs every `import mptcpkit` ~5 ms
+
+    insn = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, ret), 8)
+    return insn, struct.pack("=HxxxxxxQ", 1, ctypes.addressof(insn))
+
+
+def _waiting_threads(fd: int) -> bool:
+    """Is another thread of this process blocked in accept() on `fd`?"""
+    if not _ACCEPT_SYSCALLS:
+        return False
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        if (
+            len(fields) > 1
+            and fields[0].isdigit()
+            and int(fields[0]) in _ACCEPT_SYSCALLS
+            and int(fields[1], 16) == fd
+        ):
+            return True
+    return False
+
+
+def _in_epoll(fd: int) -> bool:
+    """Is `fd` registered with an epoll instance of this process (an event loop)?"""
+    needle = f"tfd: {fd:8d}"
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                if any(line.startswith(needle) for line in f):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _half_open(family: int, port: int) -> int:
+    """Handshakes in flight (SYN_RECV) to local `port`, from the kernel's sock_diag."""
+    states = 1 << 3 | 1 << 12  # TCP_SYN_RECV, TCP_NEW_SYN_RECV
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, states) + bytes(48)
+    msg = struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0) + req  # DUMP|REQUEST
+    count = 0
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # NETLINK_SOCK_DIAG
+        nl.settimeout(1.0)
+        nl.sendto(msg, (0, 0))
+        while True:
+            data = nl.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind == 3:  # NLMSG_DONE
+                    return count
+                if kind == 2:  # NLMSG_ERROR
+                    raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag")
+                (sport,) = struct.unpack_from("!H", data, offset + 16 + 4)
+                count += sport == port
+                offset += (length + 3) & ~3
+            if not data:
+                return count
+
+
+def check_can_hand_over(old: socket.socket) -> None:
+    """Refuse early (nothing changed yet) what a handover cannot do safely."""
+    fd = old.fileno()
+    if old.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        raise HandoverRefused(
+            "it shares its port with other sockets through SO_REUSEPORT, and a new "
+            "socket cannot take its place in that group without its connections"
+        )
+    if _waiting_threads(fd):
+        raise HandoverRefused(
+            "a thread is waiting in accept() on it and would keep waiting on the old "
+            "socket; set the option before serving"
+        )
+    if _in_epoll(fd):
+        raise HandoverRefused(
+            "an event loop watches it (epoll) and would keep watching the old socket; "
+            "set the option before serving"
+        )
+
+
+def hand_over(
+    old: socket.socket, new: socket.socket, address: tuple[object, ...], backlog: int
+) -> None:
+    """Make `new` listen on `old`'s address with `backlog`, old's queue drained and
+    old no longer receiving, ready for dup2 onto old's descriptor; HandoverRefused
+    (with `new` closed by the caller and `old` untouched) when that cannot be done."""
+    check_can_hand_over(old)
+    drop, drop_prog = _program(0)
+    pick_new, pick_new_prog = _program(1)  # the group is [old, new]: old made it first
+    old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        new.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, drop_prog)
+        try:
+            new.bind(address)
+            new.listen(backlog)
+        except OSError as exc:
+            raise HandoverRefused(
+                f"a TCP socket could not listen beside it on {address}: {exc.strerror}"
+            ) from exc
+        new.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, pick_new_prog)
+        _drain(old, address)
+        new.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except BaseException:
+        old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+        raise
+    del drop, pick_new
+
+
+def finish_handover(sock: socket.socket) -> None:
+    """After dup2 (the old listener is gone): drop the program and SO_REUSEPORT, which
+    the old listener did not have."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+
+
+def _drain(old: socket.socket, address: tuple[object, ...]) -> None:
+    """Wait until the old listener holds nothing: no queued connection, no handshake
+    in flight; a SYN being handled on another CPU as the program switched is given a
+    millisecond to become visible first."""
+    port = int(address[1])  # type: ignore[call-overload]
+    deadline = time.monotonic() + _DRAIN_SECONDS
+    time.sleep(0.001)
+    while True:
+        queued = _queue_length(old)
+        half_open = _half_open(old.family, port) if not queued else 0
+        if not queued and not half_open:
+            if _waiting_threads(old.fileno()):
+                raise HandoverRefused(
+                    "a thread started waiting in accept() on it while switching; set the "
+                    "option before serving"
+                )
+            return
+        if time.monotonic() >= deadline:
+            waiting = f"{queued} connection(s)" if queued else f"{half_open} handshake(s)"
+            raise HandoverRefused(
+                f"{waiting} reached it while switching and were not accepted in "
+                f"{_DRAIN_SECONDS:g} s"
+            )
+        time.sleep(0.005)
+
+
+def settled_queue(sock: socket.socket, queued: int) -> int:
+    """The accept queue of listener `sock` once the program's own accept() had a moment
+    to empty it (up to a quarter second); `queued` is its length now."""
+    deadline = time.monotonic() + _DRAIN_SECONDS
+    while queued and time.monotonic() < deadline:
+        time.sleep(0.002)
+        queued = _queue_length(sock)
+    return queued
+
+
+def _queue_length(sock: socket.socket) -> int:
+    raw = sock.getsockopt(c.SOL_TCP, c.TCP_INFO, 32)
+    return int.from_bytes(raw[24:28], "little")  # tcpi_unacked: the accept queue

@@ -1,0 +1,126 @@
+"""Issue 11 item 1: a downgrade on a busy listener.
+
+Another process connects in a loop while the listener, with an accept thread, gets a
+TCP-only option. Each round must end one of two ways: the socket is plain TCP on the
+same port, still listening; or TCPOnlyOptionError and the MPTCP listener as it was.
+Either way the clients see no refused and no reset connection.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import mptcpkit
+from mptcpkit import State, TCPOnlyOptionError
+
+LOOP = Path(__file__).parent / "data" / "connect_loop.py"
+
+
+class Server:
+    """An MPTCP listener and its accept thread (blocking accept, or a poll timeout)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.sock = mptcpkit.create_server(("127.0.0.1", 0), backlog=64)
+        self.sock.settimeout(timeout)
+        self.address = self.sock.getsockname()
+        self.accepted = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"k")
+            self.accepted += 1
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 15
+        while self.accepted < count:
+            assert time.monotonic() < deadline, f"only {self.accepted} of {count} accepted"
+            time.sleep(0.002)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.sock.shutdown(socket.SHUT_RD)  # wakes a thread blocked in accept()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+        self.sock.close()
+
+
+def run_rounds(rounds: int, timeout: float | None) -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    loop = subprocess.Popen(
+        [sys.executable, str(LOOP), str(30 + rounds * 5)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert loop.stdin is not None and loop.stdout is not None
+    previous: Server | None = None
+    try:
+        for _ in range(rounds):
+            server = Server(timeout)
+            loop.stdin.write(f"{server.address[1]}\n")
+            loop.stdin.flush()
+            assert loop.stdout.readline().strip() == "ok"
+            if previous is not None:
+                previous.stop()
+            server.wait_for(3)
+            try:
+                server.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+            except TCPOnlyOptionError as exc:
+                assert "mptcp='off'" in str(exc)
+                assert mptcpkit.status(server.sock).is_mptcp
+                assert server.sock.proto == mptcpkit.IPPROTO_MPTCP
+                outcomes["refused: " + str(exc).split("now: ")[1][:60]] += 1
+            else:
+                assert mptcpkit.status(server.sock).state is State.TCP
+                assert server.sock.proto == socket.IPPROTO_TCP
+                assert server.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 1000
+                outcomes["downgraded"] += 1
+            assert server.sock.getsockname() == server.address
+            assert server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            assert not server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+            server.wait_for(server.accepted + 3)  # it still serves
+            previous = server
+        loop.stdin.write("end\n")
+        loop.stdin.flush()
+        report = json.loads(loop.stdout.readline())
+    finally:
+        if previous is not None:
+            previous.stop()
+        loop.kill()
+        loop.wait()
+    assert len(report) == rounds
+    for port, seen in report.items():
+        assert set(seen) == {"ok"}, f"clients of port {port} saw {seen}"
+    return outcomes
+
+
+@pytest.mark.parametrize("timeout", [None, 0.05], ids=["blocking-accept", "accept-timeout"])
+def test_downgrade_of_a_busy_listener(timeout: float | None) -> None:
+    outcomes = run_rounds(4, timeout)
+    assert sum(outcomes.values()) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("timeout", [None, 0.05], ids=["blocking-accept", "accept-timeout"])
+def test_downgrade_of_a_busy_listener_many_rounds(timeout: float | None) -> None:
+    outcomes = run_rounds(60, timeout)
+    assert sum(outcomes.values()) == 60
