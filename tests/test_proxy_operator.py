@@ -14,6 +14,7 @@ import re
 import select
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from proxy_harness import (
     echo,
     free_port,
     recv_all,
+    rss_kib,
     run_proxy,
     wait_for,
 )
@@ -422,3 +424,59 @@ def test_duration_connect_time_and_end_reasons(tmp_path: Path) -> None:
         assert _sample(text, "mptcpkit_proxy_connection_duration_seconds_count", frontend="fe") == 4
         assert _sample(text, "mptcpkit_proxy_connect_time_seconds_count", backend="be") == 2
         assert 0 < _sample(text, "mptcpkit_proxy_connect_time_seconds_sum", backend="be") < 60
+
+
+# --- item 8: memory under backpressure ----------------------------------------------------
+
+
+def _stall(port: int, n: int) -> tuple[list[socket.socket], int]:
+    """`n` clients that send until nothing moves: the backend never reads. (sockets,
+    bytes they got into the proxy's direction)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        socks.append(s)
+    block = b"x" * (1 << 18)
+    total = 0
+    quiet = 0
+    while quiet < 5:  # five passes, 0.1 s apart, in which no client could send a byte
+        moved = 0
+        for s in socks:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    moved += s.send(block)
+        total += moved
+        quiet = 0 if moved else quiet + 1
+        time.sleep(0.1)
+    return socks, total
+
+
+def test_stalled_connections_hold_little_memory(tmp_path: Path) -> None:
+    """Against a backend that never reads, each stalled connection costs the worker at
+    most what HAProxy holds (2 x 16 KiB), not a copy of a 1 MiB read per direction."""
+    hold = threading.Event()
+    with contextlib.ExitStack() as stack:
+        srv = stack.enter_context(Server(lambda c: hold.wait(60)))
+        stack.callback(hold.set)
+        px = stack.enter_context(
+            run_proxy(
+                tmp_path,
+                _conf(
+                    "tcp@127.0.0.1:0",
+                    {"s": f'"tcp@127.0.0.1:{srv.port}"'},
+                    glob='workers = 1\nmetrics = ""\nstop-timeout = "0s"',
+                ),
+            )
+        )
+        (worker,) = px.workers()
+        warm, _ = _stall(px.port("fe"), 2)  # the read buffer and the allocator warmed up
+        before = rss_kib(worker)
+        n = 20
+        socks, moved = _stall(px.port("fe"), n)
+        per_conn = (rss_kib(worker) - before) / n
+        for s in warm + socks:
+            s.close()
+        assert moved > n << 20, "the clients could not push data: nothing was stalled"
+        assert per_conn <= 32, f"{per_conn:.0f} KiB per stalled connection ({moved} bytes sent)"

@@ -31,7 +31,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <linux/sockios.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
 #include <sys/un.h>
@@ -42,6 +44,7 @@
 #define BURST 16 /* reads per leg per event before other sockets get a turn */
 #endif
 #define EVENTS 512        /* epoll events per poll() */
+#define MIN_READ 16384    /* a read when the destination has little or no room */
 #define ACCEPT_BATCH 64   /* connections accepted per listener wakeup */
 #ifndef IPPROTO_MPTCP
 #define IPPROTO_MPTCP 262
@@ -67,6 +70,8 @@ typedef struct {
     int fd;               /* -1: no socket (not connected yet, or closed) */
     uint64_t born;        /* poll() batch it was registered in: older events are stale */
     unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1, out : 1;
+    unsigned big : 1;     /* its last read was >= MIN_READ: bulk, so size reads to the room */
+    int sndbuf;           /* SO_SNDBUF as last read (0: read it again), for room() */
     char *pend;           /* bytes owed to this leg (one read at most), or NULL */
     size_t pend_off, pend_len;
     Conn *conn;
@@ -338,6 +343,25 @@ static void on_eof(Engine *e, Conn *c, Leg *src, Leg *dst) {
 
 static void proxy_header(Engine *e, Conn *c);
 
+/* How much to read for `dst`: what its socket can still take (SO_SNDBUF less what it
+ * holds, SIOCOUTQ, less an eighth for the kernel's per-packet overhead), at least
+ * MIN_READ, at most the buffer.  So a destination that stops reading leaves at most
+ * MIN_READ copied here per direction, and the rest in the source's socket. */
+static size_t room(Leg *dst, size_t size) {
+    int outq = 0;
+    if (ioctl(dst->fd, SIOCOUTQ, &outq) < 0)
+        return size;
+    if (!dst->sndbuf) {
+        socklen_t len = sizeof dst->sndbuf;
+        if (getsockopt(dst->fd, SOL_SOCKET, SO_SNDBUF, &dst->sndbuf, &len) < 0)
+            return size;
+    }
+    long free_ = (long)dst->sndbuf - dst->sndbuf / 8 - outq;
+    if (free_ < MIN_READ)
+        return MIN_READ;
+    return (size_t)free_ < size ? (size_t)free_ : size;
+}
+
 static void pump(Engine *e, Conn *c, Leg *src) {
     if (src->eof)
         return;
@@ -359,7 +383,8 @@ static void pump(Engine *e, Conn *c, Leg *src) {
     char *buf = e->buf;
     size_t size = e->size;
     for (int i = 0; i < BURST; i++) {
-        ssize_t n = recv(src->fd, buf, size, MSG_DONTWAIT);
+        size_t want = src->big ? room(dst, size) : MIN_READ;
+        ssize_t n = recv(src->fd, buf, want, MSG_DONTWAIT);
         if (n < 0) {
             if (would_block(errno))
                 return;
@@ -373,6 +398,7 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             return;
         }
         c->active = 1;
+        src->big = (size_t)n >= MIN_READ;
         if (src->client) {
             c->bytes_in += (unsigned long long)n;
             c->fe->bytes_in += (unsigned long long)n;
@@ -389,6 +415,7 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             sent = 0;
         }
         if (sent < n) {
+            dst->sndbuf = 0; /* full: autotuning may have grown it since */
             if (set_pending(dst, buf + sent, (size_t)(n - sent)) < 0) {
                 fail(e, c, dst, ENOMEM);
                 return;
@@ -397,7 +424,7 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             src->waiting = 1;
             return;
         }
-        if ((size_t)n < size && !src->hup)
+        if ((size_t)n < want && !src->hup)
             return; /* a short read: drained; the next edge (data or FIN) says more */
     }
     later(e, c, src);

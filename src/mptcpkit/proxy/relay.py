@@ -8,8 +8,9 @@ to one is a change to both.
 - Bytes go through one worker-wide read buffer: `recv_into()` it, `send()` a view of
   it. Only what the other side could not take at once is copied (`Leg.pending`, at
   most one read), and until it is sent nothing more is read from the source: that
-  is the backpressure, and the kernel's socket buffers hold the rest. A slow reader
-  never makes the proxy buffer more than one read per direction.
+  is the backpressure, and the kernel's socket buffers hold the rest. A read is sized
+  to what the destination's socket can still take (`room`): a reader that stops
+  leaves at most MIN_READ (16 KiB) copied per direction, as HAProxy's buffers.
 - Half-close: EOF on one leg becomes shutdown(SHUT_WR) on the other once its pending
   bytes are out; the connection ends when FIN has crossed both ways, or a leg fails.
 - The server connect is non-blocking; a failed or timed-out connect moves to the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import select
 import socket
 import struct
@@ -53,6 +55,10 @@ __all__ = [
 
 READ_SIZE = 1 << 20  # bulk: 1 MiB reads measured ~15% faster than 256 KiB
 BURST = 16  # reads per leg per event before other sockets get their turn
+MIN_READ = 16384  # a read when the destination has little or no room
+_SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
+_INT = struct.Struct("i")
+_ZERO = bytes(4)
 PROXY_HEADER_LIMIT = 16 + 65535
 # Every read and write says MSG_DONTWAIT: accepted sockets can stay in blocking mode,
 # which saves an ioctl(FIONBIO) per connection (CPython's accept cannot pass SOCK_NONBLOCK).
@@ -85,6 +91,7 @@ class Leg:
     """
 
     __slots__ = (
+        "big",
         "born",
         "client",
         "conn",
@@ -94,6 +101,7 @@ class Leg:
         "hup",
         "pending",
         "shut",
+        "sndbuf",
         "sock",
         "waiting",
     )
@@ -110,6 +118,8 @@ class Leg:
         self.eof = False  # this leg sent FIN (read returned 0)
         self.hup = False  # epoll saw its FIN (or an error): read on until it shows
         self.shut = False  # FIN sent to this leg
+        self.big = False  # its last read was >= MIN_READ: bulk, reads sized by room()
+        self.sndbuf = 0  # SO_SNDBUF as last read (0: read it again)
 
     def on_event(self, events: int) -> None:
         conn = self.conn
@@ -217,8 +227,9 @@ class Conn:
         buf, view, size = rb.buf, rb.view, rb.size
         recv_into, send = src.sock.recv_into, dst.sock.send
         for _ in range(BURST):
+            want = room(dst, size) if src.big else MIN_READ
             try:
-                n = recv_into(buf, 0, _DONTWAIT)
+                n = recv_into(buf, want, _DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -228,6 +239,7 @@ class Conn:
                 self._eof(src, dst)
                 return
             self.active = True
+            src.big = n >= MIN_READ
             if src.client:
                 self.bytes_in += n
             else:
@@ -240,10 +252,11 @@ class Conn:
                 self.fail(dst, exc)
                 return
             if sent < n:
+                dst.sndbuf = 0  # full: autotuning may have grown it since
                 dst.pending = bytes(view[sent:n])
                 src.waiting = True
                 return
-            if n < size and not src.hup:
+            if n < want and not src.hup:
                 return  # a short read: drained; the next edge (data or FIN) will say more
         self._later(src)
 
@@ -515,6 +528,20 @@ class Conn:
                     return
             except OSError:
                 return
+
+
+def room(dst: Leg, size: int) -> int:
+    """How much to read for `dst`: what its socket can still take (SO_SNDBUF less what
+    it holds, less an eighth for the kernel's per-packet overhead), at least MIN_READ,
+    at most `size`. The same rule as the engine's room()."""
+    try:
+        outq = _INT.unpack(fcntl.ioctl(dst.fd, _SIOCOUTQ, _ZERO))[0]
+        if not dst.sndbuf:
+            dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError:
+        return size
+    free = dst.sndbuf - dst.sndbuf // 8 - outq
+    return MIN_READ if free < MIN_READ else min(free, size)
 
 
 def read_proxy_header(hdr: bytearray) -> tuple[Any, Any, int] | str | None:
