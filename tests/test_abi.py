@@ -132,8 +132,19 @@ def test_split_elements_never_overreads(data: bytes) -> None:
 
 
 @given(st.ip_addresses(), st.integers(0, 65535))
-def test_sockaddr_round_trip(ip: object, port: int) -> None:
-    assert decode_sockaddr(encode_sockaddr(str(ip), port)) == (str(ip), port)
+def test_sockaddr_round_trip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
+    host, got_port = decode_sockaddr(encode_sockaddr(str(ip), port))
+    assert ipaddress.ip_address(host) == ip and got_port == port
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    assert host == socket.inet_ntop(family, ip.packed)  # the socket module's spelling
+
+
+def test_v4_mapped_addresses_read_as_the_socket_module_writes_them() -> None:
+    with socket.socket(socket.AF_INET6) as server:
+        server.bind(("::ffff:127.0.0.1", 0))
+        mapped = server.getsockname()[:2]
+    assert mapped[0] == "::ffff:127.0.0.1"
+    assert decode_sockaddr(encode_sockaddr(*mapped)) == mapped
 
 
 @given(st.ip_addresses(), st.integers(0, 65535))
@@ -143,7 +154,8 @@ def test_connect_address_round_trip(
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     raw = encode_address(family, (str(ip), port))
     assert len(raw) == (16 if ip.version == 4 else 28)  # sizeof sockaddr_in / sockaddr_in6
-    assert decode_sockaddr(raw) == (str(ip), port)
+    host, got_port = decode_sockaddr(raw)
+    assert ipaddress.ip_address(host) == ip and got_port == port
 
 
 def test_connect_address_scope_and_unix_paths() -> None:

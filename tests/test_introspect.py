@@ -69,3 +69,29 @@ def test_closed_socket_raises() -> None:
         mptcpkit.subflows(fd)
     with pytest.raises(OSError):
         mptcpkit.status(fd)
+
+
+def test_subflows_of_a_v4_mapped_connection_match_getsockname(no_fd_leak: None) -> None:
+    server = mptcpkit.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    with server, mptcpkit.socket(socket.AF_INET6) as client:
+        client.connect(("::ffff:127.0.0.1", server.getsockname()[1]))
+        accepted, _ = server.accept()
+        with accepted:
+            (flow,) = mptcpkit.subflows(client)
+            assert flow.local == client.getsockname()[:2]
+            assert flow.remote == client.getpeername()[:2] == ("::ffff:127.0.0.1", flow.remote[1])
+
+
+@pytest.mark.parametrize("bad", [None, "3", 1.5, object()])
+def test_not_a_socket_is_a_type_error(bad: object) -> None:
+    for call in (mptcpkit.status, mptcpkit.info, mptcpkit.subflows):
+        with pytest.raises(TypeError, match="fileno"):
+            call(bad)  # type: ignore[arg-type]
+
+
+def test_descriptor_beyond_a_c_int_is_refused_not_cut(no_fd_leak: None) -> None:
+    with mptcpkit.socket() as sock:
+        wrapped = sock.fileno() + 2**32  # ctypes would have cut this to sock.fileno()
+        for call in (mptcpkit.status, mptcpkit.info, mptcpkit.subflows):
+            with pytest.raises(OverflowError):
+                call(wrapped)

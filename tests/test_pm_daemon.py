@@ -469,6 +469,23 @@ def test_pmd_status_socket_unusable(topo: lab.Topology, tmp_path: Path) -> None:
     assert pm.endpoints(netns=client.netns) == []
 
 
+@pytest.mark.root
+def test_pmd_unusable_state_file_exit_2(topo: lab.Topology, tmp_path: Path) -> None:
+    client = topo.host("client")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / f"pmd-{client.netns}.json").write_text("{not json")
+    conf = tmp_path / "pmd.toml"
+    conf.write_text(f'status_socket = "{tmp_path}/s.sock"\nstate_dir = "{state_dir}"\n')
+    r = run_pmd("-c", str(conf), "--netns", client.netns)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (
+        f"mptcpkit pmd: state file {state_dir}/pmd-{client.netns}.json: not a pmd state file"
+        " (remove it if no pmd is running)"
+    )
+    assert pm.endpoints(netns=client.netns) == []
+
+
 def test_pmd_status_without_daemon(tmp_path: Path) -> None:
     r = run_pmd("status", "--socket", str(tmp_path / "none.sock"))
     assert r.returncode == 1 and "no pmd answering on" in r.stderr

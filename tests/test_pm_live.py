@@ -339,24 +339,28 @@ def test_set_endpoint_flags_as_documented(net: Net) -> None:
 
 
 @pytest.mark.parametrize(
-    ("words", "message"),
-    [
-        (["endpoint", "add", "10.0.0.300", "subflow"], "invalid IP address '10.0.0.300'"),
+    ("words", "message", "code"),
+    [  # ip's exit codes: 1 not an address, 255 grammar, 2 refused (here before the kernel)
+        (["endpoint", "add", "10.0.0.300", "subflow"], 'rather than "10.0.0.300"', 1),
         (
             ["endpoint", "add", "10.0.0.9", "dev", "nosuchdev", "subflow"],
             "unknown interface 'nosuchdev'",
+            255,
         ),
-        (["endpoint", "add", "10.0.0.9", "subflow", "bogus"], "unexpected word 'bogus'"),
+        (["endpoint", "add", "10.0.0.9", "subflow", "bogus"], 'rather than "bogus"', 1),
         (
             ["limits", "set", "subflows", "3", "add_addr_accepted", "9"],
             "add_addr_accepted 9 out of range",
+            2,
         ),
     ],
 )
-def test_cli_usage_errors_change_nothing(net: Net, words: list[str], message: str) -> None:
+def test_cli_usage_errors_change_nothing(
+    net: Net, words: list[str], message: str, code: int
+) -> None:
     before = pm.limits(netns=net.client)
     r = cli(*words, "--netns", net.client)
-    assert r.returncode == 2
+    assert r.returncode == code
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert ip_endpoints(net, net.client) == []
@@ -378,10 +382,13 @@ def test_cli_missing_privilege(net: Net) -> None:
     assert ip_endpoints(net, net.client) == []
 
 
-def test_cli_kernel_error_exit_1(net: Net) -> None:
+def test_cli_kernel_refusal_exits_2_like_ip(net: Net) -> None:
     r = cli("endpoint", "del", "id", "77", "--netns", net.client)
-    assert r.returncode == 1
-    assert "endpoint del id 77" in r.stderr
+    assert r.returncode == 2
+    assert "endpoint del id 77" in r.stderr and "address not found" in r.stderr
+    r = cli("endpoint", "change", "id", "99", "backup", "--netns", net.client)
+    assert r.returncode == 2
+    assert r.stderr.startswith("mptcpkit endpoint: endpoint change id 99: ")
 
 
 def test_no_fd_leaks(net: Net) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +169,77 @@ def test_create_connection_takes_what_the_stdlib_takes(no_fd_leak: None) -> None
                 assert c.getpeername()[1] == port
                 assert mptcpkit.status(c).is_mptcp
             server.accept()[0].close()
+
+
+def test_fileno_alone_is_read_from_the_descriptor(no_fd_leak: None) -> None:
+    """As socket.socket(fileno=fd): family, type and proto come from the kernel."""
+    with mptcpkit.create_server(("::1", 0), family=socket.AF_INET6) as server:
+        with mptcpkit.socket(fileno=os.dup(server.fileno())) as again:
+            assert again.family == socket.AF_INET6
+            assert again.type == socket.SOCK_STREAM
+            assert again.proto == mptcpkit.IPPROTO_MPTCP
+            assert again.getsockname() == server.getsockname()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unix:
+        with mptcpkit.socket(fileno=os.dup(unix.fileno())) as again:
+            assert (again.family, again.type) == (socket.AF_UNIX, socket.SOCK_DGRAM)
+
+
+def test_require_means_mptcp_on_the_wire(no_fd_leak: None) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as plain:  # a server without MPTCP
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(mptcpkit.MPTCPUnavailableError, match="did not agree to MPTCP"):
+            mptcpkit.create_connection(plain.getsockname(), timeout=5, mptcp="require")
+        assert set(os.listdir("/proc/self/fd")) == before  # the socket was closed
+        plain.accept()[0].close()
+        with mptcpkit.create_connection(plain.getsockname(), timeout=5) as fallback:
+            assert mptcpkit.status(fallback).state is State.FALLBACK  # prefer accepts it
+            plain.accept()[0].close()
+    with mptcpkit.create_server(("127.0.0.1", 0)) as server:
+        with mptcpkit.create_connection(server.getsockname(), mptcp="require") as sock:
+            assert mptcpkit.status(sock).is_mptcp
+            server.accept()[0].close()
+
+
+@pytest.mark.parametrize(
+    ("family", "type", "proto", "mptcp"),
+    [
+        (socket.AF_UNIX, socket.SOCK_STREAM, 0, "require"),
+        (socket.AF_INET, socket.SOCK_DGRAM, 0, "require"),
+        (socket.AF_INET, socket.SOCK_DGRAM, mptcpkit.IPPROTO_MPTCP, None),
+        (socket.AF_UNIX, socket.SOCK_STREAM, mptcpkit.IPPROTO_MPTCP, None),
+    ],
+)
+def test_require_on_what_cannot_be_mptcp_is_a_value_error(
+    family: int, type: int, proto: int, mptcp: str | None, no_fd_leak: None
+) -> None:
+    with pytest.raises(ValueError, match="MPTCP exists only for AF_INET/AF_INET6 stream") as info:
+        mptcpkit.socket(family, type, proto, mptcp=mptcp)  # type: ignore[arg-type]
+    assert "built without MPTCP" not in str(info.value)
+
+
+def test_create_server_unix_like_the_stdlib(tmp_path: Path, no_fd_leak: None) -> None:
+    for mptcp in ("off", None):
+        path = str(tmp_path / f"s-{mptcp}")
+        with mptcpkit.create_server(path, family=socket.AF_UNIX, mptcp=mptcp) as server:  # type: ignore[arg-type]
+            assert server.family == socket.AF_UNIX and server.getsockname() == path
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(path)
+                server.accept()[0].close()
+    with pytest.raises(ValueError, match="AF_UNIX"):
+        mptcpkit.create_server(str(tmp_path / "r"), family=socket.AF_UNIX, mptcp="require")  # type: ignore[arg-type]
+
+
+def test_dup_keeps_the_policy(no_fd_leak: None) -> None:
+    with mptcpkit.socket(mptcp="require") as sock, sock.dup() as copy:
+        assert isinstance(copy, mptcpkit.Socket)
+        assert copy.mptcp_policy is Policy.REQUIRE
+        with pytest.raises(mptcpkit.TCPOnlyOptionError, match="mptcp='require'"):
+            copy.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+
+
+def test_md5_key_as_str_is_a_clear_type_error() -> None:
+    with pytest.raises(TypeError, match="must be bytes, not str"):
+        mptcpkit.tcp_md5sig("127.0.0.1", "secret")  # type: ignore[arg-type]
+    assert mptcpkit.tcp_md5sig("127.0.0.1", bytearray(b"k")) == mptcpkit.tcp_md5sig(
+        "127.0.0.1", b"k"
+    )

@@ -22,11 +22,22 @@ _getsockopt.argtypes = (
 _getsockopt.restype = ctypes.c_int
 
 
+_INT_MAX = 2**31 - 1
+
+
+def check_fd(fd: int) -> int:
+    """`fd` as a C int; OverflowError like the stdlib's, where ctypes would cut it."""
+    if not -_INT_MAX - 1 <= fd <= _INT_MAX:
+        raise OverflowError(f"file descriptor {fd} does not fit in a C int")
+    return fd
+
+
 def getsockopt_inout(fd: int, level: int, optname: int, request: bytes, size: int) -> bytes:
     """Call getsockopt with `request` at the start of a `size`-byte buffer.
 
     Returns the bytes the kernel reported as written; raises OSError with its errno.
     """
+    check_fd(fd)
     buf = ctypes.create_string_buffer(request, max(size, len(request)))
     length = ctypes.c_uint32(len(buf))
     if _getsockopt(fd, level, optname, buf, ctypes.byref(length)) != 0:
@@ -38,6 +49,7 @@ def getsockopt_inout(fd: int, level: int, optname: int, request: bytes, size: in
 def getsockopt_into(fd: int, level: int, optname: int, buf: ctypes.Array[ctypes.c_char]) -> int:
     """Call getsockopt on a caller-owned buffer (which may hold pointers to other
     caller-owned buffers); returns the length the kernel reported."""
+    check_fd(fd)
     length = ctypes.c_uint32(ctypes.sizeof(buf))
     if _getsockopt(fd, level, optname, buf, ctypes.byref(length)) != 0:
         err = ctypes.get_errno()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 class MPTCPUnavailableError(OSError):
-    """MPTCP was required (mptcp="require") but the kernel would not create the socket."""
+    """MPTCP was required (mptcp="require") but the kernel would not create the socket,
+    or the peer did not agree to MPTCP (the connection fell back to TCP)."""
 
 
 class TCPOnlyOptionError(OSError):

@@ -29,7 +29,7 @@ from mptcpkit.abi.subflow import (
     split_elements,
 )
 from mptcpkit.abi.tcp_info import TCP_INFO_SIZE, TCPInfo, decode_tcp_info
-from mptcpkit.status import SocketLike
+from mptcpkit.status import SocketLike, file_descriptor
 from mptcpkit.support import kernel_features
 
 _NOT_MPTCP = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT})
@@ -79,10 +79,6 @@ class Subflow:
         )
 
 
-def _fd(sock: SocketLike) -> int:
-    return sock if isinstance(sock, int) else sock.fileno()
-
-
 def info(sock: SocketLike) -> MPTCPInfo | None:
     """The connection's `struct mptcp_info`, or None when the socket is not (or no
     longer) MPTCP."""
@@ -90,7 +86,8 @@ def info(sock: SocketLike) -> MPTCPInfo | None:
         if isinstance(sock, socket.socket):
             raw = sock.getsockopt(c.SOL_MPTCP, c.MPTCP_INFO, MPTCP_INFO_SIZE)
         else:
-            raw = getsockopt_inout(_fd(sock), c.SOL_MPTCP, c.MPTCP_INFO, b"", MPTCP_INFO_SIZE)
+            fd = file_descriptor(sock)
+            raw = getsockopt_inout(fd, c.SOL_MPTCP, c.MPTCP_INFO, b"", MPTCP_INFO_SIZE)
     except OSError as exc:
         if exc.errno in _NOT_MPTCP:
             return None
@@ -100,7 +97,7 @@ def info(sock: SocketLike) -> MPTCPInfo | None:
 
 def subflows(sock: SocketLike) -> list[Subflow]:
     """Every subflow of an MPTCP connection; [] when the socket is not MPTCP."""
-    fd = _fd(sock)
+    fd = file_descriptor(sock)
     try:
         if kernel_features().full_info:
             return _subflows_full_info(fd)

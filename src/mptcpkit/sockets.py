@@ -8,14 +8,16 @@ Only a failure to *create* the MPTCP socket falls back.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import socket as _socket
 from typing import Any
 
 from mptcpkit.abi.constants import IPPROTO_MPTCP, IPPROTO_TCP
 from mptcpkit.downgrade import retry_after_downgrade
 from mptcpkit.errors import MPTCPUnavailableError
-from mptcpkit.policy import ENV_DATA, ENV_KEY, Policy, PolicyLike, resolve
-from mptcpkit.status import record_note
+from mptcpkit.policy import ENV_DATA, ENV_KEY, Policy, PolicyLike, as_policy, resolve
+from mptcpkit.status import record_note, status
 from mptcpkit.support import describe_creation_error
 
 _GLOBAL_DEFAULT_TIMEOUT: Any = _socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
@@ -44,6 +46,11 @@ class Socket(_socket.socket):
         except OSError as exc:
             policy = getattr(self, "mptcp_policy", Policy.PREFER)
             retry_after_downgrade(self, exc, level, optname, args, policy)
+
+    def dup(self) -> Socket:
+        sock = super().dup()
+        sock.mptcp_policy = getattr(self, "mptcp_policy", Policy.PREFER)
+        return sock
 
     def accept(self) -> tuple[Socket, Any]:
         fd, addr = self._accept()  # type: ignore[attr-defined]
@@ -85,10 +92,20 @@ def open_stream(family: int, type: int, policy: Policy) -> Socket:
     return sock
 
 
+def _not_mptcp(family: int, type: int, proto: int, what: str) -> ValueError:
+    kind = "stream" if (type & 0xF) == _SOCK_STREAM else f"type {type & 0xF}"
+    names = {int(_AF_INET): "AF_INET", int(_AF_INET6): "AF_INET6", int(_socket.AF_UNIX): "AF_UNIX"}
+    fam = names.get(family, f"family {family}")
+    return ValueError(
+        f"{what}, but MPTCP exists only for AF_INET/AF_INET6 stream sockets and this is "
+        f"a {fam} {kind} socket (proto {proto}); drop mptcp='require' for it"
+    )
+
+
 def socket(
-    family: int = _socket.AF_INET,
-    type: int = _socket.SOCK_STREAM,
-    proto: int = 0,
+    family: int = -1,
+    type: int = -1,
+    proto: int = -1,
     fileno: int | None = None,
     *,
     mptcp: PolicyLike = None,
@@ -96,15 +113,27 @@ def socket(
     """Like `socket.socket()`, but TCP requests become MPTCP by policy.
 
     `proto=IPPROTO_MPTCP` asks for MPTCP explicitly and means mptcp="require" unless
-    `mptcp=` says otherwise. Non-TCP sockets are made as asked.
+    `mptcp=` says otherwise. Non-TCP sockets are made as asked; mptcp="require" for
+    one is a ValueError. With `fileno`, family, type and proto left out are read from
+    the descriptor, as the stdlib does.
     """
     if fileno is not None:
         return _make(family, type, proto, fileno, resolve(mptcp, "socket"))
-    if proto == IPPROTO_MPTCP and family in _INET:
+    if family == -1:
+        family = _AF_INET
+    if type == -1:
+        type = _SOCK_STREAM
+    if proto == -1:
+        proto = 0
+    if proto == IPPROTO_MPTCP:
+        if family not in _INET or (type & 0xF) != _SOCK_STREAM:
+            raise _not_mptcp(family, type, proto, "proto=IPPROTO_MPTCP asks for MPTCP")
         return open_stream(
             family, type, resolve(mptcp if mptcp is not None else "require", "socket")
         )
     if not is_tcp_request(family, type, proto):
+        if mptcp is not None and as_policy(mptcp) is Policy.REQUIRE:
+            raise _not_mptcp(family, type, proto, "mptcp='require' asks for MPTCP")
         return _make(family, type, proto, None, Policy.OFF)
     return open_stream(family, type, resolve(mptcp, "socket"))
 
@@ -139,7 +168,8 @@ def _dial(
     timeout: float | None,
     source_address: tuple[str, int] | None,
 ) -> Socket:
-    """One connect attempt; the socket is closed if it fails."""
+    """One connect attempt; the socket is closed if it fails. Under mptcp="require"
+    a connection the peer did not take as MPTCP (fallback) is a failure too."""
     sock = open_stream(family, _SOCK_STREAM, policy)
     try:
         if timeout is not _GLOBAL_DEFAULT_TIMEOUT:
@@ -147,6 +177,13 @@ def _dial(
         if source_address:
             sock.bind(source_address)
         sock.connect(sockaddr)
+        if policy is Policy.REQUIRE and not status(sock).is_mptcp:
+            raise MPTCPUnavailableError(
+                errno.EPROTONOSUPPORT,
+                f"the peer {sockaddr[0]} port {sockaddr[1]} did not agree to MPTCP (the "
+                "connection fell back to TCP), and mptcp='require' forbids plain TCP; use "
+                "mptcp='prefer' to accept it",
+            )
     except BaseException:
         sock.close()
         raise
@@ -239,9 +276,15 @@ def create_server(
             raise ValueError("dualstack_ipv6 not supported on this platform")
         if family != _socket.AF_INET6:
             raise ValueError("dualstack_ipv6 requires AF_INET6 family")
-    sock = open_stream(family, _socket.SOCK_STREAM, resolve(mptcp, "listen"))
+    if family in _INET:
+        sock = open_stream(family, _socket.SOCK_STREAM, resolve(mptcp, "listen"))
+    elif mptcp is not None and as_policy(mptcp) is Policy.REQUIRE:
+        raise _not_mptcp(family, _SOCK_STREAM, 0, "mptcp='require' asks for MPTCP")
+    else:  # AF_UNIX and the like: what the stdlib makes
+        sock = _make(family, _socket.SOCK_STREAM, 0, None, Policy.OFF)
     try:
-        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # as the stdlib: bind() will say what is wrong
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
         if family == _socket.AF_INET6:

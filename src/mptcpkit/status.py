@@ -90,5 +90,21 @@ def protocol(sock: SocketLike) -> int:
 def _getsockopt_int(sock: SocketLike, level: int, optname: int) -> int:
     if isinstance(sock, socket.socket):
         return sock.getsockopt(level, optname)
-    fd = sock if isinstance(sock, int) else sock.fileno()
-    return int.from_bytes(getsockopt_inout(fd, level, optname, b"", 4), "little")
+    return int.from_bytes(getsockopt_inout(file_descriptor(sock), level, optname, b"", 4), "little")
+
+
+def file_descriptor(sock: SocketLike) -> int:
+    """The descriptor of a socket, an object with fileno(), or an int; TypeError for
+    anything else (as the stdlib's select() says)."""
+    if isinstance(sock, int):
+        return sock
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None:
+        raise TypeError(
+            f"expected a socket, an object with fileno() or a file descriptor (int), "
+            f"not {type(sock).__name__}"
+        )
+    fd = fileno()
+    if not isinstance(fd, int):
+        raise TypeError(f"fileno() returned {type(fd).__name__}, not int")
+    return fd

@@ -19,7 +19,14 @@ def encode_tcp_md5sig(
     """The option value that installs `key` for `peer` (an IP literal).
 
     With `prefixlen`, the key covers the peer's whole prefix (use TCP_MD5SIG_EXT).
+    The key is bytes, as everywhere in the socket module: encode a text key first.
     """
+    if isinstance(key, str):
+        raise TypeError(
+            "the TCP-MD5 key must be bytes, not str: pass b'...' or key.encode() "
+            "(the kernel compares the bytes, so the encoding is part of the key)"
+        )
+    key = bytes(key)
     if len(key) > TCP_MD5SIG_MAXKEYLEN:
         raise ValueError(f"TCP-MD5 key is {len(key)} bytes; the kernel takes at most 80")
     ip = ipaddress.ip_address(peer)

@@ -23,12 +23,12 @@ def decode_sockaddr(data: bytes) -> SockAddr:
         if len(data) < 8:
             raise ValueError(f"sockaddr_in: {len(data)} bytes, need 8")
         port, raw = struct.unpack_from("!H4s", data, 2)
-        return str(ipaddress.IPv4Address(raw)), port
+        return socket.inet_ntop(socket.AF_INET, raw), port
     if family == socket.AF_INET6:
         if len(data) < 24:
             raise ValueError(f"sockaddr_in6: {len(data)} bytes, need 24")
         port, _flowinfo, raw = struct.unpack_from("!HI16s", data, 2)
-        return str(ipaddress.IPv6Address(raw)), port
+        return socket.inet_ntop(socket.AF_INET6, raw), port  # ::ffff:127.0.0.1, as socket
     raise ValueError(f"sockaddr: address family {family} is neither AF_INET nor AF_INET6")
 
 

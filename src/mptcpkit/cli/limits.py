@@ -1,4 +1,5 @@
-"""`mptcpkit limits ...`: the in-kernel PM's per-namespace limits (ip mptcp limits)."""
+"""`mptcpkit limits ...`: the in-kernel PM's per-namespace limits (ip mptcp limits), with
+ip's output and exit codes (see `mptcpkit.cli.endpoint`)."""
 
 from __future__ import annotations
 
@@ -32,16 +33,15 @@ def run(args: argparse.Namespace) -> int:
     from mptcpkit.pm import grammar
 
     words = take_options(args)
-    with pm_errors(args.netns):
+    with pm_errors(args.netns, ip_codes=True):
         cmd = grammar.parse_limits(words)
         with pm.PathManager(args.netns) as mgr:
-            if cmd.action == "set":
-                limits = mgr.set_limits(
-                    subflows=cmd.subflows, add_addr_accepted=cmd.add_addr_accepted
-                )
-                if args.json:
-                    print(json.dumps(limits.to_json()))
+            if cmd.action == "set":  # like ip, prints nothing
+                mgr.set_limits(subflows=cmd.subflows, add_addr_accepted=cmd.add_addr_accepted)
             else:
                 limits = mgr.limits()
-                print(json.dumps(limits.to_json()) if args.json else limits)
+                if args.json:
+                    print(json.dumps(limits.to_json(), separators=(",", ":")))
+                else:
+                    print(limits.ip_line())
     return 0

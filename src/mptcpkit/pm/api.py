@@ -114,12 +114,12 @@ class PathManager:
         ]
         return sorted(self._named(ep) for ep in eps)
 
-    def endpoint(self, id: int) -> Endpoint:
-        """The endpoint with `id`; PMError(ENOENT) if there is none."""
+    def endpoint(self, id: int, *, what: str | None = None) -> Endpoint:
+        """The endpoint with `id`; PMError if there is none (`what`: the error's words)."""
         replies = self._call(
             Cmd.GET_ADDR,
             [("MPTCP_PM_ATTR_ADDR", codec.address_attrs(id=id))],
-            what=f"endpoint show id {id}",
+            what=what or f"endpoint show id {id}",
         )
         for r in replies:
             if "addr" in r:
@@ -144,7 +144,7 @@ class PathManager:
         self._call(Cmd.ADD_ADDR, [("MPTCP_PM_ATTR_ADDR", addr)], what=what)
         if id is not None:
             return self.endpoint(id)
-        ip = str(codec.parse_ip(address))
+        ip = codec.format_ip(address)
         for ep in self.endpoints():
             if ep.id not in before and ep.address == ip:
                 return ep
@@ -155,7 +155,7 @@ class PathManager:
         if id is None and address is None:
             raise ValueError("delete_endpoint needs an id or an address")
         if id is None:
-            ip = str(codec.parse_ip(address or ""))
+            ip = codec.format_ip(codec.parse_ip(address or "").packed)
             matches = [ep for ep in self.endpoints() if ep.address == ip]
             if not matches:
                 raise PMError(errno.ENOENT, f"endpoint del: no endpoint with address {ip}")
@@ -178,7 +178,7 @@ class PathManager:
         besides backup/fullmesh is refused (ValueError), as nothing could add it.
         """
         fl = to_flags(flags)
-        current = self.endpoint(id)
+        current = self.endpoint(id, what=f"endpoint change id {id}")
         extra = fl & ~codec.CHANGEABLE & ~current.flags
         if extra:
             bad = " ".join(codec.flag_names(extra))

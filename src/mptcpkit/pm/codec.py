@@ -91,12 +91,21 @@ def flags_from_names(names: Iterable[str]) -> EndpointFlag:
 
 
 def flag_names(flags: int) -> list[str]:
-    """Names in `ip mptcp`'s order; unknown bits appear as hex so nothing is hidden."""
-    names = [f.name.lower() for f in EndpointFlag if f.name and flags & f]
-    rest = flags & ~sum(EndpointFlag)
-    if rest:
-        names.append(hex(rest))
-    return names
+    """Names of the known bits, in `ip mptcp`'s order (see `raw_flags` for the rest)."""
+    return [f.name.lower() for f in EndpointFlag if f.name and flags & f]
+
+
+def raw_flags(flags: int) -> int:
+    """Bits no name is known for; ip prints them as `rawflags %02x`."""
+    return int(flags) & ~sum(EndpointFlag)
+
+
+def format_ip(address: str | bytes) -> str:
+    """An address as ip (inet_ntop) prints it: v4-mapped IPv6 as `::ffff:10.9.0.1`,
+    where Python 3.11's ipaddress writes `::ffff:a09:1`."""
+    packed = address if isinstance(address, bytes) else ipaddress.ip_address(address).packed
+    family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, packed)
 
 
 # ---------------------------------------------------------------- message classes
@@ -201,6 +210,13 @@ class Endpoint:
     def flag_names(self) -> list[str]:
         return flag_names(self.flags)
 
+    @property
+    def dev(self) -> str | None:
+        """The interface's name; `ifN` when it has none (gone), as ip prints it."""
+        if not self.ifindex:
+            return None
+        return self.ifname or f"if{self.ifindex}"
+
     def to_json(self) -> dict[str, Any]:
         """The object `ip -j mptcp endpoint show` prints (one `true` key per flag)."""
         out: dict[str, Any] = {"address": self.address}
@@ -209,19 +225,31 @@ class Endpoint:
         out["id"] = self.id
         for name in self.flag_names:
             out[name] = True
-        if self.ifname or self.ifindex:
-            out["dev"] = self.ifname or str(self.ifindex)
+        if raw_flags(self.flags):
+            out["rawflags"] = f"{raw_flags(self.flags):02x}"
+        if self.dev:
+            out["dev"] = self.dev
         return out
 
+    def ip_line(self) -> str:
+        """`ip mptcp endpoint show`'s line, byte for byte: every word is followed by a
+        space, the last one too (`10.0.1.1 id 1 subflow dev eth1 `)."""
+        return "".join(word + " " for word in self._words())
+
     def __str__(self) -> str:
-        """`ip mptcp endpoint show`'s line: `10.0.1.1 id 1 subflow dev eth1 `."""
+        """`ip mptcp endpoint show`'s words: `10.0.1.1 id 1 subflow dev eth1`."""
+        return " ".join(self._words())
+
+    def _words(self) -> list[str]:
         parts = [self.address]
         if self.port:
             parts += ["port", str(self.port)]
         parts += ["id", str(self.id), *self.flag_names]
-        if self.ifname or self.ifindex:
-            parts += ["dev", self.ifname or str(self.ifindex)]
-        return " ".join(parts)
+        if raw_flags(self.flags):
+            parts += ["rawflags", f"{raw_flags(self.flags):02x}"]
+        if self.dev:
+            parts += ["dev", self.dev]
+        return parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +265,16 @@ class Limits:
     def __str__(self) -> str:
         return f"add_addr_accepted {self.add_addr_accepted} subflows {self.subflows}"
 
+    def ip_line(self) -> str:
+        """`ip mptcp limits show`'s line, trailing space included."""
+        return f"{self} "
+
 
 def decode_endpoint(addr: Mapping[str, Any]) -> Endpoint:
     """An `address` attribute dict from GET_ADDR -> Endpoint."""
     raw = addr.get("addr4") or addr.get("addr6")
-    # Normalised like `ipaddress` prints it (pyroute2 writes v4-mapped v6 differently).
-    address = str(ipaddress.ip_address(raw)) if raw else ""
+    # As ip prints it (pyroute2 and ipaddress each write v4-mapped IPv6 their own way).
+    address = format_ip(raw) if raw else ""
     return Endpoint(
         id=int(addr.get("id", 0)),
         address=address,
@@ -379,8 +411,8 @@ def decode_event(cmd: int, attrs: Mapping[str, Any]) -> Event:
         type=etype,
         token=get_int("token"),
         family=get_int("family"),
-        saddr=None if saddr is None else str(ipaddress.ip_address(saddr)),
-        daddr=None if daddr is None else str(ipaddress.ip_address(daddr)),
+        saddr=None if saddr is None else format_ip(saddr),
+        daddr=None if daddr is None else format_ip(daddr),
         sport=get_int("sport"),
         dport=get_int("dport"),
         loc_id=get_int("loc_id"),
