@@ -404,11 +404,13 @@ def test_duration_connect_time_and_end_reasons(tmp_path: Path) -> None:
                 _echo_v(px.port("fe"), socket.AF_INET, "127.0.0.1")
 
         def counted() -> str | None:
+            """The metrics once a worker's flush is all in (a scrape may land amid one)."""
             text = px.metrics()
             done = _sample(
                 text, "mptcpkit_proxy_connections_total", frontend="fe", backend="be", server="s"
             )
-            return text if done == 2 else None
+            published = _sample(text, "mptcpkit_proxy_connect_time_seconds_count", backend="be")
+            return text if done == 2 and published else None
 
         text = wait_for(counted, what="4 connections in the metrics")
         assert _sample(text, "mptcpkit_proxy_ended_total", frontend="fe", reason="both closed") == 2
