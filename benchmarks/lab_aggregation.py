@@ -7,6 +7,10 @@ bytes lost (must be 0) and seconds until goodput is back on the surviving links 
 within 1 s). All in one run, on the same topology per N.
 
     python3 benchmarks/lab_aggregation.py [--rate 50mbit] [--duration 8] [--paths 2 4] [--json]
+    python3 benchmarks/lab_aggregation.py --rates 50mbit,10mbit [--duration 12]
+
+`--rates`: links of different rates instead; TCP alone on each link, then MPTCP over all,
+against the sum of the rates and the sum of the TCP goodputs (target: >= 0.9 x the sum).
 
 Needs root. Goodput is reported two ways: over the whole transfer (first to last byte,
 slow start included) and "steady" (intervals after the first second).
@@ -87,14 +91,86 @@ def measure(paths: int, rate: str, duration: float, repeat: int) -> dict[str, An
     return out
 
 
+def measure_rates(rates: list[str], duration: float, repeat: int) -> dict[str, Any]:
+    """TCP alone on each link, MPTCP over all of them, on links of different rates."""
+    total = sum(lab.parse_rate(r) for r in rates) / 1e6
+    tcp: list[list[BenchResult]] = [[] for _ in rates]
+    mptcp: list[BenchResult] = []
+    with lab.two_paths(paths=len(rates), rates=rates) as net:
+        server = net.host("server")
+        for _ in range(repeat):
+            for i in range(len(rates)):
+                r = run_bench(
+                    net, duration=duration, protocol="tcp", interval=0.25, address=server.address(i)
+                )
+                tcp[i].append(r)
+            r = run_bench(net, duration=duration, protocol="mptcp", interval=0.25)
+            if not (r.verified and r.claim["ok"]):
+                raise SystemExit(f"mptcp over {rates}: not verified or not as promised: {r.claim}")
+            mptcp.append(r)
+            print(
+                f"  {'+'.join(rates)}: TCP {[round(t[-1].goodput_mbit, 1) for t in tcp]} "
+                f"MPTCP {r.goodput_mbit:.1f} (steady {steady_mbit(r):.1f}) Mbit/s",
+                file=sys.stderr,
+            )
+    tcp_sum = sum(statistics.median(steady_mbit(r) for r in rs) for rs in tcp)
+    whole = statistics.median(r.goodput_mbit for r in mptcp)
+    steady = statistics.median(steady_mbit(r) for r in mptcp)
+    per_link = [
+        statistics.median(
+            sum(
+                iv["subflows"].get(sf["key"], 0) * iv["dt"]
+                for iv in r.intervals
+                if iv["t"] - iv["dt"] >= WARMUP_S and iv["t"] <= duration
+            )
+            / sum(
+                iv["dt"]
+                for iv in r.intervals
+                if iv["t"] - iv["dt"] >= WARMUP_S and iv["t"] <= duration
+            )
+            for r in mptcp
+            for sf in r.subflows
+            if sf["link"] == i
+        )
+        for i in range(len(rates))
+    ]
+    return {
+        "rates": rates,
+        "sum_of_rates_mbit": total,
+        "tcp_steady_mbit": [statistics.median(steady_mbit(r) for r in rs) for rs in tcp],
+        "mptcp_mbit": whole,
+        "mptcp_steady_mbit": steady,
+        "mptcp_steady_per_link_mbit": per_link,
+        "ratio_vs_sum_of_rates": whole / total,
+        "steady_ratio_vs_sum_of_rates": steady / total,
+        "steady_ratio_vs_sum_of_tcp": steady / tcp_sum,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", default="50mbit")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--paths", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rates", default=None, help="links of different rates: 50mbit,10mbit")
     parser.add_argument("--repeat", type=int, default=3, help="runs per protocol (median)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.rates:
+        res = measure_rates(args.rates.split(","), args.duration, args.repeat)
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        print(f"links {args.rates}, {args.duration:g} s per transfer (shared CPU!)")
+        print(f"  TCP alone per link (steady): {[round(x, 1) for x in res['tcp_steady_mbit']]}")
+        print(
+            f"  MPTCP: {res['mptcp_mbit']:.1f} Mbit/s = {res['ratio_vs_sum_of_rates']:.3f} of "
+            f"the sum of rates; steady {res['mptcp_steady_mbit']:.1f} = "
+            f"{res['steady_ratio_vs_sum_of_rates']:.3f} of the sum, "
+            f"{res['steady_ratio_vs_sum_of_tcp']:.3f} of the sum of TCP; per link "
+            f"{[round(x, 1) for x in res['mptcp_steady_per_link_mbit']]}"
+        )
+        return 0
     results = [measure(n, args.rate, args.duration, args.repeat) for n in args.paths]
     if args.json:
         print(json.dumps(results, indent=2))

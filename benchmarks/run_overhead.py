@@ -1,122 +1,260 @@
-"""What forcing costs: one socket() call under each strategy, and unrelated syscalls.
+"""What forcing costs: socket(), concurrent socket(), other calls, start-up and memory.
 
-    PYTHONPATH=src python3 benchmarks/run_overhead.py [--sockets 3000] [--calls 200000]
+    PYTHONPATH=src python3 benchmarks/run_overhead.py [--sockets 3000] [--starts 10]
 
-Runs the same small Python probe unforced and under each `mptcpkit run` strategy
-(strategies this host refuses are reported as such) and prints, in one table, the
-median time per call and its ratio to the unforced run. "unrelated" is getppid(),
-a system call the seccomp filter lets through in the kernel: its ratio is the
-filter's cost on everything a program does besides making TCP sockets.
+The same small Python probe runs bare (plain TCP, and MPTCP asked for by the program
+itself), under mptcpize, and under each `mptcpkit run` strategy this host allows.
+Per call it reports the wall time seen by the program and the CPU time of *every*
+process of the run: the program (its own CPU clock) and the supervisor (from
+/proc/<pid>/task/*/schedstat, in ns; found as the run's other descendant, this script
+being their subreaper). Ratios are against a bare MPTCP socket(), the floor forcing
+can reach, and against bare TCP, what the program would have had. Then: start-up
+(`true` run bare and under each tool, median wall and CPU of all processes, the
+supervisor included once it has exited) and the supervisor's resident memory.
+
+Take numbers from one run only (ratios in one run); a loaded machine moves them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
+import time
+
+PR_SET_CHILD_SUBREAPER = 36
+IPPROTO_MPTCP = 262
 
 PROBE = textwrap.dedent("""
-    import _socket, json, os, sys, time
-    n_sock, n_calls, repeat = (int(x) for x in sys.argv[1:4])
-    def timed(fn, n):
-        best = []
-        for _ in range(repeat):
-            t = time.perf_counter_ns()
-            fn(n)
-            best.append((time.perf_counter_ns() - t) / n)
-        return sorted(best)[len(best) // 2]
-    def tcp(n):
-        for _ in range(n):
-            _socket.socket(2, 1, 0).close()
-    def udp(n):
-        for _ in range(n):
-            _socket.socket(2, 2, 0).close()
-    def getppid(n):
+    import _socket, json, os, sys, threading, time
+    n, threads, repeat, proto, harness = (int(x) for x in sys.argv[1:6])
+
+    def descendants():
+        # every process under the harness but this one: the supervisor, if any
+        parent = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        parent[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError):
+                    pass
+        found = []
+        for pid in parent:
+            p, seen = pid, 0
+            while p in parent and p > 1 and seen < 64:
+                p, seen = parent[p], seen + 1
+                if p == harness and pid != os.getpid():
+                    found.append(pid)
+                    break
+        return found
+
+    def cpu_ns(pids):
+        total = 0
+        for pid in pids:
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[0])
+            except (OSError, ValueError):
+                pass
+        return total
+
+    def sockets(count):
+        make = _socket.socket
+        for _ in range(count):
+            make(2, 1, proto).close()
+
+    def concurrent(count):
+        per = count // threads
+        ts = [threading.Thread(target=sockets, args=(per,)) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    def getppid(count):
         f = os.getppid
-        for _ in range(n):
+        for _ in range(count):
             f()
-    proto = _socket.socket(2, 1, 0)
-    made = proto.getsockopt(1, 38)
-    proto.close()
-    print(json.dumps({"tcp_socket": timed(tcp, n_sock), "udp_socket": timed(udp, n_sock),
-                      "getppid": timed(getppid, n_calls), "protocol": made}))
+
+    others = descendants()
+
+    def cpu_all():
+        # our own clock is exact; a sleeping supervisor's schedstat is up to date
+        return time.process_time_ns() + cpu_ns(others)
+
+    def cpu_helper():
+        return cpu_ns(others)
+
+    def timed(fn, count):
+        walls, cpus, helper = [], [], []
+        for _ in range(repeat):
+            h, c, t = cpu_helper(), cpu_all(), time.perf_counter_ns()
+            fn(count)
+            walls.append((time.perf_counter_ns() - t) / count)
+            cpus.append((cpu_all() - c) / count)
+            helper.append((cpu_helper() - h) / count)
+        mid = len(walls) // 2
+        return sorted(walls)[mid], sorted(cpus)[mid], sorted(helper)[mid]
+
+    s = _socket.socket(2, 1, proto)
+    made = s.getsockopt(1, 38)
+    s.close()
+    out = {"protocol": made}
+    out["socket"] = timed(sockets, n)
+    out["concurrent"] = timed(concurrent, n)
+    out["getppid"] = timed(getppid, n * 20)
+    rss = 0
+    for pid in others:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss = max(rss, int(line.split()[1]))
+        except OSError:
+            pass
+    out["helper_rss_kb"] = rss
+    print(json.dumps(out))
 """)
 
 
-def measure(prefix: list[str], args: argparse.Namespace) -> dict[str, float] | str:
-    cmd = [
-        *prefix,
-        sys.executable,
-        "-c",
-        PROBE,
-        str(args.sockets),
-        str(args.calls),
-        str(args.repeat),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def subreaper() -> None:
+    """Orphaned descendants (a supervisor outliving the program) become our children,
+    so we find them and reap them, and their CPU time is counted in ours."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_CHILD_SUBREAPER")
+
+
+def reap_all() -> None:
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
+
+
+def probe(prefix: list[str], args: argparse.Namespace, proto: int) -> dict[str, object] | str:
+    argv = [sys.executable, "-c", PROBE, str(args.sockets), str(args.threads)]
+    argv += [str(args.repeat), str(proto), str(os.getpid())]
+    proc = subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=900)
+    reap_all()
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         why = lines[-1] if lines else f"exit {proc.returncode}"
         return why.split("not available here: ")[-1].split("; use ")[0]
-    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def start(prefix: list[str], starts: int) -> tuple[float, float] | str:
+    """Median wall and mean CPU (every process, reaped) of `prefix true`, in ms."""
+    true = shutil.which("true") or "/bin/true"
+    walls = []
+    cpu0 = children_cpu()
+    for _ in range(starts):
+        t = time.perf_counter()
+        proc = subprocess.run([*prefix, true], capture_output=True, text=True)
+        walls.append(time.perf_counter() - t)
+        reap_all()  # the supervisor, if it outlived the program
+        if proc.returncode != 0:
+            return (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    cpu = (children_cpu() - cpu0) / starts
+    return statistics.median(walls) * 1000, cpu * 1000
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sockets", type=int, default=3000, help="socket() calls per sample")
-    ap.add_argument("--calls", type=int, default=200000, help="getppid() calls per sample")
+    ap.add_argument("--threads", type=int, default=8, help="concurrent callers")
     ap.add_argument("--repeat", type=int, default=5, help="samples (median reported)")
+    ap.add_argument("--starts", type=int, default=10, help="start-ups timed per tool")
     args = ap.parse_args()
-    cli = [sys.executable, "-m", "mptcpkit.cli.run"]
-    runs = {
-        "unforced": [],
-        "seccomp": [*cli, "--strategy", "seccomp", "--"],
-        "preload": [*cli, "--strategy", "preload", "--"],
-        "bpf": [*cli, "--strategy", "bpf", "--"],
+    subreaper()
+    run = [sys.executable, "-m", "mptcpkit", "run"]
+    mptcpize = shutil.which("mptcpize")
+    tools: dict[str, tuple[list[str] | None, int]] = {
+        "bare TCP": ([], 0),
+        "bare MPTCP": ([], IPPROTO_MPTCP),
+        "mptcpize": ([mptcpize, "run"] if mptcpize else None, 0),
+        "seccomp": ([*run, "--strategy", "seccomp", "--"], 0),
+        "seccomp, Python only": (
+            ["env", "MPTCPKIT_RUN_FASTPATH=0", *run, "--strategy", "seccomp", "--"],
+            0,
+        ),
+        "bpf": ([*run, "--strategy", "bpf", "--"], 0),
     }
-    results: dict[str, dict[str, float] | str] = {n: measure(p, args) for n, p in runs.items()}
-    # in-process forcing patches socket.socket: compare it with socket.socket unforced
-    py_base = measure_inprocess(args, force=False)
-    results["in-process"] = measure_inprocess(args, force=True)
-    base = results["unforced"]
-    assert isinstance(base, dict), base
-    print(f"{os.uname().release}, {os.cpu_count()} CPUs; medians of {args.repeat} samples;")
-    print("ratios against unforced (in-process: against unforced socket.socket)")
-    print(f"{'strategy':<12}{'TCP socket()':>22}{'UDP socket()':>22}{'getppid()':>20}  made")
+    results: dict[str, dict[str, object] | str] = {}
+    for name, (prefix, proto) in tools.items():
+        results[name] = "not installed" if prefix is None else probe(prefix, args, proto)
+    tcp, mptcp = results["bare TCP"], results["bare MPTCP"]
+    assert isinstance(tcp, dict) and isinstance(mptcp, dict), (tcp, mptcp)
+
+    print(f"{os.uname().release}, {os.cpu_count()} CPUs; medians of {args.repeat} samples.")
+    print("wall: per call, seen by the program; cpu: per call, every process of the run")
+    print("(superv.: the supervisor's part); x MPTCP / x TCP: ratio to the same call made bare")
+    cols = (
+        ("socket", f"socket()+close(), {args.sockets} in a row"),
+        ("concurrent", f"socket()+close(), {args.threads} threads at once"),
+        ("getppid", "getppid(), a call the filter lets through"),
+    )
+    for key, title in cols:
+        head = f"{'wall':>9}{'x MPTCP':>9}{'x TCP':>7}{'cpu':>10}{'x MPTCP':>9}{'superv.':>10}"
+        print(f"\n{title:<42}{head}")
+        for name, res in results.items():
+            if isinstance(res, str):
+                print(f"  {name:<40}unavailable: {res}")
+                continue
+            wall, cpu, helper = res[key]  # type: ignore[misc]
+            mw, mc, _ = mptcp[key]  # type: ignore[misc]
+            tw = tcp[key][0]  # type: ignore[index]
+            print(
+                f"  {name:<40}{wall / 1000:6.2f} us{wall / mw:8.2f}x{wall / tw:6.2f}x"
+                f"{cpu / 1000:7.2f} us{cpu / mc:8.2f}x{helper / 1000:7.2f} us"
+            )
+    print("\nsockets made (SO_PROTOCOL) and the supervisor's resident memory:")
     for name, res in results.items():
-        if isinstance(res, str):
-            print(f"{name:<12}  unavailable: {res}")
+        if isinstance(res, dict):
+            rss = int(res["helper_rss_kb"])  # type: ignore[call-overload]
+            mem = f"{rss / 1024:.1f} MB RSS" if rss else "no supervisor"
+            print(f"  {name:<21} {res['protocol']!s:>4}   {mem}")
+
+    print(f"\nstart-up of `true` (median wall of {args.starts}, CPU of every process):")
+    base = start([], args.starts)
+    assert not isinstance(base, str), base
+    starts = {
+        "bare": [],
+        "mptcpize": [mptcpize, "run"] if mptcpize else None,
+        "python -c pass": [sys.executable, "-c", "pass", ""],
+        "run seccomp": [*run, "--strategy", "seccomp", "--"],
+        "run (auto)": [*run, "--"],
+    }
+    for name, prefix in starts.items():
+        if prefix is None:
+            print(f"  {name:<15} not installed")
             continue
-        ref = py_base if name == "in-process" and isinstance(py_base, dict) else base
-        cells = []
-        for key in ("tcp_socket", "udp_socket", "getppid"):
-            cells.append(f"{res[key] / 1000:8.2f} us x{res[key] / ref[key]:6.2f}")
-        print(f"{name:<12}{cells[0]:>22}{cells[1]:>22}{cells[2]:>20}  {int(res['protocol'])}")
+        got = base if name == "bare" else start(prefix, args.starts)
+        if isinstance(got, str):
+            print(f"  {name:<15} unavailable: {got}")
+            continue
+        print(
+            f"  {name:<15} {got[0]:7.1f} ms wall (+{got[0] - base[0]:6.1f})"
+            f"  {got[1]:7.1f} ms CPU (+{got[1] - base[1]:6.1f})"
+        )
     return 0
-
-
-def measure_inprocess(args: argparse.Namespace, *, force: bool) -> dict[str, float] | str:
-    """The probe through socket.socket (the class the in-process patch replaces)."""
-    probe = PROBE.replace("_socket.socket(", "socket.socket(").replace(
-        "import _socket, ", "import socket, _socket, "
-    )
-    if force:
-        enter = "from mptcpkit.run.inprocess import forced\n_cm = forced()\n_cm.__enter__()\n"
-        probe = enter + probe
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, str(args.sockets), str(args.calls), str(args.repeat)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        return proc.stderr.strip().splitlines()[-1]
-    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
 
 
 if __name__ == "__main__":

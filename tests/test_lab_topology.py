@@ -29,7 +29,7 @@ SIOCGSKNS = 0x894C  # the network namespace of a socket, as an fd
 
 
 def unique_prefix() -> str:
-    return f"mptk-lab-t{secrets.token_hex(3)}-"
+    return f"{lab.default_prefix()}lab-t{secrets.token_hex(3)}-"
 
 
 def root_links() -> set[str]:
@@ -103,9 +103,12 @@ def test_two_paths_addresses_and_routes(two_paths: lab.Topology) -> None:
     assert client.route_get("fd00::2", dev="eth1")["dev"] == "eth1"
     # No IPv6 address is tentative: usable at once.
     assert "tentative" not in client.run(["ip", "-6", "addr"]).stdout
+    # One endpoint per extra link and family, so IPv6 connections use every path too.
     assert client.endpoints() == [
         {"address": "10.0.1.1", "id": 1, "subflow": True, "dev": "eth1"},
-        {"address": "10.0.2.1", "id": 2, "subflow": True, "dev": "eth2"},
+        {"address": "fd00:0:0:1::1", "id": 2, "subflow": True, "dev": "eth1"},
+        {"address": "10.0.2.1", "id": 3, "subflow": True, "dev": "eth2"},
+        {"address": "fd00:0:0:2::1", "id": 4, "subflow": True, "dev": "eth2"},
     ]
     assert server.endpoints() == []
     assert client.limits() == {"subflows": 8, "add_addr_accepted": 8}
@@ -197,7 +200,10 @@ def test_gateway_routes_through_the_proxy(gateway: lab.Topology) -> None:
         roundtrip(proxy, client, client.address(1, family))
     ping = client.run(["busybox", "ping", "-c", "1", "-W", "5", "10.0.2.2"], check=False)
     assert "ttl=63" in ping.stdout, ping  # one router in between
-    assert client.endpoints() == [{"address": "10.0.1.1", "id": 1, "subflow": True, "dev": "eth1"}]
+    assert client.endpoints() == [
+        {"address": "10.0.1.1", "id": 1, "subflow": True, "dev": "eth1"},
+        {"address": "fd00:0:0:1::1", "id": 2, "subflow": True, "dev": "eth1"},
+    ]
 
 
 def test_topology_removes_everything_even_when_the_body_raises() -> None:
@@ -538,7 +544,7 @@ def test_fixture_parametrized_indirectly(gateway: lab.Topology) -> None:
     paths = len(gateway.links) - 1
     assert len(gateway.host("client").interfaces) == paths
     signals = gateway.host("proxy").endpoints()
-    assert len(signals) == max(paths - 1, 0)
+    assert len(signals) == 2 * max(paths - 1, 0)  # IPv4 and IPv6
     assert all(e.get("signal") for e in signals)
     assert gateway.host("client").endpoints() == []
 

@@ -62,8 +62,10 @@ def test_check_command_reports_endpoints_and_limits(lab_factory: LabFactory) -> 
     client = net.host("client")
     report = json.loads(client.run([sys.executable, "-m", "mptcpkit", "check", "--json"]).stdout)
     assert report["limits"] == {"subflows": 8, "add_addr_accepted": 8}
+    dev = client.iface(1).name
     assert report["endpoints"] == [
-        {"address": client.address(1), "id": 1, "subflow": True, "dev": client.iface(1).name}
+        {"address": client.address(1), "id": 1, "subflow": True, "dev": dev},
+        {"address": client.address(1, family=6), "id": 2, "subflow": True, "dev": dev},
     ]
 
 

@@ -49,6 +49,24 @@ def test_show_into_a_closed_pipe_is_quiet(lab_factory: Callable[..., lab.Topolog
 # same, and a failure one line on stderr for both. "LINKDEL dev" deletes an interface
 # in both. Left out: words older iproute2 releases do not know (implicit, laminar).
 CORPUS = """
+endpoint add 10.9.0.11 nobackup subflow
+endpoint show 10.9.0.11
+endpoint change 10.9.0.11 backup
+endpoint show
+endpoint change 10.9.0.99 backup
+endpoint del id 0 10.9.0.11
+endpoint add 10.9.0.13 port 0 subflow
+endpoint add 10.9.0.14 signal port 0x100
+endpoint add 1.2.3.4.5
+endpoint add 10.9.0.15 dev
+endpoint add 10.9.0.16 dev a/b
+endpoint flush 10.9.0.1
+endpoint show id 0
+endpoint change id 13
+endpoint show
+limits show subflows 3
+limits set subflows -1
+limits set add 2
 endpoint show
 -j endpoint show
 endpoint

@@ -573,6 +573,24 @@ def test_kill9_then_restart_kernel_mode(topo: lab.Topology, start_pmd: Callable[
     r = closed_pipe_run("pmd", "status", "--socket", pmd.socket)  # pmd status | head
     assert (r.returncode, r.stderr) == (0, "")
 
+    # A subflow that dies with an error, of a connection open before this pmd: repaired.
+    t = Transfer(topo)
+    try:
+        assert wait_for(lambda: addr1 in t.locals()), pmd.log
+        pmd.kill9()  # the next one does not see this connection being created
+        pmd = start_pmd(ns, text + "[resubflow]\nbackoff_initial = 0.2\n", again=first)
+        assert wait_for(lambda: addr1 in t.locals()), pmd.log
+        (old,) = [s for s in mptcpkit.subflows(t.sock) if s.local[0] == addr1]
+        client.run(["ss", "-K", "-t", "src", addr1, "sport", "=", f":{old.local[1]}"])
+        assert wait_for(
+            lambda: any(
+                s.local[0] == addr1 and s.local[1] != old.local[1]
+                for s in mptcpkit.subflows(t.sock)
+            )
+        ), pmd.log
+    finally:
+        t.close()
+
     # What it adopted it manages: link down/up, address deleted...
     topo.link(1).down()
     assert wait_for(lambda: addr1 not in v4(pm.endpoints(netns=ns))), pmd.log
@@ -663,3 +681,23 @@ def test_renames_followed_by_ifindex(topo: lab.Topology, start_pmd: Callable[...
         assert wait_for(lambda: dev_of_addr1() == "eth8"), pmd.log
     finally:
         client.run(["ip", "link", "set", "eth8", "name", "eth1"], check=False)
+
+
+@pytest.mark.root
+def test_stop_without_cleanup_then_adopted(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd]
+) -> None:
+    client = topo.host("client")
+    ns = client.netns
+    pm.set_limits(subflows=0, add_addr_accepted=0, netns=ns)
+    first = start_pmd(ns, 'cleanup = false\n[interfaces]\nallow = ["eth*"]\n')
+    ours = set(client.addresses(4) + client.addresses(6))
+    assert first.stop() == 0
+    assert {ep.address for ep in pm.endpoints(netns=ns)} == ours  # left, as configured
+    assert list(first.state_dir.iterdir())  # ...and remembered as pmd's
+    pmd = start_pmd(ns, '[interfaces]\nallow = ["eth*"]\n', again=first)
+    log = "".join(pmd.log)
+    assert "not ours" not in log and "adopted what pmd pid" in log
+    assert pmd.stop() == 0
+    assert pm.endpoints(netns=ns) == []
+    assert pm.limits(netns=ns) == pm.Limits(0, 0)

@@ -490,10 +490,12 @@ def test_out_of_fds_pauses_accepting_then_recovers(tmp_path: Path) -> None:
                 c = connect(port, mptcp=True)
                 c.sendall(b"x")
                 held.append(c)
-                if "accept failed (EMFILE), retrying in 1s" in px.log():
+                if "(EMFILE), retrying in 1s" in px.log():
                     break
                 time.sleep(0.05)
-            assert "accept failed (EMFILE), retrying in 1s" in px.log(), px.log()
+            # accept() or the server socket ran out: the proxy's fault, not the server's
+            assert "(EMFILE), retrying in 1s" in px.log(), px.log()
+            assert "failed: EMFILE" not in px.log(), px.log()
         finally:
             for c in held:
                 c.close()

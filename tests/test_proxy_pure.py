@@ -462,3 +462,17 @@ def test_overlapping_binds_are_an_error_naming_both(a: str, b: str) -> None:
 )
 def test_disjoint_binds_pass(a: str, b: str) -> None:
     assert len(parse_text(_two_frontends(a, b)).frontends) == 2
+
+
+def test_maxconn_is_shared_out_between_workers() -> None:
+    cfg = parse_text(
+        "[global]\nworkers=3\n[frontend.f]\nbind='mptcp@:1'\nbackend='b'\nmaxconn=10\n"
+        "[backend.b]\nserver.a='h:1'"
+    )
+    (f,) = cfg.frontends
+    assert [cfg.maxconn_share(f, w) for w in range(3)] == [4, 3, 3]
+    with pytest.raises(ConfigError, match=r"frontend.f.maxconn: 2 is fewer than global.workers"):
+        parse_text(
+            "[global]\nworkers=3\n[frontend.f]\nbind='mptcp@:1'\nbackend='b'\nmaxconn=2\n"
+            "[backend.b]\nserver.a='h:1'"
+        )

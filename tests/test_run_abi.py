@@ -67,6 +67,8 @@ def expected(arch: abi.Arch, nr: int, args: list[int], only: Only | None, audit:
     if audit != arch.audit_arch or (arch.has_x32 and nr & 0xFFFFFFFF >= abi.X32_SYSCALL_BIT):
         return allow
     nr &= 0xFFFFFFFF
+    if nr == arch.socket and only is Only.REPAIR:
+        return allow  # repair only: nothing is forced
     if nr == arch.socket:
         inet = low[0] in (socket.AF_INET, socket.AF_INET6)
         stream = low[1] & 0xF == socket.SOCK_STREAM
@@ -78,6 +80,8 @@ def expected(arch: abi.Arch, nr: int, args: list[int], only: Only | None, audit:
     if nr == arch.listen:
         return notify if only is Only.CONNECT else allow
     if nr == arch.io_uring_setup:
+        return allow if only is Only.REPAIR else notify
+    if nr in (arch.execve, arch.execveat):
         return notify
     if nr == arch.seccomp:
         return notify if low[0] == 1 and low[1] & abi.SECCOMP_FILTER_FLAG_NEW_LISTENER else allow
@@ -85,7 +89,7 @@ def expected(arch: abi.Arch, nr: int, args: list[int], only: Only | None, audit:
 
 
 interesting_nr = st.sampled_from(
-    [41, 42, 50, 54, 102, 281, 359, 317, 425, 0, 1, 0x40000029, 198, 2**32 - 1]
+    [41, 42, 50, 54, 59, 102, 221, 281, 322, 359, 317, 425, 0, 1, 0x40000029, 198, 2**32 - 1]
 )
 interesting_arg = st.one_of(
     st.sampled_from([0, 1, 2, 6, 10, 14, 17, 262, 0x80001, 0x800 | 1, 2**32 + 2, 1 << 3, 0xF]),
@@ -98,7 +102,7 @@ interesting_arg = st.one_of(
     st.sampled_from([abi.X86_64, abi.AARCH64]),
     st.one_of(interesting_nr, st.sampled_from([198, 201, 203, 208, 277])),
     st.lists(interesting_arg, min_size=6, max_size=6),
-    st.sampled_from([None, Only.LISTEN, Only.CONNECT]),
+    st.sampled_from([None, Only.LISTEN, Only.CONNECT, Only.REPAIR]),
     st.sampled_from(
         [abi.AUDIT_ARCH_X86_64, abi.AUDIT_ARCH_AARCH64, abi.AUDIT_ARCH_I386, abi.AUDIT_ARCH_ARM, 0]
     ),

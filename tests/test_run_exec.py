@@ -162,6 +162,15 @@ def test_ignored_sigpipe_stays_ignored_for_a_systemd_service(tmp_path) -> None: 
     assert int(proc.stdout.split()[1], 16) >> (signal.SIGPIPE - 1) & 1
 
 
+def test_a_shells_ignored_sigpipe_stays_ignored() -> None:
+    """`trap '' PIPE` in the shell: the program must get SIGPIPE ignored, as the shell
+    gives its children (yes then sees EPIPE, says so and exits 1)."""
+    cmd = f"trap '' PIPE; {' '.join(RUN)} -- yes | head -1; echo ${{PIPESTATUS[0]}}"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["y", "1"], proc.stderr
+    assert "Broken pipe" in proc.stderr
+
+
 # --- returning when CMD returns ---------------------------------------------------
 
 
@@ -328,6 +337,28 @@ def test_file_capability_program_is_detected(nobody_dir: str, readable_src: str)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.split()[1], 16) == 1 << 13  # CAP_NET_RAW kept
     assert "file capabilities" in proc.stderr and "runs unforced" in proc.stderr
+
+
+@pytest.mark.root
+def test_a_privileged_program_exec_by_cmd_is_reported(nobody_dir: str) -> None:
+    """CMD is a shell that runs a setuid program: forced, it starts without its
+    privilege (no_new_privs), and the supervisor says so, naming it."""
+    nobody = pwd.getpwnam("nobody")
+    prog = os.path.join(nobody_dir, "id")
+    shutil.copy("/usr/bin/id", prog)
+    os.chown(prog, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(prog, 0o4755)  # setuid nobody: root running it would become nobody
+    proc = subprocess.run(
+        [*RUN, "--", "sh", "-c", f"cd {nobody_dir} && ./id -u"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0"]  # no_new_privs: the setuid bit did nothing
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert "id is setuid (owner uid" in warnings[0] and "without its privileges" in warnings[0]
 
 
 # --- preload on what it cannot reach ----------------------------------------------------

@@ -192,23 +192,11 @@ def test_curl(http_server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def go_peer(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """tests/data/mptk_go_peer.go built static (CGO_ENABLED=0)."""
-    if shutil.which("go") is None:
-        pytest.skip("Go toolchain not installed (apt: golang-go)")
-    work = tmp_path_factory.mktemp("go")
+def go_peer(go_build) -> str:  # type: ignore[no-untyped-def]
+    """tests/data/mptk_go_peer.go built static (CGO_ENABLED=0), with Go 1.20's defaults:
+    its listener is plain TCP unless forced (1.24+ would make it MPTCP itself)."""
     source = os.path.join(os.path.dirname(__file__), "data", "mptk_go_peer.go")
-    env = {
-        **os.environ,
-        "CGO_ENABLED": "0",
-        "HOME": str(work),
-        "GOCACHE": str(work / "cache"),
-        "GOPATH": str(work / "gopath"),
-        "GO111MODULE": "off",
-    }
-    out = str(work / "peer")
-    subprocess.run(["go", "build", "-o", out, source], env=env, check=True, timeout=300)
-    return out
+    return str(go_build(source, "1.20"))
 
 
 def test_static_go_client(go_peer: str, server: Server) -> None:

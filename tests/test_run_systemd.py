@@ -17,6 +17,7 @@ import pathlib
 import re
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -28,6 +29,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mptcpkit
 from mptcpkit.run import systemd
 
 RUNNER = [sys.executable, "-m", "mptcpkit"]
@@ -267,7 +269,8 @@ def test_systemd_reads_the_wrapped_unit(
     ]
     prefix = " ".join([*runner, "run", "--"])
     assert seen["exec"] == [f"{prefix} {c.lstrip('-')}" for c in original]
-    assert seen["NotifyAccess"] == ("all" if kind == "notify" else "none")
+    # the program is the main process itself (mptcpkit run execs it): nothing to widen
+    assert seen["NotifyAccess"] == ("main" if kind == "notify" else "none")
 
 
 @needs_analyze
@@ -392,18 +395,71 @@ def test_socket_activation_reaches_the_program(tmp_path: pathlib.Path, runner: l
     assert reply == f"fds=1 proto={IPPROTO_MPTCP}", err
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_forking_haproxy_finishes_starting(tmp_path: pathlib.Path, runner: list[str]) -> None:
+    """Type=forking: the wrapped ExecStart returns once haproxy has daemonized, its
+    PIDFile names the daemon, and the daemon, left behind, is still forced: the
+    connection it opens to its server is MPTCP."""
+    haproxy = shutil.which("haproxy")
+    assert haproxy is not None
+    with mptcpkit.create_server(("127.0.0.1", 0)) as backend:
+        backend.settimeout(30)
+        port = _free_port()
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 5s\n"
+            f"  timeout server 5s\nlisten l\n  bind 127.0.0.1:{port}\n"
+            f"  server s 127.0.0.1:{backend.getsockname()[1]}\n"
+        )
+        pidfile = tmp_path / "haproxy.pid"
+        unit(
+            tmp_path,
+            "lb.service",
+            f"Type=forking\nPIDFile={pidfile}\nExecStart={haproxy} -D -p {pidfile} -f {cfg}\n",
+        )
+        systemd.write_dropin("lb", [], root=str(tmp_path))
+        (argv,) = wrapped_argv(tmp_path, "lb.service")
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+        daemon = 0
+        try:
+            try:
+                code = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("mptcpkit run waits for the daemon: a Type=forking unit never starts")
+            assert code == 0
+            daemon = int(pidfile.read_text().split()[0])
+            assert os.readlink(f"/proc/{daemon}/exe") == os.path.realpath(haproxy)
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                conn, _ = backend.accept()
+                with conn:
+                    assert mptcpkit.status(conn).state is mptcpkit.State.MPTCP
+        finally:
+            if daemon:
+                os.kill(daemon, signal.SIGTERM)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
 def test_cli_dropin_round_trip_and_usage_errors(tmp_path: pathlib.Path) -> None:
     run = [sys.executable, "-m", "mptcpkit", "run"]
     unit(
         tmp_path,
         "bgp.service",
-        "Type=notify\nExecStart=/usr/sbin/bgpd\n",
+        "Type=forking\nExecStart=/usr/sbin/bgpd\n",
         where="etc/systemd/system",
     )
     root = ["--root", str(tmp_path)]
     done = subprocess.run([*run, "--systemd-dropin", "bgp", *root], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "note: NotifyAccess=all" in done.stderr
+    assert "note: Type=forking without PIDFile=" in done.stderr
     conf = dropin(tmp_path, "bgp")
     assert "run -- /usr/sbin/bgpd\n" in conf.read_text()
     gone = subprocess.run([*run, "--systemd-dropin", "bgp", "--remove", *root], capture_output=True)
@@ -418,3 +474,27 @@ def test_cli_dropin_round_trip_and_usage_errors(tmp_path: pathlib.Path) -> None:
     assert extra.returncode == 2 and "takes no command" in extra.stderr
     lonely = subprocess.run([*run, "--remove"], capture_output=True, text=True)
     assert lonely.returncode == 2
+
+
+def test_activation_is_handed_to_a_child() -> None:
+    """The bpf strategy runs CMD as a child: fds 3.. go with it, LISTEN_PID and
+    WATCHDOG_PID name it, and the parent keeps no copy of the sockets."""
+    code = textwrap.dedent("""
+        import os, socket, subprocess, sys
+        from mptcpkit.run.activation import Activation
+        fd = socket.socket().detach()
+        if fd != 3:
+            os.dup2(fd, 3)
+            os.close(fd)
+        os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), WATCHDOG_PID="1")
+        act = Activation.inherited()
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import os, socket; socket.socket(fileno=3).detach(); "
+             "print(os.environ['LISTEN_PID'] == str(os.getpid()), os.environ['WATCHDOG_PID'])"],
+            preexec_fn=act.in_child, pass_fds=act.fds, stdout=subprocess.PIPE, text=True)
+        act.close_in_parent()
+        out = child.communicate()[0].split()
+        print(out[0], out[1], os.path.exists("/proc/self/fd/3"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "1", "False"], out.stderr

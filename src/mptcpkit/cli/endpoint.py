@@ -74,7 +74,7 @@ def take_options(args: argparse.Namespace) -> list[str]:
             args.netns = word.partition("=")[2]
         elif word in ("--json", "-j") and hasattr(args, "json"):
             args.json = True
-        elif word.startswith("-"):
+        elif word.startswith("-") and not word[1:2].isdigit():  # -1 is ip's word to judge
             raise UsageError(f"unknown option {word!r}")
         else:
             words.append(word)
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                     cmd.address,
                     id=cmd.id or None,
                     port=cmd.port,
-                    flags=list(cmd.flags),
+                    flags=[w for w in cmd.flags if not w.startswith("no")],  # ip ignores noX
                     dev=cmd.dev,
                 )
             elif cmd.action == "del":

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -45,9 +46,17 @@ def register(subparsers: Any) -> None:
         p.add_argument("--paths", type=int, default=2, help="parallel links (default 2)")
         p.add_argument(
             "--rate",
-            default=rate,
+            default=None,
             help=f"rate of each link, tc syntax (default {rate or 'unshaped'})",
         )
+        p.add_argument(
+            "--rates",
+            default=None,
+            metavar="R0,R1,...",
+            help="one rate per link instead of --rate; UP/DOWN gives the two directions "
+            "their own (client->server/server->client), e.g. 50mbit,10mbit or 50mbit/5mbit,20mbit",
+        )
+        p.set_defaults(default_rate=rate)
         p.add_argument("--burst", default="32kbit", help="tbf burst (default 32kbit)")
         p.add_argument("--latency", default="50ms", help="tbf latency (default 50ms)")
         p.add_argument(
@@ -55,6 +64,22 @@ def register(subparsers: Any) -> None:
             default="subflow",
             choices=("subflow", "fullmesh", "signal", "none"),
             help="MPTCP endpoints for the extra links (default subflow, on the client)",
+        )
+        p.add_argument(
+            "--backup",
+            default="",
+            metavar="LINKS",
+            help="extra links whose endpoints are backups, e.g. 1 or 1,2",
+        )
+        p.add_argument(
+            "--signal-port",
+            action="store_true",
+            help="with --endpoints signal: announce each address with a port (10100+link)",
+        )
+        p.add_argument("--delay", default=None, help="netem delay on every link (needs netem)")
+        p.add_argument("--jitter", default=None, help="netem jitter (needs --delay)")
+        p.add_argument(
+            "--reorder", default=None, metavar="PCT", help="netem reordering %% (needs --delay)"
         )
 
     up = sub.add_parser(
@@ -87,11 +112,16 @@ def register(subparsers: Any) -> None:
 
     down = sub.add_parser(
         "down",
-        help="remove every namespace with the prefix (also after a crash)",
-        description="Remove every network namespace whose name starts with the prefix, "
-        "with its devices and processes.",
+        help="remove the labs left up and those of crashed programs",
+        description="Remove the labs with the prefix that `lab up` left running and those "
+        "whose program died without cleaning up, with their devices and processes. Only "
+        "namespaces a lab made (its marker in /run/mptcpkit-labs lists them) are removed; "
+        "labs of programs still running are left alone unless --running is given.",
     )
     common(down)
+    down.add_argument(
+        "--running", action="store_true", help="also labs whose program is still running"
+    )
     down.set_defaults(func=cmd_down)
 
     bench = sub.add_parser(
@@ -113,7 +143,37 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="a fault: down:LINK@T, up:LINK@T, rate:LINK=RATE@T (repeatable)",
+        help="a fault: down:LINK@T, up:LINK@T, rate:LINK=RATE@T, rst:LINK@T (repeatable)",
+    )
+    bench.add_argument(
+        "--loss",
+        action="append",
+        default=[],
+        metavar="[LINK=]PCT",
+        help="random loss on a link (both directions, nftables), e.g. 1=2%%; PCT alone: "
+        "every link (repeatable)",
+    )
+    bench.add_argument(
+        "--strip-mptcp",
+        action="store_true",
+        help="a middlebox on link 0 strips MPTCP options: the connection must fall back",
+    )
+    bench.add_argument(
+        "--drop-add-addr",
+        type=int,
+        default=0,
+        metavar="N",
+        help="drop the first N ADD_ADDRs the server sends (add_addr_timeout set to 1 s); "
+        "implies --endpoints signal",
+    )
+    bench.add_argument("--flows", type=int, default=1, help="simultaneous connections")
+    bench.add_argument(
+        "--fastclose", action="store_true", help="end each connection with MP_FASTCLOSE"
+    )
+    bench.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when the run was disturbed (TCP memory pressure), not only warn",
     )
     bench.add_argument("--interval", default="0.5", help="sampling interval (default 0.5s)")
     bench.add_argument("--plot", default=None, metavar="PNG", help="write a throughput plot")
@@ -142,32 +202,72 @@ def _prefix(args: argparse.Namespace) -> str:
     return prefix
 
 
+def _split_list(text: str, flag: str) -> list[str]:
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        raise UsageError(f"{flag} {text!r}: expected a comma-separated list with no empty item")
+    return items
+
+
 def _build(args: argparse.Namespace, topology: str, prefix: str) -> Any:
     from mptcpkit import lab
 
     make = lab.two_paths if topology == "two_paths" else lab.gateway
+    rates = _split_list(args.rates, "--rates") if args.rates else None
+    if rates is not None and args.rate is not None:
+        raise UsageError("give --rate or --rates, not both")
+    rate = args.rate if rates is not None or args.rate is not None else args.default_rate
+    try:
+        backup = [int(x) for x in _split_list(args.backup, "--backup")] if args.backup else []
+    except ValueError:
+        raise UsageError(f"--backup {args.backup!r}: expected link numbers, e.g. 1,2") from None
+    kwargs: dict[str, Any] = {}
+    if rates is not None:
+        kwargs["rates"] = rates
+    if backup:
+        kwargs["backup"] = backup
+    if args.signal_port:
+        kwargs["signal_port"] = True
+    if args.delay is not None or args.jitter is not None or args.reorder is not None:
+        kwargs.update(delay=args.delay, jitter=args.jitter)
+        if args.reorder is not None:
+            try:
+                kwargs["reorder"] = float(args.reorder.rstrip("%"))
+            except ValueError:
+                raise UsageError(f"--reorder {args.reorder!r}: expected a percentage") from None
+    if kwargs and topology != "two_paths":
+        raise UsageError(f"--{next(iter(kwargs)).replace('_', '-')}: only for two_paths")
     try:
         return make(
             paths=args.paths,
-            rate=args.rate,
+            rate=None if rates is not None else rate,
             burst=args.burst,
             latency=args.latency,
             endpoints=args.endpoints,
             prefix=prefix,
+            **kwargs,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    _require_root()
+def _up(net: Any) -> None:
+    """Bring `net` up; a kernel without netem is a usage error (exit 2), said plainly."""
     from mptcpkit.lab import LabError
+    from mptcpkit.lab.topology import NetemMissing
 
-    net = _build(args, args.topology, _prefix(args))
     try:
         net.up()
+    except NetemMissing as exc:
+        raise UsageError(str(exc)) from None
     except LabError as exc:
         raise CLIError(str(exc)) from None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    _require_root()
+    net = _build(args, args.topology, _prefix(args))
+    _up(net)
     net.detach()
     desc = net.describe()
     if args.json:
@@ -176,7 +276,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Plain lines, never wrapped or cut: the names are meant to be copied.
     print(
         f"lab {net.id} is up ({args.topology}, {args.paths} path(s), "
-        f"rate {args.rate or 'unshaped'}); it stays up until `mptcpkit lab down`."
+        f"rate {args.rates or args.rate or 'unshaped'}); it stays up until `mptcpkit lab down`."
     )
     for name, host in desc["hosts"].items():
         print(f"  {name}: ip netns exec {host['netns']} bash")
@@ -186,19 +286,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labs(prefix: str) -> dict[str, dict[str, str]]:
-    """lab id -> host name -> namespace, from the namespaces that exist."""
-    from mptcpkit.lab import list_netns
+def _labs(prefix: str, *, live: bool = True) -> dict[str, dict[str, str]]:
+    """lab id -> host name -> namespace, of the labs whose markers name this prefix.
+
+    `live`: only labs left up (`lab up`) or whose program still runs, not orphans.
+    """
+    from mptcpkit.lab.owner import ORPHAN, read_all
 
     labs: dict[str, dict[str, str]] = {}
-    for name in list_netns(prefix):
-        parts = name[len(prefix) :].split("-")
-        if len(parts) != 3:
+    for record in read_all(prefix):
+        if live and record.state == ORPHAN:
             continue
-        topo, lab_id, host = parts
-        labs.setdefault(lab_id, {})[host] = name
-        labs[lab_id].setdefault("", topo)
+        labs[record.id] = {**record.hosts, "": record.topology}
     return labs
+
+
+def _orphans(prefix: str) -> list[str]:
+    from mptcpkit.lab.owner import ORPHAN, read_all
+
+    return [r.id for r in read_all(prefix) if r.state == ORPHAN]
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -233,23 +339,33 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     _require_root()
-    labs = _labs(_prefix(args))
+    from mptcpkit.lab.owner import read_all
+
+    prefix = _prefix(args)
+    records = read_all(prefix)
     if args.json:
         print(
             json.dumps(
                 {
-                    k: {"topology": v.get("", ""), "hosts": {h: n for h, n in v.items() if h}}
-                    for k, v in labs.items()
+                    r.id: {"topology": r.topology, "hosts": r.hosts, "state": r.state, "pid": r.pid}
+                    for r in records
                 }
             )
         )
         return 0
-    if not labs:
+    live = [r for r in records if r.state != "orphan"]
+    orphans = [r for r in records if r.state == "orphan"]
+    if not live:
         print("no lab is up")
-        return 0
-    for lab_id, hosts in sorted(labs.items()):
-        names = " ".join(f"{h}={n}" for h, n in sorted(hosts.items()) if h)
-        print(f"{lab_id} {hosts.get('', '')}: {names}")
+    for r in sorted(live, key=lambda r: r.id):
+        names = " ".join(f"{h}={n}" for h, n in sorted(r.hosts.items()))
+        how = "left up" if r.state == "detached" else f"run by pid {r.pid}"
+        print(f"{r.id} {r.topology} ({how}): {names}")
+    if orphans:
+        ids = " ".join(sorted(r.id for r in orphans))
+        print(
+            f"{len(orphans)} orphaned lab(s) of programs that died: {ids} (`lab down` reaps them)"
+        )
     return 0
 
 
@@ -259,13 +375,19 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     prefix = _prefix(args)
     try:
-        removed = remove_all(prefix)
+        removed = remove_all(prefix, running=args.running)
     except LabError as exc:
         raise CLIError(str(exc)) from None
+    running = [] if args.running else _labs(prefix)
     if removed:
         print(f"removed {len(removed)} namespace(s): {' '.join(removed)}")
     else:
-        print(f"nothing to remove (no namespace starts with {prefix!r})")
+        print(f"nothing to remove (no lab with prefix {prefix!r} is left up or orphaned)")
+    if running:
+        print(
+            f"left {len(running)} lab(s) whose program is still running: "
+            f"{' '.join(sorted(running))} (--running removes them too)"
+        )
     return 0
 
 
@@ -289,7 +411,70 @@ def _faults(args: argparse.Namespace, duration: float) -> list[Any]:
     for f in faults:
         if not 0 <= f.link < args.paths:
             raise UsageError(f"fault {f}: there is no link {f.link} (links 0..{args.paths - 1})")
+        if f.at >= duration:
+            raise UsageError(
+                f"fault {f}: at {f.at:g} s it would never happen, the transfer lasts "
+                f"{duration:g} s (--duration)"
+            )
     return faults
+
+
+def _losses(args: argparse.Namespace) -> dict[int, float]:
+    """--loss [LINK=]PCT -> link -> percent."""
+    losses: dict[int, float] = {}
+    for spec in args.loss:
+        link_text, sep, pct_text = spec.rpartition("=")
+        try:
+            pct = float(pct_text.strip().rstrip("%"))
+            links = [int(link_text)] if sep else list(range(args.paths))
+        except ValueError:
+            raise UsageError(f"--loss {spec!r}: expected [LINK=]PERCENT, e.g. 1=2%") from None
+        if not 0 < pct < 100:
+            raise UsageError(f"--loss {spec!r}: the percentage must be above 0 and below 100")
+        for link in links:
+            if not 0 <= link < args.paths:
+                raise UsageError(f"--loss {spec!r}: there is no link {link}")
+            losses[link] = pct
+    return losses
+
+
+def _scenario(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the scenario flags together; what run_bench records as `scenario`."""
+    if args.flows < 1:
+        raise UsageError(f"--flows {args.flows}: expected 1 or more")
+    if args.drop_add_addr < 0:
+        raise UsageError(f"--drop-add-addr {args.drop_add_addr}: expected 0 or more")
+    if args.drop_add_addr:
+        if args.endpoints not in ("signal", "subflow"):
+            raise UsageError("--drop-add-addr needs --endpoints signal (ADD_ADDR is the server's)")
+        args.endpoints = "signal"
+        if args.paths < 2:
+            raise UsageError("--drop-add-addr needs --paths 2 or more (something to announce)")
+    if args.tcp and (args.strip_mptcp or args.drop_add_addr or args.fastclose):
+        raise UsageError("--strip-mptcp, --drop-add-addr and --fastclose are MPTCP scenarios")
+    scenario: dict[str, Any] = {}
+    losses = _losses(args)
+    if losses:
+        scenario["loss"] = losses
+    if args.strip_mptcp:
+        scenario["strip_mptcp"] = True
+    if args.drop_add_addr:
+        scenario["drop_add_addr"] = args.drop_add_addr
+    if args.backup:
+        scenario["backup"] = sorted({int(x) for x in args.backup.split(",") if x.strip()})
+    return scenario
+
+
+def _apply(net: Any, scenario: dict[str, Any]) -> None:
+    from mptcpkit.lab import scenario as sc
+
+    for link, pct in scenario.get("loss", {}).items():
+        sc.add_loss(net, link, pct)
+    if scenario.get("strip_mptcp"):
+        client = net.host("client")
+        sc.strip_mptcp(client, net.link(0).iface(client).name)
+    if scenario.get("drop_add_addr"):
+        sc.drop_add_addr(net.host("server"), scenario["drop_add_addr"])
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -305,6 +490,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if duration <= 0 or interval <= 0:
         raise UsageError("--duration and --interval must be more than 0")
     faults = _faults(args, duration)
+    scenario = _scenario(args)
     _require_root()
     net = _build(args, "two_paths", _prefix(args))
     err = Console(stderr=True)
@@ -318,7 +504,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         transient=True,
     )
     try:
+        _up(net)
         with net, progress:
+            from mptcpkit.lab.scenario import netem_available
+
+            _apply(net, scenario)
+            netem = netem_available(net.host("client"))
             task = progress.add_task(
                 f"{protocol.upper()} x{args.paths}", total=duration, rate="starting"
             )
@@ -338,10 +529,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 faults=faults,
                 family=6 if args.ipv6 else 4,
                 on_sample=on_sample,
+                flows=args.flows,
+                fastclose=args.fastclose,
+                scenario=scenario,
             )
-    except LabError as exc:
+    except (LabError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     data = result.as_dict()
+    data["netem"] = netem
     if args.plot:
         from mptcpkit.lab.plot import plot
 
@@ -355,28 +550,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         _summary(Console(), data)
     if result.error:
-        err.print(f"mptcpkit lab bench: {result.error}")
-    return 0 if result.verified else 1
+        err.print(f"mptcpkit lab bench: {escape(result.error)}", highlight=False, soft_wrap=True)
+    for reason in data["claim"].get("reasons", []):
+        err.print(
+            f"mptcpkit lab bench: not as promised: {escape(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for warning in result.warnings:
+        err.print(
+            f"mptcpkit lab bench: warning: {escape(warning)}", highlight=False, soft_wrap=True
+        )
+    return exit_code(data, strict=args.strict)
+
+
+def exit_code(data: dict[str, Any], *, strict: bool) -> int:
+    """0 verified and as promised; 1 not, or (with --strict) disturbed by memory pressure."""
+    if not data["verified"] or not data.get("claim", {}).get("ok", True):
+        return 1
+    if strict and data.get("memory", {}).get("under_pressure"):
+        return 1
+    return 0
+
+
+def _rates(d: dict[str, Any]) -> str:
+    rates = d.get("rates_mbit") or []
+    if not rates or any(r is None for r in rates):
+        return "unshaped"
+    if len(set(rates)) == 1:
+        return f"{rates[0]:g} Mbit/s"
+    return "+".join(f"{r:g}" for r in rates) + " Mbit/s"
 
 
 def _summary(console: Console, d: dict[str, Any]) -> None:
-    rate = f"{d['rate_mbit']:g} Mbit/s" if d["rate_mbit"] else "unshaped"
-    table = Table(title=f"{d['protocol'].upper()} over {d['paths']} path(s) of {rate}")
+    title = f"{d['protocol'].upper()} over {d['paths']} path(s) of {_rates(d)}"
+    table = Table(title=escape(title))
     table.add_column("measure")
     table.add_column("value", justify="right")
+    claim = d.get("claim", {})
     table.add_row("duration", f"{d['duration_s']:.2f} s")
     table.add_row("bytes", f"{d['bytes']:,}")
     table.add_row("goodput", f"{d['goodput_mbit']:.1f} Mbit/s")
-    if d["rate_mbit"]:
-        share = d["goodput_mbit"] / (d["rate_mbit"] * d["paths"])
-        table.add_row("of the sum of path rates", f"{share:.1%}")
+    if d.get("share_of_sum") is not None:
+        table.add_row(
+            f"of the sum of path rates ({d['sum_rate_mbit']:g})", f"{d['share_of_sum']:.1%}"
+        )
+        if d.get("steady_share_of_sum") is not None:
+            table.add_row("  steady (after the first second)", f"{d['steady_share_of_sum']:.1%}")
+    if len(d.get("flows", [])) > 1:
+        rates = ", ".join(f"{f['goodput_mbit']:.1f}" for f in d["flows"])
+        table.add_row(f"{len(d['flows'])} flows (Mbit/s)", rates)
     table.add_row("verified (sha256)", "yes" if d["verified"] else "[red]NO[/]")
     table.add_row("bytes lost", str(d["lost_bytes"]))
-    table.add_row("MPTCP in use", "yes" if d["mptcp"] else "no")
+    mptcp = "yes" if d["mptcp"] else "no"
+    if not d["mptcp"] and d["protocol"] == "mptcp":
+        mptcp = "no: fell back to TCP"
+    table.add_row("MPTCP in use", mptcp)
+    if claim:
+        used = ", ".join(map(str, claim["used_links"])) or "none"
+        want = ", ".join(map(str, claim["expected_links"]))
+        verdict = "yes" if claim["ok"] else "[red]NO[/]"
+        table.add_row("links that carried data", f"{used} (promised {want}): {verdict}")
     for f in d["faults"]:
         table.add_row(f"fault at {f['t']:.2f} s", f"{f['action']} link {f.get('link', '')}")
     if d["recovery_s"] is not None:
         table.add_row("recovery after link down", f"{d['recovery_s']:.2f} s")
+    for host, counters in sorted(d.get("filters", {}).items()):
+        for name, packets in sorted(counters.items()):
+            table.add_row(escape(f"{name} ({host})"), f"{packets:,} packets")
+    if d.get("scenario"):
+        from mptcpkit.lab.scenario import describe
+
+        text = describe(d["scenario"])
+        if text:
+            table.add_row("scenario", escape(text))
     console.print(table)
     sub = Table(title="per subflow / link")
     for col in ("link", "subflow", "bytes acked", "share"):
@@ -384,6 +631,9 @@ def _summary(console: Console, d: dict[str, Any]) -> None:
     total = sum(s["bytes_acked"] for s in d["subflows"]) or 1
     for s in d["subflows"]:
         sub.add_row(
-            str(s["link"]), s["key"], f"{s['bytes_acked']:,}", f"{s['bytes_acked'] / total:.0%}"
+            str(s["link"]),
+            escape(s["key"]),
+            f"{s['bytes_acked']:,}",
+            f"{s['bytes_acked'] / total:.0%}",
         )
     console.print(sub)

@@ -85,12 +85,14 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mptcpkit.proxy import config, master
+    from mptcpkit.proxy import config, master, prepare
 
     try:
         cfg = _load(args)
         if args.check:
-            master.resolve_ids(cfg)
+            prep = prepare.prepare(cfg)  # as at start: names, log, users, fd limit
+            for note in prep.notes:
+                print(f"{cfg.source}: {note}")
             n_srv = sum(len(b.servers) for b in cfg.backends.values())
             print(
                 f"{cfg.source}: OK: {len(cfg.frontends)} frontends, {len(cfg.backends)} "

@@ -17,12 +17,13 @@ from typing import Any
 from mptcpkit.lab.topology import Link, Topology
 from mptcpkit.lab.units import format_rate, parse_duration, parse_rate
 
-FAULT_ACTIONS = ("down", "up", "rate")
+FAULT_ACTIONS = ("down", "up", "rate", "rst")
 
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    """At `at` seconds, do `action` ("down", "up" or "rate") to link `link`."""
+    """At `at` seconds, do `action` to link `link`: "down", "up", "rate" (to `rate`) or
+    "rst" (abort the client end's TCP sockets on the link: its subflows get a RST)."""
 
     at: float
     link: int
@@ -31,7 +32,7 @@ class Fault:
 
     def __post_init__(self) -> None:
         if self.action not in FAULT_ACTIONS:
-            raise ValueError(f"fault action {self.action!r}: expected down, up or rate")
+            raise ValueError(f"fault action {self.action!r}: expected down, up, rate or rst")
         if self.at < 0:
             raise ValueError(f"fault time {self.at!r}: must not be negative")
         if self.link < 0:
@@ -57,6 +58,8 @@ class Fault:
             link.down()
         elif self.action == "up":
             link.up()
+        elif self.action == "rst":
+            link.reset()
         else:
             link.set_rate(self.rate)
 
@@ -68,17 +71,18 @@ class Fault:
 
 
 _FAULT = re.compile(
-    r"^\s*(?P<action>down|up|rate)\s*:\s*(?P<link>[0-9]+)\s*(?:=\s*(?P<rate>[^@\s]+))?"
+    r"^\s*(?P<action>down|up|rate|rst)\s*:\s*(?P<link>[0-9]+)\s*(?:=\s*(?P<rate>[^@\s]+))?"
     r"\s*@\s*(?P<at>\S+)\s*$"
 )
 
 
 def parse_fault(text: str) -> Fault:
-    """Parse "down:1@4s", "up:1@6s" or "rate:0=10mbit@2.5s" into a Fault."""
+    """Parse "down:1@4s", "up:1@6s", "rate:0=10mbit@2.5s" or "rst:1@2s" into a Fault."""
     m = _FAULT.match(text)
     if m is None:
         raise ValueError(
-            f"fault {text!r}: expected ACTION:LINK@TIME, e.g. down:1@4s, up:1@6s, rate:0=10mbit@2s"
+            f"fault {text!r}: expected ACTION:LINK@TIME, e.g. down:1@4s, up:1@6s, "
+            "rate:0=10mbit@2s, rst:1@2s"
         )
     rate = m.group("rate")
     if rate is not None:

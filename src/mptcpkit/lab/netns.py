@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 
 from mptcpkit import netns as _core
+from mptcpkit.lab import owner as _owner
 
 NETNS_RUN_DIR = _core.NETNS_RUN_DIR
 DEFAULT_PREFIX = "mptk-"
@@ -130,23 +131,47 @@ def delete_netns(netns: str) -> None:
         raise LabError(f"ip netns delete {netns} failed: {proc.stderr.strip()}")
 
 
-def remove_all(prefix: str) -> list[str]:
-    """Remove every namespace whose name starts with `prefix`; returns the names removed.
+def remove_all(prefix: str, *, running: bool = False) -> list[str]:
+    """Remove the labs with this prefix that nobody runs any more; the namespaces removed.
 
-    This is `mptcpkit lab down`: the way back after a crash that skipped the normal cleanup.
+    This is `mptcpkit lab down`: labs left up on purpose (`lab up`) and orphans whose
+    creator died without cleaning up. Only namespaces a lab's marker lists are touched
+    (see `mptcpkit.lab.owner`): never one made by hand that merely matches the prefix,
+    and never a lab whose creator is still running, unless `running` is true.
     """
     check_prefix(prefix)
     removed = []
     errors = []
-    for name in list_netns(prefix):
+    for record in _owner.read_all(prefix):
+        if record.state == _owner.RUNNING and not running:
+            continue
         try:
-            delete_netns(name)
+            removed += remove_lab(record)
         except LabError as exc:
             errors.append(str(exc))
-        else:
-            removed.append(name)
     if errors:
         raise LabError("; ".join(errors))
+    return removed
+
+
+def remove_lab(record: _owner.LabRecord) -> list[str]:
+    """Remove the namespaces a marker lists, then the marker; the namespaces removed."""
+    removed = []
+    for netns in record.hosts.values():
+        if os.path.exists(os.path.join(NETNS_RUN_DIR, netns)):
+            delete_netns(netns)
+            removed.append(netns)
+    _owner.remove(record)
+    return removed
+
+
+def reap_orphans(prefix: str) -> list[str]:
+    """Remove the labs with this prefix whose creator is gone (not detached ones)."""
+    removed = []
+    for record in _owner.read_all(prefix):
+        if record.state == _owner.ORPHAN:
+            with contextlib.suppress(LabError):
+                removed += remove_lab(record)
     return removed
 
 
@@ -164,6 +189,8 @@ __all__ = [
     "entered",
     "is_root",
     "list_netns",
+    "reap_orphans",
     "remove_all",
+    "remove_lab",
     "run_tool",
 ]

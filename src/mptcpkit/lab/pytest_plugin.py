@@ -8,7 +8,8 @@ Load with `pytest_plugins = ["mptcpkit.lab.pytest_plugin"]`. Fixtures:
   `lab_factory(topology)` brings a topology up; all are removed after the test.
 
 Arguments for `two_paths`/`gateway` come from `@pytest.mark.lab(paths=3, rate="20mbit")`
-or from indirect parametrization (`request.param`, a dict).
+or from indirect parametrization (`request.param`, a dict). The plugin registers the
+`lab` and `root` markers (`--strict-markers` accepts them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "lab(**kwargs): arguments for the two_paths/gateway lab fixtures"
     )
+    # The lab's own tests and docs mark root-only tests; registered here so a project
+    # that loads the plugin can run with --strict-markers without declaring it.
+    config.addinivalue_line("markers", "root: needs root, network namespaces and the real kernel")
 
 
 def _kwargs(request: pytest.FixtureRequest) -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """The ready-made topologies: `two_paths` (N parallel links) and `gateway` (via a proxy).
 
 Both come configured for MPTCP out of the box: limits raised on every host and, by
-default, a `subflow` endpoint on the client for every extra link, bound to its device, so
-an MPTCP connection to the server's first address opens one subflow per link.
+default, a `subflow` endpoint on the client for every extra link (IPv4 and IPv6), bound to
+its device, so an MPTCP connection to the server's first address, of either family, opens
+one subflow per link.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from mptcpkit.lab.topology import (
     _RULE_PREF_BASE,
@@ -20,6 +21,9 @@ from mptcpkit.lab.topology import (
 
 ENDPOINT_MODES = ("subflow", "fullmesh", "signal", "none")
 _MAX_LIMIT = 8  # the kernel's MPTCP_PM_ADDR_MAX for both limits
+# The port of the server's signal endpoints with a port (`signal_port=True`): the kernel
+# listens on it inside the server's namespace, where nothing else runs.
+SIGNAL_PORT_BASE = 10100
 
 
 def _check_paths(paths: int) -> None:
@@ -57,18 +61,59 @@ def _bound_routes(host: Host, links: Sequence[Link], *, default_via: bool) -> No
             host.route_add("default", first.peer.address(fam), dev=first.name, family=fam)
 
 
-def _mptcp_setup(client: Host, server: Host, links: Sequence[Link], mode: str) -> None:
+def _mptcp_setup(
+    client: Host,
+    server: Host,
+    links: Sequence[Link],
+    mode: str,
+    *,
+    backup: Collection[int] = (),
+    signal_port: bool = False,
+) -> None:
     for host in (client, server):
         host.limits(subflows=_MAX_LIMIT, add_addr_accepted=_MAX_LIMIT)
+    bad = sorted(i for i in backup if not 1 <= i < len(links))
+    if bad:
+        raise ValueError(
+            f"backup links {bad}: only extra links (1..{len(links) - 1}) can be backups; "
+            "link 0 carries the connection's first subflow"
+        )
+    if signal_port and mode != "signal":
+        raise ValueError("signal_port needs endpoints='signal'")
     if mode == "none":
+        if backup:
+            raise ValueError("backup links need endpoints (subflow, fullmesh or signal)")
         return
     for link in links[1:]:
-        if mode == "signal":
-            server.endpoint_add(link.iface(server).address4, ["signal"])
-        else:
-            flags = ["subflow"] if mode == "subflow" else ["subflow", "fullmesh"]
-            client.endpoint_add(link.iface(client).address4, flags)
-    assert all(f in ENDPOINT_FLAGS for f in ("subflow", "fullmesh", "signal"))
+        extra = ["backup"] if link.index in backup else []
+        for fam in (4, 6):
+            if mode == "signal":
+                end = link.iface(server)
+                port = SIGNAL_PORT_BASE + link.index if signal_port else None
+                server.endpoint_add(end.address(fam), ["signal", *extra], port=port)
+            else:
+                flags = ["subflow"] if mode == "subflow" else ["subflow", "fullmesh"]
+                client.endpoint_add(link.iface(client).address(fam), [*flags, *extra])
+    assert all(f in ENDPOINT_FLAGS for f in ("subflow", "fullmesh", "signal", "backup"))
+
+
+def _link_rates(
+    paths: int, rate: str | None, rates: Sequence[str] | None
+) -> list[tuple[str | None, str | None]]:
+    """(a->b, b->a) per link: `rates` entries are "RATE" or "UP/DOWN"; else `rate` for all."""
+    if rates is None:
+        return [(rate, None)] * paths
+    if rate is not None:
+        raise ValueError("give rate or rates, not both")
+    if len(rates) != paths:
+        raise ValueError(f"rates: {len(rates)} given for {paths} path(s); give one per link")
+    out: list[tuple[str | None, str | None]] = []
+    for text in rates:
+        up, sep, down = str(text).partition("/")
+        if not up or (sep and not down):
+            raise ValueError(f"rates entry {text!r}: expected RATE or UP/DOWN, e.g. 50mbit/10mbit")
+        out.append((up, down or None))
+    return out
 
 
 def two_paths(
@@ -80,24 +125,46 @@ def two_paths(
     endpoints: str | None = "subflow",
     prefix: str | None = None,
     name: str = "twopaths",
+    rates: Sequence[str] | None = None,
+    backup: Collection[int] = (),
+    signal_port: bool = False,
+    delay: str | None = None,
+    jitter: str | None = None,
+    reorder: float | None = None,
 ) -> Topology:
     """Client and server joined by `paths` parallel links, each shaped to `rate`.
 
     Link i: client `eth<i>` 10.0.i.1 / fd00:0:0:i::1 <-> server `eth<i>` 10.0.i.2 /
     fd00:0:0:i::2. `endpoints`: "subflow" (client endpoint per extra link), "fullmesh",
-    "signal" (the server announces its extra addresses) or None (limits only).
+    "signal" (the server announces its extra addresses, on port 10100+i with
+    `signal_port`) or None (limits only); every endpoint exists for IPv4 and IPv6.
+    `rates`: one per link instead of `rate`, "RATE" or "UP/DOWN" (client->server /
+    server->client). `backup`: extra links whose endpoints carry the backup flag.
+    `delay`, `jitter`, `reorder` (%): netem on every link, where the kernel has it.
     """
     _check_paths(paths)
     mode = _check_endpoints(endpoints)
+    per_link = _link_rates(paths, rate, rates)
     topo = Topology(name, prefix=prefix)
     client = topo.add_host("client")
     server = topo.add_host("server")
     links = [
-        topo.add_link(client, server, rate=rate, burst=burst, latency=latency) for _ in range(paths)
+        topo.add_link(
+            client,
+            server,
+            rate=up,
+            rate_back=down,
+            burst=burst,
+            latency=latency,
+            delay=delay,
+            jitter=jitter,
+            reorder=reorder,
+        )
+        for up, down in per_link
     ]
     _bound_routes(client, links, default_via=False)
     _bound_routes(server, links, default_via=False)
-    _mptcp_setup(client, server, links, mode)
+    _mptcp_setup(client, server, links, mode, backup=backup, signal_port=signal_port)
     return topo
 
 

@@ -27,6 +27,7 @@ from types import FrameType, TracebackType
 from typing import IO, Any, TypeVar
 
 from mptcpkit.lab import netns as _ns
+from mptcpkit.lab import owner as _owner
 from mptcpkit.lab.netns import LabError
 from mptcpkit.lab.units import format_rate, parse_duration, parse_rate, parse_size
 
@@ -37,6 +38,8 @@ _NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 # Routing tables and rule priorities the lab uses for device-bound sockets (subflows).
 _TABLE_BASE = 100
 _RULE_PREF_BASE = 33000
+# The largest packet tbf must pass on a veth: MTU 1500 plus the Ethernet header.
+_MAX_FRAME = 1514
 
 # Set in every namespace before its devices exist, so `default` applies to each veth:
 # v6 addresses usable at once (no DAD), kept across link down/up, no reverse-path drops
@@ -84,6 +87,18 @@ class Interface:
     def peer(self) -> Interface:
         """The other end of the same link."""
         return self.link.b if self is self.link.a else self.link.a
+
+    @property
+    def rate(self) -> str | None:
+        """The shaping rate of what leaves this end (tc syntax), None when unshaped."""
+        if self is self.link.a:
+            return self.link.rate
+        return self.link.rate_back or self.link.rate
+
+    @property
+    def rate_bps(self) -> float | None:
+        """The shaping rate of what leaves this end, in bits per second."""
+        return parse_rate(self.rate) if self.rate else None
 
     def counters(self) -> dict[str, int]:
         """The device's byte and packet counters (`/sys/class/net/DEV/statistics`)."""
@@ -547,8 +562,16 @@ class Host:
         return errors
 
 
+class NetemMissing(LabError):
+    """The kernel has no netem qdisc: delay, jitter and reordering cannot be emulated."""
+
+
 class Link:
-    """A veth pair between two hosts, shaped with `tbf` on both ends when it has a rate."""
+    """A veth pair between two hosts, shaped with `tbf` on both ends when it has a rate.
+
+    `rate` shapes both directions unless `rate_back` gives b->a its own. `delay`, `jitter`
+    and `reorder` need the kernel's netem qdisc (`NetemMissing` at `up()` without it).
+    """
 
     def __init__(
         self,
@@ -560,6 +583,10 @@ class Link:
         rate: str | None = None,
         burst: str = "32kbit",
         latency: str = "50ms",
+        rate_back: str | None = None,
+        delay: str | None = None,
+        jitter: str | None = None,
+        reorder: float | None = None,
     ) -> None:
         if a is b:
             raise ValueError(f"link {index}: both ends on host {a.name!r}")
@@ -568,8 +595,18 @@ class Link:
         self.topology = topology
         self.index = index
         self.rate = _check_rate(rate)
-        self.burst = _check_size(burst)
+        self.rate_back = _check_rate(rate_back)
+        if self.rate_back is not None and self.rate is None:
+            raise ValueError(f"link {index}: rate_back needs a rate for the other direction")
+        self.burst = _check_burst(burst)
         self.latency = _check_latency(latency)
+        self.delay = _check_latency(delay) if delay is not None else None
+        self.jitter = _check_latency(jitter) if jitter is not None else None
+        if reorder is not None and not 0 < reorder <= 100:
+            raise ValueError(f"reorder {reorder!r}: a percentage from 0 (excluded) to 100")
+        if (jitter is not None or reorder is not None) and delay is None:
+            raise ValueError("jitter and reorder need a delay (netem reorders delayed packets)")
+        self.reorder = reorder
         net4 = ipaddress.ip_network(f"10.0.{index}.0/24")
         net6 = ipaddress.ip_network(f"fd00:0:0:{index:x}::/64")
         self.subnet4 = str(net4)
@@ -601,8 +638,19 @@ class Link:
 
     @property
     def rate_bps(self) -> float | None:
-        """The shaping rate in bits per second, None when unshaped."""
+        """The shaping rate a->b in bits per second, None when unshaped."""
         return parse_rate(self.rate) if self.rate else None
+
+    @property
+    def rate_back_bps(self) -> float | None:
+        """The shaping rate b->a in bits per second, None when unshaped."""
+        rate = self.rate_back or self.rate
+        return parse_rate(rate) if rate else None
+
+    @property
+    def netem(self) -> bool:
+        """Whether this link asks for netem (delay, jitter, reordering)."""
+        return self.delay is not None
 
     def iface(self, host: Host | str) -> Interface:
         """The end of this link on `host` (a Host or its name)."""
@@ -630,6 +678,18 @@ class Link:
             end.host._ip_batch([r for r in end.host._routes if r.link is self])
         self.topology._record_event("up", self)
 
+    def reset(self) -> None:
+        """Abort every TCP socket (MPTCP subflows included) of end `a` on this link.
+
+        `ss -K` (sock_destroy): each sends a RST (with MP_TCPRST for a subflow); the MPTCP
+        connections they belong to carry on over their other subflows.
+        """
+        self.topology._require_up()
+        host = self.a.host
+        for addr in (self.a.address4, f"[{self.a.address6}]"):
+            host._exec(["ss", "-K", "-t", "-n", "src", addr])
+        self.topology._record_event("rst", self)
+
     def set_rate(
         self,
         rate: str | int | float | None,
@@ -640,27 +700,54 @@ class Link:
         """Change the shaping of both directions; `None` removes it."""
         new_rate = _check_rate(format_rate(parse_rate(rate)) if rate is not None else None)
         if burst is not None:
-            self.burst = _check_size(burst)
+            self.burst = _check_burst(burst)
         if latency is not None:
             self.latency = _check_latency(latency)
         self.rate = new_rate
+        self.rate_back = None
         if self.topology.is_up:
             self._apply_shaping(initial=False)
             self.topology._record_event("rate", self, rate=new_rate)
 
     def _apply_shaping(self, *, initial: bool) -> None:
-        for end in (self.a, self.b):
-            if self.rate is None:
-                if not initial:
+        for end, rate in ((self.a, self.rate), (self.b, self.rate_back or self.rate)):
+            tc = ["tc", "-n", end.host.netns, "qdisc"]
+            if self.netem:
+                netem = ["delay", str(self.delay)]
+                if self.jitter is not None:
+                    netem.append(str(self.jitter))
+                if self.reorder is not None:
+                    netem += ["reorder", f"{self.reorder:g}%"]
+                proc = _ns.run_tool(
+                    [*tc, "replace", "dev", end.name, "root", "handle", "1:", "netem", *netem],
+                    check=False,
+                )
+                if proc.returncode != 0:
+                    detail = proc.stderr.strip()
+                    if "unknown" in detail.lower():
+                        raise NetemMissing(
+                            "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): delay, "
+                            "jitter and reordering cannot be emulated here; rates (tbf), loss "
+                            f"(nftables) and link failures work without it (tc: {detail})"
+                        )
+                    raise LabError(f"netem on link {self.index} failed: {detail}")
+                if rate is not None:
                     _ns.run_tool(
-                        ["tc", "-n", end.host.netns, "qdisc", "del", "dev", end.name, "root"],
-                        check=False,
-                    )
+                        [
+                            *tc, "replace", "dev", end.name, "parent", "1:1", "handle", "10:",
+                            "tbf", "rate", rate, "burst", self.burst, "latency", self.latency,
+                        ],
+                        what=f"shaping link {self.index}",
+                    )  # fmt: skip
+                continue
+            if rate is None:
+                if not initial:
+                    _ns.run_tool([*tc, "del", "dev", end.name, "root"], check=False)
                 continue
             _ns.run_tool(
                 [
-                    "tc", "-n", end.host.netns, "qdisc", "replace", "dev", end.name, "root",
-                    "tbf", "rate", self.rate, "burst", self.burst, "latency", self.latency,
+                    *tc, "replace", "dev", end.name, "root",
+                    "tbf", "rate", rate, "burst", self.burst, "latency", self.latency,
                 ],
                 what=f"shaping link {self.index}",
             )  # fmt: skip
@@ -676,6 +763,16 @@ def _check_rate(rate: str | None) -> str | None:
 def _check_size(size: str) -> str:
     parse_size(size)
     return size
+
+
+def _check_burst(burst: str) -> str:
+    size = parse_size(burst)
+    if size < _MAX_FRAME:
+        raise ValueError(
+            f"burst {burst!r} is {size} bytes, less than one full-size packet "
+            f"({_MAX_FRAME} bytes: MTU 1500 plus the Ethernet header): tbf would never send it"
+        )
+    return burst
 
 
 def _check_latency(latency: str) -> str:
@@ -798,16 +895,25 @@ class Topology:
         rate: str | None = None,
         burst: str = "32kbit",
         latency: str = "50ms",
+        rate_back: str | None = None,
+        delay: str | None = None,
+        jitter: str | None = None,
+        reorder: float | None = None,
     ) -> Link:
         """Join two hosts with a veth pair; link `i` gets 10.0.i.0/24 and fd00:0:0:i::/64.
 
         End `a` is `.1`/`::1`, end `b` is `.2`/`::2`. `rate` ("50mbit") shapes both
-        directions with `tbf rate RATE burst BURST latency LATENCY`.
+        directions with `tbf rate RATE burst BURST latency LATENCY` (b->a gets `rate_back`
+        when given). `delay`/`jitter`/`reorder` (a percentage) add netem where the kernel
+        has it.
         """
         self._require_building()
         ha = self.host(a) if isinstance(a, str) else a
         hb = self.host(b) if isinstance(b, str) else b
-        link = Link(self, len(self._links), ha, hb, rate=rate, burst=burst, latency=latency)
+        link = Link(
+            self, len(self._links), ha, hb, rate=rate, burst=burst, latency=latency,
+            rate_back=rate_back, delay=delay, jitter=jitter, reorder=reorder,
+        )  # fmt: skip
         self._links.append(link)
         return link
 
@@ -882,6 +988,8 @@ class Topology:
             _live.add(self)
         _install_signal_handlers()
         try:
+            _ns.reap_orphans(self.prefix)
+            _owner.write(self.record())
             self._create()
         except BaseException:
             self.close()
@@ -959,6 +1067,9 @@ class Topology:
                     _ns.delete_netns(host.netns)
                 except LabError as exc:
                     errors.append(str(exc))
+            if not errors:
+                # Kept on failure: `lab down` finds the rest through it once we are gone.
+                _owner.remove(self.record())
             with _live_lock:
                 _live.discard(self)
                 last = not _live
@@ -982,10 +1093,26 @@ class Topology:
                 proc._err.close()
             host._processes.clear()
         self._closed = True
+        record = self.record()
+        record.detached = True
+        _owner.write(record)
         with _live_lock:
             _live.discard(self)
             if not _live:
                 _restore_signal_handlers()
+
+    def record(self) -> _owner.LabRecord:
+        """This lab's ownership marker (see `mptcpkit.lab.owner`)."""
+        pid, start = _owner.creator()
+        return _owner.LabRecord(
+            stem=f"{self.prefix}{self.name}-{self.id}",
+            prefix=self.prefix,
+            topology=self.name,
+            id=self.id,
+            hosts={h.name: h.netns for h in self._hosts.values()},
+            pid=pid,
+            start=start,
+        )
 
     def __enter__(self) -> Topology:
         return self.up()
@@ -1031,6 +1158,7 @@ class Topology:
                     "a": f"{link.a.host.name}:{link.a.name}",
                     "b": f"{link.b.host.name}:{link.b.name}",
                     "rate": link.rate,
+                    "rate_back": link.rate_back or link.rate,
                     "burst": link.burst,
                     "latency": link.latency,
                     "up": link.is_up,

@@ -46,7 +46,6 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from mptcpkit.pm import diag
 from mptcpkit.pm import netns as _netns
 from mptcpkit.pm import state as _state
 from mptcpkit.pm.api import PathManager, UserspacePMUnavailable
@@ -54,6 +53,7 @@ from mptcpkit.pm.codec import Endpoint, Event, EventType
 from mptcpkit.pm.config import Config, backoff
 from mptcpkit.pm.events import EventStream
 from mptcpkit.pm.transport import PMError
+from mptcpkit.pm.userspace import Conn, UserspaceMode
 
 log = logging.getLogger("mptcpkit.pmd")
 
@@ -97,24 +97,9 @@ class Link:
     running: bool
 
 
-@dataclasses.dataclass
-class Conn:
-    """A connection the userspace PM drives."""
+class Daemon(UserspaceMode):
+    """One pmd: watches links, addresses and mptcp_pm events, keeps its state file."""
 
-    token: int
-    family: int
-    local: tuple[str, int]
-    remote: tuple[str, int]
-    server_side: bool
-    remotes: dict[str, int] = dataclasses.field(default_factory=dict)  # address -> port
-    rem_ids: dict[int, str] = dataclasses.field(default_factory=dict)
-    established: set[tuple[str, str]] = dataclasses.field(default_factory=set)
-    ports: dict[tuple[str, str], list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
-    announced: set[str] = dataclasses.field(default_factory=set)
-    pending: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # requested
-
-
-class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.links: dict[int, Link] = {}
@@ -246,39 +231,6 @@ class Daemon:
             del self.parked[address]
         self.save()
 
-    def rebuild_connections(self) -> None:
-        """Userspace mode: the connections open before this pmd started, from sock_diag,
-        driven from now on like those it saw being established."""
-        found = diag.connections()
-        for c in found:
-            conn = Conn(
-                token=c.token,
-                family=c.family,
-                local=c.local,
-                remote=c.remote,
-                server_side=c.server_side,
-            )
-            conn.remotes[c.remote[0]] = c.remote[1]
-            for sf in c.subflows:
-                pair = (sf.local[0], sf.remote[0])
-                conn.established.add(pair)
-                conn.ports.setdefault(pair, []).append((sf.local[1], sf.remote[1]))
-                conn.remotes.setdefault(sf.remote[0], sf.remote[1])
-                if sf.remote_id is not None:
-                    conn.rem_ids[sf.remote_id] = sf.remote[0]
-                if sf.local_id:
-                    self.local_ids.setdefault(sf.local[0], sf.local_id)
-            self.conns[c.token] = conn
-            self.live_tokens.add(c.token)
-        if found:
-            self.decide(
-                f"found {len(found)} open connection(s): "
-                + ", ".join(f"{c.token:08x} ({len(c.subflows)} subflows)" for c in found)
-            )
-            self.save()
-        for conn in list(self.conns.values()):
-            self._apply_policy(conn, why="found open at start")
-
     async def start(self) -> None:
         cfg = self.config
         try:
@@ -299,6 +251,8 @@ class Daemon:
             self.reconcile()
             if cfg.mode == "userspace":
                 self.rebuild_connections()
+            else:  # subflows of connections open before this pmd are repaired too
+                self.live_tokens.update(c.token for c in self.open_connections())
             loop = asyncio.get_running_loop()
             loop.add_reader(self.rtnl.fileno(), self._on_rtnl)
             loop.add_reader(self.events.fileno(), self._on_events)
@@ -739,122 +693,18 @@ class Daemon:
         self._remove_endpoint(address, "re-creating subflows", park=False)
         self._add_endpoint(address, index, "re-creating subflows")
 
-    # ------------------------------------------------------------ userspace mode
-
-    def _local_id(self, address: str) -> int:
-        if address not in self.local_ids:
-            used = set(self.local_ids.values())
-            self.local_ids[address] = next(i for i in range(1, 256) if i not in used)
-            self.save()
-        return self.local_ids[address]
-
-    def _locals(self, family: int) -> list[tuple[str, int]]:
-        """(address, ifindex) of managed running interfaces, in the connection's family."""
-        out = []
-        for address, index in sorted(self.addrs.items()):
-            if not self._usable(index):
-                continue
-            if (":" in address) != (family == socket.AF_INET6):
-                continue
-            out.append((address, index))
-        return out
-
-    def _conn_established(self, ev: Event) -> None:
-        if ev.token is None or ev.saddr is None or ev.daddr is None:
-            return
-        conn = Conn(
-            token=ev.token,
-            family=ev.family or socket.AF_INET,
-            local=(ev.saddr, ev.sport or 0),
-            remote=(ev.daddr, ev.dport or 0),
-            server_side=bool(ev.server_side),
-        )
-        conn.remotes[ev.daddr] = ev.dport or 0
-        conn.established.add((ev.saddr, ev.daddr))
-        conn.ports[(ev.saddr, ev.daddr)] = [(ev.sport or 0, ev.dport or 0)]
-        self.conns[ev.token] = conn
-        self.decide(
-            f"token {ev.token:08x}: {'server' if conn.server_side else 'client'} connection "
-            f"{ev.saddr}:{ev.sport} -> {ev.daddr}:{ev.dport} established"
-        )
-        self._apply_policy(conn, why="new connection")
-
-    def desired(self, conn: Conn) -> list[tuple[str, str, int, int]]:
-        """Subflows the policy wants: (local, remote, remote port, ifindex)."""
-        policy = self.config.policy
-        locals_ = self._locals(conn.family)
-        want: list[tuple[str, str, int, int]] = []
-        if policy == "fullmesh":
-            for laddr, index in locals_:
-                for raddr, rport in sorted(conn.remotes.items()):
-                    want.append((laddr, raddr, rport, index))
-        elif policy == "per-interface":
-            for laddr, index in locals_:
-                want.append((laddr, conn.remote[0], conn.remote[1], index))
-        return want
-
-    def _apply_policy(self, conn: Conn, why: str) -> None:
-        if conn.token not in self.conns:
-            return
-        assert self.pm is not None
-        if conn.server_side:
-            if self.config.announce:
-                for laddr, _index in self._locals(conn.family):
-                    if laddr == conn.local[0] or laddr in conn.announced:
-                        continue
-                    self.pm.announce(conn.token, laddr, id=self._local_id(laddr))
-                    conn.announced.add(laddr)
-                    self.decide(f"token {conn.token:08x}: announced {laddr} ({why})")
-            return
-        if self.config.policy == "ndiffports":
-            extra = self.config.ndiffports - len(
-                conn.ports.get((conn.local[0], conn.remote[0]), [])
-            )
-            for _ in range(max(0, extra)):
-                self._create(conn, conn.local[0], conn.remote[0], conn.remote[1], None, why)
-            return
-        for laddr, raddr, rport, index in self.desired(conn):
-            if (laddr, raddr) in conn.established or (laddr, raddr) in conn.pending:
-                continue
-            if ("sf", conn.token, laddr, raddr) in self.timers and why != "retry":
-                continue
-            self._create(conn, laddr, raddr, rport, index, why)
-
-    def _create(
-        self, conn: Conn, laddr: str, raddr: str, rport: int, index: int | None, why: str
-    ) -> None:
-        assert self.pm is not None
-        dev = (
-            self._ifname(index)
-            if index is not None and self.config.policy == "per-interface"
-            else None
-        )
-        lid = self._local_id(laddr) if laddr != conn.local[0] else 0
-        try:
-            self.pm.create_subflow(conn.token, laddr, (raddr, rport), id=lid or None, dev=dev)
-        except PMError as exc:
-            self.decide(
-                f"token {conn.token:08x}: subflow {laddr} -> {raddr}:{rport} "
-                f"failed ({why}): {exc.strerror}"
-            )
-            key: tuple[Any, ...] = ("sf", conn.token, laddr, raddr)
-            if conn.token in self.live_tokens and self.config.resubflow:
-                self._schedule(
-                    key, "subflow create failed", lambda: self._apply_policy(conn, why="retry")
-                )
-            return
-        conn.pending.add((laddr, raddr))
-        self.decide(f"token {conn.token:08x}: subflow {laddr} -> {raddr}:{rport} requested ({why})")
-
 
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
-    """Run until SIGTERM/SIGINT; `ready` is called once the daemon is watching."""
+    """Run until SIGTERM/SIGINT; `ready` is called once the daemon is watching.
+
+    The signal handlers come first: a SIGTERM that arrives while pmd is starting stops
+    it, cleanly, once started (instead of killing it half-way)."""
     daemon = Daemon(config)
-    await daemon.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopping.set)
     try:
+        await daemon.start()
         if ready is not None:
             ready()
         await daemon.stopping.wait()

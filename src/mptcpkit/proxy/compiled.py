@@ -131,7 +131,7 @@ class CompiledFrontend(FrontendRuntime):
     def failed(self, state: ServerState, err: int, tried: list[ServerState]) -> str | None:
         """A connect failed (err 0: it timed out); None to try another server."""
         exc: BaseException = TimeoutError() if err == 0 else OSError(err, os.strerror(err))
-        return self.backend.attempt_failed(state, exc, tried)
+        return self.server_failed(state, exc, tried)
 
     def header(self, state: ServerState, caddr: Any, local: Any) -> bytes:
         return proxyproto.build(state.server.send_proxy, caddr, local)

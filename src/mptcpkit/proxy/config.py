@@ -12,11 +12,12 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
     user = "nobody"             # drop root after binding
     group = "nogroup"
     stop-timeout = "10s"        # SIGTERM: drain this long, then cut
+    hard-stop-after = "30m"     # reload: old workers still draining then are cut
 
     [frontend.web]
     bind = ["mptcp@:8443", "mptcp@[::]:9000-9010"]
     backend = "app"
-    maxconn = 10000
+    maxconn = 10000             # for the whole proxy, shared out between the workers
     accept-proxy = false
     timeout = { client = "60s", connect = "5s", server = "60s" }
 
@@ -122,6 +123,7 @@ class Frontend:
     binds: tuple[Address, ...]
     backend: str
     maxconn: int = 10000
+    maxconn_set: bool = False  # given in the file: never lowered to fit the fd limit
     timeouts: Timeouts = field(default_factory=Timeouts)
     accept_proxy: bool = False
     # per bind: an IPv6 listener that refuses IPv4 clients (`v6only`); else dual-stack
@@ -143,6 +145,7 @@ class GlobalSettings:
     user: str | None = None
     group: str | None = None
     stop_timeout: float = 10.0
+    hard_stop_after: float | None = None  # reload: old workers are cut after this
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,11 @@ class Config:
     global_: GlobalSettings
     frontends: tuple[Frontend, ...]
     backends: Mapping[str, Backend]
+
+    def maxconn_share(self, f: Frontend, worker: int) -> int:
+        """Worker `worker`'s part of `f.maxconn`: the parts add up to maxconn."""
+        n = self.global_.workers
+        return f.maxconn // n + (1 if worker < f.maxconn % n else 0)
 
 
 # --- scalar readers: each raises ConfigError naming the key ---------------------------
@@ -283,7 +291,18 @@ def _address(r: _Reader, key: str, text: object, *, server: bool) -> Address:
 
 
 def _global(r: _Reader) -> GlobalSettings:
-    r.only(("workers", "log", "log-format", "metrics", "user", "group", "stop-timeout"))
+    r.only(
+        (
+            "workers",
+            "log",
+            "log-format",
+            "metrics",
+            "user",
+            "group",
+            "stop-timeout",
+            "hard-stop-after",
+        )
+    )
     cpus = os.cpu_count() or 1
     metrics_text = r.get_str("metrics", DEFAULT_METRICS)
     metrics = None
@@ -301,6 +320,7 @@ def _global(r: _Reader) -> GlobalSettings:
         user=r.get_str("user", None),
         group=r.get_str("group", None),
         stop_timeout=stop,
+        hard_stop_after=r.duration("hard-stop-after", None, allow_none=True),
     )
 
 
@@ -348,6 +368,7 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         binds=binds,
         backend=backend,
         maxconn=r.get_int("maxconn", 10000, 1, 10_000_000),
+        maxconn_set=r.has("maxconn"),
         timeouts=_timeouts(r.sub("timeout")),
         accept_proxy=r.get_bool("accept-proxy", False),
         v6only=tuple(v6 for _, v6 in parsed),
@@ -475,6 +496,12 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if f.backend not in backends:
             have = ", ".join(sorted(backends)) or "none"
             raise sub.error("backend", f"no backend named {f.backend!r} (have: {have})")
+        if f.maxconn < global_.workers:
+            raise sub.error(
+                "maxconn",
+                f"{f.maxconn} is fewer than global.workers ({global_.workers}):"
+                " maxconn is shared out between the workers, each needs at least one",
+            )
         for i, b in enumerate(f.binds):
             key = f"bind[{i}]" if len(f.binds) > 1 else "bind"
             for other_fe, other_key, other in bound:

@@ -9,6 +9,7 @@ sweep, abort_all, close_listeners.
 from __future__ import annotations
 
 import _socket
+import errno
 import functools
 import socket
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from mptcpkit.proxy.relay import Conn, reason_of, subflows
 from mptcpkit.status import protocol as socket_protocol
 
 if TYPE_CHECKING:
+    from mptcpkit.proxy.balance import ServerState
     from mptcpkit.proxy.config import Frontend
     from mptcpkit.proxy.runtime import BackendRuntime, Runtime
 
@@ -27,6 +29,7 @@ __all__ = ["ACCEPT_BATCH", "ACCEPT_RETRY", "FrontendRuntime", "idle_rule"]
 
 ACCEPT_BATCH = 64  # connections accepted per wakeup before others get a turn
 ACCEPT_RETRY = 1.0  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _STREAM = int(socket.SOCK_STREAM)
 
 
@@ -124,12 +127,32 @@ class FrontendRuntime:
 
     def accept_failed(self, err: int) -> None:
         """accept() failed for want of fds or memory: stop accepting for a while."""
+        self._out_of(err, "accept failed")
+
+    def server_failed(
+        self, state: ServerState, exc: BaseException, tried: list[ServerState]
+    ) -> str | None:
+        """An attempt to reach `state` failed; None if another server may be tried.
+
+        The proxy's own lack of fds or memory (socket() failing) is not the server's
+        fault: it is not counted against the server, no other server is tried (it would
+        fail the same way), and accepting stops for a while as when accept() fails."""
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRORS:
+            state.active -= 1
+            self._out_of(exc.errno, "no socket for a server connection")
+            return f"proxy error: {reason_of(exc)}"
+        return self.backend.attempt_failed(state, exc, tried)
+
+    def _out_of(self, err: int, what: str) -> None:
+        why = reason_of(OSError(err, ""))
         self.rt.log.event(
-            f"frontend {self.cfg.name}: accept failed ({reason_of(OSError(err, ''))}),"
-            f" retrying in {ACCEPT_RETRY:g}s"
+            f"frontend {self.cfg.name}: {what} ({why}), retrying in {ACCEPT_RETRY:g}s"
         )
-        self._pause(True)
-        self.loop.call_later(ACCEPT_RETRY, self._pause, False)
+        if self.rt.metrics is not None:
+            self.rt.metrics.proxy_error(self.cfg.name, why)
+        if not self.paused:
+            self._pause(True)
+            self.loop.call_later(ACCEPT_RETRY, self._pause, False)
 
     def _pause(self, paused: bool) -> None:
         if paused == self.paused or self.closed:

@@ -20,11 +20,11 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
-import grp
 import os
-import pwd
+import select
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -36,12 +36,14 @@ from mptcpkit.proxy import compiled
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError, Frontend
 from mptcpkit.proxy.logging import EventLog
+from mptcpkit.proxy.prepare import Prepared, log_error, prepare
 
 __all__ = ["Master", "run"]
 
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 BACKLOG = 4096
 _PR_SET_PDEATHSIG = 1
+READY_TIMEOUT = 30.0  # seconds a new worker has to start serving
 LOOP_ENV = "MPTCPKIT_PROXY_LOOP"  # "asyncio" runs workers on stock asyncio, not uvloop
 _Key = tuple[str, int]  # (address text, worker index)
 
@@ -60,14 +62,21 @@ def _unix_server(path: str) -> socket.socket:
         if path.startswith("@"):
             s.bind("\0" + path[1:])
         else:
-            if os.path.exists(path) and not _listening(path):
-                os.unlink(path)  # a stale socket file from an earlier run
+            if _is_socket(path) and not _listening(path):
+                os.unlink(path)  # a stale socket file from an earlier run (never another file)
             s.bind(path)
         s.listen(BACKLOG)
     except BaseException:
         s.close()
         raise
     return s
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _listening(path: str) -> bool:
@@ -77,26 +86,6 @@ def _listening(path: str) -> bool:
         except OSError:
             return False
     return True
-
-
-def resolve_ids(cfg: Config) -> tuple[int | None, int | None]:
-    """(uid, gid) to switch to after binding; ConfigError for unknown names."""
-    g = cfg.global_
-    uid = gid = None
-    if g.user:
-        try:
-            pw = pwd.getpwnam(g.user)
-        except KeyError:
-            raise ConfigError(cfg.source, "global.user", f"no such user {g.user!r}") from None
-        uid, gid = pw.pw_uid, pw.pw_gid
-    if g.group:
-        try:
-            gid = grp.getgrnam(g.group).gr_gid
-        except KeyError:
-            raise ConfigError(cfg.source, "global.group", f"no such group {g.group!r}") from None
-    if (uid is not None or gid is not None) and os.geteuid() != 0:
-        raise ConfigError(cfg.source, "global.user", "switching user needs root")
-    return uid, gid
 
 
 def _pool_key(f: Frontend, index: int) -> str:
@@ -126,6 +115,7 @@ class ListenerPool:
 
     def __init__(self) -> None:
         self.socks: dict[_Key, list[socket.socket]] = {}
+        self.files: dict[int, tuple[str, int]] = {}  # id(unix socket) -> (path, inode)
 
     def bind(self, cfg: Config, workers: int) -> tuple[dict[_Key, list[socket.socket]], list[str]]:
         """Sockets for `cfg` (reusing ours), plus 'frontend address' lines; all or nothing."""
@@ -148,28 +138,45 @@ class ListenerPool:
                         if got is None:
                             got = [self._sibling(cfg, key_name, addr, s, made, dual) for s in first]
                         new[(text, w)] = got
+                    # Fewer workers than before: the extra SO_REUSEPORT sockets are handed
+                    # to the remaining workers, not closed: closing one would reset the
+                    # connections in its accept queue.
+                    w = workers
+                    while addr.protocol != "unix" and (text, w) in self.socks:
+                        new[(text, w)] = self.socks[(text, w)]
+                        w += 1
                     lines.extend(
                         f"frontend {f.name} listening on {address_text(s, addr.protocol)}"
                         for s in first
                     )
         except BaseException:
             for s in made:
-                s.close()
+                self.discard(s)
             raise
         return new, lines
+
+    def discard(self, s: socket.socket) -> None:
+        """Close a listener; a unix socket's file goes too (if it is still ours)."""
+        path, ino = self.files.pop(id(s), ("", 0))
+        s.close()
+        if path:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
 
     def _get(
         self, text: str, w: int, new: dict[_Key, list[socket.socket]]
     ) -> list[socket.socket] | None:
         return new.get((text, w)) or self.socks.get((text, w))
 
-    @staticmethod
     def _create(
-        cfg: Config, key: str, addr: Any, made: list[socket.socket], dual: bool
+        self, cfg: Config, key: str, addr: Any, made: list[socket.socket], dual: bool
     ) -> list[socket.socket]:
         with _listen_errors(cfg, key, addr):
             if addr.protocol == "unix":
                 socks = [_unix_server(addr.path)]
+                if not addr.path.startswith("@"):
+                    self.files[id(socks[0])] = (addr.path, os.stat(addr.path).st_ino)
             else:
                 socks = list(
                     addr.create_server(backlog=BACKLOG, reuse_port=True, dualstack_ipv6=dual)
@@ -202,18 +209,25 @@ class ListenerPool:
     def adopt(self, new: dict[_Key, list[socket.socket]]) -> None:
         """Make `new` the pool; close what the new config no longer uses."""
         keep = {id(s) for socks in new.values() for s in socks}
-        for socks in self.socks.values():
-            for s in socks:
-                if id(s) not in keep:
-                    s.close()
+        for s in self.all():
+            if id(s) not in keep:
+                self.discard(s)
         self.socks = new
 
     def for_worker(self, cfg: Config, w: int) -> dict[str, list[socket.socket]]:
+        """Worker `w`'s sockets: slot w, and slots w + workers, w + 2*workers... kept
+        from a reload that lowered the worker count."""
+        n = cfg.global_.workers
         out: dict[str, list[socket.socket]] = {}
         for f in cfg.frontends:
-            out[f.name] = [
-                s for i, addr in enumerate(f.binds) for s in self.socks[(_pool_key(f, i), w)]
-            ]
+            socks: list[socket.socket] = []
+            for i in range(len(f.binds)):
+                text = _pool_key(f, i)
+                slot = w
+                while (text, slot) in self.socks:
+                    socks.extend(self.socks[(text, slot)])
+                    slot += n
+            out[f.name] = socks
         return out
 
     def all(self) -> list[socket.socket]:
@@ -225,7 +239,7 @@ class ListenerPool:
 
     def close(self) -> None:
         for s in self.all():
-            s.close()
+            self.discard(s)
         self.socks = {}
 
 
@@ -234,14 +248,18 @@ class Master:
         self.cfg = cfg
         self.reload_fn = reload
         self.pool = ListenerPool()
-        self.log = EventLog(
-            cfg.global_.log if cfg.global_.log != "none" else "stderr",
-            cfg.global_.log_format,
-            prefix="master: ",
-        )
+        try:
+            self.log = EventLog(
+                cfg.global_.log if cfg.global_.log != "none" else "stderr",
+                cfg.global_.log_format,
+                prefix="master: ",
+            )
+        except OSError as exc:
+            raise log_error(cfg, exc) from None
         self.workers: dict[int, int] = {}  # pid -> slot
-        self.old: set[int] = set()
-        self.ids: tuple[int | None, int | None] = (None, None)
+        self.old: dict[int, float | None] = {}  # retired pid -> when hard-stop-after cuts it
+        self.starting: dict[int, int] = {}  # pid -> read end of its "ready" pipe
+        self.prep = Prepared()
         self.metrics_dir: str | None = None
         self.metrics_server: Any = None
         self.generation = 0
@@ -250,14 +268,17 @@ class Master:
     # --- start -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind everything or raise ConfigError with nothing left listening."""
-        self.ids = resolve_ids(self.cfg)
+        """Resolve, check and bind everything, or raise ConfigError with nothing listening."""
+        self.prep = prepare(self.cfg)
+        self.cfg = self.prep.cfg or self.cfg
+        for note in self.prep.notes:
+            self.log.event(note)
         new, lines = self.pool.bind(self.cfg, self.cfg.global_.workers)
         self.pool.adopt(new)
         m = self.cfg.global_.metrics
         if m is not None:
             self.metrics_dir = metrics_mod.prepare()
-            uid, gid = self.ids
+            uid, gid = self.prep.ids
             if uid is not None or gid is not None:
                 os.chown(self.metrics_dir, -1 if uid is None else uid, -1 if gid is None else gid)
             try:
@@ -283,24 +304,74 @@ class Master:
         # Close every listener that is not this worker's, including ones a reload is
         # retiring: an inherited copy would keep a removed address accepting into a void.
         others = [s for s in (*self.pool.all(), *self.retiring) if id(s) not in own]
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         sys.stderr.flush()
         master_pid = os.getpid()
         pid = os.fork()
         if pid:
+            os.close(ready_w)
             self.workers[pid] = slot
+            self.starting[pid] = ready_r
             return pid
         code = 1
         try:
+            os.close(ready_r)
+            for fd in self.starting.values():
+                os.close(fd)
             for s in others:
                 s.close()
             if self.metrics_server is not None:
                 with contextlib.suppress(OSError):
                     self.metrics_server.socket.close()
-            code = _worker_main(cfg, mine, slot, self.ids, self.metrics_dir is not None, master_pid)
-        except BaseException:
+            code = _worker_main(
+                cfg, mine, slot, self.prep, self.metrics_dir is not None, master_pid, ready_w
+            )
+        except BaseException as exc:
             traceback.print_exc()
+            _tell(ready_w, b"E" + f"{type(exc).__name__}: {exc}".encode())
         finally:
             os._exit(code)
+
+    def _await_ready(self, pids: list[int]) -> str | None:
+        """Wait until each worker serves; None, or why one of them could not start."""
+        pending = {self.starting[p]: p for p in pids if p in self.starting}
+        deadline = time.monotonic() + READY_TIMEOUT
+        error = None
+        while pending and error is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pid = next(iter(pending.values()))
+                error = f"worker {self.workers.get(pid)} not ready after {READY_TIMEOUT:g}s"
+                break
+            readable, _, _ = select.select(list(pending), [], [], left)
+            for fd in readable:
+                data = os.read(fd, 4096)
+                pid = pending.pop(fd)
+                self._started(pid)
+                if data == b"R":
+                    continue
+                slot = self.workers.get(pid)
+                why = data[1:].decode(errors="replace") if data else self._exit_status(pid)
+                error = f"worker {slot} could not start: {why}"
+        for pid in pending.values():
+            self._started(pid)
+        return error
+
+    def _started(self, pid: int) -> None:
+        fd = self.starting.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _exit_status(self, pid: int) -> str:
+        """Reap a worker that closed its ready pipe without a word: how it ended."""
+        self.workers.pop(pid, None)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return "exited"
+        if self.metrics_dir:
+            metrics_mod.worker_exited(pid)
+        return f"exited ({os.waitstatus_to_exitcode(status)})"
 
     # --- main loop ---------------------------------------------------------------------
 
@@ -311,12 +382,19 @@ class Master:
             self.start()
             for slot in range(self.cfg.global_.workers):
                 self._spawn(slot)
+            error = self._await_ready(list(self.workers))
+            if error is not None:
+                self.log.event(f"{error}; stopping", now=True)
+                self._stop()
+                return 1
             self.log.event(
                 f"ready: {self.cfg.global_.workers} workers ({relay} relay), pid {os.getpid()}",
                 now=True,
             )
             return self._loop()
         finally:
+            for pid in list(self.starting):
+                self._started(pid)
             self.pool.close()
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
@@ -334,13 +412,26 @@ class Master:
                 if now >= when:
                     del respawn_at[slot]
                     self.log.event(f"restarting worker {slot}", now=True)
-                    self._spawn(slot)
+                    self._started(self._spawn(slot))
+            self._hard_stop(now)
             if info is None:
                 continue
             if info.si_signo == signal.SIGHUP:
                 self._reload()
             elif info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 return self._stop()
+
+    def _hard_stop(self, now: float) -> None:
+        """`hard-stop-after`: old workers still draining after it are cut (SIGUSR2)."""
+        for pid, when in list(self.old.items()):
+            if when is not None and now >= when:
+                self.old[pid] = None
+                self.log.event(
+                    f"old worker {pid}: hard-stop-after reached, closing its connections",
+                    now=True,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR2)
 
     def _reap(self, respawn_at: dict[int, float]) -> None:
         while True:
@@ -353,7 +444,7 @@ class Master:
             if self.metrics_dir:
                 metrics_mod.worker_exited(pid)
             if pid in self.old:
-                self.old.discard(pid)
+                del self.old[pid]
                 self.log.event(f"old worker {pid} finished", now=True)
                 continue
             slot = self.workers.pop(pid, None)
@@ -378,14 +469,14 @@ class Master:
                 self.log.event(
                     "reload: global.metrics changes need a restart; keeping the old address"
                 )
-            ids = resolve_ids(cfg)
+            prep = prepare(cfg)
+            cfg = prep.cfg or cfg
             new, lines = self.pool.bind(cfg, cfg.global_.workers)
         except ConfigError as exc:
-            self.log.event(f"reload failed, keeping the running config: {exc}", now=True)
+            self._reload_failed(str(exc))
             return
-        self.generation += 1
-        old = dict(self.workers)
-        self.cfg, self.ids = cfg, ids
+        running = (self.cfg, self.prep, dict(self.workers))
+        self.cfg, self.prep = cfg, prep
         # Keep old sockets open until the new workers hold them (adopt closes the rest).
         prev = self.pool.socks
         self.retiring = self.pool.all()
@@ -397,21 +488,44 @@ class Master:
         finally:
             self.retiring = []
             self.pool.socks = prev
+        error = self._await_ready(list(self.workers))
+        if error is not None:
+            # The new workers go (those serving already drain), the sockets only they
+            # had are closed, and the running ones never knew.
+            self._retire(list(self.workers), signal.SIGTERM, None)
+            keep = {id(s) for s in self.pool.all()}
+            for s in {id(s): s for socks in new.values() for s in socks}.values():
+                if id(s) not in keep:
+                    self.pool.discard(s)
+            self.cfg, self.prep, self.workers = running
+            self._reload_failed(error)
+            return
+        self.generation += 1
         self.pool.adopt(new)
-        for pid in old:
-            self.old.add(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
-        for line in lines:
+        hard = cfg.global_.hard_stop_after
+        self._retire(
+            list(running[2]), signal.SIGUSR1, None if hard is None else time.monotonic() + hard
+        )
+        for line in (*prep.notes, *lines):
             self.log.event(line)
         self.log.event(
             f"reloaded {cfg.source}: {cfg.global_.workers} new workers, "
-            f"{len(old)} old ones finishing their connections",
+            f"{len(running[2])} old ones finishing their connections",
             now=True,
         )
 
+    def _reload_failed(self, why: str) -> None:
+        self.log.event(f"reload failed: {why}, keeping the running configuration", now=True)
+
+    def _retire(self, pids: list[int], sig: int, hard_stop: float | None) -> None:
+        for pid in pids:
+            self.workers.pop(pid, None)
+            self.old[pid] = hard_stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def _stop(self) -> int:
-        pids = set(self.workers) | self.old
+        pids = set(self.workers) | set(self.old)
         self.log.event(
             f"stopping: draining {len(pids)} workers (up to {self.cfg.global_.stop_timeout:g}s)",
             now=True,
@@ -441,6 +555,14 @@ class Master:
         return 0
 
 
+def _tell(fd: int, what: bytes) -> None:
+    """One message to the master on the ready pipe ("R", or "E" and why), then close it."""
+    with contextlib.suppress(OSError):
+        os.write(fd, what[:4096])
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 def _die_with_parent(master_pid: int) -> None:
     """A worker must not outlive a master killed with SIGKILL: PR_SET_PDEATHSIG."""
     with contextlib.suppress(OSError, AttributeError):
@@ -454,20 +576,20 @@ def _worker_main(
     cfg: Config,
     listeners: dict[str, list[socket.socket]],
     slot: int,
-    ids: tuple[int | None, int | None],
+    prep: Prepared,
     with_metrics: bool,
     master_pid: int,
+    ready_fd: int,
 ) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    # Everything that reads files (modules, the log, metrics files, name lookups) happens
-    # before dropping root: the new user may not be able to read the Python installation.
-    import encodings.idna  # noqa: F401  (getaddrinfo needs it, lazily)
-
-    from mptcpkit.proxy.runtime import Runtime, resolve_targets
+    # Everything that reads files (modules, the log, metrics files) happens before
+    # dropping root: the new user may not be able to read the Python installation.
+    # Server names were resolved by the master (prepare.py): a worker never looks one up.
+    from mptcpkit.proxy.runtime import Runtime
 
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if os.environ.get(LOOP_ENV, "uvloop") != "asyncio":
@@ -475,10 +597,9 @@ def _worker_main(
             import uvloop
 
             factory = uvloop.new_event_loop
-    targets = resolve_targets(cfg)
     log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix=f"worker {slot}: ")
     metrics = metrics_mod.WorkerMetrics() if with_metrics else None
-    uid, gid = ids
+    uid, gid = prep.ids
     if gid is not None:
         os.setgroups([])
         os.setgid(gid)
@@ -490,12 +611,21 @@ def _worker_main(
     gc.collect()
     gc.freeze()
 
+    # maxconn is for the whole proxy: this worker takes its share of each frontend's.
+    cfg = dataclasses.replace(
+        cfg,
+        frontends=tuple(
+            dataclasses.replace(f, maxconn=cfg.maxconn_share(f, slot)) for f in cfg.frontends
+        ),
+    )
+
     async def main() -> None:
-        rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=targets)
+        rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=prep.targets)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout)
-        loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)
-        await rt.serve()
+        loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)  # retired by a reload
+        loop.add_signal_handler(signal.SIGUSR2, rt.stop, 0.0)  # hard-stop-after
+        await rt.serve(ready=lambda: _tell(ready_fd, b"R"))
 
     try:
         with asyncio.Runner(loop_factory=factory) as runner:

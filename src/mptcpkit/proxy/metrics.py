@@ -191,6 +191,12 @@ class WorkerMetrics:
             "Log lines dropped because the log destination did not take them in time",
         )
         self._log_counted = 0
+        self.m_errors = Counter(
+            "mptcpkit_proxy_errors",
+            "The proxy's own failures (out of fds or memory), not a server's",
+            ["frontend", "error"],
+        )
+        self._errors: Tally[tuple[str, str]] = Tally()
         self._conns: Tally[tuple[str, str, str]] = Tally()
         self._legs: Tally[tuple[str, str, str]] = Tally()
         self._bytes: Tally[tuple[str, str]] = Tally()
@@ -218,6 +224,9 @@ class WorkerMetrics:
     def connect_failed(self, backend: str, server: str) -> None:
         self._fail[(backend, server)] += 1
 
+    def proxy_error(self, frontend: str, error: str) -> None:
+        self._errors[(frontend, error)] += 1
+
     def server_health(self, backend: str, server: str, up: bool) -> None:
         self._up[(backend, server)] = up
 
@@ -239,6 +248,9 @@ class WorkerMetrics:
         self._connects.publish(self.m_connect)
         for k2, n in self._fail.items():
             self.m_fail.labels(*k2).inc(n)
+        for k2, n in self._errors.items():
+            self.m_errors.labels(*k2).inc(n)
+        self._errors.clear()
         for leg, n in self._subflows:
             self.m_subflows.labels(leg).observe(n)
         self._conns.clear()

@@ -422,7 +422,7 @@ class Conn:
         self.server = None
         if self.tried is None:
             self.tried = []
-        why = self.fe.backend.attempt_failed(state, exc, self.tried)
+        why = self.fe.server_failed(state, exc, self.tried)
         if why is not None:
             self.end(why)
             return False

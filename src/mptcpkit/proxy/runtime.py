@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import mptcpkit
@@ -40,16 +40,11 @@ _NONBLOCKING_STREAM = _STREAM | socket.SOCK_NONBLOCK
 class BackendRuntime:
     """A backend's servers, their resolved addresses, and how to open a leg to one."""
 
-    def __init__(
-        self, cfg: Backend, rt: Runtime, targets: Mapping[str, tuple[int, Any]] | None = None
-    ) -> None:
+    def __init__(self, cfg: Backend, rt: Runtime, targets: Mapping[str, tuple[int, Any]]) -> None:
         self.cfg = cfg
         self.rt = rt
         self.balancer = Balancer(cfg)
-        self.targets: dict[str, tuple[int, Any]] = dict(targets or {})
-        for s in cfg.servers:
-            if s.name not in self.targets:
-                self.targets[s.name] = _resolve(s.address)
+        self.targets = dict(targets)  # resolved by the master (prepare.py)
         self.needs_client_addr = cfg.balance == "source" or any(s.send_proxy for s in cfg.servers)
         # What the compiled engine needs to open a leg to each server, made once.
         self.wire = (
@@ -141,23 +136,6 @@ async def connect_socket(
     return sock
 
 
-def resolve_targets(cfg: Config) -> dict[str, dict[str, tuple[int, Any]]]:
-    """(family, sockaddr) of every server, by backend: names are looked up once, at start."""
-    return {
-        name: {s.name: _resolve(s.address) for s in b.servers} for name, b in cfg.backends.items()
-    }
-
-
-def _resolve(addr: Any) -> tuple[int, Any]:
-    """(family, sockaddr) for a server address; names are resolved once, at start."""
-    if addr.protocol == "unix":
-        return socket.AF_UNIX, addr.path
-    family = addr.family if addr.family in (socket.AF_INET, socket.AF_INET6) else 0
-    infos = socket.getaddrinfo(addr.host, addr.port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    fam, _, _, _, sockaddr = infos[0]
-    return fam, sockaddr
-
-
 class Runtime:
     """Everything one worker runs; `serve()` returns when stopped and drained."""
 
@@ -169,7 +147,7 @@ class Runtime:
         log: EventLog,
         metrics: Any = None,
         worker: int = 0,
-        targets: Mapping[str, Mapping[str, tuple[int, Any]]] | None = None,
+        targets: Mapping[str, Mapping[str, tuple[int, Any]]],
     ) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
@@ -186,8 +164,7 @@ class Runtime:
         self.deadline: float | None = None
         self._drain: asyncio.Timeout | None = None  # the running drain deadline, if any
         self.backends = {
-            name: BackendRuntime(b, self, (targets or {}).get(name))
-            for name, b in cfg.backends.items()
+            name: BackendRuntime(b, self, targets[name]) for name, b in cfg.backends.items()
         }
         kind = FrontendRuntime if self.engine is None else compiled.CompiledFrontend
         self.frontends = [
@@ -201,20 +178,23 @@ class Runtime:
 
     # --- running and stopping --------------------------------------------------------
 
-    async def serve(self) -> None:
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until stopped and drained; `ready()` once every listener is served."""
         for fe in self.frontends:
             await fe.start()
         for be in self.backends.values():
             if be.cfg.check is not None:
                 self._tasks.append(self.loop.create_task(self._health(be)))
         self._tasks.append(self.loop.create_task(self._sweep()))
+        if ready is not None:
+            ready()
         await self.stop_event.wait()
-        for fe in self.frontends:
-            fe.close_listeners()
         if self.busy():
             try:
                 async with asyncio.timeout_at(self.deadline) as self._drain:
-                    await self.idle_event.wait()
+                    while self.busy():  # listeners are closed: nothing new comes in
+                        self.idle_event.clear()
+                        await self.idle_event.wait()
             except TimeoutError:
                 n = sum(fe.count() for fe in self.frontends)
                 self.log.event(f"stop deadline reached, closing {n} connections")
@@ -246,8 +226,10 @@ class Runtime:
             return
         self.stopping = True
         self.deadline = None if timeout is None else self.loop.time() + timeout
-        if not self.busy():
-            self.idle_event.set()
+        # Stop accepting now, not a loop turn later: a connection accepted after the
+        # idle check would be reset when the worker exits.
+        for fe in self.frontends:
+            fe.close_listeners()
         self.stop_event.set()
 
     # --- per connection ----------------------------------------------------------------

@@ -58,6 +58,9 @@ class Arch:
     # 32-bit programs run through the compat layer: their socket() calls are reported
     # (not forced). (audit arch, socket nr, socketcall nr or -1)
     compat: tuple[int, int, int] | None = None
+    # exec of a setuid or file-capability program is reported (no_new_privs)
+    execve: int = -1
+    execveat: int = -1
 
 
 X86_64 = Arch(
@@ -74,6 +77,8 @@ X86_64 = Arch(
     116,
     True,
     (AUDIT_ARCH_I386, 359, 102),
+    execve=59,
+    execveat=322,
 )
 AARCH64 = Arch(
     "aarch64",
@@ -89,6 +94,8 @@ AARCH64 = Arch(
     159,
     False,
     (AUDIT_ARCH_ARM, 281, -1),
+    execve=221,
+    execveat=281,
 )
 ARCHES = {"x86_64": X86_64, "amd64": X86_64, "aarch64": AARCH64, "arm64": AARCH64}
 

@@ -3,10 +3,11 @@
 systemd (and `systemd-socket-activate`, inetd-style managers) starts `mptcpkit run`
 with the listening sockets on descriptors 3.. (`LISTEN_FDS`, sd_listen_fds(3)) and
 addresses them to the process it started: `LISTEN_PID`, like `WATCHDOG_PID`, is
-mptcpkit run's pid. When the supervisor starts CMD as its child, those descriptors
-must reach CMD, and the variables must name CMD's pid (sd_listen_fds() and
-sd_watchdog_enabled() ignore them otherwise). The supervisor then drops its own
-copies, so a connection handed over (Accept=yes) closes when CMD closes it.
+mptcpkit run's pid. The seccomp strategy execs CMD in that very process, so all is
+CMD's already; a strategy that starts CMD as a child (bpf) must pass the descriptors
+on and address the variables to the child's pid (sd_listen_fds() and
+sd_watchdog_enabled() ignore them otherwise), then drop its own copies, so that a
+connection handed over (Accept=yes) closes when CMD closes it.
 """
 
 from __future__ import annotations

@@ -20,21 +20,32 @@ _SHDR = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr
 GO_SECTIONS = (b".go.buildinfo", b".note.go.buildid", b".gopclntab")
 
 
-def privilege(path: str) -> str | None:
+def privilege(
+    path: str,
+    *,
+    euid: int | None = None,
+    egid: int | None = None,
+    groups: tuple[int, ...] | None = None,
+) -> str | None:
     """Why exec'ing `path` gains privileges (setuid, setgid, file capabilities), or None.
 
-    Only what no_new_privs would take away from the caller counts: a setuid root
-    program run by root gains nothing, nor does a file capability for root.
+    Only what no_new_privs would take away from the caller (by default this process)
+    counts: a setuid root program run by root gains nothing, nor does a file
+    capability for root.
     """
     try:
         st = os.stat(path)
     except OSError:
         return None
-    euid = os.geteuid()
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+        return None
+    euid = os.geteuid() if euid is None else euid
+    egid = os.getegid() if egid is None else egid
+    groups = tuple(os.getgroups()) if groups is None else groups
     if st.st_mode & stat.S_ISUID and st.st_uid != euid:
         return f"setuid (owner uid {st.st_uid})"
     setgid = st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP
-    if setgid and st.st_gid != os.getegid() and st.st_gid not in os.getgroups():
+    if setgid and st.st_gid != egid and st.st_gid not in groups:
         return f"setgid (group {st.st_gid})"
     if euid != 0:
         try:

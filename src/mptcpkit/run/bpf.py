@@ -55,6 +55,9 @@ class FilterSpec:
     # second seccomp listener is refused by the kernel (EBUSY).
     trap_io_uring: bool = True
     trap_seccomp_listener: bool = True
+    # Report, not fix: a setuid or file-capability program starts without its
+    # privileges under no_new_privs.
+    trap_exec: bool = True
 
 
 class _Asm:
@@ -108,6 +111,10 @@ def build_filter(spec: FilterSpec) -> bytes:
         a.op(JEQ_K, arch.io_uring_setup, "notify", 0)
     if spec.trap_seccomp_listener:
         a.op(JEQ_K, arch.seccomp, "seccomp", 0)
+    if spec.trap_exec:
+        for nr in (arch.execve, arch.execveat):
+            if nr >= 0:
+                a.op(JEQ_K, nr, "notify", 0)
     a.label("allow")
     a.op(RET_K, abi.SECCOMP_RET_ALLOW)
     a.label("notify")

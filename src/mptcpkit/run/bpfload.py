@@ -191,8 +191,19 @@ def probe() -> str | None:
     process: `--strategy auto` and the bpf strategy both ask)."""
     try:
         abi.native_arch()
+    except LookupError as exc:
+        return f"no BPF strategy on this architecture ({exc})"
+    # The kernel checks the right to load tracing programs before their attach target:
+    # ask that first, so hosts that refuse them never pay for parsing vmlinux BTF
+    # (megabytes, tens of milliseconds on every `mptcpkit run`).
+    try:
+        os.close(_bpf(BPF_PROG_LOAD, _prog_load_attr(program(0), 0, None).buf, "load"))
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            return "the kernel refuses tracing BPF programs (BPF_PROG_LOAD: EPERM)"
+    try:
         btf_id = hook_btf_id()
-    except (LookupError, OSError, BTFError) as exc:
+    except (OSError, BTFError) as exc:
         return f"no {HOOK} hook in the kernel's BTF ({exc}; needs Linux 6.6+ with BTF)"
     try:
         fd = _bpf(BPF_PROG_LOAD, _prog_load_attr(program(0), btf_id, None).buf, "load")

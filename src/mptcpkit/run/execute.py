@@ -18,9 +18,12 @@ from typing import NoReturn
 
 from mptcpkit.run import binary
 
-# Python ignores these itself when it starts; the ones we were started with cannot be
-# read back, so CMD gets the default unless its service manager ignores SIGPIPE.
+# Python ignores these itself when it starts, and what they were before cannot be
+# read back: CMD gets the default unless the parent shows it meant them ignored.
 PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
+# A shell's child gets the shell's ignored signals (`trap '' PIPE`); so, when the
+# parent is one of these, what the parent ignores is what we were started with.
+SHELLS = frozenset({"sh", "ash", "dash", "bash", "zsh", "ksh", "mksh", "busybox", "fish"})
 
 
 class ExecError(Exception):
@@ -51,26 +54,43 @@ def resolve(name: str, env: Mapping[str, str]) -> str:
     raise ExecError(f"{name}: command not found", 127)
 
 
-def started_by_systemd(env: Mapping[str, str]) -> bool:
-    """A service started by systemd (which ignores SIGPIPE for it by default)."""
-    if "INVOCATION_ID" not in env:
-        return False
+def _parent() -> tuple[str, int]:
+    """The parent's command name and its mask of ignored signals."""
     try:
-        with open(f"/proc/{os.getppid()}/comm", "rb") as f:
-            return f.read().strip() == b"systemd"
+        with open(f"/proc/{os.getppid()}/status", "rb") as f:
+            status = f.read().decode(errors="replace")
     except OSError:
-        return False
+        return "", 0
+    fields = dict(line.partition(":")[::2] for line in status.splitlines())
+    try:
+        return fields.get("Name", "").strip(), int(fields.get("SigIgn", "0"), 16)
+    except ValueError:
+        return fields.get("Name", "").strip(), 0
+
+
+def started_ignoring(env: Mapping[str, str]) -> set[int]:
+    """Which of Python's own ignores (SIGPIPE, SIGXFSZ) we were most likely started with.
+
+    A service of systemd (`$INVOCATION_ID`, parent systemd) has SIGPIPE ignored
+    (IgnoreSIGPIPE=yes is the default); the child of a shell has what the shell
+    ignores; anything else (a Python or Node parent resets them for its children)
+    the default.
+    """
+    name, ignored = _parent()
+    if name == "systemd" and "INVOCATION_ID" in env:
+        return {signal.SIGPIPE}
+    if name in SHELLS:
+        return {sig for sig in PYTHON_IGNORES if ignored >> (sig - 1) & 1}
+    return set()
 
 
 def restore_dispositions(env: Mapping[str, str]) -> None:
-    """Undo what the Python interpreter changed: SIGPIPE and SIGXFSZ back to default
-    (ignored SIGPIPE kept for systemd services); no signal blocked. Handlers become
-    the default at exec by themselves; ignored signals stay ignored."""
-    keep_pipe = started_by_systemd(env)
+    """Undo what the Python interpreter changed: SIGPIPE and SIGXFSZ back to what we
+    were most likely started with (see started_ignoring); no signal blocked. Handlers
+    become the default at exec by themselves; ignored signals stay ignored."""
+    keep = started_ignoring(env)
     for sig in PYTHON_IGNORES:
-        if sig == signal.SIGPIPE and keep_pipe:
-            continue
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN if sig in keep else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 

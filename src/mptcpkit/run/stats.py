@@ -14,6 +14,7 @@ class Stats:
     fell_back: int = 0  # MPTCP could not be made: plain TCP
     left_alone: int = 0  # trapped but deliberately not forced
     swapped: int = 0  # forced, then rebuilt as plain TCP before use
+    repaired: int = 0  # the program's own MPTCP sockets rebuilt as plain TCP (TCP-only option)
     reasons: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     warnings: list[str] = dataclasses.field(default_factory=list)
     # TCP-only options refused on MPTCP sockets already connected or accepted: lost
@@ -26,6 +27,8 @@ class Stats:
             f"{self.fell_back} fell back to TCP",
             f"{self.left_alone + self.swapped} left alone",
         ]
+        if self.repaired:
+            parts.append(f"{self.repaired} of the program's own MPTCP sockets made plain TCP")
         text = ", ".join(parts)
         if self.reasons:
             detail = "; ".join(f"{why}: {n}" for why, n in sorted(self.reasons.items()))
@@ -41,6 +44,7 @@ class Stats:
             "fell_back": self.fell_back,
             "left_alone": self.left_alone + self.swapped,
             "swapped_to_tcp": self.swapped,
+            "repaired": self.repaired,
             "reasons": dict(self.reasons),
             "warnings": list(self.warnings),
             "lost_options": dict(self.lost),

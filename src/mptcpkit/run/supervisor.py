@@ -30,7 +30,7 @@ from typing import TextIO
 
 from mptcpkit import netns
 from mptcpkit.abi.constants import IPPROTO_MPTCP
-from mptcpkit.run import abi, swap, syscalls
+from mptcpkit.run import abi, execwatch, fastpath, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.procfd import epoll_watches, process_fds
@@ -180,6 +180,17 @@ class Supervisor:
             collections.OrderedDict()
         )
         self._forced: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
+        # The common socket() calls answered in C (run/fastpath.py), the rest here.
+        self._fast = fastpath.open_fastpath(
+            listener,
+            arch,
+            recv_size=self._recv_size,
+            netns=self._own.netns,
+            uids=self._own.uids,
+            gids=self._own.gids,
+            groups=self._own.groups,
+            killable=killable,
+        )
 
     # -- the loop ----------------------------------------------------------------
 
@@ -187,15 +198,29 @@ class Supervisor:
         return self.listener
 
     def handle_one(self) -> bool:
-        """Receive and answer one notification; False if there was none to receive."""
-        try:
-            _, buf = syscalls.ioctl(
-                self.listener, abi.SECCOMP_IOCTL_NOTIF_RECV, b"", self._recv_size
-            )
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.EAGAIN):
-                return False  # the thread died between poll and receive
-            raise
+        """Receive and answer one notification (with the compiled path: every pending
+        one it can answer, up to one it cannot); False if there was none to receive."""
+        if self._fast is not None:
+            _kind, payload, forced = self._fast.serve()
+            for key in forced:
+                self._remember(key)
+            self.stats.forced += len(forced)
+            if isinstance(payload, int):  # the receive failed
+                if payload in (errno.ENOENT, errno.EAGAIN):
+                    return bool(forced)
+                raise OSError(payload, os.strerror(payload))
+            if payload is None:
+                return True
+            buf = payload
+        else:
+            try:
+                _, buf = syscalls.ioctl(
+                    self.listener, abi.SECCOMP_IOCTL_NOTIF_RECV, b"", self._recv_size
+                )
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EAGAIN):
+                    return False  # the thread died between poll and receive
+                raise
         notif = abi.decode_notif(buf)
         try:
             self.handle(notif)
@@ -246,6 +271,8 @@ class Supervisor:
                 "the program uses io_uring: sockets it makes through io_uring are not forced",
             )
             self._continue(n)
+        elif nr in (self.arch.execve, self.arch.execveat):
+            self._on_exec(n)
         elif nr == self.arch.seccomp:
             self.warn(
                 "seccomp",
@@ -255,6 +282,23 @@ class Supervisor:
             self._continue(n)
         else:
             self._continue(n)
+
+    def _on_exec(self, n: abi.Notification) -> None:
+        """A setuid/file-capability program exec'd under forcing starts unprivileged."""
+        try:
+            ctx = read_task(n.pid)
+            found = execwatch.privileged_exec(n, self.arch, ctx.uids[1], ctx.gids[1], ctx.groups)
+            if found is not None:
+                self._check_valid(n)  # the memory read was the caller's
+                path, why = found
+                self.warn(
+                    f"exec-{path}",
+                    f"{path} is {why}: under forcing (no_new_privs) it runs without its "
+                    "privileges and may fail; run it outside mptcpkit run",
+                )
+        except (ProcessLookupError, _Gone):
+            pass
+        self._continue(n)
 
     def warn(self, key: str, message: str) -> None:
         if key in self._warned:
@@ -449,8 +493,11 @@ class Supervisor:
             # The program's descriptor now holds the plain TCP socket. The MPTCP one
             # is only released when the program's call returns (the kernel closes
             # it in the program's context), so it must let go of its port first.
-            self._forced.pop(key, None)
-            self.stats.swapped += 1
+            if key in self._forced:
+                self._forced.pop(key)
+                self.stats.swapped += 1
+            else:
+                self.stats.repaired += 1  # an MPTCP socket the program asked for itself
             try:
                 swap.rebind(old, new, how)
             except OSError as exc:
@@ -463,17 +510,22 @@ class Supervisor:
 
     def _rewatch(self, pidfd: int, pid: int, fds: list[int], ino: int, new_fd: int) -> None:
         """Add `new_fd` to each epoll set of `pid` that watched the old socket."""
-        for epfd, events, data in epoll_watches(pid, set(fds), ino):
-            try:
-                ours = syscalls.pidfd_getfd(pidfd, epfd)
-            except OSError:
-                continue
-            try:
-                syscalls.epoll_ctl(ours, syscalls.EPOLL_CTL_ADD, new_fd, events, data)
-            except OSError as exc:
-                self.warn("epoll", f"could not watch the plain TCP socket: {exc.strerror}")
-            finally:
-                os.close(ours)
+        held: list[int] = []  # epoll keys a watch by (file, fd number): one number per watch
+        try:
+            for epfd, events, data in epoll_watches(pid, set(fds), ino):
+                try:
+                    ours = syscalls.pidfd_getfd(pidfd, epfd)
+                except OSError:
+                    continue
+                held.append(ours)
+                held.append(os.dup(new_fd))
+                try:
+                    syscalls.epoll_ctl(ours, syscalls.EPOLL_CTL_ADD, held[-1], events, data)
+                except OSError as exc:
+                    self.warn("epoll", f"could not watch the plain TCP socket: {exc.strerror}")
+        finally:
+            for fd in held:
+                os.close(fd)
 
     # -- kernel calls ------------------------------------------------------------
 

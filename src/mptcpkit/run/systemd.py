@@ -120,7 +120,6 @@ def render_dropin(
     runner: Sequence[str],
     options: Sequence[str],
     *,
-    notify_all: bool = False,
     created_dir: bool = False,
 ) -> str:
     lines = [
@@ -133,9 +132,6 @@ def render_dropin(
         lines.append(CREATED_DIR)
     lines += ["[Service]", "ExecStart="]
     lines += [f"ExecStart={wrap(cmd, runner, options)}" for cmd in commands]
-    if notify_all:
-        # READY=1 now comes from mptcpkit run's child, not from the main process.
-        lines.append("NotifyAccess=all")
     return "\n".join(lines) + "\n"
 
 
@@ -243,15 +239,6 @@ def plan_dropin(unit: str, options: Sequence[str] = (), *, root: str = "/") -> P
         raise UnitError(f"unit {name} has no ExecStart= to wrap")
     type_ = service_setting(texts, "Type") or "simple"
     notes = []
-    notify_all = False
-    if type_ in ("notify", "notify-reload"):
-        access = service_setting(texts, "NotifyAccess") or "main"
-        notify_all = access in ("main", "exec")
-        if notify_all:
-            notes.append(
-                f"NotifyAccess=all: READY=1 comes from the program, a child of the main "
-                f"process mptcpkit run (the unit had NotifyAccess={access})"
-            )
     if type_ == "forking" and not service_setting(texts, "PIDFile"):
         notes.append(
             "Type=forking without PIDFile=: systemd cannot tell the daemon from the "
@@ -267,9 +254,7 @@ def plan_dropin(unit: str, options: Sequence[str] = (), *, root: str = "/") -> P
         )
     path = dropin_path(name, root)
     created = not os.path.isdir(os.path.dirname(path)) or _created_by_us(path)
-    text = render_dropin(
-        name, commands, runner(), options, notify_all=notify_all, created_dir=created
-    )
+    text = render_dropin(name, commands, runner(), options, created_dir=created)
     return Plan(path, text, notes, created)
 
 

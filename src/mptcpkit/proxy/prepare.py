@@ -1,0 +1,184 @@
+"""What a worker needs, made ready by the master before anything listens: fail closed.
+
+Server names, the log file, the user to switch to: each can fail, and a worker that
+fails after the fork crash-loops while the master holds the port (clients hang, even
+for healthy servers). So the master does all of it first: at start (exit 2 naming the
+key and the error), for `--check`, and before a reload is accepted (the running
+configuration stays). Workers get the results through the fork and never resolve a
+name themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import grp
+import os
+import pwd
+import resource
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from mptcpkit.proxy.config import Config, ConfigError
+
+__all__ = [
+    "Prepared",
+    "Targets",
+    "check_log",
+    "fd_limit",
+    "fds_needed",
+    "log_error",
+    "prepare",
+    "resolve",
+    "resolve_ids",
+    "resolve_targets",
+]
+
+FD_RESERVE = 64  # the interpreter, epoll, timers, the log, metrics files, pipes
+Targets = dict[str, dict[str, tuple[int, Any]]]  # backend -> server -> (family, sockaddr)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything resolved for one configuration."""
+
+    ids: tuple[int | None, int | None] = (None, None)  # (uid, gid) workers switch to
+    targets: Targets = field(default_factory=dict)
+    cfg: Config | None = None  # the configuration to run (maxconn fitted to the fd limit)
+    notes: tuple[str, ...] = ()  # what was changed, for the log
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Resolve and check what workers of `cfg` need; ConfigError naming the key if not."""
+    ids = resolve_ids(cfg)
+    targets = resolve_targets(cfg)
+    check_log(cfg)
+    cfg, notes = fd_limit(cfg)
+    return Prepared(ids, targets, cfg, notes)
+
+
+def fds_needed(cfg: Config) -> tuple[int, int]:
+    """(fixed, connection slots): a process of `cfg` needs fixed + 2 * slots file
+    descriptors, as HAProxy computes ulimit-n. A worker: two per connection of its
+    maxconn share, its listeners, a health check per server and a reserve; the master
+    holds every worker's listeners."""
+    listeners = sum(len(a.ports) or 1 for f in cfg.frontends for a in f.binds)
+    servers = sum(len(b.servers) for b in cfg.backends.values())
+    conns = sum(cfg.maxconn_share(f, 0) for f in cfg.frontends)  # worker 0: the largest
+    worker = listeners + servers + FD_RESERVE
+    master = listeners * cfg.global_.workers + FD_RESERVE
+    return max(worker, master - 2 * conns), conns
+
+
+def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
+    """Raise RLIMIT_NOFILE to what maxconn needs (workers inherit it): the soft limit,
+    and the hard one when allowed (root with CAP_SYS_RESOURCE). Out of reach, maxconns
+    left at their default are lowered to fit (HAProxy derives maxconn from ulimit-n);
+    a maxconn given in the file is a ConfigError saying what to change."""
+    fixed, conns = fds_needed(cfg)
+    need = fixed + 2 * conns
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return cfg, ()
+    for limits in ((need, max(hard, need)), (hard, hard)):
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            break
+    have = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if have >= need:
+        return cfg, ()
+    named = [f for f in cfg.frontends if f.maxconn_set]
+    if named:
+        key = f"frontend.{named[0].name}.maxconn" if len(named) == 1 else "maxconn"
+        total = sum(f.maxconn for f in cfg.frontends)
+        raise ConfigError(
+            cfg.source,
+            key,
+            f"maxconn {total} needs {need} file descriptors per process, above the"
+            f" limit of {have} (ulimit -n): lower maxconn, or raise the limit"
+            f" (ulimit -n {need}; systemd: LimitNOFILE={need})",
+        )
+    n = cfg.global_.workers
+    per_worker = max(1, (have - fixed) // 2 // len(cfg.frontends))
+    maxconn = max(n, per_worker * n)
+    fitted = dataclasses.replace(
+        cfg, frontends=tuple(dataclasses.replace(f, maxconn=maxconn) for f in cfg.frontends)
+    )
+    return fitted, (
+        f"maxconn lowered from {cfg.frontends[0].maxconn} to {maxconn} per frontend to fit"
+        f" the fd limit of {have} (ulimit -n): set maxconn, or raise the limit",
+    )
+
+
+def resolve(addr: Any) -> tuple[int, Any]:
+    """(family, sockaddr) of a server address; raises OSError when a name does not resolve."""
+    if addr.protocol == "unix":
+        return socket.AF_UNIX, addr.path
+    family = addr.family if addr.family in (socket.AF_INET, socket.AF_INET6) else 0
+    infos = socket.getaddrinfo(addr.host, addr.port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    fam, _, _, _, sockaddr = infos[0]
+    return fam, sockaddr
+
+
+def resolve_targets(cfg: Config) -> Targets:
+    """Every server's (family, sockaddr), by backend: names are looked up here, once."""
+    out: Targets = {}
+    for name, b in cfg.backends.items():
+        out[name] = {}
+        for s in b.servers:
+            try:
+                out[name][s.name] = resolve(s.address)
+            except OSError as exc:
+                raise ConfigError(
+                    cfg.source,
+                    f"backend.{name}.server.{s.name}",
+                    f"cannot resolve {s.address.host!r} ({s.address}): {exc.strerror or exc}",
+                ) from None
+    return out
+
+
+def resolve_ids(cfg: Config) -> tuple[int | None, int | None]:
+    """(uid, gid) to switch to after binding; ConfigError for unknown names."""
+    g = cfg.global_
+    uid = gid = None
+    if g.user:
+        try:
+            pw = pwd.getpwnam(g.user)
+        except KeyError:
+            raise ConfigError(cfg.source, "global.user", f"no such user {g.user!r}") from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if g.group:
+        try:
+            gid = grp.getgrnam(g.group).gr_gid
+        except KeyError:
+            raise ConfigError(cfg.source, "global.group", f"no such group {g.group!r}") from None
+    if (uid is not None or gid is not None) and os.geteuid() != 0:
+        raise ConfigError(cfg.source, "global.user", "switching user needs root")
+    return uid, gid
+
+
+def check_log(cfg: Config) -> None:
+    """A log file must be writable (or creatable) now; workers open it before setuid."""
+    path = cfg.global_.log
+    if path in ("stderr", "none") or "@" in path:  # not a file (a syslog target)
+        return
+    try:
+        if os.path.lexists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+            return
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise log_error(cfg, exc) from None
+
+
+def log_error(cfg: Config, exc: OSError) -> ConfigError:
+    """An OSError from opening `global.log`, as a config error."""
+    return ConfigError(
+        cfg.source, "global.log", f"cannot open {cfg.global_.log!r}: {exc.strerror or exc}"
+    )
