@@ -482,3 +482,15 @@ def test_stalled_connections_hold_little_memory(tmp_path: Path) -> None:
             s.close()
         assert moved > n << 20, "the clients could not push data: nothing was stalled"
         assert per_conn <= 32, f"{per_conn:.0f} KiB per stalled connection ({moved} bytes sent)"
+
+
+def test_v6only_wildcard_does_not_overlap_ipv4() -> None:
+    """`[::]:P v6only` and `:P` (IPv4) in two frontends take different clients; without
+    v6only the dual-stack `[::]` covers IPv4 and that is a config error."""
+    two = (
+        '[frontend.a]\nbind = "{}"\nbackend = "b"\n[frontend.c]\nbind = "tcp@:8443"\n'
+        'backend = "b"\n[backend.b]\nserver.s = "tcp@h:1"\n'
+    )
+    config.parse_text(two.format("tcp@[::]:8443 v6only"))
+    with pytest.raises(config.ConfigError, match="overlaps"):
+        config.parse_text(two.format("tcp@[::]:8443"))

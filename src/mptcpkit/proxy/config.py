@@ -487,7 +487,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             raise br.error(name, "backend names are letters, digits and _.:-")
         backends[name] = _backend(br.sub(name), name)
     frontends = []
-    bound: list[tuple[str, str, Address]] = []  # (frontend, key, address) of every bind
+    bound: list[tuple[str, str, Address, bool]] = []  # (frontend, key, address, v6only)
     for name in fr.table:
         if not _NAME.match(name):
             raise fr.error(name, "frontend names are letters, digits and _.:-")
@@ -504,22 +504,24 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             )
         for i, b in enumerate(f.binds):
             key = f"bind[{i}]" if len(f.binds) > 1 else "bind"
-            for other_fe, other_key, other in bound:
-                if binds_overlap(b, other):
+            v6only = b.family == socket.AF_INET6 and not f.dualstack(i)
+            for other_fe, other_key, other, other_v6only in bound:
+                if binds_overlap(b, other, v6only, other_v6only):
                     raise sub.error(
                         key,
                         f"{b} overlaps {other} (frontend.{other_fe}.{other_key}):"
                         " one address, one frontend",
                     )
-            bound.append((name, key, b))
+            bound.append((name, key, b, v6only))
         frontends.append(f)
     return Config(source, global_, tuple(frontends), backends)
 
 
-def binds_overlap(a: Address, b: Address) -> bool:
+def binds_overlap(a: Address, b: Address, a_v6only: bool = False, b_v6only: bool = False) -> bool:
     """Whether two binds could take the same connection: a shared port (ranges too) on
     the same address, or a wildcard covering the other's address. `[::]` is dual-stack
-    and so covers IPv4 too; port 0 (a port the kernel picks) never overlaps."""
+    and so covers IPv4 too, unless it is `v6only`; port 0 (a port the kernel picks)
+    never overlaps."""
     if a.protocol == "unix" or b.protocol == "unix":
         return a.protocol == b.protocol and a.path == b.path
     if not a.port or not b.port:
@@ -529,8 +531,10 @@ def binds_overlap(a: Address, b: Address) -> bool:
     ha, hb = _bind_host(a), _bind_host(b)
     if ha == hb:
         return True
-    for wild, other in ((ha, hb), (hb, ha)):
-        if wild == "::" or (wild == "0.0.0.0" and _is_v4(other)):
+    for wild, other, v6only in ((ha, hb, a_v6only), (hb, ha, b_v6only)):
+        if wild == "::" and not (v6only and _is_v4(other)):
+            return True
+        if wild == "0.0.0.0" and _is_v4(other):
             return True
     return False
 
