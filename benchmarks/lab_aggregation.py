@@ -47,8 +47,11 @@ def measure(paths: int, rate: str, duration: float, repeat: int) -> dict[str, An
         for _ in range(repeat):
             for protocol in ("tcp", "mptcp"):
                 r = run_bench(net, duration=duration, protocol=protocol, interval=0.25)
-                if not r.verified:
-                    raise SystemExit(f"{protocol} x{paths}: transfer not verified: {r.error}")
+                if not r.ok:
+                    raise SystemExit(
+                        f"{protocol} x{paths}: not verified or not as promised: "
+                        f"{r.error or r.claim['reasons']} {r.warnings}"
+                    )
                 runs[protocol].append(r)
                 print(
                     f"  {paths} paths {protocol:5}: {r.goodput_mbit:6.1f} Mbit/s "

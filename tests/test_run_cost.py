@@ -12,7 +12,6 @@ import pytest
 from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.run import abi, bpfload, fastpath, syscalls
 from mptcpkit.run.options import tcp_only_options
-from mptcpkit.run.stats import Stats
 from mptcpkit.run.supervisor import Supervisor, filter_program
 
 
@@ -49,7 +48,7 @@ print(*out)
 """
 
 
-def _serve(monkeypatch: pytest.MonkeyPatch, fast: str) -> tuple[list[int], int, Stats]:
+def _serve(monkeypatch: pytest.MonkeyPatch, fast: str) -> tuple[list[int], int, Supervisor]:
     """Run PROGRAM under a Supervisor driven here; returns the protocols it saw, how
     many calls reached the Python handler, and the stats."""
     monkeypatch.setenv(fastpath.ENV, fast)
@@ -101,22 +100,30 @@ def _serve(monkeypatch: pytest.MonkeyPatch, fast: str) -> tuple[list[int], int, 
     with os.fdopen(out_r) as f:
         seen = [int(x) for x in f.read().split()]
     assert os.waitstatus_to_exitcode(status) == 0
-    return seen, calls, sup.stats
+    return seen, calls, sup
 
 
-@pytest.mark.parametrize("fast", ["1", "0"])
+def _has_pidfs_ioctls() -> bool:
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 13)
+
+
+@pytest.mark.parametrize("fast", ["1", "proc", "0"])
 def test_compiled_socket_path_answers_like_python(
     monkeypatch: pytest.MonkeyPatch, fast: str
 ) -> None:
-    """The compiled path forces plain socket() calls itself and leaves the rest (here a
-    TCP-only option) to Python; without it Python answers every call. Same result."""
-    if fast == "1":
+    """The compiled path forces plain socket() calls itself (the caller's context read
+    through its pidfd, or /proc) and leaves the rest (here a TCP-only option) to
+    Python; without it Python answers every call. Same sockets, same counts."""
+    if fast != "0":
         assert fastpath.available(), "run/_fastpath.c is not built (setup.py build_ext)"
-    seen, calls, stats = _serve(monkeypatch, fast)
+    seen, calls, sup = _serve(monkeypatch, fast)
     assert seen == [IPPROTO_MPTCP] * 51 + [socket.IPPROTO_TCP]
-    assert stats.forced == 51 and stats.swapped == 1
-    assert stats.reasons["swapped to TCP for TCP_USER_TIMEOUT"] == 1
-    if fast == "1":
-        assert calls == 1  # only the setsockopt() reached Python
+    assert sup.stats.forced == 51 and sup.stats.swapped == 1
+    assert sup.stats.reasons["swapped to TCP for TCP_USER_TIMEOUT"] == 1
+    if fast == "0":
+        assert sup._fast is None and calls == 52
     else:
-        assert calls == 52
+        assert sup._fast is not None and calls == 1  # only the setsockopt() reached Python
+        pidfd = fast == "1" and _has_pidfs_ioctls()
+        assert sup._fast.context_source() == ("pidfd" if pidfd else "proc")

@@ -8,10 +8,12 @@ head, timeout, sleep, id, busybox, a static Go binary).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -63,6 +65,12 @@ def test_inherited_descriptors_pass_through(strategy: str, tmp_path) -> None:  #
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == "through-fd3\n"
+    # and nothing of mptcpkit's own: the same descriptors as the program run bare
+    listing = "ls /proc/self/fd 4</dev/null"
+    bare = subprocess.run(["bash", "-c", listing], capture_output=True, text=True)
+    cmd = f"{' '.join(RUN)} --strategy {strategy} -- ls /proc/self/fd 4</dev/null"
+    wrapped = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert wrapped.stdout.split() == bare.stdout.split() == ["0", "1", "2", "3", "4"]
 
 
 # --- signals --------------------------------------------------------------------
@@ -122,6 +130,25 @@ def test_death_by_a_signal_is_the_programs_own(strategy: str) -> None:
         timeout=60,
     )
     assert loop.stdout.split() == [str(128 + signal.SIGTERM)]  # what bash reports for it
+
+
+def test_ctrl_c_stops_a_shell_loop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`for i in 1 2 3; do mptcpkit run -- sleep 30; done` and ^C (SIGINT to the
+    foreground group): bash stops the loop only if its child died of SIGINT."""
+    ready, rounds = tmp_path / "ready", tmp_path / "rounds"
+    body = f"echo $i >> {rounds}; {' '.join(RUN)} -- sh -c 'echo $$ > {ready}; exec sleep 30'"
+    loop = subprocess.Popen(
+        ["bash", "-c", f"for i in 1 2 3; do {body}; done"], start_new_session=True
+    )
+    try:
+        wait_for(str(ready), loop)
+        os.killpg(loop.pid, signal.SIGINT)  # what the terminal does on ^C
+        assert loop.wait(60) == -signal.SIGINT
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(loop.pid, signal.SIGKILL)
+        loop.wait()
+    assert rounds.read_text().split() == ["1"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -328,11 +355,13 @@ def test_setuid_program_runs_unforced_with_a_warning(nobody_dir: str, readable_s
 
 @pytest.mark.root
 def test_file_capability_program_is_detected(nobody_dir: str, readable_src: str) -> None:
-    if not os.access("/usr/bin/python3", os.X_OK) or shutil.which("setcap") is None:
-        pytest.skip("needs /usr/bin/python3 and setcap")
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("no /usr/bin/python3 for the unprivileged user")
     prog = os.path.join(nobody_dir, "grep")
     shutil.copy(shutil.which("grep") or "/bin/grep", prog)
-    subprocess.run(["setcap", "cap_net_raw+ep", prog], check=True)
+    # what `setcap cap_net_raw+ep` writes: struct vfs_cap_data, revision 2, effective
+    caps = struct.pack("<IIIII", 0x02000000 | 1, 1 << 13, 0, 0, 0)
+    os.setxattr(prog, "security.capability", caps)
     proc = _as_nobody([prog, "CapEff", "/proc/self/status"], readable_src)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.split()[1], 16) == 1 << 13  # CAP_NET_RAW kept

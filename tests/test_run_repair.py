@@ -213,11 +213,18 @@ def test_ipv6_tclass_from_the_probed_table_is_swapped() -> None:
     print(s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL),
           s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS),
           s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS))
+    for level, opt in ((socket.IPPROTO_TCP, socket.TCP_SYNCNT), (socket.IPPROTO_IP, 8),
+                       (socket.SOL_SOCKET, 42)):  # IP_PKTINFO, SO_PEEK_OFF
+        t = socket.socket()
+        t.setsockopt(level, opt, 3)
+        print(t.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL), t.getsockopt(level, opt))
     """
     proc = subprocess.run(
         [*RUN, "--", sys.executable, "-c", textwrap.dedent(code)], capture_output=True, timeout=60
     )
-    assert proc.stdout.split() == [b"6", b"16", b"9"], proc.stderr
+    assert proc.stdout.split() == [b"6", b"16", b"9", b"6", b"3", b"6", b"1", b"6", b"3"], (
+        proc.stderr
+    )
 
 
 def test_epoll_watches_read_back_from_fdinfo() -> None:

@@ -235,6 +235,8 @@ def _build(args: argparse.Namespace, topology: str, prefix: str) -> Any:
                 kwargs["reorder"] = float(args.reorder.rstrip("%"))
             except ValueError:
                 raise UsageError(f"--reorder {args.reorder!r}: expected a percentage") from None
+    if getattr(args, "ipv6", False):
+        kwargs["family"] = 6  # IPv6 endpoints only: all 8 paths fit the kernel's 8 endpoints
     if kwargs and topology != "two_paths":
         raise UsageError(f"--{next(iter(kwargs)).replace('_', '-')}: only for two_paths")
     try:
@@ -440,8 +442,8 @@ def _losses(args: argparse.Namespace) -> dict[int, float]:
 
 def _scenario(args: argparse.Namespace) -> dict[str, Any]:
     """Check the scenario flags together; what run_bench records as `scenario`."""
-    if args.flows < 1:
-        raise UsageError(f"--flows {args.flows}: expected 1 or more")
+    if not 1 <= args.flows <= 64:
+        raise UsageError(f"--flows {args.flows}: expected 1 to 64")
     if args.drop_add_addr < 0:
         raise UsageError(f"--drop-add-addr {args.drop_add_addr}: expected 0 or more")
     if args.drop_add_addr:
@@ -611,6 +613,8 @@ def _summary(console: Console, d: dict[str, Any]) -> None:
         want = ", ".join(map(str, claim["expected_links"]))
         verdict = "yes" if claim["ok"] else "[red]NO[/]"
         table.add_row("links that carried data", f"{used} (promised {want}): {verdict}")
+        for note in claim.get("notes", []):
+            table.add_row("  promise", escape(note))
     for f in d["faults"]:
         table.add_row(f"fault at {f['t']:.2f} s", f"{f['action']} link {f.get('link', '')}")
     if d["recovery_s"] is not None:

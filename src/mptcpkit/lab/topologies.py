@@ -21,6 +21,7 @@ from mptcpkit.lab.topology import (
 
 ENDPOINT_MODES = ("subflow", "fullmesh", "signal", "none")
 _MAX_LIMIT = 8  # the kernel's MPTCP_PM_ADDR_MAX for both limits
+_MAX_ENDPOINTS = 8  # MPTCP_PM_ADDR_MAX again: endpoints per namespace
 # The port of the server's signal endpoints with a port (`signal_port=True`): the kernel
 # listens on it inside the server's namespace, where nothing else runs.
 SIGNAL_PORT_BASE = 10100
@@ -69,7 +70,9 @@ def _mptcp_setup(
     *,
     backup: Collection[int] = (),
     signal_port: bool = False,
+    family: int | None = None,
 ) -> None:
+    families = _endpoint_families(family, len(links))
     for host in (client, server):
         host.limits(subflows=_MAX_LIMIT, add_addr_accepted=_MAX_LIMIT)
     bad = sorted(i for i in backup if not 1 <= i < len(links))
@@ -86,7 +89,7 @@ def _mptcp_setup(
         return
     for link in links[1:]:
         extra = ["backup"] if link.index in backup else []
-        for fam in (4, 6):
+        for fam in families:
             if mode == "signal":
                 end = link.iface(server)
                 port = SIGNAL_PORT_BASE + link.index if signal_port else None
@@ -95,6 +98,16 @@ def _mptcp_setup(
                 flags = ["subflow"] if mode == "subflow" else ["subflow", "fullmesh"]
                 client.endpoint_add(link.iface(client).address(fam), [*flags, *extra])
     assert all(f in ENDPOINT_FLAGS for f in ("subflow", "fullmesh", "signal", "backup"))
+
+
+def _endpoint_families(family: int | None, paths: int) -> tuple[int, ...]:
+    """The families to make endpoints for: both while they fit in the kernel's 8 endpoints
+    per namespace (up to 5 paths), else IPv4 only; `family` 4 or 6 asks for one."""
+    if family is None:
+        return (4, 6) if 2 * (paths - 1) <= _MAX_ENDPOINTS else (4,)
+    if family not in (4, 6):
+        raise ValueError(f"family={family!r}: expected 4, 6 or None (both, when they fit)")
+    return (family,)
 
 
 def _link_rates(
@@ -131,6 +144,7 @@ def two_paths(
     delay: str | None = None,
     jitter: str | None = None,
     reorder: float | None = None,
+    family: int | None = None,
 ) -> Topology:
     """Client and server joined by `paths` parallel links, each shaped to `rate`.
 
@@ -141,6 +155,8 @@ def two_paths(
     `rates`: one per link instead of `rate`, "RATE" or "UP/DOWN" (client->server /
     server->client). `backup`: extra links whose endpoints carry the backup flag.
     `delay`, `jitter`, `reorder` (%): netem on every link, where the kernel has it.
+    `family`: endpoints of IPv4 (4) or IPv6 (6) only; by default both, while they fit in
+    the kernel's 8 endpoints per namespace (up to 5 paths), else IPv4 only.
     """
     _check_paths(paths)
     mode = _check_endpoints(endpoints)
@@ -164,7 +180,7 @@ def two_paths(
     ]
     _bound_routes(client, links, default_via=False)
     _bound_routes(server, links, default_via=False)
-    _mptcp_setup(client, server, links, mode, backup=backup, signal_port=signal_port)
+    _mptcp_setup(client, server, links, mode, backup=backup, signal_port=signal_port, family=family)
     return topo
 
 

@@ -3,8 +3,9 @@
  * Server.serve() receives notifications and answers, without the interpreter, every
  * socket() call of a thread that shares the supervisor's network namespace and
  * credentials: it makes the MPTCP socket and installs it as the call's result, exactly
- * as Supervisor._on_socket does in Python (context from /proc/<tid>/status and
- * /proc/<tid>/ns/net, confirmed with SECCOMP_IOCTL_NOTIF_ID_VALID). It keeps going
+ * as Supervisor._on_socket does in Python (context from the thread's pidfd where the
+ * kernel has pidfs ioctls, else /proc/<tid>/status and /proc/<tid>/ns/net; confirmed
+ * with SECCOMP_IOCTL_NOTIF_ID_VALID). It keeps going
  * while more notifications are pending, and hands anything else back to Python: any
  * other call, another namespace or credentials, MPTCP refused, a socket that cannot
  * be installed. Nothing irreversible is done to a call it hands back.
@@ -23,6 +24,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #ifndef IPPROTO_MPTCP
@@ -31,6 +33,28 @@
 
 #define MAX_GROUPS 256
 #define STATUS_SIZE 8192
+
+/* pidfs (6.11+, 6.13+): a thread's credentials and network namespace from its pidfd,
+ * a few cheap calls instead of formatting /proc/<tid>/status (include/uapi/linux/pidfd.h) */
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#define PIDFD_THREAD O_EXCL
+#define PIDFS_IOCTL_MAGIC 0xFF
+#define PIDFD_GET_NET_NAMESPACE _IO(PIDFS_IOCTL_MAGIC, 4)
+struct pidfd_info_v0 {
+    uint64_t mask;
+    uint64_t cgroupid;
+    uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid;
+    uint32_t spare0;
+};
+#define PIDFD_GET_INFO _IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info_v0)
+#define PIDFD_INFO_CREDS (1UL << 1)
+
+/* 6.6+: the kernel switches between the trapped thread and the supervisor on one CPU
+ * (a synchronous wake-up) instead of waking the other side elsewhere. */
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS _IOW('!', 4, uint64_t)
+#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP 1ULL
 
 enum { DONE, GONE, SLOW };
 enum { KIND_IDLE, KIND_SLOW, KIND_ERROR };
@@ -47,6 +71,8 @@ typedef struct {
     long groups[MAX_GROUPS];
     int ngroups;
     int killable;
+    int use_pidfd; /* 1: pidfs ioctls work here; 0: /proc */
+    int sync_wakeup;
     unsigned long io_recv, io_send, io_addfd, io_id_valid;
     uint32_t addfd_flag_send;
     unsigned char *buf;
@@ -94,8 +120,38 @@ static int fields(const char *status, const char *name, long *out, int max) {
     return n;
 }
 
+/* Through pidfs: uids, gids and network namespace (supplementary groups are not
+ * there; a socket does not record them). -1 if pidfs cannot say. */
+static int same_context_pidfd(Server *s, uint32_t tid) {
+    int pfd = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
+    if (pfd < 0)
+        return -1;
+    struct pidfd_info_v0 info;
+    memset(&info, 0, sizeof info);
+    info.mask = PIDFD_INFO_CREDS;
+    if (ioctl(pfd, PIDFD_GET_INFO, &info) < 0 || !(info.mask & PIDFD_INFO_CREDS)) {
+        close(pfd);
+        return -1;
+    }
+    int ns = ioctl(pfd, PIDFD_GET_NET_NAMESPACE, 0);
+    close(pfd);
+    if (ns < 0)
+        return -1;
+    struct stat st;
+    int ok = fstat(ns, &st) == 0 && st.st_dev == s->ns_dev && st.st_ino == s->ns_ino;
+    close(ns);
+    return ok && info.ruid == (uint32_t)s->uids[0] && info.euid == (uint32_t)s->uids[1] &&
+           info.suid == (uint32_t)s->uids[2] && info.rgid == (uint32_t)s->gids[0] &&
+           info.egid == (uint32_t)s->gids[1] && info.sgid == (uint32_t)s->gids[2];
+}
+
 /* Does thread `tid` run in our network namespace with our credentials? */
 static int same_context(Server *s, uint32_t tid) {
+    if (s->use_pidfd) {
+        int same = same_context_pidfd(s, tid);
+        if (same >= 0)
+            return same;
+    }
     char path[64], status[STATUS_SIZE];
     snprintf(path, sizeof path, "/proc/%u/status", tid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -245,16 +301,17 @@ static int long3(PyObject *seq, long *out) {
 static int Server_init(Server *s, PyObject *args, PyObject *kwds) {
     static char *kw[] = {"listener", "recv_size", "audit_arch", "nr_socket", "netns",
                          "uids",     "gids",      "groups",     "killable",  "ioctls",
-                         "addfd_flag_send", NULL};
+                         "addfd_flag_send", "pidfd", "sync_wakeup", NULL};
     unsigned long long ns_dev, ns_ino;
     PyObject *uids, *gids, *groups;
     unsigned int audit_arch, flag_send;
-    int killable;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inIi(KK)O!O!O!p(kkkk)I", kw, &s->listener,
+    int killable, pidfd = 1, sync_wakeup = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inIi(KK)O!O!O!p(kkkk)I|pp", kw, &s->listener,
                                      &s->recv_size, &audit_arch, &s->nr_socket, &ns_dev,
                                      &ns_ino, &PyTuple_Type, &uids, &PyTuple_Type, &gids,
                                      &PyTuple_Type, &groups, &killable, &s->io_recv,
-                                     &s->io_send, &s->io_addfd, &s->io_id_valid, &flag_send))
+                                     &s->io_send, &s->io_addfd, &s->io_id_valid, &flag_send,
+                                     &pidfd, &sync_wakeup))
         return -1;
     if (long3(uids, s->uids) < 0 || long3(gids, s->gids) < 0)
         return -1;
@@ -278,6 +335,10 @@ static int Server_init(Server *s, PyObject *args, PyObject *kwds) {
     s->ns_dev = (dev_t)ns_dev;
     s->ns_ino = (ino_t)ns_ino;
     s->killable = killable;
+    uint64_t sync = SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP;
+    s->sync_wakeup = sync_wakeup && ioctl(s->listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, sync) == 0;
+    /* pidfs only if it describes this very thread as Python saw it */
+    s->use_pidfd = pidfd && same_context_pidfd(s, (uint32_t)syscall(SYS_gettid)) == 1;
     PyMem_Free(s->buf);
     s->buf = PyMem_Malloc(s->recv_size);
     if (s->buf == NULL) {
@@ -293,7 +354,13 @@ static void Server_dealloc(Server *s) {
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
+static PyObject *Server_context_source(Server *s, PyObject *Py_UNUSED(ignored)) {
+    return PyUnicode_FromString(s->use_pidfd ? "pidfd" : "proc");
+}
+
 static PyMethodDef Server_methods[] = {
+    {"context_source", (PyCFunction)Server_context_source, METH_NOARGS,
+     "Where a caller's credentials and namespace are read: 'pidfd' or 'proc'."},
     {"serve", (PyCFunction)Server_serve, METH_NOARGS,
      "serve() -> (kind, payload, forced keys): 0 idle (None), 1 a notification for "
      "Python (bytes), 2 the receive failed (errno)."},

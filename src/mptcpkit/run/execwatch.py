@@ -12,8 +12,9 @@ itself always goes ahead unchanged.
 from __future__ import annotations
 
 import os
+import stat
 
-from mptcpkit.run import abi, binary
+from mptcpkit.run import abi
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -63,15 +64,22 @@ def exec_path(n: abi.Notification, arch: abi.Arch) -> str | None:
     return os.path.join(base, path)
 
 
-def privileged_exec(
-    n: abi.Notification, arch: abi.Arch, euid: int, egid: int, groups: tuple[int, ...]
-) -> tuple[str, str] | None:
-    """(path as the program named it, why) when the exec would gain privileges."""
+def privileged_exec(n: abi.Notification, arch: abi.Arch) -> tuple[str, str] | None:
+    """(path as the program named it, path to stat) when the file carries a setuid or
+    setgid bit or file capabilities; the caller's credentials then decide."""
     path = exec_path(n, arch)
     if path is None:
         return None
-    why = binary.privilege(path, euid=euid, egid=egid, groups=groups)
-    if why is None:
+    try:
+        st = os.stat(path)
+    except OSError:
         return None
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+        return None
+    if not st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        try:
+            os.getxattr(path, "security.capability")
+        except OSError:
+            return None  # the common case: two system calls and no /proc/PID/status
     shown = path.split("/", 4)[-1] if path.startswith(f"/proc/{n.pid}/") else path
-    return shown, why
+    return shown, path

@@ -8,8 +8,20 @@ while more are pending. Everything else is handed back untouched: other calls, o
 namespaces or credentials, 32-bit callers, MPTCP refused, a socket that cannot be
 installed; the Python supervisor then decides, counts and warns as before.
 
+Where the kernel has pidfs ioctls (6.13+), the caller's uids, gids and network
+namespace come from its pidfd (PIDFD_GET_INFO, PIDFD_GET_NET_NAMESPACE): a few cheap
+calls instead of formatting /proc/<tid>/status. Supplementary groups are not compared
+there (Python compares them): a socket records its creator's fsuid/fsgid and network
+namespace, never its groups.
+
+It also asks the kernel (6.6+) for synchronous wake-ups on the listener
+(SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP): the trapped thread and the supervisor then hand
+over on one CPU, as a call and its return would, instead of waking each other on
+another.
+
 Optional: without a C compiler the package builds without it and the supervisor is
-pure Python. `MPTCPKIT_RUN_FASTPATH=0` turns it off (tests run both).
+pure Python. `MPTCPKIT_RUN_FASTPATH=0` turns it off, `=proc` makes it read /proc
+(tests run all three).
 """
 
 from __future__ import annotations
@@ -40,6 +52,11 @@ class FastPath:
         errno, forced); `forced` lists the sockets forced, as (st_dev, st_ino)."""
         result: tuple[int, bytes | int | None, list[tuple[int, int]]] = self._server.serve()
         return result
+
+    def context_source(self) -> str:
+        """'pidfd' or 'proc': where callers' credentials and namespace are read."""
+        source: str = self._server.context_source()
+        return source
 
 
 def available() -> bool:
@@ -79,6 +96,7 @@ def open_fastpath(
                 abi.SECCOMP_IOCTL_NOTIF_ID_VALID,
             ),
             abi.SECCOMP_ADDFD_FLAG_SEND,
+            os.environ.get(ENV) != "proc",
         )
     except (ValueError, OverflowError):
         return None

@@ -15,9 +15,7 @@ SECCOMP_IOCTL_NOTIF_ID_VALID, so a recycled thread id cannot redirect a socket.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
-import dataclasses
 import enum
 import errno
 import fcntl
@@ -28,12 +26,12 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
-from mptcpkit import netns
 from mptcpkit.abi.constants import IPPROTO_MPTCP
-from mptcpkit.run import abi, execwatch, fastpath, swap, syscalls
+from mptcpkit.run import abi, binary, execwatch, fastpath, swap, syscalls
 from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
+from mptcpkit.run.context import Context, ContextError, TaskContext, read_task
 from mptcpkit.run.options import tcp_only_options
-from mptcpkit.run.procfd import epoll_watches, process_fds
+from mptcpkit.run.procfd import epoll_watches, fd_cloexec, pidfd_of_thread, process_fds
 from mptcpkit.run.stats import Stats
 from mptcpkit.status import State, status
 
@@ -58,91 +56,6 @@ class Swap(enum.Enum):
     NOT_MPTCP = "not an MPTCP socket (or not one of ours)"
     TOO_LATE = "already connected, accepted or with connections waiting"
     FAILED = "gone, or not reachable"
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskContext:
-    """Who a trapped thread is: process, credentials, network namespace."""
-
-    tgid: int
-    uids: tuple[int, int, int]
-    gids: tuple[int, int, int]
-    groups: tuple[int, ...]
-    netns: tuple[int, int]
-
-
-def _field(status: bytes, name: bytes) -> list[bytes]:
-    start = status.find(b"\n" + name + b":")
-    if start < 0:
-        return []
-    start += len(name) + 2
-    return status[start : status.find(b"\n", start)].split()
-
-
-def read_task(tid: int) -> TaskContext:
-    """Read /proc/<tid>; raises ProcessLookupError when the thread is gone."""
-    try:
-        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            status = os.read(fd, 8192)
-        finally:
-            os.close(fd)
-        st = os.stat(f"/proc/{tid}/ns/net")
-    except (FileNotFoundError, ProcessLookupError):
-        raise ProcessLookupError(errno.ESRCH, f"thread {tid} is gone") from None
-    uids = _field(status, b"Uid")
-    gids = _field(status, b"Gid")
-    return TaskContext(
-        int(_field(status, b"Tgid")[0]),
-        (int(uids[0]), int(uids[1]), int(uids[2])),
-        (int(gids[0]), int(gids[1]), int(gids[2])),
-        tuple(int(g) for g in _field(status, b"Groups")),
-        (st.st_dev, st.st_ino),
-    )
-
-
-class ContextError(OSError):
-    """The worker thread could not enter the program's namespace or credentials."""
-
-
-class _Context:
-    """A worker thread living in one (network namespace, credentials) of the program."""
-
-    def __init__(self, arch: abi.Arch, ns_fd: int | None, ctx: TaskContext, creds: bool) -> None:
-        self.error: OSError | None = None
-        self._ns_fd = ns_fd
-
-        def enter() -> None:
-            try:
-                if self._ns_fd is not None:
-                    netns.setns(self._ns_fd)
-                if creds:
-                    syscalls.set_thread_credentials(arch, ctx.uids, ctx.gids, ctx.groups)
-            except OSError as exc:
-                self.error = exc  # every job of this worker now fails with it
-
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="mptcpkit-run-ctx", initializer=enter
-        )
-
-    def _run(self, fn: Callable[[], socket.socket]) -> socket.socket:
-        if self.error is not None:
-            raise ContextError(self.error.errno, self.error.strerror)
-        return fn()
-
-    def call(self, fn: Callable[[], socket.socket]) -> socket.socket:
-        try:
-            return self.pool.submit(self._run, fn).result()
-        finally:
-            if self._ns_fd is not None:
-                os.close(self._ns_fd)
-                self._ns_fd = None
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False)
-        if self._ns_fd is not None:
-            os.close(self._ns_fd)
-            self._ns_fd = None
 
 
 class _Gone(Exception):
@@ -176,7 +89,7 @@ class Supervisor:
         sizes = syscalls.notif_sizes(arch)
         self._recv_size = max(abi.NOTIF_SIZE, sizes[0])
         self._own = read_task(threading.get_native_id())
-        self._contexts: collections.OrderedDict[tuple[object, ...], _Context] = (
+        self._contexts: collections.OrderedDict[tuple[object, ...], Context] = (
             collections.OrderedDict()
         )
         self._forced: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
@@ -286,16 +199,18 @@ class Supervisor:
     def _on_exec(self, n: abi.Notification) -> None:
         """A setuid/file-capability program exec'd under forcing starts unprivileged."""
         try:
-            ctx = read_task(n.pid)
-            found = execwatch.privileged_exec(n, self.arch, ctx.uids[1], ctx.gids[1], ctx.groups)
+            found = execwatch.privileged_exec(n, self.arch)
             if found is not None:
-                self._check_valid(n)  # the memory read was the caller's
-                path, why = found
-                self.warn(
-                    f"exec-{path}",
-                    f"{path} is {why}: under forcing (no_new_privs) it runs without its "
-                    "privileges and may fail; run it outside mptcpkit run",
-                )
+                shown, path = found
+                ctx = read_task(n.pid)
+                why = binary.privilege(path, euid=ctx.uids[1], egid=ctx.gids[1], groups=ctx.groups)
+                self._check_valid(n)  # the memory and /proc reads were the caller's
+                if why is not None:
+                    self.warn(
+                        f"exec-{shown}",
+                        f"{shown} is {why}: under forcing (no_new_privs) it runs without its "
+                        "privileges and may fail; run it outside mptcpkit run",
+                    )
         except (ProcessLookupError, _Gone):
             pass
         self._continue(n)
@@ -379,7 +294,7 @@ class Supervisor:
                 except BaseException:
                     os.close(ns_fd)
                     raise
-            worker = _Context(self.arch, ns_fd, ctx, other_creds)
+            worker = Context(self.arch, ns_fd, ctx, other_creds)
             self._contexts[key] = worker
             while len(self._contexts) > MAX_CONTEXTS:
                 self._contexts.popitem(last=False)[1].close()
@@ -430,7 +345,7 @@ class Supervisor:
         """Replace the program's MPTCP socket `fd` by plain TCP while it can still change."""
         try:
             ctx = read_task(n.pid)
-            pidfd = _pidfd_of_thread(n.pid, ctx.tgid)
+            pidfd = pidfd_of_thread(n.pid, ctx.tgid)
         except (ProcessLookupError, FileNotFoundError):
             self._check_valid(n)  # gone, or hidden from us: leave the socket as it is
             return Swap.FAILED
@@ -487,7 +402,7 @@ class Supervisor:
                     new.fileno(),
                     abi.SECCOMP_ADDFD_FLAG_SETFD,
                     target,
-                    _fd_cloexec(n.pid, target),
+                    fd_cloexec(n.pid, target),
                 )
             self._rewatch(pidfd, n.pid, fds, st.st_ino, new.fileno())
             # The program's descriptor now holds the plain TCP socket. The MPTCP one
@@ -576,28 +491,6 @@ class Supervisor:
                 raise _Gone from None
             raise
         return ret
-
-
-def _pidfd_of_thread(tid: int, tgid: int) -> int:
-    """A pidfd whose descriptor table is the thread's (PIDFD_THREAD, 6.9+), else its process's."""
-    try:
-        return syscalls.pidfd_open(tid, syscalls.PIDFD_THREAD)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    return syscalls.pidfd_open(tgid)
-
-
-def _fd_cloexec(pid: int, fd: int) -> int:
-    """O_CLOEXEC if descriptor `fd` of `pid` is close-on-exec (from /proc fdinfo)."""
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"flags:"):
-                    return os.O_CLOEXEC if int(line.split()[1], 8) & os.O_CLOEXEC else 0
-    except OSError:
-        pass
-    return 0
 
 
 def filter_spec(
