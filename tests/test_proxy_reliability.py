@@ -574,3 +574,20 @@ def test_unix_bind_removed_on_stop_and_on_reload(tmp_path: Path) -> None:
     r = _cli(["-c", str(bad)])
     assert r.returncode == 2 and "cannot listen on unix@" in r.stderr, r.stderr
     assert keep.read_text() == "data"
+
+
+def test_sigterm_under_load_resets_nothing(tmp_path: Path) -> None:
+    """SIGTERM under load: connections the kernel completed (in a listener's queue)
+    are served, not reset; later ones are refused."""
+    load = Load(rate=1200, total=2400, concurrency=2)  # workers often idle: the race
+    sport = load.start_server()
+    with run_proxy(tmp_path, _conf(0, {"s": f"tcp@127.0.0.1:{sport}"}, _GLOB.format(n=2))) as px:
+        load.run(px.port("fe"))
+        wait_for(lambda: load.done >= 600, what="the load to be under way")
+        px.signal(signal.SIGTERM)
+        assert px.proc.wait(30) == 0
+        load.wait(120)
+        print(load.summary())
+        assert load.ok >= 600
+        assert (load.reset, load.truncated, load.other) == (0, 0, []), load.summary()
+        assert load.ok + load.refused == load.total

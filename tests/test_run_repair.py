@@ -109,7 +109,12 @@ def test_preload_on_a_go_program_says_so(go_prog: str) -> None:
         [*RUN, "--strategy", "preload", "--", go_prog, "check"], capture_output=True, text=True
     )
     assert proc.returncode == 0
-    assert "is a Go program" in proc.stderr and "--strategy seccomp" in proc.stderr
+    assert "is a Go 1.2" in proc.stderr and "GODEBUG=multipathtcp=1" in proc.stderr
+    assert "--strategy seccomp" in proc.stderr
+    from mptcpkit.run import binary
+
+    assert binary.go_version(go_prog) is not None and binary.go_version(go_prog) >= (1, 24)
+    assert binary.go_version(sys.executable) is None
 
 
 def test_repair_forces_nothing() -> None:

@@ -167,11 +167,20 @@ def _preload(command: list[str]) -> int:
                 "sockets stay TCP; use --strategy seccomp"
             )
         elif kind == "go":
-            _warn(
-                f"{path} is a Go program, which makes its system calls without libc: the "
-                "preload strategy cannot reach it (only GODEBUG=multipathtcp=1 is passed "
-                "on); use --strategy seccomp"
-            )
+            version = binary.go_version(path)
+            if version is not None and version >= (1, 21):
+                _warn(
+                    f"{path} is a Go {version[0]}.{version[1]} program: libmptcpwrap cannot "
+                    "reach it, Go itself makes its sockets MPTCP under "
+                    "GODEBUG=multipathtcp=1 (set); TCP-only options such as TCP_MD5SIG then "
+                    "fail: --strategy seccomp rescues them"
+                )
+            else:
+                _warn(
+                    f"{path} is a Go program older than 1.21, which makes its system calls "
+                    "without libc: the preload strategy cannot reach it and its sockets stay "
+                    "TCP; use --strategy seccomp"
+                )
         why = binary.privilege(path)
         if why is not None:
             _warn(f"{path} is {why}: the dynamic loader ignores LD_PRELOAD for it")

@@ -895,20 +895,24 @@ static void pause_frontend(Engine *e, Frontend *fe, int paused) {
     }
 }
 
-static void on_accept(Engine *e, Listener *l) {
+/* Take waiting connections, up to ACCEPT_BATCH; 1 once nothing more can be taken now
+ * (the queue is empty, maxconn is reached, or accept() failed), 0 if more may wait. */
+static int on_accept(Engine *e, Listener *l) {
     Frontend *fe = l->fe;
     for (int i = 0; i < ACCEPT_BATCH && !fe->closed; i++) {
         if (fe->count >= fe->maxconn) {
             pause_frontend(e, fe, 1);
-            return;
+            return 1;
         }
         struct sockaddr_storage sa;
         socklen_t salen = sizeof sa;
         int fd = accept4(l->fd, (struct sockaddr *)&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             int err = errno;
-            if (would_block(err) || err == EINTR || err == ECONNABORTED)
-                return;
+            if (err == EINTR || err == ECONNABORTED)
+                continue; /* that one is gone: the next may be waiting */
+            if (would_block(err))
+                return 1;
             PyObject *eo = PyLong_FromLong(err);
             PyObject *r = eo ? PyObject_CallMethodObjArgs(fe->key, s_accept_failed, eo, NULL)
                              : NULL;
@@ -916,12 +920,12 @@ static void on_accept(Engine *e, Listener *l) {
             if (!r)
                 report("accept_failed() raised");
             Py_XDECREF(r);
-            return;
+            return 1;
         }
         Conn *c = PyMem_RawCalloc(1, sizeof *c);
         if (!c) {
             close(fd);
-            return;
+            return 1;
         }
         c->fe = fe;
         c->c.kind = c->s.kind = K_LEG;
@@ -956,6 +960,7 @@ static void on_accept(Engine *e, Listener *l) {
         if (!c->done && watch(e, &c->c, WATCH_IN) < 0)
             fail(e, c, &c->c, errno);
     }
+    return fe->closed;
 }
 
 /* ---- events --------------------------------------------------------------------------- */
@@ -1196,7 +1201,8 @@ static PyObject *Engine_listen(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Stop accepting for good (the caller closes the listening sockets). */
+/* Stop accepting for good (the caller closes the listening sockets); first take what
+ * the listeners queued (up to maxconn): closing them would reset those connections. */
 static PyObject *Engine_close_frontend(Engine *e, PyObject *args) {
     int id;
     if (!PyArg_ParseTuple(args, "i", &id))
@@ -1204,6 +1210,9 @@ static PyObject *Engine_close_frontend(Engine *e, PyObject *args) {
     Frontend *fe = get_fe(e, id);
     if (!fe)
         return NULL;
+    for (int i = 0; i < fe->nlisteners && !fe->closed; i++)
+        while (!on_accept(e, fe->listeners[i]))
+            ;
     for (int i = 0; i < fe->nlisteners; i++) {
         epoll_ctl(e->ep, EPOLL_CTL_DEL, fe->listeners[i]->fd, NULL);
         PyMem_RawFree(fe->listeners[i]);
@@ -1346,7 +1355,7 @@ static PyMethodDef Engine_methods[] = {
      "Register a frontend; returns its id."},
     {"listen", (PyCFunction)Engine_listen, METH_VARARGS, "listen(id, fd, mptcp): accept on fd."},
     {"close_frontend", (PyCFunction)Engine_close_frontend, METH_VARARGS,
-     "close_frontend(id): stop accepting; connections go on."},
+     "close_frontend(id): take what was queued, stop accepting; connections go on."},
     {"pause", (PyCFunction)Engine_pause, METH_VARARGS, "pause(id, paused): hold accepts."},
     {"count", (PyCFunction)Engine_count, METH_VARARGS, "count(id): live connections."},
     {"abort_all", (PyCFunction)Engine_abort_all, METH_VARARGS,

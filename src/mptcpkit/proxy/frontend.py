@@ -12,7 +12,7 @@ import _socket
 import errno
 import functools
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import mptcpkit
@@ -65,6 +65,7 @@ class FrontendRuntime:
         self.paused = False
         self.bytes_in = 0  # relayed and not yet taken by the metrics (take_bytes)
         self.bytes_out = 0
+        self._accepts: list[Callable[[], bool]] = []
 
     async def start(self) -> None:
         for ls in self.listeners:
@@ -78,6 +79,7 @@ class FrontendRuntime:
     def _listen(self, ls: socket.socket, mptcp: bool) -> None:
         # family and proto as plain ints: socket.family converts to an enum each call
         accept = functools.partial(self._accept, ls, int(ls.family), ls.proto, mptcp)
+        self._accepts.append(accept)
         self.rt.poller.listen(ls.fileno(), accept)
 
     def close_listeners(self) -> None:
@@ -89,6 +91,11 @@ class FrontendRuntime:
             ls.close()
 
     def _stop_listening(self) -> None:
+        """Take what the listeners queued (up to maxconn), then stop: closing a listener
+        resets the connections in its queue."""
+        for accept in self._accepts:
+            while not accept():
+                pass
         for ls in self.listeners:
             self.rt.poller.unlisten(ls.fileno())
 
@@ -100,22 +107,25 @@ class FrontendRuntime:
         for c in list(self.conns):
             c.abort(how)
 
-    def _accept(self, ls: socket.socket, family: int, proto: int, mptcp: bool) -> None:
-        """Take waiting connections, up to maxconn; each connects to a server at once."""
+    def _accept(self, ls: socket.socket, family: int, proto: int, mptcp: bool) -> bool:
+        """Take waiting connections, up to maxconn; each connects to a server at once.
+        True once nothing more can be taken now, False if more may be waiting."""
         conns = self.conns
         maxconn = self.cfg.maxconn
         poller = self.rt.poller
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= maxconn:
                 self._pause(True)
-                return
+                return True
             try:
                 fd, addr = ls._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
+            except BlockingIOError:
+                return True
+            except (InterruptedError, ConnectionAbortedError):
+                continue  # that one is gone: the next may be waiting
             except OSError as exc:
                 self.accept_failed(exc.errno or 0)
-                return
+                return True
             sock = _socket.socket(family, _STREAM, proto, fd)  # blocking: see relay._DONTWAIT
             conn = Conn(self, sock, addr, mptcp)
             conns.add(conn)
@@ -124,6 +134,7 @@ class FrontendRuntime:
             conn.begin()
             if not conn.done:
                 poller.watch(fd, conn.c)
+        return False
 
     def accept_failed(self, err: int) -> None:
         """accept() failed for want of fds or memory: stop accepting for a while."""

@@ -40,7 +40,7 @@ class Poller:
         self._loop = loop
         self._ep = select.epoll()
         self._watched: dict[int, Watched] = {}
-        self._listeners: dict[int, Callable[[], None]] = {}
+        self._listeners: dict[int, Callable[[], object]] = {}
         self._again: list[Callable[[], None]] = []
         # Counts poll() calls. An fd closed during a batch can be reused by a socket made
         # later in the same batch; events already fetched for the old one must not reach
@@ -59,7 +59,7 @@ class Poller:
         out of the epoll set (the relay never dup()s its sockets)."""
         self._watched.pop(fd, None)
 
-    def listen(self, fd: int, on_ready: Callable[[], None]) -> None:
+    def listen(self, fd: int, on_ready: Callable[[], object]) -> None:
         """Call `on_ready` while a listening socket has connections waiting (level)."""
         self._listeners[fd] = on_ready
         self._ep.register(fd, select.EPOLLIN)

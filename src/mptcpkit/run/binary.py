@@ -64,8 +64,7 @@ def elf_kind(path: str) -> str | None:
             if len(head) < _EHDR.size or head[:6] != b"\x7fELF\x02\x01":
                 return None
             fields = _EHDR.unpack(head)
-            phoff, shoff = fields[5], fields[6]
-            phentsize, phnum, shentsize, shnum, shstrndx = fields[9:14]
+            phoff, phentsize, phnum = fields[5], fields[9], fields[10]
             f.seek(phoff)
             phdrs = f.read(phentsize * phnum)
             interp = any(
@@ -73,22 +72,63 @@ def elf_kind(path: str) -> str | None:
                 for i in range(phnum)
                 if (i + 1) * phentsize <= len(phdrs)
             )
-            if _has_go_section(f, shoff, shentsize, shnum, shstrndx):
+            if any(name in _sections(f) for name in GO_SECTIONS):
                 return "go"
     except (OSError, struct.error):
         return None
     return "dynamic" if interp else "static"
 
 
-def _has_go_section(f: BinaryIO, shoff: int, shentsize: int, shnum: int, shstrndx: int) -> bool:
+def _sections(f: BinaryIO) -> dict[bytes, tuple[int, int]]:
+    """{section name: (file offset, size)} of an ELF64 little-endian file."""
+    f.seek(0)
+    fields = _EHDR.unpack(f.read(_EHDR.size))
+    shoff, shentsize, shnum, shstrndx = fields[6], fields[11], fields[12], fields[13]
     if not shoff or not shnum or shstrndx >= shnum or shentsize < _SHDR.size:
-        return False
+        return {}
     f.seek(shoff)
     table = f.read(shentsize * shnum)
-    strtab = _SHDR.unpack_from(table, shstrndx * shentsize)
+    headers = [_SHDR.unpack_from(table, i * shentsize) for i in range(shnum)]
+    strtab = headers[shstrndx]
     f.seek(strtab[4])
     names = f.read(min(strtab[5], 1 << 16))
-    return any(name in names for name in GO_SECTIONS)
+    out = {}
+    for h in headers:
+        end = names.find(b"\0", h[0])
+        out[names[h[0] : end if end >= 0 else None]] = (h[4], h[5])
+    return out
+
+
+def go_version(path: str) -> tuple[int, int] | None:
+    """(major, minor) of the Go toolchain that built `path`, from its build info
+    (the `.go.buildinfo` section, inline-string format of Go 1.18+); None otherwise."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x7fELF\x02\x01":
+                return None
+            where = _sections(f).get(b".go.buildinfo")
+            if where is None:
+                return None
+            f.seek(where[0])
+            head = f.read(64)
+    except (OSError, struct.error):
+        return None
+    if not head.startswith(b"\xff Go buildinf:") or not head[15] & 2:
+        return None
+    length, pos, shift = 0, 32, 0
+    while pos < len(head):  # uvarint length, then the version string
+        byte = head[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    version = head[pos : pos + length].decode(errors="replace")
+    parts = version.removeprefix("go").split(".")
+    try:
+        return int(parts[0]), int(parts[1].split("rc")[0].split("beta")[0])
+    except (IndexError, ValueError):
+        return None
 
 
 def shebang(path: str) -> str | None:
