@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import subprocess
 import sys
 
@@ -23,6 +25,17 @@ def test_check_json_reports_this_host() -> None:
     assert set(report["limits"]) == {"subflows", "add_addr_accepted"}
     assert "TCP_MD5SIG" in report["tcp_only_options_rejected"]
     assert "TCP_USER_TIMEOUT" in report["tcp_only_options_rejected"]
+    # What the kernel says, not a list: IPv6-level options are there, and TCP-AO is
+    # listed only when plain TCP has it (then MPTCP refusing it is a loss).
+    assert "IPV6_TCLASS" in report["tcp_only_options_rejected"]
+    with socket.socket() as tcp:
+        try:
+            tcp.setsockopt(socket.IPPROTO_TCP, 38, b"\0" * 8)  # TCP_AO_ADD_KEY
+        except OSError as exc:
+            has_ao = exc.errno not in (errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+        else:
+            has_ao = True
+    assert ("TCP_AO_ADD_KEY" in report["tcp_only_options_rejected"]) is has_ao
     assert report["tcp_md5sig_available"] is True
 
 

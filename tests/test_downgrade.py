@@ -300,9 +300,10 @@ def test_option_tcp_refuses_keeps_mptcp(
 def test_tcp_repair_without_cap_net_admin_keeps_mptcp(tmp_path: object) -> None:
     """EPERM from TCP (no CAP_NET_ADMIN), run as an unprivileged user: still MPTCP."""
     code = (
-        "import errno, os, socket, mptcpkit\n"
-        "os.setgid(65534); os.setuid(65534)\n"
+        "import errno, os, socket, mptcpkit, mptcpkit.options\n"
         "s = mptcpkit.socket()\n"
+        "mptcpkit.options.tcp_only_options(), mptcpkit.status(s)\n"
+        "os.setgid(65534); os.setuid(65534)  # after the imports: nobody cannot read them\n"
         "try:\n"
         "    s.setsockopt(socket.IPPROTO_TCP, 19, 1)\n"
         "except PermissionError:\n"

@@ -4,12 +4,14 @@ checked against that probe (a kernel that changes MPTCP's answers fails here).""
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import sys
 
 import pytest
 
 import mptcpkit
-from mptcpkit import State
+from mptcpkit import State, lab
 from mptcpkit.abi.optnames import NAMED_OPTIONS, SOL_IP, SOL_IPV6, SOL_SOCKET, SOL_TCP
 from mptcpkit.options import (
     TCP_ONLY_OPTIONS,
@@ -88,3 +90,19 @@ def test_newly_found_options_downgrade_instead_of_failing(name: str, no_fd_leak:
         status = mptcpkit.status(sock)
         assert status.state is State.TCP and name in (status.reason or "")
         assert sock.getsockopt(level, optname) == value
+
+
+@pytest.mark.root
+def test_static_table_stands_in_where_no_mptcp_socket_can_be_made(lab_factory) -> None:  # type: ignore[no-untyped-def]
+    """net.mptcp.enabled=0 in a namespace: no probe, the static table, and check says so."""
+    net = lab.two_paths(paths=1, endpoints=None)
+    lab_factory(net)
+    client = net.host("client")
+    client.sysctl("net.mptcp.enabled", 0)
+    code = (
+        "from mptcpkit.options import TCP_ONLY_OPTIONS, tcp_only_options, "
+        "tcp_only_options_probed as probed\n"
+        "print(probed(), len(tcp_only_options()), dict(tcp_only_options()) == TCP_ONLY_OPTIONS)"
+    )
+    done = client.run([sys.executable, "-c", code], env=dict(os.environ))
+    assert done.stdout.split() == ["False", str(len(TCP_ONLY_OPTIONS)), "True"], done.stderr

@@ -498,3 +498,82 @@ def test_activation_is_handed_to_a_child() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == ["True", "1", "False"], out.stderr
+
+
+MANAGER = """
+import ctypes, os, signal, subprocess, sys, time
+# what systemd does for a unit: it reaps every process the unit leaves (here as a
+# subreaper), and `systemctl stop` sends SIGTERM to all of them (KillMode=control-group)
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+ready = sys.argv[1]
+proc = subprocess.Popen(sys.argv[2:])
+while not os.path.exists(ready):
+    time.sleep(0.02)
+
+def descendants():
+    kids = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(name))
+    todo, found = [os.getpid()], []
+    while todo:
+        for kid in kids.get(todo.pop(), []):
+            found.append(kid)
+            todo.append(kid)
+    return found
+
+everyone = descendants()
+print(len(everyone), flush=True)
+for pid in everyone:
+    os.kill(pid, signal.SIGTERM)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+def test_stop_signals_every_process_and_shutdown_is_still_forced(
+    tmp_path: pathlib.Path, runner: list[str]
+) -> None:
+    """`systemctl stop` sends SIGTERM to the supervisor too: it must keep serving the
+    program's shutdown (a socket made after SIGTERM is still MPTCP, not ENOSYS)."""
+    ready, result = tmp_path / "ready", tmp_path / "result"
+    argv = _python_unit(
+        tmp_path,
+        "web",
+        "ExecStart={command}\n",
+        f"""
+        import os, signal, time
+        def stop(*_):
+            time.sleep(0.3)  # the signal reached every process of the unit meanwhile
+            try:
+                s = socket.socket()
+                out = str(s.getsockopt(socket.SOL_SOCKET, 38))
+            except OSError as exc:
+                out = str(exc)
+            with open({str(result)!r}, "w") as f:
+                f.write(out)
+            os._exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        socket.socket().close()  # the supervisor serves us
+        open({str(ready)!r}, "w").close()
+        while True:
+            time.sleep(1)
+        """,
+    )
+    manager = subprocess.run(
+        [sys.executable, "-c", MANAGER, str(ready), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert manager.returncode == 0, manager.stderr
+    assert int(manager.stdout) >= 2  # the program and its supervisor
+    assert result.read_text() == str(IPPROTO_MPTCP)

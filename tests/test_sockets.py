@@ -243,3 +243,30 @@ def test_md5_key_as_str_is_a_clear_type_error() -> None:
     assert mptcpkit.tcp_md5sig("127.0.0.1", bytearray(b"k")) == mptcpkit.tcp_md5sig(
         "127.0.0.1", b"k"
     )
+
+
+@pytest.mark.parametrize("env", ["listen", "dial"])
+def test_mptcpkit_socket_follows_the_role_it_takes(
+    env: str, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    """MPTCPKIT=listen|dial as documented: MPTCP for that role only, also for sockets
+    made by mptcpkit.socket(), whose role shows at connect() or listen()."""
+    monkeypatch.setenv("MPTCPKIT", env)
+    mptcp_role = State.MPTCP
+    with mptcpkit.create_server(("127.0.0.1", 0), mptcp="prefer") as server:
+        with mptcpkit.socket() as listener, mptcpkit.socket() as dialer:
+            assert mptcpkit.status(listener).is_mptcp and mptcpkit.status(dialer).is_mptcp
+            listener.bind(("127.0.0.1", 0))
+            port = listener.getsockname()[1]
+            listener.listen()
+            dialer.settimeout(5)
+            dialer.connect(server.getsockname())
+            server.accept()[0].close()
+            listening, dialing = mptcpkit.status(listener), mptcpkit.status(dialer)
+            assert listener.getsockname()[1] == port
+            if env == "listen":
+                assert listening.state is mptcp_role and dialing.state is State.TCP
+                assert f"MPTCPKIT={env}" in (dialing.reason or "")
+            else:
+                assert dialing.state is mptcp_role and listening.state is State.TCP
+                assert f"MPTCPKIT={env}" in (listening.reason or "")

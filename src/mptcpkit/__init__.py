@@ -8,10 +8,17 @@
 See README.md for the whole API.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
+# `status` and `support` are also submodules: imported here, so that the functions, not
+# the modules, stay the package's attributes whoever imports the submodules later.
+from mptcpkit.status import SocketStatus, State, status
+from mptcpkit.support import Support, Unusable, available, support, tcp_md5sig_available
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from typing import Any
+
     from mptcpkit.abi.constants import IPPROTO_MPTCP, SOL_MPTCP, TCP_MD5SIG, TCP_MD5SIG_EXT
     from mptcpkit.abi.md5sig import encode_tcp_md5sig as tcp_md5sig
     from mptcpkit.abi.mptcp_info import MPTCPInfo
@@ -24,10 +31,6 @@ if TYPE_CHECKING:
     from mptcpkit.run.inprocess import forced
     from mptcpkit.sockets import Socket, create_connection, create_server, socket
 
-# `status` and `support` are also submodules: imported here, so that the functions, not
-# the modules, stay the package's attributes whoever imports the submodules later.
-from mptcpkit.status import SocketStatus, State, status
-from mptcpkit.support import Support, Unusable, available, support, tcp_md5sig_available
 
 # The rest is loaded on first use (PEP 562): `mptcpkit run` and the other commands,
 # which need only a part, no longer pay for importing the whole library at start-up.
@@ -61,6 +64,8 @@ def __getattr__(name: str) -> Any:
         module, attr = _EXPORTS[name]
     except KeyError:
         raise AttributeError(f"module 'mptcpkit' has no attribute {name!r}") from None
+    import importlib
+
     value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value

@@ -7,19 +7,34 @@ buffer first (REFERENCE §3).
 
 from __future__ import annotations
 
-import ctypes
 import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_getsockopt = _libc.getsockopt
-_getsockopt.argtypes = (
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint32),
-)
-_getsockopt.restype = ctypes.c_int
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import ctypes
+    from typing import Any
+
+
+# Loaded on first use: importing ctypes costs every `import mptcpkit` several ms.
+_getsockopt: Any = None
+
+
+def _libc_getsockopt() -> Any:
+    global _getsockopt
+    if _getsockopt is None:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).getsockopt
+        function.argtypes = (
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_uint32),
+        )
+        function.restype = ctypes.c_int
+        _getsockopt = function
+    return _getsockopt
 
 
 _INT_MAX = 2**31 - 1
@@ -38,9 +53,11 @@ def getsockopt_inout(fd: int, level: int, optname: int, request: bytes, size: in
     Returns the bytes the kernel reported as written; raises OSError with its errno.
     """
     check_fd(fd)
+    import ctypes
+
     buf = ctypes.create_string_buffer(request, max(size, len(request)))
     length = ctypes.c_uint32(len(buf))
-    if _getsockopt(fd, level, optname, buf, ctypes.byref(length)) != 0:
+    if _libc_getsockopt()(fd, level, optname, buf, ctypes.byref(length)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return buf.raw[: length.value]
@@ -50,8 +67,10 @@ def getsockopt_into(fd: int, level: int, optname: int, buf: ctypes.Array[ctypes.
     """Call getsockopt on a caller-owned buffer (which may hold pointers to other
     caller-owned buffers); returns the length the kernel reported."""
     check_fd(fd)
+    import ctypes
+
     length = ctypes.c_uint32(ctypes.sizeof(buf))
-    if _getsockopt(fd, level, optname, buf, ctypes.byref(length)) != 0:
+    if _libc_getsockopt()(fd, level, optname, buf, ctypes.byref(length)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return length.value

@@ -15,14 +15,11 @@ from __future__ import annotations
 import _socket
 import errno
 import fcntl
-import ipaddress
 import os
 import socket
-from collections.abc import Sequence
-from typing import Any
+import struct
 
 from mptcpkit.abi import constants as c
-from mptcpkit.abi.tcp_info import TCP_INFO_MIN_SIZE, decode_tcp_info
 from mptcpkit.errors import TCPOnlyOptionError
 from mptcpkit.handover import (
     FILTER_OPTIONS,
@@ -33,7 +30,13 @@ from mptcpkit.handover import (
 )
 from mptcpkit.options import OptionInfo, option_name, tcp_only_options
 from mptcpkit.policy import Policy
-from mptcpkit.status import protocol, record_note
+from mptcpkit.status import record_note
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
 
 _REJECTION_ERRNOS = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _S, _IP, _IP6, _TCP = c.SOL_SOCKET, c.SOL_IP, c.SOL_IPV6, c.SOL_TCP
@@ -90,10 +93,12 @@ CARRIED: dict[tuple[int, int], int] = {
 _STRINGS = frozenset({(_S, 25), (_TCP, 13)})  # SO_BINDTODEVICE, TCP_CONGESTION: NUL-padded
 # The kernel doubles what is set for these and reports the doubled value.
 _DOUBLED = frozenset({(_S, 8), (_S, 7)})
-_IPV4_ONLY = frozenset({_IP6})  # levels an AF_INET socket does not have
+_TCP_STATE = struct.Struct("<B23xII")
+_UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 
-# What a fresh MPTCP socket reports, per family: the values nobody set.
-_defaults: dict[int, dict[tuple[int, int], int | bytes | None]] = {}
+# Per family: what to read, and what a fresh MPTCP socket reports (nobody set it).
+Plan = tuple[tuple[int, int, int, "int | bytes | None"], ...]
+_plans: dict[int, Plan] = {}
 
 
 def setsockopt(sock: socket.socket, level: int, optname: int, *args: Any) -> None:
@@ -119,7 +124,7 @@ def retry_after_downgrade(
     if exc.errno not in _REJECTION_ERRNOS:
         raise exc
     option = tcp_only_options().get((level, optname))
-    if option is None or protocol(sock) != c.IPPROTO_MPTCP:
+    if option is None or sock.getsockopt(_S, c.SO_PROTOCOL) != c.IPPROTO_MPTCP:
         raise exc
     if policy is Policy.REQUIRE:
         raise TCPOnlyOptionError(
@@ -131,6 +136,12 @@ def retry_after_downgrade(
 
 
 def _refuse(option: OptionInfo, why: str) -> TCPOnlyOptionError:
+    if option.level == -1:  # not an option: become_plain_tcp()
+        return TCPOnlyOptionError(
+            errno.EOPNOTSUPP,
+            f"{option.name} asks for plain TCP here ({option.why}), but this socket cannot "
+            f"become plain TCP now: {why}; pass mptcp='off' or 'prefer' explicitly",
+        )
     return TCPOnlyOptionError(
         errno.ENOPROTOOPT,
         f"{option.name} is not supported on MPTCP sockets, and this socket cannot become "
@@ -143,21 +154,24 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
     with `option` set to `args` when given. On any error `sock` is left as it was: the
     error is TCP's own for the option (e.g. ENOENT for TCP_ULP "tls" before connect),
     else a TCPOnlyOptionError that says why."""
-    tcp = decode_tcp_info(sock.getsockopt(c.SOL_TCP, c.TCP_INFO, TCP_INFO_MIN_SIZE))
-    listening = tcp.state == c.TCP_LISTEN
-    if listening and settled_queue(sock, tcp.unacked):
-        raise _refuse(option, f"the listener has {tcp.unacked} connection(s) waiting in its queue")
-    if not listening and tcp.state != c.TCP_CLOSE:
-        raise _refuse(option, f"it is already {tcp.state_name.lower().replace('_', '-')}")
+    # tcpi_state, and for a listener tcpi_unacked (accept queue) and tcpi_sacked (backlog)
+    state, queued, backlog = _TCP_STATE.unpack(sock.getsockopt(c.SOL_TCP, c.TCP_INFO, 32))
+    listening = state == c.TCP_LISTEN
+    if listening and settled_queue(sock, queued):
+        raise _refuse(option, f"the listener has {queued} connection(s) waiting in its queue")
+    if not listening and state != c.TCP_CLOSE:
+        name = c.TCP_STATES.get(state, str(state)).lower().replace("_", "-")
+        raise _refuse(option, f"it is already {name}")
     if listening and (option.level, option.optname) in FILTER_OPTIONS:
         raise _refuse(option, "it is listening (set socket filters before listen())")
     fd = sock.fileno()
     bound = sock.getsockname()
-    is_bound = bound[1] != 0 or not ipaddress.ip_address(bound[0]).is_unspecified
+    is_bound = bound[1] != 0 or bound[0] not in _UNSPECIFIED
     file_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     inheritable = os.get_inheritable(fd)
     timeout = sock.gettimeout()
-    replacement = socket.socket(sock.family, socket.SOCK_STREAM, c.IPPROTO_TCP)
+    family = sock.family
+    replacement = _socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_TCP)  # no wrapper: cheaper
     try:
         try:
             carry_options(sock, None, replacement)
@@ -167,7 +181,7 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
             replacement.setsockopt(option.level, option.optname, *args)
         if listening:
             try:
-                hand_over(sock, replacement, bound, tcp.sacked)
+                hand_over(sock, replacement, bound, backlog)
             except HandoverRefused as exc:
                 raise _refuse(option, str(exc)) from None
         elif is_bound:
@@ -179,14 +193,20 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
         finish_handover(sock)
     # The socket object now describes a TCP socket: `proto` (and repr) say 6, like
     # the kernel; re-initialising the C object resets its timeout, so that comes back.
-    _socket.socket.__init__(sock, sock.family, sock.type, c.IPPROTO_TCP, fd)
+    _socket.socket.__init__(sock, family, socket.SOCK_STREAM, c.IPPROTO_TCP, fd)
     sock.settimeout(timeout)
     fcntl.fcntl(fd, fcntl.F_SETFL, file_flags)
     record_note(sock, f"turned into plain TCP for {option.name} ({option.why})")
 
 
+def become_plain_tcp(sock: socket.socket, name: str, why: str) -> None:
+    """Turn a fresh MPTCP socket into plain TCP in place, for `name` (`why`), as a
+    TCP-only option would."""
+    downgrade(sock, OptionInfo(name, -1, -1, 0, why))
+
+
 def _bind_beside(
-    old: socket.socket, new: socket.socket, address: tuple[Any, ...], option: OptionInfo
+    old: socket.socket, new: _socket.socket, address: tuple[Any, ...], option: OptionInfo
 ) -> None:
     """Bind `new` to the address `old` holds, while it still holds it (SO_REUSEADDR on
     both for the moment: neither listens), so the port is never free for others."""
@@ -207,47 +227,55 @@ def _bind_beside(
         new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
 
 
-def _fresh_defaults(family: int) -> dict[tuple[int, int], int | bytes | None]:
-    """What a fresh MPTCP socket of `family` reports for each carried option (None: it
-    cannot say), measured once per process."""
-    found = _defaults.get(family)
-    if found is None:
-        found = {}
-        with socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP) as fresh:
-            for key, size in CARRIED.items():
-                found[key] = _get(fresh, key, size)
-        _defaults[family] = found
-    return found
+def _plan(family: int, reference: socket.socket | None = None) -> Plan:
+    """(level, optname, size, what a fresh MPTCP socket reports) for each option to
+    carry on a socket of `family`; from `reference` when given, else measured once per
+    process (a downgrade runs it ~40 times: it is kept to one syscall each)."""
+    plan = _plans.get(family) if reference is None else None
+    if plan is None:
+        fresh = reference or socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
+        try:
+            plan = tuple(
+                (level, optname, size, default)
+                for (level, optname), size in CARRIED.items()
+                if not (family == socket.AF_INET and level == _IP6)  # TCP has none there
+                # what MPTCP cannot report (SO_BUSY_POLL_BUDGET) cannot be carried
+                if (default := _get(fresh, level, optname, size)) is not None
+            )
+        finally:
+            if reference is None:
+                fresh.close()
+        if reference is None:
+            _plans[family] = plan
+    return plan
 
 
-def _get(sock: socket.socket, key: tuple[int, int], size: int) -> int | bytes | None:
+def _get(sock: socket.socket, level: int, optname: int, size: int) -> int | bytes | None:
     try:
-        return sock.getsockopt(key[0], key[1], size) if size else sock.getsockopt(*key)
+        return sock.getsockopt(level, optname, size) if size else sock.getsockopt(level, optname)
     except OSError:
         return None
 
 
-def carry_options(old: socket.socket, reference: socket.socket | None, new: socket.socket) -> None:
+def carry_options(old: socket.socket, reference: socket.socket | None, new: _socket.socket) -> None:
     """Set on `new` every option of `old` that differs from a fresh MPTCP socket's (the
     `reference` socket's when given, else measured once per process). An option `new`
     refuses raises OSError naming it."""
-    defaults = _fresh_defaults(old.family) if reference is None else None
-    family = old.family
-    for key, size in CARRIED.items():
-        if family == socket.AF_INET and key[0] == _IP6:
-            continue
-        value = _get(old, key, size)
-        if value is None:
-            continue  # MPTCP cannot report it, so it cannot have been set either
-        default = defaults.get(key) if defaults is not None else _get(reference, key, size)  # type: ignore[arg-type]
+    get = old.getsockopt
+    for level, optname, size, default in _plan(old.family, reference):
+        try:
+            value = get(level, optname, size) if size else get(level, optname)
+        except OSError:
+            continue  # MPTCP cannot report it now, so it cannot have been set either
         if value == default:
             continue
+        key = (level, optname)
         if key in _DOUBLED and isinstance(value, int):
             value //= 2
         elif key in _STRINGS and isinstance(value, bytes):
             value = value.rstrip(b"\0")
         try:
-            new.setsockopt(key[0], key[1], value)
+            new.setsockopt(level, optname, value)
         except OSError as exc:
             raise OSError(
                 exc.errno, f"{option_name(*key)} could not be carried over: {exc.strerror}"

@@ -23,8 +23,8 @@ handover is refused before anything changes.
 
 from __future__ import annotations
 
+import _socket
 import os
-import platform
 import socket
 import struct
 import time
@@ -38,7 +38,7 @@ FILTER_OPTIONS = frozenset(
     (c.SOL_SOCKET, n) for n in (SO_ATTACH_FILTER, SO_DETACH_FILTER, 44, 50, 51, 52, 68)
 )
 _DRAIN_SECONDS = 0.25  # how long the old listener's queue may take to empty
-_ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242)}.get(platform.machine(), ())
+_ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242)}.get(os.uname().machine, ())
 
 
 class HandoverRefused(Exception):
@@ -135,7 +135,7 @@ def check_can_hand_over(old: socket.socket) -> None:
 
 
 def hand_over(
-    old: socket.socket, new: socket.socket, address: tuple[object, ...], backlog: int
+    old: socket.socket, new: _socket.socket, address: tuple[object, ...], backlog: int
 ) -> None:
     """Make `new` listen on `old`'s address with `backlog`, old's queue drained and
     old no longer receiving, ready for dup2 onto old's descriptor; HandoverRefused

@@ -6,13 +6,12 @@ back to MPTCP_TCPINFO + MPTCP_SUBFLOW_ADDRS (5.16+) on older kernels.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import socket
-from dataclasses import dataclass
 
 from mptcpkit._libc import getsockopt_inout, getsockopt_into
 from mptcpkit.abi import constants as c
+from mptcpkit.abi._record import record
 from mptcpkit.abi.mptcp_info import MPTCP_INFO_SIZE, MPTCPInfo, decode_mptcp_info
 from mptcpkit.abi.sockaddr import SockAddr
 from mptcpkit.abi.subflow import (
@@ -36,7 +35,7 @@ _NOT_MPTCP = frozenset({errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 _MAX_SUBFLOWS = 256  # the kernel's own limit on subflows per connection is far lower
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Subflow:
     """One TCP subflow of an MPTCP connection, with the `tcp_info` fields worth watching.
 
@@ -109,6 +108,8 @@ def subflows(sock: SocketLike) -> list[Subflow]:
 
 
 def _subflows_full_info(fd: int) -> list[Subflow]:
+    import ctypes  # here, not at the top: it costs every `import mptcpkit` several ms
+
     capacity = 4
     while True:
         sfinfo = ctypes.create_string_buffer(capacity * SUBFLOW_INFO_SIZE)

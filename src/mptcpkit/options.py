@@ -15,13 +15,12 @@ option and the way out.
 
 from __future__ import annotations
 
+import _thread
 import errno
 import socket
-import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 
+from mptcpkit.abi._record import record
 from mptcpkit.abi.optnames import (
     NAMED_OPTIONS,
     OPTION_NAMES,
@@ -32,11 +31,16 @@ from mptcpkit.abi.optnames import (
     option_name,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+
 IPPROTO_MPTCP = 262
 OptionKey = tuple[int, int]  # (level, optname)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OptionInfo:
     name: str
     level: int
@@ -253,7 +257,7 @@ def probe_tcp_only_options() -> dict[OptionKey, OptionInfo] | None:
 
 _probed: Mapping[OptionKey, OptionInfo] | None = None
 _probed_live = False
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 
 
 def tcp_only_options() -> Mapping[OptionKey, OptionInfo]:

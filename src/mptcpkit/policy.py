@@ -2,14 +2,21 @@
 
 `MPTCPKIT=off|on|listen|dial` is Go's `GODEBUG=multipathtcp=0|1|2|3` in words: `on`
 uses MPTCP for listeners and dialers, `listen` only for listeners, `dial` only for
-dialers. Unset means `on`. An explicit `mptcp=` argument always wins.
+dialers. Unset means `on`. An explicit `mptcp=` argument always wins. A socket made by
+`mptcpkit.socket()` has no role yet: under `listen` or `dial` it is MPTCP until its
+`connect()` or `listen()`, which makes it plain TCP if that role is not MPTCP's
+(`mptcpkit.sockets.RoleSocket`).
 """
 
 from __future__ import annotations
 
 import enum
 import os
-from typing import Literal
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Literal
+
 
 ENV_VAR = "MPTCPKIT"
 
@@ -20,8 +27,11 @@ class Policy(enum.Enum):
     OFF = "off"  # plain TCP
 
 
-PolicyLike = Policy | Literal["prefer", "require", "off"] | bool | None
-Role = Literal["listen", "dial", "socket"]
+if TYPE_CHECKING:
+    PolicyLike = Policy | Literal["prefer", "require", "off"] | bool | None
+    Role = Literal["listen", "dial", "socket"]
+else:  # names for annotations only; spelt out above for type checkers
+    PolicyLike = Role = object
 
 _ENV_ROLES: dict[str, frozenset[str]] = {
     "on": frozenset({"listen", "dial", "socket"}),
@@ -61,6 +71,11 @@ ENV_KEY = os.fsencode(ENV_VAR)
 def _env_value() -> str | None:
     raw = ENV_DATA.get(ENV_KEY)
     return None if raw is None else os.fsdecode(raw)
+
+
+def env_setting() -> str:
+    """$MPTCPKIT as given ("" when unset)."""
+    return _env_value() or ""
 
 
 def env_policy(role: Role) -> Policy:

@@ -8,17 +8,29 @@ Only a failure to *create* the MPTCP socket falls back.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket as _socket
-from typing import Any
 
 from mptcpkit.abi.constants import IPPROTO_MPTCP, IPPROTO_TCP
-from mptcpkit.downgrade import retry_after_downgrade
+from mptcpkit.downgrade import become_plain_tcp, retry_after_downgrade
 from mptcpkit.errors import MPTCPUnavailableError
-from mptcpkit.policy import ENV_DATA, ENV_KEY, Policy, PolicyLike, as_policy, resolve
-from mptcpkit.status import record_note, status
+from mptcpkit.policy import (
+    ENV_DATA,
+    ENV_KEY,
+    Policy,
+    PolicyLike,
+    as_policy,
+    env_policy,
+    env_setting,
+    resolve,
+)
+from mptcpkit.status import protocol, record_note, status
 from mptcpkit.support import describe_creation_error
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
+
 
 _GLOBAL_DEFAULT_TIMEOUT: Any = _socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
 _AF_INET, _AF_INET6, _SOCK_STREAM = _socket.AF_INET, _socket.AF_INET6, _socket.SOCK_STREAM
@@ -62,6 +74,39 @@ class Socket(_socket.socket):
         return sock, addr
 
 
+class RoleSocket(Socket):
+    """What `socket()` makes while $MPTCPKIT gives MPTCP to one role only (`listen` or
+    `dial`): MPTCP until it takes a role, then, at `connect()` or `listen()`, plain TCP
+    (in place, still fresh) if that role is not MPTCP's. `create_connection()` and
+    `create_server()` know their role and never make one."""
+
+    __slots__ = ("plain_role",)
+    plain_role: str | None  # "listen" or "dial": the role that gets plain TCP
+
+    def _take_role(self, role: str) -> None:
+        plain_role = getattr(self, "plain_role", None)
+        if plain_role is None:
+            return
+        self.plain_role = None
+        if role == plain_role and protocol(self) == IPPROTO_MPTCP:
+            become_plain_tcp(
+                self, f"MPTCPKIT={env_setting()}", f"MPTCP only for sockets that {plain_role}"
+            )
+            self.mptcp_policy = Policy.OFF
+
+    def connect(self, address: Any) -> None:
+        self._take_role("dial")
+        super().connect(address)
+
+    def connect_ex(self, address: Any) -> int:
+        self._take_role("dial")
+        return super().connect_ex(address)
+
+    def listen(self, *backlog: int) -> None:
+        self._take_role("listen")
+        super().listen(*backlog)
+
+
 def _make(family: int, type: int, proto: int, fileno: int | None, policy: Policy) -> Socket:
     sock = Socket(family, type, proto, fileno)
     sock.mptcp_policy = policy
@@ -73,12 +118,12 @@ def is_tcp_request(family: int, type: int, proto: int) -> bool:
     return family in _INET and (type & 0xF) == _socket.SOCK_STREAM and proto in _STREAM_PROTOCOLS
 
 
-def open_stream(family: int, type: int, policy: Policy) -> Socket:
+def open_stream(family: int, type: int, policy: Policy, cls: type[Socket] = Socket) -> Socket:
     """A stream socket of `family` made by `policy`: the one place policies act."""
     if policy is Policy.OFF:
         return _make(family, type, IPPROTO_TCP, None, policy)
     try:
-        sock = Socket(family, type, IPPROTO_MPTCP)  # _make() inlined: every connect runs this
+        sock = cls(family, type, IPPROTO_MPTCP)  # _make() inlined: every connect runs this
     except OSError as exc:
         err = exc.errno or 0
         if policy is Policy.REQUIRE:
@@ -135,6 +180,12 @@ def socket(
         if mptcp is not None and as_policy(mptcp) is Policy.REQUIRE:
             raise _not_mptcp(family, type, proto, "mptcp='require' asks for MPTCP")
         return _make(family, type, proto, None, Policy.OFF)
+    if mptcp is None and _ENV_KEY in _ENV_DATA:
+        listen, dial = env_policy("listen"), env_policy("dial")
+        if listen is not dial:  # MPTCP for one role only: decided when it takes one
+            sock = open_stream(family, type, Policy.PREFER, RoleSocket)
+            sock.plain_role = "listen" if listen is Policy.OFF else "dial"  # type: ignore[attr-defined]
+            return sock
     return open_stream(family, type, resolve(mptcp, "socket"))
 
 
@@ -283,8 +334,10 @@ def create_server(
     else:  # AF_UNIX and the like: what the stdlib makes
         sock = _make(family, _socket.SOCK_STREAM, 0, None, Policy.OFF)
     try:
-        with contextlib.suppress(OSError):  # as the stdlib: bind() will say what is wrong
+        try:  # noqa: SIM105 - importing contextlib would cost every import mptcpkit
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        except OSError:
+            pass  # as the stdlib: bind() will say what is wrong
         if reuse_port:
             sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
         if family == _socket.AF_INET6:
@@ -305,4 +358,4 @@ def create_server(
         raise
 
 
-__all__ = ["Socket", "create_connection", "create_server", "open_stream", "socket"]
+__all__ = ["RoleSocket", "Socket", "create_connection", "create_server", "open_stream", "socket"]

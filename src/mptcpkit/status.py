@@ -12,19 +12,25 @@ import enum
 import errno
 import socket
 import weakref
-from dataclasses import dataclass
-from typing import Protocol
 
 from mptcpkit._libc import getsockopt_inout
 from mptcpkit.abi import constants as c
+from mptcpkit.abi._record import record
 from mptcpkit.support import kernel_version
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Protocol
 
-class HasFileno(Protocol):
-    def fileno(self) -> int: ...
 
+if TYPE_CHECKING:
 
-SocketLike = HasFileno | int
+    class HasFileno(Protocol):
+        def fileno(self) -> int: ...
+
+    SocketLike = HasFileno | int
+else:  # a name for annotations only; spelt out above for type checkers
+    SocketLike = object
 
 
 class State(enum.Enum):
@@ -33,7 +39,7 @@ class State(enum.Enum):
     TCP = "TCP"  # a plain TCP socket
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SocketStatus:
     """`state`, and `reason` when mptcpkit knows why a socket is not MPTCP."""
 

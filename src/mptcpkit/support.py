@@ -10,15 +10,15 @@ not the namespace, and are probed once per process.
 
 from __future__ import annotations
 
+import _thread
 import enum
 import errno
 import os
 import socket
-import threading
-from dataclasses import dataclass
 
 from mptcpkit._libc import getsockopt_inout
 from mptcpkit.abi import constants as c
+from mptcpkit.abi._record import record
 from mptcpkit.abi.constants import SOL_SOCKET
 from mptcpkit.abi.mptcp_info import MPTCP_INFO_SIZE
 from mptcpkit.abi.subflow import FULL_INFO_HEADER_SIZE, encode_full_info
@@ -49,7 +49,7 @@ def describe_creation_error(err: int) -> str:
     return f"MPTCP socket could not be created ({name}): {classify_creation_error(err).value}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Support:
     """What MPTCP can do here. `usable` is the answer; the rest says why and how much."""
 
@@ -75,10 +75,10 @@ class Support:
 SO_NETNS_COOKIE = 71
 
 _cache: dict[int | None, Support] = {}
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class KernelFeatures:
     sol_mptcp: bool
     full_info: bool

@@ -9,7 +9,11 @@ to a single C call.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 
 Field = tuple[str, str, int]  # (name, struct format without byte order, offset)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 
-from mptcpkit.abi.sockaddr import encode_sockaddr
+from mptcpkit.abi.sockaddr import encode_sockaddr, pack_ip
 
 TCP_MD5SIG_MAXKEYLEN = 80
 TCP_MD5SIG_FLAG_PREFIX = 0x1
@@ -29,16 +29,16 @@ def encode_tcp_md5sig(
     key = bytes(key)
     if len(key) > TCP_MD5SIG_MAXKEYLEN:
         raise ValueError(f"TCP-MD5 key is {len(key)} bytes; the kernel takes at most 80")
-    ip = ipaddress.ip_address(peer)
+    family, _ = pack_ip(peer)
     flags = 0
     if prefixlen is not None:
-        if not 0 <= prefixlen <= ip.max_prefixlen:
+        if not 0 <= prefixlen <= (32 if family == socket.AF_INET else 128):
             raise ValueError(f"prefix length {prefixlen} is out of range for {peer}")
         flags |= TCP_MD5SIG_FLAG_PREFIX
     if ifindex:
         flags |= TCP_MD5SIG_FLAG_IFINDEX
     return (
-        encode_sockaddr(str(ip), 0)
+        encode_sockaddr(peer, 0)
         + struct.pack("<BBHi", flags, prefixlen or 0, len(key), ifindex)
         + key.ljust(TCP_MD5SIG_MAXKEYLEN, b"\0")
     )

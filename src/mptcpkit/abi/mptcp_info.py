@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from mptcpkit.abi._decode import Field, Layout, require_length
+from mptcpkit.abi._record import record
 from mptcpkit.abi.constants import MPTCP_INFO_FLAG_FALLBACK, MPTCP_INFO_FLAG_REMOTE_KEY_RECEIVED
 
 # The size of the newest layout this module knows (6.10+).
@@ -43,7 +42,7 @@ _FIELDS: tuple[Field, ...] = (
 _LAYOUT = Layout(_FIELDS)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MPTCPInfo:
     """One MPTCP connection's counters. Fields the running kernel lacks are None.
 

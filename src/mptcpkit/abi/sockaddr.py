@@ -3,11 +3,14 @@ and the sockaddr that connect() takes for a Python socket address."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
+
 
 SOCKADDR_STORAGE_SIZE = 128
 
@@ -32,15 +35,25 @@ def decode_sockaddr(data: bytes) -> SockAddr:
     raise ValueError(f"sockaddr: address family {family} is neither AF_INET nor AF_INET6")
 
 
+def pack_ip(host: str) -> tuple[int, bytes]:
+    """(AF_INET or AF_INET6, the packed address) of an IP literal; ValueError else."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return family, socket.inet_pton(family, host)
+        except OSError:
+            continue
+    raise ValueError(f"{host!r} does not appear to be an IPv4 or IPv6 address")
+
+
 def encode_sockaddr(host: str, port: int) -> bytes:
     """A sockaddr_storage-sized buffer for an IPv4 or IPv6 literal."""
-    ip = ipaddress.ip_address(host)
+    family, packed = pack_ip(host)
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port {port} is out of range 0-65535")
-    if ip.version == 4:
-        raw = struct.pack("=H", socket.AF_INET) + struct.pack("!H4s", port, ip.packed)
+    if family == socket.AF_INET:
+        raw = struct.pack("=H", family) + struct.pack("!H4s", port, packed)
     else:
-        raw = struct.pack("=H", socket.AF_INET6) + struct.pack("!HI16sI", port, 0, ip.packed, 0)
+        raw = struct.pack("=H", family) + struct.pack("!HI16sI", port, 0, packed, 0)
     return raw.ljust(SOCKADDR_STORAGE_SIZE, b"\0")
 
 

@@ -9,9 +9,9 @@ user-space pointers to arrays the caller allocates, and fills all of it in one c
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from mptcpkit.abi._decode import require_length
+from mptcpkit.abi._record import record
 from mptcpkit.abi.mptcp_info import MPTCPInfo, decode_mptcp_info
 from mptcpkit.abi.sockaddr import SOCKADDR_STORAGE_SIZE, SockAddr, decode_sockaddr
 
@@ -29,7 +29,7 @@ FULL_INFO_HEADER = struct.Struct("<IIIIIIQQ")
 FULL_INFO_HEADER_SIZE = FULL_INFO_HEADER.size  # 40
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SubflowData:
     """The header the kernel writes back: how many subflows, and its element size."""
 
@@ -75,7 +75,7 @@ def decode_subflow_info(data: bytes) -> tuple[int, SockAddr, SockAddr]:
     return subflow_id, local, remote
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FullInfoHeader:
     size_tcpinfo_kernel: int
     size_tcpinfo_user: int

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from mptcpkit.abi._decode import Field, Layout, require_length
+from mptcpkit.abi._record import record
 from mptcpkit.abi.constants import TCP_STATES
 
 # What we ask the kernel for: up to tcpi_snd_wnd (5.19+); older kernels return less.
@@ -47,7 +46,7 @@ _FIELDS: tuple[Field, ...] = (
 _LAYOUT = Layout(_FIELDS)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TCPInfo:
     """A TCP (sub)flow's state and counters; fields a kernel lacks are None.
 

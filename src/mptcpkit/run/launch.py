@@ -35,6 +35,9 @@ PR_SET_NAME = 15
 PR_SET_PTRACER = 0x59616D61  # Yama: "the supervisor may ptrace me" (pidfd_getfd)
 # The supervisor stays out of the program's job control and terminal.
 _SUPERVISOR_IGNORES = (
+    # systemd's stop signals every process of the unit (KillMode=control-group): the
+    # supervisor must outlive the program's shutdown, it leaves when the program does.
+    signal.SIGTERM,
     signal.SIGINT,
     signal.SIGQUIT,
     signal.SIGHUP,
