@@ -56,6 +56,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--plot", metavar="PATH", help="where to write the PNG (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(func=run)
+    variants = p.add_subparsers(dest="variant", metavar="VARIANT")
+    from mptcpkit.cli import demo_fleet
+
+    demo_fleet.register(variants)
 
 
 @dataclass
