@@ -30,7 +30,7 @@ from mptcpkit.handover import (
 )
 from mptcpkit.options import OptionInfo, option_name, tcp_only_options
 from mptcpkit.policy import Policy
-from mptcpkit.status import protocol, record_note
+from mptcpkit.status import record_note
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def retry_after_downgrade(
     if exc.errno not in _REJECTION_ERRNOS:
         raise exc
     option = tcp_only_options().get((level, optname))
-    if option is None or protocol(sock) != c.IPPROTO_MPTCP:
+    if option is None or sock.getsockopt(_S, c.SO_PROTOCOL) != c.IPPROTO_MPTCP:
         raise exc
     if policy is Policy.REQUIRE:
         raise TCPOnlyOptionError(
@@ -171,7 +171,7 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
     inheritable = os.get_inheritable(fd)
     timeout = sock.gettimeout()
     family = sock.family
-    replacement = socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_TCP)
+    replacement = _socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_TCP)  # no wrapper: cheaper
     try:
         try:
             carry_options(sock, None, replacement)
@@ -206,7 +206,7 @@ def become_plain_tcp(sock: socket.socket, name: str, why: str) -> None:
 
 
 def _bind_beside(
-    old: socket.socket, new: socket.socket, address: tuple[Any, ...], option: OptionInfo
+    old: socket.socket, new: _socket.socket, address: tuple[Any, ...], option: OptionInfo
 ) -> None:
     """Bind `new` to the address `old` holds, while it still holds it (SO_REUSEADDR on
     both for the moment: neither listens), so the port is never free for others."""
@@ -236,9 +236,11 @@ def _plan(family: int, reference: socket.socket | None = None) -> Plan:
         fresh = reference or socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
         try:
             plan = tuple(
-                (level, optname, size, _get(fresh, level, optname, size))
+                (level, optname, size, default)
                 for (level, optname), size in CARRIED.items()
                 if not (family == socket.AF_INET and level == _IP6)  # TCP has none there
+                # what MPTCP cannot report (SO_BUSY_POLL_BUDGET) cannot be carried
+                if (default := _get(fresh, level, optname, size)) is not None
             )
         finally:
             if reference is None:
@@ -255,7 +257,7 @@ def _get(sock: socket.socket, level: int, optname: int, size: int) -> int | byte
         return None
 
 
-def carry_options(old: socket.socket, reference: socket.socket | None, new: socket.socket) -> None:
+def carry_options(old: socket.socket, reference: socket.socket | None, new: _socket.socket) -> None:
     """Set on `new` every option of `old` that differs from a fresh MPTCP socket's (the
     `reference` socket's when given, else measured once per process). An option `new`
     refuses raises OSError naming it."""
@@ -264,7 +266,7 @@ def carry_options(old: socket.socket, reference: socket.socket | None, new: sock
         try:
             value = get(level, optname, size) if size else get(level, optname)
         except OSError:
-            continue  # MPTCP cannot report it, so it cannot have been set either
+            continue  # MPTCP cannot report it now, so it cannot have been set either
         if value == default:
             continue
         key = (level, optname)

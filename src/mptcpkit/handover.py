@@ -23,6 +23,7 @@ handover is refused before anything changes.
 
 from __future__ import annotations
 
+import _socket
 import os
 import socket
 import struct
@@ -134,7 +135,7 @@ def check_can_hand_over(old: socket.socket) -> None:
 
 
 def hand_over(
-    old: socket.socket, new: socket.socket, address: tuple[object, ...], backlog: int
+    old: socket.socket, new: _socket.socket, address: tuple[object, ...], backlog: int
 ) -> None:
     """Make `new` listen on `old`'s address with `backlog`, old's queue drained and
     old no longer receiving, ready for dup2 onto old's descriptor; HandoverRefused
