@@ -32,6 +32,7 @@
 #endif
 
 #define MAX_GROUPS 256
+#define MAX_BATCH 64 /* then back to Python's loop, which also watches the program */
 #define STATUS_SIZE 8192
 
 /* pidfs (6.11+, 6.13+): a thread's credentials and network namespace from its pidfd,
@@ -256,7 +257,7 @@ static PyObject *Server_serve(Server *s, PyObject *Py_UNUSED(ignored)) {
     int kind = KIND_IDLE, err = 0;
     s->nkeys = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (;;) {
+    for (int served = 0; served < MAX_BATCH; served++) {
         memset(s->buf, 0, s->recv_size);
         if (ioctl(s->listener, s->io_recv, s->buf) < 0) {
             if (errno == EINTR)
