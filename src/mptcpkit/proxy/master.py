@@ -34,9 +34,9 @@ from typing import Any
 import mptcpkit
 from mptcpkit.proxy import compiled
 from mptcpkit.proxy import metrics as metrics_mod
-from mptcpkit.proxy.config import Config, ConfigError, Frontend
+from mptcpkit.proxy.config import Config, ConfigError, Frontend, UnixPerms
 from mptcpkit.proxy.logging import EventLog
-from mptcpkit.proxy.prepare import Prepared, log_error, prepare
+from mptcpkit.proxy.prepare import Prepared, log_error, prepare, unix_owner
 
 __all__ = ["Master", "run"]
 
@@ -70,6 +70,14 @@ def _unix_server(path: str) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def _set_perms(path: str, perms: UnixPerms, owner: tuple[int, int]) -> None:
+    """A unix socket file's `mode`, `user`, `group` bind options (HAProxy's)."""
+    if owner != (-1, -1):
+        os.chown(path, *owner)
+    if perms.mode is not None:
+        os.chmod(path, perms.mode)
 
 
 def _is_socket(path: str) -> bool:
@@ -130,6 +138,10 @@ class ListenerPool:
                     text = _pool_key(f, i)
                     first = self._get(text, 0, new) or self._create(cfg, key_name, addr, made, dual)
                     new[(text, 0)] = first
+                    perms = f.unix_perms[i] if i < len(f.unix_perms) else None
+                    if perms is not None:
+                        with _listen_errors(cfg, key_name, addr):
+                            _set_perms(str(addr.path), perms, unix_owner(cfg, f, i))
                     for w in range(1, workers):
                         if addr.protocol == "unix":
                             new[(text, w)] = first
