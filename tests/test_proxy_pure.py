@@ -404,6 +404,22 @@ def test_log_line_formats() -> None:
     assert d["ended"] == "both closed" and d["start"] == "1970-01-01T00:00:00.500Z"
 
 
+def test_proxy_mixed_families_map_ipv4_into_ipv6() -> None:
+    """Source and destination of different families: the IPv4 one goes as ::ffff:a.b.c.d
+    (HAProxy does the same), not PROXY UNKNOWN / LOCAL."""
+    src, dst = ("203.0.113.7", 40000), ("2001:db8::2", 443)
+    assert (
+        proxyproto.build_v1(src, dst) == b"PROXY TCP6 ::ffff:203.0.113.7 2001:db8::2 40000 443\r\n"
+    )
+    hdr, _ = proxyproto.parse(proxyproto.build_v2(src, dst))  # type: ignore[misc]
+    assert not hdr.local and hdr.family == socket.AF_INET6
+    assert ipaddress.ip_address(hdr.source[0]) == ipaddress.ip_address("::ffff:203.0.113.7")
+    assert hdr.destination == dst
+    # the same family stays as it is, IPv4-mapped included (a dual-stack listener's view)
+    mapped = ("::ffff:127.0.0.1", 5), ("::ffff:127.0.0.2", 6)
+    assert proxyproto.build_v1(*mapped).startswith(b"PROXY TCP6 ::ffff:127.0.0.1 ")
+
+
 def _two_frontends(a: str, b: str) -> str:
     return (
         f"[frontend.one]\nbind='{a}'\nbackend='b'\n"
@@ -460,3 +476,27 @@ def test_maxconn_is_shared_out_between_workers() -> None:
             "[global]\nworkers=3\n[frontend.f]\nbind='mptcp@:1'\nbackend='b'\nmaxconn=2\n"
             "[backend.b]\nserver.a='h:1'"
         )
+
+
+@pytest.mark.parametrize(
+    ("bind", "reason"),
+    [
+        ("mptcp@:1 mode 600", "mode applies to unix socket files, mptcp@:1 is not one"),
+        ("unix@@abstract mode 600", "mode applies to unix socket files"),
+        ("unix@/run/p.sock mode", "bind option mode needs a value"),
+        ("unix@/run/p.sock mode 999", "mode must be octal like 660, got '999'"),
+        ("unix@/run/p.sock owner x", "unknown bind option 'owner'"),
+    ],
+)
+def test_unix_bind_option_errors(bind: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_text(f"[frontend.f]\nbind='{bind}'\nbackend='b'\n[backend.b]\nserver.a='h:1'")
+    assert ei.value.key == "frontend.f.bind" and reason in ei.value.reason, str(ei.value)
+
+
+def test_unix_bind_options_parsed() -> None:
+    cfg = parse_text(
+        "[frontend.f]\nbind='unix@/run/p.sock mode 0660 user www group web'\nbackend='b'\n"
+        "[backend.b]\nserver.a='h:1'"
+    )
+    assert cfg.frontends[0].unix_perms == (config.UnixPerms(0o660, "www", "web"),)
