@@ -12,10 +12,14 @@ All contenders in one run, on loopback, with an MPTCP client leg and a TCP serve
 Measures: bulk throughput (iperf3, one stream, --bytes), new connections/s with one
 small request each and the CPU time (user+sys) the contender spent per connection,
 p50/p99 latency of small requests on persistent connections, and memory per idle
-proxied connection (RSS delta over --idle connections). All contenders run at once and
-the loads go round-robin over them, --repeat times (medians), so that a busy minute on
-a shared machine does not land on one contender only; CPU per connection is the figure
-that contention does not distort. The load
+proxied connection (RSS delta over --idle connections), and memory per stalled
+connection (RSS delta over --stalled connections whose clients each push
+--stall-bytes at a backend that never reads; 100 x 8 MiB by default: a proxy holds
+more only when its reads are big, which takes MiBs in flight per connection, and
+1,000 such connections would exceed the kernel's TCP memory, net.ipv4.tcp_mem). All
+contenders run at once and the loads go round-robin over them, --repeat times
+(medians), so that a busy minute on a shared machine does not land on one contender
+only; CPU per connection is the figure that contention does not distort. The load
 generator and echo server are a small C program (benchmarks/loadgen.c, needs gcc) so
 that Python is not measuring itself. Every load is bounded in count and time.
 
@@ -39,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,6 +159,7 @@ class Backends:
     iperf: int  # TCP iperf3 server port
     echo_mptcp: int
     iperf_mptcp: int
+    sink: int = 0  # accepts and never reads (stalled connections)
 
 
 @dataclass
@@ -163,6 +169,7 @@ class Target:
     echo_port: int
     pid: int | None  # the process tree whose CPU and memory count (None: no proxy)
     idle: int | None = None
+    stall_port: int | None = None
 
 
 @dataclass
@@ -174,6 +181,7 @@ class Result:
     p50_us: float | None = None
     p99_us: float | None = None
     idle_kib: float | None = None
+    stalled_kib: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -201,7 +209,24 @@ class Bench:
         )
         wait_port(ip)
         wait_port(ipm)
-        return Backends(ports[0], ip, ports[1], ipm)
+        return Backends(ports[0], ip, ports[1], ipm, self.sink())
+
+    def sink(self) -> int:
+        """A backend that accepts and never reads, with a small receive buffer."""
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(4096)
+        held: list[socket.socket] = []
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    held.append(ls.accept()[0])
+
+        threading.Thread(target=accept, daemon=True).start()
+        self.sink_socks = (ls, held)
+        return int(ls.getsockname()[1])
 
     # --- the measurements ------------------------------------------------------------
 
@@ -273,6 +298,40 @@ class Bench:
             raise RuntimeError(f"only {got['ready']} of {n} idle connections came up")
         return (after - before) / got["ready"]
 
+    def stalled(self, port: int, pid: int, n: int) -> float:
+        """RSS growth per connection whose client pushed --stall-bytes at the never-reading
+        sink (what does not fit the socket buffers stays with the client)."""
+        time.sleep(0.5)
+        before = tree_rss_kib(pid)
+        socks = []
+        left: dict[socket.socket, int] = {}
+        block = b"x" * (1 << 16)
+        try:
+            for _ in range(n):
+                c = socket.socket()
+                c.connect(("127.0.0.1", port))
+                c.setblocking(False)
+                socks.append(c)
+                left[c] = self.args.stall_bytes
+            quiet = 0
+            while left and quiet < 10:  # ten passes 0.1 s apart in which nothing moved
+                moved = 0
+                for c in list(left):
+                    with contextlib.suppress(BlockingIOError):
+                        while left[c] > 0:
+                            k = c.send(block[: left[c]])
+                            left[c] -= k
+                            moved += k
+                        del left[c]
+                quiet = 0 if moved else quiet + 1
+                time.sleep(0.1)
+            time.sleep(1.0)
+            after = tree_rss_kib(pid)
+        finally:
+            for c in socks:
+                c.close()
+        return (after - before) / n
+
     def measure_round(self, t: Target, what: str, raw: dict[str, list[Any]]) -> None:
         """One run of one load against one contender; results appended to `raw`."""
         if what == "bulk":
@@ -307,6 +366,11 @@ class Bench:
 
     # --- contenders -----------------------------------------------------------------
 
+    def _stall_port(self) -> int:
+        """A port for the contender being started: its listener in front of the sink."""
+        self.last_stall = free_port()
+        return self.last_stall
+
     @contextlib.contextmanager
     def mptcpkit(self, be: Backends, workers: int) -> Iterator[tuple[int, int, int]]:
         fb, fe = free_port(), free_port()
@@ -315,8 +379,10 @@ class Bench:
             f'[global]\nworkers = {workers}\nmetrics = ""\nlog = "none"\n'
             f'[frontend.bulk]\nbind = "mptcp@127.0.0.1:{fb}"\nbackend = "bulk"\nmaxconn = 30000\n'
             f'[frontend.echo]\nbind = "mptcp@127.0.0.1:{fe}"\nbackend = "echo"\nmaxconn = 30000\n'
+            f'[frontend.stall]\nbind = "tcp@127.0.0.1:{self._stall_port()}"\nbackend = "stall"\n'
             f'[backend.bulk]\nserver.s = "tcp@127.0.0.1:{be.iperf}"\n'
             f'[backend.echo]\nserver.s = "tcp@127.0.0.1:{be.echo}"\n'
+            f'[backend.stall]\nserver.s = "tcp@127.0.0.1:{be.sink}"\n'
         )
         env = {**os.environ, "PYTHONPATH": str(SRC)}
         p = self.procs.start(
@@ -340,6 +406,8 @@ class Bench:
             f"    timeout server 60s\n    maxconn {self.args.maxconn}\n"
             f"listen bulk\n    bind 127.0.0.1:{fb}\n    server s 127.0.0.1:{be.iperf}\n"
             f"listen echo\n    bind 127.0.0.1:{fe}\n    server s 127.0.0.1:{be.echo}\n"
+            f"listen stall\n    bind 127.0.0.1:{self._stall_port()}\n"
+            f"    server s 127.0.0.1:{be.sink}\n"
         )
         p = self.procs.start(
             ["mptcpize", "run", "haproxy", "-f", str(cfg), "-db"],
@@ -396,12 +464,14 @@ class Bench:
             targets = [Target("direct", be.iperf_mptcp, be.echo_mptcp, None)]
             for workers in self.args.workers:
                 fb, fe, pid = stack.enter_context(self.mptcpkit(be, workers))
-                targets.append(Target(f"mptcpkit workers={workers}", fb, fe, pid))
+                targets.append(
+                    Target(f"mptcpkit workers={workers}", fb, fe, pid, stall_port=self.last_stall)
+                )
             for nbthread in (1, 2):
                 for bufsize in (None, 262144):
                     label = f"haproxy nbthread={nbthread} bufsize={bufsize or 'default'}"
                     fb, fe, pid = stack.enter_context(self.haproxy(be, nbthread, bufsize))
-                    targets.append(Target(label, fb, fe, pid))
+                    targets.append(Target(label, fb, fe, pid, stall_port=self.last_stall))
             fb, fe, pid = stack.enter_context(self.socat(be))
             targets.append(Target("socat", fb, fe, pid, idle=min(self.args.idle, 200)))
             raws = {t.name: {"bulk": [], "rate": [], "cpu": [], "rr": []} for t in targets}
@@ -427,6 +497,15 @@ class Bench:
                         r.idle_kib = self.idle(t.echo_port, t.pid, t.idle or self.args.idle)
                     except Exception as exc:
                         r.notes.append(f"idle failed: {exc}")
+            if not self.args.only or "stalled" in self.args.only:
+                for t, r in zip(targets, results, strict=True):
+                    if t.pid is None or t.stall_port is None:
+                        continue
+                    self.log(f"stalled memory: {t.name}")
+                    try:
+                        r.stalled_kib = self.stalled(t.stall_port, t.pid, self.args.stalled)
+                    except Exception as exc:
+                        r.notes.append(f"stalled failed: {exc}")
         # Each proxy gets its best configuration, metric by metric, alike.
         for proxy in ("mptcpkit", "haproxy"):
             variants = [r for r in results if r.name.startswith(proxy + " ")]
@@ -450,6 +529,7 @@ def best_of(name: str, rs: list[Result]) -> Result:
         p50_us=pick("p50_us", True),
         p99_us=pick("p99_us", True),
         idle_kib=pick("idle_kib", True),
+        stalled_kib=pick("stalled_kib", True),
     )
 
 
@@ -463,7 +543,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"{args.rr_concurrency} persistent connections; idle memory over {args.idle} connections "
         "(socat: 200)",
         f"{'contender':38} {'bulk Gbit/s':>11} {'conn/s':>9} {'CPU us/conn':>11} {'p50 us':>9} "
-        f"{'p99 us':>9} {'KiB/idle':>9}",
+        f"{'p99 us':>9} {'KiB/idle':>9} {'KiB/stall':>9}",
     ]
 
     def fmt(v: float | None, spec: str) -> str:
@@ -473,7 +553,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         lines.append(
             f"{r.name:38} {fmt(r.bulk_gbps, '11.2f')} {fmt(r.rate, '9.0f')} "
             f"{fmt(r.cpu_us_per_conn, '11.0f')} "
-            f"{fmt(r.p50_us, '9.0f')} {fmt(r.p99_us, '9.0f')} {fmt(r.idle_kib, '9.1f')}"
+            f"{fmt(r.p50_us, '9.0f')} {fmt(r.p99_us, '9.0f')} {fmt(r.idle_kib, '9.1f')} "
+            f"{fmt(r.stalled_kib, '9.1f')}"
         )
         for n in r.notes:
             lines.append(f"    note: {n}")
@@ -495,6 +576,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             ),
             ("p99 latency vs HAProxy", ratio(m.p99_us, h.p99_us), "<=", 1.2),
             ("memory/idle conn vs HAProxy", ratio(m.idle_kib, h.idle_kib), "<=", 1.0),
+            ("memory/stalled conn vs HAProxy", ratio(m.stalled_kib, h.stalled_kib), "<=", 1.0),
         ]
         lines.append("mptcpkit ratios (target):")
         for label, v, op, target in checks:
@@ -527,7 +609,16 @@ def main(argv: list[str] | None = None) -> int:
         help="mptcpkit worker counts to run, best kept (default: 1 2, as HAProxy's nbthread)",
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs per load; the median is kept")
-    ap.add_argument("--only", nargs="*", choices=["bulk", "rate", "latency", "idle"])
+    ap.add_argument(
+        "--stalled", type=int, default=100, help="stalled connections for memory (default 100)"
+    )
+    ap.add_argument(
+        "--stall-bytes",
+        type=parse_size,
+        default=8 << 20,
+        help="bytes each stalled client tries to push (default 8M)",
+    )
+    ap.add_argument("--only", nargs="*", choices=["bulk", "rate", "latency", "idle", "stalled"])
     ap.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     args = ap.parse_args(argv)
     missing = [t for t in ("gcc", "iperf3", "haproxy", "socat", "mptcpize") if not shutil.which(t)]
@@ -536,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # HAProxy needs 2 fds per connection in one process: raise the limit as far as allowed
     # (CAP_SYS_RESOURCE lifts the hard limit) and size maxconn and --idle to fit.
-    need = 2 * args.idle + 1000
+    need = 2 * max(args.idle, args.stalled) + 1000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), max(hard, need)))

@@ -404,6 +404,22 @@ def test_log_line_formats() -> None:
     assert d["ended"] == "both closed" and d["start"] == "1970-01-01T00:00:00.500Z"
 
 
+def test_proxy_mixed_families_map_ipv4_into_ipv6() -> None:
+    """Source and destination of different families: the IPv4 one goes as ::ffff:a.b.c.d
+    (HAProxy does the same), not PROXY UNKNOWN / LOCAL."""
+    src, dst = ("203.0.113.7", 40000), ("2001:db8::2", 443)
+    assert (
+        proxyproto.build_v1(src, dst) == b"PROXY TCP6 ::ffff:203.0.113.7 2001:db8::2 40000 443\r\n"
+    )
+    hdr, _ = proxyproto.parse(proxyproto.build_v2(src, dst))  # type: ignore[misc]
+    assert not hdr.local and hdr.family == socket.AF_INET6
+    assert ipaddress.ip_address(hdr.source[0]) == ipaddress.ip_address("::ffff:203.0.113.7")
+    assert hdr.destination == dst
+    # the same family stays as it is, IPv4-mapped included (a dual-stack listener's view)
+    mapped = ("::ffff:127.0.0.1", 5), ("::ffff:127.0.0.2", 6)
+    assert proxyproto.build_v1(*mapped).startswith(b"PROXY TCP6 ::ffff:127.0.0.1 ")
+
+
 def _two_frontends(a: str, b: str) -> str:
     return (
         f"[frontend.one]\nbind='{a}'\nbackend='b'\n"

@@ -91,9 +91,17 @@ class Address:
         return explicit
 
     def create_server(
-        self, *, backlog: int | None = None, reuse_port: bool = False, mptcp: PolicyLike = None
+        self,
+        *,
+        backlog: int | None = None,
+        reuse_port: bool = False,
+        mptcp: PolicyLike = None,
+        dualstack_ipv6: bool = False,
     ) -> list[Socket]:
-        """Listening sockets, one per port of the range; all or nothing."""
+        """Listening sockets, one per port of the range; all or nothing.
+
+        `dualstack_ipv6` makes an IPv6 listener take IPv4 clients too (IPV6_V6ONLY=0);
+        it is ignored for IPv4 addresses."""
         from mptcpkit.sockets import create_server
 
         if self.protocol == "unix" or self.port is None:
@@ -110,6 +118,7 @@ class Address:
                         backlog=backlog,
                         reuse_port=reuse_port,
                         mptcp=policy,
+                        dualstack_ipv6=dualstack_ipv6 and family == socket.AF_INET6,
                     )
                 )
         except BaseException:

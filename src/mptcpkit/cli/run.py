@@ -101,7 +101,7 @@ def _choose(args: argparse.Namespace) -> str:
 
 def _seccomp(args: argparse.Namespace, command: list[str]) -> int:
     from mptcpkit.run import abi, binary, execute, launch
-    from mptcpkit.run.supervisor import Only
+    from mptcpkit.run.bpf import Only
 
     try:
         abi.native_arch()

@@ -11,7 +11,8 @@
  *   fe.pick(caddr, tried)          -> target tuple, or a str: why the client is closed
  *   fe.failed(state, err, tried)   -> None: try another server; str: close the client
  *   fe.header(state, caddr, local) -> bytes of a PROXY header for the server
- *   fe.parse(hdr)                  -> None (need more) | (caddr or None, used) | str
+ *   fe.parse(hdr)                  -> None (need more) | (caddr, daddr, used) | str
+ *                                     (caddr, daddr None: LOCAL, the socket's own stand)
  *   fe.leg_state(fd)               -> "fallback"/"TCP"/None for a leg without subflows
  *   fe.done(state, record)         -> a connection ended (record None unless observing)
  *   fe.accept_failed(err)          -> accept() failed with something other than EAGAIN
@@ -30,7 +31,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <linux/sockios.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
 #include <sys/un.h>
@@ -41,6 +44,7 @@
 #define BURST 16 /* reads per leg per event before other sockets get a turn */
 #endif
 #define EVENTS 512        /* epoll events per poll() */
+#define MIN_READ 16384    /* a read when the destination has little or no room */
 #define ACCEPT_BATCH 64   /* connections accepted per listener wakeup */
 #ifndef IPPROTO_MPTCP
 #define IPPROTO_MPTCP 262
@@ -66,6 +70,8 @@ typedef struct {
     int fd;               /* -1: no socket (not connected yet, or closed) */
     uint64_t born;        /* poll() batch it was registered in: older events are stale */
     unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1, out : 1;
+    unsigned big : 1;     /* its last read was >= MIN_READ: bulk, so size reads to the room */
+    int sndbuf;           /* SO_SNDBUF as last read (0: read it again), for room() */
     char *pend;           /* bytes owed to this leg (one read at most), or NULL */
     size_t pend_off, pend_len;
     Conn *conn;
@@ -90,11 +96,13 @@ struct Conn {
     PyObject *hdr;        /* bytearray while a PROXY header is read, else NULL */
     PyObject *early;      /* bytes that came after the PROXY header, or NULL */
     PyObject *caddr;      /* the client's address as Python sees it (made lazily) */
+    PyObject *daddr;      /* the destination a PROXY header carried, or NULL */
     PyObject *how;        /* how it ended */
     PyObject *c_state, *s_state;
     long c_sub, s_sub;
     int c_req, send_proxy, s_observe, active, done, queued;
     double idle, start;
+    double t_connect, connect_time; /* first attempt (monotonic); to established, -1: not */
     unsigned long long bytes_in, bytes_out;
     struct sockaddr_storage ca;
     socklen_t calen;
@@ -105,6 +113,7 @@ struct Frontend {
     PyObject *key;        /* the Python frontend: callbacks go to its methods */
     int id, accept_proxy, needs_caddr, paused, closed;
     long maxconn, count;
+    unsigned long long bytes_in, bytes_out; /* relayed, not yet taken (take_bytes) */
     double connect_timeout, client_timeout, idle_limit; /* < 0: none */
     PyObject *idle_how;   /* "client timeout (5s idle)" or the server's */
     Listener **listeners; /* a port range binds many */
@@ -334,6 +343,25 @@ static void on_eof(Engine *e, Conn *c, Leg *src, Leg *dst) {
 
 static void proxy_header(Engine *e, Conn *c);
 
+/* How much to read for `dst`: what its socket can still take (SO_SNDBUF less what it
+ * holds, SIOCOUTQ, less an eighth for the kernel's per-packet overhead), at least
+ * MIN_READ, at most the buffer.  So a destination that stops reading leaves at most
+ * MIN_READ copied here per direction, and the rest in the source's socket. */
+static size_t room(Leg *dst, size_t size) {
+    int outq = 0;
+    if (ioctl(dst->fd, SIOCOUTQ, &outq) < 0)
+        return size;
+    if (!dst->sndbuf) {
+        socklen_t len = sizeof dst->sndbuf;
+        if (getsockopt(dst->fd, SOL_SOCKET, SO_SNDBUF, &dst->sndbuf, &len) < 0)
+            return size;
+    }
+    long free_ = (long)dst->sndbuf - dst->sndbuf / 8 - outq;
+    if (free_ < MIN_READ)
+        return MIN_READ;
+    return (size_t)free_ < size ? (size_t)free_ : size;
+}
+
 static void pump(Engine *e, Conn *c, Leg *src) {
     if (src->eof)
         return;
@@ -355,7 +383,8 @@ static void pump(Engine *e, Conn *c, Leg *src) {
     char *buf = e->buf;
     size_t size = e->size;
     for (int i = 0; i < BURST; i++) {
-        ssize_t n = recv(src->fd, buf, size, MSG_DONTWAIT);
+        size_t want = src->big ? room(dst, size) : MIN_READ;
+        ssize_t n = recv(src->fd, buf, want, MSG_DONTWAIT);
         if (n < 0) {
             if (would_block(errno))
                 return;
@@ -369,10 +398,14 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             return;
         }
         c->active = 1;
-        if (src->client)
+        src->big = (size_t)n >= MIN_READ;
+        if (src->client) {
             c->bytes_in += (unsigned long long)n;
-        else
+            c->fe->bytes_in += (unsigned long long)n;
+        } else {
             c->bytes_out += (unsigned long long)n;
+            c->fe->bytes_out += (unsigned long long)n;
+        }
         ssize_t sent = send(dst->fd, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (sent < 0) {
             if (!would_block(errno)) {
@@ -382,6 +415,7 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             sent = 0;
         }
         if (sent < n) {
+            dst->sndbuf = 0; /* full: autotuning may have grown it since */
             if (set_pending(dst, buf + sent, (size_t)(n - sent)) < 0) {
                 fail(e, c, dst, ENOMEM);
                 return;
@@ -390,7 +424,7 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             src->waiting = 1;
             return;
         }
-        if ((size_t)n < size && !src->hup)
+        if ((size_t)n < want && !src->hup)
             return; /* a short read: drained; the next edge (data or FIN) says more */
     }
     later(e, c, src);
@@ -479,11 +513,14 @@ static int connect_failed(Engine *e, Conn *c, int err) {
 static void established(Engine *e, Conn *c, uint32_t events) {
     Leg *s = &c->s;
     Py_CLEAR(c->tried);
+    if (e->observing)
+        c->connect_time = monotonic() - c->t_connect;
     PyObject *head = NULL;
     if (c->send_proxy) {
         struct sockaddr_storage local;
         socklen_t llen = sizeof local;
-        PyObject *lo = getsockname(c->c.fd, (struct sockaddr *)&local, &llen) == 0
+        PyObject *lo = c->daddr ? Py_NewRef(c->daddr)
+                       : getsockname(c->c.fd, (struct sockaddr *)&local, &llen) == 0
                            ? sockaddr_to_py(&local, llen) : Py_NewRef(Py_None);
         head = lo ? PyObject_CallMethodObjArgs(c->fe->key, s_header, c->server,
                                                client_addr(c), lo, NULL)
@@ -558,6 +595,8 @@ static void connect_timeout(Engine *e, Conn *c) {
 static void do_connect(Engine *e, Conn *c) {
     Frontend *fe = c->fe;
     int fd = -1, err = 0;
+    if (e->observing && !c->t_connect)
+        c->t_connect = monotonic();
     for (;;) {
         PyObject *caddr = fe->needs_caddr ? client_addr(c) : Py_None;
         PyObject *r = PyObject_CallMethodObjArgs(fe->key, s_pick, caddr,
@@ -661,16 +700,19 @@ static void proxy_header(Engine *e, Conn *c) {
         Py_DECREF(parsed);
         return;
     }
-    PyObject *source;
+    PyObject *source, *destination;
     Py_ssize_t used;
-    if (!PyArg_ParseTuple(parsed, "On", &source, &used)) {
+    if (!PyArg_ParseTuple(parsed, "OOn", &source, &destination, &used)) {
         Py_DECREF(parsed);
         report("parse() returned a bad value");
         abort_conn(e, c, s_internal);
         return;
     }
-    if (source != Py_None)
+    if (source != Py_None) {
         Py_XSETREF(c->caddr, Py_NewRef(source));
+        if (destination != Py_None)
+            Py_XSETREF(c->daddr, Py_NewRef(destination));
+    }
     Py_DECREF(parsed);
     Py_ssize_t total = PyByteArray_GET_SIZE(c->hdr);
     if (used < total) {
@@ -678,6 +720,7 @@ static void proxy_header(Engine *e, Conn *c) {
         if (!c->early)
             PyErr_Clear();
         c->bytes_in += (unsigned long long)(total - used);
+        c->fe->bytes_in += (unsigned long long)(total - used);
     }
     Py_CLEAR(c->hdr);
     c->c.waiting = 1; /* more may follow the header: read it once connected */
@@ -764,10 +807,11 @@ static void finished(Engine *e, Conn *c) {
     Py_INCREF(rec);
     if (e->observing) {
         Py_DECREF(rec);
-        rec = Py_BuildValue("(OdOlOlKKO)", client_addr(c), c->start,
+        rec = Py_BuildValue("(OdOlOlKKOd)", client_addr(c), c->start,
                             state_or(c->c_state, c->c_req ? s_question : s_tcp), c->c_sub,
                             state_or(c->s_state, c->server ? s_question : s_dash), c->s_sub,
-                            c->bytes_in, c->bytes_out, c->how ? c->how : s_both_closed);
+                            c->bytes_in, c->bytes_out, c->how ? c->how : s_both_closed,
+                            c->connect_time);
         if (!rec) {
             report("record failed");
             rec = Py_NewRef(Py_None);
@@ -816,6 +860,7 @@ static void free_conn(Conn *c) {
     Py_CLEAR(c->hdr);
     Py_CLEAR(c->early);
     Py_CLEAR(c->caddr);
+    Py_CLEAR(c->daddr);
     Py_CLEAR(c->how);
     Py_CLEAR(c->c_state);
     Py_CLEAR(c->s_state);
@@ -892,6 +937,7 @@ static int on_accept(Engine *e, Listener *l) {
         c->ca = sa;
         c->calen = salen;
         c->active = 1;
+        c->connect_time = -1;
         if (e->observing)
             c->start = wallclock();
         c->next = &fe->head;
@@ -1285,6 +1331,21 @@ static PyObject *Engine_sweep(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Bytes relayed since the last call, live connections' included: (in, out). */
+static PyObject *Engine_take_bytes(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    if (e->ep < 0)
+        return Py_BuildValue("(ii)", 0, 0); /* closed */
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    PyObject *r = Py_BuildValue("(KK)", fe->bytes_in, fe->bytes_out);
+    fe->bytes_in = fe->bytes_out = 0;
+    return r;
+}
+
 static PyObject *Engine_fileno(Engine *e, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromLong(e->ep);
 }
@@ -1304,6 +1365,8 @@ static PyMethodDef Engine_methods[] = {
      "sweep(id, interval): idle timeouts and subflow sampling of one frontend."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS,
      "Reset every connection and close; the engine is unusable after."},
+    {"take_bytes", (PyCFunction)Engine_take_bytes, METH_VARARGS,
+     "take_bytes(id): (in, out) bytes relayed since the last call."},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to wait on."},
     {NULL, NULL, 0, NULL},
 };

@@ -115,6 +115,9 @@ class CompiledFrontend(FrontendRuntime):
     def sweep(self, interval: float) -> None:
         self.engine.sweep(self.id, interval)
 
+    def take_bytes(self) -> tuple[int, int]:
+        return self.engine.take_bytes(self.id)  # type: ignore[no-any-return]
+
     def _hold(self, paused: bool) -> None:
         self.engine.pause(self.id, paused)
 
@@ -133,7 +136,7 @@ class CompiledFrontend(FrontendRuntime):
     def header(self, state: ServerState, caddr: Any, local: Any) -> bytes:
         return proxyproto.build(state.server.send_proxy, caddr, local)
 
-    def parse(self, hdr: bytearray) -> tuple[Any, int] | str | None:
+    def parse(self, hdr: bytearray) -> tuple[Any, Any, int] | str | None:
         return read_proxy_header(hdr)
 
     def leg_state(self, fd: int) -> str | None:
@@ -141,13 +144,22 @@ class CompiledFrontend(FrontendRuntime):
 
     def done(self, state: ServerState | None, rec: tuple[Any, ...] | None) -> None:
         """A connection ended; `rec` (client, start, client state, client subflows, server
-        state, server subflows, bytes in, bytes out, how) when someone reads records."""
+        state, server subflows, bytes in, bytes out, how, connect time or -1) when someone
+        reads records."""
         if state is not None:
             state.active -= 1
         if rec is not None:
-            client, start, c_state, c_sub, s_state, s_sub, b_in, b_out, how = rec
+            client, start, c_state, c_sub, s_state, s_sub, b_in, b_out, how, tc = rec
             self.rt.record(
-                self, state, client, start, (c_state, c_sub), (s_state, s_sub), (b_in, b_out), how
+                self,
+                state,
+                client,
+                start,
+                (c_state, c_sub),
+                (s_state, s_sub),
+                (b_in, b_out),
+                how,
+                tc,
             )
         if self.rt.stopping:
             self.rt.conn_ended()

@@ -7,7 +7,7 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
     [global]
     workers = 2                 # default: one per core
     metrics = "127.0.0.1:9464"  # Prometheus endpoint; "" turns it off
-    log = "stderr"              # or "none", or a file path
+    log = "stderr"              # or "none", a file path, syslog: "udp@host:514 local0"
     log-format = "text"         # or "json"
     user = "nobody"             # drop root after binding
     group = "nogroup"
@@ -36,6 +36,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from typing import Any
 
 from mptcpkit.address import Address, parse_address
 from mptcpkit.policy import Policy
+from mptcpkit.proxy.logging import parse_target
 
 __all__ = [
     "BALANCE_ALGORITHMS",
@@ -124,6 +126,14 @@ class Frontend:
     maxconn_set: bool = False  # given in the file: never lowered to fit the fd limit
     timeouts: Timeouts = field(default_factory=Timeouts)
     accept_proxy: bool = False
+    # per bind: an IPv6 listener that refuses IPv4 clients (`v6only`); else dual-stack
+    v6only: tuple[bool, ...] = ()
+
+    def dualstack(self, i: int) -> bool:
+        """Bind `i` is an IPv6 address taking IPv4 clients too (IPV6_V6ONLY=0)."""
+        return self.binds[i].family == socket.AF_INET6 and not (
+            i < len(self.v6only) and self.v6only[i]
+        )
 
 
 @dataclass(frozen=True)
@@ -304,7 +314,7 @@ def _global(r: _Reader) -> GlobalSettings:
     assert stop is not None
     return GlobalSettings(
         workers=r.get_int("workers", cpus, 1, 256),
-        log=r.get_str("log", "stderr") or "none",
+        log=_log_target(r),
         log_format=r.choice("log-format", "text", LOG_FORMATS),
         metrics=metrics,
         user=r.get_str("user", None),
@@ -312,6 +322,15 @@ def _global(r: _Reader) -> GlobalSettings:
         stop_timeout=stop,
         hard_stop_after=r.duration("hard-stop-after", None, allow_none=True),
     )
+
+
+def _log_target(r: _Reader) -> str:
+    text = r.get_str("log", "stderr") or "none"
+    try:
+        parse_target(text)
+    except ValueError as exc:
+        raise r.error("log", str(exc)) from None
+    return text
 
 
 def _timeouts(r: _Reader) -> Timeouts:
@@ -337,10 +356,10 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         binds_raw = [binds_raw]
     if not isinstance(binds_raw, list) or not binds_raw:
         raise r.error("bind", f"expected an address or a non-empty array, got {_kind(binds_raw)}")
-    binds = tuple(
-        _address(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b, server=False)
-        for i, b in enumerate(binds_raw)
-    )
+    parsed = [
+        _bind(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b) for i, b in enumerate(binds_raw)
+    ]
+    binds = tuple(a for a, _ in parsed)
     backend = r.get_str("backend", None)
     if not backend:
         raise r.error("backend", "missing: which backend gets this frontend's connections?")
@@ -352,7 +371,26 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         maxconn_set=r.has("maxconn"),
         timeouts=_timeouts(r.sub("timeout")),
         accept_proxy=r.get_bool("accept-proxy", False),
+        v6only=tuple(v6 for _, v6 in parsed),
     )
+
+
+BIND_OPTIONS = ("v4v6", "v6only")
+
+
+def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool]:
+    """`mptcp@[::]:443 [v4v6|v6only]`: the address, and whether an IPv6 listener is
+    IPv6-only. As in HAProxy, `[::]` takes IPv4 clients too unless `v6only` says not."""
+    words = text.split() if isinstance(text, str) else []
+    addr = _address(r, key, words[0] if words else text, server=False)
+    v6only = False
+    for word in words[1:]:
+        if word not in BIND_OPTIONS:
+            raise r.error(key, f"unknown bind option {word!r} (known: {', '.join(BIND_OPTIONS)})")
+        if word == "v6only" and addr.family != socket.AF_INET6:
+            raise r.error(key, f"v6only needs an IPv6 address, {addr} is not one")
+        v6only = word == "v6only"
+    return addr, v6only
 
 
 def _send_proxy(r: _Reader) -> int:
@@ -449,7 +487,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             raise br.error(name, "backend names are letters, digits and _.:-")
         backends[name] = _backend(br.sub(name), name)
     frontends = []
-    bound: list[tuple[str, str, Address]] = []  # (frontend, key, address) of every bind
+    bound: list[tuple[str, str, Address, bool]] = []  # (frontend, key, address, v6only)
     for name in fr.table:
         if not _NAME.match(name):
             raise fr.error(name, "frontend names are letters, digits and _.:-")
@@ -466,22 +504,24 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             )
         for i, b in enumerate(f.binds):
             key = f"bind[{i}]" if len(f.binds) > 1 else "bind"
-            for other_fe, other_key, other in bound:
-                if binds_overlap(b, other):
+            v6only = b.family == socket.AF_INET6 and not f.dualstack(i)
+            for other_fe, other_key, other, other_v6only in bound:
+                if binds_overlap(b, other, v6only, other_v6only):
                     raise sub.error(
                         key,
                         f"{b} overlaps {other} (frontend.{other_fe}.{other_key}):"
                         " one address, one frontend",
                     )
-            bound.append((name, key, b))
+            bound.append((name, key, b, v6only))
         frontends.append(f)
     return Config(source, global_, tuple(frontends), backends)
 
 
-def binds_overlap(a: Address, b: Address) -> bool:
+def binds_overlap(a: Address, b: Address, a_v6only: bool = False, b_v6only: bool = False) -> bool:
     """Whether two binds could take the same connection: a shared port (ranges too) on
     the same address, or a wildcard covering the other's address. `[::]` is dual-stack
-    and so covers IPv4 too; port 0 (a port the kernel picks) never overlaps."""
+    and so covers IPv4 too, unless it is `v6only`; port 0 (a port the kernel picks)
+    never overlaps."""
     if a.protocol == "unix" or b.protocol == "unix":
         return a.protocol == b.protocol and a.path == b.path
     if not a.port or not b.port:
@@ -491,8 +531,10 @@ def binds_overlap(a: Address, b: Address) -> bool:
     ha, hb = _bind_host(a), _bind_host(b)
     if ha == hb:
         return True
-    for wild, other in ((ha, hb), (hb, ha)):
-        if wild == "::" or (wild == "0.0.0.0" and _is_v4(other)):
+    for wild, other, v6only in ((ha, hb, a_v6only), (hb, ha, b_v6only)):
+        if wild == "::" and not (v6only and _is_v4(other)):
+            return True
+        if wild == "0.0.0.0" and _is_v4(other):
             return True
     return False
 

@@ -63,6 +63,8 @@ class FrontendRuntime:
         self.conns: set[Conn] = set()
         self.closed = False
         self.paused = False
+        self.bytes_in = 0  # relayed and not yet taken by the metrics (take_bytes)
+        self.bytes_out = 0
         self._accepts: list[Callable[[], bool]] = []
 
     async def start(self) -> None:
@@ -195,7 +197,9 @@ class FrontendRuntime:
                 (conn.s_state or ("-" if conn.server is None else "?"), conn.s_sub),
                 (conn.bytes_in, conn.bytes_out),
                 conn.how or "closed",
+                conn.connect_time,
             )
+        self._count_bytes(conn)
         # Break the Conn <-> Leg cycles: plain refcounting frees them now, no cyclic GC
         # pass (and its pauses) per connection.
         conn.c.conn = None
@@ -205,13 +209,26 @@ class FrontendRuntime:
             self._pause(False)
         self.rt.conn_ended()
 
+    def _count_bytes(self, conn: Conn) -> None:
+        self.bytes_in += conn.bytes_in - conn.counted_in
+        self.bytes_out += conn.bytes_out - conn.counted_out
+        conn.counted_in, conn.counted_out = conn.bytes_in, conn.bytes_out
+
+    def take_bytes(self) -> tuple[int, int]:
+        """Bytes relayed since the last call, live connections' included (each sweep)."""
+        got = self.bytes_in, self.bytes_out
+        self.bytes_in = self.bytes_out = 0
+        return got
+
     def sweep(self, interval: float) -> None:
-        """Idle timeouts; subflow sampling of active MPTCP legs (when observed)."""
+        """Idle timeouts; subflow sampling of active MPTCP legs (when observed); bytes
+        relayed by live connections, for the metrics."""
         t = self.cfg.timeouts
         limit, how = idle_rule(self.cfg)
         for conn in list(self.conns):
             if conn.active:
                 conn.active = False
+                self._count_bytes(conn)
                 conn.idle = 0.0
                 if self.rt.observing and conn.connected_server:
                     _sample_subflows(conn)

@@ -34,7 +34,7 @@ from typing import Any
 import mptcpkit
 from mptcpkit.proxy import compiled
 from mptcpkit.proxy import metrics as metrics_mod
-from mptcpkit.proxy.config import Config, ConfigError
+from mptcpkit.proxy.config import Config, ConfigError, Frontend
 from mptcpkit.proxy.logging import EventLog
 from mptcpkit.proxy.prepare import Prepared, log_error, prepare
 
@@ -88,11 +88,15 @@ def _listening(path: str) -> bool:
     return True
 
 
-def _pool_key(frontend: str, index: int, addr: Any) -> str:
-    """Same address text, same listening socket (across reloads); port 0 is never shared."""
+def _pool_key(f: Frontend, index: int) -> str:
+    """Same address and options, same listening socket (across reloads); port 0 is never
+    shared."""
+    addr = f.binds[index]
+    v6only = addr.family == socket.AF_INET6 and not f.dualstack(index)
+    text = f"{addr} v6only" if v6only else str(addr)
     if addr.protocol != "unix" and addr.port == 0:
-        return f"{addr}#{frontend}[{index}]"
-    return str(addr)
+        return f"{text}#{f.name}[{index}]"
+    return text
 
 
 @contextlib.contextmanager
@@ -122,8 +126,9 @@ class ListenerPool:
             for f in cfg.frontends:
                 for i, addr in enumerate(f.binds):
                     key_name = f"frontend.{f.name}.bind" + (f"[{i}]" if len(f.binds) > 1 else "")
-                    text = _pool_key(f.name, i, addr)
-                    first = self._get(text, 0, new) or self._create(cfg, key_name, addr, made)
+                    dual = f.dualstack(i)
+                    text = _pool_key(f, i)
+                    first = self._get(text, 0, new) or self._create(cfg, key_name, addr, made, dual)
                     new[(text, 0)] = first
                     for w in range(1, workers):
                         if addr.protocol == "unix":
@@ -131,7 +136,7 @@ class ListenerPool:
                             continue
                         got = self._get(text, w, new)
                         if got is None:
-                            got = [self._sibling(cfg, key_name, addr, s, made) for s in first]
+                            got = [self._sibling(cfg, key_name, addr, s, made, dual) for s in first]
                         new[(text, w)] = got
                     # Fewer workers than before: the extra SO_REUSEPORT sockets are handed
                     # to the remaining workers, not closed: closing one would reset the
@@ -165,7 +170,7 @@ class ListenerPool:
         return new.get((text, w)) or self.socks.get((text, w))
 
     def _create(
-        self, cfg: Config, key: str, addr: Any, made: list[socket.socket]
+        self, cfg: Config, key: str, addr: Any, made: list[socket.socket], dual: bool
     ) -> list[socket.socket]:
         with _listen_errors(cfg, key, addr):
             if addr.protocol == "unix":
@@ -173,13 +178,20 @@ class ListenerPool:
                 if not addr.path.startswith("@"):
                     self.files[id(socks[0])] = (addr.path, os.stat(addr.path).st_ino)
             else:
-                socks = list(addr.create_server(backlog=BACKLOG, reuse_port=True))
+                socks = list(
+                    addr.create_server(backlog=BACKLOG, reuse_port=True, dualstack_ipv6=dual)
+                )
         made.extend(socks)
         return socks
 
     @staticmethod
     def _sibling(
-        cfg: Config, key: str, addr: Any, first: socket.socket, made: list[socket.socket]
+        cfg: Config,
+        key: str,
+        addr: Any,
+        first: socket.socket,
+        made: list[socket.socket],
+        dual: bool,
     ) -> socket.socket:
         host, port = first.getsockname()[:2]
         with _listen_errors(cfg, key, addr):
@@ -189,6 +201,7 @@ class ListenerPool:
                 backlog=BACKLOG,
                 reuse_port=True,
                 mptcp=addr.policy,
+                dualstack_ipv6=dual and first.family == socket.AF_INET6,
             )
         made.append(s)
         return s
@@ -208,8 +221,8 @@ class ListenerPool:
         out: dict[str, list[socket.socket]] = {}
         for f in cfg.frontends:
             socks: list[socket.socket] = []
-            for i, addr in enumerate(f.binds):
-                text = _pool_key(f.name, i, addr)
+            for i in range(len(f.binds)):
+                text = _pool_key(f, i)
                 slot = w
                 while (text, slot) in self.socks:
                     socks.extend(self.socks[(text, slot)])

@@ -187,21 +187,35 @@ def build_v1(source: Endpoint, destination: Endpoint) -> bytes:
     """`PROXY TCP4|TCP6 ...\\r\\n`, or `PROXY UNKNOWN\\r\\n` when an address is not IP."""
     if not isinstance(source, tuple) or not isinstance(destination, tuple):
         return b"PROXY UNKNOWN\r\n"
-    src = ipaddress.ip_address(source[0])
-    dst = ipaddress.ip_address(destination[0])
-    if src.version != dst.version:
-        src, dst = _unmap(src), _unmap(dst)
-        if src.version != dst.version:
-            return b"PROXY UNKNOWN\r\n"
+    src, dst = _same_family(source[0], destination[0])
     proto = "TCP4" if src.version == 4 else "TCP6"
-    return f"PROXY {proto} {src} {dst} {source[1]} {destination[1]}\r\n".encode("ascii")
+    return f"PROXY {proto} {_text(src)} {_text(dst)} {source[1]} {destination[1]}\r\n".encode(
+        "ascii"
+    )
 
 
-def _unmap(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+def _text(ip: _IP) -> str:
+    """IPv4-mapped IPv6 as ::ffff:a.b.c.d, as inet_ntop (and HAProxy) writes it."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return f"::ffff:{mapped}" if mapped is not None else str(ip)
+
+
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _same_family(source: str, destination: str) -> tuple[_IP, _IP]:
+    """Both addresses in one family: when they differ, the IPv4 one becomes ::ffff:a.b.c.d
+    (as HAProxy does)."""
+    src = ipaddress.ip_address(source)
+    dst = ipaddress.ip_address(destination)
+    if src.version == dst.version:
+        return src, dst
+    return _mapped(src), _mapped(dst)
+
+
+def _mapped(ip: _IP) -> ipaddress.IPv6Address:
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
     return ip
 
 
@@ -216,15 +230,11 @@ def build_v2(
     body = b""
     fam_proto = 0
     if not local and isinstance(source, tuple) and isinstance(destination, tuple):
-        src = ipaddress.ip_address(source[0])
-        dst = ipaddress.ip_address(destination[0])
-        if src.version != dst.version:
-            src, dst = _unmap(src), _unmap(dst)
-        if src.version == dst.version:
-            packer = _V2_INET if src.version == 4 else _V2_INET6
-            family = socket.AF_INET if src.version == 4 else socket.AF_INET6
-            body = packer.pack(src.packed, dst.packed, source[1], destination[1])
-            fam_proto = (_V2_FAMILY_CODES[family] << 4) | _V2_STREAM
+        src, dst = _same_family(source[0], destination[0])
+        packer = _V2_INET if src.version == 4 else _V2_INET6
+        family = socket.AF_INET if src.version == 4 else socket.AF_INET6
+        body = packer.pack(src.packed, dst.packed, source[1], destination[1])
+        fam_proto = (_V2_FAMILY_CODES[family] << 4) | _V2_STREAM
     elif not local and isinstance(source, str) and isinstance(destination, str):
         s, d = source.encode(), destination.encode()
         if len(s) > 108 or len(d) > 108:

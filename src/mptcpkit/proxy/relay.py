@@ -8,8 +8,9 @@ to one is a change to both.
 - Bytes go through one worker-wide read buffer: `recv_into()` it, `send()` a view of
   it. Only what the other side could not take at once is copied (`Leg.pending`, at
   most one read), and until it is sent nothing more is read from the source: that
-  is the backpressure, and the kernel's socket buffers hold the rest. A slow reader
-  never makes the proxy buffer more than one read per direction.
+  is the backpressure, and the kernel's socket buffers hold the rest. A read is sized
+  to what the destination's socket can still take (`room`): a reader that stops
+  leaves at most MIN_READ (16 KiB) copied per direction, as HAProxy's buffers.
 - Half-close: EOF on one leg becomes shutdown(SHUT_WR) on the other once its pending
   bytes are out; the connection ends when FIN has crossed both ways, or a leg fails.
 - The server connect is non-blocking; a failed or timed-out connect moves to the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import select
 import socket
 import struct
@@ -53,6 +55,10 @@ __all__ = [
 
 READ_SIZE = 1 << 20  # bulk: 1 MiB reads measured ~15% faster than 256 KiB
 BURST = 16  # reads per leg per event before other sockets get their turn
+MIN_READ = 16384  # a read when the destination has little or no room
+_SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
+_INT = struct.Struct("i")
+_ZERO = bytes(4)
 PROXY_HEADER_LIMIT = 16 + 65535
 # Every read and write says MSG_DONTWAIT: accepted sockets can stay in blocking mode,
 # which saves an ioctl(FIONBIO) per connection (CPython's accept cannot pass SOCK_NONBLOCK).
@@ -85,6 +91,7 @@ class Leg:
     """
 
     __slots__ = (
+        "big",
         "born",
         "client",
         "conn",
@@ -94,6 +101,7 @@ class Leg:
         "hup",
         "pending",
         "shut",
+        "sndbuf",
         "sock",
         "waiting",
     )
@@ -110,6 +118,8 @@ class Leg:
         self.eof = False  # this leg sent FIN (read returned 0)
         self.hup = False  # epoll saw its FIN (or an error): read on until it shows
         self.shut = False  # FIN sent to this leg
+        self.big = False  # its last read was >= MIN_READ: bulk, reads sized by room()
+        self.sndbuf = 0  # SO_SNDBUF as last read (0: read it again)
 
     def on_event(self, events: int) -> None:
         conn = self.conn
@@ -140,6 +150,10 @@ class Conn:
         "c_state",
         "c_sub",
         "caddr",
+        "connect_time",
+        "counted_in",
+        "counted_out",
+        "daddr",
         "done",
         "early",
         "fe",
@@ -152,6 +166,7 @@ class Conn:
         "s_sub",
         "server",
         "start",
+        "t_connect",
         "timer",
         "tried",
     )
@@ -162,6 +177,7 @@ class Conn:
         self.c = Leg(self, sock, True)
         self.s: Leg | None = None
         self.caddr = caddr
+        self.daddr: Any = None  # the destination a PROXY header carried, if any
         self.c_req = mptcp  # the client leg came through an MPTCP listener
         self.server: ServerState | None = None
         self.tried: list[ServerState] | None = None
@@ -170,6 +186,10 @@ class Conn:
         self.early: bytes | None = None  # client bytes that came with the PROXY header
         self.bytes_in = 0
         self.bytes_out = 0
+        self.counted_in = 0  # bytes the metrics have (frontend.take_bytes)
+        self.counted_out = 0
+        self.t_connect = 0.0  # first connect attempt (monotonic)
+        self.connect_time = -1.0  # seconds from it to established; -1: not connected
         self.done = False
         self.active = True
         self.idle = 0.0
@@ -207,8 +227,9 @@ class Conn:
         buf, view, size = rb.buf, rb.view, rb.size
         recv_into, send = src.sock.recv_into, dst.sock.send
         for _ in range(BURST):
+            want = room(dst, size) if src.big else MIN_READ
             try:
-                n = recv_into(buf, 0, _DONTWAIT)
+                n = recv_into(buf, want, _DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -218,6 +239,7 @@ class Conn:
                 self._eof(src, dst)
                 return
             self.active = True
+            src.big = n >= MIN_READ
             if src.client:
                 self.bytes_in += n
             else:
@@ -230,10 +252,11 @@ class Conn:
                 self.fail(dst, exc)
                 return
             if sent < n:
+                dst.sndbuf = 0  # full: autotuning may have grown it since
                 dst.pending = bytes(view[sent:n])
                 src.waiting = True
                 return
-            if n < size and not src.hup:
+            if n < want and not src.hup:
                 return  # a short read: drained; the next edge (data or FIN) will say more
         self._later(src)
 
@@ -308,6 +331,8 @@ class Conn:
         """Pick a server and start a non-blocking connect; on failure try the next one."""
         fe = self.fe
         be = fe.backend
+        if not self.t_connect:
+            self.t_connect = time.monotonic()
         while True:
             state = be.next_server(self.caddr, self.tried)
             if isinstance(state, str):
@@ -353,10 +378,12 @@ class Conn:
 
     def _established(self, s: Leg, events: int) -> None:
         self.tried = None
+        self.connect_time = time.monotonic() - self.t_connect
         send_proxy = self.server.server.send_proxy if self.server is not None else 0
         head = b""
         if send_proxy:
-            head = proxyproto.build(send_proxy, self.caddr, self.fe.local_of(self))
+            local = self.daddr if self.daddr is not None else self.fe.local_of(self)
+            head = proxyproto.build(send_proxy, self.caddr, local)
         if self.early:
             head += self.early
             self.early = None
@@ -424,10 +451,11 @@ class Conn:
                 return
             if parsed is not None:
                 break
-        source, used = parsed
+        source, destination, used = parsed
         self.hdr = None
         if source is not None:
             self.caddr = source
+            self.daddr = destination
         rest = bytes(hdr[used:])
         self.bytes_in += len(rest)
         self.early = rest or None
@@ -502,9 +530,24 @@ class Conn:
                 return
 
 
-def read_proxy_header(hdr: bytearray) -> tuple[Any, int] | str | None:
-    """A client's PROXY header so far: None while incomplete, (source or None, bytes
-    used) once read, or why the connection must be reset."""
+def room(dst: Leg, size: int) -> int:
+    """How much to read for `dst`: what its socket can still take (SO_SNDBUF less what
+    it holds, less an eighth for the kernel's per-packet overhead), at least MIN_READ,
+    at most `size`. The same rule as the engine's room()."""
+    try:
+        outq = _INT.unpack(fcntl.ioctl(dst.fd, _SIOCOUTQ, _ZERO))[0]
+        if not dst.sndbuf:
+            dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    except OSError:
+        return size
+    free = dst.sndbuf - dst.sndbuf // 8 - outq
+    return MIN_READ if free < MIN_READ else min(free, size)
+
+
+def read_proxy_header(hdr: bytearray) -> tuple[Any, Any, int] | str | None:
+    """A client's PROXY header so far: None while incomplete, (source, destination,
+    bytes used) once read (None, None for LOCAL/UNKNOWN: the connection's own addresses
+    stand), or why the connection must be reset."""
     try:
         parsed = proxyproto.parse(hdr)
     except proxyproto.ProxyProtocolError as exc:
@@ -512,7 +555,9 @@ def read_proxy_header(hdr: bytearray) -> tuple[Any, int] | str | None:
     if parsed is None:
         return "PROXY header too long" if len(hdr) > PROXY_HEADER_LIMIT else None
     header, used = parsed
-    return (None if header.local else header.source), used
+    if header.local:
+        return None, None, used
+    return header.source, header.destination, used
 
 
 def observe_leg(sock: Any) -> tuple[str | None, int]:

@@ -252,6 +252,7 @@ class Runtime:
         s_leg: tuple[str, int],
         nbytes: tuple[int, int],
         ended: str,
+        connect_time: float = -1.0,
     ) -> None:
         """Log and count a finished connection (only called when someone reads them)."""
         server = state.server if state is not None else None
@@ -270,6 +271,7 @@ class Runtime:
             bytes_in=nbytes[0],
             bytes_out=nbytes[1],
             ended=ended,
+            connect_time=connect_time if connect_time >= 0 else None,
         )
         self.log.conn(rec)
         if self.metrics is not None:

@@ -10,6 +10,7 @@ check the program against the rule it encodes.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -213,3 +214,32 @@ def run_filter(prog: bytes, data: bytes) -> int:
             raise ValueError(f"unsupported BPF opcode {code:#x} at {pc}")
         pc += 1
     raise ValueError("BPF program did not return")
+
+
+class Only(enum.Enum):
+    """`--only`: which sockets stay MPTCP once the program shows what they are for."""
+
+    LISTEN = "listen"
+    CONNECT = "connect"
+    REPAIR = "repair"  # force nothing: only rescue TCP-only options on MPTCP sockets
+
+
+def filter_spec(
+    arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
+) -> FilterSpec:
+    """The filter for these settings: trap only what the supervisor acts on."""
+    forcing = only is not Only.REPAIR
+    return FilterSpec(
+        arch=arch,
+        sockopts=sockopt_table(tcp_only),
+        trap_socket=forcing,
+        trap_connect=only is Only.LISTEN,
+        trap_listen=only is Only.CONNECT,
+        trap_io_uring=forcing,
+    )
+
+
+def filter_program(
+    arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
+) -> bytes:
+    return build_filter(filter_spec(arch, only, tcp_only))

@@ -24,12 +24,15 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from mptcpkit.run import abi, execute, syscalls
+from mptcpkit.run.bpf import Only, filter_program
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.stats import Stats
-from mptcpkit.run.supervisor import Only, Supervisor, filter_program
+
+if TYPE_CHECKING:
+    from mptcpkit.run.supervisor import Supervisor
 
 PR_SET_NAME = 15
 PR_SET_PTRACER = 0x59616D61  # Yama: "the supervisor may ptrace me" (pidfd_getfd)
@@ -142,6 +145,10 @@ def _supervise(
             os._exit(0)
         sock.sendall(str(os.getpid()).encode())
         sock.close()
+        # Imported here, after the program was let go: it starts without waiting for
+        # the supervisor's modules, and its first trapped call waits for them instead.
+        from mptcpkit.run.supervisor import Supervisor
+
         warn = os.fdopen(os.dup(2), "w")
         supervisor = Supervisor(
             fds[0], arch, only=only, tcp_only=dict(tcp_only), killable=msg == b"K", warn=warn

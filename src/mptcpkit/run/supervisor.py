@@ -28,7 +28,9 @@ from typing import TextIO
 
 from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.run import abi, binary, execwatch, fastpath, swap, syscalls
-from mptcpkit.run.bpf import FilterSpec, build_filter, sockopt_table
+from mptcpkit.run.bpf import Only
+from mptcpkit.run.bpf import filter_program as filter_program  # (moved to bpf.py)
+from mptcpkit.run.bpf import filter_spec as filter_spec
 from mptcpkit.run.context import Context, ContextError, TaskContext, read_task
 from mptcpkit.run.options import tcp_only_options
 from mptcpkit.run.procfd import epoll_watches, fd_cloexec, pidfd_of_thread, process_fds
@@ -39,14 +41,6 @@ SOCK_CLOEXEC = socket.SOCK_CLOEXEC
 SOCK_NONBLOCK = socket.SOCK_NONBLOCK
 FORCED_MEMORY = 1 << 16  # forced sockets remembered for a later swap (oldest forgotten)
 MAX_CONTEXTS = 32  # worker threads kept for other namespaces / credentials
-
-
-class Only(enum.Enum):
-    """`--only`: which sockets stay MPTCP once the program shows what they are for."""
-
-    LISTEN = "listen"
-    CONNECT = "connect"
-    REPAIR = "repair"  # force nothing: only rescue TCP-only options on MPTCP sockets
 
 
 class Swap(enum.Enum):
@@ -491,24 +485,3 @@ class Supervisor:
                 raise _Gone from None
             raise
         return ret
-
-
-def filter_spec(
-    arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
-) -> FilterSpec:
-    """The filter for these settings: trap only what the supervisor acts on."""
-    forcing = only is not Only.REPAIR
-    return FilterSpec(
-        arch=arch,
-        sockopts=sockopt_table(tcp_only),
-        trap_socket=forcing,
-        trap_connect=only is Only.LISTEN,
-        trap_listen=only is Only.CONNECT,
-        trap_io_uring=forcing,
-    )
-
-
-def filter_program(
-    arch: abi.Arch, only: Only | None, tcp_only: Mapping[tuple[int, int], str]
-) -> bytes:
-    return build_filter(filter_spec(arch, only, tcp_only))

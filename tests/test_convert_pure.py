@@ -1,0 +1,184 @@
+"""The converter's pure parts: RFC 8803 codec and the destination policy."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mptcpkit.proxy import convertproto as cp
+from mptcpkit.proxy.destpolicy import DestinationPolicy, networks
+
+v4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
+v6 = st.builds(ipaddress.IPv6Address, st.integers(0, 2**128 - 1)).filter(
+    lambda a: a.ipv4_mapped is None
+)
+words = st.integers(0, 8).flatmap(lambda n: st.binary(min_size=4 * n, max_size=4 * n))
+tlvs = st.one_of(
+    st.builds(cp.Info),
+    st.builds(cp.Connect, st.one_of(v4, v6), st.integers(0, 65535), words),
+    st.builds(cp.ExtendedTCPHeader, words),
+    st.builds(cp.SupportedTCPExtensions, st.lists(st.integers(1, 255), max_size=12).map(tuple)),
+    st.builds(cp.Cookie, words),
+    st.builds(
+        cp.Error,
+        st.sampled_from(list(cp.ErrorCode)),
+        st.integers(0, 4).flatmap(lambda n: st.binary(min_size=4 * n + 1, max_size=4 * n + 1)),
+    ),
+)
+
+
+@given(st.lists(tlvs, max_size=6), st.binary(max_size=16))
+def test_round_trip_and_rest(items: list[cp.TLV], rest: bytes) -> None:
+    raw = cp.build(items)
+    assert raw[0] == 1 and raw[1] * 4 == len(raw) and raw[2:4] == b"\0\0"
+    parsed = cp.parse(raw + rest)
+    assert parsed is not None
+    msg, used = parsed
+    assert used == len(raw)
+    assert list(msg.tlvs) == items
+    for cut in range(len(raw)):  # every prefix is "need more", never an error
+        assert cp.parse(raw[:cut]) is None
+
+
+def test_connect_layout_matches_rfc() -> None:
+    raw = cp.connect_request("192.0.2.7", 443)
+    # header: v1, 6 words; Connect: type 0x0A, 5 words, port, ::ffff:192.0.2.7
+    assert raw == (
+        bytes([1, 6, 0, 0, 0x0A, 5]) + (443).to_bytes(2, "big") + bytes(10) + b"\xff\xff"
+        + bytes([192, 0, 2, 7])
+    )  # fmt: skip
+    raw6 = cp.connect_request("2001:db8::1", 80, cookie=b"k3y!")
+    msg, used = cp.parse_request(raw6) or (None, 0)
+    assert used == len(raw6) == 4 + 20 + 8
+    assert msg is not None and msg.tlvs == (
+        cp.Connect(ipaddress.ip_address("2001:db8::1"), 80),
+        cp.Cookie(b"k3y!"),
+    )
+    assert cp.error_reply(cp.ErrorCode.NOT_AUTHORIZED) == bytes([1, 2, 0, 0, 0x1E, 1, 0x20, 0])
+
+
+def test_iana_error_codes() -> None:
+    assert {c.name: c.value for c in cp.ErrorCode} == {
+        "UNSUPPORTED_VERSION": 0x00,
+        "MALFORMED_MESSAGE": 0x01,
+        "UNSUPPORTED_MESSAGE": 0x02,
+        "MISSING_COOKIE": 0x03,
+        "NOT_AUTHORIZED": 0x20,
+        "UNSUPPORTED_TCP_OPTION": 0x21,
+        "RESOURCE_EXCEEDED": 0x40,
+        "NETWORK_FAILURE": 0x41,
+        "CONNECTION_RESET": 0x60,
+        "DESTINATION_UNREACHABLE": 0x61,
+    }
+    assert [t.value for t in cp.TLVType] == [0x01, 0x0A, 0x14, 0x15, 0x16, 0x1E]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (bytes([2, 1, 0, 0]), cp.ErrorCode.UNSUPPORTED_VERSION),
+        (bytes([1, 0, 0, 0]), cp.ErrorCode.MALFORMED_MESSAGE),
+        (bytes([1, 2, 0, 0, 0x0A, 0, 0, 0]), cp.ErrorCode.MALFORMED_MESSAGE),  # length 0
+        (bytes([1, 2, 0, 0, 0x0A, 2, 0, 0]), cp.ErrorCode.MALFORMED_MESSAGE),  # past total
+        (bytes([1, 2, 0, 0, 0x0A, 1, 0, 80]), cp.ErrorCode.MALFORMED_MESSAGE),  # short Connect
+        (bytes([1, 2, 0, 0, 0x42, 1, 0, 0]), cp.ErrorCode.UNSUPPORTED_MESSAGE),
+    ],
+)
+def test_bad_messages_name_their_error(raw: bytes, code: cp.ErrorCode) -> None:
+    with pytest.raises(cp.ConvertError) as info:
+        cp.parse(raw)
+    assert info.value.code is code
+
+
+def test_request_rules() -> None:
+    two = cp.build([cp.Connect(ipaddress.ip_address("1.2.3.4"), 1)] * 2)
+    with pytest.raises(cp.ConvertError, match="more than one Connect"):
+        cp.parse_request(two)
+    with pytest.raises(cp.ConvertError) as info:
+        cp.parse_request(cp.error_reply(cp.ErrorCode.NETWORK_FAILURE))
+    assert info.value.code is cp.ErrorCode.UNSUPPORTED_MESSAGE
+    with pytest.raises(cp.ConvertError, match="neither"):
+        cp.parse_request(cp.build([]))
+    assert cp.parse_request(cp.build([cp.Info()])) is not None
+
+
+@given(st.binary(max_size=64))
+def test_parse_never_crashes(data: bytes) -> None:
+    try:
+        out = cp.parse(data)
+    except cp.ConvertError as exc:
+        assert isinstance(exc.code, cp.ErrorCode)
+        return
+    if out is not None:
+        assert 4 <= out[1] <= len(data)
+
+
+# --- the destination policy -----------------------------------------------------------
+
+POL = DestinationPolicy(
+    clients=networks(["10.1.0.0/16", "fd01::/64"]),
+    own=networks(["10.9.0.0/24"]),
+    deny=networks(["203.0.113.0/24"]),
+)
+
+
+@pytest.mark.parametrize(
+    ("dest", "why"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("10.9.0.5", "own network"),
+        ("203.0.113.9", "denied"),
+    ],
+)
+def test_refused_destinations(dest: str, why: str) -> None:
+    r = POL.check_destination(dest, 80)
+    assert r is not None and why in r.reason and r.code is cp.ErrorCode.NOT_AUTHORIZED
+
+
+def test_allowed_destinations_and_overrides() -> None:
+    assert POL.check_destination("198.51.100.1", 443) is None
+    assert POL.check_destination("2001:db8::1", 443) is None
+    assert POL.check_destination("198.51.100.1", 0) is not None
+    opened = DestinationPolicy(allow=networks(["127.0.0.0/8"]))
+    assert opened.check_destination("127.0.0.1", 80) is None
+    r = opened.check_destination("198.51.100.1", 80)
+    assert r is not None and "allow list" in r.reason
+    # deny wins over allow
+    both = DestinationPolicy(allow=networks(["10.0.0.0/8"]), deny=networks(["10.5.0.0/16"]))
+    assert both.check_destination("10.5.0.1", 80) is not None
+    assert both.check_destination("10.6.0.1", 80) is None
+
+
+def test_clients_and_psk() -> None:
+    assert POL.check_client("10.1.2.3", None) is None
+    assert POL.check_client("::ffff:10.1.2.3", None) is None
+    r = POL.check_client("10.2.0.1", None)
+    assert r is not None and "not in an allowed network" in r.reason
+    assert DestinationPolicy().check_client("10.1.2.3", None) is not None  # nobody by default
+    keyed = DestinationPolicy(clients=networks(["0.0.0.0/0"]), psk=b"abcd")
+    missing = keyed.check_client("1.2.3.4", None)
+    assert missing is not None and missing.code is cp.ErrorCode.MISSING_COOKIE
+    wrong = keyed.check_client("1.2.3.4", b"abce")
+    assert wrong is not None and wrong.code is cp.ErrorCode.NOT_AUTHORIZED
+    assert keyed.check_client("1.2.3.4", b"abcd") is None
+    with pytest.raises(ValueError, match="'nope'"):
+        networks(["nope"])
+
+
+@given(v4 | v6, st.integers(1, 65535))
+def test_policy_is_total(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
+    r = POL.check_destination(str(ip), port)
+    special = ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+    if special:
+        assert r is not None
+    everything = DestinationPolicy(allow=networks(["0.0.0.0/0", "::/0"]))
+    assert everything.check_destination(str(ip), port) is None
