@@ -145,3 +145,25 @@ def test_pmd_check_and_start_warn_behind_a_balancer(tmp_path: Path) -> None:
         p = _Pmd(tmp_path, inst.host.netns, conf.read_text())
         assert p.stop() == 0
         assert any("warning: announce: 10.0.99.1 is not an address" in ln for ln in p.log)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("recipe", [False, True])
+def test_proxy_check_warns_for_a_vip_frontend_that_announces_nothing(recipe: bool) -> None:
+    def check(listen: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "mptcpkit", "proxy", "--check", "--listen", listen]
+        return gw.run([*argv, "--to", "tcp@10.0.9.9:80"], check=False)
+
+    with fleet(1, recipe=recipe) as net:
+        gw = net.instances[0].host
+        vip = check(f"mptcp@{net.vip}:8443")
+        wildcard = check("mptcp@:8443")
+    assert vip.returncode == wildcard.returncode == 0, vip.stderr
+    assert wildcard.stderr == ""  # nothing says where clients come from: no guess
+    if recipe:
+        assert vip.stderr == ""
+    else:
+        assert vip.stderr.startswith("mptcpkit proxy: warning: frontend ")
+        assert f"binds {net.vip}, an address on lo" in vip.stderr
+        assert "no signal endpoint announces a unicast address and " in vip.stderr
+        assert "allow_join_initial_addr_port is not 0" in vip.stderr
