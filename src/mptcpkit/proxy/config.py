@@ -156,6 +156,7 @@ class Frontend:
         return self.binds[i].family == socket.AF_INET6 and not (
             i < len(self.v6only) and self.v6only[i]
         )
+
     transparent: bool = False  # IP_TRANSPARENT listeners (nftables tproxy)
     intercept: str = ""  # "redirect"/"tproxy": connections are intercepted (converter.py)
     accept_convert: bool = False  # RFC 8803: a Connect TLV names the destination
