@@ -150,17 +150,16 @@ class Frontend:
     v6only: tuple[bool, ...] = ()
     # per bind: a unix socket file's `mode`/`user`/`group` (None: as created)
     unix_perms: tuple[UnixPerms | None, ...] = ()
+    transparent: bool = False  # IP_TRANSPARENT listeners (nftables tproxy)
+    intercept: str = ""  # "redirect"/"tproxy": connections are intercepted (converter.py)
+    accept_convert: bool = False  # RFC 8803: a Connect TLV names the destination
+    destinations: DestinationPolicy | None = None  # a remote gateway's (converter.py)
 
     def dualstack(self, i: int) -> bool:
         """Bind `i` is an IPv6 address taking IPv4 clients too (IPV6_V6ONLY=0)."""
         return self.binds[i].family == socket.AF_INET6 and not (
             i < len(self.v6only) and self.v6only[i]
         )
-
-    transparent: bool = False  # IP_TRANSPARENT listeners (nftables tproxy)
-    intercept: str = ""  # "redirect"/"tproxy": connections are intercepted (converter.py)
-    accept_convert: bool = False  # RFC 8803: a Connect TLV names the destination
-    destinations: DestinationPolicy | None = None  # a remote gateway's (converter.py)
 
 
 @dataclass(frozen=True)
