@@ -377,8 +377,9 @@ class Bench:
         cfg = self.tmp / f"mptcpkit-{workers}.toml"
         cfg.write_text(
             f'[global]\nworkers = {workers}\nmetrics = ""\nlog = "none"\n'
-            f'[frontend.bulk]\nbind = "mptcp@127.0.0.1:{fb}"\nbackend = "bulk"\nmaxconn = 30000\n'
-            f'[frontend.echo]\nbind = "mptcp@127.0.0.1:{fe}"\nbackend = "echo"\nmaxconn = 30000\n'
+            f'[frontend.bulk]\nbind = "mptcp@127.0.0.1:{fb}"\nbackend = "bulk"\nmaxconn = 100\n'
+            f'[frontend.echo]\nbind = "mptcp@127.0.0.1:{fe}"\nbackend = "echo"\n'
+            f"maxconn = {self.args.maxconn}\n"
             f'[frontend.stall]\nbind = "tcp@127.0.0.1:{self._stall_port()}"\nbackend = "stall"\n'
             f'[backend.bulk]\nserver.s = "tcp@127.0.0.1:{be.iperf}"\n'
             f'[backend.echo]\nserver.s = "tcp@127.0.0.1:{be.echo}"\n'
@@ -634,7 +635,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    args.maxconn = (limit - 200) // 2
+    # mptcpkit's maxconn is for the whole proxy and it checks the fd limit it needs: its
+    # echo frontend gets what the bulk and stall frontends leave.
+    args.maxconn = (limit - 200) // 2 - 100 - (args.stalled + 100)
     if args.idle > args.maxconn - 100:
         print(
             f"proxy_bench: RLIMIT_NOFILE is {limit} (hard limit, no CAP_SYS_RESOURCE): "

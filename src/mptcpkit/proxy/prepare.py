@@ -79,8 +79,8 @@ def fds_needed(cfg: Config) -> tuple[int, int]:
 def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
     """Raise RLIMIT_NOFILE to what maxconn needs (workers inherit it): the soft limit,
     and the hard one when allowed (root with CAP_SYS_RESOURCE). Out of reach, maxconns
-    left at their default are lowered to fit (HAProxy derives maxconn from ulimit-n);
-    a maxconn given in the file is a ConfigError saying what to change."""
+    left at their default are lowered to fit what the others leave (HAProxy derives
+    maxconn from ulimit-n); if that is not enough, a ConfigError says what to change."""
     fixed, conns = fds_needed(cfg)
     need = fixed + 2 * conns
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -93,8 +93,12 @@ def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
     have = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if have >= need:
         return cfg, ()
-    named = [f for f in cfg.frontends if f.maxconn_set]
-    if named:
+    n = cfg.global_.workers
+    defaults = [f for f in cfg.frontends if not f.maxconn_set]
+    set_conns = sum(cfg.maxconn_share(f, 0) for f in cfg.frontends if f.maxconn_set)
+    room = (have - fixed) // 2 - set_conns  # connection slots per worker for the defaults
+    if not defaults or room < len(defaults):
+        named = [f for f in cfg.frontends if f.maxconn_set]
         key = f"frontend.{named[0].name}.maxconn" if len(named) == 1 else "maxconn"
         total = sum(f.maxconn for f in cfg.frontends)
         raise ConfigError(
@@ -104,15 +108,17 @@ def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
             f" limit of {have} (ulimit -n): lower maxconn, or raise the limit"
             f" (ulimit -n {need}; systemd: LimitNOFILE={need})",
         )
-    n = cfg.global_.workers
-    per_worker = max(1, (have - fixed) // 2 // len(cfg.frontends))
-    maxconn = max(n, per_worker * n)
+    maxconn = room // len(defaults) * n
     fitted = dataclasses.replace(
-        cfg, frontends=tuple(dataclasses.replace(f, maxconn=maxconn) for f in cfg.frontends)
+        cfg,
+        frontends=tuple(
+            f if f.maxconn_set else dataclasses.replace(f, maxconn=maxconn) for f in cfg.frontends
+        ),
     )
     return fitted, (
-        f"maxconn lowered from {cfg.frontends[0].maxconn} to {maxconn} per frontend to fit"
-        f" the fd limit of {have} (ulimit -n): set maxconn, or raise the limit",
+        f"maxconn lowered from {defaults[0].maxconn} to {maxconn} for"
+        f" {', '.join(f.name for f in defaults)} to fit the fd limit of {have}"
+        " (ulimit -n): set maxconn, or raise the limit",
     )
 
 
