@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mptcpkit.proxy.config import Config, ConfigError, Frontend
+from mptcpkit.proxy.logging import parse_target
 
 __all__ = [
     "Prepared",
@@ -191,9 +192,10 @@ def unix_owner(cfg: Config, f: Frontend, i: int) -> tuple[int, int]:
 
 def check_log(cfg: Config) -> None:
     """A log file must be writable (or creatable) now; workers open it before setuid."""
-    path = cfg.global_.log
-    if path in ("stderr", "none") or "@" in path:  # not a file (a syslog target)
+    target = parse_target(cfg.global_.log)  # checked by config.py: no ValueError
+    if target.kind != "file":  # stderr, none, or syslog (which never blocks nor fails)
         return
+    path = target.path
     try:
         if os.path.lexists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
