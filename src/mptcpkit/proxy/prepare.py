@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mptcpkit.proxy.config import Config, ConfigError
+from mptcpkit.proxy.logging import EventLog
 
 __all__ = [
     "Prepared",
@@ -162,7 +163,13 @@ def resolve_ids(cfg: Config) -> tuple[int | None, int | None]:
 def check_log(cfg: Config) -> None:
     """A log file must be writable (or creatable) now; workers open it before setuid."""
     path = cfg.global_.log
-    if path in ("stderr", "none") or "@" in path:  # not a file (a syslog target)
+    if path in ("stderr", "none"):
+        return
+    if path.startswith(("udp@", "unix@")):  # syslog: its host resolves, a socket opens
+        try:
+            EventLog(path).close()
+        except OSError as exc:
+            raise log_error(cfg, exc) from None
         return
     try:
         if os.path.lexists(path):
