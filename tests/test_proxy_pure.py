@@ -476,3 +476,27 @@ def test_maxconn_is_shared_out_between_workers() -> None:
             "[global]\nworkers=3\n[frontend.f]\nbind='mptcp@:1'\nbackend='b'\nmaxconn=2\n"
             "[backend.b]\nserver.a='h:1'"
         )
+
+
+@pytest.mark.parametrize(
+    ("bind", "reason"),
+    [
+        ("mptcp@:1 mode 600", "mode applies to unix socket files, mptcp@:1 is not one"),
+        ("unix@@abstract mode 600", "mode applies to unix socket files"),
+        ("unix@/run/p.sock mode", "bind option mode needs a value"),
+        ("unix@/run/p.sock mode 999", "mode must be octal like 660, got '999'"),
+        ("unix@/run/p.sock owner x", "unknown bind option 'owner'"),
+    ],
+)
+def test_unix_bind_option_errors(bind: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_text(f"[frontend.f]\nbind='{bind}'\nbackend='b'\n[backend.b]\nserver.a='h:1'")
+    assert ei.value.key == "frontend.f.bind" and reason in ei.value.reason, str(ei.value)
+
+
+def test_unix_bind_options_parsed() -> None:
+    cfg = parse_text(
+        "[frontend.f]\nbind='unix@/run/p.sock mode 0660 user www group web'\nbackend='b'\n"
+        "[backend.b]\nserver.a='h:1'"
+    )
+    assert cfg.frontends[0].unix_perms == (config.UnixPerms(0o660, "www", "web"),)

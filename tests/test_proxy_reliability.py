@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import hashlib
 import os
+import pwd
 import re
 import resource
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -591,3 +594,40 @@ def test_sigterm_under_load_resets_nothing(tmp_path: Path) -> None:
         assert load.ok >= 600
         assert (load.reset, load.truncated, load.other) == (0, 0, []), load.summary()
         assert load.ok + load.refused == load.total
+
+
+def test_unix_bind_mode(tmp_path: Path) -> None:
+    """HAProxy's `mode` bind option (the file was left as created: 0755 under root)."""
+    sock = tmp_path / "p.sock"
+    with Server(echo) as srv:
+        conf = _conf(0, {"s": f"tcp@127.0.0.1:{srv.port}"}).replace(
+            "bind = 'mptcp@127.0.0.1:0'", f"bind = 'unix@{sock} mode 600'"
+        )
+        with run_proxy(tmp_path, conf) as px:
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+            (tmp_path / "proxy.toml").write_text(conf.replace("mode 600", "mode 0660"))
+            px.signal(signal.SIGHUP)  # the same socket, its mode changed
+            wait_for(lambda: "reloaded" in px.log(), what="reload")
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+
+
+@pytest.mark.root
+def test_unix_bind_user_and_group(tmp_path: Path) -> None:
+    sock = tmp_path / "p.sock"
+    conf = _conf(0, {"s": "tcp@127.0.0.1:9"}).replace(
+        "bind = 'mptcp@127.0.0.1:0'", f"bind = 'unix@{sock} mode 660 user nobody group nogroup'"
+    )
+    with run_proxy(tmp_path, conf):
+        st = sock.stat()
+        assert (st.st_uid, st.st_gid) == (
+            pwd.getpwnam("nobody").pw_uid,
+            grp.getgrnam("nogroup").gr_gid,
+        )
+        assert stat.S_IMODE(st.st_mode) == 0o660
+    bad = tmp_path / "bad.toml"
+    bad.write_text(conf.replace("user nobody", "user no-such-user-h12"))
+    for extra in (["--check"], []):
+        r = _cli(["-c", str(bad), *extra])
+        assert r.returncode == 2, r
+        assert f"{bad}: frontend.fe.bind: no such user 'no-such-user-h12'" in r.stderr, r.stderr
+        assert not sock.exists()

@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--socket", metavar="PATH", help="status socket (default from the config)")
     p.add_argument("--json", "-j", action="store_true", help="status as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="log every event too")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the configuration against the namespace's addresses and exit",
+    )
     p.set_defaults(func=run)
 
 
@@ -64,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.config is None:
         raise UsageError("pmd needs a configuration: mptcpkit pmd -c pmd.toml")
+    if args.check:
+        return _check(cfg, args.config)
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s pmd: %(message)s")
     logging.getLogger("mptcpkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     with pm_errors(cfg.netns):
@@ -71,6 +78,24 @@ def run(args: argparse.Namespace) -> int:
             daemon.run(cfg)
         except (daemon.StatusSocketError, daemon.AlreadyRunning, StateError) as exc:
             raise UsageError(exc.strerror or str(exc)) from None
+    return 0
+
+
+def _check(cfg, source: str) -> int:  # type: ignore[no-untyped-def]
+    """The configuration parsed; warnings about it against the namespace on stderr."""
+    from mptcpkit.pm import config as cfgmod
+    from mptcpkit.pm import daemon
+    from mptcpkit.pm.netns import NamespaceNotFound
+
+    try:
+        addresses = daemon.namespace_addresses(cfg.netns)
+    except NamespaceNotFound:
+        raise UsageError(f"network namespace {cfg.netns!r} does not exist") from None
+    except PermissionError:
+        raise UsageError("--check needs root to look into a namespace") from None
+    for warning in cfgmod.check(cfg, addresses):
+        print(f"mptcpkit pmd: warning: {warning}", file=sys.stderr)
+    print(f"{source}: OK")
     return 0
 
 

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{cfg.source}: OK: {len(cfg.frontends)} frontends, {len(cfg.backends)} "
                 f"backends, {n_srv} servers"
             )
+            for warning in _balancer_warnings(cfg):
+                print(f"mptcpkit proxy: warning: {warning}", file=sys.stderr)
             return 0
         path = args.config
         reload = (lambda: config.load(path)) if path else None
@@ -106,3 +108,43 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     finally:
         sys.stdout.flush()
+
+
+def _balancer_warnings(cfg: Any) -> list[str]:
+    """An MPTCP frontend bound to an address on `lo` (a VIP, as behind a direct-return
+    L4 balancer) in a namespace that announces nothing or lacks the C flag: clients'
+    extra subflows go through the balancer and reach other instances (docs/fleet.md)."""
+    import ipaddress
+
+    from mptcpkit import pm
+    from mptcpkit.pm.daemon import namespace_addresses
+    from mptcpkit.support import read_sysctl
+
+    try:
+        on_lo = {a for a, ifname in namespace_addresses(None).items() if ifname == "lo"}
+        signal = any(ep.flags & pm.EndpointFlag.SIGNAL for ep in pm.endpoints())
+    except OSError:
+        return []
+    c_flag = read_sysctl("net.mptcp.allow_join_initial_addr_port") == "0"
+    out = []
+    for fe in cfg.frontends:
+        for addr in fe.binds:
+            if addr.protocol != "mptcp" or addr.host not in on_lo:
+                continue
+            if ipaddress.ip_address(addr.host).is_loopback or (signal and c_flag):
+                continue
+            missing = " and ".join(
+                what
+                for what, ok in (
+                    ("no signal endpoint announces a unicast address", signal),
+                    ("net.mptcp.allow_join_initial_addr_port is not 0", c_flag),
+                )
+                if not ok
+            )
+            out.append(
+                f"frontend {fe.name}: binds {addr.host}, an address on lo (a load balancer's "
+                f"virtual address?), but {missing}: clients' extra subflows would go "
+                "through the balancer to other instances (see docs/fleet.md; "
+                "pmd: load_balancer = true, announce = [...])"
+            )
+    return out

@@ -307,6 +307,7 @@ class FleetRun:
     errors: list[str]
     seconds: float
     goodput_bps: dict[str, float]  # per client: its bytes over its connections' span
+    client_mib: dict[str, int]  # the clients' join and ADD_ADDR counters (deltas, summed)
     conns: list[Conn] = dataclasses.field(repr=False, default_factory=list)
 
     @property
@@ -329,12 +330,18 @@ def run(
     a time."""
     jobs = [(net.clients[k % len(net.clients)], size, seed + k) for k in range(connections)]
     before = _mibs(net)
+    cbefore = {h.name: h.call(mib.read_mib) for h in net.clients}
     t0 = time.monotonic()
     conns = _in_threads(jobs, net.vip, concurrency)
     seconds = time.monotonic() - t0
     time.sleep(0.2)  # the last ACKs reach the instances' counters
     after = _mibs(net)
     deltas = {i: mib.delta(before[i], after[i]) for i in before}
+    client_joins: dict[str, int] = {}
+    for h in net.clients:
+        for k, v in mib.delta(cbefore[h.name], h.call(mib.read_mib)).items():
+            if k.startswith("MPTcpExt") and ("Join" in k or "AddAddr" in k or "Echo" in k):
+                client_joins[k] = client_joins.get(k, 0) + v
     accepted = _count(deltas, "MPCapableACKRX")
     goodput: dict[str, float] = {}
     for host in net.clients:
@@ -359,6 +366,7 @@ def run(
         errors=[f"{c.client} seed {c.seed}: {c.error}" for c in conns if c.error],
         seconds=seconds,
         goodput_bps=goodput,
+        client_mib=client_joins,
         conns=conns,
     )
 

@@ -5,6 +5,7 @@ netns = "client"              # optional: manage this namespace
 cleanup = true                # on SIGTERM remove the endpoints pmd added
 flags = ["subflow"]           # default endpoint flags (kernel mode)
 load_balancer = false         # allow_join_initial_addr_port=0 + "signal" endpoints
+announce = ["192.0.2.5"]      # with load_balancer: only these addresses are announced
 status_socket = "/run/mptcpkit/pmd.sock"
 state_dir = "/run/mptcpkit"   # where pmd keeps what it owns, to survive its own crash
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -55,6 +57,8 @@ class Config:
     cleanup: bool = True
     flags: tuple[str, ...] = ("subflow",)
     load_balancer: bool = False
+    # top-level `announce`: with load_balancer, the addresses to announce (empty: all)
+    announce_addresses: tuple[str, ...] = ()
     status_socket: str | None = None
     state_dir: str = "/run/mptcpkit"
     allow: tuple[str, ...] = ()
@@ -77,6 +81,11 @@ class Config:
         if any(fnmatch.fnmatchcase(ifname, pat) for pat in self.deny):
             return False
         return not self.allow or any(fnmatch.fnmatchcase(ifname, pat) for pat in self.allow)
+
+    def manages_address(self, address: str) -> bool:
+        """Does this address get an endpoint (when on a managed interface)? With
+        `announce`, only the addresses listed do."""
+        return not self.announce_addresses or address in self.announce_addresses
 
     def flags_for(self, ifname: str) -> codec.EndpointFlag:
         """Endpoint flags for addresses on `ifname` (load_balancer forces `signal`)."""
@@ -136,6 +145,58 @@ def _flags(where: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def _announce(source: str, data: Mapping[str, Any]) -> tuple[str, ...]:
+    where = f"{source}: announce"
+    out = []
+    for text in _strings(where, data["announce"]):
+        try:
+            out.append(str(ipaddress.ip_address(text)))
+        except ValueError:
+            raise ConfigError(f"{where}: {text!r} is not an IP address") from None
+    if not out:
+        raise ConfigError(f"{where}: expected at least one address (or leave announce out)")
+    if data.get("load_balancer") is not True:
+        raise ConfigError(
+            f"{where}: needs load_balancer = true: without the C flag clients also join "
+            "through the balancer's address, and those joins reach other instances"
+        )
+    if data.get("mode", "kernel") != "kernel":
+        raise ConfigError(f'{where}: only with mode = "kernel" (signal endpoints)')
+    return tuple(out)
+
+
+def check(config: Config, addresses: Mapping[str, str]) -> list[str]:
+    """Warnings about a configuration against the namespace's addresses (address ->
+    interface): an instance behind a balancer that would announce nothing, or an address
+    to announce that is not there."""
+    warnings: list[str] = []
+    if not config.load_balancer:
+        return warnings
+    for address in config.announce_addresses:
+        if address not in addresses:
+            warnings.append(
+                f"announce: {address} is not an address of this namespace (yet): it gets its"
+                " endpoint once it appears"
+            )
+    announced = [
+        a for a, ifname in addresses.items() if config.wants(ifname) and config.manages_address(a)
+    ]
+    if not announced:
+        warnings.append(
+            "load_balancer: no address would be announced (no managed interface holds one"
+            + (" of announce" if config.announce_addresses else "")
+            + "): clients cannot open extra subflows, and with the C flag set they will not"
+            " join the balancer's address either, so every connection stays on one path"
+        )
+    elif not config.announce_addresses and len(announced) > 1:
+        warnings.append(
+            f"load_balancer: {len(announced)} addresses would be announced "
+            f"({', '.join(sorted(announced))}): set announce = [...] to the ones clients can"
+            " reach; a join to any other address fails"
+        )
+    return warnings
+
+
 def _limit(where: str, value: Any) -> int | None:
     if value == "auto":
         return None
@@ -166,7 +227,10 @@ def _check_keys(where: str, table: Mapping[str, Any], known: set[str]) -> None:
 
 def from_dict(data: Mapping[str, Any], source: str = "pmd.toml") -> Config:
     """Validate a parsed TOML document; every error names `source` and the key."""
-    top = {"mode", "netns", "cleanup", "flags", "load_balancer", "status_socket", "state_dir"}
+    top = {
+        "mode", "netns", "cleanup", "flags", "load_balancer", "announce", "status_socket",
+        "state_dir",
+    }  # fmt: skip
     tables = {"interfaces", "limits", "userspace", "resubflow"}
     _check_keys(source, data, top | tables)
     kw: dict[str, Any] = {}
@@ -193,6 +257,8 @@ def from_dict(data: Mapping[str, Any], source: str = "pmd.toml") -> Config:
             kw[key] = _bool(f"{source}: {key}", data[key])
     if "flags" in data:
         kw["flags"] = _flags(f"{source}: flags", data["flags"])
+    if "announce" in data:
+        kw["announce_addresses"] = _announce(source, data)
     for name in tables:
         if name in data and not isinstance(data[name], dict):
             raise ConfigError(f"{source}: [{name}] must be a table")

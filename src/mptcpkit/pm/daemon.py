@@ -51,6 +51,7 @@ from mptcpkit.pm import state as _state
 from mptcpkit.pm.api import PathManager, UserspacePMUnavailable
 from mptcpkit.pm.codec import Endpoint, Event, EventType
 from mptcpkit.pm.config import Config, backoff
+from mptcpkit.pm.config import check as config_check
 from mptcpkit.pm.events import EventStream
 from mptcpkit.pm.transport import PMError
 from mptcpkit.pm.userspace import Conn, UserspaceMode
@@ -249,6 +250,9 @@ class Daemon(UserspaceMode):
             self.rtnl.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             self._initial_dump()
             self.reconcile()
+            addresses = {a: self._ifname(i) for a, i in self.addrs.items()}
+            for warning in config_check(cfg, addresses):
+                log.warning("warning: %s", warning)
             if cfg.mode == "userspace":
                 self.rebuild_connections()
             else:  # subflows of connections open before this pmd are repaired too
@@ -456,6 +460,8 @@ class Daemon(UserspaceMode):
 
     def address_added(self, address: str, index: int, why: str | None = None) -> None:
         if self.config.mode != "kernel" or not self._usable(index):
+            return
+        if not self.config.manages_address(address):
             return
         if address in self.owned:
             return
@@ -720,6 +726,18 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> None:
     if config.netns:
         _netns.enter_process(config.netns)
     asyncio.run(serve(config, ready))
+
+
+def namespace_addresses(netns: str | None) -> dict[str, str]:
+    """Global-scope addresses of a namespace (the current one when None) -> interface."""
+    with _netns.entered(netns):
+        names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in rtnl_dump(ifinfmsg(), RTM_GETLINK)}
+        out = {}
+        for m in rtnl_dump(ifaddrmsg(), RTM_GETADDR):
+            address = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+            if address and m["scope"] == RT_SCOPE_UNIVERSE:
+                out[address] = names.get(m["index"]) or f"if{m['index']}"
+        return out
 
 
 def status(path: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -56,6 +56,7 @@ __all__ = [
     "HealthCheck",
     "Server",
     "Timeouts",
+    "UnixPerms",
     "binds_overlap",
     "load",
     "parse_duration",
@@ -118,6 +119,15 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class UnixPerms:
+    """HAProxy's `mode`, `user` and `group` bind options of a unix socket file."""
+
+    mode: int | None = None
+    user: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
 class Frontend:
     name: str
     binds: tuple[Address, ...]
@@ -128,6 +138,8 @@ class Frontend:
     accept_proxy: bool = False
     # per bind: an IPv6 listener that refuses IPv4 clients (`v6only`); else dual-stack
     v6only: tuple[bool, ...] = ()
+    # per bind: a unix socket file's `mode`/`user`/`group` (None: as created)
+    unix_perms: tuple[UnixPerms | None, ...] = ()
 
     def dualstack(self, i: int) -> bool:
         """Bind `i` is an IPv6 address taking IPv4 clients too (IPV6_V6ONLY=0)."""
@@ -359,7 +371,7 @@ def _frontend(r: _Reader, name: str) -> Frontend:
     parsed = [
         _bind(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b) for i, b in enumerate(binds_raw)
     ]
-    binds = tuple(a for a, _ in parsed)
+    binds = tuple(a for a, _, _ in parsed)
     backend = r.get_str("backend", None)
     if not backend:
         raise r.error("backend", "missing: which backend gets this frontend's connections?")
@@ -371,26 +383,49 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         maxconn_set=r.has("maxconn"),
         timeouts=_timeouts(r.sub("timeout")),
         accept_proxy=r.get_bool("accept-proxy", False),
-        v6only=tuple(v6 for _, v6 in parsed),
+        v6only=tuple(v6 for _, v6, _ in parsed),
+        unix_perms=tuple(perms for _, _, perms in parsed),
     )
 
 
-BIND_OPTIONS = ("v4v6", "v6only")
+BIND_OPTIONS = ("v4v6", "v6only", "mode", "user", "group")
+_UNIX_OPTIONS = ("mode", "user", "group")  # each takes a value
 
 
-def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool]:
-    """`mptcp@[::]:443 [v4v6|v6only]`: the address, and whether an IPv6 listener is
-    IPv6-only. As in HAProxy, `[::]` takes IPv4 clients too unless `v6only` says not."""
+def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms | None]:
+    """`mptcp@[::]:443 [v4v6|v6only]`, `unix@/run/p.sock [mode 660] [user U] [group G]`:
+    the address, whether an IPv6 listener is IPv6-only, and a unix socket file's
+    permissions. As in HAProxy, `[::]` takes IPv4 clients too unless `v6only` says not."""
     words = text.split() if isinstance(text, str) else []
     addr = _address(r, key, words[0] if words else text, server=False)
     v6only = False
-    for word in words[1:]:
+    unix: dict[str, str] = {}
+    rest = iter(words[1:])
+    for word in rest:
         if word not in BIND_OPTIONS:
             raise r.error(key, f"unknown bind option {word!r} (known: {', '.join(BIND_OPTIONS)})")
+        if word in _UNIX_OPTIONS:
+            value = next(rest, None)
+            if value is None:
+                raise r.error(key, f"bind option {word} needs a value")
+            if addr.protocol != "unix" or (addr.path or "").startswith("@"):
+                raise r.error(key, f"{word} applies to unix socket files, {addr} is not one")
+            unix[word] = value
+            continue
         if word == "v6only" and addr.family != socket.AF_INET6:
             raise r.error(key, f"v6only needs an IPv6 address, {addr} is not one")
         v6only = word == "v6only"
-    return addr, v6only
+    if not unix:
+        return addr, v6only, None
+    mode = None
+    if "mode" in unix:
+        try:
+            mode = int(unix["mode"], 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o7777:
+            raise r.error(key, f"mode must be octal like 660, got {unix['mode']!r}")
+    return addr, v6only, UnixPerms(mode, unix.get("user"), unix.get("group"))
 
 
 def _send_proxy(r: _Reader) -> int:

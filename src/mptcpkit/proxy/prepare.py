@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from mptcpkit.proxy.config import Config, ConfigError
+from mptcpkit.proxy.config import Config, ConfigError, Frontend
 from mptcpkit.proxy.logging import EventLog
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "resolve",
     "resolve_ids",
     "resolve_targets",
+    "unix_owner",
 ]
 
 FD_RESERVE = 64  # the interpreter, epoll, timers, the log, metrics files, pipes
@@ -56,6 +57,9 @@ def prepare(cfg: Config) -> Prepared:
     ids = resolve_ids(cfg)
     targets = resolve_targets(cfg)
     check_log(cfg)
+    for f in cfg.frontends:
+        for i in range(len(f.binds)):
+            unix_owner(cfg, f, i)
     cfg, notes = fd_limit(cfg)
     return Prepared(ids, targets, cfg, notes)
 
@@ -157,6 +161,26 @@ def resolve_ids(cfg: Config) -> tuple[int | None, int | None]:
             raise ConfigError(cfg.source, "global.group", f"no such group {g.group!r}") from None
     if (uid is not None or gid is not None) and os.geteuid() != 0:
         raise ConfigError(cfg.source, "global.user", "switching user needs root")
+    return uid, gid
+
+
+def unix_owner(cfg: Config, f: Frontend, i: int) -> tuple[int, int]:
+    """(uid, gid) for bind `i`'s `user`/`group` options (-1: unchanged)."""
+    perms = f.unix_perms[i] if i < len(f.unix_perms) else None
+    uid = gid = -1
+    if perms is None:
+        return uid, gid
+    key = f"frontend.{f.name}.bind" + (f"[{i}]" if len(f.binds) > 1 else "")
+    if perms.user is not None:
+        try:
+            uid = pwd.getpwnam(perms.user).pw_uid
+        except KeyError:
+            raise ConfigError(cfg.source, key, f"no such user {perms.user!r}") from None
+    if perms.group is not None:
+        try:
+            gid = grp.getgrnam(perms.group).gr_gid
+        except KeyError:
+            raise ConfigError(cfg.source, key, f"no such group {perms.group!r}") from None
     return uid, gid
 
 

@@ -32,6 +32,8 @@
 #endif
 
 #define MAX_GROUPS 256
+#define PIDFD_CACHE 16
+#define MAX_BATCH 64 /* then back to Python's loop, which also watches the program */
 #define STATUS_SIZE 8192
 
 /* pidfs (6.11+, 6.13+): a thread's credentials and network namespace from its pidfd,
@@ -73,6 +75,9 @@ typedef struct {
     int killable;
     int use_pidfd; /* 1: pidfs ioctls work here; 0: /proc */
     int sync_wakeup;
+    int pidfds[PIDFD_CACHE];
+    uint32_t pidfd_tids[PIDFD_CACHE];
+    unsigned pidfd_next;
     unsigned long io_recv, io_send, io_addfd, io_id_valid;
     uint32_t addfd_flag_send;
     unsigned char *buf;
@@ -122,19 +127,52 @@ static int fields(const char *status, const char *name, long *out, int max) {
 
 /* Through pidfs: uids, gids and network namespace (supplementary groups are not
  * there; a socket does not record them). -1 if pidfs cannot say. */
+/* A pidfd per recent caller, kept: a pidfd names one task, never a later one that
+ * reuses its id, so a stale one fails (ESRCH) and is opened again. */
+static int caller_pidfd(Server *s, uint32_t tid, int *fresh) {
+    for (int i = 0; i < PIDFD_CACHE; i++) {
+        if (s->pidfds[i] >= 0 && s->pidfd_tids[i] == tid) {
+            *fresh = 0;
+            return s->pidfds[i];
+        }
+    }
+    int fd = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
+    if (fd < 0)
+        return -1;
+    int slot = s->pidfd_next++ % PIDFD_CACHE;
+    if (s->pidfds[slot] >= 0)
+        close(s->pidfds[slot]);
+    s->pidfds[slot] = fd;
+    s->pidfd_tids[slot] = tid;
+    *fresh = 1;
+    return fd;
+}
+
+static void forget_pidfd(Server *s, int fd) {
+    for (int i = 0; i < PIDFD_CACHE; i++) {
+        if (s->pidfds[i] == fd) {
+            close(fd);
+            s->pidfds[i] = -1;
+        }
+    }
+}
+
 static int same_context_pidfd(Server *s, uint32_t tid) {
-    int pfd = (int)syscall(SYS_pidfd_open, tid, PIDFD_THREAD);
-    if (pfd < 0)
-        return -1;
     struct pidfd_info_v0 info;
-    memset(&info, 0, sizeof info);
-    info.mask = PIDFD_INFO_CREDS;
-    if (ioctl(pfd, PIDFD_GET_INFO, &info) < 0 || !(info.mask & PIDFD_INFO_CREDS)) {
-        close(pfd);
-        return -1;
+    int pfd, fresh;
+    for (;;) {
+        pfd = caller_pidfd(s, tid, &fresh);
+        if (pfd < 0)
+            return -1;
+        memset(&info, 0, sizeof info);
+        info.mask = PIDFD_INFO_CREDS;
+        if (ioctl(pfd, PIDFD_GET_INFO, &info) == 0 && (info.mask & PIDFD_INFO_CREDS))
+            break;
+        forget_pidfd(s, pfd);
+        if (fresh)
+            return -1;
     }
     int ns = ioctl(pfd, PIDFD_GET_NET_NAMESPACE, 0);
-    close(pfd);
     if (ns < 0)
         return -1;
     struct stat st;
@@ -256,7 +294,7 @@ static PyObject *Server_serve(Server *s, PyObject *Py_UNUSED(ignored)) {
     int kind = KIND_IDLE, err = 0;
     s->nkeys = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (;;) {
+    for (int served = 0; served < MAX_BATCH; served++) {
         memset(s->buf, 0, s->recv_size);
         if (ioctl(s->listener, s->io_recv, s->buf) < 0) {
             if (errno == EINTR)
@@ -335,10 +373,20 @@ static int Server_init(Server *s, PyObject *args, PyObject *kwds) {
     s->ns_dev = (dev_t)ns_dev;
     s->ns_ino = (ino_t)ns_ino;
     s->killable = killable;
+    for (int i = 0; i < PIDFD_CACHE; i++) {
+        if (s->pidfds[i] > 0) /* zeroed by tp_alloc; a second __init__ closes them */
+            close(s->pidfds[i]);
+        s->pidfds[i] = -1;
+    }
     uint64_t sync = SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP;
     s->sync_wakeup = sync_wakeup && ioctl(s->listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, sync) == 0;
     /* pidfs only if it describes this very thread as Python saw it */
     s->use_pidfd = pidfd && same_context_pidfd(s, (uint32_t)syscall(SYS_gettid)) == 1;
+    for (int i = 0; i < PIDFD_CACHE; i++) { /* our own pidfd is no caller's */
+        if (s->pidfds[i] >= 0)
+            close(s->pidfds[i]);
+        s->pidfds[i] = -1;
+    }
     PyMem_Free(s->buf);
     s->buf = PyMem_Malloc(s->recv_size);
     if (s->buf == NULL) {
@@ -349,6 +397,10 @@ static int Server_init(Server *s, PyObject *args, PyObject *kwds) {
 }
 
 static void Server_dealloc(Server *s) {
+    for (int i = 0; i < PIDFD_CACHE; i++) {
+        if (s->pidfds[i] > 0)
+            close(s->pidfds[i]);
+    }
     PyMem_Free(s->buf);
     free(s->keys);
     Py_TYPE(s)->tp_free((PyObject *)s);

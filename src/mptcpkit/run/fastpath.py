@@ -10,9 +10,10 @@ installed; the Python supervisor then decides, counts and warns as before.
 
 Where the kernel has pidfs ioctls (6.13+), the caller's uids, gids and network
 namespace come from its pidfd (PIDFD_GET_INFO, PIDFD_GET_NET_NAMESPACE): a few cheap
-calls instead of formatting /proc/<tid>/status. Supplementary groups are not compared
-there (Python compares them): a socket records its creator's fsuid/fsgid and network
-namespace, never its groups.
+calls instead of formatting /proc/<tid>/status (the pidfds of the last 16 callers are
+kept: a pidfd names one task, never a later one reusing its id). Supplementary groups
+are not compared there (Python compares them): a socket records its creator's
+fsuid/fsgid and network namespace, never its groups.
 
 It also asks the kernel (6.6+) for synchronous wake-ups on the listener
 (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP): the trapped thread and the supervisor then hand
