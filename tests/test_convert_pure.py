@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mptcpkit.proxy import config
 from mptcpkit.proxy import convertproto as cp
+from mptcpkit.proxy.converter import needed
 from mptcpkit.proxy.destpolicy import DestinationPolicy, networks
 
 v4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
@@ -182,3 +184,79 @@ def test_policy_is_total(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port
         assert r is not None
     everything = DestinationPolicy(allow=networks(["0.0.0.0/0", "::/0"]))
     assert everything.check_destination(str(ip), port) is None
+
+
+# --- the converter's configuration ------------------------------------------------------
+
+SITE = """
+[frontend.lan]
+bind = ["tcp@0.0.0.0:0", "tcp@[::]:0"]
+backend = "bond"
+intercept = "redirect"
+[backend.bond]
+server.remote = { address = "mptcp@192.0.2.1:4443", send-convert = true, psk = "k3y-k3y-" }
+"""
+POLICY = (
+    'destinations = { clients = ["192.0.2.0/24"], deny = ["10.0.0.0/8"], own = ["192.0.2.0/24"],'
+    ' psk = "k3y-k3y-" }'
+)
+REMOTE = f"""
+[frontend.bond]
+bind = "mptcp@0.0.0.0:4443"
+backend = "out"
+accept-convert = true
+{POLICY}
+[backend.out]
+server.dest = "mptcp@0.0.0.0:0"
+"""
+
+
+def test_converter_configs() -> None:
+    site = config.parse_text(SITE)
+    f = site.frontends[0]
+    assert f.intercept == "redirect" and not f.transparent
+    s = site.backends["bond"].servers[0]
+    assert s.send_convert and s.psk == b"k3y-k3y-" and not s.original_destination
+    assert needed(f, site.backends["bond"])
+    remote = config.parse_text(REMOTE)
+    f = remote.frontends[0]
+    assert f.accept_convert and f.destinations is not None
+    assert f.destinations.psk == b"k3y-k3y-"
+    assert f.destinations.check_destination("10.1.2.3", 80) is not None
+    assert remote.backends["out"].servers[0].original_destination
+    tp = config.parse_text(SITE.replace('intercept = "redirect"', "transparent = true"))
+    assert tp.frontends[0].intercept == "tproxy" and tp.frontends[0].transparent
+    plain = config.parse_text(SITE.replace('intercept = "redirect"', "").replace(
+        "send-convert = true, psk = \"k3y-k3y-\"", 'send-proxy = "v2"'))  # fmt: skip
+    assert not needed(plain.frontends[0], plain.backends["bond"])  # stays on the engine
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "why"),
+    [
+        (REMOTE.replace(POLICY, ""), "destinations", "open relay"),
+        (REMOTE.replace('clients = ["192.0.2.0/24"]', "clients = []"), "clients", "missing"),
+        (REMOTE.replace('psk = "k3y-k3y-"', 'psk = "abc"'), "psk", "multiple of 4"),
+        (REMOTE.replace('deny = ["10.0.0.0/8"]', 'deny = ["nope"]'), "deny", "'nope'"),
+        (REMOTE.replace('"mptcp@0.0.0.0:0"', '"tcp@10.0.0.1:80"'), "accept-convert", "0.0.0.0:0"),
+        (
+            REMOTE.replace("accept-convert = true", "accept-convert = true\naccept-proxy = true"),
+            "accept-convert",
+            "not both",
+        ),
+        (
+            SITE.replace('intercept = "redirect"', "").replace(
+                '"mptcp@192.0.2.1:4443"', '"tcp@0.0.0.0:0"'
+            ),
+            "backend",
+            "learns none",
+        ),
+        (SITE.replace('"redirect"', '"redirect"\ntransparent = true'), "transparent", "tproxy"),
+        (SITE.replace('"redirect"', '"nat"'), "intercept", "must be one of"),
+        (SITE.replace('psk = "k3y-k3y-"', 'psk = "k3y"'), "psk", "multiple of 4"),
+    ],
+)
+def test_converter_config_errors(text: str, key: str, why: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.parse_text(text)
+    assert key in info.value.key and why in info.value.reason, info.value

@@ -124,3 +124,77 @@ def test_downgrade_of_a_busy_listener(timeout: float | None) -> None:
 def test_downgrade_of_a_busy_listener_many_rounds(timeout: float | None) -> None:
     outcomes = run_rounds(60, timeout)
     assert sum(outcomes.values()) == 60
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_downgrade_of_a_busy_event_loop_listener(loop_kind: str) -> None:
+    """An asyncio (or uvloop) server keeps serving through the downgrade: the event
+    loop is made to watch the new socket."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    if loop_kind == "uvloop":
+        import uvloop
+
+        loop.close()
+        loop = uvloop.new_event_loop()
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        writer.write(b"k")
+        await writer.drain()
+        writer.close()
+        accepted += 1
+
+    async def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 15
+        while accepted < count:
+            assert time.monotonic() < deadline, f"only {accepted} of {count} accepted"
+            await asyncio.sleep(0.005)
+
+    async def main() -> None:
+        sock = mptcpkit.create_server(("127.0.0.1", 0), backlog=64)
+        address = sock.getsockname()
+        server = await asyncio.start_server(handle, sock=sock)
+        loop_process = subprocess.Popen(
+            [sys.executable, str(LOOP), "40"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert loop_process.stdin is not None and loop_process.stdout is not None
+        try:
+            loop_process.stdin.write(f"{address[1]}\n")
+            loop_process.stdin.flush()
+            assert loop_process.stdout.readline().strip() == "ok"
+            await wait_for(5)
+            for _attempt in range(50):  # refused while connections wait: the loop accepts them
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+                    break
+                except TCPOnlyOptionError as exc:
+                    assert "waiting in its queue" in str(exc) or "while switching" in str(exc)
+                    assert mptcpkit.status(sock).is_mptcp and sock.getsockname() == address
+                    await asyncio.sleep(0.01)
+            assert mptcpkit.status(sock).state is State.TCP
+            assert sock.getsockname() == address
+            await wait_for(accepted + 5)  # served through the new socket
+            loop_process.stdin.write("end\n")
+            loop_process.stdin.flush()
+            # read in a thread: the loop must keep serving the client's last connection
+            line = await asyncio.get_running_loop().run_in_executor(
+                None, loop_process.stdout.readline
+            )
+            report = json.loads(line)
+        finally:
+            loop_process.kill()
+            loop_process.wait()
+            server.close()
+            await server.wait_closed()
+        assert set(report[str(address[1])]) == {"ok"}, report
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

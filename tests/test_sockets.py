@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -270,3 +271,16 @@ def test_mptcpkit_socket_follows_the_role_it_takes(
             else:
                 assert dialing.state is mptcp_role and listening.state is State.TCP
                 assert f"MPTCPKIT={env}" in (listening.reason or "")
+
+
+def test_require_socket_connect_checks_the_wire(no_fd_leak: None) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+        with mptcpkit.socket(mptcp="require") as sock:
+            sock.settimeout(5)
+            with pytest.raises(mptcpkit.MPTCPUnavailableError, match="did not agree to MPTCP"):
+                sock.connect(plain.getsockname())
+            plain.accept()[0].close()
+        with mptcpkit.socket(mptcp="require") as sock:
+            sock.settimeout(5)
+            assert sock.connect_ex(plain.getsockname()) == errno.EPROTONOSUPPORT
+            plain.accept()[0].close()

@@ -181,7 +181,7 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
             replacement.setsockopt(option.level, option.optname, *args)
         if listening:
             try:
-                hand_over(sock, replacement, bound, backlog)
+                registrations = hand_over(sock, replacement, bound, backlog)
             except HandoverRefused as exc:
                 raise _refuse(option, str(exc)) from None
         elif is_bound:
@@ -190,7 +190,7 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
     finally:
         replacement.close()
     if listening:
-        finish_handover(sock)
+        finish_handover(sock, registrations)
     # The socket object now describes a TCP socket: `proto` (and repr) say 6, like
     # the kernel; re-initialising the C object resets its timeout, so that comes back.
     _socket.socket.__init__(sock, family, socket.SOCK_STREAM, c.IPPROTO_TCP, fd)

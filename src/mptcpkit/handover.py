@@ -16,9 +16,10 @@ group, in this order (each step checked on Linux 6.18, tests/test_downgrade.py):
 5. the filter goes, the new socket takes the old one's descriptor (dup2), which closes
    the old one, empty; only then does the program go.
 
-A thread blocked in accept() on the old listener, or an event loop that has it
-registered (epoll), would keep waiting on the old socket after the swap; then the
-handover is refused before anything changes.
+A thread blocked in accept() on the old listener would keep waiting on the old socket
+after the swap; then the handover is refused before anything changes. An event loop
+that watches the old listener (epoll: asyncio, uvloop) is made to watch the new one,
+with the same events.
 """
 
 from __future__ import annotations
@@ -74,19 +75,43 @@ def _waiting_threads(fd: int) -> bool:
     return False
 
 
-def _in_epoll(fd: int) -> bool:
-    """Is `fd` registered with an epoll instance of this process (an event loop)?"""
-    needle = f"tfd: {fd:8d}"
+def epoll_registrations(fd: int) -> list[tuple[int, int]]:
+    """(epoll descriptor, event mask) of each epoll instance of this process that
+    watches `fd` (an event loop), read from /proc/self/fdinfo."""
+    found = []
     for name in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[eventpoll]":
                 continue
             with open(f"/proc/self/fdinfo/{name}") as f:
-                if any(line.startswith(needle) for line in f):
-                    return True
+                lines = [line.split() for line in f if line.startswith("tfd:")]
         except OSError:
             continue
-    return False
+        for words in lines:  # tfd: N events: HEX data: HEX pos: ...
+            if int(words[1]) != fd:
+                continue
+            if int(words[5], 16) & 0xFFFFFFFF != fd:  # epoll_data.fd: the union's low half
+                raise HandoverRefused(
+                    "an event loop watches it with data other than its descriptor, and "
+                    "could not be told about the new socket; set the option before serving"
+                )
+            found.append((int(name), int(words[3], 16)))
+    return found
+
+
+def reregister(fd: int, registrations: list[tuple[int, int]]) -> None:
+    """Watch the socket now behind `fd` in the same epoll instances, with the same
+    events (the old socket's registrations went with it)."""
+    import select
+
+    for epfd, events in registrations:
+        watcher = select.epoll.fromfd(os.dup(epfd))
+        try:
+            watcher.register(fd, events)
+        except FileExistsError:
+            watcher.modify(fd, events)
+        finally:
+            watcher.close()
 
 
 def _half_open(family: int, port: int) -> int:
@@ -114,8 +139,9 @@ def _half_open(family: int, port: int) -> int:
                 return count
 
 
-def check_can_hand_over(old: socket.socket) -> None:
-    """Refuse early (nothing changed yet) what a handover cannot do safely."""
+def check_can_hand_over(old: socket.socket) -> list[tuple[int, int]]:
+    """Refuse early (nothing changed yet) what a handover cannot do safely; return the
+    event loops' registrations of the old listener, to be repeated for the new one."""
     fd = old.fileno()
     if old.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
         raise HandoverRefused(
@@ -127,20 +153,17 @@ def check_can_hand_over(old: socket.socket) -> None:
             "a thread is waiting in accept() on it and would keep waiting on the old "
             "socket; set the option before serving"
         )
-    if _in_epoll(fd):
-        raise HandoverRefused(
-            "an event loop watches it (epoll) and would keep watching the old socket; "
-            "set the option before serving"
-        )
+    return epoll_registrations(fd)
 
 
 def hand_over(
     old: socket.socket, new: _socket.socket, address: tuple[object, ...], backlog: int
-) -> None:
+) -> list[tuple[int, int]]:
     """Make `new` listen on `old`'s address with `backlog`, old's queue drained and
     old no longer receiving, ready for dup2 onto old's descriptor; HandoverRefused
-    (with `new` closed by the caller and `old` untouched) when that cannot be done."""
-    check_can_hand_over(old)
+    (with `new` closed by the caller and `old` untouched) when that cannot be done.
+    Returns the event loops' registrations of `old`, for `finish_handover`."""
+    registrations = check_can_hand_over(old)
     drop, drop_prog = _program(0)
     pick_new, pick_new_prog = _program(1)  # the group is [old, new]: old made it first
     old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -161,13 +184,15 @@ def hand_over(
         old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
         raise
     del drop, pick_new
+    return registrations
 
 
-def finish_handover(sock: socket.socket) -> None:
+def finish_handover(sock: socket.socket, registrations: list[tuple[int, int]]) -> None:
     """After dup2 (the old listener is gone): drop the program and SO_REUSEPORT, which
-    the old listener did not have."""
+    the old listener did not have, and have the event loops watch the new socket."""
     sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+    reregister(sock.fileno(), registrations)
 
 
 def _drain(old: socket.socket, address: tuple[object, ...]) -> None:

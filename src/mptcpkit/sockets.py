@@ -74,6 +74,35 @@ class Socket(_socket.socket):
         return sock, addr
 
 
+def _peer_refused_mptcp(sock: Socket, address: Any) -> MPTCPUnavailableError:
+    peer = f"{address[0]} port {address[1]}" if isinstance(address, tuple) else repr(address)
+    return MPTCPUnavailableError(
+        errno.EPROTONOSUPPORT,
+        f"the peer {peer} did not agree to MPTCP (the connection fell back to TCP), and "
+        "mptcp='require' forbids plain TCP; use mptcp='prefer' to accept it",
+    )
+
+
+class RequireSocket(Socket):
+    """What mptcp="require" makes: MPTCP on the wire, so a blocking `connect()` to a
+    peer that answers in plain TCP raises MPTCPUnavailableError (the caller closes the
+    socket, as after any failed connect). After a non-blocking connect, check
+    `status()` once connected."""
+
+    __slots__ = ()
+
+    def connect(self, address: Any) -> None:
+        super().connect(address)
+        if not status(self).is_mptcp:
+            raise _peer_refused_mptcp(self, address)
+
+    def connect_ex(self, address: Any) -> int:
+        err = super().connect_ex(address)
+        if err == 0 and not status(self).is_mptcp:
+            return errno.EPROTONOSUPPORT
+        return err
+
+
 class RoleSocket(Socket):
     """What `socket()` makes while $MPTCPKIT gives MPTCP to one role only (`listen` or
     `dial`): MPTCP until it takes a role, then, at `connect()` or `listen()`, plain TCP
@@ -123,7 +152,8 @@ def open_stream(family: int, type: int, policy: Policy, cls: type[Socket] = Sock
     if policy is Policy.OFF:
         return _make(family, type, IPPROTO_TCP, None, policy)
     try:
-        sock = cls(family, type, IPPROTO_MPTCP)  # _make() inlined: every connect runs this
+        # _make() inlined: every connect runs this
+        sock = (RequireSocket if policy is Policy.REQUIRE else cls)(family, type, IPPROTO_MPTCP)
     except OSError as exc:
         err = exc.errno or 0
         if policy is Policy.REQUIRE:
@@ -227,14 +257,7 @@ def _dial(
             sock.settimeout(timeout)
         if source_address:
             sock.bind(source_address)
-        sock.connect(sockaddr)
-        if policy is Policy.REQUIRE and not status(sock).is_mptcp:
-            raise MPTCPUnavailableError(
-                errno.EPROTONOSUPPORT,
-                f"the peer {sockaddr[0]} port {sockaddr[1]} did not agree to MPTCP (the "
-                "connection fell back to TCP), and mptcp='require' forbids plain TCP; use "
-                "mptcp='prefer' to accept it",
-            )
+        sock.connect(sockaddr)  # a RequireSocket's raises if the peer did not take MPTCP
     except BaseException:
         sock.close()
         raise
@@ -358,4 +381,12 @@ def create_server(
         raise
 
 
-__all__ = ["RoleSocket", "Socket", "create_connection", "create_server", "open_stream", "socket"]
+__all__ = [
+    "RequireSocket",
+    "RoleSocket",
+    "Socket",
+    "create_connection",
+    "create_server",
+    "open_stream",
+    "socket",
+]

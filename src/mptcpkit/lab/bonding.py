@@ -16,10 +16,33 @@ tproxy, the policy routing) that hand the LAN's TCP connections to a local port.
 
 from __future__ import annotations
 
-from mptcpkit.lab.topologies import _bound_routes
-from mptcpkit.lab.topology import Host, Topology
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["DESTINATIONS", "MODES", "add_destinations", "bonding", "intercept"]
+from mptcpkit.lab.netns import LabError
+from mptcpkit.lab.topologies import _bound_routes
+from mptcpkit.lab.topology import Host, Process, Topology
+
+__all__ = [
+    "DESTINATIONS",
+    "ENCODINGS",
+    "MODES",
+    "Gateways",
+    "add_destinations",
+    "bonding",
+    "intercept",
+    "remote_config",
+    "site_config",
+    "start_gateways",
+    "start_proxy",
+]
+
+ENCODINGS = ("convert", "proxy-v2")
 
 DESTINATIONS = ("10.200.0.1", "10.200.0.2", "fd00:200::1", "fd00:200::2")
 MODES = ("redirect", "tproxy")
@@ -72,8 +95,15 @@ def bonding(
     return topo
 
 
-def add_destinations(topo: Topology) -> tuple[str, ...]:
-    """Give the internet host its extra addresses (after `up()`); returns them."""
+def add_destinations(topo: Topology, timeout: float = 5.0) -> tuple[str, ...]:
+    """Give the internet host its extra addresses (after `up()`), and wait until every
+    veth has its carrier (the kernel reports it up to a second late); returns them."""
+    end = time.monotonic() + timeout
+    for host in topo.hosts:
+        while "NO-CARRIER" in host.run(["ip", "-br", "link"]).stdout:
+            if time.monotonic() > end:
+                raise LabError(f"host {host.name}: links without carrier after {timeout:g}s")
+            time.sleep(0.05)
     internet = topo.host("internet")
     for addr in DESTINATIONS:
         plen = 32 if "." in addr else 128
@@ -81,18 +111,23 @@ def add_destinations(topo: Topology) -> tuple[str, ...]:
     return DESTINATIONS
 
 
-def intercept(site: Host, mode: str, port: int, *, lan_dev: str | None = None) -> None:
-    """Hand the LAN's TCP connections to local `port`: nftables `redirect` or `tproxy`.
+def intercept(
+    site: Host, mode: str, port: int, port6: int | None = None, *, lan_dev: str | None = None
+) -> None:
+    """Hand the LAN's TCP connections to local `port` (IPv6: `port6`, default the same):
+    nftables `redirect` or `tproxy`.
 
     Rules live in the site's namespace (`table inet mptcpkit_bond`), gone with it.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
     dev = lan_dev or site.iface(0).name
+    p6 = port if port6 is None else port6
     if mode == "redirect":
         chain = (
             "type nat hook prerouting priority dstnat; policy accept;\n"
-            f'    iifname "{dev}" meta l4proto tcp redirect to :{port}'
+            f'    iifname "{dev}" meta l4proto tcp meta nfproto ipv4 redirect to :{port}\n'
+            f'    iifname "{dev}" meta l4proto tcp meta nfproto ipv6 redirect to :{p6}'
         )
     else:
         chain = (
@@ -100,7 +135,7 @@ def intercept(site: Host, mode: str, port: int, *, lan_dev: str | None = None) -
             f'    iifname "{dev}" meta l4proto tcp meta nfproto ipv4 '
             f"tproxy ip to :{port} meta mark set {_TPROXY_MARK} accept\n"
             f'    iifname "{dev}" meta l4proto tcp meta nfproto ipv6 '
-            f"tproxy ip6 to :{port} meta mark set {_TPROXY_MARK} accept"
+            f"tproxy ip6 to :{p6} meta mark set {_TPROXY_MARK} accept"
         )
     rules = f"table inet mptcpkit_bond {{\n  chain pre {{\n    {chain}\n  }}\n}}\n"
     site.run(["nft", "-f", "-"], input=rules)
@@ -114,3 +149,131 @@ def intercept(site: Host, mode: str, port: int, *, lan_dev: str | None = None) -
                 ["ip", fam, "route", "add", "local", default, "dev", "lo", "table",
                  str(_TPROXY_TABLE)]
             )  # fmt: skip
+
+
+def site_config(remote: str, remote_port: int, *, mode: str, encoding: str, psk: str = "") -> str:
+    """The site gateway's `mptcpkit proxy` configuration (TOML)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r}: expected one of {', '.join(ENCODINGS)}")
+    carry = "send-convert = true" if encoding == "convert" else 'send-proxy = "v2"'
+    key = f', psk = "{psk}"' if psk else ""
+    host = f"[{remote}]" if ":" in remote else remote
+    return f"""[global]
+workers = 1
+metrics = ""
+log = "stderr"
+
+[frontend.lan]
+bind = ["tcp@0.0.0.0:0", "tcp@[::]:0"]
+backend = "bond"
+intercept = "{mode}"
+
+[backend.bond]
+server.remote = {{ address = "mptcp@{host}:{remote_port}", mptcp = "require", {carry}{key} }}
+"""
+
+
+def remote_config(
+    clients: Sequence[str],
+    own: Sequence[str],
+    *,
+    encoding: str,
+    psk: str = "",
+    deny: Sequence[str] = (),
+) -> str:
+    """The remote gateway's `mptcpkit proxy` configuration (TOML)."""
+    accept = "accept-convert = true" if encoding == "convert" else "accept-proxy = true"
+
+    def q(xs: Sequence[str]) -> str:
+        return ", ".join(f'"{x}"' for x in xs)
+
+    key = f', psk = "{psk}"' if psk else ""
+    return f"""[global]
+workers = 1
+metrics = ""
+log = "stderr"
+
+[frontend.bond]
+bind = "mptcp@0.0.0.0:0"
+backend = "out"
+{accept}
+destinations = {{ clients = [{q(clients)}], own = [{q(own)}], deny = [{q(deny)}]{key} }}
+
+[backend.out]
+server.dest = "mptcp@0.0.0.0:0"
+"""
+
+
+@dataclass
+class Gateways:
+    site: Process
+    remote: Process
+    site_port: int
+    site_port6: int
+    remote_port: int
+
+    def logs(self) -> str:
+        return (
+            f"--- site ---\n{self.site.stderr}{self.site.stdout}"
+            f"--- remote ---\n{self.remote.stderr}{self.remote.stdout}"
+        )
+
+
+def start_proxy(
+    host: Host, cfg: Path, frontend: str, timeout: float = 20.0
+) -> tuple[Process, list[int]]:
+    """Run `mptcpkit proxy -c cfg` (this source tree's) in `host`; its ports of `frontend`."""
+    env = {**os.environ}
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = host.popen([sys.executable, "-m", "mptcpkit", "proxy", "-c", str(cfg)], env=env)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = proc.stderr + proc.stdout
+        ports = re.findall(rf"frontend {frontend} listening on \S+:(\d+)", out)
+        if ports and "ready:" in out:
+            return proc, [int(p) for p in ports]
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.stop()
+    raise LabError(f"mptcpkit proxy in {host.name} did not start:\n{proc.stderr}{proc.stdout}")
+
+
+def start_gateways(
+    topo: Topology,
+    workdir: Path,
+    *,
+    mode: str = "redirect",
+    encoding: str = "convert",
+    psk: str = "",
+    site_psk: str | None = None,
+    deny: Sequence[str] = (),
+) -> Gateways:
+    """Run the remote gateway, then the site gateway, then intercept the LAN into it."""
+    site, remote = topo.host("site"), topo.host("remote")
+    ups = [link for link in topo.links if set(link.hosts) == {site, remote}]
+    clients = [f"10.0.{link.index}.0/24" for link in ups] + [
+        f"fd00:0:0:{link.index}::/64" for link in ups
+    ]
+    own = [*clients, f"10.0.{topo.links[-1].index}.0/24"]
+    rcfg = workdir / "remote.toml"
+    rcfg.write_text(remote_config(clients, own, encoding=encoding, psk=psk, deny=list(deny)))
+    rproc, (rport, *_) = start_proxy(remote, rcfg, "bond")
+    try:
+        scfg = workdir / "site.toml"
+        scfg.write_text(
+            site_config(
+                ups[0].iface(remote).address(4),
+                rport,
+                mode=mode,
+                encoding=encoding,
+                psk=psk if site_psk is None else site_psk,
+            )
+        )
+        sproc, (sport, sport6) = start_proxy(site, scfg, "lan")
+    except BaseException:
+        rproc.stop()
+        raise
+    intercept(site, mode, sport, sport6)
+    return Gateways(sproc, rproc, sport, sport6, rport)

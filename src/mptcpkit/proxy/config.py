@@ -44,6 +44,7 @@ from typing import Any
 
 from mptcpkit.address import Address, parse_address
 from mptcpkit.policy import Policy
+from mptcpkit.proxy.destpolicy import DestinationPolicy, networks
 from mptcpkit.proxy.logging import parse_target
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
 
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "source")
 LOG_FORMATS = ("text", "json")
+INTERCEPT_MODES = ("redirect", "tproxy")
 DEFAULT_METRICS = "tcp@127.0.0.1:9464"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
@@ -107,6 +109,14 @@ class Server:
     backup: bool = False
     send_proxy: int = 0  # 0: no header, 1: PROXY v1, 2: PROXY v2
     policy: Policy = Policy.OFF  # from the address (mptcp@ prefers), or `mptcp = ...`
+    send_convert: bool = False  # RFC 8803: a Connect TLV names the destination (converter.py)
+    psk: bytes | None = None  # for a remote gateway: Cookie TLV, or PROXY v2 TLV 0xE0
+
+    @property
+    def original_destination(self) -> bool:
+        """`0.0.0.0:0` (HAProxy's words): connect to where the client was going."""
+        a = self.address
+        return a.protocol != "unix" and a.port == 0 and a.host in ("0.0.0.0", "::")
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,10 @@ class Frontend:
     v6only: tuple[bool, ...] = ()
     # per bind: a unix socket file's `mode`/`user`/`group` (None: as created)
     unix_perms: tuple[UnixPerms | None, ...] = ()
+    transparent: bool = False  # IP_TRANSPARENT listeners (nftables tproxy)
+    intercept: str = ""  # "redirect"/"tproxy": connections are intercepted (converter.py)
+    accept_convert: bool = False  # RFC 8803: a Connect TLV names the destination
+    destinations: DestinationPolicy | None = None  # a remote gateway's (converter.py)
 
     def dualstack(self, i: int) -> bool:
         """Bind `i` is an IPv6 address taking IPv4 clients too (IPV6_V6ONLY=0)."""
@@ -294,6 +308,8 @@ def _address(r: _Reader, key: str, text: object, *, server: bool) -> Address:
             raise r.error(key, f"bad address {text!r}: a port is needed, as in {text}:8443")
         if server and addr.port_end != addr.port:
             raise r.error(key, f"bad address {text!r}: a server takes one port, not a range")
+        if server and addr.port == 0 and addr.host in ("0.0.0.0", "::"):
+            return addr  # the original destination (HAProxy's `server s 0.0.0.0:0`)
         if server and (not addr.host or addr.port == 0):
             raise r.error(key, f"bad address {text!r}: a server needs a host and a port")
     return addr
@@ -360,7 +376,19 @@ def _timeouts(r: _Reader) -> Timeouts:
 
 
 def _frontend(r: _Reader, name: str) -> Frontend:
-    r.only(("bind", "backend", "maxconn", "timeout", "accept-proxy"))
+    r.only(
+        (
+            "bind",
+            "backend",
+            "maxconn",
+            "timeout",
+            "accept-proxy",
+            "transparent",
+            "intercept",
+            "accept-convert",
+            "destinations",
+        )
+    )
     if not r.has("bind"):
         raise r.error("bind", "missing: a frontend needs at least one address to listen on")
     binds_raw = r.table["bind"]
@@ -372,6 +400,12 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         _bind(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b) for i, b in enumerate(binds_raw)
     ]
     binds = tuple(a for a, _, _ in parsed)
+    intercept = r.choice("intercept", "", INTERCEPT_MODES) if r.has("intercept") else ""
+    transparent = r.get_bool("transparent", intercept == "tproxy")
+    if transparent and intercept == "redirect":
+        raise r.error("transparent", "a transparent (tproxy) bind, but intercept = 'redirect'")
+    if transparent:
+        intercept = "tproxy"
     backend = r.get_str("backend", None)
     if not backend:
         raise r.error("backend", "missing: which backend gets this frontend's connections?")
@@ -383,9 +417,33 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         maxconn_set=r.has("maxconn"),
         timeouts=_timeouts(r.sub("timeout")),
         accept_proxy=r.get_bool("accept-proxy", False),
+        transparent=transparent,
+        intercept=intercept,
+        accept_convert=r.get_bool("accept-convert", False),
+        destinations=_destinations(r) if r.has("destinations") else None,
         v6only=tuple(v6 for _, v6, _ in parsed),
         unix_perms=tuple(perms for _, _, perms in parsed),
     )
+
+
+def _destinations(r: _Reader) -> DestinationPolicy:
+    d = r.sub("destinations")
+    d.only(("clients", "psk", "allow", "deny", "own"))
+    lists = {}
+    for key in ("clients", "allow", "deny", "own"):
+        v = d.table.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise d.error(key, f"expected an array of networks, got {_kind(v)}")
+        try:
+            lists[key] = networks(v)
+        except ValueError as exc:
+            raise d.error(key, str(exc)) from None
+    if not lists["clients"]:
+        raise d.error("clients", "missing: which client networks may use this gateway?")
+    psk = d.get_str("psk", None)
+    if psk is not None and (not psk or len(psk.encode()) % 4 or len(psk.encode()) > 64):
+        raise d.error("psk", "a pre-shared key is 4 to 64 bytes, a multiple of 4 (a Cookie TLV)")
+    return DestinationPolicy(psk=psk.encode() if psk else None, **lists)
 
 
 BIND_OPTIONS = ("v4v6", "v6only", "mode", "user", "group")
@@ -443,7 +501,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
     if isinstance(raw, str):
         raw = {"address": raw}
     r = _Reader(r_backend.source, r_backend.key(f"server.{name}"), raw)
-    r.only(("address", "weight", "backup", "send-proxy", "mptcp"))
+    r.only(("address", "weight", "backup", "send-proxy", "mptcp", "send-convert", "psk"))
     if not r.has("address"):
         raise r.error("address", "missing: where is this server?")
     addr = _address(r, "address", r.table["address"], server=True)
@@ -458,7 +516,19 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
         backup=r.get_bool("backup", False),
         send_proxy=_send_proxy(r),
         policy=policy,
+        send_convert=r.get_bool("send-convert", False),
+        psk=_psk(r),
     )
+
+
+def _psk(r: _Reader) -> bytes | None:
+    text = r.get_str("psk", None)
+    if text is None:
+        return None
+    raw = text.encode()
+    if not raw or len(raw) % 4 or len(raw) > 64:
+        raise r.error("psk", "a pre-shared key is 4 to 64 bytes, a multiple of 4 (a Cookie TLV)")
+    return raw
 
 
 def _check(r: _Reader) -> HealthCheck | None:
@@ -531,6 +601,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if f.backend not in backends:
             have = ", ".join(sorted(backends)) or "none"
             raise sub.error("backend", f"no backend named {f.backend!r} (have: {have})")
+        _check_converter(sub, f, backends[f.backend])
         if f.maxconn < global_.workers:
             raise sub.error(
                 "maxconn",
@@ -550,6 +621,34 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             bound.append((name, key, b, v6only))
         frontends.append(f)
     return Config(source, global_, tuple(frontends), backends)
+
+
+def _check_converter(r: _Reader, f: Frontend, b: Backend) -> None:
+    """Fail closed: a frontend that lets clients name a destination checks them."""
+    anywhere = any(s.original_destination for s in b.servers)
+    if f.accept_convert and f.accept_proxy:
+        raise r.error("accept-convert", "accept-proxy or accept-convert, not both")
+    if f.accept_convert and not anywhere:
+        raise r.error(
+            "accept-convert",
+            f"backend {b.name!r} has no server 0.0.0.0:0 (the destination the client names)",
+        )
+    if anywhere and not (f.intercept or f.accept_proxy or f.accept_convert):
+        raise r.error(
+            "backend",
+            f"backend {b.name!r} has a server 0.0.0.0:0 (the original destination), but"
+            " this frontend learns none: set intercept, accept-proxy or accept-convert",
+        )
+    if anywhere and (f.accept_proxy or f.accept_convert) and f.destinations is None:
+        raise r.error(
+            "destinations",
+            f"missing: backend {b.name!r} connects where clients say (server 0.0.0.0:0);"
+            " set destinations.clients (and allow/deny) so it is not an open relay",
+        )
+    if anywhere and b.check is not None:
+        raise ConfigError(
+            r.source, f"backend.{b.name}.check", "a server 0.0.0.0:0 cannot be health-checked"
+        )
 
 
 def binds_overlap(a: Address, b: Address, a_v6only: bool = False, b_v6only: bool = False) -> bool:

@@ -48,6 +48,8 @@ def idle_rule(cfg: Frontend) -> tuple[float | None, str]:
 class FrontendRuntime:
     """A frontend whose connections are relayed in Python."""
 
+    conn_type = Conn  # converter.py relays with a subclass
+
     def __init__(
         self,
         cfg: Frontend,
@@ -127,7 +129,7 @@ class FrontendRuntime:
                 self.accept_failed(exc.errno or 0)
                 return True
             sock = _socket.socket(family, _STREAM, proto, fd)  # blocking: see relay._DONTWAIT
-            conn = Conn(self, sock, addr, mptcp)
+            conn = self.conn_type(self, sock, addr, mptcp)
             conns.add(conn)
             # Server leg first: on loopback its connect is usually done by now, and epoll
             # then reports it before the client's first bytes, which can go straight on.

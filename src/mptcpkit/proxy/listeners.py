@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import mptcpkit
+from mptcpkit import intercept
 from mptcpkit.proxy.config import Config, ConfigError, Frontend, UnixPerms
 from mptcpkit.proxy.prepare import unix_owner
 
@@ -138,6 +139,11 @@ class ListenerPool:
                     while addr.protocol != "unix" and (text, w) in self.socks:
                         new[(text, w)] = self.socks[(text, w)]
                         w += 1
+                    if f.transparent and addr.protocol != "unix":  # nftables tproxy
+                        for w in range(workers):
+                            for sock in new[(text, w)]:
+                                with _listen_errors(cfg, key_name, addr):
+                                    intercept.make_transparent(sock)
                     lines.extend(
                         f"frontend {f.name} listening on {address_text(s, addr.protocol)}"
                         for s in first

@@ -342,7 +342,7 @@ class Conn:
                 return
             self.server = state
             try:
-                sock, err = be.start_connect(state)
+                sock, err = self.start_connect(state)
             except OSError as exc:
                 sock, err = None, exc.errno or errno.EIO
             if err == 0 or err in _IN_PROGRESS:
@@ -381,11 +381,7 @@ class Conn:
     def _established(self, s: Leg, events: int) -> None:
         self.tried = None
         self.connect_time = time.monotonic() - self.t_connect
-        send_proxy = self.server.server.send_proxy if self.server is not None else 0
-        head = b""
-        if send_proxy:
-            local = self.daddr if self.daddr is not None else self.fe.local_of(self)
-            head = proxyproto.build(send_proxy, self.caddr, local)
+        head = self.greeting()
         if self.early:
             head += self.early
             self.early = None
@@ -398,6 +394,18 @@ class Conn:
             self.pump(self.c)
         if not self.done and events & READABLE:
             self.pump(s)
+
+    def start_connect(self, state: ServerState) -> tuple[Any, int]:
+        """Open the server leg (converter.py connects to the client's destination)."""
+        return self.fe.backend.start_connect(state)
+
+    def greeting(self) -> bytes:
+        """What the server hears first: a PROXY header, if the server wants one."""
+        send_proxy = self.server.server.send_proxy if self.server is not None else 0
+        if not send_proxy:
+            return b""
+        local = self.daddr if self.daddr is not None else self.fe.local_of(self)
+        return proxyproto.build(send_proxy, self.caddr, local)
 
     def _connect_timeout(self) -> None:
         self.timer = None

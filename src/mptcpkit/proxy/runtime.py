@@ -25,6 +25,8 @@ from mptcpkit.policy import Policy
 from mptcpkit.proxy import compiled
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config
+from mptcpkit.proxy.converter import ConvertFrontend
+from mptcpkit.proxy.converter import needed as converter_needed
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
@@ -168,7 +170,9 @@ class Runtime:
         }
         kind = FrontendRuntime if self.engine is None else compiled.CompiledFrontend
         self.frontends = [
-            kind(f, listeners.get(f.name, ()), self.backends[f.backend], self)
+            (ConvertFrontend if converter_needed(f, cfg.backends[f.backend]) else kind)(
+                f, listeners.get(f.name, ()), self.backends[f.backend], self
+            )
             for f in cfg.frontends
         ]
         self._tasks: list[asyncio.Task[None]] = []

@@ -1,0 +1,364 @@
+"""Bonding: the proxy as a transparent MPTCP converter pair.
+
+A *site gateway* intercepts its LAN's TCP connections (nftables `redirect`, or
+`tproxy` with a `transparent` frontend) and carries each over one MPTCP connection to
+a *remote gateway*, naming the original destination first: an RFC 8803 Connect TLV
+(`send-convert`) or a PROXY v2 header (`send-proxy = "v2"`). The remote gateway
+(`accept-convert` or `accept-proxy`, a server `0.0.0.0:0` meaning "where the client
+says") checks the client and the destination against its `destinations` policy,
+connects, and relays. HAProxy with `accept-proxy` and `server s 0.0.0.0:0` can stand
+in for the remote gateway.
+
+Refusals follow RFC 8803: a Convert client gets an Error TLV then FIN; a PROXY client
+gets a RST. The site gateway turns an Error from its remote gateway into a RST to the
+LAN client (the RFC maps errors to RST/ICMP; a user-space gateway can only reset).
+
+These frontends relay in Python (`relay.Conn` plus the steps below), also where the
+compiled engine runs the others: the engine has no hook for a per-connection
+destination.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import socket
+from typing import TYPE_CHECKING, Any
+
+import mptcpkit
+from mptcpkit import intercept
+from mptcpkit.policy import Policy
+from mptcpkit.proxy import convertproto as cp
+from mptcpkit.proxy import proxyproto
+from mptcpkit.proxy.frontend import FrontendRuntime
+from mptcpkit.proxy.relay import Conn, reason_of
+
+if TYPE_CHECKING:
+    from mptcpkit.proxy.balance import ServerState
+    from mptcpkit.proxy.config import Backend, Frontend
+
+__all__ = ["PSK_TLV", "ConvertConn", "ConvertFrontend", "needed"]
+
+PSK_TLV = 0xE0  # PROXY v2 custom TLV carrying the pre-shared key (PP2_TYPE_MIN_CUSTOM)
+MPTCP_OPTION = 30  # TCP option kind of MPTCP: what this converter supports
+_DONTWAIT = socket.MSG_DONTWAIT
+_NONBLOCKING_STREAM = int(socket.SOCK_STREAM) | socket.SOCK_NONBLOCK
+_OK_REPLY = cp.build([])  # success: a bare Convert header
+_HARMLESS_OPTIONS = (0, 1)  # EOL, NOP: padding in a Connect TLV's TCP options
+_UNREACHABLE = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
+)
+
+
+def needed(f: Frontend, b: Backend) -> bool:
+    """Whether frontend `f` (with backend `b`) is a converter, relayed here."""
+    return bool(
+        f.intercept
+        or f.accept_convert
+        or any(s.send_convert or s.original_destination or s.psk for s in b.servers)
+    )
+
+
+def _error_code(exc: BaseException) -> cp.ErrorCode:
+    """RFC 8803's error for a failed connect to the destination."""
+    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+        return cp.ErrorCode.CONNECTION_RESET
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
+        return cp.ErrorCode.DESTINATION_UNREACHABLE
+    return cp.ErrorCode.NETWORK_FAILURE
+
+
+def _options_refused(options: bytes) -> int | None:
+    """The first TCP option kind in a Connect TLV this converter will not set, if any."""
+    i = 0
+    while i < len(options):
+        kind = options[i]
+        if kind == 0:
+            return None
+        if kind == 1:
+            i += 1
+            continue
+        return kind
+    return None
+
+
+class ConvertConn(Conn):
+    """One converted connection; `dest` is where the client was going."""
+
+    __slots__ = ("answer", "dest", "peer", "reply", "req")
+
+    def __init__(self, fe: FrontendRuntime, sock: Any, caddr: Any, mptcp: bool) -> None:
+        super().__init__(fe, sock, caddr, mptcp)
+        cfg = fe.cfg
+        self.peer = caddr  # who connected (a PROXY header replaces caddr)
+        self.dest: tuple[str, int] | None = None
+        self.req: bytearray | None = bytearray() if cfg.accept_convert else None
+        self.reply: bytearray | None = None  # the remote gateway's Convert reply, being read
+        self.answer = b""  # for our client before the destination's bytes (Convert reply)
+        if cfg.intercept:
+            try:
+                self.dest = intercept.destination(sock)
+            except OSError:
+                self.dest = None
+
+    # --- the steps the relay asks for -------------------------------------------------
+
+    def begin(self) -> None:
+        if self.req is None:
+            super().begin()
+
+    def pump(self, src: Any) -> None:
+        if src.client and self.req is not None:
+            self._convert_request()
+        elif not src.client and self.reply is not None:
+            self._convert_reply()
+        else:
+            super().pump(src)
+
+    def start_connect(self, state: ServerState) -> tuple[Any, int]:
+        if not state.server.original_destination:
+            return super().start_connect(state)
+        if self.dest is None:
+            return None, errno.EDESTADDRREQ
+        host, port = self.dest
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        policy = state.server.policy
+        if policy is Policy.OFF:
+            sock: Any = _socket.socket(family, _NONBLOCKING_STREAM)
+        else:
+            sock = mptcpkit.socket(family, _NONBLOCKING_STREAM, mptcp=policy)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock, err
+
+    def greeting(self) -> bytes:
+        server = self.server.server if self.server is not None else None
+        if server is None or server.original_destination:
+            return super().greeting()
+        dest = self.dest
+        if dest is None:
+            return super().greeting()
+        if server.send_convert:
+            self.reply = bytearray()
+            return cp.connect_request(dest[0], dest[1], server.psk)
+        if server.send_proxy:
+            tlvs = ((PSK_TLV, server.psk),) if server.psk else ()
+            if server.send_proxy == 1:
+                return proxyproto.build_v1(self.caddr, dest)
+            return proxyproto.build_v2(self.caddr, dest, tlvs=tlvs)
+        return b""
+
+    def _established(self, s: Any, events: int) -> None:
+        if self.answer:
+            c = self.c
+            c.pending, self.answer = self.answer, b""
+            self.flush(c)
+            if self.done:
+                return
+        super()._established(s, events)
+
+    def _connect_failed(self, exc: BaseException) -> bool:
+        if not self._names_destination():
+            return super()._connect_failed(exc)
+        state = self.server
+        assert state is not None
+        self.server = None
+        self.fe.backend.attempt_failed(state, exc, [])  # counted and logged as usual
+        self._refuse(_error_code(exc), f"destination {self._dest_text()}: {reason_of(exc)}")
+        return False
+
+    # --- the remote gateway: reading where the client goes ----------------------------
+
+    def _names_destination(self) -> bool:
+        return self.fe.cfg.accept_convert or self.fe.cfg.accept_proxy
+
+    def _read_client(self, buf: bytearray, what: str) -> bool:
+        """Append what the client sent to `buf`; False if the connection ended."""
+        rb = self.rb
+        while True:
+            try:
+                n = self.c.sock.recv_into(rb.buf, 0, _DONTWAIT)
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                self.fail(self.c, exc)
+                return False
+            if not n:
+                self.abort(f"client closed before its {what}")
+                return False
+            buf += rb.view[:n]
+            if len(buf) > cp.MAX_MESSAGE + 65536 + 16:
+                return True
+
+    def _convert_request(self) -> None:
+        req = self.req
+        assert req is not None
+        if not self._read_client(req, "Convert message"):
+            return
+        try:
+            parsed = cp.parse_request(req)
+        except cp.ConvertError as exc:
+            self._refuse(exc.code, f"bad Convert message: {exc}", exc.value)
+            return
+        if parsed is None:
+            return
+        msg, used = parsed
+        self.req = None
+        connect = msg.find(cp.Connect)
+        if not isinstance(connect, cp.Connect):  # Info: say what we support, and close
+            self._answer_and_close(
+                cp.build([cp.SupportedTCPExtensions((MPTCP_OPTION,))]), "Info answered"
+            )
+            return
+        self.dest = (str(connect.address), connect.port)
+        kind = _options_refused(connect.options)
+        if kind is not None:
+            self._refuse(
+                cp.ErrorCode.UNSUPPORTED_TCP_OPTION, f"TCP option {kind} asked", bytes((kind,))
+            )
+            return
+        cookie = msg.find(cp.Cookie)
+        psk = cookie.opaque if isinstance(cookie, cp.Cookie) else None
+        if self._checked(psk):
+            self.answer = _OK_REPLY
+            self._go(bytes(req[used:]))
+
+    def _proxy_header(self) -> None:
+        hdr = self.hdr
+        assert hdr is not None
+        if not self._read_client(hdr, "PROXY header"):
+            return
+        try:
+            parsed = proxyproto.parse(hdr)
+        except proxyproto.ProxyProtocolError as exc:
+            self.abort(f"bad PROXY header: {exc}")
+            return
+        if parsed is None:
+            if len(hdr) > 16 + 65535:
+                self.abort("PROXY header too long")
+            return
+        header, used = parsed
+        self.hdr = None
+        if header.local or not isinstance(header.destination, tuple):
+            self.end("PROXY LOCAL (no destination)")
+            return
+        if header.source is not None:
+            self.caddr = header.source
+        self.dest = (str(header.destination[0]), int(header.destination[1]))
+        psk = next((v for k, v in header.tlvs if k == PSK_TLV), None)
+        if self._checked(psk):
+            self._go(bytes(hdr[used:]))
+
+    def _checked(self, psk: bytes | None) -> bool:
+        """Policy: may this client go to self.dest? Refuses (and False) if not."""
+        policy = self.fe.cfg.destinations
+        if policy is None:  # config.py makes it required where clients name destinations
+            self._refuse(cp.ErrorCode.NOT_AUTHORIZED, "no destinations policy")
+            return False
+        peer = self.peer[0] if isinstance(self.peer, tuple) else str(self.peer)
+        assert self.dest is not None
+        refusal = policy.check_client(peer, psk) or policy.check_destination(*self.dest)
+        if refusal is not None:
+            self._refuse(refusal.code, refusal.reason)
+            return False
+        return True
+
+    def _go(self, rest: bytes) -> None:
+        self.bytes_in += len(rest)
+        self.early = rest or None
+        self.c.waiting = True  # more may follow: read it once connected
+        self.connect()
+
+    def _refuse(self, code: cp.ErrorCode, reason: str, value: bytes = b"") -> None:
+        fe = self.fe
+        fe.rt.log.event(
+            f"frontend {fe.cfg.name}: refused {_text(self.peer)} -> {self._dest_text()}:"
+            f" {reason} ({cp.Error(code).name})"
+        )
+        if fe.rt.metrics is not None:
+            fe.rt.metrics.proxy_error(fe.cfg.name, f"refused: {cp.Error(code).name}")
+        how = f"refused: {reason}"
+        if fe.cfg.accept_convert:
+            self._answer_and_close(cp.error_reply(code, value), how)
+        else:
+            self.abort(how)
+
+    def _answer_and_close(self, data: bytes, how: str) -> None:
+        try:
+            self.c.sock.send(data, _DONTWAIT)
+        except OSError:
+            self.abort(how)
+            return
+        self.end(how)
+
+    def _dest_text(self) -> str:
+        return _text(self.dest) if self.dest is not None else "?"
+
+    # --- the site gateway: the remote gateway's answer ---------------------------------
+
+    def _convert_reply(self) -> None:
+        s = self.s
+        reply = self.reply
+        assert s is not None and reply is not None
+        rb = self.rb
+        while True:
+            try:
+                n = s.sock.recv_into(rb.buf, 0, _DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.fail(s, exc)
+                return
+            if not n:
+                self.abort("remote gateway closed before its Convert reply")
+                return
+            reply += rb.view[:n]
+            try:
+                parsed = cp.parse_reply(reply)
+            except cp.ConvertError as exc:
+                self.abort(f"bad Convert reply: {exc}")
+                return
+            if parsed is not None:
+                break
+        msg, used = parsed
+        self.reply = None
+        err = msg.find(cp.Error)
+        if isinstance(err, cp.Error):  # RFC 8803: an error becomes a reset for the client
+            self.fe.rt.log.event(
+                f"frontend {self.fe.cfg.name}: {_text(self.caddr)} -> {self._dest_text()}"
+                f" refused by the remote gateway: {err.name}"
+            )
+            self.abort(f"remote gateway: {err.name}")
+            return
+        rest = bytes(reply[used:])
+        if rest:
+            self.bytes_out += len(rest)
+            self.c.pending = rest
+            self.flush(self.c)
+        if self.done:
+            return
+        if self.c.pending is None:
+            super().pump(s)
+        else:
+            s.waiting = True  # read on once the client took `rest`
+
+
+def _text(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+class ConvertFrontend(FrontendRuntime):
+    """A converter frontend: relayed in Python, with `ConvertConn` connections."""
+
+    conn_type = ConvertConn
+
+    def local_of(self, conn: Conn) -> Any:
+        dest = getattr(conn, "dest", None)
+        return dest if dest is not None else super().local_of(conn)

@@ -1,0 +1,231 @@
+"""Bonding end to end: LAN client -> site gateway ==2 uplinks== remote gateway -> internet.
+
+Real namespaces, real nftables interception, `mptcpkit proxy` on both gateways (and
+HAProxy as a remote gateway), an unmodified TCP client.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bonding_harness import byte_server, fetch, fetch_many, fetch_ok
+from mptcpkit.lab import bonding as bl
+from mptcpkit.lab.netns import is_root
+from mptcpkit.lab.topology import Topology
+from proxy_harness import wait_for
+
+pytestmark = pytest.mark.root
+
+WAN_DEST = "10.0.3.2"  # the internet host's own WAN address: in the remote gateway's networks
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Topology]:
+    if not is_root():
+        pytest.skip("needs root (network namespaces)")
+    with bl.bonding(uplinks=2, rate=None, name="bond") as topo:
+        bl.add_destinations(topo)
+        with byte_server(topo.host("internet")):
+            yield topo
+
+
+def _clear(topo: Topology) -> None:
+    site = topo.host("site")
+    site.run("nft delete table inet mptcpkit_bond 2>/dev/null; true")
+    for fam in ("-4", "-6"):
+        site.run(f"ip {fam} rule del pref 233 2>/dev/null; ip {fam} route flush table 233; true")
+
+
+@pytest.fixture
+def gateways(
+    net: Topology, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[bl.Gateways]:
+    opts = dict(getattr(request, "param", {}))
+    gw = bl.start_gateways(net, tmp_path, **opts)
+    try:
+        yield gw
+    finally:
+        gw.site.stop()
+        gw.remote.stop()
+        _clear(net)
+
+
+def _conn_lines(proc_text: str) -> list[str]:
+    return [line for line in proc_text.splitlines() if " conn " in line]
+
+
+COMBOS = [
+    {"mode": m, "encoding": e} for m in bl.MODES for e in bl.ENCODINGS
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "gateways", COMBOS, indirect=True, ids=[f"{c['mode']}-{c['encoding']}" for c in COMBOS]
+)
+def test_download_every_destination(net: Topology, gateways: bl.Gateways) -> None:
+    """Both interception modes x both encodings, IPv4 and IPv6 destinations, verified."""
+    client = net.host("client")
+    for i, dest in enumerate(bl.DESTINATIONS):
+        assert client.call(fetch_ok, dest, 300_000 + i, i), dest
+    # each converted connection crossed the uplinks as one MPTCP connection with 2 subflows
+    lines = wait_for(
+        lambda: len(_conn_lines(gateways.site.stderr)) >= 4 and _conn_lines(gateways.site.stderr),
+        what="the site gateway's connection log",
+    )
+    assert all("client=TCP server=MPTCP(2)" in line for line in lines), lines
+    rlines = wait_for(lambda: _conn_lines(gateways.remote.stderr), what="remote log")
+    assert all("client=MPTCP(2)" in line for line in rlines), rlines
+
+
+@pytest.mark.parametrize(
+    "gateways",
+    [
+        {"encoding": "convert", "deny": ["10.200.0.2/32"]},
+        {"encoding": "proxy-v2", "deny": ["10.200.0.2/32"]},
+    ],
+    indirect=True,
+    ids=["convert", "proxy-v2"],
+)
+def test_refused_destination(net: Topology, gateways: bl.Gateways) -> None:
+    """The remote gateway is no open relay: its own networks and denied ones are refused,
+    logged with the reason; the LAN client gets a reset (RFC 8803: error -> RST)."""
+    client = net.host("client")
+    for dest, why in ((WAN_DEST, "own network"), ("10.200.0.2", "is denied")):
+        with pytest.raises(ConnectionResetError):
+            client.call(fetch, dest, 1000, 1)
+        pattern = f"refused .* -> {re.escape(dest)}:.*{why}"
+        wait_for(lambda p=pattern: re.search(p, gateways.remote.stderr),
+                 what=f"the refusal of {dest} in the remote log")  # fmt: skip
+    if "accept-convert" in (Path(gateways.remote.argv[-1]).read_text()):
+        wait_for(lambda: "refused by the remote gateway: not authorized" in gateways.site.stderr,
+                 what="the Convert error in the site log")  # fmt: skip
+    assert client.call(fetch_ok, "10.200.0.1", 10_000, 3)  # the others still go
+
+
+@pytest.mark.parametrize(
+    "gateways",
+    [{"psk": "k3y-k3y-", "site_psk": "wrongkey"}],
+    indirect=True,
+)
+def test_wrong_psk_refused(net: Topology, gateways: bl.Gateways) -> None:
+    with pytest.raises(ConnectionResetError):
+        net.host("client").call(fetch, "10.200.0.1", 1000, 1)
+    wait_for(lambda: "wrong pre-shared key" in gateways.remote.stderr, what="refusal")
+
+
+@pytest.mark.parametrize(
+    "gateways",
+    [{"psk": "k3y-k3y-", "encoding": "convert"}, {"psk": "k3y-k3y-", "encoding": "proxy-v2"}],
+    indirect=True,
+    ids=["convert", "proxy-v2"],
+)
+def test_psk_accepted(net: Topology, gateways: bl.Gateways) -> None:
+    assert net.host("client").call(fetch_ok, "fd00:200::1", 50_000, 7)
+
+
+@pytest.mark.parametrize("gateways", [{"mode": "redirect"}], indirect=True)
+def test_200_concurrent_connections(net: Topology, gateways: bl.Gateways) -> None:
+    jobs = [(bl.DESTINATIONS[i % 4], 20_000 + 37 * i, i) for i in range(200)]
+    results = net.host("client").call(fetch_many, jobs, 200)
+    assert results == [True] * 200
+
+
+@pytest.mark.parametrize("gateways", [{"mode": "tproxy"}], indirect=True)
+def test_client_closes_half_way(net: Topology, gateways: bl.Gateways) -> None:
+    """A client that hangs up mid-download: both gateways end the connection, and serve on."""
+    client = net.host("client")
+    got = client.call(fetch, "10.200.0.1", 200_000_000, 5, read=100_000)
+    assert len(got) >= 100_000
+    wait_for(lambda: _conn_lines(gateways.site.stderr), what="site conn end")
+    wait_for(lambda: _conn_lines(gateways.remote.stderr), what="remote conn end")
+    assert client.call(fetch_ok, "fd00:200::2", 100_000, 6)
+
+
+HAPROXY_CFG = """global
+    maxconn 1000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend bond
+    bind {addr}:{port} accept-proxy
+    default_backend out
+backend out
+    server s 0.0.0.0:0
+"""
+
+
+def test_haproxy_as_remote_gateway(net: Topology, tmp_path: Path) -> None:
+    """Interop: our site gateway sends PROXY v2; HAProxy (`accept-proxy`, `server s
+    0.0.0.0:0`) connects where the header says. HAProxy 2.6 has no MPTCP: `mptcpize`
+    makes its sockets MPTCP, so the uplinks are still bonded."""
+    site, remote = net.host("site"), net.host("remote")
+    addr = net.link(1).iface(remote).address(4)
+    port = 18443  # inside the lab's own namespace
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(addr=addr, port=port))
+    hap = remote.popen(["mptcpize", "run", "haproxy", "-db", "-f", str(cfg)])
+    try:
+        wait_for(lambda: f":{port}" in remote.run(["ss", "-ltnH"]).stdout, what="haproxy")
+        scfg = tmp_path / "site.toml"
+        scfg.write_text(bl.site_config(addr, port, mode="redirect", encoding="proxy-v2"))
+        sproc, (p4, p6) = bl.start_proxy(site, scfg, "lan")
+        try:
+            bl.intercept(site, "redirect", p4, p6)
+            client = net.host("client")
+            for i, dest in enumerate(bl.DESTINATIONS):
+                assert client.call(fetch_ok, dest, 200_000, 40 + i), dest
+            lines = wait_for(
+                lambda: len(_conn_lines(sproc.stderr)) >= 4 and _conn_lines(sproc.stderr),
+                what="site log",
+            )
+            assert all("server=MPTCP(2)" in line for line in lines), lines
+        finally:
+            sproc.stop()
+            _clear(net)
+    finally:
+        hap.stop()
+
+
+@pytest.fixture
+def shaped(tmp_path: Path) -> Iterator[tuple[Topology, bl.Gateways]]:
+    if not is_root():
+        pytest.skip("needs root (network namespaces)")
+    with bl.bonding(uplinks=2, rate="20mbit", name="bondfail") as topo:
+        bl.add_destinations(topo)
+        with byte_server(topo.host("internet")):
+            gw = bl.start_gateways(topo, tmp_path, mode="redirect", encoding="convert")
+            try:
+                yield topo, gw
+            finally:
+                gw.site.stop()
+                gw.remote.stop()
+
+
+def test_uplink_fails_and_comes_back(shaped: tuple[Topology, bl.Gateways]) -> None:
+    """Uplink 1 (the first subflow's) goes down mid-download and comes back: not a
+    byte lost; a new connection afterwards bonds both uplinks again."""
+    topo, gw = shaped
+    client = topo.host("client")
+    result: list[bool] = []
+    t = threading.Thread(
+        target=lambda: result.append(client.call(fetch_ok, "10.200.0.1", 6_000_000, 11))
+    )
+    t.start()
+    time.sleep(0.5)
+    topo.link(1).down()
+    time.sleep(1.0)
+    topo.link(1).up()
+    t.join(60)
+    assert result == [True]
+    assert client.call(fetch_ok, "fd00:200::1", 2_000_000, 12)
+    lines = wait_for(lambda: len(_conn_lines(gw.site.stderr)) >= 2 and _conn_lines(gw.site.stderr),
+                     what="site log")  # fmt: skip
+    assert "server=MPTCP(2)" in lines[-1], lines
