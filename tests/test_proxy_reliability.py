@@ -541,7 +541,7 @@ def test_default_maxconn_fits_a_low_fd_limit(tmp_path: Path) -> None:
             preexec_fn=low,
         )
         assert r.returncode == 0, r
-        assert "maxconn lowered from 10000 to 223 per frontend to fit the fd limit of 512" in (
+        assert "maxconn lowered from 10000 to 223 for fe to fit the fd limit of 512" in (
             r.stdout
         ), r.stdout
 

@@ -94,6 +94,7 @@ _STRINGS = frozenset({(_S, 25), (_TCP, 13)})  # SO_BINDTODEVICE, TCP_CONGESTION:
 # The kernel doubles what is set for these and reports the doubled value.
 _DOUBLED = frozenset({(_S, 8), (_S, 7)})
 _TCP_STATE = struct.Struct("<B23xII")
+_FAMILY = _socket.socket.family  # the C member: an int, without the enum conversion
 _UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 
 # Per family: what to read, and what a fresh MPTCP socket reports (nobody set it).
@@ -170,7 +171,7 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
     file_flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     inheritable = os.get_inheritable(fd)
     timeout = sock.gettimeout()
-    family = sock.family
+    family = _FAMILY.__get__(sock)  # the int: socket.socket.family converts to an enum
     replacement = _socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_TCP)  # no wrapper: cheaper
     try:
         try:
@@ -194,8 +195,9 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
     # The socket object now describes a TCP socket: `proto` (and repr) say 6, like
     # the kernel; re-initialising the C object resets its timeout, so that comes back.
     _socket.socket.__init__(sock, family, socket.SOCK_STREAM, c.IPPROTO_TCP, fd)
-    sock.settimeout(timeout)
-    fcntl.fcntl(fd, fcntl.F_SETFL, file_flags)
+    sock.settimeout(timeout)  # O_NONBLOCK as it was for Python; other flags if any:
+    if file_flags != os.O_RDWR | (os.O_NONBLOCK if timeout is not None else 0):
+        fcntl.fcntl(fd, fcntl.F_SETFL, file_flags)
     record_note(sock, f"turned into plain TCP for {option.name} ({option.why})")
 
 
@@ -262,7 +264,7 @@ def carry_options(old: socket.socket, reference: socket.socket | None, new: _soc
     `reference` socket's when given, else measured once per process). An option `new`
     refuses raises OSError naming it."""
     get = old.getsockopt
-    for level, optname, size, default in _plan(old.family, reference):
+    for level, optname, size, default in _plan(_FAMILY.__get__(old), reference):
         try:
             value = get(level, optname, size) if size else get(level, optname)
         except OSError:

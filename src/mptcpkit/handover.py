@@ -204,7 +204,12 @@ def _drain(old: socket.socket, address: tuple[object, ...]) -> None:
     time.sleep(0.001)
     while True:
         queued = _queue_length(old)
-        half_open = _half_open(old.family, port) if not queued else 0
+        try:
+            half_open = _half_open(old.family, port) if not queued else 0
+        except OSError as exc:
+            raise HandoverRefused(
+                f"the handshakes in flight to it cannot be seen (sock_diag: {exc})"
+            ) from exc
         if not queued and not half_open:
             if _waiting_threads(old.fileno()):
                 raise HandoverRefused(

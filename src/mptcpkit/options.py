@@ -153,7 +153,26 @@ def _static_table() -> dict[OptionKey, OptionInfo]:
     return dict(sorted(table.items()))
 
 
-TCP_ONLY_OPTIONS: dict[OptionKey, OptionInfo] = _static_table()
+_static: dict[OptionKey, OptionInfo] | None = None
+
+
+def static_table() -> dict[OptionKey, OptionInfo]:
+    """`TCP_ONLY_OPTIONS`, built on first use (it costs every import otherwise)."""
+    global _static
+    if _static is None:
+        _static = _static_table()
+    return _static
+
+
+if TYPE_CHECKING:
+    TCP_ONLY_OPTIONS: dict[OptionKey, OptionInfo]
+
+
+def __getattr__(name: str) -> dict[OptionKey, OptionInfo]:
+    if name == "TCP_ONLY_OPTIONS":
+        return static_table()
+    raise AttributeError(f"module 'mptcpkit.options' has no attribute {name!r}")
+
 
 # MPTCP's refusals; TCP also answers EPROTO to options that need a datagram socket.
 _REFUSED = frozenset({_NOPROTO, _NOTSUP})
@@ -249,7 +268,7 @@ def probe_tcp_only_options() -> dict[OptionKey, OptionInfo] | None:
         return None
     v6 = _probe_family(socket.AF_INET6, "::1")
     if v6 is None:
-        v6 = {k: v.errno for k, v in TCP_ONLY_OPTIONS.items() if k[0] == SOL_IPV6}
+        v6 = {k: v.errno for k, v in static_table().items() if k[0] == SOL_IPV6}
     for key, err in v6.items():
         found.setdefault(key, err)
     return {key: _info(key, found[key]) for key in sorted(found)}
@@ -272,7 +291,7 @@ def tcp_only_options() -> Mapping[OptionKey, OptionInfo]:
         if _probed is None:
             found = probe_tcp_only_options()
             _probed_live = found is not None
-            _probed = MappingProxyType(found if found is not None else dict(TCP_ONLY_OPTIONS))
+            _probed = MappingProxyType(found if found is not None else dict(static_table()))
         return _probed
 
 

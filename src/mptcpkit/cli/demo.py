@@ -57,9 +57,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(func=run)
     variants = p.add_subparsers(dest="variant", metavar="VARIANT")
-    from mptcpkit.cli import demo_fleet
+    from mptcpkit.cli import demo_bonding, demo_fleet
 
     demo_fleet.register(variants)
+    demo_bonding.register(variants)
 
 
 @dataclass

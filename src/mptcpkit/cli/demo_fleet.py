@@ -32,8 +32,9 @@ def register(subparsers: Any) -> None:
             "announces its unicast address and sets the C flag) and without it, drain one "
             "instance while connections run, and report connections per instance, subflows "
             "per connection, joins that reached the wrong instance and goodput against "
-            "single-path TCP. Exit 1 if the recipe run misrouted a join, lost a subflow, an "
-            "unverified byte or a drained connection. About a minute."
+            "single-path TCP. Exit 1 if the recipe run misrouted a join, had a connection "
+            "that sent no join, an unverified byte or lost a drained connection. About a "
+            "minute."
         ),
     )
     p.add_argument("--instances", type=int, default=2, metavar="N", help="gateways (default 2)")
@@ -144,9 +145,9 @@ def _checks(s: dict[str, Any]) -> list[dict[str, Any]]:
             s["misrouted_joins"] == 0,
         ),
         (
-            f"every connection has its {s['paths']} subflows (recipe)",
-            s["subflows_per_conn_min"] == s["paths"]
-            and s["joins_established"] == s["connections"] * (s["paths"] - 1),
+            "every connection sent its joins, all to its own instance (recipe)",
+            s["client_mib"].get("MPTcpExtMPJoinSynTx", 0) >= s["connections"] * (s["paths"] - 1)
+            and s["misrouted_joins"] == 0,
         ),
         (
             f"connections of drained gw{d['drained']} finished over their unicast subflows",
@@ -177,7 +178,7 @@ def _format_run(title: str, r: dict[str, Any]) -> list[str]:
         + (f" ({len(r['errors'])} errors)" if r["errors"] else ""),
         f"  per instance     {per}",
         f"  subflows/conn    min {r['subflows_per_conn_min']} max {r['subflows_per_conn_max']} "
-        f"(paths: {r['paths']})",
+        f"({r['conns_with_all_subflows']} of {r['connections']} with all {r['paths']})",
         f"  joins            {r['joins']} ({r['joins_established']} established), misrouted "
         f"{r['misrouted_joins']} "
         f"({100 * r['misroute_rate']:.0f}%: MPJoinNoTokenFound on the instances)",

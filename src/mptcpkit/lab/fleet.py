@@ -19,7 +19,7 @@ joins reach the owner directly. `recipe=False` is the naive fleet, where they do
 `drain(i)` moves instance i's buckets to the others in one nftables transaction: new
 connections avoid it, and the packets of its connections' VIP subflows now reach an
 instance that resets them, so those connections carry on over their unicast subflows
-(with the recipe) or die (without it).
+(with the recipe) or stall (without it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import dataclasses
 
 from mptcpkit.lab import netns as _ns
 from mptcpkit.lab.topologies import _bound_routes, _check_paths
-from mptcpkit.lab.topology import Host, Link, Topology
+from mptcpkit.lab.topology import Event, Host, Link, Topology
 
 VIP = "10.99.0.1"
 BUCKETS = 64  # hash buckets of the balancer's map (as Katran/Maglev tables, much smaller)
@@ -138,8 +138,6 @@ class Fleet(Topology):
             f"add element ip {_NFT_TABLE} buckets {{ {self._map_elements()} }}\n"
         )
         with self._events_lock:
-            from mptcpkit.lab.topology import Event
-
             self.events.append(Event(self.elapsed(), what, -1, {"live": self.live()}))
 
     def instance_of(self, address: str) -> Instance | None:
@@ -166,10 +164,11 @@ def fleet(
     balances the VIP (10.99.0.1) over `instances` hosts `gw1`..., each with a link to the
     backend `srv`.
 
-    Client links are shaped to `rate`; the rest is not. Every client has a `subflow`
-    endpoint on each extra link (bound to its device), so it opens one extra subflow per
-    extra link: to the VIP in the naive fleet, to the announced unicast address of the
-    connection's instance with the recipe.
+    Client links are shaped to `rate`; the rest is not. Every client has a `subflow
+    fullmesh` endpoint on each extra link (bound to its device), so it opens one extra
+    subflow per extra link: to the VIP in the naive fleet, to the announced unicast
+    address of the connection's instance with the recipe (with `subflow` endpoints
+    alone, 6.18 joined announced addresses from the first link only, and not always).
     """
     _check_paths(paths)
     for what, n, hi in (("instances", instances, 8), ("clients", clients, 8)):

@@ -303,6 +303,7 @@ class FleetRun:
     subflows_per_conn_min: int
     subflows_per_conn_max: int
     subflows_with_data_min: int
+    conns_with_all_subflows: int  # connections that had one subflow per client link
     verified: bool
     errors: list[str]
     seconds: float
@@ -329,6 +330,7 @@ def run(
     """`connections` downloads of `size` bytes, spread over the clients, `concurrency` at
     a time."""
     jobs = [(net.clients[k % len(net.clients)], size, seed + k) for k in range(connections)]
+    paths = len(net.client_links[net.clients[0].name])
     before = _mibs(net)
     cbefore = {h.name: h.call(mib.read_mib) for h in net.clients}
     t0 = time.monotonic()
@@ -362,6 +364,7 @@ def run(
         subflows_per_conn_min=min(subflows),
         subflows_per_conn_max=max(subflows),
         subflows_with_data_min=min([c.subflows_with_data for c in conns] or [0]),
+        conns_with_all_subflows=sum(1 for c in conns if c.subflows >= paths),
         verified=len(conns) == connections and all(c.verified for c in conns),
         errors=[f"{c.client} seed {c.seed}: {c.error}" for c in conns if c.error],
         seconds=seconds,

@@ -144,8 +144,10 @@ class Master:
                 pid = next(iter(pending.values()))
                 error = f"worker {self.workers.get(pid)} not ready after {READY_TIMEOUT:g}s"
                 break
-            readable, _, _ = select.select(list(pending), [], [], left)
-            for fd in readable:
+            poll = select.poll()  # not select(): the master's fds may be past 1024
+            for fd in pending:
+                poll.register(fd, select.POLLIN)
+            for fd, _ in poll.poll(left * 1000):
                 data = os.read(fd, 4096)
                 pid = pending.pop(fd)
                 self._started(pid)

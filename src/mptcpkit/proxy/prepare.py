@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mptcpkit.proxy.config import Config, ConfigError, Frontend
-from mptcpkit.proxy.logging import EventLog
+from mptcpkit.proxy.logging import EventLog, parse_target
 
 __all__ = [
     "Prepared",
@@ -80,8 +80,8 @@ def fds_needed(cfg: Config) -> tuple[int, int]:
 def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
     """Raise RLIMIT_NOFILE to what maxconn needs (workers inherit it): the soft limit,
     and the hard one when allowed (root with CAP_SYS_RESOURCE). Out of reach, maxconns
-    left at their default are lowered to fit (HAProxy derives maxconn from ulimit-n);
-    a maxconn given in the file is a ConfigError saying what to change."""
+    left at their default are lowered to fit what the others leave (HAProxy derives
+    maxconn from ulimit-n); if that is not enough, a ConfigError says what to change."""
     fixed, conns = fds_needed(cfg)
     need = fixed + 2 * conns
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -94,8 +94,12 @@ def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
     have = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if have >= need:
         return cfg, ()
-    named = [f for f in cfg.frontends if f.maxconn_set]
-    if named:
+    n = cfg.global_.workers
+    defaults = [f for f in cfg.frontends if not f.maxconn_set]
+    set_conns = sum(cfg.maxconn_share(f, 0) for f in cfg.frontends if f.maxconn_set)
+    room = (have - fixed) // 2 - set_conns  # connection slots per worker for the defaults
+    if not defaults or room < len(defaults):
+        named = [f for f in cfg.frontends if f.maxconn_set]
         key = f"frontend.{named[0].name}.maxconn" if len(named) == 1 else "maxconn"
         total = sum(f.maxconn for f in cfg.frontends)
         raise ConfigError(
@@ -105,15 +109,17 @@ def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
             f" limit of {have} (ulimit -n): lower maxconn, or raise the limit"
             f" (ulimit -n {need}; systemd: LimitNOFILE={need})",
         )
-    n = cfg.global_.workers
-    per_worker = max(1, (have - fixed) // 2 // len(cfg.frontends))
-    maxconn = max(n, per_worker * n)
+    maxconn = room // len(defaults) * n
     fitted = dataclasses.replace(
-        cfg, frontends=tuple(dataclasses.replace(f, maxconn=maxconn) for f in cfg.frontends)
+        cfg,
+        frontends=tuple(
+            f if f.maxconn_set else dataclasses.replace(f, maxconn=maxconn) for f in cfg.frontends
+        ),
     )
     return fitted, (
-        f"maxconn lowered from {cfg.frontends[0].maxconn} to {maxconn} per frontend to fit"
-        f" the fd limit of {have} (ulimit -n): set maxconn, or raise the limit",
+        f"maxconn lowered from {defaults[0].maxconn} to {maxconn} for"
+        f" {', '.join(f.name for f in defaults)} to fit the fd limit of {have}"
+        " (ulimit -n): set maxconn, or raise the limit",
     )
 
 
@@ -186,15 +192,15 @@ def unix_owner(cfg: Config, f: Frontend, i: int) -> tuple[int, int]:
 
 def check_log(cfg: Config) -> None:
     """A log file must be writable (or creatable) now; workers open it before setuid."""
-    path = cfg.global_.log
-    if path in ("stderr", "none"):
-        return
-    if path.startswith(("udp@", "unix@")):  # syslog: its host resolves, a socket opens
+    target = parse_target(cfg.global_.log)  # checked by config.py: no ValueError
+    if target.kind in ("udp", "unix"):  # syslog: its host resolves, a socket opens
         try:
-            EventLog(path).close()
+            EventLog(cfg.global_.log).close()
         except OSError as exc:
             raise log_error(cfg, exc) from None
+    if target.kind != "file":  # stderr, none, or syslog (which never blocks)
         return
+    path = target.path
     try:
         if os.path.lexists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
