@@ -260,3 +260,18 @@ def test_converter_config_errors(text: str, key: str, why: str) -> None:
     with pytest.raises(config.ConfigError) as info:
         config.parse_text(text)
     assert key in info.value.key and why in info.value.reason, info.value
+
+
+def test_docs_bonding_configs_are_valid() -> None:
+    """The site and remote gateway configurations of docs/bonding.md parse as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "bonding.md").read_text()
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", text, re.S) if "[frontend." in b]
+    assert len(blocks) == 2
+    remote, site = (config.parse_text(b, "docs/bonding.md") for b in blocks)
+    assert site.frontends[0].intercept == "redirect"
+    assert site.backends["bond"].servers[0].send_convert
+    assert remote.frontends[0].accept_convert and remote.frontends[0].destinations is not None
+    assert needed(remote.frontends[0], remote.backends["out"])

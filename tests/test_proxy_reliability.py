@@ -157,8 +157,10 @@ def test_reload_into_a_broken_config_keeps_the_running_one(
             servers = {k: v.format(echo=echo_addr) for k, v in change.get("servers", {}).items()}
             glob = change.get("glob", 'workers = 1\nmetrics = ""')
             (tmp_path / "proxy.toml").write_text(_conf(0, servers or {"s": echo_addr}, glob))
+            fds = len(os.listdir(f"/proc/{px.proc.pid}/fd"))
             px.signal(signal.SIGHUP)
             wait_for(lambda: "reload failed" in px.log(), what="the reload to fail")
+            assert len(os.listdir(f"/proc/{px.proc.pid}/fd")) == fds
             line = next(x for x in px.log().splitlines() if "reload failed" in x)
             assert reason in line, line
             assert line.endswith(", keeping the running configuration"), line
@@ -212,11 +214,13 @@ def test_reload_whose_workers_cannot_start_keeps_the_running_ones(
     ):
         port = px.port("fe")
         workers = px.workers()
+        fds = len(os.listdir(f"/proc/{px.proc.pid}/fd"))
         (tmp_path / "proxy.toml").write_text(
             _conf(0, {"s": f"tcp@127.0.0.1:{srv.port}"}, 'workers = 3\nmetrics = ""')
         )
         px.signal(signal.SIGHUP)
         wait_for(lambda: "reload failed" in px.log(), what="the reload to fail")
+        assert len(os.listdir(f"/proc/{px.proc.pid}/fd")) == fds  # sockets, pipes: closed
         want = (
             r"reload failed: worker \d could not start: RuntimeError: cannot start \(injected\),"
             " keeping the running configuration"

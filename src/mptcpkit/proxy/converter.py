@@ -176,36 +176,39 @@ class ConvertConn(Conn):
     def _names_destination(self) -> bool:
         return self.fe.cfg.accept_convert or self.fe.cfg.accept_proxy
 
-    def _read_client(self, buf: bytearray, what: str) -> bool:
-        """Append what the client sent to `buf`; False if the connection ended."""
+    def _read_client(self, buf: bytearray, what: str) -> bool | None:
+        """Append one read from the client to `buf`: True, None if nothing is there,
+        False if the connection ended (then it is closed)."""
         rb = self.rb
-        while True:
-            try:
-                n = self.c.sock.recv_into(rb.buf, 0, _DONTWAIT)
-            except BlockingIOError:
-                return True
-            except OSError as exc:
-                self.fail(self.c, exc)
-                return False
-            if not n:
-                self.abort(f"client closed before its {what}")
-                return False
-            buf += rb.view[:n]
-            if len(buf) > cp.MAX_MESSAGE + 65536 + 16:
-                return True
+        try:
+            n = self.c.sock.recv_into(rb.buf, 0, _DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self.fail(self.c, exc)
+            return False
+        if not n:
+            self.abort(f"client closed before its {what}")
+            return False
+        buf += rb.view[:n]
+        return True
 
     def _convert_request(self) -> None:
         req = self.req
         assert req is not None
-        if not self._read_client(req, "Convert message"):
-            return
-        try:
-            parsed = cp.parse_request(req)
-        except cp.ConvertError as exc:
-            self._refuse(exc.code, f"bad Convert message: {exc}", exc.value)
-            return
-        if parsed is None:
-            return
+        while True:
+            if not self._read_client(req, "Convert message"):
+                return
+            try:
+                parsed = cp.parse_request(req)
+            except cp.ConvertError as exc:
+                self._refuse(exc.code, f"bad Convert message: {exc}", exc.value)
+                return
+            if parsed is not None:
+                break
+            if len(req) >= cp.MAX_MESSAGE:  # parse() looks no further: cannot happen
+                self._refuse(cp.ErrorCode.MALFORMED_MESSAGE, "Convert message too long")
+                return
         msg, used = parsed
         self.req = None
         connect = msg.find(cp.Connect)
@@ -230,17 +233,19 @@ class ConvertConn(Conn):
     def _proxy_header(self) -> None:
         hdr = self.hdr
         assert hdr is not None
-        if not self._read_client(hdr, "PROXY header"):
-            return
-        try:
-            parsed = proxyproto.parse(hdr)
-        except proxyproto.ProxyProtocolError as exc:
-            self.abort(f"bad PROXY header: {exc}")
-            return
-        if parsed is None:
+        while True:
+            if not self._read_client(hdr, "PROXY header"):
+                return
+            try:
+                parsed = proxyproto.parse(hdr)
+            except proxyproto.ProxyProtocolError as exc:
+                self.abort(f"bad PROXY header: {exc}")
+                return
+            if parsed is not None:
+                break
             if len(hdr) > 16 + 65535:
                 self.abort("PROXY header too long")
-            return
+                return
         header, used = parsed
         self.hdr = None
         if header.local or not isinstance(header.destination, tuple):
@@ -358,6 +363,21 @@ class ConvertFrontend(FrontendRuntime):
     """A converter frontend: relayed in Python, with `ConvertConn` connections."""
 
     conn_type = ConvertConn
+
+    def sweep(self, interval: float) -> None:
+        """As a frontend's sweep; a client that keeps its Convert message back is cut
+        after the client timeout, as one that keeps its PROXY header back."""
+        limit = self.cfg.timeouts.client
+        if limit is not None:
+            for conn in list(self.conns):
+                if (
+                    isinstance(conn, ConvertConn)
+                    and conn.req is not None
+                    and not conn.active
+                    and conn.idle + interval >= limit
+                ):
+                    conn.abort("client timeout (no Convert message)")
+        super().sweep(interval)
 
     def local_of(self, conn: Conn) -> Any:
         dest = getattr(conn, "dest", None)
