@@ -31,6 +31,7 @@ from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
 from mptcpkit.proxy.relay import READ_SIZE, ReadBuffer, reason_of
+from mptcpkit.proxy.timeouts import tick
 
 __all__ = ["BackendRuntime", "Runtime"]
 
@@ -289,11 +290,19 @@ class Runtime:
     # --- background work -------------------------------------------------------------
 
     async def _sweep(self) -> None:
-        """Idle timeouts, subflow sampling of MPTCP legs, metrics flush: once a second."""
+        """Idle timeouts and subflow sampling of MPTCP legs every tick (a second, or
+        less for sub-second timeouts: timeouts.tick); metrics flush once a second."""
+        period = tick(fe.cfg.timeouts for fe in self.frontends)
+        last = flushed = time.monotonic()
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
+            await asyncio.sleep(period)
+            now = time.monotonic()
             for fe in self.frontends:
-                fe.sweep(SWEEP_INTERVAL)
+                fe.sweep(now - last)
+            last = now
+            if now - flushed < SWEEP_INTERVAL - period / 2:
+                continue
+            flushed = now
             if self.metrics is not None:
                 self.metrics.flush(self)
             self.log.flush()
