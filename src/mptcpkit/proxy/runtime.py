@@ -80,6 +80,7 @@ class BackendRuntime:
         if state is None:
             return "every server failed" if tried else "no server available"
         state.active += 1
+        state.total += 1
         return state
 
     def attempt_failed(
@@ -310,10 +311,9 @@ class Runtime:
         check = be.cfg.check
         assert check is not None
         while True:
-            results = await asyncio.gather(
-                *(self._probe(be, s, check.timeout) for s in be.balancer.states)
-            )
-            for state, err in zip(be.balancer.states, results, strict=True):
+            states = [s for s in be.balancer.states if s.admin != "maint"]  # maint: no checks
+            results = await asyncio.gather(*(self._probe(be, s, check.timeout) for s in states))
+            for state, err in zip(states, results, strict=True):
                 if state.observe(err is None):
                     word = "UP" if state.up else "DOWN"
                     why = "check passed" if err is None else f"check failed: {err}"
