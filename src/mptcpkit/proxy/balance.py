@@ -17,13 +17,14 @@ __all__ = ["Balancer", "ServerState"]
 class ServerState:
     """One server's live state: up/down (rise/fall), active connections, WRR credit."""
 
-    __slots__ = ("active", "check", "credit", "fails", "oks", "server", "up")
+    __slots__ = ("active", "check", "credit", "fails", "limit", "oks", "server", "up")
 
     def __init__(self, server: Server, check: HealthCheck | None = None) -> None:
         self.server = server
         self.check = check
         self.up = True  # like HAProxy: servers start up, checks may take them down
         self.active = 0
+        self.limit = 0  # this worker's part of the server's maxconn; 0: none (queue.py)
         self.credit = 0
         self.oks = 0
         self.fails = 0
@@ -62,15 +63,18 @@ class Balancer:
         states = self.states
         if len(states) == 1 and not exclude:  # one server: nothing to choose
             only = states[0]
+            if only.limit and only.active >= only.limit:
+                return None
             return only if only.up and only.server.weight > 0 else None
         for backup in (False, True):
-            cands = [
+            usable = [
                 s
                 for s in self.states
                 if s.up and s.server.backup == backup and s.server.weight > 0 and s not in exclude
             ]
-            if cands:
-                return self._choose(cands, client_host)
+            if usable:  # backups only when no primary is usable; full ones: wait (queue)
+                cands = [s for s in usable if not (s.limit and s.active >= s.limit)]
+                return self._choose(cands, client_host) if cands else None
         return None
 
     def _choose(self, cands: Sequence[ServerState], client_host: str | None) -> ServerState:
