@@ -27,10 +27,11 @@ from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
 from mptcpkit.proxy.converter import needed as converter_needed
+from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
-from mptcpkit.proxy.relay import READ_SIZE, ReadBuffer, reason_of
+from mptcpkit.proxy.relay import reason_of
 
 __all__ = ["BackendRuntime", "Runtime"]
 
@@ -248,7 +249,7 @@ class Runtime:
 
     def record(
         self,
-        fe: FrontendRuntime,
+        fe: FrontendPort,
         state: ServerState | None,
         client: Any,
         start: float,
