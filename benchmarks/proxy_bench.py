@@ -40,6 +40,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+BULK_MAXCONN = 64  # connections of mptcpkit's bulk frontend (one iperf3 stream at a time)
+STALL_WARMUP = 4  # stalled connections before the measured ones
 SRC = HERE.parent / "src"
 
 
@@ -110,6 +113,15 @@ def tree_cpu_seconds(pid: int) -> float:
             # utime, stime, and the same for reaped children (socat forks per connection)
             ticks += sum(int(x) for x in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tcp_mem_kib() -> int:
+    """The machine's TCP socket memory (/proc/net/sockstat, in pages), in KiB."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGESIZE") // 1024
+    return 0
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -298,39 +310,58 @@ class Bench:
             raise RuntimeError(f"only {got['ready']} of {n} idle connections came up")
         return (after - before) / got["ready"]
 
-    def stalled(self, port: int, pid: int, n: int) -> float:
+    def stalled(self, port: int, pid: int, n: int) -> tuple[float, float]:
         """RSS growth per connection whose client pushed --stall-bytes at the never-reading
-        sink (what does not fit the socket buffers stays with the client)."""
-        time.sleep(0.5)
-        before = tree_rss_kib(pid)
-        socks = []
-        left: dict[socket.socket, int] = {}
-        block = b"x" * (1 << 16)
+        sink (what does not fit the socket buffers stays with the client); and the
+        machine's TCP socket memory per connection (client, proxy and sink sockets: only
+        comparable between contenders of one run, on an otherwise quiet machine). A few
+        stalled connections come first, so that buffers a contender allocates once (a
+        read buffer, pools) are not counted as per-connection cost."""
+        socks: list[socket.socket] = []
         try:
-            for _ in range(n):
-                c = socket.socket()
-                c.connect(("127.0.0.1", port))
-                c.setblocking(False)
-                socks.append(c)
-                left[c] = self.args.stall_bytes
-            quiet = 0
-            while left and quiet < 10:  # ten passes 0.1 s apart in which nothing moved
-                moved = 0
-                for c in list(left):
-                    with contextlib.suppress(BlockingIOError):
-                        while left[c] > 0:
-                            k = c.send(block[: left[c]])
-                            left[c] -= k
-                            moved += k
-                        del left[c]
-                quiet = 0 if moved else quiet + 1
-                time.sleep(0.1)
+            self._push(port, STALL_WARMUP, socks)
+            time.sleep(0.5)
+            before = tree_rss_kib(pid)
+            kernel_before = tcp_mem_kib()
+            self._push(port, n, socks)
             time.sleep(1.0)
             after = tree_rss_kib(pid)
+            kernel = tcp_mem_kib() - kernel_before
         finally:
-            for c in socks:
+            # Reset both ends, the sink's too: a socket closed with bytes unread, or with
+            # unsent bytes to a peer that never reads, would hold its memory on and
+            # distort the next contender's figures (and press the machine's TCP memory).
+            _, held = self.sink_socks
+            for c in socks + held:
+                with contextlib.suppress(OSError):
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 c.close()
-        return (after - before) / n
+            held.clear()
+            time.sleep(1.0)
+        return (after - before) / n, kernel / n
+
+    def _push(self, port: int, n: int, socks: list[socket.socket]) -> None:
+        """`n` clients (added to `socks`) pushing --stall-bytes each until nothing moves."""
+        left: dict[socket.socket, int] = {}
+        block = b"x" * (1 << 16)
+        for _ in range(n):
+            c = socket.socket()
+            socks.append(c)
+            c.connect(("127.0.0.1", port))
+            c.setblocking(False)
+            left[c] = self.args.stall_bytes
+        quiet = 0
+        while left and quiet < 10:  # ten passes 0.1 s apart in which nothing moved
+            moved = 0
+            for c in list(left):
+                with contextlib.suppress(BlockingIOError):
+                    while left[c] > 0:
+                        k = c.send(block[: left[c]])
+                        left[c] -= k
+                        moved += k
+                    del left[c]
+            quiet = 0 if moved else quiet + 1
+            time.sleep(0.1)
 
     def measure_round(self, t: Target, what: str, raw: dict[str, list[Any]]) -> None:
         """One run of one load against one contender; results appended to `raw`."""
@@ -375,12 +406,17 @@ class Bench:
     def mptcpkit(self, be: Backends, workers: int) -> Iterator[tuple[int, int, int]]:
         fb, fe = free_port(), free_port()
         cfg = self.tmp / f"mptcpkit-{workers}.toml"
+        # maxconn is counted against the fd limit (2 per connection, as HAProxy's): the
+        # frontends share what HAProxy gets as its global maxconn.
+        stall = self.args.stalled + STALL_WARMUP + BULK_MAXCONN
+        echo = self.args.maxconn - BULK_MAXCONN - stall
         cfg.write_text(
             f'[global]\nworkers = {workers}\nmetrics = ""\nlog = "none"\n'
-            f'[frontend.bulk]\nbind = "mptcp@127.0.0.1:{fb}"\nbackend = "bulk"\nmaxconn = 100\n'
-            f'[frontend.echo]\nbind = "mptcp@127.0.0.1:{fe}"\nbackend = "echo"\n'
-            f"maxconn = {self.args.maxconn}\n"
+            f'[frontend.bulk]\nbind = "mptcp@127.0.0.1:{fb}"\nbackend = "bulk"\n'
+            f"maxconn = {BULK_MAXCONN}\n"
+            f'[frontend.echo]\nbind = "mptcp@127.0.0.1:{fe}"\nbackend = "echo"\nmaxconn = {echo}\n'
             f'[frontend.stall]\nbind = "tcp@127.0.0.1:{self._stall_port()}"\nbackend = "stall"\n'
+            f"maxconn = {stall}\n"
             f'[backend.bulk]\nserver.s = "tcp@127.0.0.1:{be.iperf}"\n'
             f'[backend.echo]\nserver.s = "tcp@127.0.0.1:{be.echo}"\n'
             f'[backend.stall]\nserver.s = "tcp@127.0.0.1:{be.sink}"\n'
@@ -504,7 +540,8 @@ class Bench:
                         continue
                     self.log(f"stalled memory: {t.name}")
                     try:
-                        r.stalled_kib = self.stalled(t.stall_port, t.pid, self.args.stalled)
+                        r.stalled_kib, kernel = self.stalled(t.stall_port, t.pid, self.args.stalled)
+                        r.notes.append(f"stalled: {kernel:.0f} KiB TCP socket memory per conn")
                     except Exception as exc:
                         r.notes.append(f"stalled failed: {exc}")
         # Each proxy gets its best configuration, metric by metric, alike.
@@ -635,16 +672,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    # mptcpkit's maxconn is for the whole proxy and it checks the fd limit it needs: its
-    # echo frontend gets what the bulk and stall frontends leave.
-    args.maxconn = (limit - 200) // 2 - 100 - (args.stalled + 100)
-    if args.idle > args.maxconn - 100:
+    args.maxconn = (limit - 200) // 2
+    fit = args.maxconn - 2 * BULK_MAXCONN - args.stalled - 100  # mptcpkit's echo frontend
+    if args.idle > fit:
         print(
             f"proxy_bench: RLIMIT_NOFILE is {limit} (hard limit, no CAP_SYS_RESOURCE): "
-            f"idle connections lowered from {args.idle} to {args.maxconn - 100}",
+            f"idle connections lowered from {args.idle} to {fit}",
             file=sys.stderr,
         )
-        args.idle = args.maxconn - 100
+        args.idle = fit
     with tempfile.TemporaryDirectory(prefix="mptcpkit-bench-") as tmp:
         loadgen = str(Path(tmp) / "loadgen")
         subprocess.run(["gcc", "-O2", "-o", loadgen, str(HERE / "loadgen.c")], check=True)

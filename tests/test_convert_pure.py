@@ -224,6 +224,12 @@ def test_converter_configs() -> None:
     assert f.destinations.psk == b"k3y-k3y-"
     assert f.destinations.check_destination("10.1.2.3", 80) is not None
     assert remote.backends["out"].servers[0].original_destination
+    fast = config.parse_text(
+        SITE.replace('psk = "k3y-k3y-"', 'psk = "k3y-k3y-", tfo = true').replace(
+            'intercept = "redirect"', 'intercept = "redirect"\ntfo = true'
+        )
+    )
+    assert fast.frontends[0].tfo and fast.backends["bond"].servers[0].tfo
     tp = config.parse_text(SITE.replace('intercept = "redirect"', "transparent = true"))
     assert tp.frontends[0].intercept == "tproxy" and tp.frontends[0].transparent
     plain = config.parse_text(SITE.replace('intercept = "redirect"', "").replace(

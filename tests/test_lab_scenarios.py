@@ -169,7 +169,7 @@ def test_fastclose(prefix: str) -> None:
     (flow,) = d["flows"]
     assert flow["reset"] and flow["verified"]  # what arrived is an intact prefix
     assert d["mib"]["client"]["MPTcpExtMPFastcloseTx"] >= 1
-    assert d["mib"]["server"]["MPTcpExtMPFastcloseRx"] == 1
+    assert d["mib"]["server"]["MPTcpExtMPFastcloseRx"] >= 1  # one per subflow it reached
 
 
 def test_memory_is_recorded(prefix: str) -> None:

@@ -33,7 +33,7 @@ from proxy_harness import (
     run_proxy,
     wait_for,
 )
-from test_proxy_e2e import _conf, _metric, relay  # noqa: F401  (relay: both data paths)
+from test_proxy_e2e import _cli, _conf, _metric, relay  # noqa: F401  (relay: both data paths)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "proxy.toml"
 
@@ -494,3 +494,18 @@ def test_v6only_wildcard_does_not_overlap_ipv4() -> None:
     config.parse_text(two.format("tcp@[::]:8443 v6only"))
     with pytest.raises(config.ConfigError, match="overlaps"):
         config.parse_text(two.format("tcp@[::]:8443"))
+
+
+def test_unresolvable_syslog_host_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(
+        _conf(
+            "tcp@127.0.0.1:0",
+            {"s": '"tcp@127.0.0.1:9"'},
+            glob='workers = 1\nmetrics = ""\nlog = "udp@no-such-host.invalid:514"',
+        )
+    )
+    for args in (["--check", "-c", str(cfg)], ["-c", str(cfg)]):
+        r = _cli(args)
+        assert r.returncode == 2, r
+        assert "global.log: cannot open 'udp@no-such-host.invalid:514'" in r.stderr, r.stderr

@@ -34,7 +34,8 @@ from mptcpkit.cli.errors import CLIError, UsageError
 __all__ = ["register"]
 
 HTTP_PORT = 8080  # inside the demo's own namespaces
-TARGET = 0.95  # bonded goodput / sum of uplink rates
+TARGET = 0.95  # bonded goodput / sum of uplink rates, equal uplinks
+TARGET_UNEQUAL = 0.9  # the same, unequal uplinks (50 + 10 Mbit/s)
 SAMPLE = 0.1  # seconds between samples
 
 
@@ -52,6 +53,10 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--rate", default="50mbit", help="shaping of each uplink (default 50mbit)")
+    p.add_argument("--uplinks", type=int, default=2, help="uplinks of the site (2..4, default 2)")
+    p.add_argument(
+        "--rates", metavar="R1,R2,...", help="one rate per uplink instead (e.g. 50mbit,10mbit)"
+    )
     p.add_argument("--size", default="32M", help="bytes per download (default 32M)")
     p.add_argument("--mode", choices=("redirect", "tproxy"), default="redirect")
     p.add_argument("--encoding", choices=("convert", "proxy-v2"), default="convert")
@@ -65,10 +70,14 @@ def run(args: argparse.Namespace) -> int:
 
     if os.geteuid() != 0:
         raise UsageError("the demo needs root (it builds network namespaces): run it with sudo")
+    rates = args.rates.split(",") if args.rates else [args.rate] * args.uplinks
+    if not 2 <= len(rates) <= 4:
+        raise UsageError(f"--uplinks/--rates: 2 to 4 uplinks, got {len(rates)}")
     try:
-        rate_bps = parse_rate(args.rate)
+        rates_bps = [parse_rate(r) for r in rates]
     except ValueError as exc:
-        raise UsageError(f"--rate: {exc}") from None
+        raise UsageError(f"--rate{'s' if args.rates else ''}: {exc}") from None
+    args.rate_list = rates
     try:
         size = int(parse_size(args.size))
     except ValueError as exc:
@@ -82,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     )
     work = Path(tempfile.mkdtemp(prefix="mptcpkit-bonding-work-"))
     try:
-        summary = _demo(args, rate_bps, size, work, plot_path)
+        summary = _demo(args, rates_bps, size, work, plot_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ok = summary["verified"] and summary["failover"]["bytes_lost"] == 0
@@ -98,7 +107,7 @@ def _say(text: str) -> None:
 
 
 def _demo(
-    args: argparse.Namespace, rate_bps: float, size: int, work: Path, plot_path: str
+    args: argparse.Namespace, rates_bps: list[float], size: int, work: Path, plot_path: str
 ) -> dict[str, Any]:
     from mptcpkit.lab import bonding as bl
 
@@ -108,8 +117,9 @@ def _demo(
     www.mkdir()
     (www / "blob").write_bytes(blob)
     del blob
-    _say(f"building the lab (2 x {args.rate} uplinks, {args.mode}, {args.encoding}) ...")
-    with bl.bonding(uplinks=2, rate=args.rate, name="demobond") as topo:
+    n = len(rates_bps)
+    _say(f"building the lab ({' + '.join(args.rate_list)} uplinks, {args.mode}, {args.encoding})")
+    with bl.bonding(uplinks=n, rates=args.rate_list, name="demobond") as topo:
         dests = bl.add_destinations(topo)
         client, site, internet = topo.host("client"), topo.host("site"), topo.host("internet")
         internet.popen(
@@ -133,18 +143,20 @@ def _demo(
             bonded = [_curl(client, d, work / f"d{i}") for i, d in enumerate(dests)]
             # 3) failover
             _say("3/3 bonded, uplink 1 down mid-transfer ...")
-            fail = _failover(topo, client, dests[1], work / "fail", size, rate_bps)
+            fail = _failover(topo, client, dests[1], work / "fail", size, rates_bps)
             subflows = _subflows(gw.site.stderr)
         finally:
             gw.site.stop()
             gw.remote.stop()
     for r in (one, *bonded, fail["download"]):
         r["verified"] = r.pop("sha256", None) == digest and r["bytes"] == size
-    sum_mbit = 2 * rate_bps / 1e6
+    sum_mbit = sum(rates_bps) / 1e6
     best = max(r["mbit"] for r in bonded)
+    target = TARGET if len(set(rates_bps)) == 1 else TARGET_UNEQUAL
+    single_share = one["mbit"] / (rates_bps[0] / 1e6)
     summary: dict[str, Any] = {
-        "rate_mbit": rate_bps / 1e6,
-        "uplinks": 2,
+        "rates_mbit": [r / 1e6 for r in rates_bps],
+        "uplinks": n,
         "sum_mbit": sum_mbit,
         "size": size,
         "mode": args.mode,
@@ -153,8 +165,10 @@ def _demo(
         "bonded_mbit": best,
         "bonded_ratio": best / sum_mbit,
         "bonded_vs_single": best / one["mbit"] if one["mbit"] else None,
-        "target_ratio": TARGET,
-        "target_met": best >= TARGET * sum_mbit,
+        # the bonded share of the uplinks' sum over one uplink's TCP share of its rate
+        "bonded_vs_tcp_efficiency": (best / sum_mbit) / single_share if single_share else None,
+        "target_ratio": target,
+        "target_met": best >= target * sum_mbit,
         "destinations": len(bonded),
         "downloads": [{"destination": d, **r} for d, r in zip(dests, bonded, strict=True)],
         "verified": all(r["verified"] for r in (*bonded, fail["download"])),
@@ -217,17 +231,17 @@ def _result(code: int, stdout: str, stderr: str, out: Path) -> dict[str, Any]:
 
 
 def _failover(
-    topo: Any, client: Any, dest: str, out: Path, size: int, rate_bps: float
+    topo: Any, client: Any, dest: str, out: Path, size: int, rates_bps: list[float]
 ) -> dict[str, Any]:
     """Download while uplink 1 goes down a third of the way in; sample progress."""
     site = topo.host("site")
-    devs = [topo.link(i).iface(site).name for i in (1, 2)]
+    devs = [topo.link(i + 1).iface(site).name for i in range(len(rates_bps))]
     proc = client.popen(
         ["curl", "-sS", "--max-time", "300", "-o", str(out), "-w", _WRITE_OUT, _url(dest)]
     )
     samples: list[tuple[float, int, list[int]]] = []
     t0 = time.monotonic()
-    down_at = size * 8 / (2 * rate_bps) / 3
+    down_at = size * 8 / sum(rates_bps) / 3
     down_t: float | None = None
     up_t: float | None = None
     while proc.poll() is None:
@@ -253,8 +267,8 @@ def _failover(
         "samples": samples,
         "down_t": down_t,
         "up_t": up_t,
-        "recovery_s": _recovery(samples, down_t, rate_bps),
-        "reused": _reused(samples, up_t, rate_bps),
+        "recovery_s": _recovery(samples, down_t, sum(rates_bps[1:])),
+        "reused": _reused(samples, up_t, rates_bps[0]),
     }
 
 
@@ -287,8 +301,8 @@ def _uplink_back(topo: Any) -> None:
 def _recovery(
     samples: list[tuple[float, int, list[int]]], down_t: float | None, rate_bps: float
 ) -> float | None:
-    """Seconds from the uplink going down until the download ran again at half of one
-    uplink's rate (over one sample); None if it never did."""
+    """Seconds from the uplink going down until the download ran again at half of what
+    the other uplinks carry (`rate_bps`, over one sample); None if it never did."""
     if down_t is None:
         return None
     for (t0, b0, _), (t1, b1, _) in itertools.pairwise(samples):
@@ -330,11 +344,11 @@ def _plot(fail: dict[str, Any], s: dict[str, Any], path: str) -> None:
     plot(
         {
             "intervals": intervals,
-            "subflows": [{"key": f"uplink {i}", "link": i} for i in (1, 2)],
+            "subflows": [{"key": f"uplink {i}", "link": i} for i in range(1, s["uplinks"] + 1)],
             "faults": faults,
             "protocol": "mptcp",
-            "paths": 2,
-            "rate_mbit": s["rate_mbit"],
+            "paths": s["uplinks"],
+            "rate_mbit": s["rates_mbit"][0] if len(set(s["rates_mbit"])) == 1 else None,
             "goodput_mbit": fail["download"]["mbit"],
             "verified": fail["download"]["verified"],
         },
@@ -347,16 +361,19 @@ def _format(s: dict[str, Any]) -> str:
         return f"{v:6.1f} Mbit/s"
 
     f = s["failover"]
+    rates = " + ".join(f"{r:g}" for r in s["rates_mbit"])
     met = "met" if s["target_met"] else "NOT met"
     ver = "all verified" if s["verified"] else "NOT VERIFIED"
     rec = "no recovery" if f["recovery_s"] is None else f"{f['recovery_s']:.2f} s"
     lines = [
-        f"mptcpkit demo bonding: LAN client -> site =[2 x {s['rate_mbit']:g} Mbit/s]= remote"
+        f"mptcpkit demo bonding: LAN client -> site =[{rates} Mbit/s]= remote"
         f" -> internet ({s['mode']}, {s['encoding']}, {s['size'] / 2**20:.0f} MiB each)",
-        f"  one uplink (TCP):    {mbit(s['single_mbit'])}",
+        f"  uplink 1 alone:      {mbit(s['single_mbit'])} (the site's endpoints removed)",
         f"  bonded:              {mbit(s['bonded_mbit'])} = {s['bonded_ratio']:.2f} x the sum of"
         f" the uplinks ({s['sum_mbit']:g} Mbit/s); target {s['target_ratio']:g}: {met};"
-        f" {s['bonded_vs_single']:.2f} x one uplink's TCP",
+        f" {s['bonded_vs_single']:.2f} x uplink 1's TCP",
+        f"  bonded / TCP:        {s['bonded_vs_tcp_efficiency']:.3f} (share of the uplinks' sum"
+        " bonded, over the share of uplink 1's rate plain TCP gets)",
         f"  destinations:        {s['destinations']} (IPv4 and IPv6), sha256: {ver}",
         f"  first byte after:    {s['setup_ms']:.1f} ms (no WAN delay emulated in this lab)",
         f"  subflows per conn:   {s['site_subflows']} (site gateway log; the first is the"

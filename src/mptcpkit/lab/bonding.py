@@ -151,12 +151,15 @@ def intercept(
             )  # fmt: skip
 
 
-def site_config(remote: str, remote_port: int, *, mode: str, encoding: str, psk: str = "") -> str:
+def site_config(
+    remote: str, remote_port: int, *, mode: str, encoding: str, psk: str = "", tfo: bool = False
+) -> str:
     """The site gateway's `mptcpkit proxy` configuration (TOML)."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding={encoding!r}: expected one of {', '.join(ENCODINGS)}")
     carry = "send-convert = true" if encoding == "convert" else 'send-proxy = "v2"'
     key = f', psk = "{psk}"' if psk else ""
+    key += ", tfo = true" if tfo else ""
     host = f"[{remote}]" if ":" in remote else remote
     return f"""[global]
 workers = 1
@@ -180,6 +183,7 @@ def remote_config(
     encoding: str,
     psk: str = "",
     deny: Sequence[str] = (),
+    tfo: bool = False,
 ) -> str:
     """The remote gateway's `mptcpkit proxy` configuration (TOML)."""
     accept = "accept-convert = true" if encoding == "convert" else "accept-proxy = true"
@@ -197,6 +201,7 @@ log = "stderr"
 bind = "mptcp@0.0.0.0:0"
 backend = "out"
 {accept}
+tfo = {"true" if tfo else "false"}
 destinations = {{ clients = [{q(clients)}], own = [{q(own)}], deny = [{q(deny)}]{key} }}
 
 [backend.out]
@@ -249,6 +254,7 @@ def start_gateways(
     psk: str = "",
     site_psk: str | None = None,
     deny: Sequence[str] = (),
+    tfo: bool = False,
 ) -> Gateways:
     """Run the remote gateway, then the site gateway, then intercept the LAN into it."""
     site, remote = topo.host("site"), topo.host("remote")
@@ -258,7 +264,11 @@ def start_gateways(
     ]
     own = [*clients, f"10.0.{topo.links[-1].index}.0/24"]
     rcfg = workdir / "remote.toml"
-    rcfg.write_text(remote_config(clients, own, encoding=encoding, psk=psk, deny=list(deny)))
+    if tfo:  # the server side of TCP Fast Open (bit 2) is off by default
+        remote.sysctl("net.ipv4.tcp_fastopen", 3)
+    rcfg.write_text(
+        remote_config(clients, own, encoding=encoding, psk=psk, deny=list(deny), tfo=tfo)
+    )
     rproc, (rport, *_) = start_proxy(remote, rcfg, "bond")
     try:
         scfg = workdir / "site.toml"
@@ -269,6 +279,7 @@ def start_gateways(
                 mode=mode,
                 encoding=encoding,
                 psk=psk if site_psk is None else site_psk,
+                tfo=tfo,
             )
         )
         sproc, (sport, sport6) = start_proxy(site, scfg, "lan")

@@ -44,7 +44,8 @@
 #define BURST 16 /* reads per leg per event before other sockets get a turn */
 #endif
 #define EVENTS 512        /* epoll events per poll() */
-#define MIN_READ 16384    /* a read when the destination has little or no room */
+#define MIN_READ 16384    /* a read of a leg whose traffic is small (not bulk) */
+#define MIN_ROOM 4096     /* a bulk read when the destination has little or no room */
 #define ACCEPT_BATCH 64   /* connections accepted per listener wakeup */
 #ifndef IPPROTO_MPTCP
 #define IPPROTO_MPTCP 262
@@ -70,7 +71,7 @@ typedef struct {
     int fd;               /* -1: no socket (not connected yet, or closed) */
     uint64_t born;        /* poll() batch it was registered in: older events are stale */
     unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1, out : 1;
-    unsigned big : 1;     /* its last read was >= MIN_READ: bulk, so size reads to the room */
+    unsigned big : 1;     /* its last read was full or >= MIN_READ: bulk, reads sized by room() */
     int sndbuf;           /* SO_SNDBUF as last read (0: read it again), for room() */
     char *pend;           /* bytes owed to this leg (one read at most), or NULL */
     size_t pend_off, pend_len;
@@ -345,8 +346,8 @@ static void proxy_header(Engine *e, Conn *c);
 
 /* How much to read for `dst`: what its socket can still take (SO_SNDBUF less what it
  * holds, SIOCOUTQ, less an eighth for the kernel's per-packet overhead), at least
- * MIN_READ, at most the buffer.  So a destination that stops reading leaves at most
- * MIN_READ copied here per direction, and the rest in the source's socket. */
+ * MIN_ROOM, at most the buffer.  So a destination that stops reading leaves at most
+ * MIN_ROOM copied here per direction, and the rest in the source's socket. */
 static size_t room(Leg *dst, size_t size) {
     int outq = 0;
     if (ioctl(dst->fd, SIOCOUTQ, &outq) < 0)
@@ -357,8 +358,8 @@ static size_t room(Leg *dst, size_t size) {
             return size;
     }
     long free_ = (long)dst->sndbuf - dst->sndbuf / 8 - outq;
-    if (free_ < MIN_READ)
-        return MIN_READ;
+    if (free_ < MIN_ROOM)
+        return MIN_ROOM;
     return (size_t)free_ < size ? (size_t)free_ : size;
 }
 
@@ -398,7 +399,7 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             return;
         }
         c->active = 1;
-        src->big = (size_t)n >= MIN_READ;
+        src->big = (size_t)n >= MIN_READ || (size_t)n == want; /* a full read: more waits */
         if (src->client) {
             c->bytes_in += (unsigned long long)n;
             c->fe->bytes_in += (unsigned long long)n;

@@ -111,6 +111,7 @@ class Server:
     policy: Policy = Policy.OFF  # from the address (mptcp@ prefers), or `mptcp = ...`
     send_convert: bool = False  # RFC 8803: a Connect TLV names the destination (converter.py)
     psk: bytes | None = None  # for a remote gateway: Cookie TLV, or PROXY v2 TLV 0xE0
+    tfo: bool = False  # TCP Fast Open: the first bytes (a Convert message) go in the SYN
 
     @property
     def original_destination(self) -> bool:
@@ -151,6 +152,7 @@ class Frontend:
     # per bind: a unix socket file's `mode`/`user`/`group` (None: as created)
     unix_perms: tuple[UnixPerms | None, ...] = ()
     transparent: bool = False  # IP_TRANSPARENT listeners (nftables tproxy)
+    tfo: bool = False  # TCP Fast Open on the listeners (TCP_FASTOPEN)
     intercept: str = ""  # "redirect"/"tproxy": connections are intercepted (converter.py)
     accept_convert: bool = False  # RFC 8803: a Connect TLV names the destination
     destinations: DestinationPolicy | None = None  # a remote gateway's (converter.py)
@@ -384,6 +386,7 @@ def _frontend(r: _Reader, name: str) -> Frontend:
             "timeout",
             "accept-proxy",
             "transparent",
+            "tfo",
             "intercept",
             "accept-convert",
             "destinations",
@@ -418,6 +421,7 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         timeouts=_timeouts(r.sub("timeout")),
         accept_proxy=r.get_bool("accept-proxy", False),
         transparent=transparent,
+        tfo=r.get_bool("tfo", False),
         intercept=intercept,
         accept_convert=r.get_bool("accept-convert", False),
         destinations=_destinations(r) if r.has("destinations") else None,
@@ -501,7 +505,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
     if isinstance(raw, str):
         raw = {"address": raw}
     r = _Reader(r_backend.source, r_backend.key(f"server.{name}"), raw)
-    r.only(("address", "weight", "backup", "send-proxy", "mptcp", "send-convert", "psk"))
+    r.only(("address", "weight", "backup", "send-proxy", "mptcp", "send-convert", "psk", "tfo"))
     if not r.has("address"):
         raise r.error("address", "missing: where is this server?")
     addr = _address(r, "address", r.table["address"], server=True)
@@ -518,6 +522,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
         policy=policy,
         send_convert=r.get_bool("send-convert", False),
         psk=_psk(r),
+        tfo=r.get_bool("tfo", False),
     )
 
 

@@ -42,6 +42,7 @@ __all__ = ["PSK_TLV", "ConvertConn", "ConvertFrontend", "needed"]
 
 PSK_TLV = 0xE0  # PROXY v2 custom TLV carrying the pre-shared key (PP2_TYPE_MIN_CUSTOM)
 MPTCP_OPTION = 30  # TCP option kind of MPTCP: what this converter supports
+TCP_FASTOPEN_CONNECT = 30  # linux/tcp.h; MPTCP sockets take it since 6.2
 _DONTWAIT = socket.MSG_DONTWAIT
 _NONBLOCKING_STREAM = int(socket.SOCK_STREAM) | socket.SOCK_NONBLOCK
 _OK_REPLY = cp.build([])  # success: a bare Convert header
@@ -56,7 +57,7 @@ def needed(f: Frontend, b: Backend) -> bool:
     return bool(
         f.intercept
         or f.accept_convert
-        or any(s.send_convert or s.original_destination or s.psk for s in b.servers)
+        or any(s.send_convert or s.original_destination or s.psk or s.tfo for s in b.servers)
     )
 
 
@@ -117,20 +118,28 @@ class ConvertConn(Conn):
             super().pump(src)
 
     def start_connect(self, state: ServerState) -> tuple[Any, int]:
-        if not state.server.original_destination:
+        server = state.server
+        if not server.original_destination and not server.tfo:
             return super().start_connect(state)
-        if self.dest is None:
-            return None, errno.EDESTADDRREQ
-        host, port = self.dest
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        policy = state.server.policy
-        if policy is Policy.OFF:
+        if server.original_destination:
+            if self.dest is None:
+                return None, errno.EDESTADDRREQ
+            host, port = self.dest
+            family: int = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sockaddr: Any = (host, port)
+        else:
+            family, sockaddr = self.fe.backend.targets[server.name]
+        policy = server.policy
+        if family == socket.AF_UNIX or policy is Policy.OFF:
             sock: Any = _socket.socket(family, _NONBLOCKING_STREAM)
         else:
             sock = mptcpkit.socket(family, _NONBLOCKING_STREAM, mptcp=policy)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((host, port))
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if server.tfo:  # with a cookie, connect() is done at once: data rides the SYN
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+            err = sock.connect_ex(sockaddr)
         except BaseException:
             sock.close()
             raise

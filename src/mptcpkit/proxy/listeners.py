@@ -26,6 +26,8 @@ from mptcpkit.proxy.prepare import unix_owner
 
 __all__ = ["BACKLOG", "ListenerPool", "address_text"]
 
+TFO_QUEUE = 4096  # pending TCP Fast Open requests a listener takes (`tfo = true`)
+
 BACKLOG = 4096
 _Key = tuple[str, int]  # (address text, worker index)
 
@@ -139,6 +141,13 @@ class ListenerPool:
                     while addr.protocol != "unix" and (text, w) in self.socks:
                         new[(text, w)] = self.socks[(text, w)]
                         w += 1
+                    if f.tfo and addr.protocol != "unix":
+                        for w in range(workers):
+                            for sock in new[(text, w)]:
+                                with _listen_errors(cfg, key_name, addr):
+                                    sock.setsockopt(
+                                        socket.IPPROTO_TCP, socket.TCP_FASTOPEN, TFO_QUEUE
+                                    )
                     if f.transparent and addr.protocol != "unix":  # nftables tproxy
                         for w in range(workers):
                             for sock in new[(text, w)]:

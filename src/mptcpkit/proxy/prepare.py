@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mptcpkit.proxy.config import Config, ConfigError, Frontend
-from mptcpkit.proxy.logging import parse_target
+from mptcpkit.proxy.logging import EventLog, parse_target
 
 __all__ = [
     "Prepared",
@@ -193,7 +193,12 @@ def unix_owner(cfg: Config, f: Frontend, i: int) -> tuple[int, int]:
 def check_log(cfg: Config) -> None:
     """A log file must be writable (or creatable) now; workers open it before setuid."""
     target = parse_target(cfg.global_.log)  # checked by config.py: no ValueError
-    if target.kind != "file":  # stderr, none, or syslog (which never blocks nor fails)
+    if target.kind in ("udp", "unix"):  # syslog: its host resolves, a socket opens
+        try:
+            EventLog(cfg.global_.log).close()
+        except OSError as exc:
+            raise log_error(cfg, exc) from None
+    if target.kind != "file":  # stderr, none, or syslog (which never blocks)
         return
     path = target.path
     try:

@@ -10,7 +10,8 @@ to one is a change to both.
   most one read), and until it is sent nothing more is read from the source: that
   is the backpressure, and the kernel's socket buffers hold the rest. A read is sized
   to what the destination's socket can still take (`room`): a reader that stops
-  leaves at most MIN_READ (16 KiB) copied per direction, as HAProxy's buffers.
+  leaves at most MIN_ROOM (4 KiB; 16 KiB if its traffic was small) copied per
+  direction, HAProxy one 16 KiB buffer.
 - Half-close: EOF on one leg becomes shutdown(SHUT_WR) on the other once its pending
   bytes are out; the connection ends when FIN has crossed both ways, or a leg fails.
 - The server connect is non-blocking; a failed or timed-out connect moves to the
@@ -55,7 +56,8 @@ __all__ = [
 ]
 
 BURST = 16  # reads per leg per event before other sockets get their turn
-MIN_READ = 16384  # a read when the destination has little or no room
+MIN_READ = 16384  # a read of a leg whose traffic is small (not bulk)
+MIN_ROOM = 4096  # a bulk read when the destination has little or no room
 _SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
 _INT = struct.Struct("i")
 _ZERO = bytes(4)
@@ -107,7 +109,7 @@ class Leg:
         self.eof = False  # this leg sent FIN (read returned 0)
         self.hup = False  # epoll saw its FIN (or an error): read on until it shows
         self.shut = False  # FIN sent to this leg
-        self.big = False  # its last read was >= MIN_READ: bulk, reads sized by room()
+        self.big = False  # its last read was full or >= MIN_READ: bulk, reads sized by room()
         self.sndbuf = 0  # SO_SNDBUF as last read (0: read it again)
 
     def on_event(self, events: int) -> None:
@@ -228,7 +230,7 @@ class Conn:
                 self._eof(src, dst)
                 return
             self.active = True
-            src.big = n >= MIN_READ
+            src.big = n >= MIN_READ or n == want  # a full read: more waits
             if src.client:
                 self.bytes_in += n
             else:
@@ -529,7 +531,7 @@ class Conn:
 
 def room(dst: Leg, size: int) -> int:
     """How much to read for `dst`: what its socket can still take (SO_SNDBUF less what
-    it holds, less an eighth for the kernel's per-packet overhead), at least MIN_READ,
+    it holds, less an eighth for the kernel's per-packet overhead), at least MIN_ROOM,
     at most `size`. The same rule as the engine's room()."""
     try:
         outq = _INT.unpack(fcntl.ioctl(dst.fd, _SIOCOUTQ, _ZERO))[0]
@@ -538,7 +540,7 @@ def room(dst: Leg, size: int) -> int:
     except OSError:
         return size
     free = dst.sndbuf - dst.sndbuf // 8 - outq
-    return MIN_READ if free < MIN_READ else min(free, size)
+    return MIN_ROOM if free < MIN_ROOM else min(free, size)
 
 
 def read_proxy_header(hdr: bytearray) -> tuple[Any, Any, int] | str | None:
