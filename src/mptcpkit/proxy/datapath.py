@@ -40,6 +40,7 @@ class BackendPort(Protocol):
 
     cfg: Backend
     needs_client_addr: bool
+    targets: dict[str, tuple[int, Any]]  # server name -> (family, sockaddr)
     wire: dict[ServerState, tuple[ServerState, int, bytes, int, bool, int, bool]]
 
     def next_server(self, caddr: Any, tried: list[ServerState] | None) -> ServerState | str: ...
