@@ -47,13 +47,13 @@ APPLICATIONS = ("mptcpkit.lab", "mptcpkit.proxy", "mptcpkit.run", "mptcpkit.pm")
 # Within mptcpkit.proxy, bottom to top (HAProxy keeps raw_sock/connection below stream).
 PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("config", "logging", "proxyproto", "convertproto", "destpolicy")),
-    ("balancing/health", ("balance",)),
+    ("balancing/health", ("balance", "timeouts")),
     (
         "data path",
         ("poller", "datapath", "relay", "frontend", "_engine", "compiled", "converter"),
     ),
-    ("worker runtime", ("runtime", "metrics")),
-    ("master", ("master", "prepare", "listeners")),
+    ("worker runtime", ("runtime", "metrics", "control")),
+    ("master", ("master", "prepare", "listeners", "ctlserver")),
 ]
 # mptcpkit.cli.proxy is the CLI rung: the CLI layer above covers it.
 

@@ -116,7 +116,9 @@ struct Frontend {
     long maxconn, count;
     unsigned long long bytes_in, bytes_out; /* relayed, not yet taken (take_bytes) */
     double connect_timeout, client_timeout, idle_limit; /* < 0: none */
-    PyObject *idle_how;   /* "client timeout (5s idle)" or the server's */
+    PyObject *idle_how;   /* "client timeout (5s idle)" or the server's, or tunnel's */
+    double fin_limit;     /* half-closed: client-fin/server-fin (timeouts.py), < 0: none */
+    PyObject *fin_how;
     Listener **listeners; /* a port range binds many */
     int nlisteners, caplisteners;
     Conn head;            /* sentinel of the live list */
@@ -1091,6 +1093,7 @@ static void shutdown_engine(Engine *e) {
         PyMem_RawFree(fe->listeners);
         Py_XDECREF(fe->key);
         Py_XDECREF(fe->idle_how);
+        Py_XDECREF(fe->fin_how);
         PyMem_RawFree(fe);
         e->fes[i] = NULL;
     }
@@ -1138,14 +1141,19 @@ static Frontend *get_fe(Engine *e, int id) {
 static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"key", "maxconn", "accept_proxy", "needs_caddr",
                              "connect_timeout", "client_timeout", "idle_limit", "idle_how",
-                             NULL};
-    PyObject *key, *idle_how;
+                             "fin_limit", "fin_how", NULL};
+    PyObject *key, *idle_how, *fin_how = NULL;
     long maxconn;
     int accept_proxy, needs_caddr;
-    double ct, cl, il;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU", kwlist, &key, &maxconn,
-                                     &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how))
+    double ct, cl, il, fl = -2.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dU", kwlist, &key, &maxconn,
+                                     &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how,
+                                     &fl, &fin_how))
         return NULL;
+    if (fl == -2.0 || !fin_how) { /* no half-closed rule: the open one */
+        fl = il;
+        fin_how = idle_how;
+    }
     if (e->nfes == e->capfes) {
         int cap = e->capfes ? e->capfes * 2 : 4;
         Frontend **a = PyMem_RawRealloc(e->fes, (size_t)cap * sizeof *a);
@@ -1159,6 +1167,8 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
         return PyErr_NoMemory();
     fe->key = Py_NewRef(key);
     fe->idle_how = Py_NewRef(idle_how);
+    fe->fin_how = Py_NewRef(fin_how);
+    fe->fin_limit = fl;
     fe->id = e->nfes;
     fe->maxconn = maxconn;
     fe->accept_proxy = accept_proxy;
@@ -1322,8 +1332,12 @@ static PyObject *Engine_sweep(Engine *e, PyObject *args) {
                 c->idle += interval;
                 if (c->hdr && fe->client_timeout >= 0 && c->idle >= fe->client_timeout)
                     abort_conn(e, c, s_no_header);
-                else if (fe->idle_limit >= 0 && c->idle >= fe->idle_limit && connected)
-                    end(e, c, fe->idle_how);
+                else if (connected) {
+                    int half = c->c.eof || c->s.eof; /* a FIN crossed: client-/server-fin */
+                    double limit = half ? fe->fin_limit : fe->idle_limit;
+                    if (limit >= 0 && c->idle >= limit)
+                        end(e, c, half ? fe->fin_how : fe->idle_how);
+                }
             }
             c = next;
         }
@@ -1347,6 +1361,36 @@ static PyObject *Engine_take_bytes(Engine *e, PyObject *args) {
     return r;
 }
 
+/* Live connections, for the runtime API: [(client, server state or None, client fd,
+   server fd or -1 while connecting, bytes in, bytes out, start, client asked MPTCP)]. */
+static PyObject *Engine_sessions(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out || e->ep < 0)
+        return out;
+    Frontend *fe = get_fe(e, id);
+    if (!fe) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    for (Conn *c = fe->head.next; c != &fe->head; c = c->next) {
+        if (c->done)
+            continue;
+        PyObject *t = Py_BuildValue("(OOiiKKdi)", client_addr(c), c->server ? c->server : Py_None,
+                                    c->c.fd, c->s.connecting ? -1 : c->s.fd, c->bytes_in,
+                                    c->bytes_out, c->start, c->c_req);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static PyObject *Engine_fileno(Engine *e, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromLong(e->ep);
 }
@@ -1368,6 +1412,8 @@ static PyMethodDef Engine_methods[] = {
      "Reset every connection and close; the engine is unusable after."},
     {"take_bytes", (PyCFunction)Engine_take_bytes, METH_VARARGS,
      "take_bytes(id): (in, out) bytes relayed since the last call."},
+    {"sessions", (PyCFunction)Engine_sessions, METH_VARARGS,
+     "sessions(id): the live connections, for the runtime API."},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to wait on."},
     {NULL, NULL, 0, NULL},
 };

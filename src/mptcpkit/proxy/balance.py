@@ -15,15 +15,30 @@ __all__ = ["Balancer", "ServerState"]
 
 
 class ServerState:
-    """One server's live state: up/down (rise/fall), active connections, WRR credit."""
+    """One server's live state: up/down (rise/fall), active connections, WRR credit;
+    `admin` ("ready", "drain", "maint") and `weight` as the runtime API set them."""
 
-    __slots__ = ("active", "check", "credit", "fails", "oks", "server", "up")
+    __slots__ = (
+        "active",
+        "admin",
+        "check",
+        "credit",
+        "fails",
+        "oks",
+        "server",
+        "total",
+        "up",
+        "weight",
+    )
 
     def __init__(self, server: Server, check: HealthCheck | None = None) -> None:
         self.server = server
         self.check = check
         self.up = True  # like HAProxy: servers start up, checks may take them down
         self.active = 0
+        self.total = 0  # connections sent to it
+        self.admin = "ready"
+        self.weight = server.weight
         self.credit = 0
         self.oks = 0
         self.fails = 0
@@ -62,12 +77,16 @@ class Balancer:
         states = self.states
         if len(states) == 1 and not exclude:  # one server: nothing to choose
             only = states[0]
-            return only if only.up and only.server.weight > 0 else None
+            return only if only.up and only.weight > 0 and only.admin == "ready" else None
         for backup in (False, True):
             cands = [
                 s
                 for s in self.states
-                if s.up and s.server.backup == backup and s.server.weight > 0 and s not in exclude
+                if s.up
+                and s.server.backup == backup
+                and s.weight > 0
+                and s.admin == "ready"
+                and s not in exclude
             ]
             if cands:
                 return self._choose(cands, client_host)
@@ -77,20 +96,20 @@ class Balancer:
         if len(cands) == 1:
             return cands[0]
         if self._algo == "leastconn":
-            return min(cands, key=lambda s: (s.active / s.server.weight, -s.server.weight))
+            return min(cands, key=lambda s: (s.active / s.weight, -s.weight))
         if self._algo == "source" and client_host is not None:
-            total = sum(s.server.weight for s in cands)
+            total = sum(s.weight for s in cands)
             point = zlib.crc32(client_host.encode()) % total
             for s in cands:
-                point -= s.server.weight
+                point -= s.weight
                 if point < 0:
                     return s
         # Smooth weighted round robin (nginx): spreads heavy servers between light ones.
         total = 0
         best = cands[0]
         for s in cands:
-            s.credit += s.server.weight
-            total += s.server.weight
+            s.credit += s.weight
+            total += s.weight
             if s.credit > best.credit:
                 best = s
         best.credit -= total

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.config import ConfigError
-from mptcpkit.proxy.frontend import FrontendRuntime, idle_rule
+from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.relay import leg_state, read_proxy_header
+from mptcpkit.proxy.timeouts import idle_rules
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
@@ -69,6 +70,10 @@ def close_engine(loop: asyncio.AbstractEventLoop, engine: Any) -> None:
     engine.close()
 
 
+def _limit(seconds: float | None) -> float:
+    return -1.0 if seconds is None else seconds
+
+
 class CompiledFrontend(FrontendRuntime):
     """A frontend whose connections live in the worker's engine.
 
@@ -86,16 +91,18 @@ class CompiledFrontend(FrontendRuntime):
         super().__init__(cfg, listeners, backend, rt)
         self.engine = rt.engine
         t = cfg.timeouts
-        limit, how = idle_rule(cfg)
+        rules = idle_rules(t)
         self.id: int = self.engine.frontend(
             self,
             maxconn=cfg.maxconn,
             accept_proxy=cfg.accept_proxy,
             needs_caddr=backend.needs_client_addr,
             connect_timeout=t.connect,
-            client_timeout=-1.0 if t.client is None else t.client,
-            idle_limit=-1.0 if limit is None else limit,
-            idle_how=how,
+            client_timeout=_limit(t.client),
+            idle_limit=_limit(rules.open_limit),
+            idle_how=rules.open_how,
+            fin_limit=_limit(rules.fin_limit),
+            fin_how=rules.fin_how,
         )
 
     # --- what the runtime uses --------------------------------------------------------

@@ -19,7 +19,8 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
     backend = "app"
     maxconn = 10000             # for the whole proxy, shared out between the workers
     accept-proxy = false
-    timeout = { client = "60s", connect = "5s", server = "60s" }
+    timeout = { client = "60s", connect = "5s", server = "60s" }  # also tunnel,
+                                # client-fin, server-fin (timeouts.py); "250ms" works
 
     [backend.app]
     balance = "roundrobin"      # leastconn, source
@@ -84,11 +85,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds; None means no limit. `client`/`server` are idle limits on each leg."""
+    """Seconds; None means no limit. HAProxy's names; which applies when: timeouts.py."""
 
     client: float | None = 60.0
     connect: float = 5.0
     server: float | None = 60.0
+    tunnel: float | None = None  # relaying: replaces client and server
+    client_fin: float | None = None  # half-closed: replaces client (or tunnel)
+    server_fin: float | None = None  # half-closed: replaces server (or tunnel)
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,8 @@ class GlobalSettings:
     group: str | None = None
     stop_timeout: float = 10.0
     hard_stop_after: float | None = None  # reload: old workers are cut after this
+    stats_socket: Address | None = None  # the runtime API's unix socket (control.py)
+    stats_perms: UnixPerms | None = None  # its `mode`/`user`/`group`
 
 
 @dataclass(frozen=True)
@@ -331,6 +337,7 @@ def _global(r: _Reader) -> GlobalSettings:
             "group",
             "stop-timeout",
             "hard-stop-after",
+            "stats-socket",
         )
     )
     cpus = os.cpu_count() or 1
@@ -342,6 +349,11 @@ def _global(r: _Reader) -> GlobalSettings:
             raise r.error("metrics", f"bad address {metrics_text!r}: one TCP port, not a range")
     stop = r.duration("stop-timeout", 10.0)
     assert stop is not None
+    stats, stats_perms = None, None
+    if r.has("stats-socket"):
+        stats, _, stats_perms = _bind(r, "stats-socket", r.table["stats-socket"])
+        if stats.protocol != "unix":
+            raise r.error("stats-socket", f"the runtime API listens on a unix socket, not {stats}")
     return GlobalSettings(
         workers=r.get_int("workers", cpus, 1, 256),
         log=_log_target(r),
@@ -351,6 +363,8 @@ def _global(r: _Reader) -> GlobalSettings:
         group=r.get_str("group", None),
         stop_timeout=stop,
         hard_stop_after=r.duration("hard-stop-after", None, allow_none=True),
+        stats_socket=stats,
+        stats_perms=stats_perms,
     )
 
 
@@ -364,7 +378,7 @@ def _log_target(r: _Reader) -> str:
 
 
 def _timeouts(r: _Reader) -> Timeouts:
-    r.only(("client", "connect", "server"))
+    r.only(("client", "connect", "server", "tunnel", "client-fin", "server-fin"))
     d = Timeouts()
     connect = r.duration("connect", d.connect)
     assert connect is not None
@@ -374,6 +388,9 @@ def _timeouts(r: _Reader) -> Timeouts:
         client=r.duration("client", d.client, allow_none=True),
         connect=connect,
         server=r.duration("server", d.server, allow_none=True),
+        tunnel=r.duration("tunnel", None, allow_none=True),
+        client_fin=r.duration("client-fin", None, allow_none=True),
+        server_fin=r.duration("server-fin", None, allow_none=True),
     )
 
 

@@ -114,6 +114,8 @@ class ConvertConn(Conn):
             self._convert_request()
         elif not src.client and self.reply is not None:
             self._convert_reply()
+        elif not src.client and self.answer:
+            self._answer_with(src)
         else:
             super().pump(src)
 
@@ -162,14 +164,38 @@ class ConvertConn(Conn):
             return proxyproto.build_v2(self.caddr, dest, tlvs=tlvs)
         return b""
 
-    def _established(self, s: Any, events: int) -> None:
-        if self.answer:
-            c = self.c
-            c.pending, self.answer = self.answer, b""
+    def _answer_with(self, s: Any) -> None:
+        """The Convert reply goes out with the destination's first bytes, in one
+        sendmsg (one syscall fewer per connection), or alone if it closes silently."""
+        c, rb = self.c, self.rb
+        try:
+            n = s.sock.recv_into(rb.buf, 0, _DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.fail(s, exc)
+            return
+        answer, self.answer = self.answer, b""
+        if not n:
+            c.pending = answer
             self.flush(c)
-            if self.done:
-                return
-        super()._established(s, events)
+            if not self.done:
+                self._eof(s, c)
+            return
+        self.active = True
+        self.bytes_out += n
+        try:
+            sent = c.sock.sendmsg([answer, rb.view[:n]], (), _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.fail(c, exc)
+            return
+        if sent < len(answer) + n:
+            c.pending = (answer + bytes(rb.view[:n]))[sent:]
+            s.waiting = True
+            return
+        super().pump(s)
 
     def _connect_failed(self, exc: BaseException) -> bool:
         if not self._names_destination():

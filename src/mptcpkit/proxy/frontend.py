@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import mptcpkit
 from mptcpkit.policy import Policy
 from mptcpkit.proxy.relay import Conn, reason_of, subflows
+from mptcpkit.proxy.timeouts import idle_rules
 from mptcpkit.status import protocol as socket_protocol
 
 if TYPE_CHECKING:
@@ -25,24 +26,12 @@ if TYPE_CHECKING:
     from mptcpkit.proxy.config import Frontend
     from mptcpkit.proxy.datapath import BackendPort, WorkerPort
 
-__all__ = ["ACCEPT_BATCH", "ACCEPT_RETRY", "FrontendRuntime", "idle_rule"]
+__all__ = ["ACCEPT_BATCH", "ACCEPT_RETRY", "FrontendRuntime"]
 
 ACCEPT_BATCH = 64  # connections accepted per wakeup before others get a turn
 ACCEPT_RETRY = 1.0  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _STREAM = int(socket.SOCK_STREAM)
-
-
-def idle_rule(cfg: Frontend) -> tuple[float | None, str]:
-    """The idle limit of a relayed connection (the smaller of the client and server
-    timeouts) and how a connection cut by it ended."""
-    t = cfg.timeouts
-    limits = [x for x in (t.client, t.server) if x is not None]
-    if not limits:
-        return None, ""
-    limit = min(limits)
-    who = "client" if limit == t.client else "server"
-    return limit, f"{who} timeout ({limit:g}s idle)"
 
 
 class FrontendRuntime:
@@ -226,7 +215,7 @@ class FrontendRuntime:
         """Idle timeouts; subflow sampling of active MPTCP legs (when observed); bytes
         relayed by live connections, for the metrics."""
         t = self.cfg.timeouts
-        limit, how = idle_rule(self.cfg)
+        rules = idle_rules(t)
         for conn in list(self.conns):
             if conn.active:
                 conn.active = False
@@ -238,8 +227,14 @@ class FrontendRuntime:
             conn.idle += interval
             if conn.hdr is not None and t.client is not None and conn.idle >= t.client:
                 conn.abort("client timeout (no PROXY header)")
-            elif limit is not None and conn.idle >= limit and conn.connected_server:
-                conn.end(how)
+            elif conn.connected_server:
+                s = conn.s
+                if conn.c.eof or (s is not None and s.eof):  # half-closed
+                    limit, how = rules.fin_limit, rules.fin_how
+                else:
+                    limit, how = rules.open_limit, rules.open_how
+                if limit is not None and conn.idle >= limit:
+                    conn.end(how)
 
 
 def _sample_subflows(conn: Conn) -> None:

@@ -32,6 +32,7 @@ from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
 from mptcpkit.proxy.relay import reason_of
+from mptcpkit.proxy.timeouts import tick
 
 __all__ = ["BackendRuntime", "Runtime"]
 
@@ -80,6 +81,7 @@ class BackendRuntime:
         if state is None:
             return "every server failed" if tried else "no server available"
         state.active += 1
+        state.total += 1
         return state
 
     def attempt_failed(
@@ -289,11 +291,19 @@ class Runtime:
     # --- background work -------------------------------------------------------------
 
     async def _sweep(self) -> None:
-        """Idle timeouts, subflow sampling of MPTCP legs, metrics flush: once a second."""
+        """Idle timeouts and subflow sampling of MPTCP legs every tick (a second, or
+        less for sub-second timeouts: timeouts.tick); metrics flush once a second."""
+        period = tick(fe.cfg.timeouts for fe in self.frontends)
+        last = flushed = time.monotonic()
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
+            await asyncio.sleep(period)
+            now = time.monotonic()
             for fe in self.frontends:
-                fe.sweep(SWEEP_INTERVAL)
+                fe.sweep(now - last)
+            last = now
+            if now - flushed < SWEEP_INTERVAL - period / 2:
+                continue
+            flushed = now
             if self.metrics is not None:
                 self.metrics.flush(self)
             self.log.flush()
@@ -302,10 +312,9 @@ class Runtime:
         check = be.cfg.check
         assert check is not None
         while True:
-            results = await asyncio.gather(
-                *(self._probe(be, s, check.timeout) for s in be.balancer.states)
-            )
-            for state, err in zip(be.balancer.states, results, strict=True):
+            states = [s for s in be.balancer.states if s.admin != "maint"]  # maint: no checks
+            results = await asyncio.gather(*(self._probe(be, s, check.timeout) for s in states))
+            for state, err in zip(states, results, strict=True):
                 if state.observe(err is None):
                     word = "UP" if state.up else "DOWN"
                     why = "check passed" if err is None else f"check failed: {err}"
