@@ -99,13 +99,27 @@ class ConvertConn(Conn):
         self.answer = b""  # for our client before the destination's bytes (Convert reply)
         if cfg.intercept:
             try:
-                self.dest = intercept.destination(sock)
+                if cfg.intercept == "redirect":
+                    self.dest = intercept.original_dst(sock)  # None: not redirected
+                else:
+                    self.dest = intercept.destination(sock)
             except OSError:
                 self.dest = None
 
     # --- the steps the relay asks for -------------------------------------------------
 
     def begin(self) -> None:
+        fe = self.fe
+        own: frozenset[int] | set[int] = getattr(fe, "own_ports", frozenset())
+        if fe.cfg.intercept and (self.dest is None or self.dest[1] in own):
+            # Connected to the gateway itself, not intercepted: relaying it to "its
+            # destination" would loop back here.
+            fe.rt.log.event(
+                f"frontend {fe.cfg.name}: {_text(self.caddr)} -> {self._dest_text()}:"
+                " not an intercepted connection, reset"
+            )
+            self.abort("not intercepted")
+            return
         if self.req is None:
             super().begin()
 
@@ -399,6 +413,12 @@ class ConvertFrontend(FrontendRuntime):
     """A converter frontend: relayed in Python, with `ConvertConn` connections."""
 
     conn_type = ConvertConn
+
+    def __init__(self, cfg: Frontend, listeners: Any, backend: Any, rt: Any) -> None:
+        super().__init__(cfg, listeners, backend, rt)
+        self.own_ports = {
+            ls.getsockname()[1] for ls in self.listeners if ls.family != socket.AF_UNIX
+        }
 
     def sweep(self, interval: float) -> None:
         """As a frontend's sweep; a client that keeps its Convert message back is cut
