@@ -182,6 +182,7 @@ class Target:
     pid: int | None  # the process tree whose CPU and memory count (None: no proxy)
     idle: int | None = None
     stall_port: int | None = None
+    ctl: str | None = None  # mptcpkit's stats socket: runtime commands timed under load
 
 
 @dataclass
@@ -369,12 +370,42 @@ class Bench:
             raw["bulk"].append(self.bulk(t.bulk_port))
         elif what == "rate":
             cpu0 = tree_cpu_seconds(t.pid) if t.pid is not None else 0.0
-            d = self.loadgen_run("rate", t.echo_port, self.args.concurrency)
+            timing = self._time_ctl(t.ctl) if t.ctl else contextlib.nullcontext([])
+            with timing as took:
+                d = self.loadgen_run("rate", t.echo_port, self.args.concurrency)
+            raw.setdefault("ctl", []).extend(took)
             if t.pid is not None:
                 raw["cpu"].append((tree_cpu_seconds(t.pid) - cpu0, d["done"]))
             raw["rate"].append(d)
         elif what == "latency":
             raw["rr"].append(self.loadgen_run("rr", t.echo_port, self.args.rr_concurrency))
+
+    @contextlib.contextmanager
+    def _time_ctl(self, path: str) -> Iterator[list[float]]:
+        """Seconds each runtime API command took (`show servers`, `show sessions`,
+        alternately, every 0.1 s) while the load runs."""
+        sys.path.insert(0, str(SRC))
+        from mptcpkit.proxy.ctlserver import request
+
+        took: list[float] = []
+        stop = threading.Event()
+
+        def ask() -> None:
+            i = 0
+            while not stop.wait(0.1):
+                t0 = time.monotonic()
+                with contextlib.suppress(OSError):
+                    request(path, ("show servers", "show sessions")[i % 2] + " json")
+                    took.append(time.monotonic() - t0)
+                i += 1
+
+        th = threading.Thread(target=ask, daemon=True)
+        th.start()
+        try:
+            yield took
+        finally:
+            stop.set()
+            th.join(10)
 
     @staticmethod
     def summarise(name: str, raw: dict[str, list[Any]], notes: list[str]) -> Result:
@@ -385,6 +416,13 @@ class Bench:
             r.rate = statistics.median(d["rate"] for d in raw["rate"])
             if errors := sum(d["errors"] for d in raw["rate"]):
                 notes.append(f"rate: {errors} errors")
+        if took := sorted(raw.get("ctl", [])):
+            p50 = took[len(took) // 2] * 1e3
+            rate = f"{r.rate:.0f}" if r.rate else "?"
+            notes.append(
+                f"runtime API under the conn-rate load ({rate} conn/s): show servers/sessions "
+                f"p50 {p50:.1f} ms, max {took[-1] * 1e3:.1f} ms over {len(took)} commands"
+            )
         if raw["cpu"]:
             cpu = sum(c for c, _ in raw["cpu"])
             r.cpu_us_per_conn = cpu * 1e6 / max(sum(n for _, n in raw["cpu"]), 1)
@@ -412,6 +450,7 @@ class Bench:
         echo = self.args.maxconn - BULK_MAXCONN - stall
         cfg.write_text(
             f'[global]\nworkers = {workers}\nmetrics = ""\nlog = "none"\n'
+            f'stats-socket = "unix@{self.tmp}/ctl-{workers}.sock"\n'
             f'[frontend.bulk]\nbind = "mptcp@127.0.0.1:{fb}"\nbackend = "bulk"\n'
             f"maxconn = {BULK_MAXCONN}\n"
             f'[frontend.echo]\nbind = "mptcp@127.0.0.1:{fe}"\nbackend = "echo"\nmaxconn = {echo}\n'
@@ -502,7 +541,14 @@ class Bench:
             for workers in self.args.workers:
                 fb, fe, pid = stack.enter_context(self.mptcpkit(be, workers))
                 targets.append(
-                    Target(f"mptcpkit workers={workers}", fb, fe, pid, stall_port=self.last_stall)
+                    Target(
+                        f"mptcpkit workers={workers}",
+                        fb,
+                        fe,
+                        pid,
+                        stall_port=self.last_stall,
+                        ctl=f"{self.tmp}/ctl-{workers}.sock",
+                    )
                 )
             for nbthread in (1, 2):
                 for bufsize in (None, 262144):

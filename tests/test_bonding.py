@@ -153,6 +153,19 @@ def test_tfo_puts_the_destination_in_the_syn(net: Topology, gateways: bl.Gateway
     assert _nstat(remote, "TcpExtTCPFastOpenPassive") - before >= 2  # all but the first
 
 
+@pytest.mark.parametrize(
+    "gateways", [{"mode": m} for m in bl.MODES], indirect=True, ids=list(bl.MODES)
+)
+def test_connection_to_the_gateway_itself_is_no_loop(net: Topology, gateways: bl.Gateways) -> None:
+    """A LAN client connecting to the site gateway's own port is not relayed to
+    "itself" over the uplinks (a loop): reset, and logged."""
+    site_addr = net.link(0).iface(net.host("site")).address(4)
+    with pytest.raises((ConnectionResetError, ConnectionRefusedError)):
+        net.host("client").call(fetch, site_addr, 10, 1, port=gateways.site_port)
+    wait_for(lambda: "not an intercepted connection" in gateways.site.stderr, what="log")
+    assert not _conn_lines(gateways.remote.stderr)  # nothing reached the remote gateway
+
+
 @pytest.mark.parametrize("gateways", [{"mode": "redirect"}], indirect=True)
 def test_200_concurrent_connections(net: Topology, gateways: bl.Gateways) -> None:
     jobs = [(bl.DESTINATIONS[i % 4], 20_000 + 37 * i, i) for i in range(200)]

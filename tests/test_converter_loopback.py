@@ -65,6 +65,11 @@ def test_allowed_destination_is_relayed(tmp_path: Path) -> None:
         with run_proxy(tmp_path, cfg) as p:
             got = _ask(p.port("bond"), cp.connect_request("127.0.0.1", srv.port), b"hello")
             assert got[:4] == cp.build([]) and got[4:] == b"hello"
+            big = _ask(p.port("bond"), cp.connect_request("127.0.0.1", srv.port), b"z" * 1_000_000)
+            assert big[:4] == cp.build([]) and big[4:] == b"z" * 1_000_000
+            with Server(lambda c: None) as silent:  # accepts, says nothing, closes
+                bare = _ask(p.port("bond"), cp.connect_request("127.0.0.1", silent.port))
+                assert bare == cp.build([])  # the reply alone, then FIN
             refused = _ask(p.port("bond"), cp.connect_request("127.0.0.1", 1))  # nobody there
             assert refused[:8] == cp.error_reply(cp.ErrorCode.CONNECTION_RESET)
 

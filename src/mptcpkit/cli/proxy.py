@@ -66,6 +66,49 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--check", action="store_true", help="validate the configuration and exit")
     p.set_defaults(func=run, pairs=None)
+    sub = p.add_subparsers(dest="proxy_command", metavar="ctl")
+    c = sub.add_parser(
+        "ctl",
+        help="runtime API: show servers/sessions, set server state/weight, reload",
+        description=(
+            "Send one command to a running proxy's stats socket (global.stats-socket): "
+            "show servers | show sessions | set server B/S state ready|drain|maint | "
+            "set server B/S weight N | reload | help."
+        ),
+    )
+    c.add_argument("socket", help="the stats socket path (global.stats-socket)")
+    c.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command")
+    c.add_argument("--json", action="store_true", help="answer as JSON")
+    c.set_defaults(func=ctl)
+
+
+def ctl(args: argparse.Namespace) -> int:
+    """One runtime API command; exit 1 if the proxy refused it or cannot be reached."""
+    from mptcpkit.proxy.ctlserver import request
+
+    words = list(args.words)
+    if "--json" in words:  # also accepted after the command
+        words.remove("--json")
+        args.json = True
+    if not words:
+        raise UsageError("proxy ctl: give a command (try: help)")
+    path = args.socket.removeprefix("unix@")
+    try:
+        answer = request(path, " ".join(words) + (" json" if args.json else ""))
+    except OSError as exc:
+        print(f"mptcpkit proxy ctl: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(answer)
+    failed = answer.startswith("error: ")
+    if args.json:
+        import json
+
+        try:
+            data = json.loads(answer)
+        except ValueError:
+            return 1
+        failed = isinstance(data, dict) and "error" in data
+    return 1 if failed else 0
 
 
 def _load(args: argparse.Namespace) -> Any:

@@ -1443,6 +1443,36 @@ static PyObject *Engine_take_bytes(Engine *e, PyObject *args) {
     return r;
 }
 
+/* Live connections, for the runtime API: [(client, server state or None, client fd,
+   server fd or -1 while connecting, bytes in, bytes out, start, client asked MPTCP)]. */
+static PyObject *Engine_sessions(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out || e->ep < 0)
+        return out;
+    Frontend *fe = get_fe(e, id);
+    if (!fe) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    for (Conn *c = fe->head.next; c != &fe->head; c = c->next) {
+        if (c->done)
+            continue;
+        PyObject *t = Py_BuildValue("(OOiiKKdi)", client_addr(c), c->server ? c->server : Py_None,
+                                    c->c.fd, c->s.connecting ? -1 : c->s.fd, c->bytes_in,
+                                    c->bytes_out, c->start, c->c_req);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static PyObject *Engine_fileno(Engine *e, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromLong(e->ep);
 }
@@ -1468,6 +1498,8 @@ static PyMethodDef Engine_methods[] = {
      "Reset every connection and close; the engine is unusable after."},
     {"take_bytes", (PyCFunction)Engine_take_bytes, METH_VARARGS,
      "take_bytes(id): (in, out) bytes relayed since the last call."},
+    {"sessions", (PyCFunction)Engine_sessions, METH_VARARGS,
+     "sessions(id): the live connections, for the runtime API."},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to wait on."},
     {NULL, NULL, 0, NULL},
 };

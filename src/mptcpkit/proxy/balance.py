@@ -15,9 +15,22 @@ __all__ = ["Balancer", "ServerState"]
 
 
 class ServerState:
-    """One server's live state: up/down (rise/fall), active connections, WRR credit."""
+    """One server's live state: up/down (rise/fall), active connections, WRR credit;
+    `admin` ("ready", "drain", "maint") and `weight` as the runtime API set them."""
 
-    __slots__ = ("active", "check", "credit", "fails", "limit", "oks", "server", "up")
+    __slots__ = (
+        "active",
+        "admin",
+        "check",
+        "credit",
+        "fails",
+        "limit",
+        "oks",
+        "server",
+        "total",
+        "up",
+        "weight",
+    )
 
     def __init__(self, server: Server, check: HealthCheck | None = None) -> None:
         self.server = server
@@ -25,6 +38,9 @@ class ServerState:
         self.up = True  # like HAProxy: servers start up, checks may take them down
         self.active = 0
         self.limit = 0  # this worker's part of the server's maxconn; 0: none (queue.py)
+        self.total = 0  # connections sent to it
+        self.admin = "ready"
+        self.weight = server.weight
         self.credit = 0
         self.oks = 0
         self.fails = 0
@@ -65,12 +81,16 @@ class Balancer:
             only = states[0]
             if only.limit and only.active >= only.limit:
                 return None
-            return only if only.up and only.server.weight > 0 else None
+            return only if only.up and only.weight > 0 and only.admin == "ready" else None
         for backup in (False, True):
             usable = [
                 s
                 for s in self.states
-                if s.up and s.server.backup == backup and s.server.weight > 0 and s not in exclude
+                if s.up
+                and s.server.backup == backup
+                and s.weight > 0
+                and s.admin == "ready"
+                and s not in exclude
             ]
             if usable:  # backups only when no primary is usable; full ones: wait (queue)
                 cands = [s for s in usable if not (s.limit and s.active >= s.limit)]
@@ -81,20 +101,20 @@ class Balancer:
         if len(cands) == 1:
             return cands[0]
         if self._algo == "leastconn":
-            return min(cands, key=lambda s: (s.active / s.server.weight, -s.server.weight))
+            return min(cands, key=lambda s: (s.active / s.weight, -s.weight))
         if self._algo == "source" and client_host is not None:
-            total = sum(s.server.weight for s in cands)
+            total = sum(s.weight for s in cands)
             point = zlib.crc32(client_host.encode()) % total
             for s in cands:
-                point -= s.server.weight
+                point -= s.weight
                 if point < 0:
                     return s
         # Smooth weighted round robin (nginx): spreads heavy servers between light ones.
         total = 0
         best = cands[0]
         for s in cands:
-            s.credit += s.server.weight
-            total += s.server.weight
+            s.credit += s.weight
+            total += s.weight
             if s.credit > best.credit:
                 best = s
         best.credit -= total

@@ -28,7 +28,7 @@ from mptcpkit.proxy.timeouts import idle_rules
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
     from mptcpkit.proxy.config import Frontend
-    from mptcpkit.proxy.runtime import BackendRuntime, Runtime
+    from mptcpkit.proxy.datapath import BackendPort, WorkerPort
 
 try:
     from mptcpkit.proxy import _engine  # type: ignore[attr-defined]
@@ -85,8 +85,8 @@ class CompiledFrontend(FrontendRuntime):
         self,
         cfg: Frontend,
         listeners: Sequence[socket.socket],
-        backend: BackendRuntime,
-        rt: Runtime,
+        backend: BackendPort,
+        rt: WorkerPort,
     ) -> None:
         super().__init__(cfg, listeners, backend, rt)
         self.engine = rt.engine

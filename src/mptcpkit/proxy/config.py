@@ -180,6 +180,8 @@ class GlobalSettings:
     group: str | None = None
     stop_timeout: float = 10.0
     hard_stop_after: float | None = None  # reload: old workers are cut after this
+    stats_socket: Address | None = None  # the runtime API's unix socket (control.py)
+    stats_perms: UnixPerms | None = None  # its `mode`/`user`/`group`
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,7 @@ def _global(r: _Reader) -> GlobalSettings:
             "group",
             "stop-timeout",
             "hard-stop-after",
+            "stats-socket",
         )
     )
     cpus = os.cpu_count() or 1
@@ -348,6 +351,11 @@ def _global(r: _Reader) -> GlobalSettings:
             raise r.error("metrics", f"bad address {metrics_text!r}: one TCP port, not a range")
     stop = r.duration("stop-timeout", 10.0)
     assert stop is not None
+    stats, stats_perms = None, None
+    if r.has("stats-socket"):
+        stats, _, stats_perms = _bind(r, "stats-socket", r.table["stats-socket"])
+        if stats.protocol != "unix":
+            raise r.error("stats-socket", f"the runtime API listens on a unix socket, not {stats}")
     return GlobalSettings(
         workers=r.get_int("workers", cpus, 1, 256),
         log=_log_target(r),
@@ -357,6 +365,8 @@ def _global(r: _Reader) -> GlobalSettings:
         group=r.get_str("group", None),
         stop_timeout=stop,
         hard_stop_after=r.duration("hard-stop-after", None, allow_none=True),
+        stats_socket=stats,
+        stats_perms=stats_perms,
     )
 
 

@@ -36,6 +36,7 @@ from mptcpkit.proxy.relay import Conn, reason_of
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
     from mptcpkit.proxy.config import Backend, Frontend
+    from mptcpkit.proxy.datapath import FrontendPort
 
 __all__ = ["PSK_TLV", "ConvertConn", "ConvertFrontend", "needed"]
 
@@ -88,7 +89,7 @@ class ConvertConn(Conn):
 
     __slots__ = ("answer", "dest", "peer", "reply", "req")
 
-    def __init__(self, fe: FrontendRuntime, sock: Any, caddr: Any, mptcp: bool) -> None:
+    def __init__(self, fe: FrontendPort, sock: Any, caddr: Any, mptcp: bool) -> None:
         super().__init__(fe, sock, caddr, mptcp)
         cfg = fe.cfg
         self.peer = caddr  # who connected (a PROXY header replaces caddr)
@@ -98,13 +99,27 @@ class ConvertConn(Conn):
         self.answer = b""  # for our client before the destination's bytes (Convert reply)
         if cfg.intercept:
             try:
-                self.dest = intercept.destination(sock)
+                if cfg.intercept == "redirect":
+                    self.dest = intercept.original_dst(sock)  # None: not redirected
+                else:
+                    self.dest = intercept.destination(sock)
             except OSError:
                 self.dest = None
 
     # --- the steps the relay asks for -------------------------------------------------
 
     def begin(self) -> None:
+        fe = self.fe
+        own: frozenset[int] | set[int] = getattr(fe, "own_ports", frozenset())
+        if fe.cfg.intercept and (self.dest is None or self.dest[1] in own):
+            # Connected to the gateway itself, not intercepted: relaying it to "its
+            # destination" would loop back here.
+            fe.rt.log.event(
+                f"frontend {fe.cfg.name}: {_text(self.caddr)} -> {self._dest_text()}:"
+                " not an intercepted connection, reset"
+            )
+            self.abort("not intercepted")
+            return
         if self.req is None:
             super().begin()
 
@@ -113,6 +128,8 @@ class ConvertConn(Conn):
             self._convert_request()
         elif not src.client and self.reply is not None:
             self._convert_reply()
+        elif not src.client and self.answer:
+            self._answer_with(src)
         else:
             super().pump(src)
 
@@ -161,14 +178,38 @@ class ConvertConn(Conn):
             return proxyproto.build_v2(self.caddr, dest, tlvs=tlvs)
         return b""
 
-    def _established(self, s: Any, events: int) -> None:
-        if self.answer:
-            c = self.c
-            c.pending, self.answer = self.answer, b""
+    def _answer_with(self, s: Any) -> None:
+        """The Convert reply goes out with the destination's first bytes, in one
+        sendmsg (one syscall fewer per connection), or alone if it closes silently."""
+        c, rb = self.c, self.rb
+        try:
+            n = s.sock.recv_into(rb.buf, 0, _DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.fail(s, exc)
+            return
+        answer, self.answer = self.answer, b""
+        if not n:
+            c.pending = answer
             self.flush(c)
-            if self.done:
-                return
-        super()._established(s, events)
+            if not self.done:
+                self._eof(s, c)
+            return
+        self.active = True
+        self.bytes_out += n
+        try:
+            sent = c.sock.sendmsg([answer, rb.view[:n]], (), _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.fail(c, exc)
+            return
+        if sent < len(answer) + n:
+            c.pending = (answer + bytes(rb.view[:n]))[sent:]
+            s.waiting = True
+            return
+        super().pump(s)
 
     def _connect_failed(self, exc: BaseException) -> bool:
         if not self._names_destination():
@@ -372,6 +413,12 @@ class ConvertFrontend(FrontendRuntime):
     """A converter frontend: relayed in Python, with `ConvertConn` connections."""
 
     conn_type = ConvertConn
+
+    def __init__(self, cfg: Frontend, listeners: Any, backend: Any, rt: Any) -> None:
+        super().__init__(cfg, listeners, backend, rt)
+        self.own_ports = {
+            ls.getsockname()[1] for ls in self.listeners if ls.family != socket.AF_UNIX
+        }
 
     def sweep(self, interval: float) -> None:
         """As a frontend's sweep; a client that keeps its Convert message back is cut

@@ -26,7 +26,7 @@ from mptcpkit.status import protocol as socket_protocol
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
     from mptcpkit.proxy.config import Frontend
-    from mptcpkit.proxy.runtime import BackendRuntime, Runtime
+    from mptcpkit.proxy.datapath import BackendPort, WorkerPort
 
 __all__ = ["ACCEPT_BATCH", "ACCEPT_RETRY", "FrontendRuntime"]
 
@@ -45,8 +45,8 @@ class FrontendRuntime:
         self,
         cfg: Frontend,
         listeners: Sequence[socket.socket],
-        backend: BackendRuntime,
-        rt: Runtime,
+        backend: BackendPort,
+        rt: WorkerPort,
     ) -> None:
         self.cfg = cfg
         self.rt = rt

@@ -24,14 +24,16 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from mptcpkit.proxy import compiled
+from mptcpkit.proxy import compiled, control
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
+from mptcpkit.proxy.ctlserver import ControlServer
 from mptcpkit.proxy.listeners import ListenerPool
 from mptcpkit.proxy.logging import EventLog
 from mptcpkit.proxy.prepare import Prepared, log_error, prepare
@@ -65,6 +67,8 @@ class Master:
         self.metrics_server: Any = None
         self.generation = 0
         self.retiring: list[socket.socket] = []
+        self.ctl: ControlServer | None = None  # the runtime API (global.stats-socket)
+        self._reload_waiters: list[tuple[threading.Event, list[str | None]]] = []
 
     # --- start -----------------------------------------------------------------------
 
@@ -94,6 +98,9 @@ class Master:
                 ) from None
             host = m.host or "127.0.0.1"
             lines.append(f"metrics on http://{host}:{port}/metrics")
+        if self.cfg.global_.stats_socket is not None:
+            self.ctl = ControlServer(self.cfg, self._reload_request)
+            lines.append(f"runtime API on {self.cfg.global_.stats_socket}")
         for line in lines:
             self.log.event(line)
         self.log.flush()
@@ -106,6 +113,7 @@ class Master:
         # retiring: an inherited copy would keep a removed address accepting into a void.
         others = [s for s in (*self.pool.all(), *self.retiring) if id(s) not in own]
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        ctl_m, ctl_w = self.ctl.channel() if self.ctl is not None else (None, None)
         sys.stderr.flush()
         master_pid = os.getpid()
         pid = os.fork()
@@ -113,10 +121,16 @@ class Master:
             os.close(ready_w)
             self.workers[pid] = slot
             self.starting[pid] = ready_r
+            if self.ctl is not None and ctl_m is not None and ctl_w is not None:
+                ctl_w.close()
+                self.ctl.add(pid, ctl_m)
             return pid
         code = 1
         try:
             os.close(ready_r)
+            if self.ctl is not None and ctl_m is not None:
+                ctl_m.close()
+                self.ctl.forked()
             for fd in self.starting.values():
                 os.close(fd)
             for s in others:
@@ -125,7 +139,16 @@ class Master:
                 with contextlib.suppress(OSError):
                     self.metrics_server.socket.close()
             code = _worker_main(
-                cfg, mine, slot, self.prep, self.metrics_dir is not None, master_pid, ready_w
+                cfg,
+                mine,
+                slot,
+                self.prep,
+                self.metrics_dir is not None,
+                master_pid,
+                ready_w,
+                (ctl_w, dict(self.ctl.overrides))
+                if self.ctl is not None and ctl_w is not None
+                else None,
             )
         except BaseException as exc:
             traceback.print_exc()
@@ -168,6 +191,8 @@ class Master:
     def _exit_status(self, pid: int) -> str:
         """Reap a worker that closed its ready pipe without a word: how it ended."""
         self.workers.pop(pid, None)
+        if self.ctl is not None:
+            self.ctl.remove(pid)
         try:
             _, status = os.waitpid(pid, 0)
         except ChildProcessError:
@@ -194,6 +219,8 @@ class Master:
                 f"ready: {self.cfg.global_.workers} workers ({relay} relay), pid {os.getpid()}",
                 now=True,
             )
+            if self.ctl is not None:
+                self.ctl.start()
             return self._loop()
         finally:
             for pid in list(self.starting):
@@ -203,6 +230,8 @@ class Master:
                 self.metrics_server.shutdown()
             if self.metrics_dir:
                 metrics_mod.cleanup(self.metrics_dir)
+            if self.ctl is not None:
+                self.ctl.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
 
     def _loop(self) -> int:
@@ -220,7 +249,11 @@ class Master:
             if info is None:
                 continue
             if info.si_signo == signal.SIGHUP:
-                self._reload()
+                error = self._reload()
+                waiters, self._reload_waiters = self._reload_waiters, []
+                for done, result in waiters:
+                    result.append(error)
+                    done.set()
             elif info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 return self._stop()
 
@@ -246,6 +279,8 @@ class Master:
                 return
             if self.metrics_dir:
                 metrics_mod.worker_exited(pid)
+            if self.ctl is not None:
+                self.ctl.remove(pid)
             if pid in self.old:
                 del self.old[pid]
                 self.log.event(f"old worker {pid} finished", now=True)
@@ -259,10 +294,21 @@ class Master:
                 )
                 respawn_at[slot] = time.monotonic() + 1.0
 
-    def _reload(self) -> None:
+    def _reload_request(self) -> str | None:
+        """A reload asked on the runtime API (its thread): done by the main loop, which
+        answers None or the error."""
+        done, result = threading.Event(), list[str | None]()
+        self._reload_waiters.append((done, result))
+        os.kill(os.getpid(), signal.SIGHUP)
+        if not done.wait(READY_TIMEOUT + 30.0):
+            return "no answer from the master"
+        return result[0]
+
+    def _reload(self) -> str | None:
         if self.reload_fn is None:
-            self.log.event("SIGHUP: no config file to reload (command-line config)", now=True)
-            return
+            why = "no config file to reload (command-line config)"
+            self.log.event(f"SIGHUP: {why}", now=True)
+            return why
         try:
             cfg = self.reload_fn()
             if cfg.global_.metrics != self.cfg.global_.metrics:
@@ -272,12 +318,24 @@ class Master:
                 self.log.event(
                     "reload: global.metrics changes need a restart; keeping the old address"
                 )
+            old_g = self.cfg.global_
+            if (cfg.global_.stats_socket, cfg.global_.stats_perms) != (
+                old_g.stats_socket,
+                old_g.stats_perms,
+            ):
+                cfg = dataclasses.replace(
+                    cfg,
+                    global_=dataclasses.replace(
+                        cfg.global_, stats_socket=old_g.stats_socket, stats_perms=old_g.stats_perms
+                    ),
+                )
+                self.log.event("reload: global.stats-socket changes need a restart; kept")
             prep = prepare(cfg)
             cfg = prep.cfg or cfg
             new, lines = self.pool.bind(cfg, cfg.global_.workers)
         except ConfigError as exc:
             self._reload_failed(str(exc))
-            return
+            return str(exc)
         running = (self.cfg, self.prep, dict(self.workers))
         self.cfg, self.prep = cfg, prep
         # Keep old sockets open until the new workers hold them (adopt closes the rest).
@@ -302,8 +360,10 @@ class Master:
                     self.pool.discard(s)
             self.cfg, self.prep, self.workers = running
             self._reload_failed(error)
-            return
+            return error
         self.generation += 1
+        if self.ctl is not None:
+            self.ctl.reloaded(cfg)
         self.pool.adopt(new)
         hard = cfg.global_.hard_stop_after
         self._retire(
@@ -316,6 +376,7 @@ class Master:
             f"{len(running[2])} old ones finishing their connections",
             now=True,
         )
+        return None
 
     def _reload_failed(self, why: str) -> None:
         self.log.event(f"reload failed: {why}, keeping the running configuration", now=True)
@@ -324,6 +385,8 @@ class Master:
         for pid in pids:
             self.workers.pop(pid, None)
             self.old[pid] = hard_stop
+            if self.ctl is not None:
+                self.ctl.retired.add(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
@@ -383,6 +446,7 @@ def _worker_main(
     with_metrics: bool,
     master_pid: int,
     ready_fd: int,
+    ctl: tuple[socket.socket, dict[tuple[str, str], dict[str, Any]]] | None = None,
 ) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -424,6 +488,10 @@ def _worker_main(
 
     async def main() -> None:
         rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=prep.targets)
+        if ctl is not None:  # the runtime API: changes made before this worker started
+            for (backend, server), change in ctl[1].items():
+                control.apply(rt, backend, server, change)
+            asyncio.get_running_loop().create_task(control.worker_loop(rt, ctl[0]))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout)
         loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)  # retired by a reload

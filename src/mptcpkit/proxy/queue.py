@@ -37,7 +37,7 @@ def share(maxconn: int, workers: int, worker: int) -> int:
 
 
 def _usable(s: ServerState, exclude: Collection[ServerState]) -> bool:
-    return s.up and s.server.weight > 0 and s not in exclude
+    return s.up and s.weight > 0 and s.admin == "ready" and s not in exclude
 
 
 def full(states: Sequence[ServerState], exclude: Collection[ServerState] = ()) -> bool:

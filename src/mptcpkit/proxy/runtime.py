@@ -27,11 +27,12 @@ from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
 from mptcpkit.proxy.converter import needed as converter_needed
+from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
 from mptcpkit.proxy.queue import ServerQueue, full, share
-from mptcpkit.proxy.relay import READ_SIZE, ReadBuffer, reason_of
+from mptcpkit.proxy.relay import reason_of
 from mptcpkit.proxy.timeouts import tick
 
 __all__ = ["BackendRuntime", "Runtime"]
@@ -89,6 +90,7 @@ class BackendRuntime:
                 return None
             return "every server failed" if tried else "no server available"
         state.active += 1
+        state.total += 1
         return state
 
     def attempt_failed(
@@ -258,7 +260,7 @@ class Runtime:
 
     def record(
         self,
-        fe: FrontendRuntime,
+        fe: FrontendPort,
         state: ServerState | None,
         client: Any,
         start: float,
@@ -319,10 +321,9 @@ class Runtime:
         check = be.cfg.check
         assert check is not None
         while True:
-            results = await asyncio.gather(
-                *(self._probe(be, s, check.timeout) for s in be.balancer.states)
-            )
-            for state, err in zip(be.balancer.states, results, strict=True):
+            states = [s for s in be.balancer.states if s.admin != "maint"]  # maint: no checks
+            results = await asyncio.gather(*(self._probe(be, s, check.timeout) for s in states))
+            for state, err in zip(states, results, strict=True):
                 if state.observe(err is None):
                     word = "UP" if state.up else "DOWN"
                     why = "check passed" if err is None else f"check failed: {err}"
