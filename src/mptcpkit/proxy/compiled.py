@@ -28,7 +28,7 @@ from mptcpkit.proxy.timeouts import idle_rules
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
     from mptcpkit.proxy.config import Frontend
-    from mptcpkit.proxy.runtime import BackendRuntime, Runtime
+    from mptcpkit.proxy.datapath import BackendPort, WorkerPort
 
 try:
     from mptcpkit.proxy import _engine  # type: ignore[attr-defined]
@@ -85,13 +85,14 @@ class CompiledFrontend(FrontendRuntime):
         self,
         cfg: Frontend,
         listeners: Sequence[socket.socket],
-        backend: BackendRuntime,
-        rt: Runtime,
+        backend: BackendPort,
+        rt: WorkerPort,
     ) -> None:
         super().__init__(cfg, listeners, backend, rt)
         self.engine = rt.engine
         t = cfg.timeouts
         rules = idle_rules(t)
+        queue_limit = t.connect if t.queue is None else t.queue
         self.id: int = self.engine.frontend(
             self,
             maxconn=cfg.maxconn,
@@ -103,6 +104,8 @@ class CompiledFrontend(FrontendRuntime):
             idle_how=rules.open_how,
             fin_limit=_limit(rules.fin_limit),
             fin_how=rules.fin_how,
+            queue_timeout=queue_limit,
+            queue_how=f"queue timeout ({queue_limit:g}s)",
         )
 
     # --- what the runtime uses --------------------------------------------------------
@@ -125,6 +128,15 @@ class CompiledFrontend(FrontendRuntime):
     def take_bytes(self) -> tuple[int, int]:
         return self.engine.take_bytes(self.id)  # type: ignore[no-any-return]
 
+    def park(self, conn: Any) -> None:
+        raise AssertionError("the engine parks its own connections")
+
+    def queued(self) -> int:
+        return int(self.engine.parked(self.id))
+
+    def unpark(self) -> bool:
+        return bool(self.engine.unpark(self.id))
+
     def _hold(self, paused: bool) -> None:
         self.engine.pause(self.id, paused)
 
@@ -133,7 +145,9 @@ class CompiledFrontend(FrontendRuntime):
     def pick(self, caddr: Any, tried: list[ServerState] | None) -> Any:
         """The next server's wire tuple (see `BackendRuntime._wire`), or why there is none."""
         state = self.backend.next_server(caddr, tried)
-        return state if isinstance(state, str) else self.backend.wire[state]
+        if state is None or isinstance(state, str):
+            return state  # None: wait for a server slot (queue.py)
+        return self.backend.wire[state]
 
     def failed(self, state: ServerState, err: int, tried: list[ServerState]) -> str | float | None:
         """A connect failed (err 0: it timed out): why the client is closed, or seconds
@@ -156,6 +170,8 @@ class CompiledFrontend(FrontendRuntime):
         reads records."""
         if state is not None:
             state.active -= 1
+            if self.backend.queue is not None:
+                self.backend.queue.slot_freed()
         if rec is not None:
             client, start, c_state, c_sub, s_state, s_sub, b_in, b_out, how, tc = rec
             self.rt.record(

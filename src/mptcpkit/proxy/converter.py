@@ -36,6 +36,7 @@ from mptcpkit.proxy.relay import Conn, reason_of
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
     from mptcpkit.proxy.config import Backend, Frontend
+    from mptcpkit.proxy.datapath import FrontendPort
 
 __all__ = ["PSK_TLV", "ConvertConn", "ConvertFrontend", "needed"]
 
@@ -88,7 +89,7 @@ class ConvertConn(Conn):
 
     __slots__ = ("answer", "dest", "peer", "reply", "req")
 
-    def __init__(self, fe: FrontendRuntime, sock: Any, caddr: Any, mptcp: bool) -> None:
+    def __init__(self, fe: FrontendPort, sock: Any, caddr: Any, mptcp: bool) -> None:
         super().__init__(fe, sock, caddr, mptcp)
         cfg = fe.cfg
         self.peer = caddr  # who connected (a PROXY header replaces caddr)

@@ -21,6 +21,8 @@ class _State(Protocol):
     up: bool
     admin: str
     weight: int
+    active: int
+    limit: int
 
 
 def same_server(tried: Sequence[_State], retries: int, redispatch: bool, servers: int) -> bool:
@@ -28,6 +30,8 @@ def same_server(tried: Sequence[_State], retries: int, redispatch: bool, servers
     last = tried[-1]
     if not (last.up and last.admin == "ready" and last.weight > 0):
         return False  # taken out meanwhile (health check, runtime API): another one
+    if last.limit and last.active >= last.limit:
+        return False  # its maxconn was reached meanwhile: another one, or the queue
     final = len(tried) == retries  # the next attempt is the last retry
     return not (final and redispatch and servers > 1)
 
