@@ -52,7 +52,7 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
         "data path",
         ("poller", "datapath", "relay", "frontend", "_engine", "compiled", "converter"),
     ),
-    ("worker runtime", ("runtime", "metrics", "control")),
+    ("worker runtime", ("runtime", "metrics", "control", "health")),
     ("master", ("master", "prepare", "listeners", "ctlserver")),
 ]
 # mptcpkit.cli.proxy is the CLI rung: the CLI layer above covers it.

@@ -99,12 +99,21 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """TCP-connect checks: `fall` failures mark a server down, `rise` successes up again."""
+    """Health checks, run once by the master's checker (health.py): `fall` failures
+    mark a server down, `rise` successes up again; HAProxy's names for the rest."""
 
-    interval: float = 2.0
+    interval: float = 2.0  # `inter`
     rise: int = 2
     fall: int = 3
     timeout: float = 1.0
+    fastinter: float | None = None  # while a server is changing state (default: inter)
+    downinter: float | None = None  # while it is down (default: inter)
+    send: bytes = b""  # tcp-check send: what the check writes once connected
+    expect: str | None = None  # tcp-check expect string: the first line must contain it
+    expect_regex: str | None = None  # tcp-check expect rstring, on the first line
+    port: int = 0  # `port`: check this port instead of the server's
+    addr: str | None = None  # `addr`: check this IP address instead of the server's
+    send_proxy: bool = False  # `check-send-proxy`: a PROXY v1 header first
 
 
 @dataclass(frozen=True)
@@ -578,7 +587,22 @@ def _check(r: _Reader) -> HealthCheck | None:
     if v is True:
         return HealthCheck()
     c = r.sub("check")
-    c.only(("interval", "rise", "fall", "timeout"))
+    c.only(
+        (
+            "interval",
+            "rise",
+            "fall",
+            "timeout",
+            "fastinter",
+            "downinter",
+            "send",
+            "expect",
+            "expect-regex",
+            "port",
+            "addr",
+            "send-proxy",
+        )
+    )
     d = HealthCheck()
     interval = c.duration("interval", d.interval)
     timeout = c.duration("timeout", d.timeout)
@@ -587,8 +611,38 @@ def _check(r: _Reader) -> HealthCheck | None:
         raise c.error("interval", "must be > 0")
     if timeout <= 0:
         raise c.error("timeout", "must be > 0")
+    inters: dict[str, float | None] = {}
+    for key in ("fastinter", "downinter"):
+        v = c.duration(key, None, allow_none=True)
+        if v is not None and v <= 0:
+            raise c.error(key, "must be > 0")
+        inters[key] = v
+    regex = c.get_str("expect-regex", None)
+    if regex is not None:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise c.error("expect-regex", f"bad regular expression: {exc}") from None
+    addr = c.get_str("addr", None)
+    if addr is not None:
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            raise c.error("addr", f"an IP address, not {addr!r}") from None
+    send = c.get_str("send", "") or ""
     return HealthCheck(
-        interval, c.get_int("rise", d.rise, 1, 100), c.get_int("fall", d.fall, 1, 100), timeout
+        interval,
+        c.get_int("rise", d.rise, 1, 100),
+        c.get_int("fall", d.fall, 1, 100),
+        timeout,
+        fastinter=inters["fastinter"],
+        downinter=inters["downinter"],
+        send=send.encode().decode("unicode_escape").encode("latin-1"),
+        expect=c.get_str("expect", None),
+        expect_regex=regex,
+        port=c.get_int("port", 0, 0, 65535),
+        addr=addr,
+        send_proxy=c.get_bool("send-proxy", False),
     )
 
 

@@ -4,7 +4,9 @@
   then everything is bound (listeners.py); a failure is a `ConfigError` (exit 2) and
   nothing stays listening. "ready" once every worker serves.
 - Workers drop root (`global.user/group`) after the fork; the master keeps it to bind
-  new addresses on reload and does no network I/O itself except serving metrics.
+  new addresses on reload and does no network I/O itself except serving metrics and
+  the runtime API. Health checks run in one checker process (health.py), forked and
+  unprivileged like the workers, restarted with each successful reload.
 - SIGHUP: the new config is prepared and bound first, and its workers must serve;
   if anything is wrong the old workers keep running and the error is logged.
   Otherwise the old ones stop accepting and exit when their connections are done
@@ -30,7 +32,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from mptcpkit.proxy import compiled, control
+from mptcpkit.proxy import compiled, control, health
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
 from mptcpkit.proxy.ctlserver import ControlServer
@@ -68,6 +70,9 @@ class Master:
         self.generation = 0
         self.retiring: list[socket.socket] = []
         self.ctl: ControlServer | None = None  # the runtime API (global.stats-socket)
+        self.board: health.Board | None = None  # the checker's health state (health.py)
+        self.checker: int | None = None  # the checker process
+        self.checker_due: float | None = None  # when a dead checker is restarted
         self._reload_waiters: list[tuple[threading.Event, list[str | None]]] = []
 
     # --- start -----------------------------------------------------------------------
@@ -80,6 +85,7 @@ class Master:
             self.log.event(note)
         new, lines = self.pool.bind(self.cfg, self.cfg.global_.workers)
         self.pool.adopt(new)
+        self.board = _board(self.cfg)
         m = self.cfg.global_.metrics
         if m is not None:
             self.metrics_dir = metrics_mod.prepare()
@@ -149,6 +155,7 @@ class Master:
                 (ctl_w, dict(self.ctl.overrides))
                 if self.ctl is not None and ctl_w is not None
                 else None,
+                self.board,
             )
         except BaseException as exc:
             traceback.print_exc()
@@ -221,6 +228,7 @@ class Master:
             )
             if self.ctl is not None:
                 self.ctl.start()
+            self._spawn_checker()
             return self._loop()
         finally:
             for pid in list(self.starting):
@@ -246,6 +254,9 @@ class Master:
                     self.log.event(f"restarting worker {slot}", now=True)
                     self._started(self._spawn(slot))
             self._hard_stop(now)
+            if self.checker_due is not None and now >= self.checker_due:
+                self.log.event("restarting the health checker", now=True)
+                self._spawn_checker()
             if info is None:
                 continue
             if info.si_signo == signal.SIGHUP:
@@ -281,6 +292,12 @@ class Master:
                 metrics_mod.worker_exited(pid)
             if self.ctl is not None:
                 self.ctl.remove(pid)
+            if pid == self.checker:
+                self.checker = None
+                if self.checker_due is None:  # not stopped by us: it died
+                    self.log.event("health checker exited; restarting in 1s", now=True)
+                    self.checker_due = time.monotonic() + 1.0
+                continue
             if pid in self.old:
                 del self.old[pid]
                 self.log.event(f"old worker {pid} finished", now=True)
@@ -337,6 +354,8 @@ class Master:
             self._reload_failed(str(exc))
             return str(exc)
         running = (self.cfg, self.prep, dict(self.workers))
+        old_board = self.board
+        self.board = _board(cfg)
         self.cfg, self.prep = cfg, prep
         # Keep old sockets open until the new workers hold them (adopt closes the rest).
         prev = self.pool.socks
@@ -359,9 +378,12 @@ class Master:
                 if id(s) not in keep:
                     self.pool.discard(s)
             self.cfg, self.prep, self.workers = running
+            self.board = old_board
             self._reload_failed(error)
             return error
         self.generation += 1
+        self._stop_checker()
+        self._spawn_checker()  # checks the new configuration's servers, on the new board
         if self.ctl is not None:
             self.ctl.reloaded(cfg)
         self.pool.adopt(new)
@@ -390,7 +412,60 @@ class Master:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    def _spawn_checker(self) -> None:
+        """The one process that checks servers (health.py), forked like a worker."""
+        self.checker_due = None
+        if self.board is None:
+            return
+        cfg, board = self.cfg, self.board
+        targets = self.prep.targets
+        sys.stderr.flush()
+        master_pid = os.getpid()
+        pid = os.fork()
+        if pid:
+            self.checker = pid
+            return
+        try:
+            for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(sig, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            for s in self.pool.all():
+                s.close()
+            for fd in self.starting.values():
+                os.close(fd)
+            if self.ctl is not None:
+                self.ctl.forked()
+            if self.metrics_server is not None:
+                with contextlib.suppress(OSError):
+                    self.metrics_server.socket.close()
+            log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix="checks: ")
+            uid, gid = self.prep.ids
+            if gid is not None:
+                os.setgroups([])
+                os.setgid(gid)
+            if uid is not None:
+                os.setuid(uid)
+            _die_with_parent(master_pid)
+            health.run_checker(cfg, board, targets, log)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+
+    def _stop_checker(self) -> None:
+        pid, self.checker = self.checker, None
+        self.checker_due = None
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
     def _stop(self) -> int:
+        self._stop_checker()
         pids = set(self.workers) | set(self.old)
         self.log.event(
             f"stopping: draining {len(pids)} workers (up to {self.cfg.global_.stop_timeout:g}s)",
@@ -447,6 +522,7 @@ def _worker_main(
     master_pid: int,
     ready_fd: int,
     ctl: tuple[socket.socket, dict[tuple[str, str], dict[str, Any]]] | None = None,
+    board: health.Board | None = None,
 ) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -488,6 +564,7 @@ def _worker_main(
 
     async def main() -> None:
         rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=prep.targets)
+        rt.board = board
         if ctl is not None:  # the runtime API: changes made before this worker started
             for (backend, server), change in ctl[1].items():
                 control.apply(rt, backend, server, change)
@@ -504,6 +581,13 @@ def _worker_main(
     finally:
         log.close()
     return 0
+
+
+def _board(cfg: Config) -> health.Board | None:
+    """The shared health state, when some backend is checked."""
+    if any(b.check is not None for b in cfg.backends.values()):
+        return health.Board(cfg)
+    return None
 
 
 def run(cfg: Config, *, reload: Callable[[], Config] | None = None) -> int:

@@ -22,7 +22,7 @@ import mptcpkit
 from mptcpkit.abi.sockaddr import encode_address
 from mptcpkit.aio import sock_connect
 from mptcpkit.policy import Policy
-from mptcpkit.proxy import compiled, retry
+from mptcpkit.proxy import compiled, health, retry
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
@@ -204,6 +204,7 @@ class Runtime:
             for f in cfg.frontends
         ]
         self._tasks: list[asyncio.Task[None]] = []
+        self.board: health.Board | None = None  # the master's health state, if any
 
     def busy(self) -> bool:
         return any(fe.count() for fe in self.frontends)
@@ -214,9 +215,12 @@ class Runtime:
         """Serve until stopped and drained; `ready()` once every listener is served."""
         for fe in self.frontends:
             await fe.start()
-        for be in self.backends.values():
-            if be.cfg.check is not None:
-                self._tasks.append(self.loop.create_task(self._health(be)))
+        if self.board is not None:  # the master's checker decides (health.py)
+            self._tasks.append(self.loop.create_task(health.follow(self, self.board)))
+        else:
+            for be in self.backends.values():
+                if be.cfg.check is not None:
+                    self._tasks.append(self.loop.create_task(self._health(be)))
         self._tasks.append(self.loop.create_task(self._sweep()))
         if ready is not None:
             ready()
