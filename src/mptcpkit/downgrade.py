@@ -97,8 +97,18 @@ _TCP_STATE = struct.Struct("<B23xII")
 _FAMILY = _socket.socket.family  # the C member: an int, without the enum conversion
 _UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 
-# Per family: what to read, and what a fresh MPTCP socket reports (nobody set it).
-Plan = tuple[tuple[int, int, int, "int | bytes | None"], ...]
+
+class Plan:
+    """Per family: the getsockopt arguments of each option to carry, and what a fresh
+    MPTCP socket reports for each (nobody set it)."""
+
+    __slots__ = ("defaults", "reads")
+
+    def __init__(self, reads: list[tuple[int, ...]], defaults: list[int | bytes | None]):
+        self.reads = reads
+        self.defaults = defaults
+
+
 _plans: dict[int, Plan] = {}
 
 
@@ -194,8 +204,11 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
         finish_handover(sock, registrations)
     # The socket object now describes a TCP socket: `proto` (and repr) say 6, like
     # the kernel; re-initialising the C object resets its timeout, so that comes back.
+    # A blocking socket needs nothing more: the new descriptor is blocking already and
+    # re-initialising left the object blocking (unless a default timeout is set).
     _socket.socket.__init__(sock, family, socket.SOCK_STREAM, c.IPPROTO_TCP, fd)
-    sock.settimeout(timeout)  # O_NONBLOCK as it was for Python; other flags if any:
+    if timeout is not None or _socket.getdefaulttimeout() is not None:
+        sock.settimeout(timeout)  # O_NONBLOCK as it was for Python; other flags if any:
     if file_flags != os.O_RDWR | (os.O_NONBLOCK if timeout is not None else 0):
         fcntl.fcntl(fd, fcntl.F_SETFL, file_flags)
     record_note(sock, f"turned into plain TCP for {option.name} ({option.why})")
@@ -230,31 +243,35 @@ def _bind_beside(
 
 
 def _plan(family: int, reference: socket.socket | None = None) -> Plan:
-    """(level, optname, size, what a fresh MPTCP socket reports) for each option to
-    carry on a socket of `family`; from `reference` when given, else measured once per
-    process (a downgrade runs it ~40 times: it is kept to one syscall each)."""
+    """What to read for each option to carry on a socket of `family`, and its value on a
+    fresh socket; from `reference` when given, else measured once per process (a
+    downgrade runs it ~40 times: it is kept to one syscall each)."""
     plan = _plans.get(family) if reference is None else None
     if plan is None:
         fresh = reference or socket.socket(family, socket.SOCK_STREAM, c.IPPROTO_MPTCP)
+        reads: list[tuple[int, ...]] = []
+        defaults: list[int | bytes | None] = []
         try:
-            plan = tuple(
-                (level, optname, size, default)
-                for (level, optname), size in CARRIED.items()
-                if not (family == socket.AF_INET and level == _IP6)  # TCP has none there
+            for (level, optname), size in CARRIED.items():
+                if family == socket.AF_INET and level == _IP6:
+                    continue  # TCP has none there
+                args = (level, optname, size) if size else (level, optname)
                 # what MPTCP cannot report (SO_BUSY_POLL_BUDGET) cannot be carried
-                if (default := _get(fresh, level, optname, size)) is not None
-            )
+                if (default := _get(fresh, *args)) is not None:
+                    reads.append(args)
+                    defaults.append(default)
         finally:
             if reference is None:
                 fresh.close()
+        plan = Plan(reads, defaults)
         if reference is None:
             _plans[family] = plan
     return plan
 
 
-def _get(sock: socket.socket, level: int, optname: int, size: int) -> int | bytes | None:
+def _get(sock: socket.socket, *args: int) -> int | bytes | None:
     try:
-        return sock.getsockopt(level, optname, size) if size else sock.getsockopt(level, optname)
+        return sock.getsockopt(*args)
     except OSError:
         return None
 
@@ -263,21 +280,25 @@ def carry_options(old: socket.socket, reference: socket.socket | None, new: _soc
     """Set on `new` every option of `old` that differs from a fresh MPTCP socket's (the
     `reference` socket's when given, else measured once per process). An option `new`
     refuses raises OSError naming it."""
+    plan = _plan(_FAMILY.__get__(old), reference)
     get = old.getsockopt
-    for level, optname, size, default in _plan(_FAMILY.__get__(old), reference):
-        try:
-            value = get(level, optname, size) if size else get(level, optname)
-        except OSError:
-            continue  # MPTCP cannot report it now, so it cannot have been set either
-        if value == default:
+    values: list[int | bytes | None]
+    try:  # one comprehension: the ~40 reads are most of a downgrade's cost
+        values = [get(*args) for args in plan.reads]
+    except OSError:  # MPTCP cannot report one now, so it cannot have been set either
+        values = [_get(old, *args) for args in plan.reads]
+    if values == plan.defaults:
+        return
+    for args, default, value in zip(plan.reads, plan.defaults, values, strict=True):
+        if value is None or value == default:
             continue
-        key = (level, optname)
+        key = (args[0], args[1])
         if key in _DOUBLED and isinstance(value, int):
             value //= 2
         elif key in _STRINGS and isinstance(value, bytes):
             value = value.rstrip(b"\0")
         try:
-            new.setsockopt(level, optname, value)
+            new.setsockopt(key[0], key[1], value)
         except OSError as exc:
             raise OSError(
                 exc.errno, f"{option_name(*key)} could not be carried over: {exc.strerror}"

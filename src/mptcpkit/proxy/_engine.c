@@ -92,6 +92,8 @@ struct Conn {
     Conn *tprev, *tnext;  /* the frontend's connect-timeout queue, while connecting */
     int timed;            /* in the timeout queue */
     double deadline;
+    Conn *pprev, *pnext;  /* the frontend's server queue, while parked (queue.py) */
+    double parked;        /* waiting for a server slot since (monotonic), 0: not */
     PyObject *server;     /* the ServerState connected (or being connected) to */
     PyObject *tried;      /* list of states that failed, or NULL */
     PyObject *hdr;        /* bytearray while a PROXY header is read, else NULL */
@@ -119,6 +121,10 @@ struct Frontend {
     PyObject *idle_how;   /* "client timeout (5s idle)" or the server's, or tunnel's */
     double fin_limit;     /* half-closed: client-fin/server-fin (timeouts.py), < 0: none */
     PyObject *fin_how;
+    double queue_timeout; /* how long a parked connection waits, < 0: none */
+    PyObject *queue_how;
+    Conn *pq_head, *pq_tail; /* parked: every server at its maxconn (queue.py) */
+    long nparked;
     Listener **listeners; /* a port range binds many */
     int nlisteners, caplisteners;
     Conn head;            /* sentinel of the live list */
@@ -261,6 +267,38 @@ static void timeout_add(Engine *e, Conn *c) {
     fe->tq_tail = c;
     c->timed = 1;
     arm(e, c->deadline);
+}
+
+/* ---- the server queue: connections waiting for a server slot, oldest first */
+
+static void park(Conn *c) {
+    Frontend *fe = c->fe;
+    c->parked = monotonic();
+    c->pnext = NULL;
+    c->pprev = fe->pq_tail;
+    if (fe->pq_tail)
+        fe->pq_tail->pnext = c;
+    else
+        fe->pq_head = c;
+    fe->pq_tail = c;
+    fe->nparked++;
+}
+
+static void unpark_remove(Conn *c) {
+    if (!c->parked)
+        return;
+    Frontend *fe = c->fe;
+    if (c->pprev)
+        c->pprev->pnext = c->pnext;
+    else
+        fe->pq_head = c->pnext;
+    if (c->pnext)
+        c->pnext->pprev = c->pprev;
+    else
+        fe->pq_tail = c->pprev;
+    c->parked = 0;
+    c->pprev = c->pnext = NULL;
+    fe->nparked--;
 }
 
 static void timeout_remove(Conn *c) {
@@ -615,6 +653,11 @@ static void do_connect(Engine *e, Conn *c) {
             Py_DECREF(r);
             return;
         }
+        if (r == Py_None) { /* every server at its maxconn: wait for a slot */
+            Py_DECREF(r);
+            park(c);
+            return;
+        }
         PyObject *state, *sa;
         int family, proto, fallback, send_proxy, observe;
         if (!PyArg_ParseTuple(r, "OiSipip", &state, &family, &sa, &proto, &fallback,
@@ -840,6 +883,7 @@ static void close_conn(Engine *e, Conn *c, PyObject *how, int abort) {
         c->how = Py_NewRef(how);
     sample(e, c);
     timeout_remove(c);
+    unpark_remove(c);
     Leg *legs[2] = {&c->c, &c->s};
     for (int i = 0; i < 2; i++) {
         Leg *leg = legs[i];
@@ -1102,6 +1146,7 @@ static void shutdown_engine(Engine *e) {
         Py_XDECREF(fe->key);
         Py_XDECREF(fe->idle_how);
         Py_XDECREF(fe->fin_how);
+        Py_XDECREF(fe->queue_how);
         PyMem_RawFree(fe);
         e->fes[i] = NULL;
     }
@@ -1149,15 +1194,17 @@ static Frontend *get_fe(Engine *e, int id) {
 static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"key", "maxconn", "accept_proxy", "needs_caddr",
                              "connect_timeout", "client_timeout", "idle_limit", "idle_how",
-                             "fin_limit", "fin_how", NULL};
-    PyObject *key, *idle_how, *fin_how = NULL;
+                             "fin_limit", "fin_how", "queue_timeout", "queue_how", NULL};
+    PyObject *key, *idle_how, *fin_how = NULL, *queue_how = NULL;
     long maxconn;
     int accept_proxy, needs_caddr;
-    double ct, cl, il, fl = -2.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dU", kwlist, &key, &maxconn,
+    double ct, cl, il, fl = -2.0, qt = -1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdU", kwlist, &key, &maxconn,
                                      &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how,
-                                     &fl, &fin_how))
+                                     &fl, &fin_how, &qt, &queue_how))
         return NULL;
+    if (!queue_how) /* no queue: nothing is ever parked */
+        qt = -1.0;
     if (fl == -2.0 || !fin_how) { /* no half-closed rule: the open one */
         fl = il;
         fin_how = idle_how;
@@ -1177,6 +1224,8 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     fe->idle_how = Py_NewRef(idle_how);
     fe->fin_how = Py_NewRef(fin_how);
     fe->fin_limit = fl;
+    fe->queue_timeout = qt;
+    fe->queue_how = Py_XNewRef(queue_how);
     fe->id = e->nfes;
     fe->maxconn = maxconn;
     fe->accept_proxy = accept_proxy;
@@ -1317,10 +1366,16 @@ static PyObject *Engine_sweep(Engine *e, PyObject *args) {
     if (!fe)
         return NULL;
     {
+        double now = fe->nparked ? monotonic() : 0;
         Conn *c = fe->head.next;
         while (c != &fe->head) {
             Conn *next = c->next;
             int connected = c->s.fd >= 0 && !c->s.connecting;
+            if (c->parked && fe->queue_timeout >= 0 && now - c->parked >= fe->queue_timeout) {
+                end(e, c, fe->queue_how);
+                c = next;
+                continue;
+            }
             if (c->active) {
                 c->active = 0;
                 c->idle = 0;
@@ -1352,6 +1407,33 @@ static PyObject *Engine_sweep(Engine *e, PyObject *args) {
     }
     reap(e);
     Py_RETURN_NONE;
+}
+
+/* Let the oldest parked connection connect: a server slot freed (queue.py). */
+static PyObject *Engine_unpark(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    Conn *c = fe->pq_head;
+    if (!c || e->ep < 0)
+        Py_RETURN_FALSE;
+    unpark_remove(c);
+    do_connect(e, c);
+    reap(e);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Engine_parked(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    return PyLong_FromLong(fe->nparked);
 }
 
 /* Bytes relayed since the last call, live connections' included: (in, out). */
@@ -1414,6 +1496,10 @@ static PyMethodDef Engine_methods[] = {
     {"abort_all", (PyCFunction)Engine_abort_all, METH_VARARGS,
      "abort_all(id, how): reset every connection of a frontend."},
     {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Run the ready events."},
+    {"unpark", (PyCFunction)Engine_unpark, METH_VARARGS,
+     "unpark(id): let the oldest connection waiting for a server slot connect; False if none."},
+    {"parked", (PyCFunction)Engine_parked, METH_VARARGS,
+     "parked(id): connections waiting for a server slot (queue.py)."},
     {"sweep", (PyCFunction)Engine_sweep, METH_VARARGS,
      "sweep(id, interval): idle timeouts and subflow sampling of one frontend."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS,

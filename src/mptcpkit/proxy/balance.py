@@ -24,6 +24,7 @@ class ServerState:
         "check",
         "credit",
         "fails",
+        "limit",
         "oks",
         "server",
         "total",
@@ -36,6 +37,7 @@ class ServerState:
         self.check = check
         self.up = True  # like HAProxy: servers start up, checks may take them down
         self.active = 0
+        self.limit = 0  # this worker's part of the server's maxconn; 0: none (queue.py)
         self.total = 0  # connections sent to it
         self.admin = "ready"
         self.weight = server.weight
@@ -77,9 +79,11 @@ class Balancer:
         states = self.states
         if len(states) == 1 and not exclude:  # one server: nothing to choose
             only = states[0]
+            if only.limit and only.active >= only.limit:
+                return None
             return only if only.up and only.weight > 0 and only.admin == "ready" else None
         for backup in (False, True):
-            cands = [
+            usable = [
                 s
                 for s in self.states
                 if s.up
@@ -88,8 +92,9 @@ class Balancer:
                 and s.admin == "ready"
                 and s not in exclude
             ]
-            if cands:
-                return self._choose(cands, client_host)
+            if usable:  # backups only when no primary is usable; full ones: wait (queue)
+                cands = [s for s in usable if not (s.limit and s.active >= s.limit)]
+                return self._choose(cands, client_host) if cands else None
         return None
 
     def _choose(self, cands: Sequence[ServerState], client_host: str | None) -> ServerState:

@@ -96,6 +96,7 @@ class CompiledFrontend(FrontendRuntime):
         self.engine = rt.engine
         t = cfg.timeouts
         rules = idle_rules(t)
+        queue_limit = t.connect if t.queue is None else t.queue
         self.id: int = self.engine.frontend(
             self,
             maxconn=cfg.maxconn,
@@ -107,6 +108,8 @@ class CompiledFrontend(FrontendRuntime):
             idle_how=rules.open_how,
             fin_limit=_limit(rules.fin_limit),
             fin_how=rules.fin_how,
+            queue_timeout=queue_limit,
+            queue_how=f"queue timeout ({queue_limit:g}s)",
         )
 
     # --- what the runtime uses --------------------------------------------------------
@@ -129,6 +132,15 @@ class CompiledFrontend(FrontendRuntime):
     def take_bytes(self) -> tuple[int, int]:
         return self.engine.take_bytes(self.id)  # type: ignore[no-any-return]
 
+    def park(self, conn: Any) -> None:
+        raise AssertionError("the engine parks its own connections")
+
+    def queued(self) -> int:
+        return int(self.engine.parked(self.id))
+
+    def unpark(self) -> bool:
+        return bool(self.engine.unpark(self.id))
+
     def _hold(self, paused: bool) -> None:
         self.engine.pause(self.id, paused)
 
@@ -137,7 +149,9 @@ class CompiledFrontend(FrontendRuntime):
     def pick(self, caddr: Any, tried: list[ServerState] | None) -> Any:
         """The next server's wire tuple (see `BackendRuntime._wire`), or why there is none."""
         state = self.backend.next_server(caddr, tried)
-        return state if isinstance(state, str) else self.backend.wire[state]
+        if state is None or isinstance(state, str):
+            return state  # None: wait for a server slot (queue.py)
+        return self.backend.wire[state]
 
     def failed(self, state: ServerState, err: int, tried: list[ServerState]) -> str | None:
         """A connect failed (err 0: it timed out); None to try another server."""
@@ -159,6 +173,8 @@ class CompiledFrontend(FrontendRuntime):
         reads records."""
         if state is not None:
             state.active -= 1
+            if self.backend.queue is not None:
+                self.backend.queue.slot_freed()
         if rec is not None:
             client, start, c_state, c_sub, s_state, s_sub, b_in, b_out, how, tc = rec
             self.rt.record(

@@ -93,6 +93,7 @@ class Timeouts:
     tunnel: float | None = None  # relaying: replaces client and server
     client_fin: float | None = None  # half-closed: replaces client (or tunnel)
     server_fin: float | None = None  # half-closed: replaces server (or tunnel)
+    queue: float | None = None  # waiting for a server's maxconn slot; None: as connect
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Server:
     policy: Policy = Policy.OFF  # from the address (mptcp@ prefers), or `mptcp = ...`
     send_convert: bool = False  # RFC 8803: a Connect TLV names the destination (converter.py)
     psk: bytes | None = None  # for a remote gateway: Cookie TLV, or PROXY v2 TLV 0xE0
+    maxconn: int = 0  # connections at once (shared out between workers); 0: no limit
     tfo: bool = False  # TCP Fast Open: the first bytes (a Convert message) go in the SYN
 
     @property
@@ -378,7 +380,7 @@ def _log_target(r: _Reader) -> str:
 
 
 def _timeouts(r: _Reader) -> Timeouts:
-    r.only(("client", "connect", "server", "tunnel", "client-fin", "server-fin"))
+    r.only(("client", "connect", "server", "tunnel", "client-fin", "server-fin", "queue"))
     d = Timeouts()
     connect = r.duration("connect", d.connect)
     assert connect is not None
@@ -391,6 +393,7 @@ def _timeouts(r: _Reader) -> Timeouts:
         tunnel=r.duration("tunnel", None, allow_none=True),
         client_fin=r.duration("client-fin", None, allow_none=True),
         server_fin=r.duration("server-fin", None, allow_none=True),
+        queue=r.duration("queue", None, allow_none=True),
     )
 
 
@@ -522,7 +525,19 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
     if isinstance(raw, str):
         raw = {"address": raw}
     r = _Reader(r_backend.source, r_backend.key(f"server.{name}"), raw)
-    r.only(("address", "weight", "backup", "send-proxy", "mptcp", "send-convert", "psk", "tfo"))
+    r.only(
+        (
+            "address",
+            "weight",
+            "backup",
+            "send-proxy",
+            "mptcp",
+            "send-convert",
+            "psk",
+            "tfo",
+            "maxconn",
+        )
+    )
     if not r.has("address"):
         raise r.error("address", "missing: where is this server?")
     addr = _address(r, "address", r.table["address"], server=True)
@@ -540,6 +555,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
         send_convert=r.get_bool("send-convert", False),
         psk=_psk(r),
         tfo=r.get_bool("tfo", False),
+        maxconn=r.get_int("maxconn", 0, 0, 10_000_000),
     )
 
 
@@ -630,6 +646,14 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
                 f"{f.maxconn} is fewer than global.workers ({global_.workers}):"
                 " maxconn is shared out between the workers, each needs at least one",
             )
+        for s in backends[f.backend].servers:
+            if 0 < s.maxconn < global_.workers:
+                raise ConfigError(
+                    source,
+                    f"backend.{f.backend}.server.{s.name}.maxconn",
+                    f"{s.maxconn} is fewer than global.workers ({global_.workers}):"
+                    " maxconn is shared out between the workers, each needs at least one",
+                )
         for i, b in enumerate(f.binds):
             key = f"bind[{i}]" if len(f.binds) > 1 else "bind"
             v6only = b.family == socket.AF_INET6 and not f.dualstack(i)

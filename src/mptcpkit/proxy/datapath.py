@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mptcpkit.proxy.config import Backend, Frontend
     from mptcpkit.proxy.logging import EventLog
     from mptcpkit.proxy.poller import Poller
+    from mptcpkit.proxy.queue import ServerQueue
 
 __all__ = [
     "BURST",
@@ -70,8 +71,11 @@ class BackendPort(Protocol):
     needs_client_addr: bool
     targets: dict[str, tuple[int, Any]]  # server name -> (family, sockaddr)
     wire: dict[ServerState, tuple[ServerState, int, bytes, int, bool, int, bool]]
+    queue: ServerQueue | None  # servers with a maxconn: connections wait for a slot
 
-    def next_server(self, caddr: Any, tried: list[ServerState] | None) -> ServerState | str: ...
+    def next_server(
+        self, caddr: Any, tried: list[ServerState] | None
+    ) -> ServerState | str | None: ...
 
     def attempt_failed(
         self, state: ServerState, exc: BaseException, tried: list[ServerState]
@@ -89,6 +93,8 @@ class FrontendPort(Protocol):
     backend: BackendPort
 
     def finished(self, conn: Any) -> None: ...
+
+    def park(self, conn: Any) -> None: ...
 
     def local_of(self, conn: Any) -> Any: ...
 

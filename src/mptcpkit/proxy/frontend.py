@@ -12,6 +12,8 @@ import _socket
 import errno
 import functools
 import socket
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +59,9 @@ class FrontendRuntime:
         self.bytes_in = 0  # relayed and not yet taken by the metrics (take_bytes)
         self.bytes_out = 0
         self._accepts: list[Callable[[], bool]] = []
+        self.parked: deque[Conn] = deque()  # waiting for a server slot (queue.py)
+        if backend.queue is not None:
+            backend.queue.frontends.append(self)
 
     async def start(self) -> None:
         for ls in self.listeners:
@@ -178,6 +183,8 @@ class FrontendRuntime:
         self.conns.discard(conn)
         if conn.server is not None:
             conn.server.active -= 1
+            if self.backend.queue is not None:
+                self.backend.queue.slot_freed()
         if self.rt.observing:
             self.rt.record(
                 self,
@@ -211,12 +218,36 @@ class FrontendRuntime:
         self.bytes_in = self.bytes_out = 0
         return got
 
+    def park(self, conn: Conn) -> None:
+        """Every server is at its maxconn: `conn` waits for a slot (queue.py)."""
+        conn.parked = time.monotonic()
+        self.parked.append(conn)
+
+    def queued(self) -> int:
+        return len(self.parked)
+
+    def unpark(self) -> bool:
+        """Let the oldest waiting connection connect; False if none waits."""
+        while self.parked:
+            conn = self.parked.popleft()
+            if conn.done or not conn.parked:
+                continue
+            conn.parked = 0.0
+            conn.connect()
+            return True
+        return False
+
     def sweep(self, interval: float) -> None:
         """Idle timeouts; subflow sampling of active MPTCP legs (when observed); bytes
         relayed by live connections, for the metrics."""
         t = self.cfg.timeouts
         rules = idle_rules(t)
+        queue_limit = t.connect if t.queue is None else t.queue
+        now = time.monotonic()
         for conn in list(self.conns):
+            if conn.parked and now - conn.parked >= queue_limit:
+                conn.end(f"queue timeout ({queue_limit:g}s)")
+                continue
             if conn.active:
                 conn.active = False
                 self._count_bytes(conn)

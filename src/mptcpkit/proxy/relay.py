@@ -150,6 +150,7 @@ class Conn:
         "hdr",
         "how",
         "idle",
+        "parked",
         "rb",
         "s",
         "s_state",
@@ -183,6 +184,7 @@ class Conn:
         self.done = False
         self.active = True
         self.idle = 0.0
+        self.parked = 0.0  # waiting for a server slot since (monotonic; queue.py), or 0
         self.how: str | None = None
         self.start = time.time()
         # each leg: "MPTCP"/"fallback"/"TCP" (None: not sampled yet), most subflows seen
@@ -325,6 +327,9 @@ class Conn:
             self.t_connect = time.monotonic()
         while True:
             state = be.next_server(self.caddr, self.tried)
+            if state is None:  # every server at its maxconn: wait (queue.py)
+                fe.park(self)
+                return
             if isinstance(state, str):
                 self.end(state)  # FIN
                 return

@@ -31,6 +31,7 @@ from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer, burst
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
+from mptcpkit.proxy.queue import ServerQueue, full, share
 from mptcpkit.proxy.relay import reason_of
 from mptcpkit.proxy.timeouts import tick
 
@@ -48,6 +49,11 @@ class BackendRuntime:
         self.cfg = cfg
         self.rt = rt
         self.balancer = Balancer(cfg)
+        self.queue: ServerQueue | None = None  # servers with a maxconn (queue.py)
+        if any(s.maxconn for s in cfg.servers):
+            for state in self.balancer.states:
+                state.limit = share(state.server.maxconn, rt.cfg.global_.workers, rt.worker)
+            self.queue = ServerQueue(self.balancer.states, rt.loop)
         self.targets = dict(targets)  # resolved by the master (prepare.py)
         self.needs_client_addr = cfg.balance == "source" or any(s.send_proxy for s in cfg.servers)
         # What the compiled engine needs to open a leg to each server, made once.
@@ -74,11 +80,14 @@ class BackendRuntime:
             mptcp,
         )
 
-    def next_server(self, caddr: Any, tried: list[ServerState] | None) -> ServerState | str:
-        """The server to connect to next (counted as active), or why there is none."""
+    def next_server(self, caddr: Any, tried: list[ServerState] | None) -> ServerState | str | None:
+        """The server to connect to next (counted as active), why there is none, or
+        None: wait, every usable server is at its maxconn."""
         host = caddr[0] if isinstance(caddr, tuple) else None
         state = self.balancer.pick(host, tried or ())
         if state is None:
+            if self.queue is not None and full(self.balancer.states, tried or ()):
+                return None
             return "every server failed" if tried else "no server available"
         state.active += 1
         state.total += 1

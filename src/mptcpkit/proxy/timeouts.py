@@ -62,7 +62,7 @@ def tick(all_timeouts: Iterable[Timeouts]) -> float:
     """The sweep's period: a second, or an eighth of the shortest idle limit."""
     shortest = MAX_TICK * 8
     for t in all_timeouts:
-        for v in (t.client, t.server, t.tunnel, t.client_fin, t.server_fin):
+        for v in (t.client, t.server, t.tunnel, t.client_fin, t.server_fin, t.queue):
             if v is not None and v > 0:
                 shortest = min(shortest, v)
     return max(MIN_TICK, min(MAX_TICK, shortest / 8))
