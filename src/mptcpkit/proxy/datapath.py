@@ -78,8 +78,12 @@ class BackendPort(Protocol):
     ) -> ServerState | str | None: ...
 
     def attempt_failed(
-        self, state: ServerState, exc: BaseException, tried: list[ServerState]
-    ) -> str | None: ...
+        self,
+        state: ServerState,
+        exc: BaseException,
+        tried: list[ServerState],
+        connect_timeout: float = ...,
+    ) -> str | float | None: ...
 
     def start_connect(self, state: ServerState) -> tuple[Any, int]: ...
 
@@ -100,7 +104,7 @@ class FrontendPort(Protocol):
 
     def server_failed(
         self, state: ServerState, exc: BaseException, tried: list[ServerState]
-    ) -> str | None: ...
+    ) -> str | float | None: ...
 
 
 class WorkerPort(Protocol):
