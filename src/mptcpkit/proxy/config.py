@@ -162,6 +162,8 @@ class Frontend:
     intercept: str = ""  # "redirect"/"tproxy": connections are intercepted (converter.py)
     accept_convert: bool = False  # RFC 8803: a Connect TLV names the destination
     destinations: DestinationPolicy | None = None  # a remote gateway's (converter.py)
+    maxconnrate: int = 0  # new connections per second, whole proxy (abuse.py); 0: none
+    maxconn_per_source: int = 0  # connections at once from one address, per worker
 
     def dualstack(self, i: int) -> bool:
         """Bind `i` is an IPv6 address taking IPv4 clients too (IPV6_V6ONLY=0)."""
@@ -410,6 +412,8 @@ def _frontend(r: _Reader, name: str) -> Frontend:
             "intercept",
             "accept-convert",
             "destinations",
+            "maxconnrate",
+            "maxconn-per-source",
         )
     )
     if not r.has("bind"):
@@ -445,6 +449,8 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         intercept=intercept,
         accept_convert=r.get_bool("accept-convert", False),
         destinations=_destinations(r) if r.has("destinations") else None,
+        maxconnrate=r.get_int("maxconnrate", 0, 0, 10_000_000),
+        maxconn_per_source=r.get_int("maxconn-per-source", 0, 0, 10_000_000),
         v6only=tuple(v6 for _, v6, _ in parsed),
         unix_perms=tuple(perms for _, _, perms in parsed),
     )
@@ -645,6 +651,12 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
                 "maxconn",
                 f"{f.maxconn} is fewer than global.workers ({global_.workers}):"
                 " maxconn is shared out between the workers, each needs at least one",
+            )
+        if 0 < f.maxconnrate < global_.workers:
+            raise sub.error(
+                "maxconnrate",
+                f"{f.maxconnrate} is fewer than global.workers ({global_.workers}):"
+                " maxconnrate is shared out between the workers, each needs at least one",
             )
         for s in backends[f.backend].servers:
             if 0 < s.maxconn < global_.workers:
