@@ -27,6 +27,9 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
 #include <arpa/inet.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -661,10 +664,11 @@ static void do_connect(Engine *e, Conn *c) {
             park(c);
             return;
         }
-        PyObject *state, *sa;
+        PyObject *state, *sa, *src = Py_None;
         int family, proto, fallback, send_proxy, observe;
-        if (!PyArg_ParseTuple(r, "OiSipip", &state, &family, &sa, &proto, &fallback,
-                              &send_proxy, &observe)) {
+        if (!PyArg_ParseTuple(r, "OiSipip|O", &state, &family, &sa, &proto, &fallback,
+                              &send_proxy, &observe, &src) ||
+            (src != Py_None && !PyBytes_Check(src))) {
             Py_DECREF(r);
             report("pick() returned a bad target");
             abort_conn(e, c, s_internal);
@@ -679,12 +683,21 @@ static void do_connect(Engine *e, Conn *c) {
         if (fd < 0) {
             err = errno;
         } else {
+            err = 0;
             if (family != AF_UNIX) {
                 int one = 1;
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
             }
-            err = connect(fd, (struct sockaddr *)PyBytes_AS_STRING(sa),
-                          (socklen_t)PyBytes_GET_SIZE(sa)) == 0 ? 0 : errno;
+            if (src != Py_None) { /* HAProxy's `source` (source.py): the address, any port */
+                int one = 1;
+                setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+                if (bind(fd, (struct sockaddr *)PyBytes_AS_STRING(src),
+                         (socklen_t)PyBytes_GET_SIZE(src)) < 0)
+                    err = errno;
+            }
+            if (!err)
+                err = connect(fd, (struct sockaddr *)PyBytes_AS_STRING(sa),
+                              (socklen_t)PyBytes_GET_SIZE(sa)) == 0 ? 0 : errno;
         }
         Py_DECREF(r);
         if (err == 0 || err == EINPROGRESS || err == EALREADY)

@@ -40,7 +40,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mptcpkit.address import Address, parse_address
@@ -117,6 +117,7 @@ class Server:
     send_convert: bool = False  # RFC 8803: a Connect TLV names the destination (converter.py)
     psk: bytes | None = None  # for a remote gateway: Cookie TLV, or PROXY v2 TLV 0xE0
     maxconn: int = 0  # connections at once (shared out between workers); 0: no limit
+    source: str | None = None  # HAProxy's `source`: the local IP its legs leave from
     tfo: bool = False  # TCP Fast Open: the first bytes (a Convert message) go in the SYN
 
     @property
@@ -542,6 +543,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
             "psk",
             "tfo",
             "maxconn",
+            "source",
         )
     )
     if not r.has("address"):
@@ -562,7 +564,37 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
         psk=_psk(r),
         tfo=r.get_bool("tfo", False),
         maxconn=r.get_int("maxconn", 0, 0, 10_000_000),
+        source=_source(r, addr, tfo=r.get_bool("tfo", False)),
     )
+
+
+def _source(r: _Reader, addr: Address, tfo: bool = False) -> str | None:
+    """HAProxy's `source ADDR`: an IP literal of the server's family (no port: the
+    kernel picks one per connection, IP_BIND_ADDRESS_NO_PORT)."""
+    text = r.get_str("source", None)
+    if text is None:
+        return None
+    if tfo or (addr.port == 0 and addr.host in ("0.0.0.0", "::")):
+        raise r.error("source", f"not with a tfo or 0.0.0.0:0 server ({addr})")
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise r.error("source", f"expected an IP address, got {text!r}") from None
+    if addr.protocol == "unix":
+        raise r.error("source", f"{addr} is a unix socket: it has no source address")
+    want = addr.family
+    fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    if want in (socket.AF_INET, socket.AF_INET6) and _literal(addr) and want != fam:
+        raise r.error("source", f"{text} is IPv{ip.version}, the server {addr} is not")
+    return str(ip)
+
+
+def _literal(addr: Address) -> bool:
+    try:
+        ipaddress.ip_address(addr.host or "")
+    except ValueError:
+        return False
+    return True
 
 
 def _psk(r: _Reader) -> bytes | None:
@@ -597,7 +629,7 @@ def _check(r: _Reader) -> HealthCheck | None:
 
 
 def _backend(r: _Reader, name: str) -> Backend:
-    r.only(("server", "balance", "retries", "check"))
+    r.only(("server", "balance", "retries", "check", "source"))
     servers_table = r.table.get("server")
     if not isinstance(servers_table, dict) or not servers_table:
         raise r.error(
@@ -607,7 +639,10 @@ def _backend(r: _Reader, name: str) -> Backend:
     for sname, raw in servers_table.items():
         if not _NAME.match(sname):
             raise r.error(f"server.{sname}", "server names are letters, digits and _.:-")
-        servers.append(_server(r, sname, raw))
+        server = _server(r, sname, raw)
+        if server.source is None and r.has("source"):  # the backend's, for each server
+            server = replace(server, source=_source(r, server.address, server.tfo))
+        servers.append(server)
     if all(s.weight == 0 for s in servers):
         raise r.error("server", "every server has weight 0: nothing could be chosen")
     return Backend(
