@@ -146,6 +146,20 @@ class UnixPerms:
 
 
 @dataclass(frozen=True)
+class NetBind:
+    """HAProxy's `interface`, `namespace` and `transparent` bind options (listeners.py)."""
+
+    interface: str | None = None  # SO_BINDTODEVICE
+    namespace: str | None = None  # the listener is made in /run/netns/NAME
+    transparent: bool = False  # IP_TRANSPARENT: takes connections to non-local addresses
+
+    def __str__(self) -> str:
+        words = [f"interface {self.interface}"] if self.interface else []
+        words += [f"namespace {self.namespace}"] if self.namespace else []
+        return " ".join(words + ["transparent"] * self.transparent)
+
+
+@dataclass(frozen=True)
 class Frontend:
     name: str
     binds: tuple[Address, ...]
@@ -158,6 +172,8 @@ class Frontend:
     v6only: tuple[bool, ...] = ()
     # per bind: a unix socket file's `mode`/`user`/`group` (None: as created)
     unix_perms: tuple[UnixPerms | None, ...] = ()
+    # per bind: its interface/namespace/transparent options (None: none)
+    net: tuple[NetBind | None, ...] = ()
     transparent: bool = False  # IP_TRANSPARENT listeners (nftables tproxy)
     tfo: bool = False  # TCP Fast Open on the listeners (TCP_FASTOPEN)
     intercept: str = ""  # "redirect"/"tproxy": connections are intercepted (converter.py)
@@ -356,7 +372,9 @@ def _global(r: _Reader) -> GlobalSettings:
     assert stop is not None
     stats, stats_perms = None, None
     if r.has("stats-socket"):
-        stats, _, stats_perms = _bind(r, "stats-socket", r.table["stats-socket"])
+        stats, _, stats_perms, stats_net = _bind(r, "stats-socket", r.table["stats-socket"])
+        if stats_net is not None:
+            raise r.error("stats-socket", f"bind option {stats_net} is not for the stats socket")
         if stats.protocol != "unix":
             raise r.error("stats-socket", f"the runtime API listens on a unix socket, not {stats}")
     return GlobalSettings(
@@ -427,7 +445,7 @@ def _frontend(r: _Reader, name: str) -> Frontend:
     parsed = [
         _bind(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b) for i, b in enumerate(binds_raw)
     ]
-    binds = tuple(a for a, _, _ in parsed)
+    binds = tuple(a for a, _, _, _ in parsed)
     intercept = r.choice("intercept", "", INTERCEPT_MODES) if r.has("intercept") else ""
     transparent = r.get_bool("transparent", intercept == "tproxy")
     if transparent and intercept == "redirect":
@@ -452,8 +470,9 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         destinations=_destinations(r) if r.has("destinations") else None,
         maxconnrate=r.get_int("maxconnrate", 0, 0, 10_000_000),
         maxconn_per_source=r.get_int("maxconn-per-source", 0, 0, 10_000_000),
-        v6only=tuple(v6 for _, v6, _ in parsed),
-        unix_perms=tuple(perms for _, _, perms in parsed),
+        v6only=tuple(v6 for _, v6, _, _ in parsed),
+        unix_perms=tuple(perms for _, _, perms, _ in parsed),
+        net=tuple(nb for _, _, _, nb in parsed),
     )
 
 
@@ -477,11 +496,13 @@ def _destinations(r: _Reader) -> DestinationPolicy:
     return DestinationPolicy(psk=psk.encode() if psk else None, **lists)
 
 
-BIND_OPTIONS = ("v4v6", "v6only", "mode", "user", "group")
+BIND_OPTIONS = ("v4v6", "v6only", "mode", "user", "group", "interface", "namespace", "transparent")
 _UNIX_OPTIONS = ("mode", "user", "group")  # each takes a value
 
 
-def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms | None]:
+def _bind(
+    r: _Reader, key: str, text: object
+) -> tuple[Address, bool, UnixPerms | None, NetBind | None]:
     """`mptcp@[::]:443 [v4v6|v6only]`, `unix@/run/p.sock [mode 660] [user U] [group G]`:
     the address, whether an IPv6 listener is IPv6-only, and a unix socket file's
     permissions. As in HAProxy, `[::]` takes IPv4 clients too unless `v6only` says not."""
@@ -489,10 +510,21 @@ def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms 
     addr = _address(r, key, words[0] if words else text, server=False)
     v6only = False
     unix: dict[str, str] = {}
+    net: dict[str, str] = {}
     rest = iter(words[1:])
     for word in rest:
         if word not in BIND_OPTIONS:
             raise r.error(key, f"unknown bind option {word!r} (known: {', '.join(BIND_OPTIONS)})")
+        if word in ("interface", "namespace", "transparent"):
+            value = "" if word == "transparent" else next(rest, None)
+            if value is None or (value and not re.fullmatch(r"[\w.:@-]{1,64}", value)):
+                raise r.error(key, f"bind option {word} needs a name, got {value!r}")
+            if word == "interface" and len(value) > 15:
+                raise r.error(key, f"interface names are at most 15 characters, {value!r} is not")
+            if word != "namespace" and addr.protocol == "unix":
+                raise r.error(key, f"{word} applies to TCP/MPTCP binds, {addr} is not one")
+            net[word] = value
+            continue
         if word in _UNIX_OPTIONS:
             value = next(rest, None)
             if value is None:
@@ -504,8 +536,11 @@ def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms 
         if word == "v6only" and addr.family != socket.AF_INET6:
             raise r.error(key, f"v6only needs an IPv6 address, {addr} is not one")
         v6only = word == "v6only"
+    nb = None
+    if net:
+        nb = NetBind(net.get("interface"), net.get("namespace"), "transparent" in net)
     if not unix:
-        return addr, v6only, None
+        return addr, v6only, None, nb
     mode = None
     if "mode" in unix:
         try:
@@ -514,7 +549,7 @@ def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms 
             mode = -1
         if not 0 <= mode <= 0o7777:
             raise r.error(key, f"mode must be octal like 660, got {unix['mode']!r}")
-    return addr, v6only, UnixPerms(mode, unix.get("user"), unix.get("group"))
+    return addr, v6only, UnixPerms(mode, unix.get("user"), unix.get("group")), nb
 
 
 def _send_proxy(r: _Reader) -> int:
