@@ -21,7 +21,7 @@ IP_TRANSPARENT = 19
 def _conf(bind: str, server: str = "tcp@127.0.0.1:9") -> str:
     return (
         '[global]\nworkers = 2\nmetrics = ""\n'
-        f"[frontend.fe]\nbind = {bind!r}\nbackend = \"be\"\n"
+        f'[frontend.fe]\nbind = {bind!r}\nbackend = "be"\n'
         f'[backend.be]\nserver.s = "{server}"\n'
     )
 
