@@ -108,6 +108,7 @@ struct Conn {
     PyObject *c_state, *s_state;
     long c_sub, s_sub;
     int c_req, send_proxy, s_observe, active, done, queued;
+    int retry;            /* in the timeout queue waiting to retry a server (retry.py) */
     double idle, start;
     double t_connect, connect_time; /* first attempt (monotonic); to established, -1: not */
     unsigned long long bytes_in, bytes_out;
@@ -272,6 +273,28 @@ static void timeout_add(Engine *e, Conn *c) {
         fe->tq_head = c;
     fe->tq_tail = c;
     c->timed = 1;
+    arm(e, c->deadline);
+}
+
+/* Wait `delay` seconds before the next connect attempt: in the same queue, in order. */
+static void retry_later(Engine *e, Conn *c, double delay) {
+    Frontend *fe = c->fe;
+    c->deadline = monotonic() + delay;
+    Conn *after = fe->tq_tail;
+    while (after && after->deadline > c->deadline)
+        after = after->tprev;
+    c->tprev = after;
+    c->tnext = after ? after->tnext : fe->tq_head;
+    if (c->tnext)
+        c->tnext->tprev = c;
+    else
+        fe->tq_tail = c;
+    if (after)
+        after->tnext = c;
+    else
+        fe->tq_head = c;
+    c->timed = 1;
+    c->retry = 1;
     arm(e, c->deadline);
 }
 
@@ -553,6 +576,12 @@ static int connect_failed(Engine *e, Conn *c, int err) {
         Py_DECREF(r);
         return 1;
     }
+    if (PyFloat_Check(r)) { /* retry the same server after a pause */
+        double delay = PyFloat_AS_DOUBLE(r);
+        Py_DECREF(r);
+        retry_later(e, c, delay);
+        return 0;
+    }
     end(e, c, r);
     Py_DECREF(r);
     return 0;
@@ -632,7 +661,14 @@ static void connected(Engine *e, Conn *c, uint32_t events) {
 }
 
 static void connect_timeout(Engine *e, Conn *c) {
-    if (c->done || !c->s.connecting)
+    if (c->done)
+        return;
+    if (c->retry) {
+        c->retry = 0;
+        do_connect(e, c);
+        return;
+    }
+    if (!c->s.connecting)
         return;
     drop_server_socket(c);
     if (connect_failed(e, c, 0))

@@ -162,8 +162,9 @@ class CompiledFrontend(FrontendRuntime):
             return state  # None: wait for a server slot (queue.py)
         return self.backend.wire[state]
 
-    def failed(self, state: ServerState, err: int, tried: list[ServerState]) -> str | None:
-        """A connect failed (err 0: it timed out); None to try another server."""
+    def failed(self, state: ServerState, err: int, tried: list[ServerState]) -> str | float | None:
+        """A connect failed (err 0: it timed out): why the client is closed, or seconds
+        to wait before the next attempt (None: at once)."""
         exc: BaseException = TimeoutError() if err == 0 else OSError(err, os.strerror(err))
         return self.server_failed(state, exc, tried)
 

@@ -24,7 +24,8 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
 
     [backend.app]
     balance = "roundrobin"      # leastconn, source
-    retries = 2                 # other servers tried after a failed connect
+    retries = 3                 # retries of the server after a failed connect
+    redispatch = true           # the last retry goes to another server
     check = { interval = "2s", rise = 2, fall = 3, timeout = "1s" }
     server.s1 = "tcp@10.0.0.5:443"
     server.s2 = { address = "mptcp@10.0.0.6:443", weight = 2, backup = false,
@@ -132,8 +133,9 @@ class Backend:
     name: str
     servers: tuple[Server, ...]
     balance: str = "roundrobin"
-    retries: int = 2
+    retries: int = 3  # HAProxy's: the same server again (retry.py)
     check: HealthCheck | None = None
+    redispatch: bool = True  # HAProxy's `option redispatch`: the last retry elsewhere
 
 
 @dataclass(frozen=True)
@@ -664,7 +666,7 @@ def _check(r: _Reader) -> HealthCheck | None:
 
 
 def _backend(r: _Reader, name: str) -> Backend:
-    r.only(("server", "balance", "retries", "check", "source"))
+    r.only(("server", "balance", "retries", "redispatch", "check", "source"))
     servers_table = r.table.get("server")
     if not isinstance(servers_table, dict) or not servers_table:
         raise r.error(
@@ -684,8 +686,9 @@ def _backend(r: _Reader, name: str) -> Backend:
         name=name,
         servers=tuple(servers),
         balance=r.choice("balance", "roundrobin", BALANCE_ALGORITHMS),
-        retries=r.get_int("retries", 2, 0, 100),
+        retries=r.get_int("retries", 3, 0, 100),
         check=_check(r),
+        redispatch=r.get_bool("redispatch", True),
     )
 
 

@@ -54,8 +54,12 @@ class BackendPort(Protocol):
     ) -> ServerState | str | None: ...
 
     def attempt_failed(
-        self, state: ServerState, exc: BaseException, tried: list[ServerState]
-    ) -> str | None: ...
+        self,
+        state: ServerState,
+        exc: BaseException,
+        tried: list[ServerState],
+        connect_timeout: float = ...,
+    ) -> str | float | None: ...
 
     def start_connect(self, state: ServerState) -> tuple[Any, int]: ...
 
@@ -76,7 +80,7 @@ class FrontendPort(Protocol):
 
     def server_failed(
         self, state: ServerState, exc: BaseException, tried: list[ServerState]
-    ) -> str | None: ...
+    ) -> str | float | None: ...
 
 
 class WorkerPort(Protocol):

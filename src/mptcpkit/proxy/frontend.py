@@ -181,8 +181,9 @@ class FrontendRuntime:
 
     def server_failed(
         self, state: ServerState, exc: BaseException, tried: list[ServerState]
-    ) -> str | None:
-        """An attempt to reach `state` failed; None if another server may be tried.
+    ) -> str | float | None:
+        """An attempt to reach `state` failed: why the client is closed, or the seconds
+        to wait before the next attempt (None: at once; retry.py).
 
         The proxy's own lack of fds or memory (socket() failing) is not the server's
         fault: it is not counted against the server, no other server is tried (it would
@@ -191,7 +192,7 @@ class FrontendRuntime:
             state.active -= 1
             self._out_of(exc.errno, "no socket for a server connection")
             return f"proxy error: {reason_of(exc)}"
-        return self.backend.attempt_failed(state, exc, tried)
+        return self.backend.attempt_failed(state, exc, tried, self.cfg.timeouts.connect)
 
     def _out_of(self, err: int, what: str) -> None:
         why = reason_of(OSError(err, ""))

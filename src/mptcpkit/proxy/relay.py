@@ -14,8 +14,9 @@ to one is a change to both.
   direction, HAProxy one 16 KiB buffer.
 - Half-close: EOF on one leg becomes shutdown(SHUT_WR) on the other once its pending
   bytes are out; the connection ends when FIN has crossed both ways, or a leg fails.
-- The server connect is non-blocking; a failed or timed-out connect moves to the
-  next server the balancer offers, up to the backend's retries.
+- The server connect is non-blocking; a failed or timed-out connect is retried as
+  the backend says (retry.py: the same server after a pause, the last retry
+  elsewhere with `redispatch`).
 - Idle timeouts belong to the runtime's once-a-second sweep: a leg only sets a flag
   when it sees data, no timer is re-armed per read.
 """
@@ -427,10 +428,18 @@ class Conn:
         if self.tried is None:
             self.tried = []
         why = self.fe.server_failed(state, exc, self.tried)
-        if why is not None:
+        if isinstance(why, str):
             self.end(why)
             return False
+        if why is not None:  # HAProxy's turn-around time before the same server again
+            self.timer = self.fe.loop.call_later(why, self._retry)
+            return False
         return True
+
+    def _retry(self) -> None:
+        self.timer = None
+        if not self.done:
+            self.connect()
 
     def _proxy_header(self) -> None:
         """Read the client's PROXY header; then connect, with what came after it held."""

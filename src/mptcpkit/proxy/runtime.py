@@ -22,7 +22,7 @@ import mptcpkit
 from mptcpkit.abi.sockaddr import encode_address
 from mptcpkit.aio import sock_connect
 from mptcpkit.policy import Policy
-from mptcpkit.proxy import compiled
+from mptcpkit.proxy import compiled, retry
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
@@ -88,9 +88,16 @@ class BackendRuntime:
         """The server to connect to next (counted as active), why there is none, or
         None: wait, every usable server is at its maxconn."""
         host = caddr[0] if isinstance(caddr, tuple) else None
-        state = self.balancer.pick(host, tried or ())
+        if tried and retry.same_server(
+            tried, self.cfg.retries, self.cfg.redispatch, len(self.balancer.states)
+        ):
+            state: ServerState | None = tried[-1]
+        else:
+            # a new server, or another one than the last (redispatch); else the same
+            last = tried[-1:] if tried else ()
+            state = self.balancer.pick(host, last) or self.balancer.pick(host, ())
         if state is None:
-            if self.queue is not None and full(self.balancer.states, tried or ()):
+            if self.queue is not None and full(self.balancer.states):
                 return None
             return "every server failed" if tried else "no server available"
         state.active += 1
@@ -98,14 +105,23 @@ class BackendRuntime:
         return state
 
     def attempt_failed(
-        self, state: ServerState, exc: BaseException, tried: list[ServerState]
-    ) -> str | None:
-        """Count a failed connect; None if another server may be tried, else why not."""
+        self,
+        state: ServerState,
+        exc: BaseException,
+        tried: list[ServerState],
+        connect_timeout: float = retry.PAUSE_MAX,
+    ) -> str | float | None:
+        """Count a failed connect: why no retry, or the seconds to wait before retrying
+        the same server (None: retry at once)."""
         state.active -= 1
         self.rt.connect_failed(self, state, exc)
         tried.append(state)
         if len(tried) > self.cfg.retries:
             return f"connect failed: {reason_of(exc)}"
+        n = len(self.balancer.states)
+        if retry.same_server(tried, self.cfg.retries, self.cfg.redispatch, n):
+            wait = retry.pause(isinstance(exc, TimeoutError), connect_timeout)
+            return wait if wait > 0 else None
         return None
 
     def start_connect(self, state: ServerState) -> tuple[Any, int]:
