@@ -51,10 +51,11 @@ def test_naive_fleet_misroutes_joins() -> None:
     assert r.verified, r.errors  # the data still arrives, over one path
     assert r.joins == 24
     assert r.misrouted_joins > 0
-    assert r.joins_established <= 24 - r.misrouted_joins
+    assert r.joins_established < r.joins
     assert r.subflows_per_conn_min == 1
-    single = sum(1 for c in r.conns if c.subflows == 1)
-    assert single == r.misrouted_joins  # each misrouted join is a connection left on one path
+    # Misrouted joins leave connections on one path. Not an equality: a join lost in a
+    # full shaped queue does too, and a misrouted SYN sent again is counted again.
+    assert sum(1 for c in r.conns if c.subflows == 1) > 0
 
 
 @pytest.mark.root

@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--clients", type=int, default=1, help="client hosts, two links each")
     p.add_argument("--rate", default="20mbit", help="shaping of each client link (20mbit)")
-    p.add_argument("--size", default="256K", help="bytes each connection downloads (256K)")
+    p.add_argument("--size", default="1M", help="bytes each connection downloads (1M)")
     p.add_argument(
         "--concurrency", type=int, default=8, help="connections open at a time (default 8)"
     )

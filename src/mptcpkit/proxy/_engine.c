@@ -44,7 +44,7 @@
 #include <unistd.h>
 
 #ifndef BURST
-#define BURST 16 /* reads per leg per event before other sockets get a turn */
+#define BURST 16 /* default reads per leg per event before other sockets get a turn */
 #endif
 #define EVENTS 512        /* epoll events per poll() */
 #define MIN_READ 16384    /* a read of a leg whose traffic is small (not bulk) */
@@ -145,6 +145,7 @@ struct Engine {
     int observing;
     char *buf;
     size_t size;
+    int burst;            /* reads per leg per event (MPTCPKIT_PROXY_BURST, see datapath.py) */
     uint64_t batch;
     double armed;         /* deadline the timerfd is set for, 0: disarmed */
     Frontend **fes;
@@ -453,7 +454,7 @@ static void pump(Engine *e, Conn *c, Leg *src) {
     src->waiting = 0;
     char *buf = e->buf;
     size_t size = e->size;
-    for (int i = 0; i < BURST; i++) {
+    for (int i = 0; i < e->burst; i++) {
         size_t want = src->big ? room(dst, size) : MIN_READ;
         ssize_t n = recv(src->fd, buf, want, MSG_DONTWAIT);
         if (n < 0) {
@@ -889,7 +890,7 @@ static void fail(Engine *e, Conn *c, Leg *leg, int err) {
 }
 
 static void discard_input(Engine *e, Leg *leg) {
-    for (int i = 0; i < BURST; i++)
+    for (int i = 0; i < e->burst; i++)
         if (recv(leg->fd, e->buf, e->size, MSG_DONTWAIT) <= 0)
             return;
 }
@@ -1168,14 +1169,20 @@ static void run_again(Engine *e) {
 /* ---- the Python type ---------------------------------------------------------------- */
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"read_size", "observing", "call_soon", NULL};
+    static char *kwlist[] = {"read_size", "observing", "call_soon", "burst", NULL};
     Py_ssize_t size;
     int observing;
     PyObject *call_soon;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "npO", kwlist, &size, &observing, &call_soon))
+    int burst = BURST;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "npO|i", kwlist, &size, &observing, &call_soon,
+                                     &burst))
         return NULL;
     if (size < 1024) {
         PyErr_SetString(PyExc_ValueError, "read_size must be at least 1024");
+        return NULL;
+    }
+    if (burst < 1) {
+        PyErr_SetString(PyExc_ValueError, "burst must be at least 1");
         return NULL;
     }
     Engine *e = (Engine *)type->tp_alloc(type, 0);
@@ -1184,6 +1191,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     e->ep = e->tfd = -1;
     e->observing = observing;
     e->size = (size_t)size;
+    e->burst = burst;
     e->timer_kind = K_TIMER;
     e->buf = PyMem_RawMalloc(e->size);
     e->ep = epoll_create1(EPOLL_CLOEXEC);

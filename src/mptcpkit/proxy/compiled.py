@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.config import ConfigError
+from mptcpkit.proxy.datapath import BURST, burst
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.relay import leg_state, read_proxy_header
 from mptcpkit.proxy.timeouts import idle_rules
@@ -52,14 +53,17 @@ def data_path() -> str:
             "c, but mptcpkit.proxy._engine is not built"
             " (reinstall with a C compiler and the Python headers)",
         )
+    burst()  # MPTCPKIT_PROXY_BURST: checked before listening too
     return "compiled" if choice != "python" and _engine is not None else "python"
 
 
-def open_engine(loop: asyncio.AbstractEventLoop, read_size: int, observing: bool) -> Any:
+def open_engine(
+    loop: asyncio.AbstractEventLoop, read_size: int, observing: bool, burst: int = BURST
+) -> Any:
     """A worker's engine, polled from `loop`; None when workers relay in Python."""
     if _engine is None or data_path() == "python":
         return None
-    engine = _engine.Engine(read_size, observing, loop.call_soon)
+    engine = _engine.Engine(read_size, observing, loop.call_soon, burst)
     loop.add_reader(engine.fileno(), engine.poll)
     return engine
 

@@ -56,7 +56,6 @@ __all__ = [
     "subflows",
 ]
 
-BURST = 16  # reads per leg per event before other sockets get their turn
 MIN_READ = 16384  # a read of a leg whose traffic is small (not bulk)
 MIN_ROOM = 4096  # a bulk read when the destination has little or no room
 _SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
@@ -220,7 +219,7 @@ class Conn:
         rb = self.rb
         buf, view, size = rb.buf, rb.view, rb.size
         recv_into, send = src.sock.recv_into, dst.sock.send
-        for _ in range(BURST):
+        for _ in range(rb.burst):
             want = room(dst, size) if src.big else MIN_READ
             try:
                 n = recv_into(buf, want, _DONTWAIT)
@@ -535,7 +534,7 @@ class Conn:
 
     def _discard_input(self, leg: Leg) -> None:
         buf = self.rb.buf
-        for _ in range(BURST):
+        for _ in range(self.rb.burst):
             try:
                 if not leg.sock.recv_into(buf, 0, _DONTWAIT):
                     return

@@ -27,7 +27,7 @@ from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
 from mptcpkit.proxy.converter import needed as converter_needed
-from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer, Wire
+from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer, Wire, burst
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
@@ -191,9 +191,9 @@ class Runtime:
         self.log = log
         self.metrics = metrics
         self.observing = log.fd >= 0 or metrics is not None  # anyone reading the records
-        self.rbuf = ReadBuffer()
+        self.rbuf = ReadBuffer(burst=burst())
         self.poller = Poller(self.loop)
-        self.engine = compiled.open_engine(self.loop, READ_SIZE, self.observing)
+        self.engine = compiled.open_engine(self.loop, READ_SIZE, self.observing, self.rbuf.burst)
         self.worker = worker
         self.stopping = False
         self.idle_event = asyncio.Event()
