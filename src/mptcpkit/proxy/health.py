@@ -28,6 +28,7 @@ import mptcpkit
 from mptcpkit.aio import sock_connect
 from mptcpkit.proxy.config import Config, HealthCheck, Server
 from mptcpkit.proxy.relay import reason_of
+from mptcpkit.proxy.slowstart import came_up
 
 __all__ = ["Board", "follow", "run_checker"]
 
@@ -70,6 +71,8 @@ async def follow(rt: Any, board: Board) -> None:
             up = board.up(i)
             if up != st.up:
                 st.up = up
+                if up:
+                    came_up(st)  # slowstart ramps from now
             if rt.metrics is not None:
                 rt.metrics.server_health(name, st.server.name, up)
         await asyncio.sleep(FOLLOW_INTERVAL)
