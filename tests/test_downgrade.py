@@ -342,3 +342,38 @@ def test_bound_socket_keeps_its_port_through_the_downgrade(no_fd_leak: None) -> 
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 2)
         assert sock.getsockname() == bound and sock.gettimeout() == 3
         assert not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+
+
+def _outcome(setter: object, sock: socket.socket, key: tuple[int, int]) -> object:
+    try:
+        setter(sock, key[0], key[1], 0)  # type: ignore[operator]
+    except OSError as exc:
+        return type(exc), exc.errno
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+@pytest.mark.parametrize("bound", [False, True], ids=["fresh", "bound"])
+def test_options_refused_before_connect_skip_the_try_alike(
+    family: int, bound: bool, no_fd_leak: None
+) -> None:
+    """mptcpkit sockets set an option the probe saw MPTCP refuse before connect without
+    trying it on MPTCP first; the outcome (downgraded to TCP, or TCP's own error) must
+    be what trying first gives, option by option."""
+    from mptcpkit.options import refused_before_connect
+
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    tcp_only_options()  # the live probe fills the table
+    keys = sorted(refused_before_connect(family))
+    assert keys, "the live probe found nothing MPTCP refuses before connect"
+    for key in keys:
+        outcomes = []
+        for setter, make in (
+            (mptcpkit.Socket.setsockopt, lambda: mptcpkit.socket(family)),  # the shortcut
+            (mptcpkit.setsockopt, lambda: socket.socket(family, socket.SOCK_STREAM, 262)),
+        ):
+            with make() as sock:
+                if bound:
+                    sock.bind((host, 0))
+                outcomes.append(_outcome(setter, sock, key))
+        assert outcomes[0] == outcomes[1], option_name(*key)

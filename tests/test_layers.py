@@ -47,10 +47,10 @@ APPLICATIONS = ("mptcpkit.lab", "mptcpkit.proxy", "mptcpkit.run", "mptcpkit.pm")
 # Within mptcpkit.proxy, bottom to top (HAProxy keeps raw_sock/connection below stream).
 PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("config", "logging", "proxyproto", "convertproto", "destpolicy")),
-    ("balancing/health", ("balance", "timeouts", "retry", "queue")),
+    ("balancing/health", ("balance", "timeouts", "retry", "queue", "abuse")),
     (
         "data path",
-        ("poller", "datapath", "relay", "frontend", "_engine", "compiled", "converter"),
+        ("poller", "datapath", "source", "relay", "frontend", "_engine", "compiled", "converter"),
     ),
     ("worker runtime", ("runtime", "metrics", "control")),
     ("master", ("master", "prepare", "listeners", "ctlserver", "metricsd", "privileges")),

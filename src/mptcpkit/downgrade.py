@@ -160,13 +160,34 @@ def _refuse(option: OptionInfo, why: str) -> TCPOnlyOptionError:
     )
 
 
-def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | None = None) -> None:
+def downgrade_before_connect(
+    sock: socket.socket, level: int, optname: int, args: Sequence[Any], policy: Policy
+) -> bool:
+    """Set an option of `options.refused_before_connect()` without asking MPTCP first
+    (it would refuse): downgrade `sock` if it is an unconnected MPTCP socket that
+    `policy` lets change. False, having done nothing, when that is not the case: then
+    set the option the usual way (try, and downgrade on refusal)."""
+    if policy is Policy.REQUIRE or sock.getsockopt(_S, c.SO_PROTOCOL) != c.IPPROTO_MPTCP:
+        return False
+    return downgrade(sock, tcp_only_options()[(level, optname)], args, unconnected_only=True)
+
+
+def downgrade(
+    sock: socket.socket,
+    option: OptionInfo,
+    args: Sequence[Any] | None = None,
+    *,
+    unconnected_only: bool = False,
+) -> bool:
     """Replace the MPTCP socket behind `sock` by a plain TCP one, keeping what it had,
     with `option` set to `args` when given. On any error `sock` is left as it was: the
     error is TCP's own for the option (e.g. ENOENT for TCP_ULP "tls" before connect),
-    else a TCPOnlyOptionError that says why."""
+    else a TCPOnlyOptionError that says why. With `unconnected_only`, a socket that is
+    listening or connected is left alone and False returned; else True."""
     # tcpi_state, and for a listener tcpi_unacked (accept queue) and tcpi_sacked (backlog)
     state, queued, backlog = _TCP_STATE.unpack(sock.getsockopt(c.SOL_TCP, c.TCP_INFO, 32))
+    if unconnected_only and state != c.TCP_CLOSE:
+        return False
     listening = state == c.TCP_LISTEN
     if listening and settled_queue(sock, queued):
         raise _refuse(option, f"the listener has {queued} connection(s) waiting in its queue")
@@ -212,6 +233,7 @@ def downgrade(sock: socket.socket, option: OptionInfo, args: Sequence[Any] | Non
     if file_flags != os.O_RDWR | (os.O_NONBLOCK if timeout is not None else 0):
         fcntl.fcntl(fd, fcntl.F_SETFL, file_flags)
     record_note(sock, f"turned into plain TCP for {option.name} ({option.why})")
+    return True
 
 
 def become_plain_tcp(sock: socket.socket, name: str, why: str) -> None:

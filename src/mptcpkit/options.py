@@ -229,9 +229,12 @@ def _sockets(family: int, proto: int, host: str) -> Iterator[socket.socket]:
             sock.close()
 
 
-def _probe_family(family: int, host: str) -> dict[OptionKey, int] | None:
+def _probe_family(
+    family: int, host: str, before_connect: dict[int, frozenset[OptionKey]] | None = None
+) -> dict[OptionKey, int] | None:
     """{option: MPTCP's errno} for the options MPTCP refuses and TCP takes, on sockets
-    of `family`; None when MPTCP or TCP sockets of that family cannot be made."""
+    of `family`; None when MPTCP or TCP sockets of that family cannot be made. Into
+    `before_connect[family]`, when given: those MPTCP refuses both fresh and bound."""
     candidates = _candidates()
     refused: list[dict[OptionKey, int]] = []
     try:
@@ -255,18 +258,22 @@ def _probe_family(family: int, host: str) -> dict[OptionKey, int] | None:
                 found.setdefault(key, err)
     except OSError:
         return None
+    if before_connect is not None and len(refused) >= 2:
+        before_connect[family] = frozenset(found.keys() & refused[0].keys() & refused[1].keys())
     return found
 
 
-def probe_tcp_only_options() -> dict[OptionKey, OptionInfo] | None:
+def probe_tcp_only_options(
+    before_connect: dict[int, frozenset[OptionKey]] | None = None,
+) -> dict[OptionKey, OptionInfo] | None:
     """Ask the running kernel (uncached): the options MPTCP sockets refuse and TCP
     sockets take, over IPv4 and IPv6 sockets in four states; None when no MPTCP socket
     can be made here. IPv6-level options come from the static table when this host
     has no IPv6."""
-    found = _probe_family(socket.AF_INET, "127.0.0.1")
+    found = _probe_family(socket.AF_INET, "127.0.0.1", before_connect)
     if found is None:
         return None
-    v6 = _probe_family(socket.AF_INET6, "::1")
+    v6 = _probe_family(socket.AF_INET6, "::1", before_connect)
     if v6 is None:
         v6 = {k: v.errno for k, v in static_table().items() if k[0] == SOL_IPV6}
     for key, err in v6.items():
@@ -276,6 +283,9 @@ def probe_tcp_only_options() -> dict[OptionKey, OptionInfo] | None:
 
 _probed: Mapping[OptionKey, OptionInfo] | None = None
 _probed_live = False
+# Per family, what a live probe found MPTCP refusing before connect (fresh and bound):
+# setting one of these on an unconnected MPTCP socket need not be tried first.
+_before_connect: dict[int, frozenset[OptionKey]] = {}
 _lock = _thread.allocate_lock()
 
 
@@ -289,10 +299,20 @@ def tcp_only_options() -> Mapping[OptionKey, OptionInfo]:
         return table
     with _lock:
         if _probed is None:
-            found = probe_tcp_only_options()
+            found = probe_tcp_only_options(_before_connect)
             _probed_live = found is not None
             _probed = MappingProxyType(found if found is not None else dict(static_table()))
         return _probed
+
+
+def refused_before_connect(family: int) -> frozenset[OptionKey]:
+    """The options this kernel's MPTCP sockets of `family` refuse while not connected
+    (fresh or bound) and TCP takes: from the live probe of `tcp_only_options()`, empty
+    before it ran or where it could not (this never probes)."""
+    return _before_connect.get(family, _EMPTY)
+
+
+_EMPTY: frozenset[OptionKey] = frozenset()
 
 
 def tcp_only_options_probed() -> bool:
@@ -306,6 +326,7 @@ __all__ = [
     "OptionInfo",
     "option_name",
     "probe_tcp_only_options",
+    "refused_before_connect",
     "tcp_only_options",
     "tcp_only_options_probed",
 ]

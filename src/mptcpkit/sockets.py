@@ -8,12 +8,14 @@ Only a failure to *create* the MPTCP socket falls back.
 
 from __future__ import annotations
 
+import _socket as _c_socket
 import errno
 import socket as _socket
 
 from mptcpkit.abi.constants import IPPROTO_MPTCP, IPPROTO_TCP
-from mptcpkit.downgrade import become_plain_tcp, retry_after_downgrade
+from mptcpkit.downgrade import become_plain_tcp, downgrade_before_connect, retry_after_downgrade
 from mptcpkit.errors import MPTCPUnavailableError
+from mptcpkit.options import refused_before_connect
 from mptcpkit.policy import (
     ENV_DATA,
     ENV_KEY,
@@ -38,6 +40,7 @@ _inet_pton = _socket.inet_pton  # module globals: the connect path looks these u
 _INET = (_AF_INET, _AF_INET6)
 _STREAM_PROTOCOLS = (0, IPPROTO_TCP)
 _PREFER = Policy.PREFER
+_FAMILY = _c_socket.socket.family  # the C member: an int, without the enum conversion
 _ENV_DATA, _ENV_KEY = ENV_DATA, ENV_KEY
 
 
@@ -53,6 +56,14 @@ class Socket(_socket.socket):
     mptcp_policy: Policy
 
     def setsockopt(self, level: int, optname: int, *args: Any) -> None:
+        # An option this kernel's MPTCP refuses before connect goes straight to the
+        # downgrade on an unconnected socket, saving the refused call (once probed).
+        if (level, optname) in refused_before_connect(
+            _FAMILY.__get__(self)
+        ) and downgrade_before_connect(
+            self, level, optname, args, getattr(self, "mptcp_policy", Policy.PREFER)
+        ):
+            return
         try:
             super().setsockopt(level, optname, *args)
         except OSError as exc:

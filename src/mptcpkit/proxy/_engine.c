@@ -27,6 +27,9 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
 #include <arpa/inet.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -94,6 +97,7 @@ struct Conn {
     double deadline;
     Conn *pprev, *pnext;  /* the frontend's server queue, while parked (queue.py) */
     double parked;        /* waiting for a server slot since (monotonic), 0: not */
+    PyObject *src;        /* its address as maxconn-per-source counts it, or NULL */
     PyObject *server;     /* the ServerState connected (or being connected) to */
     PyObject *tried;      /* list of states that failed, or NULL */
     PyObject *hdr;        /* bytearray while a PROXY header is read, else NULL */
@@ -126,6 +130,9 @@ struct Frontend {
     PyObject *queue_how;
     Conn *pq_head, *pq_tail; /* parked: every server at its maxconn (queue.py) */
     long nparked;
+    long rate_limit, rate_n; /* maxconnrate: accepts per window (abuse.py), 0: none */
+    int rate_held;        /* the rate stopped accepting in this window */
+    int per_source;       /* ask fe.admit(address) on accept (maxconn-per-source) */
     Listener **listeners; /* a port range binds many */
     int nlisteners, caplisteners;
     Conn head;            /* sentinel of the live list */
@@ -155,7 +162,7 @@ struct Engine {
 
 static PyObject *s_pick, *s_failed, *s_header, *s_parse, *s_leg_state, *s_done,
     *s_accept_failed, *s_both_closed, *s_internal, *s_no_header, *s_closed_before_header,
-    *s_tcp, *s_mptcp, *s_question, *s_dash, *s_errorcode;
+    *s_tcp, *s_mptcp, *s_question, *s_dash, *s_errorcode, *s_admit, *s_release;
 
 static double monotonic(void) {
     struct timespec t;
@@ -694,10 +701,11 @@ static void do_connect(Engine *e, Conn *c) {
             park(c);
             return;
         }
-        PyObject *state, *sa;
+        PyObject *state, *sa, *src = Py_None;
         int family, proto, fallback, send_proxy, observe;
-        if (!PyArg_ParseTuple(r, "OiSipip", &state, &family, &sa, &proto, &fallback,
-                              &send_proxy, &observe)) {
+        if (!PyArg_ParseTuple(r, "OiSipip|O", &state, &family, &sa, &proto, &fallback,
+                              &send_proxy, &observe, &src) ||
+            (src != Py_None && !PyBytes_Check(src))) {
             Py_DECREF(r);
             report("pick() returned a bad target");
             abort_conn(e, c, s_internal);
@@ -712,12 +720,21 @@ static void do_connect(Engine *e, Conn *c) {
         if (fd < 0) {
             err = errno;
         } else {
+            err = 0;
             if (family != AF_UNIX) {
                 int one = 1;
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
             }
-            err = connect(fd, (struct sockaddr *)PyBytes_AS_STRING(sa),
-                          (socklen_t)PyBytes_GET_SIZE(sa)) == 0 ? 0 : errno;
+            if (src != Py_None) { /* HAProxy's `source` (source.py): the address, any port */
+                int one = 1;
+                setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+                if (bind(fd, (struct sockaddr *)PyBytes_AS_STRING(src),
+                         (socklen_t)PyBytes_GET_SIZE(src)) < 0)
+                    err = errno;
+            }
+            if (!err)
+                err = connect(fd, (struct sockaddr *)PyBytes_AS_STRING(sa),
+                              (socklen_t)PyBytes_GET_SIZE(sa)) == 0 ? 0 : errno;
         }
         Py_DECREF(r);
         if (err == 0 || err == EINPROGRESS || err == EALREADY)
@@ -906,6 +923,13 @@ static void finished(Engine *e, Conn *c) {
     if (!r)
         report("done() raised");
     Py_XDECREF(r);
+    if (c->src) {
+        r = PyObject_CallMethodObjArgs(fe->key, s_release, c->src, NULL);
+        if (!r)
+            report("release() raised");
+        Py_XDECREF(r);
+        Py_CLEAR(c->src);
+    }
     if (fe->paused && fe->count < fe->maxconn)
         pause_frontend(e, fe, 0);
     c->free_next = e->to_free;
@@ -946,6 +970,7 @@ static void free_conn(Conn *c) {
     Py_CLEAR(c->caddr);
     Py_CLEAR(c->daddr);
     Py_CLEAR(c->how);
+    Py_CLEAR(c->src);
     Py_CLEAR(c->c_state);
     Py_CLEAR(c->s_state);
     clear_pending(&c->c);
@@ -988,6 +1013,11 @@ static int on_accept(Engine *e, Listener *l) {
             pause_frontend(e, fe, 1);
             return 1;
         }
+        if (fe->rate_limit && fe->rate_n >= fe->rate_limit) {
+            fe->rate_held = 1; /* rate_window() accepts again */
+            pause_frontend(e, fe, 1);
+            return 1;
+        }
         struct sockaddr_storage sa;
         socklen_t salen = sizeof sa;
         int fd = accept4(l->fd, (struct sockaddr *)&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -1006,11 +1036,36 @@ static int on_accept(Engine *e, Listener *l) {
             Py_XDECREF(r);
             return 1;
         }
+        fe->rate_n++;
+        PyObject *src = NULL;
+        if (fe->per_source && (sa.ss_family == AF_INET || sa.ss_family == AF_INET6)) {
+            src = sa.ss_family == AF_INET
+                      ? PyBytes_FromStringAndSize(
+                            (const char *)&((struct sockaddr_in *)&sa)->sin_addr, 4)
+                      : PyBytes_FromStringAndSize(
+                            (const char *)&((struct sockaddr_in6 *)&sa)->sin6_addr, 16);
+            PyObject *r = src ? PyObject_CallMethodObjArgs(fe->key, s_admit, src, NULL) : NULL;
+            int ok = r ? PyObject_IsTrue(r) : -1;
+            Py_XDECREF(r);
+            if (ok < 0)
+                report("admit() raised");
+            if (ok == 0) { /* tcp-request connection reject: reset at once */
+                struct linger lg = {1, 0};
+                setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+                close(fd);
+                Py_XDECREF(src);
+                continue;
+            }
+            if (ok < 0)
+                Py_CLEAR(src); /* admitted, not counted */
+        }
         Conn *c = PyMem_RawCalloc(1, sizeof *c);
         if (!c) {
+            Py_XDECREF(src);
             close(fd);
             return 1;
         }
+        c->src = src;
         c->fe = fe;
         c->c.kind = c->s.kind = K_LEG;
         c->c.conn = c->s.conn = c;
@@ -1230,14 +1285,15 @@ static Frontend *get_fe(Engine *e, int id) {
 static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"key", "maxconn", "accept_proxy", "needs_caddr",
                              "connect_timeout", "client_timeout", "idle_limit", "idle_how",
-                             "fin_limit", "fin_how", "queue_timeout", "queue_how", NULL};
+                             "fin_limit", "fin_how", "queue_timeout", "queue_how",
+                             "rate_limit", "per_source", NULL};
     PyObject *key, *idle_how, *fin_how = NULL, *queue_how = NULL;
-    long maxconn;
-    int accept_proxy, needs_caddr;
+    long maxconn, rate_limit = 0;
+    int accept_proxy, needs_caddr, per_source = 0;
     double ct, cl, il, fl = -2.0, qt = -1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdU", kwlist, &key, &maxconn,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlp", kwlist, &key, &maxconn,
                                      &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how,
-                                     &fl, &fin_how, &qt, &queue_how))
+                                     &fl, &fin_how, &qt, &queue_how, &rate_limit, &per_source))
         return NULL;
     if (!queue_how) /* no queue: nothing is ever parked */
         qt = -1.0;
@@ -1261,6 +1317,8 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     fe->fin_how = Py_NewRef(fin_how);
     fe->fin_limit = fl;
     fe->queue_timeout = qt;
+    fe->rate_limit = rate_limit;
+    fe->per_source = per_source;
     fe->queue_how = Py_XNewRef(queue_how);
     fe->id = e->nfes;
     fe->maxconn = maxconn;
@@ -1462,6 +1520,22 @@ static PyObject *Engine_unpark(Engine *e, PyObject *args) {
     Py_RETURN_TRUE;
 }
 
+/* A new maxconnrate window: accept again; True if the last one was cut short. */
+static PyObject *Engine_rate_window(Engine *e, PyObject *args) {
+    int id;
+    if (!PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Frontend *fe = get_fe(e, id);
+    if (!fe)
+        return NULL;
+    int held = fe->rate_held;
+    fe->rate_n = 0;
+    fe->rate_held = 0;
+    if (e->ep >= 0 && fe->paused && fe->count < fe->maxconn)
+        pause_frontend(e, fe, 0);
+    return PyBool_FromLong(held);
+}
+
 static PyObject *Engine_parked(Engine *e, PyObject *args) {
     int id;
     if (!PyArg_ParseTuple(args, "i", &id))
@@ -1534,6 +1608,8 @@ static PyMethodDef Engine_methods[] = {
     {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Run the ready events."},
     {"unpark", (PyCFunction)Engine_unpark, METH_VARARGS,
      "unpark(id): let the oldest connection waiting for a server slot connect; False if none."},
+    {"rate_window", (PyCFunction)Engine_rate_window, METH_VARARGS,
+     "rate_window(id): a new maxconnrate window; True if the last one stopped accepting."},
     {"parked", (PyCFunction)Engine_parked, METH_VARARGS,
      "parked(id): connections waiting for a server slot (queue.py)."},
     {"sweep", (PyCFunction)Engine_sweep, METH_VARARGS,
@@ -1572,6 +1648,8 @@ PyMODINIT_FUNC PyInit__engine(void) {
     INTERN(s_parse, "parse");
     INTERN(s_leg_state, "leg_state");
     INTERN(s_done, "done");
+    INTERN(s_admit, "admit");
+    INTERN(s_release, "release");
     INTERN(s_accept_failed, "accept_failed");
     INTERN(s_both_closed, "both closed");
     INTERN(s_internal, "internal error");

@@ -110,6 +110,8 @@ class CompiledFrontend(FrontendRuntime):
             fin_how=rules.fin_how,
             queue_timeout=queue_limit,
             queue_how=f"queue timeout ({queue_limit:g}s)",
+            rate_limit=cfg.maxconnrate,
+            per_source=bool(cfg.maxconn_per_source),
         )
 
     # --- what the runtime uses --------------------------------------------------------
@@ -140,6 +142,17 @@ class CompiledFrontend(FrontendRuntime):
 
     def unpark(self) -> bool:
         return bool(self.engine.unpark(self.id))
+
+    def _rate_reset(self) -> bool:
+        return bool(self.engine.rate_window(self.id))
+
+    def admit(self, key: bytes) -> bool:
+        """maxconn-per-source: may a connection from this address (its bytes) stay?"""
+        return self.limits is None or self.limits.admit(key)
+
+    def release(self, key: bytes) -> None:
+        if self.limits is not None:
+            self.limits.release(key)
 
     def _hold(self, paused: bool) -> None:
         self.engine.pause(self.id, paused)

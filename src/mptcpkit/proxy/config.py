@@ -41,7 +41,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mptcpkit.address import Address, parse_address
@@ -118,6 +118,7 @@ class Server:
     send_convert: bool = False  # RFC 8803: a Connect TLV names the destination (converter.py)
     psk: bytes | None = None  # for a remote gateway: Cookie TLV, or PROXY v2 TLV 0xE0
     maxconn: int = 0  # connections at once (shared out between workers); 0: no limit
+    source: str | None = None  # HAProxy's `source`: the local IP its legs leave from
     tfo: bool = False  # TCP Fast Open: the first bytes (a Convert message) go in the SYN
 
     @property
@@ -147,6 +148,20 @@ class UnixPerms:
 
 
 @dataclass(frozen=True)
+class NetBind:
+    """HAProxy's `interface`, `namespace` and `transparent` bind options (listeners.py)."""
+
+    interface: str | None = None  # SO_BINDTODEVICE
+    namespace: str | None = None  # the listener is made in /run/netns/NAME
+    transparent: bool = False  # IP_TRANSPARENT: takes connections to non-local addresses
+
+    def __str__(self) -> str:
+        words = [f"interface {self.interface}"] if self.interface else []
+        words += [f"namespace {self.namespace}"] if self.namespace else []
+        return " ".join(words + ["transparent"] * self.transparent)
+
+
+@dataclass(frozen=True)
 class Frontend:
     name: str
     binds: tuple[Address, ...]
@@ -159,11 +174,15 @@ class Frontend:
     v6only: tuple[bool, ...] = ()
     # per bind: a unix socket file's `mode`/`user`/`group` (None: as created)
     unix_perms: tuple[UnixPerms | None, ...] = ()
+    # per bind: its interface/namespace/transparent options (None: none)
+    net: tuple[NetBind | None, ...] = ()
     transparent: bool = False  # IP_TRANSPARENT listeners (nftables tproxy)
     tfo: bool = False  # TCP Fast Open on the listeners (TCP_FASTOPEN)
     intercept: str = ""  # "redirect"/"tproxy": connections are intercepted (converter.py)
     accept_convert: bool = False  # RFC 8803: a Connect TLV names the destination
     destinations: DestinationPolicy | None = None  # a remote gateway's (converter.py)
+    maxconnrate: int = 0  # new connections per second, whole proxy (abuse.py); 0: none
+    maxconn_per_source: int = 0  # connections at once from one address, per worker
 
     def dualstack(self, i: int) -> bool:
         """Bind `i` is an IPv6 address taking IPv4 clients too (IPV6_V6ONLY=0)."""
@@ -355,7 +374,9 @@ def _global(r: _Reader) -> GlobalSettings:
     assert stop is not None
     stats, stats_perms = None, None
     if r.has("stats-socket"):
-        stats, _, stats_perms = _bind(r, "stats-socket", r.table["stats-socket"])
+        stats, _, stats_perms, stats_net = _bind(r, "stats-socket", r.table["stats-socket"])
+        if stats_net is not None:
+            raise r.error("stats-socket", f"bind option {stats_net} is not for the stats socket")
         if stats.protocol != "unix":
             raise r.error("stats-socket", f"the runtime API listens on a unix socket, not {stats}")
     return GlobalSettings(
@@ -412,6 +433,8 @@ def _frontend(r: _Reader, name: str) -> Frontend:
             "intercept",
             "accept-convert",
             "destinations",
+            "maxconnrate",
+            "maxconn-per-source",
         )
     )
     if not r.has("bind"):
@@ -424,7 +447,7 @@ def _frontend(r: _Reader, name: str) -> Frontend:
     parsed = [
         _bind(r, f"bind[{i}]" if len(binds_raw) > 1 else "bind", b) for i, b in enumerate(binds_raw)
     ]
-    binds = tuple(a for a, _, _ in parsed)
+    binds = tuple(a for a, _, _, _ in parsed)
     intercept = r.choice("intercept", "", INTERCEPT_MODES) if r.has("intercept") else ""
     transparent = r.get_bool("transparent", intercept == "tproxy")
     if transparent and intercept == "redirect":
@@ -447,8 +470,11 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         intercept=intercept,
         accept_convert=r.get_bool("accept-convert", False),
         destinations=_destinations(r) if r.has("destinations") else None,
-        v6only=tuple(v6 for _, v6, _ in parsed),
-        unix_perms=tuple(perms for _, _, perms in parsed),
+        maxconnrate=r.get_int("maxconnrate", 0, 0, 10_000_000),
+        maxconn_per_source=r.get_int("maxconn-per-source", 0, 0, 10_000_000),
+        v6only=tuple(v6 for _, v6, _, _ in parsed),
+        unix_perms=tuple(perms for _, _, perms, _ in parsed),
+        net=tuple(nb for _, _, _, nb in parsed),
     )
 
 
@@ -472,11 +498,13 @@ def _destinations(r: _Reader) -> DestinationPolicy:
     return DestinationPolicy(psk=psk.encode() if psk else None, **lists)
 
 
-BIND_OPTIONS = ("v4v6", "v6only", "mode", "user", "group")
+BIND_OPTIONS = ("v4v6", "v6only", "mode", "user", "group", "interface", "namespace", "transparent")
 _UNIX_OPTIONS = ("mode", "user", "group")  # each takes a value
 
 
-def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms | None]:
+def _bind(
+    r: _Reader, key: str, text: object
+) -> tuple[Address, bool, UnixPerms | None, NetBind | None]:
     """`mptcp@[::]:443 [v4v6|v6only]`, `unix@/run/p.sock [mode 660] [user U] [group G]`:
     the address, whether an IPv6 listener is IPv6-only, and a unix socket file's
     permissions. As in HAProxy, `[::]` takes IPv4 clients too unless `v6only` says not."""
@@ -484,10 +512,21 @@ def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms 
     addr = _address(r, key, words[0] if words else text, server=False)
     v6only = False
     unix: dict[str, str] = {}
+    net: dict[str, str] = {}
     rest = iter(words[1:])
     for word in rest:
         if word not in BIND_OPTIONS:
             raise r.error(key, f"unknown bind option {word!r} (known: {', '.join(BIND_OPTIONS)})")
+        if word in ("interface", "namespace", "transparent"):
+            value = "" if word == "transparent" else next(rest, None)
+            if value is None or (value and not re.fullmatch(r"[\w.:@-]{1,64}", value)):
+                raise r.error(key, f"bind option {word} needs a name, got {value!r}")
+            if word == "interface" and len(value) > 15:
+                raise r.error(key, f"interface names are at most 15 characters, {value!r} is not")
+            if word != "namespace" and addr.protocol == "unix":
+                raise r.error(key, f"{word} applies to TCP/MPTCP binds, {addr} is not one")
+            net[word] = value
+            continue
         if word in _UNIX_OPTIONS:
             value = next(rest, None)
             if value is None:
@@ -499,8 +538,11 @@ def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms 
         if word == "v6only" and addr.family != socket.AF_INET6:
             raise r.error(key, f"v6only needs an IPv6 address, {addr} is not one")
         v6only = word == "v6only"
+    nb = None
+    if net:
+        nb = NetBind(net.get("interface"), net.get("namespace"), "transparent" in net)
     if not unix:
-        return addr, v6only, None
+        return addr, v6only, None, nb
     mode = None
     if "mode" in unix:
         try:
@@ -509,7 +551,7 @@ def _bind(r: _Reader, key: str, text: object) -> tuple[Address, bool, UnixPerms 
             mode = -1
         if not 0 <= mode <= 0o7777:
             raise r.error(key, f"mode must be octal like 660, got {unix['mode']!r}")
-    return addr, v6only, UnixPerms(mode, unix.get("user"), unix.get("group"))
+    return addr, v6only, UnixPerms(mode, unix.get("user"), unix.get("group")), nb
 
 
 def _send_proxy(r: _Reader) -> int:
@@ -538,6 +580,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
             "psk",
             "tfo",
             "maxconn",
+            "source",
         )
     )
     if not r.has("address"):
@@ -558,7 +601,37 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
         psk=_psk(r),
         tfo=r.get_bool("tfo", False),
         maxconn=r.get_int("maxconn", 0, 0, 10_000_000),
+        source=_source(r, addr, tfo=r.get_bool("tfo", False)),
     )
+
+
+def _source(r: _Reader, addr: Address, tfo: bool = False) -> str | None:
+    """HAProxy's `source ADDR`: an IP literal of the server's family (no port: the
+    kernel picks one per connection, IP_BIND_ADDRESS_NO_PORT)."""
+    text = r.get_str("source", None)
+    if text is None:
+        return None
+    if tfo or (addr.port == 0 and addr.host in ("0.0.0.0", "::")):
+        raise r.error("source", f"not with a tfo or 0.0.0.0:0 server ({addr})")
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise r.error("source", f"expected an IP address, got {text!r}") from None
+    if addr.protocol == "unix":
+        raise r.error("source", f"{addr} is a unix socket: it has no source address")
+    want = addr.family
+    fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    if want in (socket.AF_INET, socket.AF_INET6) and _literal(addr) and want != fam:
+        raise r.error("source", f"{text} is IPv{ip.version}, the server {addr} is not")
+    return str(ip)
+
+
+def _literal(addr: Address) -> bool:
+    try:
+        ipaddress.ip_address(addr.host or "")
+    except ValueError:
+        return False
+    return True
 
 
 def _psk(r: _Reader) -> bytes | None:
@@ -593,7 +666,7 @@ def _check(r: _Reader) -> HealthCheck | None:
 
 
 def _backend(r: _Reader, name: str) -> Backend:
-    r.only(("server", "balance", "retries", "redispatch", "check"))
+    r.only(("server", "balance", "retries", "redispatch", "check", "source"))
     servers_table = r.table.get("server")
     if not isinstance(servers_table, dict) or not servers_table:
         raise r.error(
@@ -603,7 +676,10 @@ def _backend(r: _Reader, name: str) -> Backend:
     for sname, raw in servers_table.items():
         if not _NAME.match(sname):
             raise r.error(f"server.{sname}", "server names are letters, digits and _.:-")
-        servers.append(_server(r, sname, raw))
+        server = _server(r, sname, raw)
+        if server.source is None and r.has("source"):  # the backend's, for each server
+            server = replace(server, source=_source(r, server.address, server.tfo))
+        servers.append(server)
     if all(s.weight == 0 for s in servers):
         raise r.error("server", "every server has weight 0: nothing could be chosen")
     return Backend(
@@ -648,6 +724,12 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
                 "maxconn",
                 f"{f.maxconn} is fewer than global.workers ({global_.workers}):"
                 " maxconn is shared out between the workers, each needs at least one",
+            )
+        if 0 < f.maxconnrate < global_.workers:
+            raise sub.error(
+                "maxconnrate",
+                f"{f.maxconnrate} is fewer than global.workers ({global_.workers}):"
+                " maxconnrate is shared out between the workers, each needs at least one",
             )
         for s in backends[f.backend].servers:
             if 0 < s.maxconn < global_.workers:

@@ -30,9 +30,14 @@ __all__ = [
     "BackendPort",
     "FrontendPort",
     "ReadBuffer",
+    "Wire",
     "WorkerPort",
     "burst",
 ]
+
+# What the engine needs to open a leg to a server (`BackendRuntime._wire`): state,
+# family, sockaddr, proto, may fall back to TCP, send-proxy, observe MPTCP, source.
+Wire = tuple["ServerState", int, bytes, int, bool, int, bool, "bytes | None"]
 
 READ_SIZE = 1 << 20  # bulk: 1 MiB reads measured ~15% faster than 256 KiB
 BURST = 16  # reads per leg per event before other sockets get their turn
@@ -70,7 +75,7 @@ class BackendPort(Protocol):
     cfg: Backend
     needs_client_addr: bool
     targets: dict[str, tuple[int, Any]]  # server name -> (family, sockaddr)
-    wire: dict[ServerState, tuple[ServerState, int, bytes, int, bool, int, bool]]
+    wire: dict[ServerState, Wire]
     queue: ServerQueue | None  # servers with a maxconn: connections wait for a slot
 
     def next_server(

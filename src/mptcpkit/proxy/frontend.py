@@ -12,6 +12,7 @@ import _socket
 import errno
 import functools
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import mptcpkit
 from mptcpkit.policy import Policy
+from mptcpkit.proxy.abuse import Limits
 from mptcpkit.proxy.relay import Conn, reason_of, subflows
 from mptcpkit.proxy.timeouts import idle_rules
 from mptcpkit.status import protocol as socket_protocol
@@ -34,6 +36,7 @@ ACCEPT_BATCH = 64  # connections accepted per wakeup before others get a turn
 ACCEPT_RETRY = 1.0  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _STREAM = int(socket.SOCK_STREAM)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class FrontendRuntime:
@@ -62,6 +65,11 @@ class FrontendRuntime:
         self.parked: deque[Conn] = deque()  # waiting for a server slot (queue.py)
         if backend.queue is not None:
             backend.queue.frontends.append(self)
+        self.limits: Limits | None = None  # maxconnrate, maxconn-per-source (abuse.py)
+        if cfg.maxconnrate or cfg.maxconn_per_source:
+            self.limits = Limits(cfg.maxconnrate, cfg.maxconn_per_source)
+        self._rate_n = 0  # accepted in this one-second window
+        self._sources: dict[Conn, str] = {}  # counted by maxconn-per-source
 
     async def start(self) -> None:
         for ls in self.listeners:
@@ -71,6 +79,25 @@ class FrontendRuntime:
                 ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mptcp = tcp and socket_protocol(ls) == mptcpkit.IPPROTO_MPTCP
             self._listen(ls, mptcp)
+        if self.limits is not None:
+            self.loop.call_later(1.0, self._window)
+
+    def _window(self) -> None:
+        """Each second: a fresh maxconnrate window, and what the limits did, logged."""
+        if self.closed or self.limits is None:
+            return
+        if self._rate_reset():
+            self.limits.rate_held = True
+        for line in self.limits.window(self.cfg.name):
+            self.rt.log.event(line)
+        self.loop.call_later(1.0, self._window)
+
+    def _rate_reset(self) -> bool:
+        """Start a new rate window (accept again); True if the last one was cut short."""
+        self._rate_n = 0
+        if self.paused and len(self.conns) < self.cfg.maxconn:
+            self._pause(False)
+        return False  # limits.rate_held says it already
 
     def _listen(self, ls: socket.socket, mptcp: bool) -> None:
         # family and proto as plain ints: socket.family converts to an enum each call
@@ -109,8 +136,13 @@ class FrontendRuntime:
         conns = self.conns
         maxconn = self.cfg.maxconn
         poller = self.rt.poller
+        limits = self.limits
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= maxconn:
+                self._pause(True)
+                return True
+            if limits is not None and limits.rate and self._rate_n >= limits.rate:
+                limits.rate_held = True  # the next window accepts again
                 self._pause(True)
                 return True
             try:
@@ -123,8 +155,19 @@ class FrontendRuntime:
                 self.accept_failed(exc.errno or 0)
                 return True
             sock = _socket.socket(family, _STREAM, proto, fd)  # blocking: see relay._DONTWAIT
+            src = None
+            if limits is not None:
+                self._rate_n += 1
+                if limits.per_source and isinstance(addr, tuple):
+                    src = addr[0]
+                    if not limits.admit(src):  # tcp-request connection reject
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                        sock.close()
+                        continue
             conn = self.conn_type(self, sock, addr, mptcp)
             conns.add(conn)
+            if src is not None:
+                self._sources[conn] = src
             # Server leg first: on loopback its connect is usually done by now, and epoll
             # then reports it before the client's first bytes, which can go straight on.
             conn.begin()
@@ -182,6 +225,10 @@ class FrontendRuntime:
             return
         conn.done = True
         self.conns.discard(conn)
+        if self._sources:
+            src = self._sources.pop(conn, None)
+            if src is not None and self.limits is not None:
+                self.limits.release(src)
         if conn.server is not None:
             conn.server.active -= 1
             if self.backend.queue is not None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import mptcpkit
-from mptcpkit import intercept
+from mptcpkit import intercept, netns
 from mptcpkit.proxy.config import Config, ConfigError, Frontend, UnixPerms
 from mptcpkit.proxy.prepare import unix_owner
 
@@ -86,6 +86,9 @@ def _pool_key(f: Frontend, index: int) -> str:
     addr = f.binds[index]
     v6only = addr.family == socket.AF_INET6 and not f.dualstack(index)
     text = f"{addr} v6only" if v6only else str(addr)
+    net = f.net[index] if index < len(f.net) else None
+    if net is not None:
+        text = f"{text} {net}"
     if addr.protocol != "unix" and addr.port == 0:
         return f"{text}#{f.name}[{index}]"
     return text
@@ -120,7 +123,12 @@ class ListenerPool:
                     key_name = f"frontend.{f.name}.bind" + (f"[{i}]" if len(f.binds) > 1 else "")
                     dual = f.dualstack(i)
                     text = _pool_key(f, i)
-                    first = self._get(text, 0, new) or self._create(cfg, key_name, addr, made, dual)
+                    net = f.net[i] if i < len(f.net) else None
+                    ns = net.namespace if net is not None else None
+                    first = self._get(text, 0, new)
+                    if first is None:
+                        with _listen_errors(cfg, key_name, addr), netns.entered(ns):
+                            first = self._create(cfg, key_name, addr, made, dual)
                     new[(text, 0)] = first
                     perms = f.unix_perms[i] if i < len(f.unix_perms) else None
                     if perms is not None:
@@ -132,7 +140,10 @@ class ListenerPool:
                             continue
                         got = self._get(text, w, new)
                         if got is None:
-                            got = [self._sibling(cfg, key_name, addr, s, made, dual) for s in first]
+                            with _listen_errors(cfg, key_name, addr), netns.entered(ns):
+                                got = [
+                                    self._sibling(cfg, key_name, addr, s, made, dual) for s in first
+                                ]
                         new[(text, w)] = got
                     # Fewer workers than before: the extra SO_REUSEPORT sockets are handed
                     # to the remaining workers, not closed: closing one would reset the
@@ -148,7 +159,17 @@ class ListenerPool:
                                     sock.setsockopt(
                                         socket.IPPROTO_TCP, socket.TCP_FASTOPEN, TFO_QUEUE
                                     )
-                    if f.transparent and addr.protocol != "unix":  # nftables tproxy
+                    if net is not None and net.interface:  # HAProxy's bind `interface`
+                        for w in range(workers):
+                            for sock in new[(text, w)]:
+                                with _listen_errors(cfg, key_name, addr):
+                                    sock.setsockopt(
+                                        socket.SOL_SOCKET,
+                                        socket.SO_BINDTODEVICE,
+                                        net.interface.encode(),
+                                    )
+                    transparent = f.transparent or (net is not None and net.transparent)
+                    if transparent and addr.protocol != "unix":  # nftables tproxy
                         for w in range(workers):
                             for sock in new[(text, w)]:
                                 with _listen_errors(cfg, key_name, addr):

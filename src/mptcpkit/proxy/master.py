@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from mptcpkit.proxy import compiled, control, metricsd, privileges
+from mptcpkit.proxy import abuse, compiled, control, metricsd, privileges
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
 from mptcpkit.proxy.ctlserver import ControlServer
@@ -474,7 +474,12 @@ def _worker_main(
     cfg = dataclasses.replace(
         cfg,
         frontends=tuple(
-            dataclasses.replace(f, maxconn=cfg.maxconn_share(f, slot)) for f in cfg.frontends
+            dataclasses.replace(
+                f,
+                maxconn=cfg.maxconn_share(f, slot),
+                maxconnrate=abuse.share(f.maxconnrate, cfg.global_.workers, slot),
+            )
+            for f in cfg.frontends
         ),
     )
 

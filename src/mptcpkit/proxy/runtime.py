@@ -27,12 +27,13 @@ from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
 from mptcpkit.proxy.converter import needed as converter_needed
-from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer, burst
+from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer, Wire, burst
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
 from mptcpkit.proxy.queue import ServerQueue, full, share
 from mptcpkit.proxy.relay import reason_of
+from mptcpkit.proxy.source import bind_source
 from mptcpkit.proxy.timeouts import tick
 
 __all__ = ["BackendRuntime", "Runtime"]
@@ -63,13 +64,15 @@ class BackendRuntime:
             else {}
         )
 
-    def _wire(self, state: ServerState) -> tuple[ServerState, int, bytes, int, bool, int, bool]:
-        """(state, family, sockaddr, proto, may fall back to TCP, send-proxy, observe MPTCP)."""
+    def _wire(self, state: ServerState) -> Wire:
+        """(state, family, sockaddr, proto, may fall back to TCP, send-proxy, observe MPTCP,
+        the source sockaddr to bind or None)."""
         family, sockaddr = self.targets[state.server.name]
         policy = state.server.policy
         mptcp = family != socket.AF_UNIX and policy is not Policy.OFF
         proto = mptcpkit.IPPROTO_MPTCP if mptcp else 0
         fallback = policy is Policy.PREFER
+        src = state.server.source
         return (
             state,
             family,
@@ -78,6 +81,7 @@ class BackendRuntime:
             fallback,
             state.server.send_proxy,
             mptcp,
+            None if src is None else encode_address(family, (src, 0)),
         )
 
     def next_server(self, caddr: Any, tried: list[ServerState] | None) -> ServerState | str | None:
@@ -93,7 +97,7 @@ class BackendRuntime:
             last = tried[-1:] if tried else ()
             state = self.balancer.pick(host, last) or self.balancer.pick(host, ())
         if state is None:
-            if self.queue is not None and full(self.balancer.states, tried or ()):
+            if self.queue is not None and full(self.balancer.states):
                 return None
             return "every server failed" if tried else "no server available"
         state.active += 1
@@ -135,7 +139,10 @@ class BackendRuntime:
         try:
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex(sockaddr)
+            src = state.server.source
+            err = bind_source(sock, src) if src is not None else 0
+            if not err:
+                err = sock.connect_ex(sockaddr)
         except BaseException:
             sock.close()
             raise

@@ -1,0 +1,109 @@
+"""Abuse limits: `maxconnrate` and `maxconn-per-source` (HAProxy's `tcp-request
+connection reject` on `src_conn_cur`); both data paths, real proxy processes."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mptcpkit.proxy import compiled
+from mptcpkit.proxy.abuse import Limits, share
+from mptcpkit.proxy.config import ConfigError
+from proxy_harness import PROXY_CMD, Server, connect, echo, run_proxy, wait_for
+
+
+@pytest.fixture(params=["c", "python"], ids=["compiled", "python"])
+def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
+    try:
+        return compiled.data_path()
+    except ConfigError as exc:
+        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
+
+
+def _conf(port: int, limits: str, workers: int = 1) -> str:
+    return (
+        f'[global]\nworkers = {workers}\nmetrics = ""\n'
+        f'[frontend.fe]\nbind = "mptcp@127.0.0.1:0"\nbackend = "be"\n{limits}\n'
+        f'[backend.be]\nserver.s = "tcp@127.0.0.1:{port}"\n'
+    )
+
+
+def _echoes(port: int, data: bytes = b"x") -> socket.socket | None:
+    """A client that got its bytes echoed through the proxy, or None if it was reset."""
+    try:
+        s = connect(port, mptcp=True)
+    except ConnectionResetError:
+        return None
+    try:
+        s.sendall(data)
+        if s.recv(len(data)) == data:
+            return s
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    s.close()
+    return None
+
+
+def test_per_source_limit_resets_the_one_over_it(tmp_path: Path, relay: str) -> None:
+    with Server(echo) as srv, run_proxy(tmp_path, _conf(srv.port, "maxconn-per-source = 2")) as px:
+        port = px.port("fe")
+        held = [_echoes(port), _echoes(port)]
+        assert all(held)
+        assert _echoes(port) is None  # the third from 127.0.0.1: rejected
+        assert srv.accepted == 2  # never reached the server
+        wait_for(lambda: "1 connection(s) rejected over maxconn-per-source (2)" in px.log())
+        first = held.pop(0)
+        assert first is not None
+        first.close()
+        again = wait_for(lambda: _echoes(port), what="a slot freed by a closed client")
+        for s in (*held, again):
+            assert s is not None
+            s.close()
+
+
+def test_maxconnrate_holds_new_connections_in_the_backlog(tmp_path: Path, relay: str) -> None:
+    with Server(echo) as srv, run_proxy(tmp_path, _conf(srv.port, "maxconnrate = 2")) as px:
+        clients = [connect(px.port("fe"), mptcp=True) for _ in range(5)]
+        with contextlib.ExitStack() as stack:
+            for s in clients:
+                stack.callback(s.close)
+                s.sendall(b"y")
+            for s in clients:
+                assert s.recv(1) == b"y"  # served, none refused: they waited
+        wait_for(lambda: "maxconnrate reached (2/s in this worker)" in px.log())
+        assert srv.accepted == 5
+
+
+def test_limits_bookkeeping() -> None:
+    assert [share(5, 2, w) for w in (0, 1)] == [3, 2] and share(0, 3, 1) == 0
+    lim = Limits(0, 1)
+    assert lim.admit("a") and not lim.admit("a") and lim.admit("b")
+    lim.release("a")
+    assert lim.admit("a") and lim.sources == {"a": 1, "b": 1}
+    assert lim.window("fe") == ["frontend fe: 1 connection(s) rejected over maxconn-per-source (1)"]
+    assert lim.window("fe") == []
+
+
+@pytest.mark.parametrize(
+    ("limits", "workers", "key"),
+    [
+        ("maxconnrate = -5", 1, "frontend.fe.maxconnrate"),
+        ("maxconnrate = 1", 2, "frontend.fe.maxconnrate"),
+        ('maxconn-per-source = "10"', 1, "frontend.fe.maxconn-per-source"),
+    ],
+)
+def test_bad_limit_exits_2_naming_the_key(
+    tmp_path: Path, limits: str, workers: int, key: str
+) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(_conf(1, limits, workers))
+    r = subprocess.run(
+        [*PROXY_CMD, "-c", str(path), "--check"], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 2, r
+    assert f"{path}: {key}: " in r.stderr, r.stderr
