@@ -648,18 +648,19 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         return None if a is None or not b else a / b
 
     if m and h and d:
+        # The targets of the proxy's reliability issue (12): what it must keep or reach.
         checks = [
-            ("bulk vs HAProxy", ratio(m.bulk_gbps, h.bulk_gbps), ">=", 1.0),
+            ("bulk vs HAProxy", ratio(m.bulk_gbps, h.bulk_gbps), ">=", 1.5),
             ("bulk vs direct MPTCP", ratio(m.bulk_gbps, d.bulk_gbps), ">=", 0.8),
-            ("conn rate vs HAProxy", ratio(m.rate, h.rate), ">=", 1.0),
+            ("conn rate vs HAProxy", ratio(m.rate, h.rate), ">=", 1.2),
             (
                 "CPU per connection vs HAProxy",
                 ratio(m.cpu_us_per_conn, h.cpu_us_per_conn),
                 "<=",
-                1.0,
+                0.6,
             ),
-            ("p99 latency vs HAProxy", ratio(m.p99_us, h.p99_us), "<=", 1.2),
-            ("memory/idle conn vs HAProxy", ratio(m.idle_kib, h.idle_kib), "<=", 1.0),
+            ("p99 latency vs HAProxy", ratio(m.p99_us, h.p99_us), "<=", 0.8),
+            ("memory/idle conn vs HAProxy", ratio(m.idle_kib, h.idle_kib), "<=", 0.1),
             ("memory/stalled conn vs HAProxy", ratio(m.stalled_kib, h.stalled_kib), "<=", 1.0),
         ]
         lines.append("mptcpkit ratios (target):")

@@ -58,7 +58,8 @@ def test_debian_python_gets_a_venv_and_a_link(tmp_path: pathlib.Path) -> None:
     assert bad.returncode == 2
 
 
-@pytest.mark.slow
+# In the default run: CI proves the front door with Debian's own interpreter (~10 s).
+@pytest.mark.root
 def test_install_with_debian_python(tmp_path: pathlib.Path) -> None:
     env = _env(tmp_path, MPTCPKIT_PYTHON=DEBIAN_PYTHON)
     done = subprocess.run(

@@ -47,7 +47,7 @@ APPLICATIONS = ("mptcpkit.lab", "mptcpkit.proxy", "mptcpkit.run", "mptcpkit.pm")
 # Within mptcpkit.proxy, bottom to top (HAProxy keeps raw_sock/connection below stream).
 PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("config", "logging", "proxyproto", "convertproto", "destpolicy")),
-    ("balancing/health", ("balance", "timeouts", "retry", "queue", "abuse")),
+    ("balancing/health", ("balance", "timeouts", "retry", "queue", "abuse", "slowstart")),
     (
         "data path",
         ("poller", "datapath", "source", "relay", "frontend", "_engine", "compiled", "converter"),

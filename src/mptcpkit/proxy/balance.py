@@ -6,10 +6,12 @@ and the health checker feeds `ServerState.observe()`.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Collection, Sequence
 
 from mptcpkit.proxy.config import Backend, HealthCheck, Server
+from mptcpkit.proxy.slowstart import came_up, effective_weight
 
 __all__ = ["Balancer", "ServerState"]
 
@@ -26,6 +28,7 @@ class ServerState:
         "fails",
         "limit",
         "oks",
+        "ramp_until",
         "server",
         "total",
         "up",
@@ -44,6 +47,7 @@ class ServerState:
         self.credit = 0
         self.oks = 0
         self.fails = 0
+        self.ramp_until = 0.0  # slowstart: its weight ramps up until then (slowstart.py)
 
     def observe(self, ok: bool) -> bool:
         """Feed one health-check result; True when the server changed state."""
@@ -54,6 +58,7 @@ class ServerState:
             self.oks += 1
             if not self.up and self.oks >= rise:
                 self.up = True
+                came_up(self)
                 return True
         else:
             self.oks = 0
@@ -71,6 +76,7 @@ class Balancer:
         self.backend = backend
         self.states = [ServerState(s, backend.check) for s in backend.servers]
         self._algo = backend.balance
+        self._slow = any(s.slowstart for s in backend.servers)
 
     def pick(
         self, client_host: str | None = None, exclude: Collection[ServerState] = ()
@@ -100,21 +106,26 @@ class Balancer:
     def _choose(self, cands: Sequence[ServerState], client_host: str | None) -> ServerState:
         if len(cands) == 1:
             return cands[0]
+        if self._slow:  # a server coming back ramps up (slowstart.py)
+            now = time.monotonic()
+            weights = [effective_weight(s, now) for s in cands]
+        else:
+            weights = [s.weight for s in cands]
         if self._algo == "leastconn":
-            return min(cands, key=lambda s: (s.active / s.weight, -s.weight))
+            i = min(range(len(cands)), key=lambda i: (cands[i].active / weights[i], -weights[i]))
+            return cands[i]
         if self._algo == "source" and client_host is not None:
-            total = sum(s.weight for s in cands)
-            point = zlib.crc32(client_host.encode()) % total
-            for s in cands:
-                point -= s.weight
+            point = zlib.crc32(client_host.encode()) % sum(weights)
+            for s, w in zip(cands, weights, strict=True):
+                point -= w
                 if point < 0:
                     return s
         # Smooth weighted round robin (nginx): spreads heavy servers between light ones.
         total = 0
         best = cands[0]
-        for s in cands:
-            s.credit += s.weight
-            total += s.weight
+        for s, w in zip(cands, weights, strict=True):
+            s.credit += w
+            total += w
             if s.credit > best.credit:
                 best = s
         best.credit -= total

@@ -119,6 +119,7 @@ class Server:
     psk: bytes | None = None  # for a remote gateway: Cookie TLV, or PROXY v2 TLV 0xE0
     maxconn: int = 0  # connections at once (shared out between workers); 0: no limit
     source: str | None = None  # HAProxy's `source`: the local IP its legs leave from
+    slowstart: float = 0.0  # seconds its weight ramps up after it comes back UP
     tfo: bool = False  # TCP Fast Open: the first bytes (a Convert message) go in the SYN
 
     @property
@@ -581,6 +582,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
             "tfo",
             "maxconn",
             "source",
+            "slowstart",
         )
     )
     if not r.has("address"):
@@ -602,6 +604,7 @@ def _server(r_backend: _Reader, name: str, raw: object) -> Server:
         tfo=r.get_bool("tfo", False),
         maxconn=r.get_int("maxconn", 0, 0, 10_000_000),
         source=_source(r, addr, tfo=r.get_bool("tfo", False)),
+        slowstart=r.duration("slowstart", 0.0) or 0.0,
     )
 
 
