@@ -77,9 +77,14 @@ class ProxyProc:
             s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
             return recv_all(s).decode()
 
+    def metrics_pid(self) -> int | None:
+        """The process serving /metrics (a child of the master, not a worker)."""
+        m = re.search(r"metrics on http://\S+ \(pid (\d+)\)", self.log())
+        return int(m.group(1)) if m else None
+
     def workers(self) -> list[int]:
         out = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        return [int(p) for p in out]
+        return [int(p) for p in out if int(p) != self.metrics_pid()]
 
     def conn_lines(self) -> list[str]:
         return [line for line in self.log().splitlines() if " conn " in line]

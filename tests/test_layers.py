@@ -53,7 +53,7 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
         ("poller", "datapath", "source", "relay", "frontend", "_engine", "compiled", "converter"),
     ),
     ("worker runtime", ("runtime", "metrics", "control", "health")),
-    ("master", ("master", "prepare", "listeners", "ctlserver")),
+    ("master", ("master", "prepare", "listeners", "ctlserver", "metricsd", "privileges")),
 ]
 # mptcpkit.cli.proxy is the CLI rung: the CLI layer above covers it.
 

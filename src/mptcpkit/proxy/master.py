@@ -4,9 +4,10 @@
   then everything is bound (listeners.py); a failure is a `ConfigError` (exit 2) and
   nothing stays listening. "ready" once every worker serves.
 - Workers drop root (`global.user/group`) after the fork; the master keeps it to bind
-  new addresses on reload and does no network I/O itself except serving metrics and
-  the runtime API. Health checks run in one checker process (health.py), forked and
-  unprivileged like the workers, restarted with each successful reload.
+  new addresses on reload and serves nothing but the runtime API: `/metrics` is
+  answered by a child that dropped root too (metricsd.py), and health checks run in
+  one checker process (health.py), unprivileged like the workers, restarted with each
+  successful reload.
 - SIGHUP: the new config is prepared and bound first, and its workers must serve;
   if anything is wrong the old workers keep running and the error is logged.
   Otherwise the old ones stop accepting and exit when their connections are done
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import os
@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from mptcpkit.proxy import abuse, compiled, control, health
+from mptcpkit.proxy import abuse, compiled, control, health, metricsd, privileges
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
 from mptcpkit.proxy.ctlserver import ControlServer
@@ -43,7 +43,6 @@ from mptcpkit.proxy.prepare import Prepared, log_error, prepare
 __all__ = ["Master", "run"]
 
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
-_PR_SET_PDEATHSIG = 1
 READY_TIMEOUT = 30.0  # seconds a new worker has to start serving
 LOOP_ENV = "MPTCPKIT_PROXY_LOOP"  # "asyncio" runs workers on stock asyncio, not uvloop
 
@@ -66,7 +65,7 @@ class Master:
         self.starting: dict[int, int] = {}  # pid -> read end of its "ready" pipe
         self.prep = Prepared()
         self.metrics_dir: str | None = None
-        self.metrics_server: Any = None
+        self.metrics_pid: int | None = None  # the process serving /metrics (metricsd.py)
         self.generation = 0
         self.retiring: list[socket.socket] = []
         self.ctl: ControlServer | None = None  # the runtime API (global.stats-socket)
@@ -93,7 +92,7 @@ class Master:
             if uid is not None or gid is not None:
                 os.chown(self.metrics_dir, -1 if uid is None else uid, -1 if gid is None else gid)
             try:
-                self.metrics_server, port = metrics_mod.serve(m.host or "127.0.0.1", m.port or 0)
+                sock = metricsd.bind(m.host or "127.0.0.1", m.port or 0)
             except OSError as exc:
                 self.pool.close()
                 metrics_mod.cleanup(self.metrics_dir)
@@ -102,8 +101,10 @@ class Master:
                     "global.metrics",
                     f"cannot listen on {m}: {exc.strerror or exc}",
                 ) from None
-            host = m.host or "127.0.0.1"
-            lines.append(f"metrics on http://{host}:{port}/metrics")
+            host, port = m.host or "127.0.0.1", sock.getsockname()[1]
+            with sock:  # the master keeps no copy: it serves no HTTP
+                self.metrics_pid = metricsd.spawn(sock, self.prep.ids)
+            lines.append(f"metrics on http://{host}:{port}/metrics (pid {self.metrics_pid})")
         if self.cfg.global_.stats_socket is not None:
             self.ctl = ControlServer(self.cfg, self._reload_request)
             lines.append(f"runtime API on {self.cfg.global_.stats_socket}")
@@ -141,9 +142,6 @@ class Master:
                 os.close(fd)
             for s in others:
                 s.close()
-            if self.metrics_server is not None:
-                with contextlib.suppress(OSError):
-                    self.metrics_server.socket.close()
             code = _worker_main(
                 cfg,
                 mine,
@@ -234,8 +232,11 @@ class Master:
             for pid in list(self.starting):
                 self._started(pid)
             self.pool.close()
-            if self.metrics_server is not None:
-                self.metrics_server.shutdown()
+            if self.metrics_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.metrics_pid, signal.SIGTERM)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.metrics_pid, 0)
             if self.metrics_dir:
                 metrics_mod.cleanup(self.metrics_dir)
             if self.ctl is not None:
@@ -288,6 +289,11 @@ class Master:
                 return
             if pid == 0:
                 return
+            if pid == self.metrics_pid:
+                self.metrics_pid = None
+                code = os.waitstatus_to_exitcode(status)
+                self.log.event(f"metrics server exited ({code}): /metrics is down", now=True)
+                continue
             if self.metrics_dir:
                 metrics_mod.worker_exited(pid)
             if self.ctl is not None:
@@ -437,17 +443,9 @@ class Master:
                 os.close(fd)
             if self.ctl is not None:
                 self.ctl.forked()
-            if self.metrics_server is not None:
-                with contextlib.suppress(OSError):
-                    self.metrics_server.socket.close()
             log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix="checks: ")
-            uid, gid = self.prep.ids
-            if gid is not None:
-                os.setgroups([])
-                os.setgid(gid)
-            if uid is not None:
-                os.setuid(uid)
-            _die_with_parent(master_pid)
+            privileges.drop(self.prep.ids)
+            privileges.die_with_parent(master_pid)  # after setuid, which clears it
             health.run_checker(cfg, board, targets, log)
         except BaseException:
             traceback.print_exc()
@@ -504,15 +502,6 @@ def _tell(fd: int, what: bytes) -> None:
         os.close(fd)
 
 
-def _die_with_parent(master_pid: int) -> None:
-    """A worker must not outlive a master killed with SIGKILL: PR_SET_PDEATHSIG."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != master_pid:  # the master died before prctl took effect
-        os._exit(1)
-
-
 def _worker_main(
     cfg: Config,
     listeners: dict[str, list[socket.socket]],
@@ -542,13 +531,8 @@ def _worker_main(
             factory = uvloop.new_event_loop
     log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix=f"worker {slot}: ")
     metrics = metrics_mod.WorkerMetrics() if with_metrics else None
-    uid, gid = prep.ids
-    if gid is not None:
-        os.setgroups([])
-        os.setgid(gid)
-    if uid is not None:
-        os.setuid(uid)
-    _die_with_parent(master_pid)  # after setuid, which clears it
+    privileges.drop(prep.ids)
+    privileges.die_with_parent(master_pid)  # after setuid, which clears it
 
     # Startup objects will never be garbage: keep them out of every GC pass.
     gc.collect()

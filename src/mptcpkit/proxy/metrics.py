@@ -22,7 +22,7 @@ from mptcpkit.proxy.logging import ConnRecord
 if TYPE_CHECKING:
     from mptcpkit.proxy.runtime import Runtime
 
-__all__ = ["WorkerMetrics", "prepare", "serve"]
+__all__ = ["WorkerMetrics", "prepare", "registry"]
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -44,14 +44,14 @@ def worker_exited(pid: int) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
-def serve(host: str, port: int) -> tuple[Any, int]:
-    """Start the HTTP endpoint in a thread; (server, bound port)."""
-    from prometheus_client import CollectorRegistry, start_http_server
+def registry() -> Any:
+    """A registry of the workers' counters, summed from the shared directory (served
+    by metricsd.py)."""
+    from prometheus_client import CollectorRegistry
 
-    registry = CollectorRegistry()
-    registry.register(_WorkerFiles(os.environ[_ENV]))
-    server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
-    return server, server.server_address[1]
+    reg = CollectorRegistry()
+    reg.register(_WorkerFiles(os.environ[_ENV]))
+    return reg
 
 
 class _WorkerFiles:
