@@ -108,6 +108,31 @@ def test_send_expect_port_addr_send_proxy(tmp_path: Path, relay: str) -> None:  
             assert "server a is DOWN" not in log and "server c is DOWN" not in log, log
 
 
+def test_observe_layer4(tmp_path: Path, relay: str) -> None:  # noqa: F811
+    """Passive checks: the check port answers, the traffic port refuses; with
+    `observe = "layer4"` the refused connects take the server down (logged once)."""
+    dead = free_port()
+    with Server(echo) as alive:
+        check = f'check = {{ interval = "1h", port = {alive.port}, fall = 2, observe = "layer4" }}'
+        conf = _conf(
+            "mptcp@127.0.0.1:0",
+            {"a": f'"tcp@127.0.0.1:{dead}"'},
+            extra_be=check + "\nretries = 0",
+            glob=f'workers = 2\nmetrics = ""\nstats-socket = "unix@{tmp_path}/ctl.sock"',
+        )
+        with run_proxy(tmp_path, conf) as px:
+            fe = px.port("fe")
+            wait_for(lambda: alive.accepted >= 1, what="the first check")
+            assert _state(tmp_path) == "UP"
+            for _ in range(2):
+                assert _ping(fe) == b""  # refused
+            wait_for(lambda: "observe layer4" in px.log(), what="DOWN")
+            wait_for(lambda: _state(tmp_path) == "DOWN", what="every worker to follow")
+            px.stop()
+            log = px.log()
+            assert log.count("server a is DOWN (observe layer4") == 1, log
+
+
 @pytest.mark.parametrize(
     ("check", "key"),
     [
@@ -115,6 +140,7 @@ def test_send_expect_port_addr_send_proxy(tmp_path: Path, relay: str) -> None:  
         ('{ addr = "localhost" }', "addr"),
         ('{ fastinter = "0s" }', "fastinter"),
         ("{ port = 70000 }", "port"),
+        ('{ observe = "layer7" }', "observe"),
     ],
 )
 def test_check_options_fail_closed(check: str, key: str) -> None:

@@ -114,6 +114,7 @@ class HealthCheck:
     port: int = 0  # `port`: check this port instead of the server's
     addr: str | None = None  # `addr`: check this IP address instead of the server's
     send_proxy: bool = False  # `check-send-proxy`: a PROXY v1 header first
+    observe: str = ""  # "layer4": connects failing in traffic count as failed checks
 
 
 @dataclass(frozen=True)
@@ -677,6 +678,7 @@ def _check(r: _Reader) -> HealthCheck | None:
             "port",
             "addr",
             "send-proxy",
+            "observe",
         )
     )
     d = HealthCheck()
@@ -719,6 +721,7 @@ def _check(r: _Reader) -> HealthCheck | None:
         port=c.get_int("port", 0, 0, 65535),
         addr=addr,
         send_proxy=c.get_bool("send-proxy", False),
+        observe=c.choice("observe", "", ("", "layer4")),
     )
 
 

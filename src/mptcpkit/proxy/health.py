@@ -37,7 +37,8 @@ FIRST_LINE = 4096  # bytes of an answer read for `expect`
 
 
 class Board:
-    """The shared health state: byte i is 1 while server i is up."""
+    """The shared health state: byte i is 1 while server i is up; byte n + i counts
+    (mod 256) the connects to it that failed in traffic (passive checks)."""
 
     def __init__(self, cfg: Config) -> None:
         self.index: dict[tuple[str, str], int] = {}
@@ -45,8 +46,10 @@ class Board:
             if be.check is not None:
                 for s in be.servers:
                     self.index[(name, s.name)] = len(self.index)
-        self.mem = mmap.mmap(-1, max(len(self.index), 1), flags=mmap.MAP_SHARED)
-        self.mem.write(b"\x01" * len(self.index))  # servers start up, as HAProxy's
+        self.n = len(self.index)
+        self.mem = mmap.mmap(-1, max(2 * self.n, 1), flags=mmap.MAP_SHARED)
+        self.mem.write(b"\x01" * self.n)  # servers start up, as HAProxy's
+        self.observed = {k for k, _ in self.index.items() if _observes(cfg, k[0])}
 
     def up(self, i: int) -> bool:
         return self.mem[i] == 1
@@ -54,8 +57,22 @@ class Board:
     def set(self, i: int, up: bool) -> None:
         self.mem[i] = 1 if up else 0
 
+    def connect_failed(self, backend: str, server: str) -> None:
+        """A worker: a connect to this server failed (`observe = "layer4"`)."""
+        if (backend, server) in self.observed:
+            j = self.n + self.index[(backend, server)]
+            self.mem[j] = (self.mem[j] + 1) % 256
+
+    def failures(self, i: int) -> int:
+        return self.mem[self.n + i]
+
     def close(self) -> None:
         self.mem.close()
+
+
+def _observes(cfg: Config, backend: str) -> bool:
+    check = cfg.backends[backend].check
+    return check is not None and check.observe == "layer4"
 
 
 async def follow(rt: Any, board: Board) -> None:
@@ -189,6 +206,24 @@ async def _check_one(
         await asyncio.sleep(state.interval())
 
 
+async def _observe(name: str, server: Server, state: _Server, board: Board, log: Any) -> None:
+    """HAProxy's `observe layer4`: connects that fail in traffic count as failed checks."""
+    i = board.index[(name, server.name)]
+    seen = board.failures(i)
+    while True:
+        await asyncio.sleep(FOLLOW_INTERVAL)
+        now = board.failures(i)
+        for _ in range((now - seen) % 256):
+            if state.observe(False):
+                board.set(i, state.up)
+                log.event(
+                    f"backend {name}: server {server.name} is DOWN "
+                    "(observe layer4: connects failed in traffic)",
+                    now=True,
+                )
+        seen = now
+
+
 def run_checker(
     cfg: Config, board: Board, targets: Mapping[str, Mapping[str, tuple[int, Any]]], log: Any
 ) -> None:
@@ -203,6 +238,8 @@ def run_checker(
                 st = _Server(be.check)
                 where = targets[name][s.name]
                 tasks.append(asyncio.create_task(_check_one(name, s, st, where, board, log)))
+                if be.check.observe == "layer4":
+                    tasks.append(asyncio.create_task(_observe(name, s, st, board, log)))
         await asyncio.gather(*tasks)
 
     asyncio.run(main())

@@ -284,6 +284,8 @@ class Runtime:
         )
         if self.metrics is not None:
             self.metrics.connect_failed(be.cfg.name, state.server.name)
+        if self.board is not None:  # passive checks (observe layer4)
+            self.board.connect_failed(be.cfg.name, state.server.name)
 
     def record(
         self,
