@@ -52,7 +52,7 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
         "data path",
         ("poller", "datapath", "source", "relay", "frontend", "_engine", "compiled", "converter"),
     ),
-    ("worker runtime", ("runtime", "metrics", "control", "health")),
+    ("worker runtime", ("runtime", "metrics", "control", "health", "resolvers")),
     ("master", ("master", "prepare", "listeners", "ctlserver", "metricsd", "privileges")),
 ]
 # mptcpkit.cli.proxy is the CLI rung: the CLI layer above covers it.

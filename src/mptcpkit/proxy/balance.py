@@ -29,6 +29,7 @@ class ServerState:
         "limit",
         "oks",
         "ramp_until",
+        "resolved",
         "server",
         "total",
         "up",
@@ -48,6 +49,7 @@ class ServerState:
         self.oks = 0
         self.fails = 0
         self.ramp_until = 0.0  # slowstart: its weight ramps up until then (slowstart.py)
+        self.resolved = True  # False: init-addr "none" and its name has not resolved yet
 
     def observe(self, ok: bool) -> bool:
         """Feed one health-check result; True when the server changed state."""
@@ -87,12 +89,14 @@ class Balancer:
             only = states[0]
             if only.limit and only.active >= only.limit:
                 return None
-            return only if only.up and only.weight > 0 and only.admin == "ready" else None
+            ok = only.up and only.resolved and only.weight > 0 and only.admin == "ready"
+            return only if ok else None
         for backup in (False, True):
             usable = [
                 s
                 for s in self.states
                 if s.up
+                and s.resolved
                 and s.server.backup == backup
                 and s.weight > 0
                 and s.admin == "ready"

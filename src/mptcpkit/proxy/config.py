@@ -25,6 +25,8 @@ Pure: no sockets are touched here. Every error names the file, the key and the r
     [backend.app]
     balance = "roundrobin"      # leastconn, source
     retries = 3                 # retries of the server after a failed connect
+    resolve-interval = "10s"    # re-resolve server names this often (default: never)
+    init-addr = "libc"          # a name not resolving at start: fail; "none": start DOWN
     redispatch = true           # the last retry goes to another server
     check = { interval = "2s", rise = 2, fall = 3, timeout = "1s" }
     server.s1 = "tcp@10.0.0.5:443"
@@ -68,6 +70,7 @@ __all__ = [
 ]
 
 BALANCE_ALGORITHMS = ("roundrobin", "leastconn", "source")
+INIT_ADDR = ("libc", "none")  # HAProxy's init-addr, simplified (resolvers.py)
 LOG_FORMATS = ("text", "json")
 INTERCEPT_MODES = ("redirect", "tproxy")
 DEFAULT_METRICS = "tcp@127.0.0.1:9464"
@@ -147,6 +150,8 @@ class Backend:
     retries: int = 3  # HAProxy's: the same server again (retry.py)
     check: HealthCheck | None = None
     redispatch: bool = True  # HAProxy's `option redispatch`: the last retry elsewhere
+    resolve_interval: float | None = None  # re-resolve server names this often (resolvers.py)
+    init_addr: str = "libc"  # a name not resolving at start: "libc" fails, "none" starts DOWN
 
 
 @dataclass(frozen=True)
@@ -726,7 +731,18 @@ def _check(r: _Reader) -> HealthCheck | None:
 
 
 def _backend(r: _Reader, name: str) -> Backend:
-    r.only(("server", "balance", "retries", "redispatch", "check", "source"))
+    r.only(
+        (
+            "server",
+            "balance",
+            "retries",
+            "redispatch",
+            "check",
+            "source",
+            "resolve-interval",
+            "init-addr",
+        )
+    )
     servers_table = r.table.get("server")
     if not isinstance(servers_table, dict) or not servers_table:
         raise r.error(
@@ -742,6 +758,16 @@ def _backend(r: _Reader, name: str) -> Backend:
         servers.append(server)
     if all(s.weight == 0 for s in servers):
         raise r.error("server", "every server has weight 0: nothing could be chosen")
+    interval = r.duration("resolve-interval", None, allow_none=True)
+    if interval is not None and interval <= 0:
+        raise r.error("resolve-interval", 'must be above 0 (or "none")')
+    init_addr = r.choice("init-addr", "libc", INIT_ADDR)
+    if init_addr == "none" and interval is None:
+        raise r.error(
+            "init-addr",
+            '"none" needs resolve-interval: a server that does not resolve at start'
+            " comes up when its name resolves later",
+        )
     return Backend(
         name=name,
         servers=tuple(servers),
@@ -749,6 +775,8 @@ def _backend(r: _Reader, name: str) -> Backend:
         retries=r.get_int("retries", 3, 0, 100),
         check=_check(r),
         redispatch=r.get_bool("redispatch", True),
+        resolve_interval=interval,
+        init_addr=init_addr,
     )
 
 

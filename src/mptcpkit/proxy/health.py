@@ -21,13 +21,14 @@ import contextlib
 import mmap
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import mptcpkit
 from mptcpkit.aio import sock_connect
 from mptcpkit.proxy.config import Config, HealthCheck, Server
 from mptcpkit.proxy.relay import reason_of
+from mptcpkit.proxy.resolvers import AddressBoard
 from mptcpkit.proxy.slowstart import came_up
 
 __all__ = ["Board", "follow", "run_checker"]
@@ -193,11 +194,20 @@ def _proxy_v1(sock: socket.socket) -> bytes:
 
 
 async def _check_one(
-    name: str, server: Server, state: _Server, where: tuple[int, Any], board: Board, log: Any
+    name: str,
+    server: Server,
+    state: _Server,
+    where: Callable[[], tuple[int, Any] | None],
+    board: Board,
+    log: Any,
 ) -> None:
     i = board.index[(name, server.name)]
     while True:
-        err = await probe(state.check, server, *where)
+        at = where()
+        if at is None:  # init-addr none, not resolved yet: workers keep it DOWN
+            await asyncio.sleep(state.interval())
+            continue
+        err = await probe(state.check, server, *at)
         if state.observe(err is None):
             board.set(i, state.up)
             word = "UP" if state.up else "DOWN"
@@ -225,9 +235,28 @@ async def _observe(name: str, server: Server, state: _Server, board: Board, log:
 
 
 def run_checker(
-    cfg: Config, board: Board, targets: Mapping[str, Mapping[str, tuple[int, Any]]], log: Any
+    cfg: Config,
+    board: Board,
+    targets: Mapping[str, Mapping[str, tuple[int, Any]]],
+    log: Any,
+    addrs: AddressBoard | None = None,
 ) -> None:
-    """The checker process's life: check every checked server until killed."""
+    """The checker process's life: check every checked server until killed; a server
+    on the address board (resolvers.py) is checked where its name resolves now."""
+
+    def where_of(name: str, s: Server) -> Callable[[], tuple[int, Any] | None]:
+        fixed = targets[name][s.name]
+        i = addrs.index.get((name, s.name)) if addrs is not None else None
+        if addrs is None or i is None:
+            return lambda: fixed
+        board_, slot = addrs, i
+
+        def now() -> tuple[int, Any] | None:
+            if board_.seq(slot) == 0:  # not published yet: the start address
+                return fixed
+            return board_.read(slot, s.address.port or 0)
+
+        return now
 
     async def main() -> None:
         tasks = []
@@ -236,7 +265,7 @@ def run_checker(
                 continue
             for s in be.servers:
                 st = _Server(be.check)
-                where = targets[name][s.name]
+                where = where_of(name, s)
                 tasks.append(asyncio.create_task(_check_one(name, s, st, where, board, log)))
                 if be.check.observe == "layer4":
                     tasks.append(asyncio.create_task(_observe(name, s, st, board, log)))

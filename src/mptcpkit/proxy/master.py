@@ -32,7 +32,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from mptcpkit.proxy import abuse, compiled, control, health, metricsd, privileges
+from mptcpkit.proxy import abuse, compiled, control, health, metricsd, privileges, resolvers
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
 from mptcpkit.proxy.ctlserver import ControlServer
@@ -71,6 +71,8 @@ class Master:
         self.ctl: ControlServer | None = None  # the runtime API (global.stats-socket)
         self.board: health.Board | None = None  # the checker's health state (health.py)
         self.checker: int | None = None  # the checker process
+        self.addrs: resolvers.AddressBoard | None = None  # re-resolved names (resolvers.py)
+        self.resolver: resolvers.Resolver | None = None  # the thread that re-resolves them
         self.checker_due: float | None = None  # when a dead checker is restarted
         self._reload_waiters: list[tuple[threading.Event, list[str | None]]] = []
 
@@ -85,6 +87,7 @@ class Master:
         new, lines = self.pool.bind(self.cfg, self.cfg.global_.workers)
         self.pool.adopt(new)
         self.board = _board(self.cfg)
+        self.addrs = resolvers.AddressBoard(self.cfg)
         m = self.cfg.global_.metrics
         if m is not None:
             self.metrics_dir = metrics_mod.prepare()
@@ -154,6 +157,7 @@ class Master:
                 if self.ctl is not None and ctl_w is not None
                 else None,
                 self.board,
+                self.addrs,
             )
         except BaseException as exc:
             traceback.print_exc()
@@ -227,6 +231,7 @@ class Master:
             if self.ctl is not None:
                 self.ctl.start()
             self._spawn_checker()
+            self._start_resolver()
             return self._loop()
         finally:
             for pid in list(self.starting):
@@ -360,8 +365,9 @@ class Master:
             self._reload_failed(str(exc))
             return str(exc)
         running = (self.cfg, self.prep, dict(self.workers))
-        old_board = self.board
+        old_board, old_addrs = self.board, self.addrs
         self.board = _board(cfg)
+        self.addrs = resolvers.AddressBoard(cfg)
         self.cfg, self.prep = cfg, prep
         # Keep old sockets open until the new workers hold them (adopt closes the rest).
         prev = self.pool.socks
@@ -384,12 +390,13 @@ class Master:
                 if id(s) not in keep:
                     self.pool.discard(s)
             self.cfg, self.prep, self.workers = running
-            self.board = old_board
+            self.board, self.addrs = old_board, old_addrs
             self._reload_failed(error)
             return error
         self.generation += 1
         self._stop_checker()
         self._spawn_checker()  # checks the new configuration's servers, on the new board
+        self._start_resolver()
         if self.ctl is not None:
             self.ctl.reloaded(cfg)
         self.pool.adopt(new)
@@ -423,7 +430,7 @@ class Master:
         self.checker_due = None
         if self.board is None:
             return
-        cfg, board = self.cfg, self.board
+        cfg, board, addrs = self.cfg, self.board, self.addrs
         targets = self.prep.targets
         sys.stderr.flush()
         master_pid = os.getpid()
@@ -446,11 +453,27 @@ class Master:
             log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix="checks: ")
             privileges.drop(self.prep.ids)
             privileges.die_with_parent(master_pid)  # after setuid, which clears it
-            health.run_checker(cfg, board, targets, log)
+            health.run_checker(cfg, board, targets, log, addrs)
         except BaseException:
             traceback.print_exc()
         finally:
             os._exit(1)
+
+    def _start_resolver(self) -> None:
+        """(Re)start the thread re-resolving server names on the current address board."""
+        if self.resolver is not None:
+            self.resolver.stop()
+            self.resolver = None
+        if self.addrs is None or not self.addrs.index:
+            return
+        start = {
+            (b, s): where
+            for b, servers in self.prep.targets.items()
+            for s, where in servers.items()
+            if f"{b}/{s}" not in self.prep.unresolved
+        }
+        self.resolver = resolvers.Resolver(self.addrs, start, self.log)
+        self.resolver.start()
 
     def _stop_checker(self) -> None:
         pid, self.checker = self.checker, None
@@ -464,6 +487,8 @@ class Master:
 
     def _stop(self) -> int:
         self._stop_checker()
+        if self.resolver is not None:
+            self.resolver.stop()
         pids = set(self.workers) | set(self.old)
         self.log.event(
             f"stopping: draining {len(pids)} workers (up to {self.cfg.global_.stop_timeout:g}s)",
@@ -512,6 +537,7 @@ def _worker_main(
     ready_fd: int,
     ctl: tuple[socket.socket, dict[tuple[str, str], dict[str, Any]]] | None = None,
     board: health.Board | None = None,
+    addrs: resolvers.AddressBoard | None = None,
 ) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -554,6 +580,12 @@ def _worker_main(
     async def main() -> None:
         rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=prep.targets)
         rt.board = board
+        rt.addrs = addrs
+        for key in prep.unresolved:  # init-addr none: DOWN until the name resolves
+            backend, server = key.split("/", 1)
+            for st in rt.backends[backend].balancer.states:
+                if st.server.name == server:
+                    st.resolved = False
         if ctl is not None:  # the runtime API: changes made before this worker started
             for (backend, server), change in ctl[1].items():
                 control.apply(rt, backend, server, change)

@@ -23,6 +23,7 @@ from typing import Any
 
 from mptcpkit.proxy.config import Config, ConfigError, Frontend
 from mptcpkit.proxy.logging import EventLog, parse_target
+from mptcpkit.proxy.resolvers import lookup
 
 __all__ = [
     "Prepared",
@@ -50,18 +51,23 @@ class Prepared:
     targets: Targets = field(default_factory=dict)
     cfg: Config | None = None  # the configuration to run (maxconn fitted to the fd limit)
     notes: tuple[str, ...] = ()  # what was changed, for the log
+    unresolved: frozenset[str] = frozenset()  # "backend/server" starting DOWN (init-addr)
 
 
 def prepare(cfg: Config) -> Prepared:
     """Resolve and check what workers of `cfg` need; ConfigError naming the key if not."""
     ids = resolve_ids(cfg)
-    targets = resolve_targets(cfg)
+    unresolved: list[str] = []
+    targets = resolve_targets(cfg, unresolved)
     check_log(cfg)
     for f in cfg.frontends:
         for i in range(len(f.binds)):
             unix_owner(cfg, f, i)
     cfg, notes = fd_limit(cfg)
-    return Prepared(ids, targets, cfg, notes)
+    notes += tuple(
+        f"server {u}: name does not resolve, starting it DOWN (init-addr none)" for u in unresolved
+    )
+    return Prepared(ids, targets, cfg, notes, frozenset(unresolved))
 
 
 def fds_needed(cfg: Config) -> tuple[int, int]:
@@ -125,16 +131,13 @@ def fd_limit(cfg: Config) -> tuple[Config, tuple[str, ...]]:
 
 def resolve(addr: Any) -> tuple[int, Any]:
     """(family, sockaddr) of a server address; raises OSError when a name does not resolve."""
-    if addr.protocol == "unix":
-        return socket.AF_UNIX, addr.path
-    family = addr.family if addr.family in (socket.AF_INET, socket.AF_INET6) else 0
-    infos = socket.getaddrinfo(addr.host, addr.port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    fam, _, _, _, sockaddr = infos[0]
-    return fam, sockaddr
+    return lookup(addr)
 
 
-def resolve_targets(cfg: Config) -> Targets:
-    """Every server's (family, sockaddr), by backend: names are looked up here, once."""
+def resolve_targets(cfg: Config, unresolved: list[str] | None = None) -> Targets:
+    """Every server's (family, sockaddr), by backend: names are looked up here (and again
+    by resolvers.py with `resolve-interval`). With `init-addr = "none"` a name that does
+    not resolve gets a placeholder (0.0.0.0) and "backend/server" in `unresolved`."""
     out: Targets = {}
     for name, b in cfg.backends.items():
         out[name] = {}
@@ -142,6 +145,10 @@ def resolve_targets(cfg: Config) -> Targets:
             try:
                 out[name][s.name] = resolve(s.address)
             except OSError as exc:
+                if b.init_addr == "none" and unresolved is not None:
+                    out[name][s.name] = (socket.AF_INET, ("0.0.0.0", s.address.port))
+                    unresolved.append(f"{name}/{s.name}")
+                    continue
                 raise ConfigError(
                     cfg.source,
                     f"backend.{name}.server.{s.name}",

@@ -22,7 +22,7 @@ import mptcpkit
 from mptcpkit.abi.sockaddr import encode_address
 from mptcpkit.aio import sock_connect
 from mptcpkit.policy import Policy
-from mptcpkit.proxy import compiled, health, retry
+from mptcpkit.proxy import compiled, health, resolvers, retry
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
@@ -33,6 +33,7 @@ from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
 from mptcpkit.proxy.queue import ServerQueue, full, share
 from mptcpkit.proxy.relay import reason_of
+from mptcpkit.proxy.slowstart import came_up
 from mptcpkit.proxy.source import bind_source
 from mptcpkit.proxy.timeouts import tick
 
@@ -83,6 +84,15 @@ class BackendRuntime:
             mptcp,
             None if src is None else encode_address(family, (src, 0)),
         )
+
+    def readdress(self, state: ServerState, where: tuple[int, Any]) -> None:
+        """Connect to `state`'s server at `where` from now on (resolvers.py)."""
+        self.targets[state.server.name] = where
+        if self.rt.engine is not None:
+            self.wire[state] = self._wire(state)
+        if not state.resolved:
+            state.resolved = True
+            came_up(state)
 
     def next_server(self, caddr: Any, tried: list[ServerState] | None) -> ServerState | str | None:
         """The server to connect to next (counted as active), why there is none, or
@@ -212,6 +222,7 @@ class Runtime:
         ]
         self._tasks: list[asyncio.Task[None]] = []
         self.board: health.Board | None = None  # the master's health state, if any
+        self.addrs: resolvers.AddressBoard | None = None  # re-resolved server addresses
 
     def busy(self) -> bool:
         return any(fe.count() for fe in self.frontends)
@@ -228,6 +239,8 @@ class Runtime:
             for be in self.backends.values():
                 if be.cfg.check is not None:
                     self._tasks.append(self.loop.create_task(self._health(be)))
+        if self.addrs is not None and self.addrs.index:
+            self._tasks.append(self.loop.create_task(resolvers.follow(self, self.addrs)))
         self._tasks.append(self.loop.create_task(self._sweep()))
         if ready is not None:
             ready()
