@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from mptcpkit import pm
 from mptcpkit.lab import fleetrun
 from mptcpkit.lab.fleet import fleet
 from mptcpkit.pm import config as cfgmod
+from pmd_harness import Pmd
 
 
 def test_announce_parses() -> None:
@@ -56,45 +56,10 @@ def test_check_warns_when_an_instance_announces_nothing_or_too_much() -> None:
     assert cfgmod.check(cfgmod.Config(), {}) == []  # not behind a balancer: nothing to say
 
 
-class _Pmd:
-    def __init__(self, tmp: Path, netns: str, text: str) -> None:
-        conf = tmp / f"{netns}.toml"
-        conf.write_text(
-            f'status_socket = "{tmp}/{netns}.sock"\nstate_dir = "{tmp}/{netns}"\n{text}'
-        )
-        self.conf = conf
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mptcpkit", "pmd", "-c", str(conf), "--netns", netns],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stderr is not None
-        self.log: list[str] = []
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if "started:" in line:
-                break
-        else:
-            raise AssertionError(f"pmd did not start: {''.join(self.log)}")
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        return self.proc.returncode
+def _pmd(tmp: Path, netns: str, text: str) -> Pmd:
+    """One pmd per instance namespace, each in a directory of its own."""
+    (tmp / netns).mkdir()
+    return Pmd(tmp / netns, netns, text)
 
 
 @pytest.mark.root
@@ -104,7 +69,7 @@ def test_pmd_makes_the_naive_fleet_the_recipe(tmp_path: Path) -> None:
         try:
             for inst in net.instances:
                 text = f'load_balancer = true\nannounce = ["{inst.unicast}"]\n'
-                pmds.append(_Pmd(tmp_path, inst.host.netns, text))
+                pmds.append(_pmd(tmp_path, inst.host.netns, text))
             for inst in net.instances:
                 eps = pm.endpoints(netns=inst.host.netns)
                 assert [(ep.address, ep.flags) for ep in eps] == [
@@ -142,7 +107,7 @@ def test_pmd_check_and_start_warn_behind_a_balancer(tmp_path: Path) -> None:
         assert r.returncode == 2 and "does not exist" in r.stderr
         # pmd itself says it at start
         conf.write_text(f'load_balancer = true\nannounce = ["10.0.99.1", "{inst.unicast}"]\n')
-        p = _Pmd(tmp_path, inst.host.netns, conf.read_text())
+        p = _pmd(tmp_path, inst.host.netns, conf.read_text())
         assert p.stop() == 0
         assert any("warning: announce: 10.0.99.1 is not an address" in ln for ln in p.log)
 
