@@ -160,9 +160,14 @@ def _sender_subflows(sock: socket.socket, mptcp: bool) -> dict[str, tuple[int, A
 
 def stream_digest(seed: int, nbytes: int) -> str:
     """SHA-256 of the first `nbytes` of `stream(seed)`: what a receiver cut short should hold."""
+    return prefix_digest(stream(seed), nbytes)
+
+
+def prefix_digest(chunks: Iterable[bytes | memoryview], nbytes: int) -> str:
+    """SHA-256 of the first `nbytes` of an endless stream of chunks."""
     digest = hashlib.sha256()
     left = nbytes
-    for chunk in stream(seed):
+    for chunk in chunks:
         if left <= 0:
             break
         part = chunk[:left]

@@ -26,6 +26,7 @@ from typing import Any
 
 from mptcpkit import introspect, sockets
 from mptcpkit.lab import mib
+from mptcpkit.lab.bench import prefix_digest
 from mptcpkit.lab.fleet import Fleet
 from mptcpkit.lab.netns import LabError
 from mptcpkit.lab.topology import Host, Process
@@ -55,15 +56,7 @@ def _stream(seed: int) -> Iterator[memoryview]:
 
 def stream_digest(seed: int, nbytes: int) -> str:
     """SHA-256 of the first `nbytes` of stream `seed`."""
-    digest = hashlib.sha256()
-    left = nbytes
-    for chunk in _stream(seed):
-        if left <= 0:
-            break
-        part = chunk[:left]
-        digest.update(part)
-        left -= len(part)
-    return digest.hexdigest()
+    return prefix_digest(_stream(seed), nbytes)
 
 
 # -- serving ------------------------------------------------------------------------------
