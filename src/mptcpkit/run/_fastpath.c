@@ -100,20 +100,21 @@ static int Server_init(Server *s, PyObject *args, PyObject *kwds) {
     static char *kw[] = {"listener", "recv_size", "audit_arch", "nr_socket",   "netns",
                          "uids",     "gids",      "groups",     "killable",    "ioctls",
                          "addfd_flag_send", "pidfd", "sync_wakeup", "nr_execve", "nr_execveat",
-                         NULL};
+                         "nr_setns", "nr_unshare", NULL};
     unsigned long long ns_dev, ns_ino;
     PyObject *uids, *gids, *groups;
     unsigned int audit_arch, flag_send;
     Py_ssize_t recv_size;
     int killable, pidfd = 1, sync_wakeup = 1, listener, nr_socket, nr_execve = -1,
-                  nr_execveat = -1;
+                  nr_execveat = -1, nr_setns = -1, nr_unshare = -1;
     struct forcer *f = &s->f;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inIi(KK)O!O!O!p(kkkk)I|ppii", kw, &listener,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "inIi(KK)O!O!O!p(kkkk)I|ppiiii", kw, &listener,
                                      &recv_size, &audit_arch, &nr_socket, &ns_dev, &ns_ino,
                                      &PyTuple_Type, &uids, &PyTuple_Type, &gids, &PyTuple_Type,
                                      &groups, &killable, &f->io_recv, &f->io_send,
                                      &f->io_addfd, &f->io_id_valid, &flag_send, &pidfd,
-                                     &sync_wakeup, &nr_execve, &nr_execveat))
+                                     &sync_wakeup, &nr_execve, &nr_execveat, &nr_setns,
+                                     &nr_unshare))
         return -1;
     if (long3(uids, f->uids) < 0 || long3(gids, f->gids) < 0)
         return -1;
@@ -138,6 +139,8 @@ static int Server_init(Server *s, PyObject *args, PyObject *kwds) {
     f->nr_socket = nr_socket;
     f->nr_execve = nr_execve;
     f->nr_execveat = nr_execveat;
+    f->nr_setns = nr_setns;
+    f->nr_unshare = nr_unshare;
     f->ngroups = (int)ng;
     f->audit_arch = audit_arch;
     f->addfd_flag_send = flag_send;

@@ -70,6 +70,7 @@ struct forcer {
     size_t recv_size;
     uint32_t audit_arch;
     int32_t nr_socket, nr_execve, nr_execveat; /* -1: not handled here */
+    int32_t nr_setns, nr_unshare;
     dev_t ns_dev;
     ino_t ns_ino;
     long uids[3], gids[3];
@@ -80,7 +81,15 @@ struct forcer {
     int sync_wakeup;
     int pidfds[PIDFD_CACHE];
     uint32_t pidfd_tids[PIDFD_CACHE];
+    /* ns_epoch + 1 when that caller's network namespace was last found to be ours */
+    unsigned long pidfd_ns_ok[PIDFD_CACHE];
     unsigned pidfd_next;
+    /* Bumped by every call that may move a thread to another network namespace
+     * (setns, unshare: the filter traps them; and any call handed to Python). */
+    unsigned long ns_epoch;
+    /* set by force_same_context: the caller is a task whose pidfd was kept from an
+     * earlier call and still answers, so its id was not reused (see force_socket) */
+    int caller_known;
     unsigned long io_recv, io_send, io_addfd, io_id_valid;
     uint32_t addfd_flag_send;
 };
@@ -126,10 +135,11 @@ static int force_fields(const char *status, const char *name, long *out, int max
 
 /* A pidfd per recent caller, kept: a pidfd names one task, never a later one that
  * reuses its id, so a stale one fails (ESRCH) and is opened again. */
-static int force_caller_pidfd(struct forcer *s, uint32_t tid, int *fresh) {
+static int force_caller_pidfd(struct forcer *s, uint32_t tid, int *fresh, int *slot_out) {
     for (int i = 0; i < PIDFD_CACHE; i++) {
         if (s->pidfds[i] >= 0 && s->pidfd_tids[i] == tid) {
             *fresh = 0;
+            *slot_out = i;
             return s->pidfds[i];
         }
     }
@@ -145,7 +155,9 @@ static int force_caller_pidfd(struct forcer *s, uint32_t tid, int *fresh) {
         close(s->pidfds[slot]);
     s->pidfds[slot] = fd;
     s->pidfd_tids[slot] = tid;
+    s->pidfd_ns_ok[slot] = 0;
     *fresh = 1;
+    *slot_out = slot;
     return fd;
 }
 
@@ -167,12 +179,20 @@ static void force_forget_all(struct forcer *s) {
 }
 
 /* Through pidfs: uids, gids and network namespace (supplementary groups are not
- * there; a socket does not record them). -1 if pidfs cannot say. */
+ * there; a socket does not record them). -1 if pidfs cannot say.
+ *
+ * The credentials are read on every call (one cheap ioctl). The network namespace
+ * costs a descriptor opened, stat'ed and closed (about as much as a socket()), so
+ * it is read once per caller's pidfd and trusted until a call that may change it:
+ * a live task changes its network namespace only by its own setns() or unshare(),
+ * which the filter traps (ns_epoch); a new task, or a new one reusing the id, has a
+ * new pidfd (the old one fails). */
 static int force_same_context_pidfd(struct forcer *s, uint32_t tid) {
     struct pidfd_info_v0 info;
-    int pfd, fresh;
+    int pfd, fresh, slot;
+    s->caller_known = 0;
     for (;;) {
-        pfd = force_caller_pidfd(s, tid, &fresh);
+        pfd = force_caller_pidfd(s, tid, &fresh, &slot);
         if (pfd < 0)
             return -1;
         memset(&info, 0, sizeof info);
@@ -183,19 +203,26 @@ static int force_same_context_pidfd(struct forcer *s, uint32_t tid) {
         if (fresh)
             return -1;
     }
-    int ns = ioctl(pfd, PIDFD_GET_NET_NAMESPACE, 0);
-    if (ns < 0)
-        return -1;
-    struct stat st;
-    int ok = fstat(ns, &st) == 0 && st.st_dev == s->ns_dev && st.st_ino == s->ns_ino;
-    close(ns);
-    return ok && info.ruid == (uint32_t)s->uids[0] && info.euid == (uint32_t)s->uids[1] &&
+    if (s->pidfd_ns_ok[slot] != s->ns_epoch + 1) {
+        int ns = ioctl(pfd, PIDFD_GET_NET_NAMESPACE, 0);
+        if (ns < 0)
+            return -1;
+        struct stat st;
+        int ok = fstat(ns, &st) == 0 && st.st_dev == s->ns_dev && st.st_ino == s->ns_ino;
+        close(ns);
+        if (!ok)
+            return 0;
+        s->pidfd_ns_ok[slot] = s->ns_epoch + 1;
+    }
+    s->caller_known = !fresh;
+    return info.ruid == (uint32_t)s->uids[0] && info.euid == (uint32_t)s->uids[1] &&
            info.suid == (uint32_t)s->uids[2] && info.rgid == (uint32_t)s->gids[0] &&
            info.egid == (uint32_t)s->gids[1] && info.sgid == (uint32_t)s->gids[2];
 }
 
 /* Does thread `tid` run in our network namespace with our credentials? */
 static int force_same_context(struct forcer *s, uint32_t tid) {
+    s->caller_known = 0;
     if (s->use_pidfd) {
         int same = force_same_context_pidfd(s, tid);
         if (same >= 0)
@@ -254,7 +281,11 @@ static int force_socket(struct forcer *s, uint64_t id, uint32_t tid, const uint6
         return SLOW;
     if (!force_same_context(s, tid))
         return SLOW;
-    if (force_valid(s, id) < 0)
+    /* What was read is the caller's if the id was still its own: confirmed by the
+     * notification still pending. A pidfd kept from an earlier call that still
+     * answers already says so (a live task keeps its id; one reusing the id after its
+     * death has another pidfd), so that check is only made for a new pidfd or /proc. */
+    if (!s->caller_known && force_valid(s, id) < 0)
         return errno == ENOENT ? GONE : SLOW;
     int sock = socket(family, type | SOCK_CLOEXEC, IPPROTO_MPTCP);
     if (sock < 0)
@@ -362,15 +393,21 @@ static int force_one(struct forcer *s, const unsigned char *buf, int *forced,
     memcpy(&arch, buf + 20, 4);
     memcpy(args, buf + 32, sizeof args);
     *forced = 0;
-    if (arch != s->audit_arch)
-        return SLOW;
-    if (nr == s->nr_socket) {
+    if (arch == s->audit_arch && nr == s->nr_socket) {
         int r = force_socket(s, id, tid, args, dev, ino);
         *forced = r == DONE;
         return r;
     }
-    if (nr >= 0 && (nr == s->nr_execve || nr == s->nr_execveat))
+    if (arch == s->audit_arch && nr >= 0 && (nr == s->nr_execve || nr == s->nr_execveat))
         return force_exec(s, id, tid, nr, args);
+    /* setns(), unshare() (of any ABI) and whatever Python decides may move a thread
+     * to another network namespace: every caller's is read again */
+    s->ns_epoch++;
+    if (arch == s->audit_arch && nr >= 0 && (nr == s->nr_setns || nr == s->nr_unshare)) {
+        if (force_send(s, id, 0, FORCE_FLAG_CONTINUE) < 0 && errno != ENOENT)
+            return SLOW;
+        return DONE;
+    }
     return SLOW;
 }
 

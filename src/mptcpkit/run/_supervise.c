@@ -10,6 +10,11 @@
  * the call it received, the program's pidfd, what it forced and the settings: Python
  * then decides, counts and warns, as it does for everything else.
  *
+ * The main thread waits in SECCOMP_IOCTL_NOTIF_RECV itself (no poll() per call); a
+ * second thread waits for the program's exit, lets go of its standard error and, for
+ * --stats, interrupts the main thread (SIGUSR1, no SA_RESTART) so that it hands over
+ * between two calls, never with one received and unanswered.
+ *
  *   _supervise pid=PID python=EXE root=DIR [stats=text|json] [only=MODE]
  *              [tcponly=SPEC] [context=pidfd|proc]
  */
@@ -18,7 +23,9 @@
 
 #include <linux/seccomp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/types.h>
@@ -223,6 +230,54 @@ static int own_context(struct forcer *f) {
     return 0;
 }
 
+/* The program's exit: 0 alive, 1 exited and the main thread must hand over for
+ * --stats, 2 exited and nothing more to do. */
+static atomic_int program_state;
+static atomic_int handed; /* the main thread saw state 1 */
+static int watch_pidfd = -1, watch_devnull = -1, watch_stats;
+static pthread_t main_thread;
+
+static void on_usr1(int sig) { (void)sig; }
+
+static void *watch_program(void *unused) {
+    (void)unused;
+    struct pollfd p = {watch_pidfd, POLLIN, 0};
+    while (poll(&p, 1, -1) < 0 && errno == EINTR)
+        ;
+    if (!watch_stats) {
+        /* keep serving what the program left behind, without holding its stderr */
+        dup2(watch_devnull, 2);
+        atomic_store(&program_state, 2);
+        return NULL;
+    }
+    atomic_store(&program_state, 1);
+    while (!atomic_load(&handed)) { /* until the main thread has seen it */
+        pthread_kill(main_thread, SIGUSR1);
+        usleep(2000);
+    }
+    return NULL;
+}
+
+static int start_watch(int pidfd, int devnull, int stats) {
+    watch_pidfd = pidfd;
+    watch_devnull = devnull;
+    watch_stats = stats;
+    main_thread = pthread_self();
+    struct sigaction sa = {0};
+    sa.sa_handler = on_usr1; /* no SA_RESTART: the receive returns EINTR */
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGUSR1, &sa, NULL) < 0)
+        return -1;
+    pthread_attr_t attr;
+    pthread_t thread;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int r = pthread_create(&thread, &attr, watch_program, NULL);
+    pthread_attr_destroy(&attr);
+    return r == 0 ? 0 : -1;
+}
+
 int main(int argc, char **argv) {
     struct settings set = {NULL, NULL, "", "", "", "pidfd", 0};
     for (int i = 1; i < argc; i++) {
@@ -262,63 +317,59 @@ int main(int argc, char **argv) {
     F.nr_socket = SYS_socket;
     F.nr_execve = SYS_execve;
     F.nr_execveat = SYS_execveat;
+    F.nr_setns = SYS_setns;
+    F.nr_unshare = SYS_unshare;
     F.io_recv = SECCOMP_IOCTL_NOTIF_RECV;
     F.io_send = SECCOMP_IOCTL_NOTIF_SEND;
     F.io_addfd = SECCOMP_IOCTL_NOTIF_ADDFD;
     F.io_id_valid = SECCOMP_IOCTL_NOTIF_ID_VALID;
     F.addfd_flag_send = SECCOMP_ADDFD_FLAG_SEND;
     int wants_stats = set.stats[0] != '\0';
-    if (own_context(&F) < 0) {
-        handover(&set, NULL, pidfd); /* Python reads it its own way */
-        F.nr_socket = F.nr_execve = F.nr_execveat = -1;
-    } else {
-        force_setup(&F, strcmp(set.context, "proc") != 0, 1);
-    }
+    if (own_context(&F) < 0 || pidfd < 0 || start_watch(pidfd, devnull, wants_stats) < 0)
+        handover(&set, NULL, pidfd); /* Python reads them its own way */
+    force_setup(&F, strcmp(set.context, "proc") != 0, 1);
     unsigned char *buf = malloc(F.recv_size);
     if (buf == NULL)
         _exit(1);
     for (;;) {
-        struct pollfd p[2] = {{F.listener, POLLIN, 0}, {pidfd, POLLIN, 0}};
-        int n = poll(p, pidfd >= 0 ? 2 : 1, -1);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            _exit(1);
-        }
-        int hangup = 0;
-        if (p[0].revents & POLLIN) {
-            memset(buf, 0, F.recv_size);
-            if (ioctl(F.listener, F.io_recv, buf) < 0) {
-                if (errno != ENOENT && errno != EAGAIN && errno != EINTR)
-                    _exit(1);
-            } else {
-                int forced;
-                unsigned long long dev, ino;
-                int r = force_one(&F, buf, &forced, &dev, &ino);
-                if (forced) {
-                    forced_count++;
-                    remember(dev, ino);
-                }
-                if (r == SLOW && !degraded)
-                    handover(&set, buf, pidfd);
-                if (r == SLOW && degraded) {
-                    uint64_t id;
-                    memcpy(&id, buf, 8);
-                    force_send(&F, id, 0, FORCE_FLAG_CONTINUE);
-                }
-            }
-        } else if (p[0].revents & (POLLHUP | POLLERR)) {
-            hangup = 1;
-        }
-        if (pidfd >= 0 && (p[1].revents || hangup)) {
-            if (wants_stats && !degraded)
+        if (atomic_load(&program_state) == 1 && !atomic_load(&handed)) {
+            atomic_store(&handed, 1);
+            if (!degraded)
                 handover(&set, NULL, pidfd); /* Python prints the report */
-            /* keep serving what the program left behind, without holding its stderr */
             dup2(devnull, 2);
-            close(pidfd);
-            pidfd = -1;
         }
-        if (hangup)
-            _exit(0);
+        memset(buf, 0, F.recv_size);
+        if (ioctl(F.listener, F.io_recv, buf) < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            if (errno != ENOENT)
+                _exit(1);
+            /* the caller died before we took its call, or no task uses the filter */
+            struct pollfd p = {F.listener, POLLIN, 0};
+            if (poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR)) &&
+                !(p.revents & POLLIN)) {
+                if (wants_stats && !degraded && atomic_load(&program_state) != 2 &&
+                    !atomic_load(&handed)) {
+                    atomic_store(&handed, 1);
+                    handover(&set, NULL, pidfd); /* its exit is the last thing to report */
+                }
+                _exit(0);
+            }
+            continue;
+        }
+        int forced;
+        unsigned long long dev, ino;
+        int r = force_one(&F, buf, &forced, &dev, &ino);
+        if (forced) {
+            forced_count++;
+            remember(dev, ino);
+        }
+        if (r == SLOW && !degraded)
+            handover(&set, buf, pidfd);
+        if (r == SLOW && degraded) {
+            uint64_t id;
+            memcpy(&id, buf, 8);
+            force_send(&F, id, 0, FORCE_FLAG_CONTINUE);
+        }
     }
 }

@@ -105,6 +105,8 @@ def open_fastpath(
             True,
             arch.execve,
             arch.execveat,
+            arch.setns,
+            arch.unshare,
         )
     except (ValueError, OverflowError):
         return None

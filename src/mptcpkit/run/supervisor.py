@@ -163,11 +163,13 @@ class Supervisor:
     def handle(self, n: abi.Notification) -> None:
         nr = n.nr
         if n.arch != self.arch.audit_arch:
-            self.warn(
-                "compat",
-                f"a 32-bit program (audit arch {n.arch:#x}) is running: its sockets are not forced",
-            )
-            self._continue(n)
+            if self.arch.compat is not None and n.nr in self.arch.compat[1:]:
+                self.warn(
+                    "compat",
+                    f"a 32-bit program (audit arch {n.arch:#x}) is running: its sockets are "
+                    "not forced",
+                )
+            self._continue(n)  # (and its setns()/unshare(), reported to the compiled path)
         elif nr == self.arch.socket:
             self._on_socket(n)
         elif nr == self.arch.setsockopt:
