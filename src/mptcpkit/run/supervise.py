@@ -130,9 +130,11 @@ def main(argv: list[str]) -> None:  # pragma: no cover - exec'd by `_supervise`
 
 
 def _take_over(given: dict[str, str]) -> None:  # pragma: no cover - see main
-    from mptcpkit.run import abi
+    from mptcpkit.run import abi, syscalls
     from mptcpkit.run.bpf import Only
     from mptcpkit.run.supervisor import Supervisor
+
+    syscalls.set_name(b"mptcpkit-run")  # exec named it after the interpreter
 
     listener, pidfd, keys = int(given["listener"]), int(given["pidfd"]), int(given["keys"])
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
