@@ -135,3 +135,42 @@ def test_the_filter_reports_namespace_changes_of_every_abi() -> None:
         assert bpf.run_filter(prog, data) == abi.SECCOMP_RET_USER_NOTIF, (hex(audit), nr)
     getppid = bpf.seccomp_data(110, arch.audit_arch)
     assert bpf.run_filter(prog, getppid) == abi.SECCOMP_RET_ALLOW
+
+
+def test_the_option_table_is_kept_per_kernel_and_only_trusted_when_private(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """`mptcpkit run` keeps the probed table for the next runs (the probe is a third of
+    its start-up): used only under this kernel's and this code's stamp, from a file and
+    a directory that are ours and nobody else's to write."""
+    from mptcpkit import options as library
+    from mptcpkit.run import options
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    kept = runtime / "mptcpkit" / options.CACHE_NAME
+    table = options.tcp_only_options()
+    assert table == {key: info.name for key, info in library.tcp_only_options().items()}
+    assert library.tcp_only_options_complete()  # loopback, IPv4 and IPv6 here
+    stamp, *rows = kept.read_text().splitlines()
+    assert stamp == options._stamp() and len(rows) == len(table)
+    assert kept.stat().st_mode & 0o777 == 0o600
+
+    # what the file says is what is used (a row dropped: that option is no longer trapped)
+    kept.write_text("\n".join([stamp, *rows[1:]]) + "\n")
+    assert len(options.tcp_only_options()) == len(table) - 1
+    # another kernel or another version of the probe: probed again, and rewritten
+    kept.write_text("\n".join(["1 other-kernel", *rows[1:]]) + "\n")
+    assert options.tcp_only_options() == table
+    assert kept.read_text().splitlines()[0] == stamp
+    # anyone may write it: not trusted, probed again
+    kept.write_text("\n".join([stamp, *rows[1:]]) + "\n")
+    kept.chmod(0o666)
+    assert options.tcp_only_options() == table
+    kept.chmod(0o600)
+    (runtime / "mptcpkit").chmod(0o777)
+    assert options.tcp_only_options() == table
+    # a runtime directory that is not private: nothing kept there
+    runtime.chmod(0o755 | 0o022)
+    assert options.cache_dir() != str(runtime / "mptcpkit")

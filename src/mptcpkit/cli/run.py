@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from mptcpkit.cli import dispatch
 from mptcpkit.cli.errors import CLIError, UsageError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 STRATEGIES = ("auto", "seccomp", "preload", "bpf")
 
