@@ -12,6 +12,7 @@ setup(
         Extension(
             "mptcpkit.proxy._engine",
             ["src/mptcpkit/proxy/_engine.c"],
+            depends=["src/mptcpkit/proxy/_convert.h"],
             extra_compile_args=["-O2", "-Wall", "-Wno-missing-field-initializers"],
             optional=True,
         ),

@@ -27,11 +27,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 def pytest_sessionstart(session: pytest.Session) -> None:
     for folder, name in (("proxy", "_engine"), ("run", "_fastpath")):
         here = pathlib.Path(_SRC, "mptcpkit", folder)
-        source = here / f"{name}.c"
+        sources = [here / f"{name}.c", *here.glob("_*.h")]  # the C and what it includes
+        newest = max(sources, key=lambda p: p.stat().st_mtime)
         for built in here.glob(f"{name}.*.so"):
-            if built.stat().st_mtime < source.stat().st_mtime:
+            if built.stat().st_mtime < newest.stat().st_mtime:
                 pytest.exit(
-                    f"{built.name} is older than {name}.c: rebuild it"
+                    f"{built.name} is older than {newest.name}: rebuild it"
                     " (python3 setup.py build_ext --inplace, or pip install -e .)",
                     returncode=2,
                 )

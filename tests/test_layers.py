@@ -50,7 +50,17 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
     ("balancing/health", ("balance", "timeouts", "retry", "queue", "abuse", "slowstart")),
     (
         "data path",
-        ("poller", "datapath", "source", "relay", "frontend", "_engine", "compiled", "converter"),
+        (
+            "poller",
+            "datapath",
+            "source",
+            "relay",
+            "frontend",
+            "_engine",
+            "compiled",
+            "converter",
+            "compiledconvert",
+        ),
     ),
     ("worker runtime", ("runtime", "metrics", "control", "health", "resolvers")),
     ("master", ("master", "prepare", "listeners", "ctlserver", "metricsd", "privileges")),

@@ -112,7 +112,12 @@ class CompiledFrontend(FrontendRuntime):
             queue_how=f"queue timeout ({queue_limit:g}s)",
             rate_limit=cfg.maxconnrate,
             per_source=bool(cfg.maxconn_per_source),
+            **self.engine_options(),
         )
+
+    def engine_options(self) -> dict[str, Any]:
+        """More of the engine's frontend options (compiledconvert.py: a converter's)."""
+        return {}
 
     # --- what the runtime uses --------------------------------------------------------
 
