@@ -2080,6 +2080,44 @@ static PyMethodDef Engine_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The engine's RFC 8803 parser, for tests (hypothesis checks it against
+ * convertproto.py): None: need more; ("error", code, value byte, reason); or ("ok",
+ * used, Connect TLVs, Info seen, port, address (16 bytes), options, cookie or None,
+ * first Error code or -1, the first TCP option refused or 0). */
+static PyObject *parse_convert(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer b;
+    int request;
+    if (!PyArg_ParseTuple(args, "y*p", &b, &request))
+        return NULL;
+    ConvMsg m;
+    int r = conv_parse(b.buf, (size_t)b.len, request, &m);
+    PyObject *out;
+    if (r == CONV_NEED)
+        out = Py_NewRef(Py_None);
+    else if (r == CONV_ERR)
+        out = Py_BuildValue("(siis)", "error", m.code, m.value, m.reason);
+    else {
+        const char *opts = m.options ? (const char *)m.options : "";
+        if (m.cookie)
+            out = Py_BuildValue("(sniiIy#y#y#ii)", "ok", (Py_ssize_t)m.used, m.connects, m.info,
+                                m.port, m.addr, (Py_ssize_t)16, opts,
+                                (Py_ssize_t)m.options_len, m.cookie, (Py_ssize_t)m.cookie_len,
+                                m.error, conv_refused_option(&m));
+        else
+            out = Py_BuildValue("(sniiIy#y#Oii)", "ok", (Py_ssize_t)m.used, m.connects, m.info,
+                                m.port, m.addr, (Py_ssize_t)16, opts, (Py_ssize_t)m.options_len,
+                                Py_None, m.error, conv_refused_option(&m));
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"parse_convert", parse_convert, METH_VARARGS,
+     "parse_convert(data, request): the engine's verdict on an RFC 8803 message (tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mptcpkit.proxy._engine.Engine",
     .tp_basicsize = sizeof(Engine),
@@ -2091,7 +2129,7 @@ static PyTypeObject EngineType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_engine", "The proxy's compiled data path.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_engine", "The proxy's compiled data path.", -1, module_methods,
 };
 
 #define INTERN(var, text)                                   \
