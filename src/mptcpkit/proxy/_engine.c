@@ -76,6 +76,7 @@ typedef struct {
     unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1, out : 1;
     unsigned big : 1;     /* its last read was full or >= MIN_READ: bulk, reads sized by room() */
     int sndbuf;           /* SO_SNDBUF as last read (0: read it again), for room() */
+    long credit;          /* room() as last measured, less what was sent here since */
     char *pend;           /* bytes owed to this leg (one read at most), or NULL */
     size_t pend_off, pend_len;
     Conn *conn;
@@ -418,8 +419,13 @@ static void proxy_header(Engine *e, Conn *c);
 /* How much to read for `dst`: what its socket can still take (SO_SNDBUF less what it
  * holds, SIOCOUTQ, less an eighth for the kernel's per-packet overhead), at least
  * MIN_ROOM, at most the buffer.  So a destination that stops reading leaves at most
- * MIN_ROOM copied here per direction, and the rest in the source's socket. */
+ * MIN_ROOM copied here per direction, and the rest in the source's socket.  The room
+ * is measured (one ioctl) only when the last measure, less what was sent since, no
+ * longer covers a full read: a destination that drains takes 1 MiB reads unmeasured
+ * (the room only grows as it drains, so the credit never overstates it). */
 static size_t room(Leg *dst, size_t size) {
+    if (dst->credit >= (long)size)
+        return size;
     int outq = 0;
     if (ioctl(dst->fd, SIOCOUTQ, &outq) < 0)
         return size;
@@ -429,6 +435,7 @@ static size_t room(Leg *dst, size_t size) {
             return size;
     }
     long free_ = (long)dst->sndbuf - dst->sndbuf / 8 - outq;
+    dst->credit = free_;
     if (free_ < MIN_ROOM)
         return MIN_ROOM;
     return (size_t)free_ < size ? (size_t)free_ : size;
@@ -486,8 +493,10 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             }
             sent = 0;
         }
+        dst->credit -= sent;
         if (sent < n) {
             dst->sndbuf = 0; /* full: autotuning may have grown it since */
+            dst->credit = 0;
             if (set_pending(dst, buf + sent, (size_t)(n - sent)) < 0) {
                 fail(e, c, dst, ENOMEM);
                 return;
@@ -511,6 +520,7 @@ static void flush(Engine *e, Conn *c, Leg *dst) {
         return;
     }
     dst->pend_off += (size_t)sent;
+    dst->credit -= sent;
     if (dst->pend_off < dst->pend_len)
         return;
     clear_pending(dst);
