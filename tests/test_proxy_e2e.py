@@ -376,7 +376,7 @@ def test_slow_reader_bounded_memory(tmp_path: Path) -> None:
         # and it still delivers once the client reads
         s.settimeout(30)
         got = 0
-        while got < 16 << 20:
+        while got < 4 << 20:
             got += len(s.recv(1 << 20))
         s.close()
 
@@ -802,6 +802,8 @@ def test_no_fd_leak_in_workers(tmp_path: Path) -> None:
                 "mptcp@127.0.0.1:0",
                 {"a": f'"tcp@127.0.0.1:{dead}"', "b": f'"mptcp@127.0.0.1:{srv.port}"'},
                 glob='workers = 1\nmetrics = ""',
+                # the turn-around pause before each retry is min(timeout.connect, 1 s)
+                extra_fe='timeout = {connect = "20ms"}',
             ),
         ) as px,
     ):
