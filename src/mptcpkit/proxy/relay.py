@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.datapath import FrontendPort
+    from mptcpkit.proxy.datapath import BackendPort, FrontendPort
 
 __all__ = [
     "READ_SIZE",
@@ -72,6 +72,8 @@ _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
 _MPTCP_INFO_LEN = 96
 _SUBFLOWS_TOTAL = 80  # offsetof(struct mptcp_info, mptcpi_subflows_total)
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+INSPECT_LIMIT = 65536  # bytes peeked at most for a ClientHello (router.INSPECT_LIMIT)
 
 
 class Leg:
@@ -136,6 +138,7 @@ class Conn:
 
     __slots__ = (
         "active",
+        "be",
         "bytes_in",
         "bytes_out",
         "c",
@@ -148,11 +151,13 @@ class Conn:
         "counted_out",
         "daddr",
         "done",
+        "dport",
         "early",
         "fe",
         "hdr",
         "how",
         "idle",
+        "inspecting",
         "parked",
         "rb",
         "s",
@@ -167,6 +172,9 @@ class Conn:
 
     def __init__(self, fe: FrontendPort, sock: Any, caddr: Any, mptcp: bool) -> None:
         self.fe = fe
+        self.be: BackendPort = fe.backend  # its frontend's rules may pick another (router.py)
+        self.dport = 0  # the port it connected to (dst_port), set by the frontend
+        self.inspecting = False  # waiting for a ClientHello (tcp-request inspect-delay)
         self.rb = fe.rt.rbuf
         self.c = Leg(self, sock, True)
         self.s: Leg | None = None
@@ -211,6 +219,9 @@ class Conn:
             dst = self.s
             if self.hdr is not None:
                 self._proxy_header()
+                return
+            if self.inspecting:
+                self._inspect(False)
                 return
         else:
             dst = self.c
@@ -323,12 +334,59 @@ class Conn:
     def begin(self) -> None:
         """Connect to a server, unless a PROXY header must come first."""
         if self.hdr is None:
+            self.route()
+
+    def route(self) -> None:
+        """Choose the backend (use_backend rules, router.py), then connect."""
+        router = self.fe.router
+        if router is None:
             self.connect()
+        elif router.inspect is None:
+            self.be = router.route(self.caddr, self._dst_port(), None, True) or self.be
+            self.connect()
+        else:  # wait for the ClientHello: read as it comes (pump), or when the delay ends
+            self.inspecting = True
+            self.timer = self.fe.loop.call_later(router.inspect, self._inspect, True)
+            if self.early:  # it may have come whole with the PROXY header
+                self._inspect(False)
+
+    def _dst_port(self) -> int:
+        d = self.daddr
+        return int(d[1]) if isinstance(d, tuple) and len(d) > 1 else self.dport
+
+    def _inspect(self, final: bool) -> None:
+        """Peek at what the client sent (it stays in the socket, relayed as usual):
+        route once the ClientHello is whole, is no ClientHello, or `final` (the
+        inspect-delay passed)."""
+        if self.done or not self.inspecting:
+            return
+        router = self.fe.router
+        assert router is not None
+        rb = self.rb
+        try:
+            n = self.c.sock.recv_into(rb.buf, INSPECT_LIMIT, _PEEK)
+            final = final or n == 0 or self.c.hup  # the client sent FIN: nothing more comes
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.fail(self.c, exc)
+            return
+        data = (self.early or b"") + bytes(rb.view[:n])
+        be = router.route(self.caddr, self._dst_port(), data, final)
+        if be is None:
+            return  # more may come: the next bytes (or FIN) are a new event
+        self.inspecting = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.be = be
+        self.c.waiting = True  # read what was peeked once connected
+        self.connect()
 
     def connect(self) -> None:
         """Pick a server and start a non-blocking connect; on failure try the next one."""
         fe = self.fe
-        be = fe.backend
+        be = self.be
         if not self.t_connect:
             self.t_connect = time.monotonic()
         while True:
@@ -396,7 +454,7 @@ class Conn:
 
     def start_connect(self, state: ServerState) -> tuple[Any, int]:
         """Open the server leg (converter.py connects to the client's destination)."""
-        return self.fe.backend.start_connect(state)
+        return self.be.start_connect(state)
 
     def greeting(self) -> bytes:
         """What the server hears first: a PROXY header, if the server wants one."""
@@ -431,7 +489,7 @@ class Conn:
         self.server = None
         if self.tried is None:
             self.tried = []
-        why = self.fe.server_failed(state, exc, self.tried)
+        why = self.fe.server_failed(state, exc, self.tried, self.be)
         if isinstance(why, str):
             self.end(why)
             return False
@@ -477,7 +535,7 @@ class Conn:
         self.bytes_in += len(rest)
         self.early = rest or None
         self.c.waiting = True  # more may follow the header: read it once connected
-        self.connect()
+        self.route()
 
     # --- the end -----------------------------------------------------------------------
 
