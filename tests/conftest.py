@@ -3,8 +3,8 @@
 - Under CI=true a skipped test is a failure: CI must run everything.
 - Tests that need root and namespaces use the `root` marker; locally they skip with
   a reason when not root.
-- A compiled module (proxy engine, run fast path) older than its source stops the
-  run: the tests would measure yesterday's C.
+- A compiled module (proxy engine, run fast path) or the compiled supervisor older
+  than its source stops the run: the tests would measure yesterday's C.
 """
 
 from __future__ import annotations
@@ -25,17 +25,22 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    for folder, name in (("proxy", "_engine"), ("run", "_fastpath")):
-        here = pathlib.Path(_SRC, "mptcpkit", folder)
-        sources = [here / f"{name}.c", *here.glob("_*.h")]  # the C and what it includes
-        newest = max(sources, key=lambda p: p.stat().st_mtime)
-        for built in here.glob(f"{name}.*.so"):
-            if built.stat().st_mtime < newest.stat().st_mtime:
-                pytest.exit(
-                    f"{built.name} is older than {newest.name}: rebuild it"
-                    " (python3 setup.py build_ext --inplace, or pip install -e .)",
-                    returncode=2,
-                )
+    run = pathlib.Path(_SRC, "mptcpkit", "run")
+    built_from = [
+        ("proxy", "_engine.*.so", ["_engine.c", "_convert.h"]),
+        ("run", "_fastpath.*.so", ["_fastpath.c", "_force.h"]),
+        ("run", "_supervise", ["_supervise.c", "_force.h"]),  # a program, not a module
+    ]
+    for folder, pattern, sources in built_from:
+        here = run.parent / folder
+        for built in here.glob(pattern):
+            for name in sources:
+                if built.stat().st_mtime < (here / name).stat().st_mtime:
+                    pytest.exit(
+                        f"{built.name} is older than {name}: rebuild it"
+                        " (python3 setup.py build_ext --inplace, or pip install -e .)",
+                        returncode=2,
+                    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -46,7 +46,10 @@ APPLICATIONS = ("mptcpkit.lab", "mptcpkit.proxy", "mptcpkit.run", "mptcpkit.pm")
 
 # Within mptcpkit.proxy, bottom to top (HAProxy keeps raw_sock/connection below stream).
 PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
-    ("config", ("config", "logging", "proxyproto", "convertproto", "destpolicy")),
+    (
+        "config",
+        ("config", "logging", "proxyproto", "convertproto", "destpolicy", "acl", "clienthello"),
+    ),
     ("balancing/health", ("balance", "timeouts", "retry", "queue", "abuse", "slowstart")),
     (
         "data path",
@@ -54,6 +57,7 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
             "poller",
             "datapath",
             "source",
+            "router",
             "relay",
             "frontend",
             "_engine",

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any
 
 from mptcpkit.cli import dispatch
 from mptcpkit.cli.errors import CLIError, UsageError
-
-if TYPE_CHECKING:
-    from mptcpkit.run.launch import Report as launch_report
-    from mptcpkit.run.stats import Stats
 
 STRATEGIES = ("auto", "seccomp", "preload", "bpf")
 
@@ -119,23 +114,11 @@ def _seccomp(args: argparse.Namespace, command: list[str]) -> int:
             )
             execute.restore_dispositions(env)
             execute.exec_program(path, command, env)
-        launch.exec_forced(command, path, only=only, env=env, report=_reporter(args.stats))
+        launch.exec_forced(command, path, only=only, env=env, stats=args.stats)
     except execute.ExecError as exc:
         return _not_started(exc)
     except launch.SeccompUnavailable as exc:
         raise CLIError(exc.strerror or str(exc)) from None
-
-
-def _reporter(fmt: str | None) -> launch_report | None:
-    """How the supervisor prints --stats when the program exits."""
-    if not fmt:
-        return None
-
-    def report(stats: Stats, out: TextIO) -> None:
-        line = json.dumps(stats.as_dict()) if fmt == "json" else f"mptcpkit run: {stats.line()}"
-        print(line, file=out, flush=True)
-
-    return report
 
 
 def _warn(message: str) -> None:

@@ -16,6 +16,13 @@
  *   fe.leg_state(fd)               -> "fallback"/"TCP"/None for a leg without subflows
  *   fe.done(state, record)         -> a connection ended (record None unless observing)
  *   fe.accept_failed(err)          -> accept() failed with something other than EAGAIN
+ *   fe.route(caddr, dport, data, final) -> the backend (use_backend rules), or None:
+ *                                     wait for more of the ClientHello (router.py)
+ *
+ * Frontends with use_backend rules (`route`) ask fe.route() once per connection; with
+ * rules on req.ssl_sni they first peek (MSG_PEEK) at the client's bytes until the
+ * ClientHello is whole or `inspect_delay` passes.  The chosen backend object goes to
+ * fe.pick() as a third argument.  Frontends without rules run none of this.
  *
  * A target tuple is (state, family, sockaddr bytes, proto, fallback, send_proxy,
  * observe), made once per server by Python.  Everything here is single-threaded and
@@ -52,6 +59,7 @@
 #define MIN_READ 16384    /* a read of a leg whose traffic is small (not bulk) */
 #define MIN_ROOM 4096     /* a bulk read when the destination has little or no room */
 #define ACCEPT_BATCH 64   /* connections accepted per listener wakeup */
+#define INSPECT_LIMIT 65536 /* bytes peeked at most for a ClientHello (router.py) */
 #ifndef IPPROTO_MPTCP
 #define IPPROTO_MPTCP 262
 #endif
@@ -82,6 +90,7 @@ typedef struct {
     unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1, out : 1;
     unsigned big : 1;     /* its last read was full or >= MIN_READ: bulk, reads sized by room() */
     int sndbuf;           /* SO_SNDBUF as last read (0: read it again), for room() */
+    long credit;          /* room() as last measured, less what was sent here since */
     char *pend;           /* bytes owed to this leg (one read at most), or NULL */
     size_t pend_off, pend_len;
     Conn *conn;
@@ -91,7 +100,7 @@ typedef struct {
     int kind;             /* K_LISTENER */
     int fd;
     int mptcp;            /* an MPTCP listener: its clients asked for MPTCP */
-    int port;             /* its own port: an "intercepted" connection to it is not one */
+    int port;             /* the port it is bound to: dst_port of its connections, and not an intercepted one's */
     Frontend *fe;
 } Listener;
 
@@ -113,6 +122,9 @@ struct Conn {
     PyObject *daddr;      /* the destination a PROXY header carried, or NULL */
     PyObject *how;        /* how it ended */
     PyObject *c_state, *s_state;
+    PyObject *be;         /* the backend use_backend rules chose, NULL: the frontend's */
+    int dport;            /* the port it connected to (dst_port) */
+    int inspecting;       /* waiting for a ClientHello (tcp-request inspect-delay) */
     long c_sub, s_sub;
     int c_req, send_proxy, s_observe, active, done, queued;
     int retry;            /* in the timeout queue waiting to retry a server (retry.py) */
@@ -153,6 +165,8 @@ struct Frontend {
     int convert;          /* accept-convert: clients start with a Convert message */
     int intercept;        /* 1 redirect, 2 tproxy: a client's destination is its own */
     int names_dest;       /* clients name their destination (accept-convert/-proxy) */
+    int route;            /* use_backend rules: ask fe.route() before connecting */
+    double inspect_delay; /* wait this long for a ClientHello first, < 0: no waiting */
     Listener **listeners; /* a port range binds many */
     int nlisteners, caplisteners;
     Conn head;            /* sentinel of the live list */
@@ -182,7 +196,7 @@ struct Engine {
 
 static PyObject *s_pick, *s_failed, *s_header, *s_parse, *s_leg_state, *s_done,
     *s_accept_failed, *s_both_closed, *s_internal, *s_no_header, *s_closed_before_header,
-    *s_tcp, *s_mptcp, *s_question, *s_dash, *s_errorcode, *s_admit, *s_release;
+    *s_tcp, *s_mptcp, *s_question, *s_dash, *s_errorcode, *s_admit, *s_release, *s_route;
 /* converters (the section "converters" below) */
 static PyObject *s_convert, *s_refuse, *s_dest_failed, *s_not_intercepted, *s_remote_refused,
     *s_info_answered, *s_no_convert, *s_closed_before_convert, *s_reply_eof;
@@ -277,7 +291,7 @@ static PyObject *client_addr(Conn *c) {
     return c->caddr;
 }
 
-/* ---- the connect-timeout queue: one FIFO per frontend (one timeout each), one timerfd */
+/* ---- the timer queue: per frontend, in deadline order (connects, retries, inspect-delay) */
 
 static void arm(Engine *e, double deadline) {
     if (e->armed && e->armed <= deadline)
@@ -292,24 +306,10 @@ static void arm(Engine *e, double deadline) {
     e->armed = deadline;
 }
 
-static void timeout_add(Engine *e, Conn *c) {
+/* Into the frontend's queue, in deadline order (from the tail: usually at once). */
+static void timer_insert(Engine *e, Conn *c, double deadline) {
     Frontend *fe = c->fe;
-    c->deadline = monotonic() + fe->connect_timeout;
-    c->tnext = NULL;
-    c->tprev = fe->tq_tail;
-    if (fe->tq_tail)
-        fe->tq_tail->tnext = c;
-    else
-        fe->tq_head = c;
-    fe->tq_tail = c;
-    c->timed = 1;
-    arm(e, c->deadline);
-}
-
-/* Wait `delay` seconds before the next connect attempt: in the same queue, in order. */
-static void retry_later(Engine *e, Conn *c, double delay) {
-    Frontend *fe = c->fe;
-    c->deadline = monotonic() + delay;
+    c->deadline = deadline;
     Conn *after = fe->tq_tail;
     while (after && after->deadline > c->deadline)
         after = after->tprev;
@@ -324,8 +324,17 @@ static void retry_later(Engine *e, Conn *c, double delay) {
     else
         fe->tq_head = c;
     c->timed = 1;
-    c->retry = 1;
     arm(e, c->deadline);
+}
+
+static void timeout_add(Engine *e, Conn *c) {
+    timer_insert(e, c, monotonic() + c->fe->connect_timeout);
+}
+
+/* Wait `delay` seconds before the next connect attempt: in the same queue, in order. */
+static void retry_later(Engine *e, Conn *c, double delay) {
+    timer_insert(e, c, monotonic() + delay);
+    c->retry = 1;
 }
 
 /* ---- the server queue: connections waiting for a server slot, oldest first */
@@ -443,12 +452,19 @@ static void on_eof(Engine *e, Conn *c, Leg *src, Leg *dst) {
 }
 
 static void proxy_header(Engine *e, Conn *c);
+static void inspect(Engine *e, Conn *c, int final);
+static void route(Engine *e, Conn *c);
 
 /* How much to read for `dst`: what its socket can still take (SO_SNDBUF less what it
  * holds, SIOCOUTQ, less an eighth for the kernel's per-packet overhead), at least
  * MIN_ROOM, at most the buffer.  So a destination that stops reading leaves at most
- * MIN_ROOM copied here per direction, and the rest in the source's socket. */
+ * MIN_ROOM copied here per direction, and the rest in the source's socket.  The room
+ * is measured (one ioctl) only when the last measure, less what was sent since, no
+ * longer covers a full read: a destination that drains takes 1 MiB reads unmeasured
+ * (the room only grows as it drains, so the credit never overstates it). */
 static size_t room(Leg *dst, size_t size) {
+    if (dst->credit >= (long)size)
+        return size;
     int outq = 0;
     if (ioctl(dst->fd, SIOCOUTQ, &outq) < 0)
         return size;
@@ -458,6 +474,7 @@ static size_t room(Leg *dst, size_t size) {
             return size;
     }
     long free_ = (long)dst->sndbuf - dst->sndbuf / 8 - outq;
+    dst->credit = free_;
     if (free_ < MIN_ROOM)
         return MIN_ROOM;
     return (size_t)free_ < size ? (size_t)free_ : size;
@@ -474,6 +491,10 @@ static void pump(Engine *e, Conn *c, Leg *src) {
                 convert_request(e, c);
             else
                 proxy_header(e, c);
+            return;
+        }
+        if (c->inspecting) {
+            inspect(e, c, 0);
             return;
         }
     } else {
@@ -520,8 +541,10 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             }
             sent = 0;
         }
+        dst->credit -= sent;
         if (sent < n) {
             dst->sndbuf = 0; /* full: autotuning may have grown it since */
+            dst->credit = 0;
             if (set_pending(dst, buf + sent, (size_t)(n - sent)) < 0) {
                 fail(e, c, dst, ENOMEM);
                 return;
@@ -545,6 +568,7 @@ static void flush(Engine *e, Conn *c, Leg *dst) {
         return;
     }
     dst->pend_off += (size_t)sent;
+    dst->credit -= sent;
     if (dst->pend_off < dst->pend_len)
         return;
     clear_pending(dst);
@@ -700,6 +724,10 @@ static void connected(Engine *e, Conn *c, uint32_t events) {
 static void connect_timeout(Engine *e, Conn *c) {
     if (c->done)
         return;
+    if (c->inspecting) { /* tcp-request inspect-delay passed: route with what came */
+        inspect(e, c, 1);
+        return;
+    }
     if (c->retry) {
         c->retry = 0;
         do_connect(e, c);
@@ -720,8 +748,9 @@ static void do_connect(Engine *e, Conn *c) {
         c->t_connect = monotonic();
     for (;;) {
         PyObject *caddr = fe->needs_caddr ? client_addr(c) : Py_None;
-        PyObject *r = PyObject_CallMethodObjArgs(fe->key, s_pick, caddr,
-                                                 c->tried ? c->tried : Py_None, NULL);
+        PyObject *tried = c->tried ? c->tried : Py_None;
+        PyObject *r = c->be ? PyObject_CallMethodObjArgs(fe->key, s_pick, caddr, tried, c->be, NULL)
+                            : PyObject_CallMethodObjArgs(fe->key, s_pick, caddr, tried, NULL);
         if (!r) {
             report("pick() raised");
             abort_conn(e, c, s_internal);
@@ -865,8 +894,15 @@ static void proxy_header(Engine *e, Conn *c) {
     }
     if (source != Py_None) {
         Py_XSETREF(c->caddr, Py_NewRef(source));
-        if (destination != Py_None)
+        if (destination != Py_None) {
             Py_XSETREF(c->daddr, Py_NewRef(destination));
+            if (PyTuple_Check(destination) && PyTuple_GET_SIZE(destination) > 1) {
+                long port = PyLong_AsLong(PyTuple_GET_ITEM(destination, 1));
+                if (port >= 0)
+                    c->dport = (int)port; /* dst_port: where the header says it went */
+                PyErr_Clear();
+            }
+        }
     }
     Py_DECREF(parsed);
     Py_ssize_t total = PyByteArray_GET_SIZE(c->hdr);
@@ -879,7 +915,88 @@ static void proxy_header(Engine *e, Conn *c) {
     }
     Py_CLEAR(c->hdr);
     c->c.waiting = 1; /* more may follow the header: read it once connected */
+    route(e, c);
+}
+
+/* ---- use_backend: choosing the backend (router.py decides) ----------------------------- */
+
+/* Ask fe.route(); 1 once a backend is chosen (and the connect started), 0 to wait. */
+static int decide(Engine *e, Conn *c, PyObject *data, int final) {
+    Frontend *fe = c->fe;
+    PyObject *port = PyLong_FromLong(c->dport);
+    PyObject *r = port ? PyObject_CallMethodObjArgs(fe->key, s_route, client_addr(c), port,
+                                                    data ? data : Py_None,
+                                                    final ? Py_True : Py_False, NULL)
+                       : NULL;
+    Py_XDECREF(port);
+    if (!r) {
+        report("route() raised");
+        abort_conn(e, c, s_internal);
+        return 1;
+    }
+    if (r == Py_None) {
+        Py_DECREF(r);
+        return 0;
+    }
+    Py_XSETREF(c->be, r);
+    if (c->inspecting) {
+        c->inspecting = 0;
+        timeout_remove(c);
+        c->c.waiting = 1; /* what was peeked is read once connected */
+    }
     do_connect(e, c);
+    return 1;
+}
+
+/* Peek at what the client sent (it stays in the socket and is relayed as usual), with
+ * what came after a PROXY header; route once the ClientHello is whole, is not one, or
+ * `final` (the delay passed). */
+static void inspect(Engine *e, Conn *c, int final) {
+    size_t have = 0, cap = e->size < INSPECT_LIMIT ? e->size : INSPECT_LIMIT;
+    if (c->early) {
+        have = (size_t)PyBytes_GET_SIZE(c->early);
+        if (have > cap)
+            have = cap;
+        memcpy(e->buf, PyBytes_AS_STRING(c->early), have);
+    }
+    ssize_t n;
+    do
+        n = recv(c->c.fd, e->buf + have, cap - have, MSG_PEEK | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (!would_block(errno)) {
+            fail(e, c, &c->c, errno);
+            return;
+        }
+        n = 0;
+    } else if (n == 0 || c->c.hup) {
+        final = 1; /* the client sent FIN: nothing more comes */
+    }
+    PyObject *data = PyBytes_FromStringAndSize(e->buf, (Py_ssize_t)(have + (size_t)n));
+    if (!data) {
+        PyErr_Clear();
+        fail(e, c, &c->c, ENOMEM);
+        return;
+    }
+    decide(e, c, data, final);
+    Py_DECREF(data);
+}
+
+/* After accept (and a PROXY header): choose the backend, then connect. */
+static void route(Engine *e, Conn *c) {
+    Frontend *fe = c->fe;
+    if (!fe->route) {
+        do_connect(e, c);
+        return;
+    }
+    if (fe->inspect_delay < 0) {
+        decide(e, c, NULL, 1);
+        return;
+    }
+    c->inspecting = 1;
+    timer_insert(e, c, monotonic() + fe->inspect_delay);
+    if (c->early) /* the hello may have come whole with the header */
+        inspect(e, c, 0);
 }
 
 /* ---- the end -------------------------------------------------------------------------- */
@@ -962,11 +1079,11 @@ static void finished(Engine *e, Conn *c) {
     Py_INCREF(rec);
     if (e->observing) {
         Py_DECREF(rec);
-        rec = Py_BuildValue("(OdOlOlKKOd)", client_addr(c), c->start,
+        rec = Py_BuildValue("(OdOlOlKKOdO)", client_addr(c), c->start,
                             state_or(c->c_state, c->c_req ? s_question : s_tcp), c->c_sub,
                             state_or(c->s_state, c->server ? s_question : s_dash), c->s_sub,
                             c->bytes_in, c->bytes_out, c->how ? c->how : s_both_closed,
-                            c->connect_time);
+                            c->connect_time, c->be ? c->be : Py_None);
         if (!rec) {
             report("record failed");
             rec = Py_NewRef(Py_None);
@@ -1028,6 +1145,7 @@ static void free_conn(Conn *c) {
     Py_CLEAR(c->src);
     Py_CLEAR(c->c_state);
     Py_CLEAR(c->s_state);
+    Py_CLEAR(c->be);
     clear_pending(&c->c);
     clear_pending(&c->s);
     PyMem_RawFree(c->reply);
@@ -1518,6 +1636,7 @@ static int on_accept(Engine *e, Listener *l) {
         c->s.fd = -1;
         c->ca = sa;
         c->calen = salen;
+        c->dport = l->port;
         c->active = 1;
         c->connect_time = -1;
         if (e->observing)
@@ -1539,7 +1658,7 @@ static int on_accept(Engine *e, Listener *l) {
         } else {
             /* Server leg first: on loopback its connect is usually done at once, and
              * epoll then reports it before the client's bytes, which go straight on. */
-            do_connect(e, c);
+            route(e, c);
         }
         if (!c->done && watch(e, &c->c, WATCH_IN) < 0)
             fail(e, c, &c->c, errno);
@@ -1731,16 +1850,17 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"key", "maxconn", "accept_proxy", "needs_caddr",
                              "connect_timeout", "client_timeout", "idle_limit", "idle_how",
                              "fin_limit", "fin_how", "queue_timeout", "queue_how",
-                             "rate_limit", "per_source", "convert", "intercept", "names_dest",
-                             NULL};
+                             "rate_limit", "per_source", "route", "inspect_delay", "convert",
+                             "intercept", "names_dest", NULL};
     PyObject *key, *idle_how, *fin_how = NULL, *queue_how = NULL;
     long maxconn, rate_limit = 0;
-    int accept_proxy, needs_caddr, per_source = 0, convert = 0, intercept = 0, names_dest = 0;
-    double ct, cl, il, fl = -2.0, qt = -1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlppip", kwlist, &key, &maxconn,
+    int accept_proxy, needs_caddr, per_source = 0, route_ = 0;
+    int convert = 0, intercept = 0, names_dest = 0;
+    double ct, cl, il, fl = -2.0, qt = -1.0, inspect_delay = -1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlppdpip", kwlist, &key, &maxconn,
                                      &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how,
                                      &fl, &fin_how, &qt, &queue_how, &rate_limit, &per_source,
-                                     &convert, &intercept, &names_dest))
+                                     &route_, &inspect_delay, &convert, &intercept, &names_dest))
         return NULL;
     if (!queue_how) /* no queue: nothing is ever parked */
         qt = -1.0;
@@ -1766,6 +1886,8 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     fe->queue_timeout = qt;
     fe->rate_limit = rate_limit;
     fe->per_source = per_source;
+    fe->route = route_;
+    fe->inspect_delay = inspect_delay;
     fe->convert = convert;
     fe->intercept = intercept;
     fe->names_dest = names_dest || convert;
@@ -1783,8 +1905,8 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *Engine_listen(Engine *e, PyObject *args) {
-    int id, fd, mptcp;
-    if (!PyArg_ParseTuple(args, "iip", &id, &fd, &mptcp))
+    int id, fd, mptcp, port = 0;
+    if (!PyArg_ParseTuple(args, "iip|i", &id, &fd, &mptcp, &port))
         return NULL;
     Frontend *fe = get_fe(e, id);
     if (!fe)
@@ -1803,13 +1925,8 @@ static PyObject *Engine_listen(Engine *e, PyObject *args) {
     l->kind = K_LISTENER;
     l->fd = fd;
     l->mptcp = mptcp;
+    l->port = port;
     l->fe = fe;
-    struct sockaddr_storage own;
-    socklen_t ownlen = sizeof own;
-    if (getsockname(fd, (struct sockaddr *)&own, &ownlen) == 0 &&
-        (own.ss_family == AF_INET || own.ss_family == AF_INET6))
-        l->port = ntohs(own.ss_family == AF_INET ? ((struct sockaddr_in *)&own)->sin_port
-                                                 : ((struct sockaddr_in6 *)&own)->sin6_port);
     struct epoll_event ev = {.events = fe->paused ? 0 : EPOLLIN, .data.ptr = l};
     if (epoll_ctl(e->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
         PyMem_RawFree(l);
@@ -2034,9 +2151,10 @@ static PyObject *Engine_sessions(Engine *e, PyObject *args) {
     for (Conn *c = fe->head.next; c != &fe->head; c = c->next) {
         if (c->done)
             continue;
-        PyObject *t = Py_BuildValue("(OOiiKKdi)", client_addr(c), c->server ? c->server : Py_None,
-                                    c->c.fd, c->s.connecting ? -1 : c->s.fd, c->bytes_in,
-                                    c->bytes_out, c->start, c->c_req);
+        PyObject *t = Py_BuildValue("(OOiiKKdiO)", client_addr(c),
+                                    c->server ? c->server : Py_None, c->c.fd,
+                                    c->s.connecting ? -1 : c->s.fd, c->bytes_in, c->bytes_out,
+                                    c->start, c->c_req, c->be ? c->be : Py_None);
         if (!t || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             Py_DECREF(out);
@@ -2144,6 +2262,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     INTERN(s_done, "done");
     INTERN(s_admit, "admit");
     INTERN(s_release, "release");
+    INTERN(s_route, "route");
     INTERN(s_accept_failed, "accept_failed");
     INTERN(s_both_closed, "both closed");
     INTERN(s_internal, "internal error");

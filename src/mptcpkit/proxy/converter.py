@@ -464,8 +464,10 @@ class ConvertFrontend(FrontendRuntime):
 
     conn_type = ConvertConn
 
-    def __init__(self, cfg: Frontend, listeners: Any, backend: Any, rt: Any) -> None:
-        super().__init__(cfg, listeners, backend, rt)
+    def __init__(
+        self, cfg: Frontend, listeners: Any, backend: Any, rt: Any, backends: Any = None
+    ) -> None:
+        super().__init__(cfg, listeners, backend, rt)  # no use_backend rules (config.py)
         self.own_ports = {
             ls.getsockname()[1] for ls in self.listeners if ls.family != socket.AF_UNIX
         }

@@ -28,7 +28,14 @@ from mptcpkit.proxy.compiledconvert import CompiledConverter, wire_flags
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
 from mptcpkit.proxy.converter import needed as converter_needed
-from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer, Wire, burst
+from mptcpkit.proxy.datapath import (
+    READ_SIZE,
+    BackendPort,
+    FrontendPort,
+    ReadBuffer,
+    Wire,
+    burst,
+)
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
@@ -52,6 +59,7 @@ class BackendRuntime:
         self.cfg = cfg
         self.rt = rt
         self.balancer = Balancer(cfg)
+        self.states = self.balancer.states
         self.queue: ServerQueue | None = None  # servers with a maxconn (queue.py)
         if any(s.maxconn for s in cfg.servers):
             for state in self.balancer.states:
@@ -221,7 +229,7 @@ class Runtime:
         conv = ConvertFrontend if self.engine is None else CompiledConverter
         self.frontends = [
             (conv if converter_needed(f, cfg.backends[f.backend]) else kind)(
-                f, listeners.get(f.name, ()), self.backends[f.backend], self
+                f, listeners.get(f.name, ()), self.backends[f.backend], self, self.backends
             )
             for f in cfg.frontends
         ]
@@ -316,15 +324,17 @@ class Runtime:
         nbytes: tuple[int, int],
         ended: str,
         connect_time: float = -1.0,
+        backend: BackendPort | None = None,
     ) -> None:
-        """Log and count a finished connection (only called when someone reads them)."""
+        """Log and count a finished connection (only called when someone reads them);
+        `backend`: the one its frontend's rules picked, if not the default."""
         server = state.server if state is not None else None
         rec = ConnRecord(
             start=start,
             duration=time.time() - start,
             frontend=fe.cfg.name,
             client=client,
-            backend=fe.backend.cfg.name,
+            backend=(fe.backend if backend is None else backend).cfg.name,
             server=server.name if server is not None else None,
             server_address=str(server.address) if server is not None else None,
             client_state=c_leg[0],

@@ -61,6 +61,12 @@ class Arch:
     # exec of a setuid or file-capability program is reported (no_new_privs)
     execve: int = -1
     execveat: int = -1
+    # setns() and unshare() are reported: a thread that may have moved to another
+    # network namespace has its namespace read again (the compiled path caches it).
+    # (native numbers, then the compat layer's (setns, unshare) or None)
+    setns: int = -1
+    unshare: int = -1
+    compat_ns: tuple[int, int] | None = None
 
 
 X86_64 = Arch(
@@ -79,6 +85,9 @@ X86_64 = Arch(
     (AUDIT_ARCH_I386, 359, 102),
     execve=59,
     execveat=322,
+    setns=308,
+    unshare=272,
+    compat_ns=(346, 310),
 )
 AARCH64 = Arch(
     "aarch64",
@@ -96,6 +105,9 @@ AARCH64 = Arch(
     (AUDIT_ARCH_ARM, 281, -1),
     execve=221,
     execveat=281,
+    setns=268,
+    unshare=97,
+    compat_ns=(375, 337),
 )
 ARCHES = {"x86_64": X86_64, "amd64": X86_64, "aarch64": AARCH64, "arm64": AARCH64}
 

@@ -59,6 +59,9 @@ class FilterSpec:
     # Report, not fix: a setuid or file-capability program starts without its
     # privileges under no_new_privs.
     trap_exec: bool = True
+    # Report, not fix: setns() and unshare() may move a thread to another network
+    # namespace, after which the supervisor reads its namespace again.
+    trap_namespace: bool = True
 
 
 class _Asm:
@@ -99,6 +102,10 @@ def build_filter(spec: FilterSpec) -> bytes:
     a.op(JEQ_K, arch.audit_arch, 0, "allow")
     a.op(LD_ABS, OFF_NR)
     if arch.has_x32:
+        if spec.trap_namespace:  # x32's own numbers: the 64-bit ones with the x32 bit
+            for nr in (arch.setns, arch.unshare):
+                if nr >= 0:
+                    a.op(JEQ_K, abi.X32_SYSCALL_BIT | nr, "notify", 0)
         a.op(JGE_K, abi.X32_SYSCALL_BIT, "allow", 0)
     if spec.trap_socket:
         a.op(JEQ_K, arch.socket, "socket", 0)
@@ -116,6 +123,10 @@ def build_filter(spec: FilterSpec) -> bytes:
         for nr in (arch.execve, arch.execveat):
             if nr >= 0:
                 a.op(JEQ_K, nr, "notify", 0)
+    if spec.trap_namespace:
+        for nr in (arch.setns, arch.unshare):
+            if nr >= 0:
+                a.op(JEQ_K, nr, "notify", 0)
     a.label("allow")
     a.op(RET_K, abi.SECCOMP_RET_ALLOW)
     a.label("notify")
@@ -128,6 +139,9 @@ def build_filter(spec: FilterSpec) -> bytes:
         a.op(JEQ_K, arch.compat[1], "notify2", 0)
         if arch.compat[2] >= 0:
             a.op(JEQ_K, arch.compat[2], "notify2", 0)
+        if spec.trap_namespace and arch.compat_ns is not None:
+            for nr in arch.compat_ns:
+                a.op(JEQ_K, nr, "notify2", 0)
         a.op(RET_K, abi.SECCOMP_RET_ALLOW)
 
     # socket(family, type, protocol)

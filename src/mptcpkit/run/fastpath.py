@@ -6,7 +6,11 @@ interpreter, exactly as `Supervisor._on_socket` would (MPTCP socket made, instal
 the call's result, checked with SECCOMP_IOCTL_NOTIF_ID_VALID), and keeps answering
 while more are pending. Everything else is handed back untouched: other calls, other
 namespaces or credentials, 32-bit callers, MPTCP refused, a socket that cannot be
-installed; the Python supervisor then decides, counts and warns as before.
+installed; the Python supervisor then decides, counts and warns as before. It also
+lets an execve()/execveat() go ahead when the file is not setuid, setgid or
+file-capability (Supervisor._on_exec's common case: a stat and a getxattr). The C is
+`_force.h`, shared with the `_supervise` executable (run/supervise.py), which runs the
+same steps as the background supervisor itself, without an interpreter.
 
 Where the kernel has pidfs ioctls (6.13+), the caller's uids, gids and network
 namespace come from its pidfd (PIDFD_GET_INFO, PIDFD_GET_NET_NAMESPACE): a few cheap
@@ -98,6 +102,11 @@ def open_fastpath(
             ),
             abi.SECCOMP_ADDFD_FLAG_SEND,
             os.environ.get(ENV) != "proc",
+            True,
+            arch.execve,
+            arch.execveat,
+            arch.setns,
+            arch.unshare,
         )
     except (ValueError, OverflowError):
         return None

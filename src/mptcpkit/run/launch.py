@@ -1,7 +1,9 @@
 """Run a program under the seccomp filter in this very process, as `exec` would.
 
-The supervisor is forked into the background first (a grandchild in a session of its
-own, so group and terminal signals meant for the program never reach it). This
+The supervisor is started in the background first (a grandchild in a session of its
+own, so group and terminal signals meant for the program never reach it): the
+compiled `_supervise` program where it was built (supervise.py), else this
+interpreter forked. This
 process then installs the filter on itself, hands the listener descriptor to the
 supervisor (SCM_RIGHTS), lets it use ptrace-level access where Yama asks for a
 declaration (PR_SET_PTRACER), and execs CMD. CMD therefore keeps this process id, its
@@ -19,20 +21,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import select
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
-from mptcpkit.run import abi, execute, syscalls
+from mptcpkit.run import abi, execute, supervise, syscalls
 from mptcpkit.run.bpf import Only, filter_program
 from mptcpkit.run.options import tcp_only_options
-from mptcpkit.run.stats import Stats
-
-if TYPE_CHECKING:
-    from mptcpkit.run.supervisor import Supervisor
 
 PR_SET_NAME = 15
 PR_SET_PTRACER = 0x59616D61  # Yama: "the supervisor may ptrace me" (pidfd_getfd)
@@ -50,8 +47,6 @@ _SUPERVISOR_IGNORES = (
     signal.SIGPIPE,
 )
 
-Report = Callable[[Stats, TextIO], None]
-
 
 class SeccompUnavailable(OSError):
     """The filter could not be installed."""
@@ -63,9 +58,10 @@ def exec_forced(
     *,
     only: Only | None = None,
     env: Mapping[str, str] | None = None,
-    report: Report | None = None,
+    stats: str | None = None,
 ) -> NoReturn:
-    """Become `argv` (already resolved to `path`) with the filter installed.
+    """Become `argv` (already resolved to `path`) with the filter installed; `stats`
+    is the `--stats` format ("text", "json") or None.
 
     Raises SeccompUnavailable if the filter cannot be installed, and
     execute.ExecError if the program cannot be executed (as a shell would say).
@@ -73,26 +69,31 @@ def exec_forced(
     environ = dict(os.environ if env is None else env)
     arch = abi.native_arch()
     tcp_only = tcp_only_options()
-    program = filter_program(arch, only, tcp_only)
+    bpf_program = filter_program(arch, only, tcp_only)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     me = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the forked processes
-        code = 1
-        try:
-            ours.close()
-            if os.fork() == 0:
-                _supervise(theirs, me, arch, only, tcp_only, report)
-            code = 0
-        finally:
-            os._exit(code)
-    theirs.close()
-    os.waitpid(child, 0)
+    compiled = supervise.executable()
+    if compiled is not None:
+        with theirs:
+            supervise.spawn(compiled, theirs, me, only=only, tcp_only=tcp_only, stats=stats)
+    else:
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the forked processes
+            code = 1
+            try:
+                ours.close()
+                if os.fork() == 0:
+                    _supervise(theirs, me, arch, only, tcp_only, stats)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        os.waitpid(child, 0)
     with ours:
         try:
-            listener, killable = syscalls.install_filter(program, arch)
+            listener, killable = syscalls.install_filter(bpf_program, arch)
         except OSError as exc:
             raise SeccompUnavailable(
                 exc.errno,
@@ -123,9 +124,9 @@ def _supervise(
     arch: abi.Arch,
     only: Only | None,
     tcp_only: Mapping[tuple[int, int], str],
-    report: Report | None,
+    stats: str | None,
 ) -> NoReturn:  # pragma: no cover - runs in the background process
-    """The background supervisor's life: serve until no task uses the filter."""
+    """The background supervisor's life, in Python: serve until no task uses the filter."""
     try:
         os.setsid()
         ctypes.CDLL(None).prctl(PR_SET_NAME, b"mptcpkit-run", 0, 0, 0)
@@ -153,38 +154,6 @@ def _supervise(
         supervisor = Supervisor(
             fds[0], arch, only=only, tcp_only=dict(tcp_only), killable=msg == b"K", warn=warn
         )
-        _loop(supervisor, pidfd, report, warn, devnull)
+        supervise.serve(supervisor, pidfd, stats, warn, devnull)
     finally:
         os._exit(0)
-
-
-def _loop(
-    supervisor: Supervisor, pidfd: int, report: Report | None, warn: TextIO, devnull: int
-) -> None:  # pragma: no cover - runs in the background process
-    listener = supervisor.fileno()
-    poller = select.poll()
-    poller.register(listener, select.POLLIN)
-    poller.register(pidfd, select.POLLIN)
-    program_alive = True
-    while True:
-        events = dict(poller.poll())
-        hangup = False
-        if listener in events:
-            if events[listener] & select.POLLIN:
-                supervisor.handle_one()
-            elif events[listener] & (select.POLLHUP | select.POLLERR):
-                hangup = True
-        if program_alive and (pidfd in events or hangup):
-            program_alive = False
-            poller.unregister(pidfd)
-            if report is not None:
-                with contextlib.suppress(OSError):
-                    report(supervisor.stats, warn)
-            # Keep serving what the program left behind, without holding its stderr
-            # open: a reader of that pipe sees the end when the program ends.
-            supervisor.mute()
-            with contextlib.suppress(OSError):
-                warn.close()
-            os.dup2(devnull, 2)
-        if hangup:
-            return

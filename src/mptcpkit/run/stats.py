@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import TextIO
 
 
 @dataclasses.dataclass
@@ -49,3 +50,11 @@ class Stats:
             "warnings": list(self.warnings),
             "lost_options": dict(self.lost),
         }
+
+
+def report(stats: Stats, fmt: str, out: TextIO) -> None:
+    """`--stats` (fmt "text") or `--stats=json`, one line on `out`."""
+    import json  # only here: the supervisor, not the command's start, pays for it
+
+    line = json.dumps(stats.as_dict()) if fmt == "json" else f"mptcpkit run: {stats.line()}"
+    print(line, file=out, flush=True)

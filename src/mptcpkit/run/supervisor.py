@@ -110,7 +110,7 @@ class Supervisor:
         if self._fast is not None:
             _kind, payload, forced = self._fast.serve()
             for key in forced:
-                self._remember(key)
+                self.remember(key)
             self.stats.forced += len(forced)
             if isinstance(payload, int):  # the receive failed
                 if payload in (errno.ENOENT, errno.EAGAIN):
@@ -128,6 +128,11 @@ class Supervisor:
                 if exc.errno in (errno.ENOENT, errno.EAGAIN):
                     return False  # the thread died between poll and receive
                 raise
+        self.answer(buf)
+        return True
+
+    def answer(self, buf: bytes) -> None:
+        """Answer one received notification (a `struct seccomp_notif`)."""
         notif = abi.decode_notif(buf)
         try:
             self.handle(notif)
@@ -142,7 +147,6 @@ class Supervisor:
             self.stats.reasons["supervisor error"] += 1
             with contextlib.suppress(OSError):
                 self._continue(notif)
-        return True
 
     def mute(self) -> None:
         """Stop printing warnings (they are still counted)."""
@@ -159,11 +163,13 @@ class Supervisor:
     def handle(self, n: abi.Notification) -> None:
         nr = n.nr
         if n.arch != self.arch.audit_arch:
-            self.warn(
-                "compat",
-                f"a 32-bit program (audit arch {n.arch:#x}) is running: its sockets are not forced",
-            )
-            self._continue(n)
+            if self.arch.compat is not None and n.nr in self.arch.compat[1:]:
+                self.warn(
+                    "compat",
+                    f"a 32-bit program (audit arch {n.arch:#x}) is running: its sockets are "
+                    "not forced",
+                )
+            self._continue(n)  # (and its setns()/unshare(), reported to the compiled path)
         elif nr == self.arch.socket:
             self._on_socket(n)
         elif nr == self.arch.setsockopt:
@@ -255,7 +261,7 @@ class Supervisor:
         if self.killable:
             self._send(n, newfd)
         self.stats.forced += 1
-        self._remember((st.st_dev, st.st_ino))
+        self.remember((st.st_dev, st.st_ino))
 
     def _maker(
         self, n: abi.Notification, ctx: TaskContext
@@ -438,7 +444,7 @@ class Supervisor:
 
     # -- kernel calls ------------------------------------------------------------
 
-    def _remember(self, key: tuple[int, int]) -> None:
+    def remember(self, key: tuple[int, int]) -> None:
         self._forced[key] = None
         if len(self._forced) > FORCED_MEMORY:
             self._forced.popitem(last=False)

@@ -71,6 +71,14 @@ def install_filter(prog: bytes, arch: abi.Arch) -> tuple[int, bool]:
     raise AssertionError("unreachable")
 
 
+PR_SET_NAME = 15
+
+
+def set_name(name: bytes) -> None:
+    """The calling thread's name (comm), as ps and pkill see it."""
+    _libc.prctl(PR_SET_NAME, name, 0, 0, 0)
+
+
 def notif_sizes(arch: abi.Arch) -> tuple[int, int, int]:
     """The kernel's (seccomp_notif, seccomp_notif_resp, seccomp_data) sizes."""
     buf = ctypes.create_string_buffer(abi.NOTIF_SIZES.size)
