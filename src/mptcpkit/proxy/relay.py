@@ -89,6 +89,7 @@ class Leg:
         "client",
         "conn",
         "connecting",
+        "credit",
         "eof",
         "fd",
         "hup",
@@ -113,6 +114,7 @@ class Leg:
         self.shut = False  # FIN sent to this leg
         self.big = False  # its last read was full or >= MIN_READ: bulk, reads sized by room()
         self.sndbuf = 0  # SO_SNDBUF as last read (0: read it again)
+        self.credit = 0  # room() as last measured, less what was sent here since
 
     def on_event(self, events: int) -> None:
         conn = self.conn
@@ -255,8 +257,10 @@ class Conn:
             except OSError as exc:
                 self.fail(dst, exc)
                 return
+            dst.credit -= sent
             if sent < n:
                 dst.sndbuf = 0  # full: autotuning may have grown it since
+                dst.credit = 0
                 dst.pending = bytes(view[sent:n])
                 src.waiting = True
                 return
@@ -284,6 +288,7 @@ class Conn:
         except OSError as exc:
             self.fail(dst, exc)
             return
+        dst.credit -= sent
         if sent < len(data):
             dst.pending = data[sent:]
             return
@@ -603,7 +608,11 @@ class Conn:
 def room(dst: Leg, size: int) -> int:
     """How much to read for `dst`: what its socket can still take (SO_SNDBUF less what
     it holds, less an eighth for the kernel's per-packet overhead), at least MIN_ROOM,
-    at most `size`. The same rule as the engine's room()."""
+    at most `size`. Measured only when the last measure, less what was sent since, no
+    longer covers a full read (a draining destination's room only grows). The same rule
+    as the engine's room()."""
+    if dst.credit >= size:
+        return size
     try:
         outq = _INT.unpack(fcntl.ioctl(dst.fd, _SIOCOUTQ, _ZERO))[0]
         if not dst.sndbuf:
@@ -611,6 +620,7 @@ def room(dst: Leg, size: int) -> int:
     except OSError:
         return size
     free = dst.sndbuf - dst.sndbuf // 8 - outq
+    dst.credit = free
     return MIN_ROOM if free < MIN_ROOM else min(free, size)
 
 
