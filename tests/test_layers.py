@@ -46,11 +46,25 @@ APPLICATIONS = ("mptcpkit.lab", "mptcpkit.proxy", "mptcpkit.run", "mptcpkit.pm")
 
 # Within mptcpkit.proxy, bottom to top (HAProxy keeps raw_sock/connection below stream).
 PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
-    ("config", ("config", "logging", "proxyproto", "convertproto", "destpolicy")),
+    (
+        "config",
+        ("config", "logging", "proxyproto", "convertproto", "destpolicy", "acl", "clienthello"),
+    ),
     ("balancing/health", ("balance", "timeouts", "retry", "queue", "abuse", "slowstart")),
     (
         "data path",
-        ("poller", "datapath", "source", "relay", "frontend", "_engine", "compiled", "converter"),
+        (
+            "poller",
+            "datapath",
+            "source",
+            "router",
+            "relay",
+            "frontend",
+            "_engine",
+            "compiled",
+            "converter",
+            "compiledconvert",
+        ),
     ),
     ("worker runtime", ("runtime", "metrics", "control", "health", "resolvers")),
     ("master", ("master", "prepare", "listeners", "ctlserver", "metricsd", "privileges")),

@@ -8,7 +8,9 @@ transfer exercises the resume after a burst. Real kernel sockets, real peers on
 loopback.
 
 Cases: half-close either way; backpressure (a stalled reader stops the server, and
-gets every byte once it reads); PROXY headers in (v1, v2) and out (v2); timeouts
+gets every byte once it reads); PROXY headers in (v1, v2) and out (v2); routing
+(use_backend) on what follows a PROXY header: a ClientHello peeked at whole or in
+pieces, plain text, the header's addresses (`src`, `dst_port`); timeouts
 (idle, no PROXY header, connect); aborts either way (RST crosses); burst resume;
 EMFILE (accepting pauses and resumes).
 """
@@ -42,6 +44,7 @@ from proxy_harness import (
     run_proxy,
     wait_for,
 )
+from test_proxy_clienthello import openssl_hello
 
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
@@ -142,6 +145,15 @@ timeout = {{ client = "300ms" }}
 [frontend.ppout]
 bind = "mptcp@127.0.0.1:0"
 backend = "pp"
+[frontend.sni]
+bind = "tcp@127.0.0.1:0"
+accept-proxy = true
+tcp-request.inspect-delay = "5s"
+use_backend = [
+  "pp if {{ req.ssl_sni pp.example }}",
+  "pp if {{ src 192.0.2.77 }} {{ dst_port 8443 }}",
+]
+default_backend = "be"
 [frontend.hole]
 bind = "tcp@127.0.0.1:0"
 backend = "hole"
@@ -294,6 +306,45 @@ def test_bad_proxy_header_is_refused(rig: Rig) -> None:
     line = rig.line(s)
     assert "PROXY" in line and "-> pp/-" in line, line
     s.close()
+
+
+# --- routing: peeking after a PROXY header ---------------------------------------------
+
+
+@pytest.mark.parametrize("pieces", [1, 5])
+def test_routing_peeks_at_the_hello_after_a_proxy_header(rig: Rig, pieces: int) -> None:
+    """A ClientHello that came with the PROXY header (or after it, in pieces) routes
+    the connection and reaches the server as it was sent."""
+    src = ("203.0.113.50", 5000 + pieces)
+    hello = openssl_hello("pp.example")
+    s = connect(rig.px.port("sni"), mptcp=False)
+    wire = proxyproto.build(2, src, ("198.51.100.1", 443)) + hello
+    step = -(-len(wire) // pieces)
+    for i in range(0, len(wire), step):
+        s.sendall(wire[i : i + step])
+        time.sleep(0.02 if pieces > 1 else 0)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == hello  # the pp server echoes what followed its header
+    assert [h.destination for h in rig.headers if h.source == src] == [("198.51.100.1", 443)]
+    s.close()
+
+
+def test_routing_on_the_proxy_headers_addresses(rig: Rig) -> None:
+    """`src` and `dst_port` are the PROXY header's; plain text is no ClientHello: the
+    rules are evaluated at once, and the default backend takes what they do not."""
+    for dport, routed in ((8443, True), (443, False)):
+        src = ("192.0.2.77", dport)
+        s = connect(rig.px.port("sni"), mptcp=False)
+        token = f"hash-{dport}-{time.monotonic_ns()}"
+        body = f"hash {token}\n".encode() + b"plain text, no TLS"
+        s.sendall(proxyproto.build(2, src, ("198.51.100.1", dport)) + body)
+        s.shutdown(socket.SHUT_WR)
+        got = recv_all(s)
+        if routed:
+            assert got == body
+        else:  # the script behind "be" hashes what it read after its command line
+            assert got[:32] == hashlib.sha256(b"plain text, no TLS").digest()
+        s.close()
 
 
 # --- timeouts ------------------------------------------------------------------------

@@ -16,6 +16,13 @@
  *   fe.leg_state(fd)               -> "fallback"/"TCP"/None for a leg without subflows
  *   fe.done(state, record)         -> a connection ended (record None unless observing)
  *   fe.accept_failed(err)          -> accept() failed with something other than EAGAIN
+ *   fe.route(caddr, dport, data, final) -> the backend (use_backend rules), or None:
+ *                                     wait for more of the ClientHello (router.py)
+ *
+ * Frontends with use_backend rules (`route`) ask fe.route() once per connection; with
+ * rules on req.ssl_sni they first peek (MSG_PEEK) at the client's bytes until the
+ * ClientHello is whole or `inspect_delay` passes.  The chosen backend object goes to
+ * fe.pick() as a third argument.  Frontends without rules run none of this.
  *
  * A target tuple is (state, family, sockaddr bytes, proto, fallback, send_proxy,
  * observe), made once per server by Python.  Everything here is single-threaded and
@@ -43,6 +50,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_convert.h"
+
 #ifndef BURST
 #define BURST 16 /* default reads per leg per event before other sockets get a turn */
 #endif
@@ -50,6 +59,7 @@
 #define MIN_READ 16384    /* a read of a leg whose traffic is small (not bulk) */
 #define MIN_ROOM 4096     /* a bulk read when the destination has little or no room */
 #define ACCEPT_BATCH 64   /* connections accepted per listener wakeup */
+#define INSPECT_LIMIT 65536 /* bytes peeked at most for a ClientHello (router.py) */
 #ifndef IPPROTO_MPTCP
 #define IPPROTO_MPTCP 262
 #endif
@@ -57,6 +67,10 @@
 #define MPTCP_INFO 1
 #define MPTCP_INFO_LEN 96
 #define SUBFLOWS_TOTAL 80 /* offsetof(struct mptcp_info, mptcpi_subflows_total), 6.8+ */
+#ifndef TCP_FASTOPEN_CONNECT
+#define TCP_FASTOPEN_CONNECT 30
+#endif
+#define SO_ORIGINAL_DST 80 /* SOL_IP; IP6T_SO_ORIGINAL_DST is 80 at SOL_IPV6 too */
 
 #define WATCH (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 #define WATCH_IN (EPOLLIN | EPOLLRDHUP | EPOLLET)
@@ -76,6 +90,7 @@ typedef struct {
     unsigned client : 1, eof : 1, shut : 1, hup : 1, waiting : 1, connecting : 1, out : 1;
     unsigned big : 1;     /* its last read was full or >= MIN_READ: bulk, reads sized by room() */
     int sndbuf;           /* SO_SNDBUF as last read (0: read it again), for room() */
+    long credit;          /* room() as last measured, less what was sent here since */
     char *pend;           /* bytes owed to this leg (one read at most), or NULL */
     size_t pend_off, pend_len;
     Conn *conn;
@@ -85,6 +100,7 @@ typedef struct {
     int kind;             /* K_LISTENER */
     int fd;
     int mptcp;            /* an MPTCP listener: its clients asked for MPTCP */
+    int port;             /* the port it is bound to: dst_port of its connections, and not an intercepted one's */
     Frontend *fe;
 } Listener;
 
@@ -106,6 +122,9 @@ struct Conn {
     PyObject *daddr;      /* the destination a PROXY header carried, or NULL */
     PyObject *how;        /* how it ended */
     PyObject *c_state, *s_state;
+    PyObject *be;         /* the backend use_backend rules chose, NULL: the frontend's */
+    int dport;            /* the port it connected to (dst_port) */
+    int inspecting;       /* waiting for a ClientHello (tcp-request inspect-delay) */
     long c_sub, s_sub;
     int c_req, send_proxy, s_observe, active, done, queued;
     int retry;            /* in the timeout queue waiting to retry a server (retry.py) */
@@ -115,7 +134,17 @@ struct Conn {
     struct sockaddr_storage ca;
     socklen_t calen;
     Conn *free_next;
+    /* converters (bonding, RFC 8803): where the client was going, and what is owed */
+    struct sockaddr_storage dest;
+    socklen_t destlen;    /* 0: not known */
+    int conv;             /* CV_* flags below */
+    unsigned char *reply; /* site: the remote gateway's Convert reply so far */
+    size_t reply_len;
 };
+
+#define CV_ANSWER 1 /* remote: the Convert reply goes to the client before the server's bytes */
+#define CV_REPLY 2  /* site: the server (remote gateway) starts with a Convert reply */
+#define CV_DEST 4   /* dest is what the server leg connects to (server 0.0.0.0:0) */
 
 struct Frontend {
     PyObject *key;        /* the Python frontend: callbacks go to its methods */
@@ -133,6 +162,11 @@ struct Frontend {
     long rate_limit, rate_n; /* maxconnrate: accepts per window (abuse.py), 0: none */
     int rate_held;        /* the rate stopped accepting in this window */
     int per_source;       /* ask fe.admit(address) on accept (maxconn-per-source) */
+    int convert;          /* accept-convert: clients start with a Convert message */
+    int intercept;        /* 1 redirect, 2 tproxy: a client's destination is its own */
+    int names_dest;       /* clients name their destination (accept-convert/-proxy) */
+    int route;            /* use_backend rules: ask fe.route() before connecting */
+    double inspect_delay; /* wait this long for a ClientHello first, < 0: no waiting */
     Listener **listeners; /* a port range binds many */
     int nlisteners, caplisteners;
     Conn head;            /* sentinel of the live list */
@@ -162,7 +196,10 @@ struct Engine {
 
 static PyObject *s_pick, *s_failed, *s_header, *s_parse, *s_leg_state, *s_done,
     *s_accept_failed, *s_both_closed, *s_internal, *s_no_header, *s_closed_before_header,
-    *s_tcp, *s_mptcp, *s_question, *s_dash, *s_errorcode, *s_admit, *s_release;
+    *s_tcp, *s_mptcp, *s_question, *s_dash, *s_errorcode, *s_admit, *s_release, *s_route;
+/* converters (the section "converters" below) */
+static PyObject *s_convert, *s_refuse, *s_dest_failed, *s_not_intercepted, *s_remote_refused,
+    *s_info_answered, *s_no_convert, *s_closed_before_convert, *s_reply_eof;
 
 static double monotonic(void) {
     struct timespec t;
@@ -207,6 +244,12 @@ static void do_connect(Engine *e, Conn *c);
 static void close_conn(Engine *e, Conn *c, PyObject *how, int abort);
 static void fail(Engine *e, Conn *c, Leg *leg, int err);
 static void pause_frontend(Engine *e, Frontend *fe, int paused);
+static void convert_request(Engine *e, Conn *c);
+static int conv_server_first(Engine *e, Conn *c, Leg *s);
+static int conv_connect_failed(Engine *e, Conn *c, int err);
+static int conv_intercepted(Engine *e, Conn *c);
+static int conv_target(Conn *c, int flags, int *family, const struct sockaddr **to,
+                       socklen_t *tolen);
 
 static void end(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 0); }
 static void abort_conn(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 1); }
@@ -248,7 +291,7 @@ static PyObject *client_addr(Conn *c) {
     return c->caddr;
 }
 
-/* ---- the connect-timeout queue: one FIFO per frontend (one timeout each), one timerfd */
+/* ---- the timer queue: per frontend, in deadline order (connects, retries, inspect-delay) */
 
 static void arm(Engine *e, double deadline) {
     if (e->armed && e->armed <= deadline)
@@ -263,24 +306,10 @@ static void arm(Engine *e, double deadline) {
     e->armed = deadline;
 }
 
-static void timeout_add(Engine *e, Conn *c) {
+/* Into the frontend's queue, in deadline order (from the tail: usually at once). */
+static void timer_insert(Engine *e, Conn *c, double deadline) {
     Frontend *fe = c->fe;
-    c->deadline = monotonic() + fe->connect_timeout;
-    c->tnext = NULL;
-    c->tprev = fe->tq_tail;
-    if (fe->tq_tail)
-        fe->tq_tail->tnext = c;
-    else
-        fe->tq_head = c;
-    fe->tq_tail = c;
-    c->timed = 1;
-    arm(e, c->deadline);
-}
-
-/* Wait `delay` seconds before the next connect attempt: in the same queue, in order. */
-static void retry_later(Engine *e, Conn *c, double delay) {
-    Frontend *fe = c->fe;
-    c->deadline = monotonic() + delay;
+    c->deadline = deadline;
     Conn *after = fe->tq_tail;
     while (after && after->deadline > c->deadline)
         after = after->tprev;
@@ -295,8 +324,17 @@ static void retry_later(Engine *e, Conn *c, double delay) {
     else
         fe->tq_head = c;
     c->timed = 1;
-    c->retry = 1;
     arm(e, c->deadline);
+}
+
+static void timeout_add(Engine *e, Conn *c) {
+    timer_insert(e, c, monotonic() + c->fe->connect_timeout);
+}
+
+/* Wait `delay` seconds before the next connect attempt: in the same queue, in order. */
+static void retry_later(Engine *e, Conn *c, double delay) {
+    timer_insert(e, c, monotonic() + delay);
+    c->retry = 1;
 }
 
 /* ---- the server queue: connections waiting for a server slot, oldest first */
@@ -414,12 +452,19 @@ static void on_eof(Engine *e, Conn *c, Leg *src, Leg *dst) {
 }
 
 static void proxy_header(Engine *e, Conn *c);
+static void inspect(Engine *e, Conn *c, int final);
+static void route(Engine *e, Conn *c);
 
 /* How much to read for `dst`: what its socket can still take (SO_SNDBUF less what it
  * holds, SIOCOUTQ, less an eighth for the kernel's per-packet overhead), at least
  * MIN_ROOM, at most the buffer.  So a destination that stops reading leaves at most
- * MIN_ROOM copied here per direction, and the rest in the source's socket. */
+ * MIN_ROOM copied here per direction, and the rest in the source's socket.  The room
+ * is measured (one ioctl) only when the last measure, less what was sent since, no
+ * longer covers a full read: a destination that drains takes 1 MiB reads unmeasured
+ * (the room only grows as it drains, so the credit never overstates it). */
 static size_t room(Leg *dst, size_t size) {
+    if (dst->credit >= (long)size)
+        return size;
     int outq = 0;
     if (ioctl(dst->fd, SIOCOUTQ, &outq) < 0)
         return size;
@@ -429,6 +474,7 @@ static size_t room(Leg *dst, size_t size) {
             return size;
     }
     long free_ = (long)dst->sndbuf - dst->sndbuf / 8 - outq;
+    dst->credit = free_;
     if (free_ < MIN_ROOM)
         return MIN_ROOM;
     return (size_t)free_ < size ? (size_t)free_ : size;
@@ -441,10 +487,19 @@ static void pump(Engine *e, Conn *c, Leg *src) {
     if (src->client) {
         dst = &c->s;
         if (c->hdr) {
-            proxy_header(e, c);
+            if (c->fe->convert)
+                convert_request(e, c);
+            else
+                proxy_header(e, c);
+            return;
+        }
+        if (c->inspecting) {
+            inspect(e, c, 0);
             return;
         }
     } else {
+        if ((c->conv & (CV_ANSWER | CV_REPLY)) && conv_server_first(e, c, src))
+            return;
         dst = &c->c;
     }
     if (dst->fd < 0 || dst->connecting || dst->pend) {
@@ -486,8 +541,10 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             }
             sent = 0;
         }
+        dst->credit -= sent;
         if (sent < n) {
             dst->sndbuf = 0; /* full: autotuning may have grown it since */
+            dst->credit = 0;
             if (set_pending(dst, buf + sent, (size_t)(n - sent)) < 0) {
                 fail(e, c, dst, ENOMEM);
                 return;
@@ -511,6 +568,7 @@ static void flush(Engine *e, Conn *c, Leg *dst) {
         return;
     }
     dst->pend_off += (size_t)sent;
+    dst->credit -= sent;
     if (dst->pend_off < dst->pend_len)
         return;
     clear_pending(dst);
@@ -553,6 +611,8 @@ static void drop_server_socket(Conn *c) {
 
 /* A failed attempt (err 0: timed out); 1 if another server may be tried. */
 static int connect_failed(Engine *e, Conn *c, int err) {
+    if (c->fe->names_dest) /* the client's own destination: no other server to try */
+        return conv_connect_failed(e, c, err);
     PyObject *state = c->server;
     c->server = NULL;
     if (!c->tried && !(c->tried = PyList_New(0))) {
@@ -664,6 +724,10 @@ static void connected(Engine *e, Conn *c, uint32_t events) {
 static void connect_timeout(Engine *e, Conn *c) {
     if (c->done)
         return;
+    if (c->inspecting) { /* tcp-request inspect-delay passed: route with what came */
+        inspect(e, c, 1);
+        return;
+    }
     if (c->retry) {
         c->retry = 0;
         do_connect(e, c);
@@ -684,8 +748,9 @@ static void do_connect(Engine *e, Conn *c) {
         c->t_connect = monotonic();
     for (;;) {
         PyObject *caddr = fe->needs_caddr ? client_addr(c) : Py_None;
-        PyObject *r = PyObject_CallMethodObjArgs(fe->key, s_pick, caddr,
-                                                 c->tried ? c->tried : Py_None, NULL);
+        PyObject *tried = c->tried ? c->tried : Py_None;
+        PyObject *r = c->be ? PyObject_CallMethodObjArgs(fe->key, s_pick, caddr, tried, c->be, NULL)
+                            : PyObject_CallMethodObjArgs(fe->key, s_pick, caddr, tried, NULL);
         if (!r) {
             report("pick() raised");
             abort_conn(e, c, s_internal);
@@ -702,9 +767,9 @@ static void do_connect(Engine *e, Conn *c) {
             return;
         }
         PyObject *state, *sa, *src = Py_None;
-        int family, proto, fallback, send_proxy, observe;
-        if (!PyArg_ParseTuple(r, "OiSipip|O", &state, &family, &sa, &proto, &fallback,
-                              &send_proxy, &observe, &src) ||
+        int family, proto, fallback, send_proxy, observe, flags = 0;
+        if (!PyArg_ParseTuple(r, "OiSipip|Oi", &state, &family, &sa, &proto, &fallback,
+                              &send_proxy, &observe, &src, &flags) ||
             (src != Py_None && !PyBytes_Check(src))) {
             Py_DECREF(r);
             report("pick() returned a bad target");
@@ -714,6 +779,17 @@ static void do_connect(Engine *e, Conn *c) {
         Py_XSETREF(c->server, Py_NewRef(state));
         c->send_proxy = send_proxy;
         c->s_observe = observe;
+        const struct sockaddr *to = (const struct sockaddr *)PyBytes_AS_STRING(sa);
+        socklen_t tolen = (socklen_t)PyBytes_GET_SIZE(sa);
+        if (flags || !tolen) { /* a converter's server (flags: WIRE_* in compiledconvert.py) */
+            err = conv_target(c, flags, &family, &to, &tolen);
+            if (err) {
+                Py_DECREF(r);
+                if (!connect_failed(e, c, err))
+                    return;
+                continue;
+            }
+        }
         fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, proto);
         if (fd < 0 && proto == IPPROTO_MPTCP && fallback)
             fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
@@ -724,6 +800,8 @@ static void do_connect(Engine *e, Conn *c) {
             if (family != AF_UNIX) {
                 int one = 1;
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                if (flags & 1) /* TFO: with a cookie, connect() is done at once, data rides the SYN */
+                    setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_CONNECT, &one, sizeof one);
             }
             if (src != Py_None) { /* HAProxy's `source` (source.py): the address, any port */
                 int one = 1;
@@ -733,8 +811,7 @@ static void do_connect(Engine *e, Conn *c) {
                     err = errno;
             }
             if (!err)
-                err = connect(fd, (struct sockaddr *)PyBytes_AS_STRING(sa),
-                              (socklen_t)PyBytes_GET_SIZE(sa)) == 0 ? 0 : errno;
+                err = connect(fd, to, tolen) == 0 ? 0 : errno;
         }
         Py_DECREF(r);
         if (err == 0 || err == EINPROGRESS || err == EALREADY)
@@ -785,7 +862,9 @@ static void proxy_header(Engine *e, Conn *c) {
             return;
         }
         memcpy(PyByteArray_AS_STRING(c->hdr) + old, e->buf, (size_t)n);
-        parsed = PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, NULL);
+        parsed = c->fe->names_dest /* a converter checks the peer and names the destination */
+                     ? PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, client_addr(c), NULL)
+                     : PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, NULL);
         if (!parsed) {
             report("parse() raised");
             abort_conn(e, c, s_internal);
@@ -800,18 +879,30 @@ static void proxy_header(Engine *e, Conn *c) {
         Py_DECREF(parsed);
         return;
     }
-    PyObject *source, *destination;
+    PyObject *source, *destination, *dsa = NULL;
     Py_ssize_t used;
-    if (!PyArg_ParseTuple(parsed, "OOn", &source, &destination, &used)) {
+    if (!PyArg_ParseTuple(parsed, "OOn|S", &source, &destination, &used, &dsa) ||
+        (dsa && (size_t)PyBytes_GET_SIZE(dsa) > sizeof c->dest)) {
         Py_DECREF(parsed);
         report("parse() returned a bad value");
         abort_conn(e, c, s_internal);
         return;
     }
+    if (dsa) { /* a converter: where the header says the client goes */
+        memcpy(&c->dest, PyBytes_AS_STRING(dsa), (size_t)PyBytes_GET_SIZE(dsa));
+        c->destlen = (socklen_t)PyBytes_GET_SIZE(dsa);
+    }
     if (source != Py_None) {
         Py_XSETREF(c->caddr, Py_NewRef(source));
-        if (destination != Py_None)
+        if (destination != Py_None) {
             Py_XSETREF(c->daddr, Py_NewRef(destination));
+            if (PyTuple_Check(destination) && PyTuple_GET_SIZE(destination) > 1) {
+                long port = PyLong_AsLong(PyTuple_GET_ITEM(destination, 1));
+                if (port >= 0)
+                    c->dport = (int)port; /* dst_port: where the header says it went */
+                PyErr_Clear();
+            }
+        }
     }
     Py_DECREF(parsed);
     Py_ssize_t total = PyByteArray_GET_SIZE(c->hdr);
@@ -824,7 +915,88 @@ static void proxy_header(Engine *e, Conn *c) {
     }
     Py_CLEAR(c->hdr);
     c->c.waiting = 1; /* more may follow the header: read it once connected */
+    route(e, c);
+}
+
+/* ---- use_backend: choosing the backend (router.py decides) ----------------------------- */
+
+/* Ask fe.route(); 1 once a backend is chosen (and the connect started), 0 to wait. */
+static int decide(Engine *e, Conn *c, PyObject *data, int final) {
+    Frontend *fe = c->fe;
+    PyObject *port = PyLong_FromLong(c->dport);
+    PyObject *r = port ? PyObject_CallMethodObjArgs(fe->key, s_route, client_addr(c), port,
+                                                    data ? data : Py_None,
+                                                    final ? Py_True : Py_False, NULL)
+                       : NULL;
+    Py_XDECREF(port);
+    if (!r) {
+        report("route() raised");
+        abort_conn(e, c, s_internal);
+        return 1;
+    }
+    if (r == Py_None) {
+        Py_DECREF(r);
+        return 0;
+    }
+    Py_XSETREF(c->be, r);
+    if (c->inspecting) {
+        c->inspecting = 0;
+        timeout_remove(c);
+        c->c.waiting = 1; /* what was peeked is read once connected */
+    }
     do_connect(e, c);
+    return 1;
+}
+
+/* Peek at what the client sent (it stays in the socket and is relayed as usual), with
+ * what came after a PROXY header; route once the ClientHello is whole, is not one, or
+ * `final` (the delay passed). */
+static void inspect(Engine *e, Conn *c, int final) {
+    size_t have = 0, cap = e->size < INSPECT_LIMIT ? e->size : INSPECT_LIMIT;
+    if (c->early) {
+        have = (size_t)PyBytes_GET_SIZE(c->early);
+        if (have > cap)
+            have = cap;
+        memcpy(e->buf, PyBytes_AS_STRING(c->early), have);
+    }
+    ssize_t n;
+    do
+        n = recv(c->c.fd, e->buf + have, cap - have, MSG_PEEK | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (!would_block(errno)) {
+            fail(e, c, &c->c, errno);
+            return;
+        }
+        n = 0;
+    } else if (n == 0 || c->c.hup) {
+        final = 1; /* the client sent FIN: nothing more comes */
+    }
+    PyObject *data = PyBytes_FromStringAndSize(e->buf, (Py_ssize_t)(have + (size_t)n));
+    if (!data) {
+        PyErr_Clear();
+        fail(e, c, &c->c, ENOMEM);
+        return;
+    }
+    decide(e, c, data, final);
+    Py_DECREF(data);
+}
+
+/* After accept (and a PROXY header): choose the backend, then connect. */
+static void route(Engine *e, Conn *c) {
+    Frontend *fe = c->fe;
+    if (!fe->route) {
+        do_connect(e, c);
+        return;
+    }
+    if (fe->inspect_delay < 0) {
+        decide(e, c, NULL, 1);
+        return;
+    }
+    c->inspecting = 1;
+    timer_insert(e, c, monotonic() + fe->inspect_delay);
+    if (c->early) /* the hello may have come whole with the header */
+        inspect(e, c, 0);
 }
 
 /* ---- the end -------------------------------------------------------------------------- */
@@ -907,11 +1079,11 @@ static void finished(Engine *e, Conn *c) {
     Py_INCREF(rec);
     if (e->observing) {
         Py_DECREF(rec);
-        rec = Py_BuildValue("(OdOlOlKKOd)", client_addr(c), c->start,
+        rec = Py_BuildValue("(OdOlOlKKOdO)", client_addr(c), c->start,
                             state_or(c->c_state, c->c_req ? s_question : s_tcp), c->c_sub,
                             state_or(c->s_state, c->server ? s_question : s_dash), c->s_sub,
                             c->bytes_in, c->bytes_out, c->how ? c->how : s_both_closed,
-                            c->connect_time);
+                            c->connect_time, c->be ? c->be : Py_None);
         if (!rec) {
             report("record failed");
             rec = Py_NewRef(Py_None);
@@ -973,8 +1145,10 @@ static void free_conn(Conn *c) {
     Py_CLEAR(c->src);
     Py_CLEAR(c->c_state);
     Py_CLEAR(c->s_state);
+    Py_CLEAR(c->be);
     clear_pending(&c->c);
     clear_pending(&c->s);
+    PyMem_RawFree(c->reply);
     PyMem_RawFree(c);
 }
 
@@ -990,6 +1164,393 @@ static void reap(Engine *e) {
         *p = c->free_next;
         free_conn(c);
     }
+}
+
+/* ---- converters (bonding): RFC 8803 and intercepted connections ----------------------
+ *
+ * converter.py's behaviour on the engine.  The Convert message is parsed here
+ * (_convert.h, the rules of convertproto.py); every decision goes to Python, once per
+ * connection, through the frontend (compiledconvert.py):
+ *
+ *   fe.convert(peer, host, port, cookie)   -> None: go; or (how, reply): refused
+ *   fe.refuse(peer, dest, code, why, value) -> (how, reply): a bad Convert message
+ *   fe.dest_failed(state, err, peer, dest)  -> (how, reply): the connect failed
+ *   fe.not_intercepted(caddr, dest)         -> how: a connection to the gateway itself
+ *   fe.remote_refused(caddr, dest, code)    -> how: the remote gateway sent an Error
+ *
+ * A reply (bytes) goes to the client before FIN; None: the client is reset (PROXY). */
+
+static const unsigned char conv_ok[4] = {CONV_VERSION, 1, 0, 0}; /* success: a bare header */
+/* Info answered: Supported TCP Extensions, MPTCP (kind 30) */
+static const unsigned char conv_supported[12] = {CONV_VERSION, 3, 0, 0, CT_SUPPORTED, 2, 0, 0,
+                                                 30, 0, 0, 0};
+
+static PyObject *conv_dest_py(Conn *c) {
+    if (!c->destlen)
+        Py_RETURN_NONE;
+    return sockaddr_to_py(&c->dest, c->destlen);
+}
+
+/* Where the server leg goes: the client's destination for a server 0.0.0.0:0; and what
+ * the server says first (flags: 1 TFO, 2 a Convert reply).  0, or why not (errno). */
+static int conv_target(Conn *c, int flags, int *family, const struct sockaddr **to,
+                       socklen_t *tolen) {
+    c->conv = (c->conv & ~CV_REPLY) | ((flags & 2) ? CV_REPLY : 0);
+    if (*tolen)
+        return 0;
+    if (!c->destlen)
+        return EDESTADDRREQ;
+    *family = c->dest.ss_family;
+    *to = (const struct sockaddr *)&c->dest;
+    *tolen = c->destlen;
+    return 0;
+}
+
+/* Close the client after a verdict (how, reply): the reply then FIN, or RST if None. */
+static void conv_close(Engine *e, Conn *c, PyObject *verdict) {
+    PyObject *how, *reply;
+    if (!PyTuple_Check(verdict) || !PyArg_ParseTuple(verdict, "UO", &how, &reply)) {
+        report("a converter verdict is not (how, reply)");
+        abort_conn(e, c, s_internal);
+        return;
+    }
+    if (!PyBytes_Check(reply) || send(c->c.fd, PyBytes_AS_STRING(reply),
+                                      (size_t)PyBytes_GET_SIZE(reply),
+                                      MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+        abort_conn(e, c, how);
+    else
+        end(e, c, how);
+}
+
+static void conv_verdict(Engine *e, Conn *c, PyObject *verdict, const char *what) {
+    if (!verdict) {
+        report(what);
+        abort_conn(e, c, s_internal);
+        return;
+    }
+    conv_close(e, c, verdict);
+    Py_DECREF(verdict);
+}
+
+static void conv_refuse(Engine *e, Conn *c, int code, const char *why, int value) {
+    unsigned char v = (unsigned char)value;
+    PyObject *dest = conv_dest_py(c);
+    PyObject *r = dest ? PyObject_CallMethod(c->fe->key, "refuse", "OOisy#", client_addr(c), dest,
+                                             code, why, (const char *)&v,
+                                             (Py_ssize_t)(value >= 0))
+                       : NULL;
+    Py_XDECREF(dest);
+    conv_verdict(e, c, r, "refuse() failed");
+}
+
+/* The remote gateway reads the client's Convert message; then asks the policy, and
+ * connects where it says, holding what came after it. */
+static void convert_request(Engine *e, Conn *c) {
+    ConvMsg m;
+    int r;
+    for (;;) {
+        ssize_t n = recv(c->c.fd, e->buf, e->size, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (!would_block(errno))
+                fail(e, c, &c->c, errno);
+            return;
+        }
+        if (n == 0) {
+            abort_conn(e, c, s_closed_before_convert);
+            return;
+        }
+        Py_ssize_t old = PyByteArray_GET_SIZE(c->hdr);
+        if (PyByteArray_Resize(c->hdr, old + n) < 0) {
+            PyErr_Clear();
+            fail(e, c, &c->c, ENOMEM);
+            return;
+        }
+        memcpy(PyByteArray_AS_STRING(c->hdr) + old, e->buf, (size_t)n);
+        r = conv_parse((const unsigned char *)PyByteArray_AS_STRING(c->hdr),
+                       (size_t)PyByteArray_GET_SIZE(c->hdr), 1, &m);
+        if (r != CONV_NEED)
+            break;
+    }
+    if (r == CONV_ERR) {
+        conv_refuse(e, c, m.code, m.reason, m.value);
+        return;
+    }
+    if (!m.connects) { /* Info: say what we support, and close */
+        if (send(c->c.fd, conv_supported, sizeof conv_supported, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+            abort_conn(e, c, s_info_answered);
+        else
+            end(e, c, s_info_answered);
+        return;
+    }
+    memset(&c->dest, 0, sizeof c->dest);
+    if (m.v4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&c->dest;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)m.port);
+        memcpy(&a->sin_addr, m.addr + 12, 4);
+        c->destlen = sizeof *a;
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&c->dest;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)m.port);
+        memcpy(&a->sin6_addr, m.addr, 16);
+        c->destlen = sizeof *a;
+    }
+    int kind = conv_refused_option(&m);
+    if (kind) {
+        char why[40];
+        snprintf(why, sizeof why, "TCP option %d asked", kind);
+        conv_refuse(e, c, CE_UNSUPPORTED_OPTION, why, kind);
+        return;
+    }
+    char host[INET6_ADDRSTRLEN];
+    inet_ntop(m.v4 ? AF_INET : AF_INET6, m.v4 ? (const void *)(m.addr + 12) : m.addr, host,
+              sizeof host);
+    PyObject *cookie = m.cookie ? PyBytes_FromStringAndSize((const char *)m.cookie,
+                                                            (Py_ssize_t)m.cookie_len)
+                                : Py_NewRef(Py_None);
+    PyObject *hosto = PyUnicode_FromString(host), *porto = PyLong_FromUnsignedLong(m.port);
+    PyObject *v = cookie && hosto && porto
+                      ? PyObject_CallMethodObjArgs(c->fe->key, s_convert, client_addr(c), hosto,
+                                                   porto, cookie, NULL)
+                      : NULL;
+    Py_XDECREF(cookie);
+    Py_XDECREF(hosto);
+    Py_XDECREF(porto);
+    if (v != Py_None) {
+        conv_verdict(e, c, v, "convert() failed");
+        return;
+    }
+    Py_DECREF(v);
+    Py_ssize_t total = PyByteArray_GET_SIZE(c->hdr), used = (Py_ssize_t)m.used;
+    if (used < total) {
+        c->early = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(c->hdr) + used, total - used);
+        if (!c->early)
+            PyErr_Clear();
+        c->bytes_in += (unsigned long long)(total - used);
+        c->fe->bytes_in += (unsigned long long)(total - used);
+    }
+    Py_CLEAR(c->hdr);
+    c->conv |= CV_ANSWER;
+    c->c.waiting = 1; /* more may follow: read it once connected */
+    do_connect(e, c);
+}
+
+/* Remote: the Convert reply goes out with the destination's first bytes, in one
+ * sendmsg, or alone before FIN if it closes silently.  1: pump stops here. */
+static int conv_answer(Engine *e, Conn *c, Leg *s) {
+    Leg *cl = &c->c;
+    ssize_t n;
+    do
+        n = recv(s->fd, e->buf, MIN_READ, MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (!would_block(errno))
+            fail(e, c, s, errno);
+        return 1;
+    }
+    c->conv &= ~CV_ANSWER;
+    if (n == 0) {
+        if (set_pending(cl, (const char *)conv_ok, sizeof conv_ok) < 0) {
+            fail(e, c, cl, ENOMEM);
+            return 1;
+        }
+        want_out(e, cl);
+        on_eof(e, c, s, cl);
+        if (!c->done && cl->pend)
+            flush(e, c, cl);
+        return 1;
+    }
+    c->active = 1;
+    c->bytes_out += (unsigned long long)n;
+    c->fe->bytes_out += (unsigned long long)n;
+    struct iovec iov[2] = {{(void *)conv_ok, sizeof conv_ok}, {e->buf, (size_t)n}};
+    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = 2};
+    ssize_t sent = sendmsg(cl->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (sent < 0) {
+        if (!would_block(errno)) {
+            fail(e, c, cl, errno);
+            return 1;
+        }
+        sent = 0;
+    }
+    size_t total = sizeof conv_ok + (size_t)n;
+    if ((size_t)sent == total)
+        return 0; /* pump reads on */
+    char *rest = PyMem_RawMalloc(total);
+    if (!rest) {
+        fail(e, c, cl, ENOMEM);
+        return 1;
+    }
+    memcpy(rest, conv_ok, sizeof conv_ok);
+    memcpy(rest + sizeof conv_ok, e->buf, (size_t)n);
+    int r = set_pending(cl, rest + sent, total - (size_t)sent);
+    PyMem_RawFree(rest);
+    if (r < 0) {
+        fail(e, c, cl, ENOMEM);
+        return 1;
+    }
+    want_out(e, cl);
+    s->waiting = 1;
+    return 1;
+}
+
+/* Site: the remote gateway's Convert reply comes first; an Error TLV resets the client
+ * (RFC 8803: errors become RST), else what follows it is relayed.  1: pump stops here. */
+static int conv_reply(Engine *e, Conn *c, Leg *s) {
+    ConvMsg m;
+    int r;
+    for (;;) {
+        ssize_t n = recv(s->fd, e->buf, MIN_READ, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (!would_block(errno))
+                fail(e, c, s, errno);
+            return 1;
+        }
+        if (n == 0) {
+            abort_conn(e, c, s_reply_eof);
+            return 1;
+        }
+        unsigned char *p = PyMem_RawRealloc(c->reply, c->reply_len + (size_t)n);
+        if (!p) {
+            fail(e, c, s, ENOMEM);
+            return 1;
+        }
+        memcpy(p + c->reply_len, e->buf, (size_t)n);
+        c->reply = p;
+        c->reply_len += (size_t)n;
+        r = conv_parse(c->reply, c->reply_len, 0, &m);
+        if (r != CONV_NEED)
+            break;
+    }
+    if (r == CONV_ERR || m.error >= 0) {
+        PyObject *how;
+        if (r == CONV_ERR) {
+            how = PyUnicode_FromFormat("bad Convert reply: %s", m.reason);
+        } else {
+            PyObject *dest = conv_dest_py(c);
+            how = dest ? PyObject_CallMethod(c->fe->key, "remote_refused", "OOi", client_addr(c),
+                                             dest, m.error)
+                       : NULL;
+            Py_XDECREF(dest);
+        }
+        if (!how || !PyUnicode_Check(how)) {
+            report("remote_refused() failed");
+            abort_conn(e, c, s_internal);
+        } else {
+            abort_conn(e, c, how);
+        }
+        Py_XDECREF(how);
+        return 1;
+    }
+    c->conv &= ~CV_REPLY;
+    size_t rest = c->reply_len - m.used;
+    if (rest) {
+        c->active = 1;
+        c->bytes_out += rest;
+        c->fe->bytes_out += rest;
+        if (set_pending(&c->c, (const char *)c->reply + m.used, rest) < 0) {
+            fail(e, c, &c->c, ENOMEM);
+            return 1;
+        }
+    }
+    PyMem_RawFree(c->reply);
+    c->reply = NULL;
+    c->reply_len = 0;
+    if (!rest)
+        return 0;
+    want_out(e, &c->c);
+    flush(e, c, &c->c);
+    if (c->done)
+        return 1;
+    if (c->c.pend) {
+        s->waiting = 1; /* read on once the client took the rest */
+        return 1;
+    }
+    return 0;
+}
+
+static int conv_server_first(Engine *e, Conn *c, Leg *s) {
+    return (c->conv & CV_REPLY) ? conv_reply(e, c, s) : conv_answer(e, c, s);
+}
+
+/* The connect to a client's destination failed: counted and logged as any failed
+ * connect, then answered as RFC 8803 says (no other server to try). */
+static int conv_connect_failed(Engine *e, Conn *c, int err) {
+    PyObject *state = c->server;
+    c->server = NULL;
+    PyObject *dest = conv_dest_py(c);
+    PyObject *r = dest ? PyObject_CallMethod(c->fe->key, "dest_failed", "OiOO",
+                                             state ? state : Py_None, err, client_addr(c), dest)
+                       : NULL;
+    Py_XDECREF(dest);
+    Py_XDECREF(state);
+    conv_verdict(e, c, r, "dest_failed() failed");
+    return 0;
+}
+
+/* Where an intercepted connection was going: SO_ORIGINAL_DST (redirect), else (tproxy)
+ * the accepted socket's own address.  0 (and the client reset) if it was not
+ * intercepted: no NAT entry under redirect, or a connection to the listener's port. */
+static int conv_intercepted(Engine *e, Conn *c) {
+    Frontend *fe = c->fe;
+    int fd = c->c.fd, got = 0;
+    struct sockaddr_storage local;
+    socklen_t llen = sizeof local;
+    if (getsockname(fd, (struct sockaddr *)&local, &llen) == 0) {
+        struct sockaddr_in6 *l6 = (struct sockaddr_in6 *)&local;
+        int v4 = local.ss_family == AF_INET ||
+                 (local.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&l6->sin6_addr));
+        socklen_t dlen = v4 ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+        memset(&c->dest, 0, sizeof c->dest);
+        if (getsockopt(fd, v4 ? SOL_IP : SOL_IPV6, SO_ORIGINAL_DST, &c->dest, &dlen) == 0) {
+            c->destlen = dlen;
+            got = 1;
+        } else if (fe->intercept == 2) { /* tproxy: the packets' own destination */
+            memcpy(&c->dest, &local, llen);
+            c->destlen = llen;
+            got = 1;
+        }
+        struct sockaddr_in6 *d6 = (struct sockaddr_in6 *)&c->dest;
+        if (got && c->dest.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&d6->sin6_addr)) {
+            struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = d6->sin6_port};
+            memcpy(&a.sin_addr, &d6->sin6_addr.s6_addr[12], 4);
+            memset(&c->dest, 0, sizeof c->dest);
+            memcpy(&c->dest, &a, sizeof a);
+            c->destlen = sizeof a;
+        }
+    }
+    int own = 0;
+    if (got) {
+        int port = ntohs(c->dest.ss_family == AF_INET ? ((struct sockaddr_in *)&c->dest)->sin_port
+                                                       : ((struct sockaddr_in6 *)&c->dest)->sin6_port);
+        for (int i = 0; i < fe->nlisteners; i++)
+            own |= fe->listeners[i]->port == port;
+    }
+    if (got && !own) {
+        c->daddr = sockaddr_to_py(&c->dest, c->destlen); /* for fe.header() */
+        if (c->daddr)
+            return 1;
+        PyErr_Clear();
+    }
+    c->destlen = got ? c->destlen : 0;
+    PyObject *dest = conv_dest_py(c);
+    PyObject *how = dest ? PyObject_CallMethodObjArgs(fe->key, s_not_intercepted, client_addr(c),
+                                                      dest, NULL)
+                         : NULL;
+    Py_XDECREF(dest);
+    if (!how || !PyUnicode_Check(how)) {
+        report("not_intercepted() failed");
+        abort_conn(e, c, s_internal);
+    } else {
+        abort_conn(e, c, how);
+    }
+    Py_XDECREF(how);
+    return 0;
 }
 
 /* ---- accepting ---------------------------------------------------------------------- */
@@ -1075,6 +1636,7 @@ static int on_accept(Engine *e, Listener *l) {
         c->s.fd = -1;
         c->ca = sa;
         c->calen = salen;
+        c->dport = l->port;
         c->active = 1;
         c->connect_time = -1;
         if (e->observing)
@@ -1084,7 +1646,9 @@ static int on_accept(Engine *e, Listener *l) {
         fe->head.prev->next = c;
         fe->head.prev = c;
         fe->count++;
-        if (fe->accept_proxy) {
+        if (fe->intercept && !conv_intercepted(e, c))
+            continue; /* not intercepted: reset */
+        if (fe->accept_proxy || fe->convert) {
             c->hdr = PyByteArray_FromStringAndSize(NULL, 0);
             if (!c->hdr) {
                 PyErr_Clear();
@@ -1094,7 +1658,7 @@ static int on_accept(Engine *e, Listener *l) {
         } else {
             /* Server leg first: on loopback its connect is usually done at once, and
              * epoll then reports it before the client's bytes, which go straight on. */
-            do_connect(e, c);
+            route(e, c);
         }
         if (!c->done && watch(e, &c->c, WATCH_IN) < 0)
             fail(e, c, &c->c, errno);
@@ -1286,14 +1850,17 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"key", "maxconn", "accept_proxy", "needs_caddr",
                              "connect_timeout", "client_timeout", "idle_limit", "idle_how",
                              "fin_limit", "fin_how", "queue_timeout", "queue_how",
-                             "rate_limit", "per_source", NULL};
+                             "rate_limit", "per_source", "route", "inspect_delay", "convert",
+                             "intercept", "names_dest", NULL};
     PyObject *key, *idle_how, *fin_how = NULL, *queue_how = NULL;
     long maxconn, rate_limit = 0;
-    int accept_proxy, needs_caddr, per_source = 0;
-    double ct, cl, il, fl = -2.0, qt = -1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlp", kwlist, &key, &maxconn,
+    int accept_proxy, needs_caddr, per_source = 0, route_ = 0;
+    int convert = 0, intercept = 0, names_dest = 0;
+    double ct, cl, il, fl = -2.0, qt = -1.0, inspect_delay = -1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlppdpip", kwlist, &key, &maxconn,
                                      &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how,
-                                     &fl, &fin_how, &qt, &queue_how, &rate_limit, &per_source))
+                                     &fl, &fin_how, &qt, &queue_how, &rate_limit, &per_source,
+                                     &route_, &inspect_delay, &convert, &intercept, &names_dest))
         return NULL;
     if (!queue_how) /* no queue: nothing is ever parked */
         qt = -1.0;
@@ -1319,6 +1886,11 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     fe->queue_timeout = qt;
     fe->rate_limit = rate_limit;
     fe->per_source = per_source;
+    fe->route = route_;
+    fe->inspect_delay = inspect_delay;
+    fe->convert = convert;
+    fe->intercept = intercept;
+    fe->names_dest = names_dest || convert;
     fe->queue_how = Py_XNewRef(queue_how);
     fe->id = e->nfes;
     fe->maxconn = maxconn;
@@ -1333,8 +1905,8 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *Engine_listen(Engine *e, PyObject *args) {
-    int id, fd, mptcp;
-    if (!PyArg_ParseTuple(args, "iip", &id, &fd, &mptcp))
+    int id, fd, mptcp, port = 0;
+    if (!PyArg_ParseTuple(args, "iip|i", &id, &fd, &mptcp, &port))
         return NULL;
     Frontend *fe = get_fe(e, id);
     if (!fe)
@@ -1353,6 +1925,7 @@ static PyObject *Engine_listen(Engine *e, PyObject *args) {
     l->kind = K_LISTENER;
     l->fd = fd;
     l->mptcp = mptcp;
+    l->port = port;
     l->fe = fe;
     struct epoll_event ev = {.events = fe->paused ? 0 : EPOLLIN, .data.ptr = l};
     if (epoll_ctl(e->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
@@ -1488,7 +2061,7 @@ static PyObject *Engine_sweep(Engine *e, PyObject *args) {
             } else {
                 c->idle += interval;
                 if (c->hdr && fe->client_timeout >= 0 && c->idle >= fe->client_timeout)
-                    abort_conn(e, c, s_no_header);
+                    abort_conn(e, c, fe->convert ? s_no_convert : s_no_header);
                 else if (connected) {
                     int half = c->c.eof || c->s.eof; /* a FIN crossed: client-/server-fin */
                     double limit = half ? fe->fin_limit : fe->idle_limit;
@@ -1578,9 +2151,10 @@ static PyObject *Engine_sessions(Engine *e, PyObject *args) {
     for (Conn *c = fe->head.next; c != &fe->head; c = c->next) {
         if (c->done)
             continue;
-        PyObject *t = Py_BuildValue("(OOiiKKdi)", client_addr(c), c->server ? c->server : Py_None,
-                                    c->c.fd, c->s.connecting ? -1 : c->s.fd, c->bytes_in,
-                                    c->bytes_out, c->start, c->c_req);
+        PyObject *t = Py_BuildValue("(OOiiKKdiO)", client_addr(c),
+                                    c->server ? c->server : Py_None, c->c.fd,
+                                    c->s.connecting ? -1 : c->s.fd, c->bytes_in, c->bytes_out,
+                                    c->start, c->c_req, c->be ? c->be : Py_None);
         if (!t || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             Py_DECREF(out);
@@ -1624,6 +2198,44 @@ static PyMethodDef Engine_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The engine's RFC 8803 parser, for tests (hypothesis checks it against
+ * convertproto.py): None: need more; ("error", code, value byte, reason); or ("ok",
+ * used, Connect TLVs, Info seen, port, address (16 bytes), options, cookie or None,
+ * first Error code or -1, the first TCP option refused or 0). */
+static PyObject *parse_convert(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer b;
+    int request;
+    if (!PyArg_ParseTuple(args, "y*p", &b, &request))
+        return NULL;
+    ConvMsg m;
+    int r = conv_parse(b.buf, (size_t)b.len, request, &m);
+    PyObject *out;
+    if (r == CONV_NEED)
+        out = Py_NewRef(Py_None);
+    else if (r == CONV_ERR)
+        out = Py_BuildValue("(siis)", "error", m.code, m.value, m.reason);
+    else {
+        const char *opts = m.options ? (const char *)m.options : "";
+        if (m.cookie)
+            out = Py_BuildValue("(sniiIy#y#y#ii)", "ok", (Py_ssize_t)m.used, m.connects, m.info,
+                                m.port, m.addr, (Py_ssize_t)16, opts,
+                                (Py_ssize_t)m.options_len, m.cookie, (Py_ssize_t)m.cookie_len,
+                                m.error, conv_refused_option(&m));
+        else
+            out = Py_BuildValue("(sniiIy#y#Oii)", "ok", (Py_ssize_t)m.used, m.connects, m.info,
+                                m.port, m.addr, (Py_ssize_t)16, opts, (Py_ssize_t)m.options_len,
+                                Py_None, m.error, conv_refused_option(&m));
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"parse_convert", parse_convert, METH_VARARGS,
+     "parse_convert(data, request): the engine's verdict on an RFC 8803 message (tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mptcpkit.proxy._engine.Engine",
     .tp_basicsize = sizeof(Engine),
@@ -1635,7 +2247,7 @@ static PyTypeObject EngineType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_engine", "The proxy's compiled data path.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_engine", "The proxy's compiled data path.", -1, module_methods,
 };
 
 #define INTERN(var, text)                                   \
@@ -1650,6 +2262,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     INTERN(s_done, "done");
     INTERN(s_admit, "admit");
     INTERN(s_release, "release");
+    INTERN(s_route, "route");
     INTERN(s_accept_failed, "accept_failed");
     INTERN(s_both_closed, "both closed");
     INTERN(s_internal, "internal error");
@@ -1659,6 +2272,15 @@ PyMODINIT_FUNC PyInit__engine(void) {
     INTERN(s_mptcp, "MPTCP");
     INTERN(s_question, "?");
     INTERN(s_dash, "-");
+    INTERN(s_convert, "convert");
+    INTERN(s_refuse, "refuse");
+    INTERN(s_dest_failed, "dest_failed");
+    INTERN(s_not_intercepted, "not_intercepted");
+    INTERN(s_remote_refused, "remote_refused");
+    INTERN(s_info_answered, "Info answered");
+    INTERN(s_no_convert, "client timeout (no Convert message)");
+    INTERN(s_closed_before_convert, "client closed before its Convert message");
+    INTERN(s_reply_eof, "remote gateway closed before its Convert reply");
     PyObject *errno_mod = PyImport_ImportModule("errno");
     if (!errno_mod)
         return NULL;

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mptcpkit.proxy import proxyproto
@@ -91,9 +91,11 @@ class CompiledFrontend(FrontendRuntime):
         listeners: Sequence[socket.socket],
         backend: BackendPort,
         rt: WorkerPort,
+        backends: Mapping[str, BackendPort] | None = None,
     ) -> None:
-        super().__init__(cfg, listeners, backend, rt)
+        super().__init__(cfg, listeners, backend, rt, backends)
         self.engine = rt.engine
+        router = self.router
         t = cfg.timeouts
         rules = idle_rules(t)
         queue_limit = t.connect if t.queue is None else t.queue
@@ -101,7 +103,8 @@ class CompiledFrontend(FrontendRuntime):
             self,
             maxconn=cfg.maxconn,
             accept_proxy=cfg.accept_proxy,
-            needs_caddr=backend.needs_client_addr,
+            needs_caddr=backend.needs_client_addr
+            or (router is not None and router.needs_client_addr),
             connect_timeout=t.connect,
             client_timeout=_limit(t.client),
             idle_limit=_limit(rules.open_limit),
@@ -112,12 +115,23 @@ class CompiledFrontend(FrontendRuntime):
             queue_how=f"queue timeout ({queue_limit:g}s)",
             rate_limit=cfg.maxconnrate,
             per_source=bool(cfg.maxconn_per_source),
+            route=router is not None,
+            inspect_delay=_limit(router.inspect if router is not None else None),
+            **self.engine_options(),
         )
+
+    def engine_options(self) -> dict[str, Any]:
+        """More of the engine's frontend options (compiledconvert.py: a converter's)."""
+        return {}
 
     # --- what the runtime uses --------------------------------------------------------
 
     def _listen(self, ls: socket.socket, mptcp: bool) -> None:
-        self.engine.listen(self.id, ls.fileno(), mptcp)
+        if self.router is None and not self.cfg.intercept:
+            self.engine.listen(self.id, ls.fileno(), mptcp)
+        else:  # dst_port of its connections; an intercepted one's is never it
+            port = ls.getsockname()[1] if ls.family != socket.AF_UNIX else 0
+            self.engine.listen(self.id, ls.fileno(), mptcp, port)
 
     def _stop_listening(self) -> None:
         self.engine.close_frontend(self.id)
@@ -159,12 +173,20 @@ class CompiledFrontend(FrontendRuntime):
 
     # --- what the engine asks ---------------------------------------------------------
 
-    def pick(self, caddr: Any, tried: list[ServerState] | None) -> Any:
-        """The next server's wire tuple (see `BackendRuntime._wire`), or why there is none."""
-        state = self.backend.next_server(caddr, tried)
+    def pick(self, caddr: Any, tried: list[ServerState] | None, be: Any = None) -> Any:
+        """The next server's wire tuple (see `BackendRuntime._wire`), or why there is
+        none; `be`: the backend the frontend's rules chose (route), else the default."""
+        backend = self.backend if be is None else be
+        state = backend.next_server(caddr, tried)
         if state is None or isinstance(state, str):
             return state  # None: wait for a server slot (queue.py)
-        return self.backend.wire[state]
+        return backend.wire[state]
+
+    def route(self, caddr: Any, dport: int, data: bytes | None, final: bool) -> Any:
+        """use_backend: the backend for a connection, or None to wait for more of its
+        ClientHello (router.py)."""
+        assert self.router is not None
+        return self.router.route(caddr, dport, data, final)
 
     def failed(self, state: ServerState, err: int, tried: list[ServerState]) -> str | float | None:
         """A connect failed (err 0: it timed out): why the client is closed, or seconds
@@ -187,10 +209,11 @@ class CompiledFrontend(FrontendRuntime):
         reads records."""
         if state is not None:
             state.active -= 1
-            if self.backend.queue is not None:
-                self.backend.queue.slot_freed()
+            be = self.backend if self.router is None else self.router.backend_of(state)
+            if be.queue is not None:
+                be.queue.slot_freed()
         if rec is not None:
-            client, start, c_state, c_sub, s_state, s_sub, b_in, b_out, how, tc = rec
+            client, start, c_state, c_sub, s_state, s_sub, b_in, b_out, how, tc, chosen = rec
             self.rt.record(
                 self,
                 state,
@@ -201,6 +224,7 @@ class CompiledFrontend(FrontendRuntime):
                 (b_in, b_out),
                 how,
                 tc,
+                chosen,
             )
         if self.rt.stopping:
             self.rt.conn_ended()

@@ -48,6 +48,7 @@ from typing import Any
 
 from mptcpkit.address import Address, parse_address
 from mptcpkit.policy import Policy
+from mptcpkit.proxy import acl
 from mptcpkit.proxy.destpolicy import DestinationPolicy, networks
 from mptcpkit.proxy.logging import parse_target
 
@@ -199,6 +200,19 @@ class Frontend:
     destinations: DestinationPolicy | None = None  # a remote gateway's (converter.py)
     maxconnrate: int = 0  # new connections per second, whole proxy (abuse.py); 0: none
     maxconn_per_source: int = 0  # connections at once from one address, per worker
+    # HAProxy's `use_backend ... if`: the first rule met picks the backend (acl.py);
+    # `backend` (`default_backend`) takes the rest
+    rules: tuple[acl.Rule, ...] = ()
+    inspect_delay: float | None = None  # `tcp-request inspect-delay`: wait for a ClientHello
+
+    @property
+    def backends_used(self) -> tuple[str, ...]:
+        """The default backend, then those of the rules, each once."""
+        return tuple(dict.fromkeys((self.backend, *(r.backend for r in self.rules))))
+
+    @property
+    def reads_sni(self) -> bool:
+        return any("req.ssl_sni" in r.fetches for r in self.rules)
 
     def dualstack(self, i: int) -> bool:
         """Bind `i` is an IPv6 address taking IPv4 clients too (IPV6_V6ONLY=0)."""
@@ -451,6 +465,10 @@ def _frontend(r: _Reader, name: str) -> Frontend:
             "destinations",
             "maxconnrate",
             "maxconn-per-source",
+            "default_backend",
+            "use_backend",
+            "acl",
+            "tcp-request",
         )
     )
     if not r.has("bind"):
@@ -470,9 +488,16 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         raise r.error("transparent", "a transparent (tproxy) bind, but intercept = 'redirect'")
     if transparent:
         intercept = "tproxy"
-    backend = r.get_str("backend", None)
+    if r.has("backend") and r.has("default_backend"):
+        raise r.error("default_backend", "backend or default_backend (the same thing), not both")
+    key = "default_backend" if r.has("default_backend") or r.has("use_backend") else "backend"
+    backend = r.get_str(key, None)
     if not backend:
-        raise r.error("backend", "missing: which backend gets this frontend's connections?")
+        if r.has("use_backend"):
+            raise r.error(key, "missing: where do connections go that no use_backend rule picks?")
+        raise r.error(key, "missing: which backend gets this frontend's connections?")
+    rules = _rules(r)
+    inspect_delay = _inspect_delay(r, rules)
     return Frontend(
         name=name,
         binds=binds,
@@ -491,7 +516,72 @@ def _frontend(r: _Reader, name: str) -> Frontend:
         v6only=tuple(v6 for _, v6, _, _ in parsed),
         unix_perms=tuple(perms for _, _, perms, _ in parsed),
         net=tuple(nb for _, _, _, nb in parsed),
+        rules=rules,
+        inspect_delay=inspect_delay,
     )
+
+
+def _rules(r: _Reader) -> tuple[acl.Rule, ...]:
+    """`acl.NAME = "fetch [flags] patterns"` (or an array: OR-ed) and `use_backend =
+    ["BACKEND if CONDITION", ...]`, as HAProxy's `acl` and `use_backend` lines."""
+    acls: dict[str, tuple[acl.Test, ...]] = {}
+    table = r.table.get("acl", {})
+    if not isinstance(table, dict):
+        raise r.error("acl", f'expected a table of NAME = "fetch patterns", got {_kind(table)}')
+    for name, raw in table.items():
+        texts = [raw] if isinstance(raw, str) else raw
+        if not acl.acl_name_ok(name):
+            raise r.error(f"acl.{name}", "ACL names are letters, digits and _.:-")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise r.error(
+                f"acl.{name}", f'expected "fetch [flags] patterns" or an array, got {_kind(raw)}'
+            )
+        try:
+            acls[name] = tuple(acl.parse_acl(t.split()) for t in texts)
+        except acl.AclError as exc:
+            raise r.error(f"acl.{name}", str(exc)) from None
+    raw_rules = r.table.get("use_backend", [])
+    if isinstance(raw_rules, str):
+        raw_rules = [raw_rules]
+    if not isinstance(raw_rules, list) or not all(isinstance(t, str) for t in raw_rules):
+        raise r.error(
+            "use_backend", f'expected an array of "BACKEND if CONDITION", got {_kind(raw_rules)}'
+        )
+    rules = []
+    for i, text in enumerate(raw_rules):
+        try:
+            rules.append(acl.parse_rule(text, acls))
+        except acl.AclError as exc:
+            raise r.error(f"use_backend[{i}]", f"{text!r}: {exc}") from None
+    shadow = acl.shadowing(rules)
+    if shadow is not None:
+        j, i = shadow
+        raise r.error(
+            f"use_backend[{j}]",
+            f"{rules[j].text!r} is never met: use_backend[{i}] ({rules[i].text!r}) takes every"
+            " connection it would (the first rule met wins, as in HAProxy); drop or reorder it",
+        )
+    return tuple(rules)
+
+
+def _inspect_delay(r: _Reader, rules: Sequence[acl.Rule]) -> float | None:
+    sni = [i for i, rule in enumerate(rules) if "req.ssl_sni" in rule.fetches]
+    tcp = r.sub("tcp-request")
+    tcp.only(("inspect-delay",))
+    delay = tcp.duration("inspect-delay", None, allow_none=True)
+    if delay is None and sni:
+        raise r.error(
+            f"use_backend[{sni[0]}]",
+            f"{rules[sni[0]].text!r} reads req.ssl_sni, but tcp-request.inspect-delay is not set:"
+            ' say how long to wait for the ClientHello (tcp-request.inspect-delay = "5s")',
+        )
+    if delay is not None and not sni:
+        raise tcp.error(
+            "inspect-delay",
+            "no use_backend rule reads req.ssl_sni: nothing waits for the client's"
+            " first bytes (drop it, or add a rule on req.ssl_sni)",
+        )
+    return delay
 
 
 def _destinations(r: _Reader) -> DestinationPolicy:
@@ -803,10 +893,18 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             raise fr.error(name, "frontend names are letters, digits and _.:-")
         sub = fr.sub(name)
         f = _frontend(sub, name)
+        have = ", ".join(sorted(backends)) or "none"
         if f.backend not in backends:
-            have = ", ".join(sorted(backends)) or "none"
-            raise sub.error("backend", f"no backend named {f.backend!r} (have: {have})")
+            key = "default_backend" if sub.has("default_backend") else "backend"
+            raise sub.error(key, f"no backend named {f.backend!r} (have: {have})")
+        for i, rule in enumerate(f.rules):
+            if rule.backend not in backends:
+                raise sub.error(
+                    f"use_backend[{i}]",
+                    f"{rule.text!r}: no backend named {rule.backend!r} (have: {have})",
+                )
         _check_converter(sub, f, backends[f.backend])
+        _check_routing(sub, f, backends)
         if f.maxconn < global_.workers:
             raise sub.error(
                 "maxconn",
@@ -819,11 +917,11 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
                 f"{f.maxconnrate} is fewer than global.workers ({global_.workers}):"
                 " maxconnrate is shared out between the workers, each needs at least one",
             )
-        for s in backends[f.backend].servers:
+        for s, bname in ((s, b) for b in f.backends_used for s in backends[b].servers):
             if 0 < s.maxconn < global_.workers:
                 raise ConfigError(
                     source,
-                    f"backend.{f.backend}.server.{s.name}.maxconn",
+                    f"backend.{bname}.server.{s.name}.maxconn",
                     f"{s.maxconn} is fewer than global.workers ({global_.workers}):"
                     " maxconn is shared out between the workers, each needs at least one",
                 )
@@ -868,6 +966,39 @@ def _check_converter(r: _Reader, f: Frontend, b: Backend) -> None:
         raise ConfigError(
             r.source, f"backend.{b.name}.check", "a server 0.0.0.0:0 cannot be health-checked"
         )
+
+
+def _check_routing(r: _Reader, f: Frontend, backends: Mapping[str, Backend]) -> None:
+    """use_backend rules: on frontends the data paths route (not the converter's), and
+    none that no connection could meet."""
+    if not f.rules:
+        return
+    why = ""
+    if f.intercept or f.accept_convert:
+        why = "an intercepting or accept-convert frontend"
+    elif any(nb is not None and nb.transparent for nb in f.net):
+        why = "a frontend with transparent binds"
+    else:
+        for name in f.backends_used:
+            if any(s.original_destination for s in backends[name].servers):
+                why = f"backend {name!r} (a server 0.0.0.0:0)"
+    if why:
+        raise r.error("use_backend", f"routing is not offered with {why}: one backend there")
+    if f.accept_proxy or any(b.protocol != "unix" and not b.port for b in f.binds):
+        return  # dst_port comes from a PROXY header, or a port the kernel picks
+    ports = [(b.port or 0, b.port_end or b.port or 0) for b in f.binds if b.protocol != "unix"]
+    for i, rule in enumerate(f.rules):
+        for alt in rule.condition:
+            for neg, tests in alt:
+                for t in tests:
+                    if t.fetch != "dst_port" or neg:
+                        continue
+                    if not any(lo <= bhi and blo <= hi for lo, hi in t.ports for blo, bhi in ports):
+                        raise r.error(
+                            f"use_backend[{i}]",
+                            f"{rule.text!r}: dst_port matches none of this frontend's binds"
+                            f" ({', '.join(str(b) for b in f.binds)})",
+                        )
 
 
 def binds_overlap(a: Address, b: Address, a_v6only: bool = False, b_v6only: bool = False) -> bool:

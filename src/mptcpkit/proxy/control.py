@@ -75,8 +75,8 @@ def sessions(rt: Any) -> list[dict[str, Any]]:
         engine = getattr(fe, "engine", None)
         if engine is not None:
             rows = [
-                (caddr, state, cfd, sfd, b_in, b_out, start, bool(c_req))
-                for caddr, state, cfd, sfd, b_in, b_out, start, c_req in engine.sessions(fe.id)
+                (caddr, state, cfd, sfd, b_in, b_out, start, bool(c_req), be)
+                for caddr, state, cfd, sfd, b_in, b_out, start, c_req, be in engine.sessions(fe.id)
             ]
         else:
             rows = []
@@ -92,9 +92,10 @@ def sessions(rt: Any) -> list[dict[str, Any]]:
                         c.bytes_out,
                         c.start,
                         bool(c.c_req),
+                        c.be,
                     )
                 )
-        for caddr, state, cfd, sfd, b_in, b_out, start, c_req in rows:
+        for caddr, state, cfd, sfd, b_in, b_out, start, c_req, be in rows:
             c_state, c_sub = _leg(cfd, c_req)
             s_mptcp = state is not None and state.server.policy.value != "off"
             s_state, s_sub = _leg(sfd, s_mptcp)
@@ -102,7 +103,7 @@ def sessions(rt: Any) -> list[dict[str, Any]]:
                 {
                     "frontend": fe.cfg.name,
                     "client": _addr(caddr),
-                    "backend": fe.backend.cfg.name,
+                    "backend": (fe.backend if be is None else be).cfg.name,
                     "server": state.server.name if state is not None else None,
                     "client_state": c_state,
                     "client_subflows": c_sub,
@@ -135,6 +136,8 @@ def apply(rt: Any, backend: str, server: str, change: Override) -> str | None:
                 st.admin = change["admin"]
             if "weight" in change:
                 st.weight = change["weight"]
+            if be.queue is not None:  # it may take connections waiting for a slot now
+                be.queue.slot_freed()
             return None
     return f"no server {server!r} in backend {backend!r}"
 

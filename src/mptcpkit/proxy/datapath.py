@@ -36,8 +36,13 @@ __all__ = [
 ]
 
 # What the engine needs to open a leg to a server (`BackendRuntime._wire`): state,
-# family, sockaddr, proto, may fall back to TCP, send-proxy, observe MPTCP, source.
-Wire = tuple["ServerState", int, bytes, int, bool, int, bool, "bytes | None"]
+# family, sockaddr (b"": where the client was going), proto, may fall back to TCP,
+# send-proxy (a greeting from fe.header()), observe MPTCP, source; a converter's server
+# adds flags (compiledconvert.WIRE_*).
+Wire = (
+    tuple["ServerState", int, bytes, int, bool, int, bool, "bytes | None"]
+    | tuple["ServerState", int, bytes, int, bool, int, bool, "bytes | None", int]
+)
 
 READ_SIZE = 1 << 20  # bulk: 1 MiB reads measured ~15% faster than 256 KiB
 BURST = 16  # reads per leg per event before other sockets get their turn
@@ -77,6 +82,7 @@ class BackendPort(Protocol):
     targets: dict[str, tuple[int, Any]]  # server name -> (family, sockaddr)
     wire: dict[ServerState, Wire]
     queue: ServerQueue | None  # servers with a maxconn: connections wait for a slot
+    states: list[ServerState]  # its servers (the balancer's)
 
     def next_server(
         self, caddr: Any, tried: list[ServerState] | None
@@ -99,7 +105,8 @@ class FrontendPort(Protocol):
     cfg: Frontend
     rt: WorkerPort
     loop: asyncio.AbstractEventLoop
-    backend: BackendPort
+    backend: BackendPort  # the default backend (the only one without use_backend rules)
+    router: Any  # use_backend rules (router.Router, above this module), or None
 
     def finished(self, conn: Any) -> None: ...
 
@@ -108,7 +115,11 @@ class FrontendPort(Protocol):
     def local_of(self, conn: Any) -> Any: ...
 
     def server_failed(
-        self, state: ServerState, exc: BaseException, tried: list[ServerState]
+        self,
+        state: ServerState,
+        exc: BaseException,
+        tried: list[ServerState],
+        be: BackendPort | None = None,
     ) -> str | float | None: ...
 
 
@@ -136,6 +147,7 @@ class WorkerPort(Protocol):
         nbytes: tuple[int, int],
         ended: str,
         connect_time: float = -1.0,
+        backend: BackendPort | None = None,
     ) -> None: ...
 
     def conn_ended(self) -> None: ...

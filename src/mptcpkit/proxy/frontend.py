@@ -15,13 +15,14 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import mptcpkit
 from mptcpkit.policy import Policy
 from mptcpkit.proxy.abuse import Limits
 from mptcpkit.proxy.relay import Conn, reason_of, subflows
+from mptcpkit.proxy.router import Router
 from mptcpkit.proxy.timeouts import idle_rules
 from mptcpkit.status import protocol as socket_protocol
 
@@ -50,11 +51,16 @@ class FrontendRuntime:
         listeners: Sequence[socket.socket],
         backend: BackendPort,
         rt: WorkerPort,
+        backends: Mapping[str, BackendPort] | None = None,
     ) -> None:
         self.cfg = cfg
         self.rt = rt
         self.loop = rt.loop
-        self.backend = backend
+        self.backend = backend  # the default one
+        # use_backend rules: each connection's backend is chosen (router.py)
+        self.router: Router | None = None
+        if cfg.rules:
+            self.router = Router(cfg, backends if backends is not None else {cfg.backend: backend})
         self.listeners = list(listeners)
         self.conns: set[Conn] = set()
         self.closed = False
@@ -63,8 +69,9 @@ class FrontendRuntime:
         self.bytes_out = 0
         self._accepts: list[Callable[[], bool]] = []
         self.parked: deque[Conn] = deque()  # waiting for a server slot (queue.py)
-        if backend.queue is not None:
-            backend.queue.frontends.append(self)
+        for be in self.router.backends.values() if self.router is not None else (backend,):
+            if be.queue is not None:
+                be.queue.frontends.append(self)
         self.limits: Limits | None = None  # maxconnrate, maxconn-per-source (abuse.py)
         if cfg.maxconnrate or cfg.maxconn_per_source:
             self.limits = Limits(cfg.maxconnrate, cfg.maxconn_per_source)
@@ -101,7 +108,7 @@ class FrontendRuntime:
 
     def _listen(self, ls: socket.socket, mptcp: bool) -> None:
         # family and proto as plain ints: socket.family converts to an enum each call
-        accept = functools.partial(self._accept, ls, int(ls.family), ls.proto, mptcp)
+        accept = functools.partial(self._accept, ls, int(ls.family), ls.proto, mptcp, _port(ls))
         self._accepts.append(accept)
         self.rt.poller.listen(ls.fileno(), accept)
 
@@ -130,7 +137,9 @@ class FrontendRuntime:
         for c in list(self.conns):
             c.abort(how)
 
-    def _accept(self, ls: socket.socket, family: int, proto: int, mptcp: bool) -> bool:
+    def _accept(
+        self, ls: socket.socket, family: int, proto: int, mptcp: bool, port: int = 0
+    ) -> bool:
         """Take waiting connections, up to maxconn; each connects to a server at once.
         True once nothing more can be taken now, False if more may be waiting."""
         conns = self.conns
@@ -165,6 +174,7 @@ class FrontendRuntime:
                         sock.close()
                         continue
             conn = self.conn_type(self, sock, addr, mptcp)
+            conn.dport = port
             conns.add(conn)
             if src is not None:
                 self._sources[conn] = src
@@ -180,7 +190,11 @@ class FrontendRuntime:
         self._out_of(err, "accept failed")
 
     def server_failed(
-        self, state: ServerState, exc: BaseException, tried: list[ServerState]
+        self,
+        state: ServerState,
+        exc: BaseException,
+        tried: list[ServerState],
+        be: BackendPort | None = None,
     ) -> str | float | None:
         """An attempt to reach `state` failed: why the client is closed, or the seconds
         to wait before the next attempt (None: at once; retry.py).
@@ -192,7 +206,9 @@ class FrontendRuntime:
             state.active -= 1
             self._out_of(exc.errno, "no socket for a server connection")
             return f"proxy error: {reason_of(exc)}"
-        return self.backend.attempt_failed(state, exc, tried, self.cfg.timeouts.connect)
+        if be is None:
+            be = self.backend if self.router is None else self.router.backend_of(state)
+        return be.attempt_failed(state, exc, tried, self.cfg.timeouts.connect)
 
     def _out_of(self, err: int, what: str) -> None:
         why = reason_of(OSError(err, ""))
@@ -231,8 +247,8 @@ class FrontendRuntime:
                 self.limits.release(src)
         if conn.server is not None:
             conn.server.active -= 1
-            if self.backend.queue is not None:
-                self.backend.queue.slot_freed()
+            if conn.be.queue is not None:
+                conn.be.queue.slot_freed()
         if self.rt.observing:
             self.rt.record(
                 self,
@@ -244,6 +260,7 @@ class FrontendRuntime:
                 (conn.bytes_in, conn.bytes_out),
                 conn.how or "closed",
                 conn.connect_time,
+                conn.be,
             )
         self._count_bytes(conn)
         # Break the Conn <-> Leg cycles: plain refcounting frees them now, no cyclic GC
@@ -304,6 +321,8 @@ class FrontendRuntime:
                     _sample_subflows(conn)
                 continue
             conn.idle += interval
+            if conn.inspecting:
+                continue  # its own timer: tcp-request inspect-delay
             if conn.hdr is not None and t.client is not None and conn.idle >= t.client:
                 conn.abort("client timeout (no PROXY header)")
             elif conn.connected_server:
@@ -314,6 +333,13 @@ class FrontendRuntime:
                     limit, how = rules.open_limit, rules.open_how
                 if limit is not None and conn.idle >= limit:
                     conn.end(how)
+
+
+def _port(ls: socket.socket) -> int:
+    """The port a listener is bound to (`dst_port` of its connections), 0 for unix."""
+    if ls.family == socket.AF_UNIX:
+        return 0
+    return int(ls.getsockname()[1])
 
 
 def _sample_subflows(conn: Conn) -> None:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.datapath import FrontendPort
+    from mptcpkit.proxy.datapath import BackendPort, FrontendPort
 
 __all__ = [
     "READ_SIZE",
@@ -72,6 +72,8 @@ _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
 _MPTCP_INFO_LEN = 96
 _SUBFLOWS_TOTAL = 80  # offsetof(struct mptcp_info, mptcpi_subflows_total)
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+INSPECT_LIMIT = 65536  # bytes peeked at most for a ClientHello (router.INSPECT_LIMIT)
 
 
 class Leg:
@@ -87,6 +89,7 @@ class Leg:
         "client",
         "conn",
         "connecting",
+        "credit",
         "eof",
         "fd",
         "hup",
@@ -111,6 +114,7 @@ class Leg:
         self.shut = False  # FIN sent to this leg
         self.big = False  # its last read was full or >= MIN_READ: bulk, reads sized by room()
         self.sndbuf = 0  # SO_SNDBUF as last read (0: read it again)
+        self.credit = 0  # room() as last measured, less what was sent here since
 
     def on_event(self, events: int) -> None:
         conn = self.conn
@@ -134,6 +138,7 @@ class Conn:
 
     __slots__ = (
         "active",
+        "be",
         "bytes_in",
         "bytes_out",
         "c",
@@ -146,11 +151,13 @@ class Conn:
         "counted_out",
         "daddr",
         "done",
+        "dport",
         "early",
         "fe",
         "hdr",
         "how",
         "idle",
+        "inspecting",
         "parked",
         "rb",
         "s",
@@ -165,6 +172,9 @@ class Conn:
 
     def __init__(self, fe: FrontendPort, sock: Any, caddr: Any, mptcp: bool) -> None:
         self.fe = fe
+        self.be: BackendPort = fe.backend  # its frontend's rules may pick another (router.py)
+        self.dport = 0  # the port it connected to (dst_port), set by the frontend
+        self.inspecting = False  # waiting for a ClientHello (tcp-request inspect-delay)
         self.rb = fe.rt.rbuf
         self.c = Leg(self, sock, True)
         self.s: Leg | None = None
@@ -210,6 +220,9 @@ class Conn:
             if self.hdr is not None:
                 self._proxy_header()
                 return
+            if self.inspecting:
+                self._inspect(False)
+                return
         else:
             dst = self.c
         if dst is None or dst.connecting or dst.pending is not None or dst.sock is None:
@@ -244,8 +257,10 @@ class Conn:
             except OSError as exc:
                 self.fail(dst, exc)
                 return
+            dst.credit -= sent
             if sent < n:
                 dst.sndbuf = 0  # full: autotuning may have grown it since
+                dst.credit = 0
                 dst.pending = bytes(view[sent:n])
                 src.waiting = True
                 return
@@ -273,6 +288,7 @@ class Conn:
         except OSError as exc:
             self.fail(dst, exc)
             return
+        dst.credit -= sent
         if sent < len(data):
             dst.pending = data[sent:]
             return
@@ -318,12 +334,59 @@ class Conn:
     def begin(self) -> None:
         """Connect to a server, unless a PROXY header must come first."""
         if self.hdr is None:
+            self.route()
+
+    def route(self) -> None:
+        """Choose the backend (use_backend rules, router.py), then connect."""
+        router = self.fe.router
+        if router is None:
             self.connect()
+        elif router.inspect is None:
+            self.be = router.route(self.caddr, self._dst_port(), None, True) or self.be
+            self.connect()
+        else:  # wait for the ClientHello: read as it comes (pump), or when the delay ends
+            self.inspecting = True
+            self.timer = self.fe.loop.call_later(router.inspect, self._inspect, True)
+            if self.early:  # it may have come whole with the PROXY header
+                self._inspect(False)
+
+    def _dst_port(self) -> int:
+        d = self.daddr
+        return int(d[1]) if isinstance(d, tuple) and len(d) > 1 else self.dport
+
+    def _inspect(self, final: bool) -> None:
+        """Peek at what the client sent (it stays in the socket, relayed as usual):
+        route once the ClientHello is whole, is no ClientHello, or `final` (the
+        inspect-delay passed)."""
+        if self.done or not self.inspecting:
+            return
+        router = self.fe.router
+        assert router is not None
+        rb = self.rb
+        try:
+            n = self.c.sock.recv_into(rb.buf, INSPECT_LIMIT, _PEEK)
+            final = final or n == 0 or self.c.hup  # the client sent FIN: nothing more comes
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.fail(self.c, exc)
+            return
+        data = (self.early or b"") + bytes(rb.view[:n])
+        be = router.route(self.caddr, self._dst_port(), data, final)
+        if be is None:
+            return  # more may come: the next bytes (or FIN) are a new event
+        self.inspecting = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.be = be
+        self.c.waiting = True  # read what was peeked once connected
+        self.connect()
 
     def connect(self) -> None:
         """Pick a server and start a non-blocking connect; on failure try the next one."""
         fe = self.fe
-        be = fe.backend
+        be = self.be
         if not self.t_connect:
             self.t_connect = time.monotonic()
         while True:
@@ -391,7 +454,7 @@ class Conn:
 
     def start_connect(self, state: ServerState) -> tuple[Any, int]:
         """Open the server leg (converter.py connects to the client's destination)."""
-        return self.fe.backend.start_connect(state)
+        return self.be.start_connect(state)
 
     def greeting(self) -> bytes:
         """What the server hears first: a PROXY header, if the server wants one."""
@@ -426,7 +489,7 @@ class Conn:
         self.server = None
         if self.tried is None:
             self.tried = []
-        why = self.fe.server_failed(state, exc, self.tried)
+        why = self.fe.server_failed(state, exc, self.tried, self.be)
         if isinstance(why, str):
             self.end(why)
             return False
@@ -472,7 +535,7 @@ class Conn:
         self.bytes_in += len(rest)
         self.early = rest or None
         self.c.waiting = True  # more may follow the header: read it once connected
-        self.connect()
+        self.route()
 
     # --- the end -----------------------------------------------------------------------
 
@@ -545,7 +608,11 @@ class Conn:
 def room(dst: Leg, size: int) -> int:
     """How much to read for `dst`: what its socket can still take (SO_SNDBUF less what
     it holds, less an eighth for the kernel's per-packet overhead), at least MIN_ROOM,
-    at most `size`. The same rule as the engine's room()."""
+    at most `size`. Measured only when the last measure, less what was sent since, no
+    longer covers a full read (a draining destination's room only grows). The same rule
+    as the engine's room()."""
+    if dst.credit >= size:
+        return size
     try:
         outq = _INT.unpack(fcntl.ioctl(dst.fd, _SIOCOUTQ, _ZERO))[0]
         if not dst.sndbuf:
@@ -553,6 +620,7 @@ def room(dst: Leg, size: int) -> int:
     except OSError:
         return size
     free = dst.sndbuf - dst.sndbuf // 8 - outq
+    dst.credit = free
     return MIN_ROOM if free < MIN_ROOM else min(free, size)
 
 

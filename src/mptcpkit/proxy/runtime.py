@@ -24,10 +24,18 @@ from mptcpkit.aio import sock_connect
 from mptcpkit.policy import Policy
 from mptcpkit.proxy import compiled, health, resolvers, retry
 from mptcpkit.proxy.balance import Balancer, ServerState
+from mptcpkit.proxy.compiledconvert import CompiledConverter, wire_flags
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
 from mptcpkit.proxy.converter import needed as converter_needed
-from mptcpkit.proxy.datapath import READ_SIZE, FrontendPort, ReadBuffer, Wire, burst
+from mptcpkit.proxy.datapath import (
+    READ_SIZE,
+    BackendPort,
+    FrontendPort,
+    ReadBuffer,
+    Wire,
+    burst,
+)
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
@@ -51,6 +59,7 @@ class BackendRuntime:
         self.cfg = cfg
         self.rt = rt
         self.balancer = Balancer(cfg)
+        self.states = self.balancer.states
         self.queue: ServerQueue | None = None  # servers with a maxconn (queue.py)
         if any(s.maxconn for s in cfg.servers):
             for state in self.balancer.states:
@@ -73,17 +82,20 @@ class BackendRuntime:
         mptcp = family != socket.AF_UNIX and policy is not Policy.OFF
         proto = mptcpkit.IPPROTO_MPTCP if mptcp else 0
         fallback = policy is Policy.PREFER
-        src = state.server.source
-        return (
+        server = state.server
+        src = server.source
+        wire: Wire = (
             state,
             family,
-            encode_address(family, sockaddr),
+            b"" if server.original_destination else encode_address(family, sockaddr),
             proto,
             fallback,
-            state.server.send_proxy,
+            server.send_proxy or (2 if server.send_convert else 0),
             mptcp,
             None if src is None else encode_address(family, (src, 0)),
         )
+        flags = wire_flags(server)
+        return (*wire, flags) if flags else wire
 
     def readdress(self, state: ServerState, where: tuple[int, Any]) -> None:
         """Connect to `state`'s server at `where` from now on (resolvers.py)."""
@@ -214,9 +226,10 @@ class Runtime:
             name: BackendRuntime(b, self, targets[name]) for name, b in cfg.backends.items()
         }
         kind = FrontendRuntime if self.engine is None else compiled.CompiledFrontend
+        conv = ConvertFrontend if self.engine is None else CompiledConverter
         self.frontends = [
-            (ConvertFrontend if converter_needed(f, cfg.backends[f.backend]) else kind)(
-                f, listeners.get(f.name, ()), self.backends[f.backend], self
+            (conv if converter_needed(f, cfg.backends[f.backend]) else kind)(
+                f, listeners.get(f.name, ()), self.backends[f.backend], self, self.backends
             )
             for f in cfg.frontends
         ]
@@ -311,15 +324,17 @@ class Runtime:
         nbytes: tuple[int, int],
         ended: str,
         connect_time: float = -1.0,
+        backend: BackendPort | None = None,
     ) -> None:
-        """Log and count a finished connection (only called when someone reads them)."""
+        """Log and count a finished connection (only called when someone reads them);
+        `backend`: the one its frontend's rules picked, if not the default."""
         server = state.server if state is not None else None
         rec = ConnRecord(
             start=start,
             duration=time.time() - start,
             frontend=fe.cfg.name,
             client=client,
-            backend=fe.backend.cfg.name,
+            backend=(fe.backend if backend is None else backend).cfg.name,
             server=server.name if server is not None else None,
             server_address=str(server.address) if server is not None else None,
             client_state=c_leg[0],
