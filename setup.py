@@ -49,6 +49,7 @@ setup(
         Extension(
             "mptcpkit.proxy._engine",
             ["src/mptcpkit/proxy/_engine.c"],
+            depends=["src/mptcpkit/proxy/_convert.h"],
             extra_compile_args=CFLAGS,
             optional=True,
         ),

@@ -27,7 +27,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 def pytest_sessionstart(session: pytest.Session) -> None:
     run = pathlib.Path(_SRC, "mptcpkit", "run")
     built_from = [
-        ("proxy", "_engine.*.so", ["_engine.c"]),
+        ("proxy", "_engine.*.so", ["_engine.c", "_convert.h"]),
         ("run", "_fastpath.*.so", ["_fastpath.c", "_force.h"]),
         ("run", "_supervise", ["_supervise.c", "_force.h"]),  # a program, not a module
     ]

@@ -18,6 +18,7 @@ from bonding_harness import byte_server, fetch, fetch_many, fetch_ok
 from mptcpkit.lab import bonding as bl
 from mptcpkit.lab.netns import is_root
 from mptcpkit.lab.topology import Topology
+from mptcpkit.proxy.compiled import ENGINE_ENV
 from proxy_harness import wait_for
 
 pytestmark = pytest.mark.root
@@ -47,7 +48,11 @@ def gateways(
     net: Topology, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[bl.Gateways]:
     opts = dict(getattr(request, "param", {}))
-    gw = bl.start_gateways(net, tmp_path, **opts)
+    engine = opts.pop("engine", None)  # the default: the C engine where it is built
+    with pytest.MonkeyPatch.context() as mp:
+        if engine is not None:
+            mp.setenv(ENGINE_ENV, engine)
+        gw = bl.start_gateways(net, tmp_path, **opts)
     try:
         yield gw
     finally:
@@ -60,14 +65,18 @@ def _conn_lines(proc_text: str) -> list[str]:
     return [line for line in proc_text.splitlines() if " conn " in line]
 
 
-COMBOS = [
-    {"mode": m, "encoding": e} for m in bl.MODES for e in bl.ENCODINGS
-]  # fmt: skip
+# every mode x encoding on the default data path (the engine), two on the Python relay
+COMBOS = [{"mode": m, "encoding": e} for m in bl.MODES for e in bl.ENCODINGS] + [
+    {"mode": "redirect", "encoding": "convert", "engine": "python"},
+    {"mode": "tproxy", "encoding": "proxy-v2", "engine": "python"},
+]
 
 
-@pytest.mark.parametrize(
-    "gateways", COMBOS, indirect=True, ids=[f"{c['mode']}-{c['encoding']}" for c in COMBOS]
-)
+def _id(c: dict[str, str]) -> str:
+    return "-".join(c.values())
+
+
+@pytest.mark.parametrize("gateways", COMBOS, indirect=True, ids=[_id(c) for c in COMBOS])
 def test_download_every_destination(net: Topology, gateways: bl.Gateways) -> None:
     """Both interception modes x both encodings, IPv4 and IPv6 destinations, verified."""
     client = net.host("client")
@@ -90,9 +99,10 @@ def test_download_every_destination(net: Topology, gateways: bl.Gateways) -> Non
     [
         {"encoding": "convert", "deny": ["10.200.0.2/32"]},
         {"encoding": "proxy-v2", "deny": ["10.200.0.2/32"]},
+        {"encoding": "convert", "deny": ["10.200.0.2/32"], "engine": "python"},
     ],
     indirect=True,
-    ids=["convert", "proxy-v2"],
+    ids=["convert", "proxy-v2", "convert-python"],
 )
 def test_refused_destination(net: Topology, gateways: bl.Gateways) -> None:
     """The remote gateway is no open relay: its own networks and denied ones are refused,
@@ -139,9 +149,10 @@ def _nstat(host: object, counter: str) -> int:
 
 @pytest.mark.parametrize(
     "gateways",
-    [{"tfo": True, "encoding": e} for e in bl.ENCODINGS],
+    [{"tfo": True, "encoding": e} for e in bl.ENCODINGS]
+    + [{"tfo": True, "encoding": "convert", "engine": "python"}],
     indirect=True,
-    ids=list(bl.ENCODINGS),
+    ids=[*bl.ENCODINGS, "convert-python"],
 )
 def test_tfo_puts_the_destination_in_the_syn(net: Topology, gateways: bl.Gateways) -> None:
     """`tfo = true` on both sides: once the site has a cookie, its Convert message (or

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mptcpkit.proxy import config
@@ -184,6 +185,38 @@ def test_policy_is_total(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port
         assert r is not None
     everything = DestinationPolicy(allow=networks(["0.0.0.0/0", "::/0"]))
     assert everything.check_destination(str(ip), port) is None
+
+
+# Addresses and networks near the edges the policy cares about: special ranges, the
+# IPv4-mapped form, networks of every size.
+_EDGES = [
+    "127.0.0.1", "169.254.1.1", "0.0.0.0", "224.0.0.1", "10.0.0.1", "192.0.2.1",
+    "::1", "fe80::1", "::", "ff02::1", "2001:db8::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+]  # fmt: skip
+addresses = st.sampled_from(_EDGES) | (v4 | v6).map(str)
+nets = st.lists(
+    st.tuples(st.sampled_from(_EDGES) | (v4 | v6).map(str), st.integers(0, 128)).map(
+        lambda t: ipaddress.ip_network(
+            f"{ipaddress.ip_address(t[0])}/{min(t[1], ipaddress.ip_address(t[0]).max_prefixlen)}",
+            strict=False,
+        )
+    ),
+    max_size=4,
+).map(tuple)
+keys = st.sampled_from([None, b"abcd", b"abce", b""])
+
+
+@settings(max_examples=400)
+@given(nets, keys, nets, nets, nets, addresses, keys, addresses, st.integers(0, 65536))
+def test_fast_path_agrees_with_the_checks(
+    clients: Any, psk: Any, allow: Any, deny: Any, own: Any,
+    client: str, cookie: bytes | None, dest: str, port: int,
+) -> None:  # fmt: skip
+    """`allows()` (ranges, made once) says yes exactly where both checks accept: never
+    a relay the checks would refuse."""
+    pol = DestinationPolicy(clients=clients, psk=psk, allow=allow, deny=deny, own=own)
+    slow = pol.check_client(client, cookie) is None and pol.check_destination(dest, port) is None
+    assert pol.allows(client, cookie, dest, port) == slow
 
 
 # --- the converter's configuration ------------------------------------------------------

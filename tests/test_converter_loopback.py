@@ -1,13 +1,35 @@
-"""The remote gateway's RFC 8803 side on loopback: real proxy, raw Convert messages."""
+"""The remote gateway's RFC 8803 side on loopback: real proxy, raw Convert messages.
+
+Every case runs on both data paths (MPTCPKIT_PROXY_ENGINE=c and python): the engine
+parses Convert messages in C and asks compiledconvert.py; the Python relay runs
+converter.py. Same bytes on the wire, same log lines.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from mptcpkit.proxy import compiled, proxyproto
 from mptcpkit.proxy import convertproto as cp
+from mptcpkit.proxy.config import ConfigError
 from proxy_harness import Server, echo, recv_all, run_proxy, wait_for
+
+
+@pytest.fixture(autouse=True, params=["c", "python"], ids=["compiled", "python"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
+    try:
+        compiled.data_path()
+    except ConfigError as exc:
+        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
+    yield request.param
 
 
 def _remote(clients: str, extra: str = "") -> str:
@@ -85,3 +107,34 @@ def test_client_not_in_networks_and_silent_client(tmp_path: Path) -> None:
             with contextlib.suppress(ConnectionResetError):  # cut: FIN or RST, nothing else
                 assert s.recv(10) == b""
         wait_for(lambda: "no Convert message" in p.log(), what="the cut in the log")
+
+
+def test_split_message_option_refused_and_proxy_v2(tmp_path: Path) -> None:
+    """A Convert message that arrives a few bytes at a time is read whole; a Connect
+    asking for a TCP option the converter does not set is refused with Unsupported TCP
+    Option (its kind as the value); a PROXY v2 remote gateway resets what it refuses."""
+    with Server(echo) as srv:
+        cfg = _remote("127.0.0.0/8", ', allow = ["127.0.0.1/32"]')
+        with run_proxy(tmp_path, cfg) as p:
+            msg = cp.connect_request("127.0.0.1", srv.port) + b"split"
+            with socket.create_connection(("127.0.0.1", p.port("bond")), timeout=10) as s:
+                for i in range(0, len(msg), 5):
+                    s.sendall(msg[i : i + 5])
+                    time.sleep(0.02)
+                s.shutdown(socket.SHUT_WR)
+                assert recv_all(s) == cp.build([]) + b"split"
+            mss = cp.build(
+                [cp.Connect(ipaddress.ip_address("127.0.0.1"), srv.port, b"\x02\x04\x05\xb4")]
+            )
+            assert _ask(p.port("bond"), mss) == cp.error_reply(
+                cp.ErrorCode.UNSUPPORTED_TCP_OPTION, b"\x02"
+            )
+            wait_for(lambda: "TCP option 2 asked" in p.log(), what="the refusal in the log")
+        pcfg = cfg.replace("accept-convert = true", "accept-proxy = true")
+        with run_proxy(tmp_path, pcfg) as p:
+            ok = proxyproto.build_v2(("127.0.0.1", 1), ("127.0.0.1", srv.port))
+            assert _ask(p.port("bond"), ok, b"pp") == b"pp"
+            lo = proxyproto.build_v2(("127.0.0.1", 1), ("127.0.0.2", srv.port))
+            with pytest.raises(OSError):  # reset: on the shutdown, or on the read
+                _ask(p.port("bond"), lo, b"pp")
+            wait_for(lambda: "destination 127.0.0.2 is loopback" in p.log(), what="log")

@@ -63,6 +63,7 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
             "_engine",
             "compiled",
             "converter",
+            "compiledconvert",
         ),
     ),
     ("worker runtime", ("runtime", "metrics", "control", "health", "resolvers")),

@@ -50,6 +50,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_convert.h"
+
 #ifndef BURST
 #define BURST 16 /* default reads per leg per event before other sockets get a turn */
 #endif
@@ -65,6 +67,10 @@
 #define MPTCP_INFO 1
 #define MPTCP_INFO_LEN 96
 #define SUBFLOWS_TOTAL 80 /* offsetof(struct mptcp_info, mptcpi_subflows_total), 6.8+ */
+#ifndef TCP_FASTOPEN_CONNECT
+#define TCP_FASTOPEN_CONNECT 30
+#endif
+#define SO_ORIGINAL_DST 80 /* SOL_IP; IP6T_SO_ORIGINAL_DST is 80 at SOL_IPV6 too */
 
 #define WATCH (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 #define WATCH_IN (EPOLLIN | EPOLLRDHUP | EPOLLET)
@@ -94,7 +100,7 @@ typedef struct {
     int kind;             /* K_LISTENER */
     int fd;
     int mptcp;            /* an MPTCP listener: its clients asked for MPTCP */
-    int port;             /* the port it is bound to: dst_port of its connections */
+    int port;             /* the port it is bound to: dst_port of its connections, and not an intercepted one's */
     Frontend *fe;
 } Listener;
 
@@ -128,7 +134,17 @@ struct Conn {
     struct sockaddr_storage ca;
     socklen_t calen;
     Conn *free_next;
+    /* converters (bonding, RFC 8803): where the client was going, and what is owed */
+    struct sockaddr_storage dest;
+    socklen_t destlen;    /* 0: not known */
+    int conv;             /* CV_* flags below */
+    unsigned char *reply; /* site: the remote gateway's Convert reply so far */
+    size_t reply_len;
 };
+
+#define CV_ANSWER 1 /* remote: the Convert reply goes to the client before the server's bytes */
+#define CV_REPLY 2  /* site: the server (remote gateway) starts with a Convert reply */
+#define CV_DEST 4   /* dest is what the server leg connects to (server 0.0.0.0:0) */
 
 struct Frontend {
     PyObject *key;        /* the Python frontend: callbacks go to its methods */
@@ -146,6 +162,9 @@ struct Frontend {
     long rate_limit, rate_n; /* maxconnrate: accepts per window (abuse.py), 0: none */
     int rate_held;        /* the rate stopped accepting in this window */
     int per_source;       /* ask fe.admit(address) on accept (maxconn-per-source) */
+    int convert;          /* accept-convert: clients start with a Convert message */
+    int intercept;        /* 1 redirect, 2 tproxy: a client's destination is its own */
+    int names_dest;       /* clients name their destination (accept-convert/-proxy) */
     int route;            /* use_backend rules: ask fe.route() before connecting */
     double inspect_delay; /* wait this long for a ClientHello first, < 0: no waiting */
     Listener **listeners; /* a port range binds many */
@@ -178,6 +197,9 @@ struct Engine {
 static PyObject *s_pick, *s_failed, *s_header, *s_parse, *s_leg_state, *s_done,
     *s_accept_failed, *s_both_closed, *s_internal, *s_no_header, *s_closed_before_header,
     *s_tcp, *s_mptcp, *s_question, *s_dash, *s_errorcode, *s_admit, *s_release, *s_route;
+/* converters (the section "converters" below) */
+static PyObject *s_convert, *s_refuse, *s_dest_failed, *s_not_intercepted, *s_remote_refused,
+    *s_info_answered, *s_no_convert, *s_closed_before_convert, *s_reply_eof;
 
 static double monotonic(void) {
     struct timespec t;
@@ -222,6 +244,12 @@ static void do_connect(Engine *e, Conn *c);
 static void close_conn(Engine *e, Conn *c, PyObject *how, int abort);
 static void fail(Engine *e, Conn *c, Leg *leg, int err);
 static void pause_frontend(Engine *e, Frontend *fe, int paused);
+static void convert_request(Engine *e, Conn *c);
+static int conv_server_first(Engine *e, Conn *c, Leg *s);
+static int conv_connect_failed(Engine *e, Conn *c, int err);
+static int conv_intercepted(Engine *e, Conn *c);
+static int conv_target(Conn *c, int flags, int *family, const struct sockaddr **to,
+                       socklen_t *tolen);
 
 static void end(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 0); }
 static void abort_conn(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 1); }
@@ -459,7 +487,10 @@ static void pump(Engine *e, Conn *c, Leg *src) {
     if (src->client) {
         dst = &c->s;
         if (c->hdr) {
-            proxy_header(e, c);
+            if (c->fe->convert)
+                convert_request(e, c);
+            else
+                proxy_header(e, c);
             return;
         }
         if (c->inspecting) {
@@ -467,6 +498,8 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             return;
         }
     } else {
+        if ((c->conv & (CV_ANSWER | CV_REPLY)) && conv_server_first(e, c, src))
+            return;
         dst = &c->c;
     }
     if (dst->fd < 0 || dst->connecting || dst->pend) {
@@ -578,6 +611,8 @@ static void drop_server_socket(Conn *c) {
 
 /* A failed attempt (err 0: timed out); 1 if another server may be tried. */
 static int connect_failed(Engine *e, Conn *c, int err) {
+    if (c->fe->names_dest) /* the client's own destination: no other server to try */
+        return conv_connect_failed(e, c, err);
     PyObject *state = c->server;
     c->server = NULL;
     if (!c->tried && !(c->tried = PyList_New(0))) {
@@ -732,9 +767,9 @@ static void do_connect(Engine *e, Conn *c) {
             return;
         }
         PyObject *state, *sa, *src = Py_None;
-        int family, proto, fallback, send_proxy, observe;
-        if (!PyArg_ParseTuple(r, "OiSipip|O", &state, &family, &sa, &proto, &fallback,
-                              &send_proxy, &observe, &src) ||
+        int family, proto, fallback, send_proxy, observe, flags = 0;
+        if (!PyArg_ParseTuple(r, "OiSipip|Oi", &state, &family, &sa, &proto, &fallback,
+                              &send_proxy, &observe, &src, &flags) ||
             (src != Py_None && !PyBytes_Check(src))) {
             Py_DECREF(r);
             report("pick() returned a bad target");
@@ -744,6 +779,17 @@ static void do_connect(Engine *e, Conn *c) {
         Py_XSETREF(c->server, Py_NewRef(state));
         c->send_proxy = send_proxy;
         c->s_observe = observe;
+        const struct sockaddr *to = (const struct sockaddr *)PyBytes_AS_STRING(sa);
+        socklen_t tolen = (socklen_t)PyBytes_GET_SIZE(sa);
+        if (flags || !tolen) { /* a converter's server (flags: WIRE_* in compiledconvert.py) */
+            err = conv_target(c, flags, &family, &to, &tolen);
+            if (err) {
+                Py_DECREF(r);
+                if (!connect_failed(e, c, err))
+                    return;
+                continue;
+            }
+        }
         fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, proto);
         if (fd < 0 && proto == IPPROTO_MPTCP && fallback)
             fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
@@ -754,6 +800,8 @@ static void do_connect(Engine *e, Conn *c) {
             if (family != AF_UNIX) {
                 int one = 1;
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                if (flags & 1) /* TFO: with a cookie, connect() is done at once, data rides the SYN */
+                    setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_CONNECT, &one, sizeof one);
             }
             if (src != Py_None) { /* HAProxy's `source` (source.py): the address, any port */
                 int one = 1;
@@ -763,8 +811,7 @@ static void do_connect(Engine *e, Conn *c) {
                     err = errno;
             }
             if (!err)
-                err = connect(fd, (struct sockaddr *)PyBytes_AS_STRING(sa),
-                              (socklen_t)PyBytes_GET_SIZE(sa)) == 0 ? 0 : errno;
+                err = connect(fd, to, tolen) == 0 ? 0 : errno;
         }
         Py_DECREF(r);
         if (err == 0 || err == EINPROGRESS || err == EALREADY)
@@ -815,7 +862,9 @@ static void proxy_header(Engine *e, Conn *c) {
             return;
         }
         memcpy(PyByteArray_AS_STRING(c->hdr) + old, e->buf, (size_t)n);
-        parsed = PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, NULL);
+        parsed = c->fe->names_dest /* a converter checks the peer and names the destination */
+                     ? PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, client_addr(c), NULL)
+                     : PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, NULL);
         if (!parsed) {
             report("parse() raised");
             abort_conn(e, c, s_internal);
@@ -830,13 +879,18 @@ static void proxy_header(Engine *e, Conn *c) {
         Py_DECREF(parsed);
         return;
     }
-    PyObject *source, *destination;
+    PyObject *source, *destination, *dsa = NULL;
     Py_ssize_t used;
-    if (!PyArg_ParseTuple(parsed, "OOn", &source, &destination, &used)) {
+    if (!PyArg_ParseTuple(parsed, "OOn|S", &source, &destination, &used, &dsa) ||
+        (dsa && (size_t)PyBytes_GET_SIZE(dsa) > sizeof c->dest)) {
         Py_DECREF(parsed);
         report("parse() returned a bad value");
         abort_conn(e, c, s_internal);
         return;
+    }
+    if (dsa) { /* a converter: where the header says the client goes */
+        memcpy(&c->dest, PyBytes_AS_STRING(dsa), (size_t)PyBytes_GET_SIZE(dsa));
+        c->destlen = (socklen_t)PyBytes_GET_SIZE(dsa);
     }
     if (source != Py_None) {
         Py_XSETREF(c->caddr, Py_NewRef(source));
@@ -1094,6 +1148,7 @@ static void free_conn(Conn *c) {
     Py_CLEAR(c->be);
     clear_pending(&c->c);
     clear_pending(&c->s);
+    PyMem_RawFree(c->reply);
     PyMem_RawFree(c);
 }
 
@@ -1109,6 +1164,393 @@ static void reap(Engine *e) {
         *p = c->free_next;
         free_conn(c);
     }
+}
+
+/* ---- converters (bonding): RFC 8803 and intercepted connections ----------------------
+ *
+ * converter.py's behaviour on the engine.  The Convert message is parsed here
+ * (_convert.h, the rules of convertproto.py); every decision goes to Python, once per
+ * connection, through the frontend (compiledconvert.py):
+ *
+ *   fe.convert(peer, host, port, cookie)   -> None: go; or (how, reply): refused
+ *   fe.refuse(peer, dest, code, why, value) -> (how, reply): a bad Convert message
+ *   fe.dest_failed(state, err, peer, dest)  -> (how, reply): the connect failed
+ *   fe.not_intercepted(caddr, dest)         -> how: a connection to the gateway itself
+ *   fe.remote_refused(caddr, dest, code)    -> how: the remote gateway sent an Error
+ *
+ * A reply (bytes) goes to the client before FIN; None: the client is reset (PROXY). */
+
+static const unsigned char conv_ok[4] = {CONV_VERSION, 1, 0, 0}; /* success: a bare header */
+/* Info answered: Supported TCP Extensions, MPTCP (kind 30) */
+static const unsigned char conv_supported[12] = {CONV_VERSION, 3, 0, 0, CT_SUPPORTED, 2, 0, 0,
+                                                 30, 0, 0, 0};
+
+static PyObject *conv_dest_py(Conn *c) {
+    if (!c->destlen)
+        Py_RETURN_NONE;
+    return sockaddr_to_py(&c->dest, c->destlen);
+}
+
+/* Where the server leg goes: the client's destination for a server 0.0.0.0:0; and what
+ * the server says first (flags: 1 TFO, 2 a Convert reply).  0, or why not (errno). */
+static int conv_target(Conn *c, int flags, int *family, const struct sockaddr **to,
+                       socklen_t *tolen) {
+    c->conv = (c->conv & ~CV_REPLY) | ((flags & 2) ? CV_REPLY : 0);
+    if (*tolen)
+        return 0;
+    if (!c->destlen)
+        return EDESTADDRREQ;
+    *family = c->dest.ss_family;
+    *to = (const struct sockaddr *)&c->dest;
+    *tolen = c->destlen;
+    return 0;
+}
+
+/* Close the client after a verdict (how, reply): the reply then FIN, or RST if None. */
+static void conv_close(Engine *e, Conn *c, PyObject *verdict) {
+    PyObject *how, *reply;
+    if (!PyTuple_Check(verdict) || !PyArg_ParseTuple(verdict, "UO", &how, &reply)) {
+        report("a converter verdict is not (how, reply)");
+        abort_conn(e, c, s_internal);
+        return;
+    }
+    if (!PyBytes_Check(reply) || send(c->c.fd, PyBytes_AS_STRING(reply),
+                                      (size_t)PyBytes_GET_SIZE(reply),
+                                      MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+        abort_conn(e, c, how);
+    else
+        end(e, c, how);
+}
+
+static void conv_verdict(Engine *e, Conn *c, PyObject *verdict, const char *what) {
+    if (!verdict) {
+        report(what);
+        abort_conn(e, c, s_internal);
+        return;
+    }
+    conv_close(e, c, verdict);
+    Py_DECREF(verdict);
+}
+
+static void conv_refuse(Engine *e, Conn *c, int code, const char *why, int value) {
+    unsigned char v = (unsigned char)value;
+    PyObject *dest = conv_dest_py(c);
+    PyObject *r = dest ? PyObject_CallMethod(c->fe->key, "refuse", "OOisy#", client_addr(c), dest,
+                                             code, why, (const char *)&v,
+                                             (Py_ssize_t)(value >= 0))
+                       : NULL;
+    Py_XDECREF(dest);
+    conv_verdict(e, c, r, "refuse() failed");
+}
+
+/* The remote gateway reads the client's Convert message; then asks the policy, and
+ * connects where it says, holding what came after it. */
+static void convert_request(Engine *e, Conn *c) {
+    ConvMsg m;
+    int r;
+    for (;;) {
+        ssize_t n = recv(c->c.fd, e->buf, e->size, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (!would_block(errno))
+                fail(e, c, &c->c, errno);
+            return;
+        }
+        if (n == 0) {
+            abort_conn(e, c, s_closed_before_convert);
+            return;
+        }
+        Py_ssize_t old = PyByteArray_GET_SIZE(c->hdr);
+        if (PyByteArray_Resize(c->hdr, old + n) < 0) {
+            PyErr_Clear();
+            fail(e, c, &c->c, ENOMEM);
+            return;
+        }
+        memcpy(PyByteArray_AS_STRING(c->hdr) + old, e->buf, (size_t)n);
+        r = conv_parse((const unsigned char *)PyByteArray_AS_STRING(c->hdr),
+                       (size_t)PyByteArray_GET_SIZE(c->hdr), 1, &m);
+        if (r != CONV_NEED)
+            break;
+    }
+    if (r == CONV_ERR) {
+        conv_refuse(e, c, m.code, m.reason, m.value);
+        return;
+    }
+    if (!m.connects) { /* Info: say what we support, and close */
+        if (send(c->c.fd, conv_supported, sizeof conv_supported, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+            abort_conn(e, c, s_info_answered);
+        else
+            end(e, c, s_info_answered);
+        return;
+    }
+    memset(&c->dest, 0, sizeof c->dest);
+    if (m.v4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&c->dest;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)m.port);
+        memcpy(&a->sin_addr, m.addr + 12, 4);
+        c->destlen = sizeof *a;
+    } else {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&c->dest;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)m.port);
+        memcpy(&a->sin6_addr, m.addr, 16);
+        c->destlen = sizeof *a;
+    }
+    int kind = conv_refused_option(&m);
+    if (kind) {
+        char why[40];
+        snprintf(why, sizeof why, "TCP option %d asked", kind);
+        conv_refuse(e, c, CE_UNSUPPORTED_OPTION, why, kind);
+        return;
+    }
+    char host[INET6_ADDRSTRLEN];
+    inet_ntop(m.v4 ? AF_INET : AF_INET6, m.v4 ? (const void *)(m.addr + 12) : m.addr, host,
+              sizeof host);
+    PyObject *cookie = m.cookie ? PyBytes_FromStringAndSize((const char *)m.cookie,
+                                                            (Py_ssize_t)m.cookie_len)
+                                : Py_NewRef(Py_None);
+    PyObject *hosto = PyUnicode_FromString(host), *porto = PyLong_FromUnsignedLong(m.port);
+    PyObject *v = cookie && hosto && porto
+                      ? PyObject_CallMethodObjArgs(c->fe->key, s_convert, client_addr(c), hosto,
+                                                   porto, cookie, NULL)
+                      : NULL;
+    Py_XDECREF(cookie);
+    Py_XDECREF(hosto);
+    Py_XDECREF(porto);
+    if (v != Py_None) {
+        conv_verdict(e, c, v, "convert() failed");
+        return;
+    }
+    Py_DECREF(v);
+    Py_ssize_t total = PyByteArray_GET_SIZE(c->hdr), used = (Py_ssize_t)m.used;
+    if (used < total) {
+        c->early = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(c->hdr) + used, total - used);
+        if (!c->early)
+            PyErr_Clear();
+        c->bytes_in += (unsigned long long)(total - used);
+        c->fe->bytes_in += (unsigned long long)(total - used);
+    }
+    Py_CLEAR(c->hdr);
+    c->conv |= CV_ANSWER;
+    c->c.waiting = 1; /* more may follow: read it once connected */
+    do_connect(e, c);
+}
+
+/* Remote: the Convert reply goes out with the destination's first bytes, in one
+ * sendmsg, or alone before FIN if it closes silently.  1: pump stops here. */
+static int conv_answer(Engine *e, Conn *c, Leg *s) {
+    Leg *cl = &c->c;
+    ssize_t n;
+    do
+        n = recv(s->fd, e->buf, MIN_READ, MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (!would_block(errno))
+            fail(e, c, s, errno);
+        return 1;
+    }
+    c->conv &= ~CV_ANSWER;
+    if (n == 0) {
+        if (set_pending(cl, (const char *)conv_ok, sizeof conv_ok) < 0) {
+            fail(e, c, cl, ENOMEM);
+            return 1;
+        }
+        want_out(e, cl);
+        on_eof(e, c, s, cl);
+        if (!c->done && cl->pend)
+            flush(e, c, cl);
+        return 1;
+    }
+    c->active = 1;
+    c->bytes_out += (unsigned long long)n;
+    c->fe->bytes_out += (unsigned long long)n;
+    struct iovec iov[2] = {{(void *)conv_ok, sizeof conv_ok}, {e->buf, (size_t)n}};
+    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = 2};
+    ssize_t sent = sendmsg(cl->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (sent < 0) {
+        if (!would_block(errno)) {
+            fail(e, c, cl, errno);
+            return 1;
+        }
+        sent = 0;
+    }
+    size_t total = sizeof conv_ok + (size_t)n;
+    if ((size_t)sent == total)
+        return 0; /* pump reads on */
+    char *rest = PyMem_RawMalloc(total);
+    if (!rest) {
+        fail(e, c, cl, ENOMEM);
+        return 1;
+    }
+    memcpy(rest, conv_ok, sizeof conv_ok);
+    memcpy(rest + sizeof conv_ok, e->buf, (size_t)n);
+    int r = set_pending(cl, rest + sent, total - (size_t)sent);
+    PyMem_RawFree(rest);
+    if (r < 0) {
+        fail(e, c, cl, ENOMEM);
+        return 1;
+    }
+    want_out(e, cl);
+    s->waiting = 1;
+    return 1;
+}
+
+/* Site: the remote gateway's Convert reply comes first; an Error TLV resets the client
+ * (RFC 8803: errors become RST), else what follows it is relayed.  1: pump stops here. */
+static int conv_reply(Engine *e, Conn *c, Leg *s) {
+    ConvMsg m;
+    int r;
+    for (;;) {
+        ssize_t n = recv(s->fd, e->buf, MIN_READ, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (!would_block(errno))
+                fail(e, c, s, errno);
+            return 1;
+        }
+        if (n == 0) {
+            abort_conn(e, c, s_reply_eof);
+            return 1;
+        }
+        unsigned char *p = PyMem_RawRealloc(c->reply, c->reply_len + (size_t)n);
+        if (!p) {
+            fail(e, c, s, ENOMEM);
+            return 1;
+        }
+        memcpy(p + c->reply_len, e->buf, (size_t)n);
+        c->reply = p;
+        c->reply_len += (size_t)n;
+        r = conv_parse(c->reply, c->reply_len, 0, &m);
+        if (r != CONV_NEED)
+            break;
+    }
+    if (r == CONV_ERR || m.error >= 0) {
+        PyObject *how;
+        if (r == CONV_ERR) {
+            how = PyUnicode_FromFormat("bad Convert reply: %s", m.reason);
+        } else {
+            PyObject *dest = conv_dest_py(c);
+            how = dest ? PyObject_CallMethod(c->fe->key, "remote_refused", "OOi", client_addr(c),
+                                             dest, m.error)
+                       : NULL;
+            Py_XDECREF(dest);
+        }
+        if (!how || !PyUnicode_Check(how)) {
+            report("remote_refused() failed");
+            abort_conn(e, c, s_internal);
+        } else {
+            abort_conn(e, c, how);
+        }
+        Py_XDECREF(how);
+        return 1;
+    }
+    c->conv &= ~CV_REPLY;
+    size_t rest = c->reply_len - m.used;
+    if (rest) {
+        c->active = 1;
+        c->bytes_out += rest;
+        c->fe->bytes_out += rest;
+        if (set_pending(&c->c, (const char *)c->reply + m.used, rest) < 0) {
+            fail(e, c, &c->c, ENOMEM);
+            return 1;
+        }
+    }
+    PyMem_RawFree(c->reply);
+    c->reply = NULL;
+    c->reply_len = 0;
+    if (!rest)
+        return 0;
+    want_out(e, &c->c);
+    flush(e, c, &c->c);
+    if (c->done)
+        return 1;
+    if (c->c.pend) {
+        s->waiting = 1; /* read on once the client took the rest */
+        return 1;
+    }
+    return 0;
+}
+
+static int conv_server_first(Engine *e, Conn *c, Leg *s) {
+    return (c->conv & CV_REPLY) ? conv_reply(e, c, s) : conv_answer(e, c, s);
+}
+
+/* The connect to a client's destination failed: counted and logged as any failed
+ * connect, then answered as RFC 8803 says (no other server to try). */
+static int conv_connect_failed(Engine *e, Conn *c, int err) {
+    PyObject *state = c->server;
+    c->server = NULL;
+    PyObject *dest = conv_dest_py(c);
+    PyObject *r = dest ? PyObject_CallMethod(c->fe->key, "dest_failed", "OiOO",
+                                             state ? state : Py_None, err, client_addr(c), dest)
+                       : NULL;
+    Py_XDECREF(dest);
+    Py_XDECREF(state);
+    conv_verdict(e, c, r, "dest_failed() failed");
+    return 0;
+}
+
+/* Where an intercepted connection was going: SO_ORIGINAL_DST (redirect), else (tproxy)
+ * the accepted socket's own address.  0 (and the client reset) if it was not
+ * intercepted: no NAT entry under redirect, or a connection to the listener's port. */
+static int conv_intercepted(Engine *e, Conn *c) {
+    Frontend *fe = c->fe;
+    int fd = c->c.fd, got = 0;
+    struct sockaddr_storage local;
+    socklen_t llen = sizeof local;
+    if (getsockname(fd, (struct sockaddr *)&local, &llen) == 0) {
+        struct sockaddr_in6 *l6 = (struct sockaddr_in6 *)&local;
+        int v4 = local.ss_family == AF_INET ||
+                 (local.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&l6->sin6_addr));
+        socklen_t dlen = v4 ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+        memset(&c->dest, 0, sizeof c->dest);
+        if (getsockopt(fd, v4 ? SOL_IP : SOL_IPV6, SO_ORIGINAL_DST, &c->dest, &dlen) == 0) {
+            c->destlen = dlen;
+            got = 1;
+        } else if (fe->intercept == 2) { /* tproxy: the packets' own destination */
+            memcpy(&c->dest, &local, llen);
+            c->destlen = llen;
+            got = 1;
+        }
+        struct sockaddr_in6 *d6 = (struct sockaddr_in6 *)&c->dest;
+        if (got && c->dest.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&d6->sin6_addr)) {
+            struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = d6->sin6_port};
+            memcpy(&a.sin_addr, &d6->sin6_addr.s6_addr[12], 4);
+            memset(&c->dest, 0, sizeof c->dest);
+            memcpy(&c->dest, &a, sizeof a);
+            c->destlen = sizeof a;
+        }
+    }
+    int own = 0;
+    if (got) {
+        int port = ntohs(c->dest.ss_family == AF_INET ? ((struct sockaddr_in *)&c->dest)->sin_port
+                                                       : ((struct sockaddr_in6 *)&c->dest)->sin6_port);
+        for (int i = 0; i < fe->nlisteners; i++)
+            own |= fe->listeners[i]->port == port;
+    }
+    if (got && !own) {
+        c->daddr = sockaddr_to_py(&c->dest, c->destlen); /* for fe.header() */
+        if (c->daddr)
+            return 1;
+        PyErr_Clear();
+    }
+    c->destlen = got ? c->destlen : 0;
+    PyObject *dest = conv_dest_py(c);
+    PyObject *how = dest ? PyObject_CallMethodObjArgs(fe->key, s_not_intercepted, client_addr(c),
+                                                      dest, NULL)
+                         : NULL;
+    Py_XDECREF(dest);
+    if (!how || !PyUnicode_Check(how)) {
+        report("not_intercepted() failed");
+        abort_conn(e, c, s_internal);
+    } else {
+        abort_conn(e, c, how);
+    }
+    Py_XDECREF(how);
+    return 0;
 }
 
 /* ---- accepting ---------------------------------------------------------------------- */
@@ -1204,7 +1646,9 @@ static int on_accept(Engine *e, Listener *l) {
         fe->head.prev->next = c;
         fe->head.prev = c;
         fe->count++;
-        if (fe->accept_proxy) {
+        if (fe->intercept && !conv_intercepted(e, c))
+            continue; /* not intercepted: reset */
+        if (fe->accept_proxy || fe->convert) {
             c->hdr = PyByteArray_FromStringAndSize(NULL, 0);
             if (!c->hdr) {
                 PyErr_Clear();
@@ -1406,15 +1850,17 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"key", "maxconn", "accept_proxy", "needs_caddr",
                              "connect_timeout", "client_timeout", "idle_limit", "idle_how",
                              "fin_limit", "fin_how", "queue_timeout", "queue_how",
-                             "rate_limit", "per_source", "route", "inspect_delay", NULL};
+                             "rate_limit", "per_source", "route", "inspect_delay", "convert",
+                             "intercept", "names_dest", NULL};
     PyObject *key, *idle_how, *fin_how = NULL, *queue_how = NULL;
     long maxconn, rate_limit = 0;
     int accept_proxy, needs_caddr, per_source = 0, route_ = 0;
+    int convert = 0, intercept = 0, names_dest = 0;
     double ct, cl, il, fl = -2.0, qt = -1.0, inspect_delay = -1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlppd", kwlist, &key, &maxconn,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlppdpip", kwlist, &key, &maxconn,
                                      &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how,
                                      &fl, &fin_how, &qt, &queue_how, &rate_limit, &per_source,
-                                     &route_, &inspect_delay))
+                                     &route_, &inspect_delay, &convert, &intercept, &names_dest))
         return NULL;
     if (!queue_how) /* no queue: nothing is ever parked */
         qt = -1.0;
@@ -1442,6 +1888,9 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     fe->per_source = per_source;
     fe->route = route_;
     fe->inspect_delay = inspect_delay;
+    fe->convert = convert;
+    fe->intercept = intercept;
+    fe->names_dest = names_dest || convert;
     fe->queue_how = Py_XNewRef(queue_how);
     fe->id = e->nfes;
     fe->maxconn = maxconn;
@@ -1612,7 +2061,7 @@ static PyObject *Engine_sweep(Engine *e, PyObject *args) {
             } else {
                 c->idle += interval;
                 if (c->hdr && fe->client_timeout >= 0 && c->idle >= fe->client_timeout)
-                    abort_conn(e, c, s_no_header);
+                    abort_conn(e, c, fe->convert ? s_no_convert : s_no_header);
                 else if (connected) {
                     int half = c->c.eof || c->s.eof; /* a FIN crossed: client-/server-fin */
                     double limit = half ? fe->fin_limit : fe->idle_limit;
@@ -1749,6 +2198,44 @@ static PyMethodDef Engine_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The engine's RFC 8803 parser, for tests (hypothesis checks it against
+ * convertproto.py): None: need more; ("error", code, value byte, reason); or ("ok",
+ * used, Connect TLVs, Info seen, port, address (16 bytes), options, cookie or None,
+ * first Error code or -1, the first TCP option refused or 0). */
+static PyObject *parse_convert(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer b;
+    int request;
+    if (!PyArg_ParseTuple(args, "y*p", &b, &request))
+        return NULL;
+    ConvMsg m;
+    int r = conv_parse(b.buf, (size_t)b.len, request, &m);
+    PyObject *out;
+    if (r == CONV_NEED)
+        out = Py_NewRef(Py_None);
+    else if (r == CONV_ERR)
+        out = Py_BuildValue("(siis)", "error", m.code, m.value, m.reason);
+    else {
+        const char *opts = m.options ? (const char *)m.options : "";
+        if (m.cookie)
+            out = Py_BuildValue("(sniiIy#y#y#ii)", "ok", (Py_ssize_t)m.used, m.connects, m.info,
+                                m.port, m.addr, (Py_ssize_t)16, opts,
+                                (Py_ssize_t)m.options_len, m.cookie, (Py_ssize_t)m.cookie_len,
+                                m.error, conv_refused_option(&m));
+        else
+            out = Py_BuildValue("(sniiIy#y#Oii)", "ok", (Py_ssize_t)m.used, m.connects, m.info,
+                                m.port, m.addr, (Py_ssize_t)16, opts, (Py_ssize_t)m.options_len,
+                                Py_None, m.error, conv_refused_option(&m));
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"parse_convert", parse_convert, METH_VARARGS,
+     "parse_convert(data, request): the engine's verdict on an RFC 8803 message (tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mptcpkit.proxy._engine.Engine",
     .tp_basicsize = sizeof(Engine),
@@ -1760,7 +2247,7 @@ static PyTypeObject EngineType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_engine", "The proxy's compiled data path.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_engine", "The proxy's compiled data path.", -1, module_methods,
 };
 
 #define INTERN(var, text)                                   \
@@ -1785,6 +2272,15 @@ PyMODINIT_FUNC PyInit__engine(void) {
     INTERN(s_mptcp, "MPTCP");
     INTERN(s_question, "?");
     INTERN(s_dash, "-");
+    INTERN(s_convert, "convert");
+    INTERN(s_refuse, "refuse");
+    INTERN(s_dest_failed, "dest_failed");
+    INTERN(s_not_intercepted, "not_intercepted");
+    INTERN(s_remote_refused, "remote_refused");
+    INTERN(s_info_answered, "Info answered");
+    INTERN(s_no_convert, "client timeout (no Convert message)");
+    INTERN(s_closed_before_convert, "client closed before its Convert message");
+    INTERN(s_reply_eof, "remote gateway closed before its Convert reply");
     PyObject *errno_mod = PyImport_ImportModule("errno");
     if (!errno_mod)
         return NULL;

@@ -117,14 +117,19 @@ class CompiledFrontend(FrontendRuntime):
             per_source=bool(cfg.maxconn_per_source),
             route=router is not None,
             inspect_delay=_limit(router.inspect if router is not None else None),
+            **self.engine_options(),
         )
+
+    def engine_options(self) -> dict[str, Any]:
+        """More of the engine's frontend options (compiledconvert.py: a converter's)."""
+        return {}
 
     # --- what the runtime uses --------------------------------------------------------
 
     def _listen(self, ls: socket.socket, mptcp: bool) -> None:
-        if self.router is None:
+        if self.router is None and not self.cfg.intercept:
             self.engine.listen(self.id, ls.fileno(), mptcp)
-        else:  # dst_port of its connections
+        else:  # dst_port of its connections; an intercepted one's is never it
             port = ls.getsockname()[1] if ls.family != socket.AF_UNIX else 0
             self.engine.listen(self.id, ls.fileno(), mptcp, port)
 

@@ -13,9 +13,10 @@ Refusals follow RFC 8803: a Convert client gets an Error TLV then FIN; a PROXY c
 gets a RST. The site gateway turns an Error from its remote gateway into a RST to the
 LAN client (the RFC maps errors to RST/ICMP; a user-space gateway can only reset).
 
-These frontends relay in Python (`relay.Conn` plus the steps below), also where the
-compiled engine runs the others: the engine has no hook for a per-connection
-destination.
+These frontends relay in Python here (`relay.Conn` plus the steps below); on the
+compiled engine, `_engine.c` runs the same steps and asks `compiledconvert.py` for the
+decisions, which use the functions below, so both data paths log, count and answer
+alike.
 """
 
 from __future__ import annotations
@@ -30,15 +31,28 @@ from mptcpkit import intercept
 from mptcpkit.policy import Policy
 from mptcpkit.proxy import convertproto as cp
 from mptcpkit.proxy import proxyproto
+from mptcpkit.proxy.destpolicy import DestinationPolicy, Refusal
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.relay import Conn, reason_of
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.config import Backend, Frontend
+    from mptcpkit.proxy.config import Backend, Frontend, Server
     from mptcpkit.proxy.datapath import FrontendPort
 
-__all__ = ["PSK_TLV", "ConvertConn", "ConvertFrontend", "needed"]
+__all__ = [
+    "PSK_TLV",
+    "ConvertConn",
+    "ConvertFrontend",
+    "admission",
+    "error_code",
+    "greeting",
+    "needed",
+    "not_intercepted",
+    "refusal",
+    "remote_refused",
+    "text",
+]
 
 PSK_TLV = 0xE0  # PROXY v2 custom TLV carrying the pre-shared key (PP2_TYPE_MIN_CUSTOM)
 MPTCP_OPTION = 30  # TCP option kind of MPTCP: what this converter supports
@@ -61,7 +75,7 @@ def needed(f: Frontend, b: Backend) -> bool:
     )
 
 
-def _error_code(exc: BaseException) -> cp.ErrorCode:
+def error_code(exc: BaseException) -> cp.ErrorCode:
     """RFC 8803's error for a failed connect to the destination."""
     if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
         return cp.ErrorCode.CONNECTION_RESET
@@ -114,11 +128,7 @@ class ConvertConn(Conn):
         if fe.cfg.intercept and (self.dest is None or self.dest[1] in own):
             # Connected to the gateway itself, not intercepted: relaying it to "its
             # destination" would loop back here.
-            fe.rt.log.event(
-                f"frontend {fe.cfg.name}: {_text(self.caddr)} -> {self._dest_text()}:"
-                " not an intercepted connection, reset"
-            )
-            self.abort("not intercepted")
+            self.abort(not_intercepted(fe, self.caddr, self.dest))
             return
         if self.req is None:
             super().begin()
@@ -170,13 +180,7 @@ class ConvertConn(Conn):
             return super().greeting()
         if server.send_convert:
             self.reply = bytearray()
-            return cp.connect_request(dest[0], dest[1], server.psk)
-        if server.send_proxy:
-            tlvs = ((PSK_TLV, server.psk),) if server.psk else ()
-            if server.send_proxy == 1:
-                return proxyproto.build_v1(self.caddr, dest)
-            return proxyproto.build_v2(self.caddr, dest, tlvs=tlvs)
-        return b""
+        return greeting(server, self.caddr, dest)
 
     def _answer_with(self, s: Any) -> None:
         """The Convert reply goes out with the destination's first bytes, in one
@@ -218,7 +222,7 @@ class ConvertConn(Conn):
         assert state is not None
         self.server = None
         self.fe.backend.attempt_failed(state, exc, [])  # counted and logged as usual
-        self._refuse(_error_code(exc), f"destination {self._dest_text()}: {reason_of(exc)}")
+        self._refuse(error_code(exc), f"destination {self._dest_text()}: {reason_of(exc)}")
         return False
 
     # --- the remote gateway: reading where the client goes ----------------------------
@@ -310,15 +314,10 @@ class ConvertConn(Conn):
 
     def _checked(self, psk: bytes | None) -> bool:
         """Policy: may this client go to self.dest? Refuses (and False) if not."""
-        policy = self.fe.cfg.destinations
-        if policy is None:  # config.py makes it required where clients name destinations
-            self._refuse(cp.ErrorCode.NOT_AUTHORIZED, "no destinations policy")
-            return False
-        peer = self.peer[0] if isinstance(self.peer, tuple) else str(self.peer)
         assert self.dest is not None
-        refusal = policy.check_client(peer, psk) or policy.check_destination(*self.dest)
-        if refusal is not None:
-            self._refuse(refusal.code, refusal.reason)
+        refused = admission(self.fe.cfg.destinations, self.peer, self.dest, psk)
+        if refused is not None:
+            self._refuse(refused.code, refused.reason)
             return False
         return True
 
@@ -329,16 +328,9 @@ class ConvertConn(Conn):
         self.connect()
 
     def _refuse(self, code: cp.ErrorCode, reason: str, value: bytes = b"") -> None:
-        fe = self.fe
-        fe.rt.log.event(
-            f"frontend {fe.cfg.name}: refused {_text(self.peer)} -> {self._dest_text()}:"
-            f" {reason} ({cp.Error(code).name})"
-        )
-        if fe.rt.metrics is not None:
-            fe.rt.metrics.proxy_error(fe.cfg.name, f"refused: {cp.Error(code).name}")
-        how = f"refused: {reason}"
-        if fe.cfg.accept_convert:
-            self._answer_and_close(cp.error_reply(code, value), how)
+        how, reply = refusal(self.fe, self.peer, self.dest, code, reason, value)
+        if reply is not None:
+            self._answer_and_close(reply, how)
         else:
             self.abort(how)
 
@@ -351,7 +343,7 @@ class ConvertConn(Conn):
         self.end(how)
 
     def _dest_text(self) -> str:
-        return _text(self.dest) if self.dest is not None else "?"
+        return text(self.dest)
 
     # --- the site gateway: the remote gateway's answer ---------------------------------
 
@@ -383,11 +375,7 @@ class ConvertConn(Conn):
         self.reply = None
         err = msg.find(cp.Error)
         if isinstance(err, cp.Error):  # RFC 8803: an error becomes a reset for the client
-            self.fe.rt.log.event(
-                f"frontend {self.fe.cfg.name}: {_text(self.caddr)} -> {self._dest_text()}"
-                f" refused by the remote gateway: {err.name}"
-            )
-            self.abort(f"remote gateway: {err.name}")
+            self.abort(remote_refused(self.fe, self.caddr, self.dest, err.code))
             return
         rest = bytes(reply[used:])
         if rest:
@@ -402,11 +390,73 @@ class ConvertConn(Conn):
             s.waiting = True  # read on once the client took `rest`
 
 
-def _text(addr: Any) -> str:
+def text(addr: Any) -> str:
+    """An address for the log: host:port, [v6]:port, "?" if unknown."""
+    if addr is None:
+        return "?"
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = str(addr[0])
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
     return str(addr)
+
+
+def greeting(server: Server, caddr: Any, dest: Any) -> bytes:
+    """What a site gateway sends its remote gateway first: a Connect TLV (with the
+    cookie) or a PROXY header (v2 with the key as TLV 0xE0) naming `dest`."""
+    if server.send_convert:
+        return cp.connect_request(dest[0], dest[1], server.psk)
+    if server.send_proxy == 1:
+        return proxyproto.build_v1(caddr, dest)
+    if server.send_proxy:
+        tlvs = ((PSK_TLV, server.psk),) if server.psk else ()
+        return proxyproto.build_v2(caddr, dest, tlvs=tlvs)
+    return b""
+
+
+def admission(
+    policy: DestinationPolicy | None, peer: Any, dest: tuple[str, int], psk: bytes | None
+) -> Refusal | None:
+    """May `peer` (with key `psk`) go to `dest`? None if yes."""
+    if policy is None:  # config.py makes it required where clients name destinations
+        return Refusal(cp.ErrorCode.NOT_AUTHORIZED, "no destinations policy")
+    host = peer[0] if isinstance(peer, tuple) else str(peer)
+    if policy.allows(host, psk, dest[0], dest[1]):  # the fast path: ranges, made once
+        return None
+    return policy.check_client(host, psk) or policy.check_destination(*dest)
+
+
+def refusal(
+    fe: FrontendPort, peer: Any, dest: Any, code: int, reason: str, value: bytes = b""
+) -> tuple[str, bytes | None]:
+    """A remote gateway refuses a connection: logged with the reason, counted; (how the
+    connection ended, the Error TLV to answer with before FIN, or None: reset (PROXY))."""
+    name = cp.Error(code).name
+    fe.rt.log.event(
+        f"frontend {fe.cfg.name}: refused {text(peer)} -> {text(dest)}: {reason} ({name})"
+    )
+    if fe.rt.metrics is not None:
+        fe.rt.metrics.proxy_error(fe.cfg.name, f"refused: {name}")
+    reply = cp.build([cp.Error(code, value)]) if fe.cfg.accept_convert else None
+    return f"refused: {reason}", reply
+
+
+def not_intercepted(fe: FrontendPort, caddr: Any, dest: Any) -> str:
+    """A connection to the site gateway itself (not intercepted): logged; it is reset."""
+    fe.rt.log.event(
+        f"frontend {fe.cfg.name}: {text(caddr)} -> {text(dest)}:"
+        " not an intercepted connection, reset"
+    )
+    return "not intercepted"
+
+
+def remote_refused(fe: FrontendPort, caddr: Any, dest: Any, code: int) -> str:
+    """The remote gateway answered with an Error TLV: logged; the client is reset."""
+    name = cp.Error(code).name
+    fe.rt.log.event(
+        f"frontend {fe.cfg.name}: {text(caddr)} -> {text(dest)}"
+        f" refused by the remote gateway: {name}"
+    )
+    return f"remote gateway: {name}"
 
 
 class ConvertFrontend(FrontendRuntime):

@@ -36,8 +36,13 @@ __all__ = [
 ]
 
 # What the engine needs to open a leg to a server (`BackendRuntime._wire`): state,
-# family, sockaddr, proto, may fall back to TCP, send-proxy, observe MPTCP, source.
-Wire = tuple["ServerState", int, bytes, int, bool, int, bool, "bytes | None"]
+# family, sockaddr (b"": where the client was going), proto, may fall back to TCP,
+# send-proxy (a greeting from fe.header()), observe MPTCP, source; a converter's server
+# adds flags (compiledconvert.WIRE_*).
+Wire = (
+    tuple["ServerState", int, bytes, int, bool, int, bool, "bytes | None"]
+    | tuple["ServerState", int, bytes, int, bool, int, bool, "bytes | None", int]
+)
 
 READ_SIZE = 1 << 20  # bulk: 1 MiB reads measured ~15% faster than 256 KiB
 BURST = 16  # reads per leg per event before other sockets get their turn

@@ -14,14 +14,20 @@ and checks every destination:
 
 A refusal carries the RFC 8803 error code to answer with (Not Authorized) and a
 reason for the log.
+
+`allows()` is the per-connection fast path (converters ask once per connection): the
+networks as integer ranges, made once, an address parsed by inet_pton. It only ever
+says "allowed" where the checks above would (tests/test_convert_pure.py compares them
+with hypothesis); anything else goes to the checks, which give the reason.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mptcpkit.proxy.convertproto import ErrorCode
 
@@ -55,6 +61,55 @@ def _ip(host: str | IPAddress) -> IPAddress:
     return ip
 
 
+Ranges = tuple[tuple[int, int], ...]
+_MAPPED = bytes(10) + b"\xff\xff"
+_INET6 = socket.AF_INET6
+_INET = socket.AF_INET
+# What ipaddress calls loopback, link-local, unspecified and multicast (refused unless
+# allowed), as networks: IPv4 and IPv6.
+_SPECIAL = (
+    "127.0.0.0/8", "169.254.0.0/16", "0.0.0.0/32", "224.0.0.0/4",
+    "::1/128", "fe80::/10", "::/128", "ff00::/8",
+)  # fmt: skip
+
+
+def _ranges(nets: Iterable[Network], version: int) -> Ranges:
+    return tuple(
+        (int(n.network_address), int(n.broadcast_address)) for n in nets if n.version == version
+    )
+
+
+def _number(host: str) -> tuple[int, int] | None:
+    """(IP version, the address as an integer; IPv4-mapped IPv6 as IPv4), None if not
+    an address inet_pton takes (then the slow path decides)."""
+    try:
+        if ":" in host:
+            raw = socket.inet_pton(_INET6, host)
+            if raw[:12] == _MAPPED:
+                return 4, int.from_bytes(raw[12:], "big")
+            return 6, int.from_bytes(raw, "big")
+        return 4, int.from_bytes(socket.inet_pton(_INET, host), "big")
+    except (OSError, ValueError):
+        return None
+
+
+def _hit(x: int, ranges: Ranges) -> bool:
+    for lo, hi in ranges:  # noqa: SIM110 (a loop: no generator per call, per connection)
+        if lo <= x <= hi:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A policy's networks as integer ranges, per IP version (index 4 and 6)."""
+
+    clients: dict[int, Ranges]
+    deny: dict[int, Ranges]
+    allow: dict[int, Ranges]
+    refused: dict[int, Ranges]  # special networks and own ones
+
+
 def _within(ip: IPAddress, nets: Iterable[Network]) -> Network | None:
     for n in nets:
         if ip.version == n.version and ip in n:
@@ -72,6 +127,38 @@ class DestinationPolicy:
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
     own: tuple[Network, ...] = ()
+    _fast: _Compiled = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        special = networks(_SPECIAL)
+
+        def both(nets: Iterable[Network]) -> dict[int, Ranges]:
+            nets = tuple(nets)
+            return {4: _ranges(nets, 4), 6: _ranges(nets, 6)}
+
+        fast = _Compiled(
+            both(self.clients), both(self.deny), both(self.allow), both((*special, *self.own))
+        )
+        object.__setattr__(self, "_fast", fast)
+
+    def allows(self, client: str, psk: bytes | None, dest: str, port: int) -> bool:
+        """True if `check_client(client, psk)` and `check_destination(dest, port)` would
+        both accept; False: ask them (a refusal, or an address this cannot read)."""
+        fast = self._fast
+        c = _number(client)
+        d = _number(dest)
+        if c is None or d is None or not 1 <= port <= 0xFFFF:
+            return False
+        if not _hit(c[1], fast.clients[c[0]]):
+            return False
+        if self.psk is not None and (psk is None or not hmac.compare_digest(psk, self.psk)):
+            return False
+        version, x = d
+        if _hit(x, fast.deny[version]):
+            return False
+        if _hit(x, fast.allow[version]):
+            return True
+        return not self.allow and not _hit(x, fast.refused[version])
 
     def check_client(self, host: str | IPAddress, cookie: bytes | None) -> Refusal | None:
         """May this client use the gateway? None if yes."""

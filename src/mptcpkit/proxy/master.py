@@ -110,6 +110,7 @@ class Master:
             lines.append(f"metrics on http://{host}:{port}/metrics (pid {self.metrics_pid})")
         if self.cfg.global_.stats_socket is not None:
             self.ctl = ControlServer(self.cfg, self._reload_request)
+            self.ctl.board = lambda: self.board
             lines.append(f"runtime API on {self.cfg.global_.stats_socket}")
         for line in lines:
             self.log.event(line)

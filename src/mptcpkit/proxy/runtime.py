@@ -25,6 +25,7 @@ from mptcpkit.aio import sock_connect
 from mptcpkit.policy import Policy
 from mptcpkit.proxy import compiled, health, resolvers, retry
 from mptcpkit.proxy.balance import Balancer, ServerState
+from mptcpkit.proxy.compiledconvert import CompiledConverter, wire_flags
 from mptcpkit.proxy.config import Backend, Config
 from mptcpkit.proxy.converter import ConvertFrontend
 from mptcpkit.proxy.converter import needed as converter_needed
@@ -83,17 +84,20 @@ class BackendRuntime:
         mptcp = family != socket.AF_UNIX and policy is not Policy.OFF
         proto = mptcpkit.IPPROTO_MPTCP if mptcp else 0
         fallback = policy is Policy.PREFER
-        src = state.server.source
-        return (
+        server = state.server
+        src = server.source
+        wire: Wire = (
             state,
             family,
-            encode_address(family, sockaddr),
+            b"" if server.original_destination else encode_address(family, sockaddr),
             proto,
             fallback,
-            state.server.send_proxy,
+            server.send_proxy or (2 if server.send_convert else 0),
             mptcp,
             None if src is None else encode_address(family, (src, 0)),
         )
+        flags = wire_flags(server)
+        return (*wire, flags) if flags else wire
 
     def readdress(self, state: ServerState, where: tuple[int, Any]) -> None:
         """Connect to `state`'s server at `where` from now on (resolvers.py)."""
@@ -224,8 +228,9 @@ class Runtime:
             name: BackendRuntime(b, self, targets[name]) for name, b in cfg.backends.items()
         }
         kind = FrontendRuntime if self.engine is None else compiled.CompiledFrontend
+        conv = ConvertFrontend if self.engine is None else CompiledConverter
         self.frontends = [
-            (ConvertFrontend if converter_needed(f, cfg.backends[f.backend]) else kind)(
+            (conv if converter_needed(f, cfg.backends[f.backend]) else kind)(
                 f, listeners.get(f.name, ()), self.backends[f.backend], self, self.backends
             )
             for f in cfg.frontends
