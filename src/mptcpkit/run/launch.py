@@ -25,11 +25,14 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
 
 from mptcpkit.run import abi, execute, supervise, syscalls
 from mptcpkit.run.bpf import Only, filter_program
 from mptcpkit.run.options import tcp_only_options
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 PR_SET_NAME = 15
 PR_SET_PTRACER = 0x59616D61  # Yama: "the supervisor may ptrace me" (pidfd_getfd)
