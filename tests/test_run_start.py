@@ -92,14 +92,14 @@ def test_everything_else_goes_to_argparse(argv: list[str]) -> None:
 
 
 def test_mptcpkit_run_imports_no_argparse() -> None:
-    """Nor dataclasses (inspect, ast, dis), shutil or typing: each costs a millisecond
+    """Nor ctypes, dataclasses (inspect, ast, dis), shutil or typing: each costs a millisecond
     or more of every run's start (-S: the site's .pth files are not ours to judge)."""
     code = (
         "import sys\n"
         "from mptcpkit.cli import main\n"
         "import mptcpkit.run.execute as e\n"
         "def stop(path, argv, env):\n"
-        "    print(sorted(m for m in ('argparse', 'dataclasses', 'shutil', 'typing')"
+        "    print(sorted(m for m in ('argparse', 'ctypes', 'dataclasses', 'shutil', 'typing')"
         " if m in sys.modules)); sys.exit(0)\n"
         "e.exec_program = stop\n"
         "main(['run', '--strategy', 'seccomp', '--', 'true'])\n"
