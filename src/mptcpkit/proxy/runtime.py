@@ -209,8 +209,10 @@ class Runtime:
         metrics: Any = None,
         worker: int = 0,
         targets: Mapping[str, Mapping[str, tuple[int, Any]]],
+        sources: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.sources: dict[str, Any] = dict(sources or {})  # maxconn-per-source (abuse.py)
         self.loop = asyncio.get_running_loop()
         self.log = log
         self.metrics = metrics
