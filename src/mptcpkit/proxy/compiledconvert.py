@@ -29,6 +29,7 @@ from mptcpkit.proxy.converter import (
     PSK_TLV,
     admission,
     error_code,
+    first_wait,
     greeting,
     not_intercepted,
     refusal,
@@ -63,6 +64,7 @@ class CompiledConverter(CompiledFrontend):
             "convert": cfg.accept_convert,
             "intercept": _INTERCEPT[cfg.intercept or ""],
             "names_dest": cfg.accept_convert or cfg.accept_proxy,
+            "first_wait": first_wait(cfg, self.backend.cfg),
         }
 
     # --- the site gateway -------------------------------------------------------------

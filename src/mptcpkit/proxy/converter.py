@@ -33,7 +33,7 @@ from mptcpkit.proxy import convertproto as cp
 from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.destpolicy import DestinationPolicy, Refusal
 from mptcpkit.proxy.frontend import FrontendRuntime
-from mptcpkit.proxy.relay import Conn, reason_of
+from mptcpkit.proxy.relay import MIN_READ, Conn, reason_of
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
@@ -46,6 +46,7 @@ __all__ = [
     "ConvertFrontend",
     "admission",
     "error_code",
+    "first_wait",
     "greeting",
     "needed",
     "not_intercepted",
@@ -61,6 +62,7 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _NONBLOCKING_STREAM = int(socket.SOCK_STREAM) | socket.SOCK_NONBLOCK
 _OK_REPLY = cp.build([])  # success: a bare Convert header
 _HARMLESS_OPTIONS = (0, 1)  # EOL, NOP: padding in a Connect TLV's TCP options
+TFO_WAIT = 0.05  # a TFO site waits this long for a client's first bytes (seconds)
 _UNREACHABLE = frozenset(
     {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
 )
@@ -73,6 +75,15 @@ def needed(f: Frontend, b: Backend) -> bool:
         or f.accept_convert
         or any(s.send_convert or s.original_destination or s.psk or s.tfo for s in b.servers)
     )
+
+
+def first_wait(f: Frontend, b: Backend) -> float:
+    """How long a site gateway holds a new connection for the client's first bytes, so
+    that they go in the SYN with the Connect TLV (TCP Fast Open): TFO_WAIT when it
+    intercepts for a `tfo` server, else -1 (it connects at once). A client that speaks
+    first (HTTP, TLS) sends within a LAN round trip; one that waits for the server (SMTP,
+    SSH) waits this long once."""
+    return TFO_WAIT if f.intercept and any(s.tfo for s in b.servers) else -1.0
 
 
 def error_code(exc: BaseException) -> cp.ErrorCode:
@@ -101,7 +112,7 @@ def _options_refused(options: bytes) -> int | None:
 class ConvertConn(Conn):
     """One converted connection; `dest` is where the client was going."""
 
-    __slots__ = ("answer", "dest", "peer", "reply", "req")
+    __slots__ = ("answer", "dest", "first", "held", "peer", "reply", "req")
 
     def __init__(self, fe: FrontendPort, sock: Any, caddr: Any, mptcp: bool) -> None:
         super().__init__(fe, sock, caddr, mptcp)
@@ -111,6 +122,8 @@ class ConvertConn(Conn):
         self.req: bytearray | None = bytearray() if cfg.accept_convert else None
         self.reply: bytearray | None = None  # the remote gateway's Convert reply, being read
         self.answer = b""  # for our client before the destination's bytes (Convert reply)
+        self.first = False  # TFO site: waiting for the client's first bytes (first_wait)
+        self.held = False  # remote: the answer waits for the client's third ACK (_syn_recv)
         if cfg.intercept:
             try:
                 if cfg.intercept == "redirect":
@@ -130,11 +143,41 @@ class ConvertConn(Conn):
             # destination" would loop back here.
             self.abort(not_intercepted(fe, self.caddr, self.dest))
             return
+        wait = getattr(fe, "first_wait", -1.0)
+        if wait >= 0 and self.hdr is None:  # TFO: the client's first bytes ride the SYN
+            self.first = True
+            self.timer = fe.loop.call_later(wait, self._first_bytes)
+            return
         if self.req is None:
             super().begin()
 
+    def _first_bytes(self) -> None:
+        """The client's first bytes came (or the wait is over): connect, and they go with
+        the Connect TLV in the first send, the SYN's data (`_established`)."""
+        if not self.first or self.done:
+            return
+        self.first = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        rb = self.rb
+        try:
+            n = self.c.sock.recv_into(rb.buf, MIN_READ, _DONTWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.fail(self.c, exc)
+            return
+        if n:  # 0: FIN (left in the socket for pump to see), or nothing yet
+            self.bytes_in += n
+            self.early = bytes(rb.view[:n])
+        self.c.waiting = True
+        self.connect()
+
     def pump(self, src: Any) -> None:
-        if src.client and self.req is not None:
+        if src.client and self.first:
+            self._first_bytes()
+        elif src.client and self.req is not None:
             self._convert_request()
         elif not src.client and self.reply is not None:
             self._convert_reply()
@@ -182,10 +225,53 @@ class ConvertConn(Conn):
             self.reply = bytearray()
         return greeting(server, self.caddr, dest)
 
+    def _established(self, s: Any, events: int) -> None:
+        """Site: the client's bytes that came while connecting go in the same send as
+        the Connect TLV: MPTCP holds a second small segment back while the first is in
+        flight (measured: half a WAN round trip more). As _engine.c's conv_take_first."""
+        c = self.c
+        if self.fe.cfg.intercept and c.waiting and self.early is None and c.sock is not None:
+            try:
+                n = c.sock.recv_into(self.rb.buf, MIN_READ, _DONTWAIT)
+            except OSError:
+                n = 0  # nothing yet, or an error pump sees as usual
+            if n:
+                self.bytes_in += n
+                self.early = bytes(self.rb.view[:n])
+        super()._established(s, events)
+
+    def flush(self, dst: Any) -> None:
+        if self.held and dst.client:  # an EPOLLOUT edge: the third ACK may have come
+            if self._syn_recv():
+                return
+            self.held = False
+            dst.pending = None
+            if self.s is not None:
+                self.pump(self.s)
+            return
+        super().flush(dst)
+
+    def _syn_recv(self) -> bool:
+        """Linux (6.18): what is written to an MPTCP socket accepted with data in its SYN
+        (TCP Fast Open) before the client's third ACK came is never sent, until the
+        client sends again; a site gateway waiting for the answer never does. So the
+        answer waits while the client leg is in SYN_RECV (as _engine.c's conv_syn_recv)."""
+        if not self.c_req or self.c.sock is None:
+            return False
+        try:
+            return bool(self.c.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 3)
+        except OSError:
+            return False
+
     def _answer_with(self, s: Any) -> None:
         """The Convert reply goes out with the destination's first bytes, in one
         sendmsg (one syscall fewer per connection), or alone if it closes silently."""
         c, rb = self.c, self.rb
+        if self._syn_recv():  # hold: the client leg's EPOLLOUT edge calls flush()
+            self.held = True
+            c.pending = b""  # owed nothing yet: a marker, so its next event calls flush()
+            s.waiting = True
+            return
         try:
             n = s.sock.recv_into(rb.buf, 0, _DONTWAIT)
         except BlockingIOError:
@@ -468,6 +554,7 @@ class ConvertFrontend(FrontendRuntime):
         self, cfg: Frontend, listeners: Any, backend: Any, rt: Any, backends: Any = None
     ) -> None:
         super().__init__(cfg, listeners, backend, rt)  # no use_backend rules (config.py)
+        self.first_wait = first_wait(cfg, backend.cfg)
         self.own_ports = {
             ls.getsockname()[1] for ls in self.listeners if ls.family != socket.AF_UNIX
         }
