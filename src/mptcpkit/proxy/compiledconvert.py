@@ -25,7 +25,7 @@ from mptcpkit.abi.sockaddr import encode_address
 from mptcpkit.proxy import convertproto as cp
 from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.compiled import CompiledFrontend
-from mptcpkit.proxy.converter import (
+from mptcpkit.proxy.convertdecide import (
     PSK_TLV,
     admission,
     error_code,
