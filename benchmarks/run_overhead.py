@@ -1,6 +1,7 @@
 """What forcing costs: socket(), concurrent socket(), other calls, start-up and memory.
 
     PYTHONPATH=src python3 benchmarks/run_overhead.py [--sockets 3000] [--starts 10]
+        [--mptcpkit /opt/mptcpkit/bin/mptcpkit] [--redis-requests 20000]
 
 The same small Python probe runs bare (plain TCP, and MPTCP asked for by the program
 itself), under mptcpize, and under each `mptcpkit run` strategy this host allows.
@@ -11,6 +12,12 @@ being their subreaper). Ratios are against a bare MPTCP socket(), the floor forc
 can reach, and against bare TCP, what the program would have had. Then: start-up
 (`true` run bare and under each tool, median wall and CPU of all processes, the
 supervisor included once it has exited) and the supervisor's resident memory.
+Start-up is mostly the interpreter's: measure an installed command (`--mptcpkit`, as
+scripts/install.sh makes it) rather than `python -m mptcpkit` from a development
+checkout, whose interpreter may load more (pyenv shims, .pth files); the output says
+which interpreter ran and what it costs alone. Last, where redis is installed,
+`redis-benchmark -t ping,set` against a redis-server, both bare, both under mptcpize
+and both under `mptcpkit run` (wall time of the benchmark, ratios to bare).
 
 Take numbers from one run only (ratios in one run); a loaded machine moves them all.
 """
@@ -112,16 +119,19 @@ PROBE = textwrap.dedent("""
     out["socket"] = timed(sockets, n)
     out["concurrent"] = timed(concurrent, n)
     out["getppid"] = timed(getppid, n * 20)
-    rss = 0
+    rss = pss = 0
     for pid in others:
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Rss:"):
                         rss = max(rss, int(line.split()[1]))
+                    elif line.startswith("Pss:"):
+                        pss = max(pss, int(line.split()[1]))
         except OSError:
             pass
     out["helper_rss_kb"] = rss
+    out["helper_pss_kb"] = pss
     print(json.dumps(out))
 """)
 
@@ -182,9 +192,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=8, help="concurrent callers")
     ap.add_argument("--repeat", type=int, default=5, help="samples (median reported)")
     ap.add_argument("--starts", type=int, default=10, help="start-ups timed per tool")
+    ap.add_argument(
+        "--mptcpkit",
+        metavar="CMD",
+        help="the mptcpkit command to measure (default: python -m mptcpkit with this "
+        "interpreter); an install made by scripts/install.sh measures what users run",
+    )
+    ap.add_argument("--redis-requests", type=int, default=20000, help="redis-benchmark -n")
     args = ap.parse_args()
     subreaper()
-    run = [sys.executable, "-m", "mptcpkit", "run"]
+    command = [args.mptcpkit] if args.mptcpkit else [sys.executable, "-m", "mptcpkit"]
+    run = [*command, "run"]
     mptcpize = shutil.which("mptcpize")
     tools: dict[str, tuple[list[str] | None, int]] = {
         "bare TCP": ([], 0),
@@ -229,16 +247,21 @@ def main() -> int:
     for name, res in results.items():
         if isinstance(res, dict):
             rss = int(res["helper_rss_kb"])  # type: ignore[call-overload]
-            mem = f"{rss / 1024:.1f} MB RSS" if rss else "no supervisor"
+            pss = int(res.get("helper_pss_kb", 0))  # type: ignore[call-overload]
+            mem = f"{rss / 1024:.1f} MB RSS, {pss / 1024:.1f} MB PSS" if rss else "no supervisor"
             print(f"  {name:<21} {res['protocol']!s:>4}   {mem}")
 
-    print(f"\nstart-up of `true` (median wall of {args.starts}, CPU of every process):")
+    interpreter = interpreter_of(command)
+    print(f"\nstart-up of `true` (median wall of {args.starts}, CPU of every process)")
+    print(f"  mptcpkit: {' '.join(command)}")
+    print(f"  its interpreter: {interpreter}")
     base = start([], args.starts)
     assert not isinstance(base, str), base
     starts = {
         "bare": [],
         "mptcpize": [mptcpize, "run"] if mptcpize else None,
-        "python -c pass": [sys.executable, "-c", "pass", ""],
+        "python -c pass": [interpreter, "-c", "pass", ""],
+        "python -I -S": [interpreter, "-I", "-S", "-c", "pass", ""],
         "run seccomp": [*run, "--strategy", "seccomp", "--"],
         "run (auto)": [*run, "--"],
     }
@@ -254,7 +277,103 @@ def main() -> int:
             f"  {name:<15} {got[0]:7.1f} ms wall (+{got[0] - base[0]:6.1f})"
             f"  {got[1]:7.1f} ms CPU (+{got[1] - base[1]:6.1f})"
         )
+    redis(run, mptcpize, args.redis_requests)
     return 0
+
+
+def interpreter_of(command: list[str]) -> str:
+    """The Python that runs `command`: its `#!` line for an installed script."""
+    if len(command) > 1:
+        return command[0]
+    path = shutil.which(command[0]) or command[0]
+    try:
+        with open(path, "rb") as f:
+            line = f.readline(512)
+    except OSError:
+        return sys.executable
+    return line[2:].decode().split()[0] if line.startswith(b"#!") else sys.executable
+
+
+REDIS_TIMEOUT = 180
+
+
+def redis(run: list[str], mptcpize: str | None, requests: int) -> None:
+    """redis-benchmark against redis-server, both bare, under mptcpize, under run."""
+    server, bench = shutil.which("redis-server"), shutil.which("redis-benchmark")
+    title = f"redis-benchmark -n {requests} -t ping,set (client and server under each tool)"
+    if not server or not bench:
+        print(f"\n{title}: skipped, redis is not installed (apt-get install redis-server)")
+        return
+    print(f"\n{title}, wall:")
+    tools = {
+        "bare": [],
+        "mptcpize": [mptcpize, "run"] if mptcpize else None,
+        "mptcpkit run": [*run, "--"],
+    }
+    walls: dict[str, float] = {}
+    for name, prefix in tools.items():
+        if prefix is None:
+            print(f"  {name:<15} not installed")
+            continue
+        got = redis_once(prefix, server, bench, requests)
+        if isinstance(got, str):
+            print(f"  {name:<15} failed: {got}")
+            continue
+        walls[name] = got
+        others = [n for n in ("bare", "mptcpize") if n in walls and n != name]
+        ratios = ", ".join(f"{got / walls[n]:.2f}x {n}" for n in others)
+        print(f"  {name:<15} {got:7.2f} s   {ratios}")
+
+
+def redis_once(prefix: list[str], server: str, bench: str, requests: int) -> float | str:
+    import socket
+
+    with socket.socket() as s:  # a free port (the server binds it just after)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = subprocess.Popen(
+        [
+            *prefix,
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or srv.poll() is not None:
+                    return "redis-server did not start"
+                time.sleep(0.02)
+        argv = [*prefix, bench, "-p", str(port), "-n", str(requests), "-t", "ping,set", "-q"]
+        t = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=REDIS_TIMEOUT)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return wall
+    finally:
+        srv.terminate()
+        try:
+            srv.wait(10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+        reap_all()
 
 
 if __name__ == "__main__":

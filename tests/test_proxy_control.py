@@ -138,3 +138,38 @@ def test_ctl_errors(tmp_path: Path) -> None:
             [*PROXY_CMD, "-c", str(tmp_path / "t.toml")], capture_output=True, text=True, timeout=30
         )
         assert p.returncode == 2 and "stats-socket" in p.stderr, p.stderr
+
+
+def test_set_server_ready_lets_its_queue_go(tmp_path: Path, relay: str) -> None:  # noqa: F811
+    """A connection waiting for a server slot (every usable server at its maxconn) goes
+    to a server set `ready` at once, not when some other connection ends."""
+    sock = tmp_path / "ctl.sock"
+    with Server(echo) as a, Server(echo) as b:
+        conf = _conf(
+            "mptcp@127.0.0.1:0",
+            {
+                "a": f'{{ address = "{a.address}", maxconn = 1 }}',
+                "b": f'{{ address = "{b.address}", maxconn = 1 }}',
+            },
+            glob=f'workers = 1\nmetrics = ""\nstats-socket = "unix@{sock}"',
+            extra_fe='timeout = { queue = "60s" }',
+        )
+        with run_proxy(tmp_path, conf) as p:
+            assert ctl(sock, "set", "server", "be/b", "state", "drain")[0] == 0
+            first = connect(p.port("fe"), mptcp=True)
+            first.sendall(b"1")
+            assert first.recv(1) == b"1" and a.accepted == 1
+            waiting = connect(p.port("fe"), mptcp=True)
+            waiting.sendall(b"2")
+
+            def parked() -> bool:
+                code, rows = ctl(sock, "show", "sessions")
+                return code == 0 and [r["server"] for r in rows].count(None) == 1
+
+            wait_for(parked, what="the second connection to wait for a slot")
+            assert ctl(sock, "set", "server", "be/b", "state", "ready")[0] == 0
+            waiting.settimeout(20)
+            assert waiting.recv(1) == b"2"  # served by b while the first still holds a
+            assert b.accepted == 1
+            first.close()
+            waiting.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,30 @@ def _state(tmp: Path) -> str:
     """Server a's state as the workers see it (MIXED while they disagree)."""
     rows = json.loads(request(f"{tmp}/ctl.sock", "show servers json"))
     return str(rows[0]["state"])
+
+
+def test_maint_pauses_the_checks(tmp_path: Path) -> None:
+    """HAProxy does not check a server in maintenance: `set server ... state maint`
+    stops the checker's connects to it, `ready` resumes them."""
+    srv = Server(echo)  # with no traffic, each connection it gets is a check
+    check = 'check = { interval = "100ms", rise = 1, fall = 1, timeout = "500ms" }'
+    conf = _conf(
+        "mptcp@127.0.0.1:0",
+        {"a": f'"{srv.address}"'},
+        extra_be=check,
+        glob=f'workers = 2\nmetrics = ""\nstats-socket = "unix@{tmp_path}/ctl.sock"',
+    )
+    with srv, run_proxy(tmp_path, conf):
+        wait_for(lambda: srv.accepted >= 2, what="the checks")
+        assert request(f"{tmp_path}/ctl.sock", "set server be/a state maint").startswith("ok")
+        time.sleep(0.6)  # a check already under way ends
+        seen = srv.accepted
+        time.sleep(1.0)  # ten check intervals
+        assert srv.accepted == seen, "a server in maint was checked"
+        assert _state(tmp_path) == "MAINT"
+        assert request(f"{tmp_path}/ctl.sock", "set server be/a state ready").startswith("ok")
+        wait_for(lambda: srv.accepted > seen, what="the checks to resume")
+        wait_for(lambda: _state(tmp_path) == "UP", what="UP again")
 
 
 def _pong(c: socket.socket) -> None:

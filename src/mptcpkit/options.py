@@ -260,6 +260,8 @@ def _probe_family(
         return None
     if before_connect is not None and len(refused) >= 2:
         before_connect[family] = frozenset(found.keys() & refused[0].keys() & refused[1].keys())
+    if before_connect is not None:
+        _states_probed[family] = len(refused)
     return found
 
 
@@ -287,6 +289,8 @@ _probed_live = False
 # setting one of these on an unconnected MPTCP socket need not be tried first.
 _before_connect: dict[int, frozenset[OptionKey]] = {}
 _lock = _thread.allocate_lock()
+# Per family, how many of the four socket states the live probe reached.
+_states_probed: dict[int, int] = {}
 
 
 def tcp_only_options() -> Mapping[OptionKey, OptionInfo]:
@@ -321,6 +325,17 @@ def tcp_only_options_probed() -> bool:
     return _probed_live
 
 
+def tcp_only_options_complete() -> bool:
+    """True when `tcp_only_options()` came from the running kernel with IPv4 and IPv6
+    sockets in all four states (fresh, bound, listening, connected): an answer about
+    the kernel alone, not about this network namespace (no loopback, no IPv6, MPTCP
+    turned off), which is what `mptcpkit run` may keep for later runs."""
+    tcp_only_options()
+    return _probed_live and all(
+        _states_probed.get(family) == 4 for family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
 __all__ = [
     "TCP_ONLY_OPTIONS",
     "OptionInfo",
@@ -328,5 +343,6 @@ __all__ = [
     "probe_tcp_only_options",
     "refused_before_connect",
     "tcp_only_options",
+    "tcp_only_options_complete",
     "tcp_only_options_probed",
 ]

@@ -20,8 +20,6 @@ from mptcpkit._libc import getsockopt_inout
 from mptcpkit.abi import constants as c
 from mptcpkit.abi._record import record
 from mptcpkit.abi.constants import SOL_SOCKET
-from mptcpkit.abi.mptcp_info import MPTCP_INFO_SIZE
-from mptcpkit.abi.subflow import FULL_INFO_HEADER_SIZE, encode_full_info
 
 
 class Unusable(enum.Enum):
@@ -115,6 +113,9 @@ def _probe_option(probe: socket.socket, level: int, optname: int, size: int) -> 
 
 
 def _probe_full_info(probe: socket.socket) -> bool:
+    from mptcpkit.abi.mptcp_info import MPTCP_INFO_SIZE
+    from mptcpkit.abi.subflow import FULL_INFO_HEADER_SIZE, encode_full_info
+
     request = encode_full_info(0, 0, 0, 0, 0)
     try:
         getsockopt_inout(
@@ -154,6 +155,10 @@ def kernel_features() -> KernelFeatures:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM, c.IPPROTO_TCP) as tcp:
             is_mptcp = _probe_option(tcp, c.SOL_TCP, c.TCP_IS_MPTCP, 4)
         return KernelFeatures(version >= (5, 16), version >= (6, 5), is_mptcp)
+    # (the structures' modules only here: `import mptcpkit` is part of every command's
+    # start, `mptcpkit run`'s included, and needs no layout of MPTCP_INFO)
+    from mptcpkit.abi.mptcp_info import MPTCP_INFO_SIZE
+
     with probe:
         _features = KernelFeatures(
             sol_mptcp=_probe_option(probe, c.SOL_MPTCP, c.MPTCP_INFO, MPTCP_INFO_SIZE),

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Any
+import types
 
 from mptcpkit.cli import dispatch
 from mptcpkit.cli.errors import CLIError, UsageError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
 STRATEGIES = ("auto", "seccomp", "preload", "bpf")
+ONLY = ("listen", "connect", "repair")
+STATS = ("text", "json")
 
 
 def register(subparsers: Any) -> None:
+    import argparse
+
     p = subparsers.add_parser(
         "run",
         help="run a program with its TCP sockets forced to MPTCP",
@@ -34,7 +42,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--only",
-        choices=("listen", "connect", "repair"),
+        choices=ONLY,
         help="keep MPTCP only for listening or only for connecting sockets, decided when "
         "the program calls listen() or connect(); repair: force nothing, only make the "
         "program's own MPTCP sockets plain TCP when it sets a TCP-only option (Go 1.24+ "
@@ -44,7 +52,7 @@ def register(subparsers: Any) -> None:
         "--stats",
         nargs="?",
         const="text",
-        choices=("text", "json"),
+        choices=STATS,
         help="print at exit how many sockets were forced, fell back, or were left alone "
         "(on stderr)",
     )
@@ -60,6 +68,51 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     p.set_defaults(func=main)
+
+
+def parse_quickly(argv: list[str]) -> argparse.Namespace | None:
+    """What register()'s parser makes of `run ARGS` (without the word `run`), for the
+    forms that need no argparse (which costs a program's start about 5 ms): options
+    spelt out in full, each value one of its choices, then `--` and the command. For
+    anything else (help, abbreviations, a command without `--`, --systemd-dropin,
+    mistakes) None: argparse decides, and words its errors."""
+    values: dict[str, str | None] = {"strategy": "auto", "only": None, "stats": None}
+    choices = {"strategy": STRATEGIES, "only": ONLY, "stats": STATS}
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            if i + 1 == len(argv):
+                return None
+            namespace = types.SimpleNamespace(
+                command="run",
+                func=main,
+                systemd_dropin=None,
+                remove=False,
+                root="/",
+                argv=argv[i:],
+                **values,
+            )
+            return namespace  # type: ignore[return-value]
+        name, eq, value = word.partition("=")
+        key = name[2:] if name.startswith("--") else ""
+        if key not in choices:
+            return None
+        if not eq:
+            if key == "stats":  # optional value: "--stats text" would take it
+                if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                    return None
+                value = "text"
+            elif i + 1 < len(argv):
+                i += 1
+                value = argv[i]
+            else:
+                return None
+        if value not in choices[key]:
+            return None
+        values[key] = value
+        i += 1
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -213,6 +266,8 @@ def _dropin(args: argparse.Namespace, command: list[str]) -> int:
 
 def standalone(argv: list[str] | None = None) -> int:
     """`python -m mptcpkit.cli.run ...`: the subcommand alone, same messages and codes."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="mptcpkit")
     register(parser.add_subparsers(dest="command", required=True))
     return dispatch(parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)]))

@@ -136,6 +136,8 @@ def apply(rt: Any, backend: str, server: str, change: Override) -> str | None:
                 st.admin = change["admin"]
             if "weight" in change:
                 st.weight = change["weight"]
+            if be.queue is not None:  # it may take connections waiting for a slot now
+                be.queue.slot_freed()
             return None
     return f"no server {server!r} in backend {backend!r}"
 

@@ -59,6 +59,8 @@ class ControlServer:
         self.workers: dict[int, socket.socket] = {}  # pid -> the master's end
         self.overrides: dict[tuple[str, str], dict[str, Any]] = {}
         self.names = {(b, s.name) for b, be in cfg.backends.items() for s in be.servers}
+        # the checker's board (health.py), as the master has it now: `maint` pauses checks
+        self.board: Callable[[], Any] = lambda: None
         self.client: socket.socket | None = None  # the operator connection being served
         self.retired: set[int] = set()  # workers a reload retired: draining, not serving
         self._stop = False
@@ -240,6 +242,9 @@ class ControlServer:
             for reply in self._ask_locked(req, everyone=False):
                 if reply.get("error"):
                     raise CommandError(reply["error"])
+            board = self.board()
+            if board is not None and "admin" in change:
+                board.set_maint(backend, server, change["admin"] == "maint")
         return {"ok": True}
 
     def _ask(self, req: dict[str, Any], *, everyone: bool) -> list[Any]:

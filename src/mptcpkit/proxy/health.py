@@ -39,7 +39,8 @@ FIRST_LINE = 4096  # bytes of an answer read for `expect`
 
 class Board:
     """The shared health state: byte i is 1 while server i is up; byte n + i counts
-    (mod 256) the connects to it that failed in traffic (passive checks)."""
+    (mod 256) the connects to it that failed in traffic (passive checks); byte 2n + i
+    is 1 while the runtime API holds it in `maint` (not checked, as in HAProxy)."""
 
     def __init__(self, cfg: Config) -> None:
         self.index: dict[tuple[str, str], int] = {}
@@ -48,7 +49,7 @@ class Board:
                 for s in be.servers:
                     self.index[(name, s.name)] = len(self.index)
         self.n = len(self.index)
-        self.mem = mmap.mmap(-1, max(2 * self.n, 1), flags=mmap.MAP_SHARED)
+        self.mem = mmap.mmap(-1, max(3 * self.n, 1), flags=mmap.MAP_SHARED)
         self.mem.write(b"\x01" * self.n)  # servers start up, as HAProxy's
         self.observed = {k for k, _ in self.index.items() if _observes(cfg, k[0])}
 
@@ -63,6 +64,15 @@ class Board:
         if (backend, server) in self.observed:
             j = self.n + self.index[(backend, server)]
             self.mem[j] = (self.mem[j] + 1) % 256
+
+    def set_maint(self, backend: str, server: str, on: bool) -> None:
+        """The master: `set server ... state maint` (or out of it)."""
+        i = self.index.get((backend, server))
+        if i is not None:
+            self.mem[2 * self.n + i] = 1 if on else 0
+
+    def maint(self, i: int) -> bool:
+        return self.mem[2 * self.n + i] == 1
 
     def failures(self, i: int) -> int:
         return self.mem[self.n + i]
@@ -204,7 +214,8 @@ async def _check_one(
     i = board.index[(name, server.name)]
     while True:
         at = where()
-        if at is None:  # init-addr none, not resolved yet: workers keep it DOWN
+        if at is None or board.maint(i):  # init-addr none, not resolved yet: workers
+            # keep it DOWN; or in maintenance: not checked until it is out (HAProxy)
             await asyncio.sleep(state.interval())
             continue
         err = await probe(state.check, server, *at)

@@ -189,9 +189,47 @@ static PyTypeObject ServerType = {
     .tp_methods = Server_methods,
 };
 
+/* What `mptcpkit run` itself needs before exec, without loading ctypes (about 1 ms
+ * of every run's start): see run/syscalls.py, which falls back to ctypes. */
+#include <linux/filter.h>
+#include <sys/prctl.h>
+
+static PyObject *fp_prctl(PyObject *self, PyObject *args) {
+    int option;
+    unsigned long arg2;
+    if (!PyArg_ParseTuple(args, "ik", &option, &arg2))
+        return NULL;
+    int r = prctl(option, arg2, 0UL, 0UL, 0UL);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(r);
+}
+
+static PyObject *fp_seccomp_filter(PyObject *self, PyObject *args) {
+    long nr;
+    unsigned int flags;
+    Py_buffer prog;
+    if (!PyArg_ParseTuple(args, "lIy*", &nr, &flags, &prog))
+        return NULL;
+    struct sock_fprog fprog = {(unsigned short)(prog.len / sizeof(struct sock_filter)),
+                               (struct sock_filter *)prog.buf};
+    long r = syscall(nr, 1L /* SECCOMP_SET_MODE_FILTER */, (unsigned long)flags, &fprog);
+    PyBuffer_Release(&prog);
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(r);
+}
+
+static PyMethodDef module_methods[] = {
+    {"prctl", fp_prctl, METH_VARARGS, "prctl(option, arg2) -> int; OSError on failure."},
+    {"seccomp_filter", fp_seccomp_filter, METH_VARARGS,
+     "seccomp_filter(nr, flags, program) -> fd or 0: seccomp(SECCOMP_SET_MODE_FILTER)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastpath", "The seccomp supervisor's compiled socket() path.", -1,
-    NULL,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {

@@ -173,7 +173,7 @@ static int setting(struct settings *set, const char *arg) {
     return 0;
 }
 
-/* Take the listener from `mptcpkit run`, answer with our pid. */
+/* Take the listener from `mptcpkit run` (our pid was told by our first process). */
 static int receive_listener(int *killable) {
     char byte = 0;
     struct iovec iov = {&byte, 1};
@@ -196,10 +196,6 @@ static int receive_listener(int *killable) {
     int fd;
     memcpy(&fd, CMSG_DATA(c), sizeof fd);
     *killable = byte == 'K';
-    char pid[32];
-    int len = snprintf(pid, sizeof pid, "%d", (int)getpid());
-    if (write(SOCK_FD, pid, (size_t)len) != len)
-        return -1;
     close(SOCK_FD);
     return fd;
 }
@@ -293,8 +289,13 @@ int main(int argc, char **argv) {
     pid_t child = fork();
     if (child < 0)
         return 1;
-    if (child > 0)
-        _exit(0); /* the caller reaps us: the supervisor is nobody's child it waits for */
+    if (child > 0) {
+        /* the caller reaps us: the supervisor is nobody's child it waits for; it
+         * needs the supervisor's pid (PR_SET_PTRACER), not to wait for it to run */
+        char pid[32];
+        int len = snprintf(pid, sizeof pid, "%d", (int)child);
+        _exit(write(SOCK_FD, pid, (size_t)len) == len ? 0 : 1);
+    }
     setsid();
     prctl(PR_SET_NAME, "mptcpkit-run", 0, 0, 0);
     /* systemd's stop signals every process of the unit: the supervisor must outlive

@@ -7,9 +7,10 @@ include/uapi/linux/audit.h, arch/*/include/uapi/asm/unistd*.h.
 
 from __future__ import annotations
 
-import dataclasses
-import platform
+import os
 import struct
+
+from mptcpkit.abi._record import record
 
 # seccomp(2) operations and flags
 SECCOMP_SET_MODE_FILTER = 1
@@ -38,7 +39,7 @@ AUDIT_ARCH_ARM = 0x40000028  # EM_ARM | __AUDIT_ARCH_LE
 X32_SYSCALL_BIT = 0x40000000
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Arch:
     """Syscall numbers of one architecture (only the ones the supervisor traps or calls)."""
 
@@ -118,7 +119,7 @@ SYS_PIDFD_GETFD = 438
 
 def native_arch() -> Arch:
     """The running machine's architecture, or LookupError naming what is supported."""
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()
     try:
         return ARCHES[machine]
     except KeyError:
@@ -149,7 +150,7 @@ SECCOMP_IOCTL_NOTIF_ID_VALID = _ioc(_IOC_WRITE, SECCOMP_IOC_MAGIC, 2, 8)
 SECCOMP_IOCTL_NOTIF_ADDFD = _ioc(_IOC_WRITE, SECCOMP_IOC_MAGIC, 3, ADDFD.size)
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Notification:
     """One decoded `struct seccomp_notif`: the trapped call of thread `pid`."""
 

@@ -13,15 +13,16 @@ connection handed over (Accept=yes) closes when CMD closes it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Mapping
+
+from mptcpkit.abi._record import record
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 PID_VARIABLES = ("LISTEN_PID", "WATCHDOG_PID")
 
 
-@dataclasses.dataclass(frozen=True)
+@record
 class Activation:
     """The descriptors and pid-addressed variables this process was handed."""
 

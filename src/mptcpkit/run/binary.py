@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from typing import BinaryIO
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 PT_INTERP = 3
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr (little-endian)

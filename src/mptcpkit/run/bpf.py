@@ -9,12 +9,12 @@ check the program against the rule it encodes.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 
+from mptcpkit.abi._record import record
 from mptcpkit.run import abi
 
 # BPF opcodes (include/uapi/linux/filter.h)
@@ -43,12 +43,15 @@ def arg_low(i: int) -> int:
     return 16 + 8 * i
 
 
-@dataclasses.dataclass(frozen=True)
+_NO_SOCKOPTS: Mapping[int, frozenset[int]] = {}
+
+
+@record
 class FilterSpec:
     """What to trap. `sockopts` maps a level to the option names worth a look."""
 
     arch: abi.Arch
-    sockopts: Mapping[int, frozenset[int]] = dataclasses.field(default_factory=dict)
+    sockopts: Mapping[int, frozenset[int]] = _NO_SOCKOPTS
     trap_socket: bool = True  # False: repair only, nothing is forced
     trap_connect: bool = False
     trap_listen: bool = False

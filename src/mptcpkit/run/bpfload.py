@@ -11,14 +11,13 @@ caller can name the seccomp strategy instead.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import functools
 import os
 import struct
-import subprocess
 from collections.abc import Sequence
 
+from mptcpkit.abi._record import record
 from mptcpkit.abi.constants import IPPROTO_MPTCP
 from mptcpkit.run import abi, syscalls
 from mptcpkit.run.activation import Activation
@@ -140,7 +139,7 @@ def program(cgroup_id: int) -> bytes:
     )
 
 
-@dataclasses.dataclass
+@record
 class _Attr:
     buf: ctypes.Array[ctypes.c_char]
     keep: list[object]
@@ -234,6 +233,8 @@ def run(argv: Sequence[str], cgroup_root: str = "/sys/fs/cgroup") -> int:
                 activation.in_child()
                 with open(procs, "w") as f:
                     f.write("0")
+
+            import subprocess  # here: `auto` probes on every run, and rarely runs this
 
             with subprocess.Popen(list(argv), preexec_fn=enter, pass_fds=activation.fds) as proc:
                 activation.close_in_parent()

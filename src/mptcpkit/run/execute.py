@@ -14,9 +14,12 @@ import errno
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
 
 from mptcpkit.run import binary
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 # Python ignores these itself when it starts, and what they were before cannot be
 # read back: CMD gets the default unless the parent shows it meant them ignored.

@@ -19,19 +19,20 @@ the program left behind, silently, until the last of them exits.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
 
 from mptcpkit.run import abi, execute, supervise, syscalls
 from mptcpkit.run.bpf import Only, filter_program
 from mptcpkit.run.options import tcp_only_options
 
-PR_SET_NAME = 15
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 PR_SET_PTRACER = 0x59616D61  # Yama: "the supervisor may ptrace me" (pidfd_getfd)
 # The supervisor stays out of the program's job control and terminal.
 _SUPERVISOR_IGNORES = (
@@ -75,9 +76,16 @@ def exec_forced(
     sys.stdout.flush()
     sys.stderr.flush()
     compiled = supervise.executable()
+    supervisor = b""
     if compiled is not None:
         with theirs:
             supervise.spawn(compiled, theirs, me, only=only, tcp_only=tcp_only, stats=stats)
+        # its first process wrote the supervisor's pid before it exited: no waiting for
+        # the supervisor itself, which takes the listener whenever it gets to run
+        supervisor = ours.recv(32)
+        if not supervisor.isdigit():
+            ours.close()
+            raise SeccompUnavailable(0, "the supervisor did not start")
     else:
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the forked processes
@@ -104,18 +112,19 @@ def exec_forced(
             socket.send_fds(ours, [b"K" if killable else b"L"], [listener])
         finally:
             os.close(listener)
-        ack = ours.recv(32)
-    if not ack.isdigit():
+        if compiled is None:
+            supervisor = ours.recv(32)  # the Python supervisor answers once it has it
+    if not supervisor.isdigit():
         raise SeccompUnavailable(0, "the supervisor did not start")
-    _allow_ptrace(int(ack))
+    _allow_ptrace(int(supervisor))
     execute.restore_dispositions(environ)
     execute.exec_program(path, argv, environ)
 
 
 def _allow_ptrace(pid: int) -> None:
     """Under Yama's ptrace_scope 1 only ancestors may pidfd_getfd: declare the supervisor."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(pid), 0, 0, 0)  # EINVAL without Yama
+    with contextlib.suppress(OSError):  # EINVAL without Yama
+        syscalls.prctl(PR_SET_PTRACER, pid)
 
 
 def _supervise(
@@ -129,7 +138,7 @@ def _supervise(
     """The background supervisor's life, in Python: serve until no task uses the filter."""
     try:
         os.setsid()
-        ctypes.CDLL(None).prctl(PR_SET_NAME, b"mptcpkit-run", 0, 0, 0)
+        syscalls.set_name(b"mptcpkit-run")
         for sig in _SUPERVISOR_IGNORES:
             signal.signal(sig, signal.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)

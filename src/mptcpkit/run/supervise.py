@@ -25,9 +25,11 @@ import select
 import socket
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, TextIO
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
+    from typing import TextIO
+
     from mptcpkit.run.bpf import Only
     from mptcpkit.run.supervisor import Supervisor
 
