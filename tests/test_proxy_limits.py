@@ -9,9 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mptcpkit.proxy import compiled
-from mptcpkit.proxy.abuse import Limits, share
+from mptcpkit.proxy.abuse import Limits, SourceTable, address_key, share
 from mptcpkit.proxy.config import ConfigError
 from proxy_harness import PROXY_CMD, Server, connect, echo, run_proxy, wait_for
 
@@ -66,6 +68,24 @@ def test_per_source_limit_resets_the_one_over_it(tmp_path: Path, relay: str) -> 
             s.close()
 
 
+def test_per_source_limit_is_for_the_whole_proxy(tmp_path: Path, relay: str) -> None:
+    """Two workers (the kernel spreads one client's connections over both): still only
+    maxconn-per-source of them at once, as HAProxy's one stick table counts."""
+    with (
+        Server(echo) as srv,
+        run_proxy(tmp_path, _conf(srv.port, "maxconn-per-source = 2", workers=2)) as px,
+    ):
+        port = px.port("fe")
+        tries = [_echoes(port) for _ in range(12)]  # SO_REUSEPORT: both workers get some
+        held = [s for s in tries if s is not None]
+        assert len(held) == 2 and srv.accepted == 2
+        held[0].close()
+        again = wait_for(lambda: _echoes(port), what="a slot freed by a closed client")
+        assert again is not None
+        for s in (held[1], again):
+            s.close()
+
+
 def test_maxconnrate_holds_new_connections_in_the_backlog(tmp_path: Path, relay: str) -> None:
     with Server(echo) as srv, run_proxy(tmp_path, _conf(srv.port, "maxconnrate = 2")) as px:
         clients = [connect(px.port("fe"), mptcp=True) for _ in range(5)]
@@ -107,3 +127,43 @@ def test_bad_limit_exits_2_naming_the_key(
     )
     assert r.returncode == 2, r
     assert f"{path}: {key}: " in r.stderr, r.stderr
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.integers(0, 40)),  # (admit or release, which address)
+        max_size=300,
+    )
+)
+def test_source_table_counts_as_a_dict_would(ops: list[tuple[bool, int]]) -> None:
+    """The shared table (open addressing, slots reused, rebuilt when crowded) keeps the
+    counts a plain dict keeps; 16 slots for 41 addresses makes it reuse and rebuild."""
+    table = SourceTable.create(8)
+    assert table.slots == 16
+    model: dict[bytes, int] = {}
+    for admit, n in ops:
+        key = address_key(f"10.0.0.{n}")
+        if admit:
+            live = sum(1 for v in model.values() if v)
+            room = model.get(key, 0) > 0 or live < table.slots
+            ok = table.admit(key, 3)
+            if model.get(key, 0) >= 3:
+                assert not ok
+            elif room:
+                assert ok
+                model[key] = model.get(key, 0) + 1
+        elif model.get(key, 0):
+            table.release(key)
+            model[key] -= 1
+        assert table.count(key) == model.get(key, 0)
+    for key, n in model.items():
+        assert table.count(key) == n
+    table.close()
+
+
+def test_address_keys_of_both_data_paths_agree() -> None:
+    raw4 = socket.inet_pton(socket.AF_INET, "192.0.2.7")
+    assert address_key(raw4) == address_key("192.0.2.7") == address_key("::ffff:192.0.2.7")
+    raw6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+    assert address_key(raw6) == address_key("2001:db8::1") != address_key(raw4)

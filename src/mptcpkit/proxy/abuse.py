@@ -5,9 +5,11 @@
   accepting until its next one-second window: clients wait in the kernel's backlog.
 - `maxconn-per-source`: connections at once from one client address (HAProxy's
   `tcp-request connection reject if { src_conn_cur ge N }` with an `ip` stick table).
-  Counted by each worker, over the addresses it accepted from (the kernel spreads one
-  client's connections over the workers); one over it is reset at once, before any
-  server is contacted.
+  Counted for the whole proxy, as HAProxy's one table: the kernel spreads one client's
+  connections over the workers, so they count in a `SourceTable`, a hash table in
+  memory every worker maps (made by the master before it forks them) under a
+  process-shared lock (uncontended: no syscall). One over the limit is reset at once,
+  before any server is contacted.
 
 The data paths ask `admit()` on accept and `release()` when a connection ends; the
 frontend's one-second timer calls `window()`, which says what to log.
@@ -15,9 +17,22 @@ frontend's one-second timer calls `window()`, which says what to log.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import mmap
+import multiprocessing
+import struct
+import zlib
 from collections.abc import Hashable
+from typing import Any
 
-__all__ = ["Limits", "share"]
+__all__ = ["Limits", "SourceTable", "share"]
+
+_SLOT = struct.Struct("16sII")  # the address (IPv6 or IPv4-mapped), connections, used
+_USED = struct.Struct("I")  # header: slots ever used (live or reusable)
+_V4 = bytes(10) + b"\xff\xff"
+MAX_SLOTS = 1 << 18  # 6 MiB at most per frontend
+LOCK_WAIT = 0.05  # seconds; a lock held longer (its worker died in it): admit uncounted
 
 
 def share(total: int, workers: int, worker: int) -> int:
@@ -30,17 +45,23 @@ def share(total: int, workers: int, worker: int) -> int:
 class Limits:
     """One frontend's limits in one worker."""
 
-    __slots__ = ("per_source", "rate", "rate_held", "rejected", "sources")
+    __slots__ = ("per_source", "rate", "rate_held", "rejected", "sources", "table")
 
-    def __init__(self, rate: int, per_source: int) -> None:
+    def __init__(self, rate: int, per_source: int, table: SourceTable | None = None) -> None:
         self.rate = rate  # this worker's connections per second, 0: no limit
         self.per_source = per_source  # 0: no limit
+        self.table = table  # the whole proxy's counts; None: this worker's own (tests)
         self.sources: dict[Hashable, int] = {}
         self.rejected = 0  # since the last window()
         self.rate_held = False  # the rate stopped accepting in this window
 
     def admit(self, key: Hashable) -> bool:
         """A connection from `key` (its address) was accepted: may it stay?"""
+        if self.table is not None:
+            if self.table.admit(address_key(key), self.per_source):
+                return True
+            self.rejected += 1
+            return False
         n = self.sources.get(key, 0)
         if n >= self.per_source:
             self.rejected += 1
@@ -49,6 +70,9 @@ class Limits:
         return True
 
     def release(self, key: Hashable) -> None:
+        if self.table is not None:
+            self.table.release(address_key(key))
+            return
         n = self.sources.get(key, 0) - 1
         if n > 0:
             self.sources[key] = n
@@ -71,3 +95,119 @@ class Limits:
         self.rate_held = False
         self.rejected = 0
         return events
+
+
+@functools.lru_cache(maxsize=4096)
+def address_key(key: Any) -> bytes:
+    """16 bytes for a client address: raw (4 or 16 bytes, the engine's) or text (the
+    Python relay's); IPv4 as IPv4-mapped IPv6, so a dual-stack listener's IPv4 client
+    is the same source as on an IPv4 one."""
+    if isinstance(key, str):
+        try:
+            key = ipaddress.ip_address(key.split("%", 1)[0]).packed
+        except ValueError:
+            return zlib.crc32(key.encode()).to_bytes(16, "big")
+    raw = bytes(key)
+    return _V4 + raw if len(raw) == 4 else raw[:16].ljust(16, b"\0")
+
+
+class SourceTable:
+    """Connections at once per client address, shared by every worker of a frontend.
+
+    Open addressing with linear probing over `slots` fixed slots in `mem` (an anonymous
+    MAP_SHARED mapping made before the workers fork); a slot whose count fell to 0 is
+    reused by the next new address that probes past it, and the table is rebuilt
+    in place when three quarters of it has ever been used. Each operation holds `lock`
+    (a process-shared semaphore) for a few microseconds.
+    """
+
+    def __init__(self, mem: Any, lock: Any, slots: int) -> None:
+        self.mem = mem
+        self.lock = lock
+        self.slots = slots  # a power of two
+        self.mask = slots - 1
+
+    @classmethod
+    def create(cls, maxconn: int) -> SourceTable:
+        """A table for a frontend's `maxconn` connections (twice as many slots)."""
+        slots = 1 << max(4, (2 * maxconn - 1).bit_length())
+        slots = min(slots, MAX_SLOTS)
+        mem = mmap.mmap(-1, _USED.size + slots * _SLOT.size, flags=mmap.MAP_SHARED)
+        return cls(mem, multiprocessing.get_context("fork").Lock(), slots)
+
+    def _find(self, key: bytes) -> tuple[int, int]:
+        """(slot of `key` or -1, slot a new key takes: reusable or never used, or -1)."""
+        mem, size = self.mem, _SLOT.size
+        i = zlib.crc32(key) & self.mask
+        reuse = -1
+        for _ in range(self.slots):
+            k, n, used = _SLOT.unpack_from(mem, _USED.size + i * size)
+            if not used:
+                return -1, reuse if reuse >= 0 else i
+            if k == key:
+                return i, -1
+            if n == 0 and reuse < 0:
+                reuse = i
+            i = (i + 1) & self.mask
+        return -1, reuse
+
+    def admit(self, key: bytes, limit: int) -> bool:
+        """Count one more connection from `key`, unless it has `limit` already."""
+        if not self.lock.acquire(timeout=LOCK_WAIT):
+            return True  # a worker died holding it: admit, uncounted
+        try:
+            at, new = self._find(key)
+            off = _USED.size + (at if at >= 0 else new) * _SLOT.size
+            if at >= 0:
+                _, n, _ = _SLOT.unpack_from(self.mem, off)
+                if n >= limit:
+                    return False
+                _SLOT.pack_into(self.mem, off, key, n + 1, 1)
+                return True
+            if new < 0:
+                return True  # every slot holds a live address: admit, uncounted
+            if not _SLOT.unpack_from(self.mem, off)[2]:
+                (used,) = _USED.unpack_from(self.mem, 0)
+                _USED.pack_into(self.mem, 0, used + 1)
+                if 4 * (used + 1) > 3 * self.slots:
+                    self._rebuild()
+                    at, new = self._find(key)
+                    if new < 0:
+                        return True
+                    off = _USED.size + new * _SLOT.size
+            _SLOT.pack_into(self.mem, off, key, 1, 1)
+            return True
+        finally:
+            self.lock.release()
+
+    def release(self, key: bytes) -> None:
+        """A connection from `key` ended."""
+        if not self.lock.acquire(timeout=LOCK_WAIT):
+            return
+        try:
+            at, _ = self._find(key)
+            if at >= 0:
+                off = _USED.size + at * _SLOT.size
+                _, n, _ = _SLOT.unpack_from(self.mem, off)
+                _SLOT.pack_into(self.mem, off, key, max(0, n - 1), 1)
+        finally:
+            self.lock.release()
+
+    def count(self, key: bytes) -> int:
+        at, _ = self._find(key)
+        return 0 if at < 0 else int(_SLOT.unpack_from(self.mem, _USED.size + at * _SLOT.size)[1])
+
+    def _rebuild(self) -> None:
+        """Drop the slots of addresses with no connection left (lock held)."""
+        size = _SLOT.size
+        view = memoryview(self.mem)[_USED.size : _USED.size + self.slots * size]
+        live = [(k, n) for k, n, used in _SLOT.iter_unpack(view) if used and n]
+        view.release()
+        self.mem[: _USED.size + self.slots * size] = bytes(_USED.size + self.slots * size)
+        for k, n in live:
+            _, new = self._find(k)
+            _SLOT.pack_into(self.mem, _USED.size + new * size, k, n, 1)
+        _USED.pack_into(self.mem, 0, len(live))
+
+    def close(self) -> None:
+        self.mem.close()

@@ -199,7 +199,7 @@ class Frontend:
     accept_convert: bool = False  # RFC 8803: a Connect TLV names the destination
     destinations: DestinationPolicy | None = None  # a remote gateway's (converter.py)
     maxconnrate: int = 0  # new connections per second, whole proxy (abuse.py); 0: none
-    maxconn_per_source: int = 0  # connections at once from one address, per worker
+    maxconn_per_source: int = 0  # connections at once from one address, whole proxy
     # HAProxy's `use_backend ... if`: the first rule met picks the backend (acl.py);
     # `backend` (`default_backend`) takes the rest
     rules: tuple[acl.Rule, ...] = ()

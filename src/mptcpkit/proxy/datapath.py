@@ -135,6 +135,7 @@ class WorkerPort(Protocol):
     metrics: Any
     observing: bool
     stopping: bool
+    sources: dict[str, Any]  # frontend -> its abuse.SourceTable (maxconn-per-source)
 
     def record(
         self,

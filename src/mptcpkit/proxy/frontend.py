@@ -74,7 +74,8 @@ class FrontendRuntime:
                 be.queue.frontends.append(self)
         self.limits: Limits | None = None  # maxconnrate, maxconn-per-source (abuse.py)
         if cfg.maxconnrate or cfg.maxconn_per_source:
-            self.limits = Limits(cfg.maxconnrate, cfg.maxconn_per_source)
+            table = rt.sources.get(cfg.name) if cfg.maxconn_per_source else None
+            self.limits = Limits(cfg.maxconnrate, cfg.maxconn_per_source, table)
         self._rate_n = 0  # accepted in this one-second window
         self._sources: dict[Conn, str] = {}  # counted by maxconn-per-source
 

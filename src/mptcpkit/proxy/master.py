@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from mptcpkit import handover
 from mptcpkit.proxy import abuse, compiled, control, health, metricsd, privileges, resolvers
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
@@ -72,6 +73,7 @@ class Master:
         self.board: health.Board | None = None  # the checker's health state (health.py)
         self.checker: int | None = None  # the checker process
         self.addrs: resolvers.AddressBoard | None = None  # re-resolved names (resolvers.py)
+        self.sources: dict[str, abuse.SourceTable] = {}  # maxconn-per-source (abuse.py)
         self.resolver: resolvers.Resolver | None = None  # the thread that re-resolves them
         self.checker_due: float | None = None  # when a dead checker is restarted
         self._reload_waiters: list[tuple[threading.Event, list[str | None]]] = []
@@ -88,6 +90,7 @@ class Master:
         self.pool.adopt(new)
         self.board = _board(self.cfg)
         self.addrs = resolvers.AddressBoard(self.cfg)
+        self.sources = _sources(self.cfg)
         m = self.cfg.global_.metrics
         if m is not None:
             self.metrics_dir = metrics_mod.prepare()
@@ -159,6 +162,7 @@ class Master:
                 else None,
                 self.board,
                 self.addrs,
+                self.sources,
             )
         except BaseException as exc:
             traceback.print_exc()
@@ -366,9 +370,10 @@ class Master:
             self._reload_failed(str(exc))
             return str(exc)
         running = (self.cfg, self.prep, dict(self.workers))
-        old_board, old_addrs = self.board, self.addrs
+        old_board, old_addrs, old_sources = self.board, self.addrs, self.sources
         self.board = _board(cfg)
         self.addrs = resolvers.AddressBoard(cfg)
+        self.sources = _sources(cfg)
         self.cfg, self.prep = cfg, prep
         # Keep old sockets open until the new workers hold them (adopt closes the rest).
         prev = self.pool.socks
@@ -391,7 +396,7 @@ class Master:
                 if id(s) not in keep:
                     self.pool.discard(s)
             self.cfg, self.prep, self.workers = running
-            self.board, self.addrs = old_board, old_addrs
+            self.board, self.addrs, self.sources = old_board, old_addrs, old_sources
             self._reload_failed(error)
             return error
         self.generation += 1
@@ -495,6 +500,14 @@ class Master:
             f"stopping: draining {len(pids)} workers (up to {self.cfg.global_.stop_timeout:g}s)",
             now=True,
         )
+        # New SYNs are dropped (and sent again by clients) from now on, so that workers
+        # can take everything queued or in flight before closing their listeners.
+        try:
+            droppers, failed = self.pool.divert(self.cfg)
+        except Exception as exc:  # never in the way of stopping
+            droppers, failed = [], [f"new connections could not be held off while stopping: {exc}"]
+        for line in failed:
+            self.log.event(line, now=True)
         self.pool.close()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -516,6 +529,7 @@ class Master:
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        handover.undivert(droppers)
         self.log.event("stopped", now=True)
         return 0
 
@@ -539,6 +553,7 @@ def _worker_main(
     ctl: tuple[socket.socket, dict[tuple[str, str], dict[str, Any]]] | None = None,
     board: health.Board | None = None,
     addrs: resolvers.AddressBoard | None = None,
+    sources: dict[str, abuse.SourceTable] | None = None,
 ) -> int:
     for sig in (signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -579,7 +594,15 @@ def _worker_main(
     )
 
     async def main() -> None:
-        rt = Runtime(cfg, listeners, log=log, metrics=metrics, worker=slot, targets=prep.targets)
+        rt = Runtime(
+            cfg,
+            listeners,
+            log=log,
+            metrics=metrics,
+            worker=slot,
+            targets=prep.targets,
+            sources=sources,
+        )
         rt.board = board
         rt.addrs = addrs
         for key in prep.unresolved:  # init-addr none: DOWN until the name resolves
@@ -592,7 +615,8 @@ def _worker_main(
                 control.apply(rt, backend, server, change)
             asyncio.get_running_loop().create_task(control.worker_loop(rt, ctl[0]))
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout)
+        # SIGTERM: the master diverted new SYNs first; handshakes in flight settle.
+        loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout, True)
         loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)  # retired by a reload
         loop.add_signal_handler(signal.SIGUSR2, rt.stop, 0.0)  # hard-stop-after
         await rt.serve(ready=lambda: _tell(ready_fd, b"R"))
@@ -603,6 +627,13 @@ def _worker_main(
     finally:
         log.close()
     return 0
+
+
+def _sources(cfg: Config) -> dict[str, abuse.SourceTable]:
+    """maxconn-per-source counts, one table per frontend for all of its workers."""
+    return {
+        f.name: abuse.SourceTable.create(f.maxconn) for f in cfg.frontends if f.maxconn_per_source
+    }
 
 
 def _board(cfg: Config) -> health.Board | None:
