@@ -29,6 +29,7 @@ with the same events.
 from __future__ import annotations
 
 import _socket
+import contextlib
 import os
 import socket
 import struct
@@ -221,6 +222,16 @@ def divert(members: Sequence[socket.socket]) -> list[socket.socket]:
         raise
     del drop, pick
     return droppers
+
+
+def undivert(droppers: Sequence[socket.socket]) -> None:
+    """Close what `divert` made, its program first: a group that lives on (another
+    process's listeners joined it) must not keep sending every SYN to one index."""
+    for s in droppers:
+        # ENOENT: this group's program went with an earlier dropper
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+        s.close()
 
 
 def check_can_hand_over(old: socket.socket) -> list[tuple[int, int]]:

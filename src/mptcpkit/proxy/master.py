@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from mptcpkit import handover
 from mptcpkit.proxy import abuse, compiled, control, health, metricsd, privileges, resolvers
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
@@ -528,8 +529,7 @@ class Master:
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        for s in droppers:
-            s.close()
+        handover.undivert(droppers)
         self.log.event("stopped", now=True)
         return 0
 
