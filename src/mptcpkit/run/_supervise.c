@@ -93,6 +93,8 @@ static int keys_fd(void) {
     return fd;
 }
 
+static void on_usr1(int sig);
+
 static void warn(const char *message) {
     dprintf(2, "mptcpkit run: warning: %s\n", message);
 }
@@ -128,11 +130,18 @@ static void handover(const struct settings *set, const unsigned char *pending, i
     char *argv[] = {(char *)set->python, "-I", "-c", (char *)BOOT, (char *)set->root,
                     a_listener, a_killable, a_pidfd, a_forced, a_keys, a_stats, a_only,
                     a_tcponly, a_pending, NULL};
+    /* the watcher's SIGUSR1 may be on its way: ignored, it is dropped and stays
+     * ignored across exec (pending, under the default action, it would kill Python) */
+    signal(SIGUSR1, SIG_IGN);
     if (inheritable(F.listener) == 0 && inheritable(pidfd) == 0 && inheritable(kfd) == 0) {
         force_forget_all(&F);
         execv(set->python, argv);
     }
     int err = errno;
+    struct sigaction sa = {0};
+    sa.sa_handler = on_usr1; /* the watcher may still need to interrupt us */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
     free(a_tcponly);
     if (kfd >= 0)
         close(kfd);
