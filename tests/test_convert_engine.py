@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from mptcpkit.proxy import compiled
 from mptcpkit.proxy import convertproto as cp
-from mptcpkit.proxy.converter import _options_refused
+from mptcpkit.proxy.convertdecide import options_refused
 
 engine = compiled._engine
 pytestmark = pytest.mark.skipif(engine is None, reason="the engine is not built")
@@ -54,7 +54,7 @@ def python_verdict(data: bytes, request: bool) -> Any:
         options,
         cookie.opaque if isinstance(cookie, cp.Cookie) else None,
         error.code if isinstance(error, cp.Error) else -1,
-        _options_refused(options) or 0,
+        options_refused(options) or 0,
     )
 
 

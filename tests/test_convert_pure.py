@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mptcpkit.proxy import config
 from mptcpkit.proxy import convertproto as cp
-from mptcpkit.proxy.converter import needed
+from mptcpkit.proxy.convertdecide import needed
 from mptcpkit.proxy.destpolicy import DestinationPolicy, networks
 
 v4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))

@@ -43,4 +43,7 @@ def test_demo_bonding_json(tmp_path: Path) -> None:
     assert s["failover"]["bytes_lost"] == 0 and s["failover"]["recovery_s"] is not None
     assert s["single_mbit"] > 0 and s["bonded_mbit"] > 0  # speeds live in the demo's output
     assert s["site_subflows"][0] == 1 and set(s["site_subflows"][1:]) == {2}
+    u = s["setup"]  # round trips measured (and checked) by the demo, not judged here
+    assert set(u["times_ms"]) == {"direct", "pair", "pair_tfo"} and u["packets_delayed"] > 0
+    assert isinstance(u["target_met"], bool)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -198,3 +198,69 @@ def test_downgrade_of_a_busy_event_loop_listener(loop_kind: str) -> None:
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def _probe(address: tuple[str, int]) -> str:
+    """What a new MPTCP client meets: "connected", "refused" or "dropped" (its SYN got
+    no answer within 50 ms; on loopback a handshake takes microseconds)."""
+    c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, mptcpkit.IPPROTO_MPTCP)
+    c.settimeout(0.05)
+    try:
+        c.connect(address)
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "dropped"
+    finally:
+        c.close()
+    return "connected"
+
+
+def test_divert_drops_new_syns_whatever_order_the_listeners_close() -> None:
+    """handover.divert: once called, no new client reaches the group's listeners (MPTCP,
+    SO_REUSEPORT), in any order they close, until the droppers close: then refused."""
+    from mptcpkit.handover import divert, undivert
+
+    first = mptcpkit.create_server(("127.0.0.1", 0), backlog=16, reuse_port=True)
+    address = first.getsockname()
+    members = [first] + [
+        mptcpkit.create_server(address, backlog=16, reuse_port=True) for _ in range(2)
+    ]
+    try:
+        assert {_probe(address) for _ in range(6)} == {"connected"}
+        droppers = divert(members)
+        assert len(droppers) == 4
+        for i in (1, 0, 2):  # a closed member's slot takes the group's last socket
+            assert {_probe(address) for _ in range(2)} == {"dropped"}, f"before closing {i}"
+            members[i].close()
+        assert {_probe(address) for _ in range(2)} == {"dropped"}
+        undivert(droppers)
+        assert _probe(address) == "refused"
+    finally:
+        for s in members:
+            s.close()
+
+
+def test_undivert_leaves_no_program_on_a_group_that_lives_on() -> None:
+    """Listeners that joined the group while it was diverted (another process, a next
+    generation) share the SYNs again once undivert() ran: the program went first."""
+    from mptcpkit.handover import divert, undivert
+
+    old = mptcpkit.create_server(("127.0.0.1", 0), backlog=16, reuse_port=True)
+    address = old.getsockname()
+    droppers = divert([old])
+    new = [mptcpkit.create_server(address, backlog=64, reuse_port=True) for _ in range(2)]
+    try:
+        old.close()
+        assert _probe(address) == "dropped"
+        undivert(droppers)
+        for _ in range(24):
+            assert _probe(address) == "connected"
+        queued = [
+            int.from_bytes(s.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 32)[24:28], "little")
+            for s in new
+        ]
+        assert all(queued), f"connections per listener: {queued}"
+    finally:
+        for s in new:
+            s.close()

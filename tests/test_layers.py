@@ -56,6 +56,7 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
         (
             "poller",
             "datapath",
+            "convertdecide",
             "source",
             "router",
             "relay",

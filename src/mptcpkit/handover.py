@@ -16,6 +16,10 @@ group, in this order (each step checked on Linux 6.18, tests/test_downgrade.py):
 5. the filter goes, the new socket takes the old one's descriptor (dup2), which closes
    the old one, empty; only then does the program go.
 
+`divert` is the same first steps for listeners that are going away for good (a proxy
+that stops): every new SYN goes to sockets that drop it, while the listeners are
+emptied and closed; nothing takes their place.
+
 A thread blocked in accept() on the old listener would keep waiting on the old socket
 after the swap; then the handover is refused before anything changes. An event loop
 that watches the old listener (epoll: asyncio, uvloop) is made to watch the new one,
@@ -25,12 +29,17 @@ with the same events.
 from __future__ import annotations
 
 import _socket
+import contextlib
 import os
 import socket
 import struct
 import time
 
 from mptcpkit.abi import constants as c
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Collection, Sequence
 
 SO_ATTACH_FILTER, SO_DETACH_FILTER = 26, 27
 SO_ATTACH_REUSEPORT_CBPF, SO_DETACH_REUSEPORT_BPF = 51, 68
@@ -116,10 +125,25 @@ def reregister(fd: int, registrations: list[tuple[int, int]]) -> None:
 
 def _half_open(family: int, port: int) -> int:
     """Handshakes in flight (SYN_RECV) to local `port`, from the kernel's sock_diag."""
+    return sum(sport == port for sport in _syn_recv_ports(family))
+
+
+def handshakes_in_flight(ports: Collection[int]) -> int:
+    """Handshakes in flight (SYN_RECV, IPv4 and IPv6) to any of local `ports`, in this
+    network namespace; OSError when sock_diag cannot tell."""
+    return sum(
+        sport in ports
+        for family in (socket.AF_INET, socket.AF_INET6)
+        for sport in _syn_recv_ports(family)
+    )
+
+
+def _syn_recv_ports(family: int) -> list[int]:
+    """The local port of each handshake in flight (SYN_RECV) of `family` (sock_diag)."""
     states = 1 << 3 | 1 << 12  # TCP_SYN_RECV, TCP_NEW_SYN_RECV
     req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, states) + bytes(48)
     msg = struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0) + req  # DUMP|REQUEST
-    count = 0
+    found: list[int] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # NETLINK_SOCK_DIAG
         nl.settimeout(1.0)
         nl.sendto(msg, (0, 0))
@@ -129,14 +153,85 @@ def _half_open(family: int, port: int) -> int:
             while offset + 16 <= len(data):
                 length, kind = struct.unpack_from("=IH", data, offset)
                 if kind == 3:  # NLMSG_DONE
-                    return count
+                    return found
                 if kind == 2:  # NLMSG_ERROR
                     raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag")
-                (sport,) = struct.unpack_from("!H", data, offset + 16 + 4)
-                count += sport == port
+                found.append(struct.unpack_from("!H", data, offset + 16 + 4)[0])
                 offset += (length + 3) & ~3
             if not data:
-                return count
+                return found
+
+
+# Options of a listener that its reuseport group's members must share, or that its
+# address needs to be bound at all: copied to the sockets `divert` adds to the group.
+_GROUP_OPTIONS = (
+    (c.SOL_IPV6, 26),  # IPV6_V6ONLY
+    (c.SOL_IP, 15),  # IP_FREEBIND
+    (c.SOL_IP, 19),  # IP_TRANSPARENT
+    (c.SOL_IPV6, 75),  # IPV6_TRANSPARENT
+)
+
+
+def divert(members: Sequence[socket.socket]) -> list[socket.socket]:
+    """Send the new SYNs for `members` (every listener of one SO_REUSEPORT group) to
+    sockets that drop them, so that the members can be drained and closed without
+    resetting a connection: a dropped SYN is sent again a second later and meets
+    whatever listens then (the next process, or a refusal).
+
+    len(members) + 1 plain TCP sockets join the group, each with a socket filter that
+    drops every packet (MPTCP listeners take no filter; a TCP socket shares their
+    group), and a reuseport program sends every SYN to index len(members): the first
+    of them. Closing a member moves the group's last socket into its slot, so with one
+    more dropper than members that index stays a dropper whatever order the members
+    close in. Returns the droppers, to close once the members are closed; on failure
+    nothing was changed (OSError, the droppers made so far closed)."""
+    first = members[0]
+    family = first.family
+    address = first.getsockname()
+    drop, drop_prog = _program(0)
+    pick, pick_prog = _program(len(members))
+    carried: list[tuple[int, int, int | bytes]] = []
+    if first.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0"):
+        dev = first.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
+        carried.append((socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.rstrip(b"\0")))
+    for level, opt in _GROUP_OPTIONS:
+        if (level == c.SOL_IPV6) != (family == socket.AF_INET6):
+            continue
+        try:
+            value = first.getsockopt(level, opt)
+        except OSError:
+            continue
+        if value:
+            carried.append((level, opt, value))
+    droppers: list[socket.socket] = []
+    try:
+        for _ in range(len(members) + 1):
+            s = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            droppers.append(s)
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, drop_prog)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            for level, opt, setting in carried:
+                s.setsockopt(level, opt, setting)
+            s.bind(address)
+            s.listen(1)
+        droppers[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, pick_prog)
+    except BaseException:
+        for s in droppers:
+            s.close()
+        raise
+    del drop, pick
+    return droppers
+
+
+def undivert(droppers: Sequence[socket.socket]) -> None:
+    """Close what `divert` made, its program first: a group that lives on (another
+    process's listeners joined it) must not keep sending every SYN to one index."""
+    for s in droppers:
+        # ENOENT: this group's program went with an earlier dropper
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+        s.close()
 
 
 def check_can_hand_over(old: socket.socket) -> list[tuple[int, int]]:

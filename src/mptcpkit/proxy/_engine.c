@@ -145,6 +145,8 @@ struct Conn {
 #define CV_ANSWER 1 /* remote: the Convert reply goes to the client before the server's bytes */
 #define CV_REPLY 2  /* site: the server (remote gateway) starts with a Convert reply */
 #define CV_DEST 4   /* dest is what the server leg connects to (server 0.0.0.0:0) */
+#define CV_WAIT 8   /* site with TFO: waiting for the client's first bytes (they ride the SYN) */
+#define CV_HOLD 16  /* remote: the client's MPTCP handshake is not complete (conv_syn_recv) */
 
 struct Frontend {
     PyObject *key;        /* the Python frontend: callbacks go to its methods */
@@ -165,6 +167,7 @@ struct Frontend {
     int convert;          /* accept-convert: clients start with a Convert message */
     int intercept;        /* 1 redirect, 2 tproxy: a client's destination is its own */
     int names_dest;       /* clients name their destination (accept-convert/-proxy) */
+    double first_wait;    /* TFO site: wait this long for the client's first bytes, < 0: no */
     int route;            /* use_backend rules: ask fe.route() before connecting */
     double inspect_delay; /* wait this long for a ClientHello first, < 0: no waiting */
     Listener **listeners; /* a port range binds many */
@@ -248,6 +251,9 @@ static void convert_request(Engine *e, Conn *c);
 static int conv_server_first(Engine *e, Conn *c, Leg *s);
 static int conv_connect_failed(Engine *e, Conn *c, int err);
 static int conv_intercepted(Engine *e, Conn *c);
+static void conv_first_bytes(Engine *e, Conn *c);
+static int conv_syn_recv(Conn *c);
+static void conv_take_first(Engine *e, Conn *c);
 static int conv_target(Conn *c, int flags, int *family, const struct sockaddr **to,
                        socklen_t *tolen);
 
@@ -497,6 +503,10 @@ static void pump(Engine *e, Conn *c, Leg *src) {
             inspect(e, c, 0);
             return;
         }
+        if (c->conv & CV_WAIT) {
+            conv_first_bytes(e, c);
+            return;
+        }
     } else {
         if ((c->conv & (CV_ANSWER | CV_REPLY)) && conv_server_first(e, c, src))
             return;
@@ -718,12 +728,18 @@ static void connected(Engine *e, Conn *c, uint32_t events) {
     }
     timeout_remove(c);
     c->s.connecting = 0;
+    if (c->fe->intercept)
+        conv_take_first(e, c);
     established(e, c, events);
 }
 
 static void connect_timeout(Engine *e, Conn *c) {
     if (c->done)
         return;
+    if (c->conv & CV_WAIT) { /* the client said nothing yet: connect without its bytes */
+        conv_first_bytes(e, c);
+        return;
+    }
     if (c->inspecting) { /* tcp-request inspect-delay passed: route with what came */
         inspect(e, c, 1);
         return;
@@ -1340,9 +1356,28 @@ static void convert_request(Engine *e, Conn *c) {
 
 /* Remote: the Convert reply goes out with the destination's first bytes, in one
  * sendmsg, or alone before FIN if it closes silently.  1: pump stops here. */
+/* Linux (6.18): what is written to an MPTCP socket accepted with data in its SYN (TCP
+ * Fast Open) before the client's third ACK came is never sent, until the client sends
+ * again; a site gateway waiting for the answer never does.  So a remote gateway holds
+ * its answer while the client leg is in SYN_RECV: the third ACK makes it writable, an
+ * EPOLLOUT edge (on_leg), and the answer goes then.  relay.py's converter does the same. */
+static int conv_syn_recv(Conn *c) {
+    if (!c->c_req)
+        return 0;
+    struct tcp_info ti;
+    socklen_t len = sizeof ti;
+    return getsockopt(c->c.fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 && ti.tcpi_state == 3;
+}
+
 static int conv_answer(Engine *e, Conn *c, Leg *s) {
     Leg *cl = &c->c;
     ssize_t n;
+    if (conv_syn_recv(c)) { /* TCP_SYN_RECV: hold (see above) */
+        c->conv |= CV_HOLD;
+        s->waiting = 1;
+        want_out(e, cl);
+        return 1;
+    }
     do
         n = recv(s->fd, e->buf, MIN_READ, MSG_DONTWAIT);
     while (n < 0 && errno == EINTR);
@@ -1472,6 +1507,56 @@ static int conv_reply(Engine *e, Conn *c, Leg *s) {
         return 1;
     }
     return 0;
+}
+
+/* Site with TFO: the client's first bytes came (or the wait is over): connect, and they
+ * go with the Connect TLV in the first send, the SYN's data. */
+static void conv_first_bytes(Engine *e, Conn *c) {
+    c->conv &= ~CV_WAIT;
+    timeout_remove(c);
+    ssize_t n;
+    do
+        n = recv(c->c.fd, e->buf, MIN_READ, MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && !would_block(errno)) {
+        fail(e, c, &c->c, errno);
+        return;
+    }
+    if (n > 0) { /* 0: FIN, left in the socket for pump to see once connected */
+        c->early = PyBytes_FromStringAndSize(e->buf, n);
+        if (!c->early) {
+            PyErr_Clear();
+            fail(e, c, &c->c, ENOMEM);
+            return;
+        }
+        c->bytes_in += (unsigned long long)n;
+        c->fe->bytes_in += (unsigned long long)n;
+    }
+    c->c.waiting = 1; /* more may follow: read it once connected */
+    route(e, c);
+}
+
+/* Site: the client's bytes that came while connecting go in the same send as the
+ * Connect TLV (established() joins them).  MPTCP holds a second small segment back
+ * while the first is in flight (measured: half a WAN round trip more), so two sends
+ * would cost the client's bytes that much. */
+static void conv_take_first(Engine *e, Conn *c) {
+    if (!c->c.waiting || c->early || c->c.fd < 0)
+        return;
+    ssize_t n;
+    do
+        n = recv(c->c.fd, e->buf, MIN_READ, MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n <= 0) /* nothing, FIN or an error: pump sees it as usual */
+        return;
+    c->early = PyBytes_FromStringAndSize(e->buf, n);
+    if (!c->early) {
+        PyErr_Clear();
+        fail(e, c, &c->c, ENOMEM);
+        return;
+    }
+    c->bytes_in += (unsigned long long)n;
+    c->fe->bytes_in += (unsigned long long)n;
 }
 
 static int conv_server_first(Engine *e, Conn *c, Leg *s) {
@@ -1655,6 +1740,9 @@ static int on_accept(Engine *e, Listener *l) {
                 abort_conn(e, c, s_internal);
                 continue;
             }
+        } else if (fe->first_wait >= 0) { /* TFO: the client's first bytes ride the SYN */
+            c->conv |= CV_WAIT;
+            timer_insert(e, c, monotonic() + fe->first_wait);
         } else {
             /* Server leg first: on loopback its connect is usually done at once, and
              * epoll then reports it before the client's bytes, which go straight on. */
@@ -1677,6 +1765,12 @@ static void on_leg(Engine *e, Leg *l, uint32_t events) {
     if (l->connecting) {
         connected(e, c, events);
         return;
+    }
+    if ((c->conv & CV_HOLD) && l->client && !conv_syn_recv(c)) { /* its third ACK came */
+        c->conv &= ~CV_HOLD;
+        pump(e, c, &c->s);
+        if (c->done || l->fd < 0)
+            return;
     }
     if (l->pend)
         flush(e, c, l);
@@ -1851,16 +1945,17 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
                              "connect_timeout", "client_timeout", "idle_limit", "idle_how",
                              "fin_limit", "fin_how", "queue_timeout", "queue_how",
                              "rate_limit", "per_source", "route", "inspect_delay", "convert",
-                             "intercept", "names_dest", NULL};
+                             "intercept", "names_dest", "first_wait", NULL};
     PyObject *key, *idle_how, *fin_how = NULL, *queue_how = NULL;
     long maxconn, rate_limit = 0;
     int accept_proxy, needs_caddr, per_source = 0, route_ = 0;
     int convert = 0, intercept = 0, names_dest = 0;
-    double ct, cl, il, fl = -2.0, qt = -1.0, inspect_delay = -1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlppdpip", kwlist, &key, &maxconn,
+    double ct, cl, il, fl = -2.0, qt = -1.0, inspect_delay = -1.0, first_wait = -1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OlppdddU|dUdUlppdpipd", kwlist, &key, &maxconn,
                                      &accept_proxy, &needs_caddr, &ct, &cl, &il, &idle_how,
                                      &fl, &fin_how, &qt, &queue_how, &rate_limit, &per_source,
-                                     &route_, &inspect_delay, &convert, &intercept, &names_dest))
+                                     &route_, &inspect_delay, &convert, &intercept, &names_dest,
+                                     &first_wait))
         return NULL;
     if (!queue_how) /* no queue: nothing is ever parked */
         qt = -1.0;
@@ -1891,6 +1986,7 @@ static PyObject *Engine_frontend(Engine *e, PyObject *args, PyObject *kw) {
     fe->convert = convert;
     fe->intercept = intercept;
     fe->names_dest = names_dest || convert;
+    fe->first_wait = first_wait;
     fe->queue_how = Py_XNewRef(queue_how);
     fe->id = e->nfes;
     fe->maxconn = maxconn;

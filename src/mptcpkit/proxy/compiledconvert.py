@@ -25,10 +25,11 @@ from mptcpkit.abi.sockaddr import encode_address
 from mptcpkit.proxy import convertproto as cp
 from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.compiled import CompiledFrontend
-from mptcpkit.proxy.converter import (
+from mptcpkit.proxy.convertdecide import (
     PSK_TLV,
     admission,
     error_code,
+    first_wait,
     greeting,
     not_intercepted,
     refusal,
@@ -63,6 +64,7 @@ class CompiledConverter(CompiledFrontend):
             "convert": cfg.accept_convert,
             "intercept": _INTERCEPT[cfg.intercept or ""],
             "names_dest": cfg.accept_convert or cfg.accept_proxy,
+            "first_wait": first_wait(cfg, self.backend.cfg),
         }
 
     # --- the site gateway -------------------------------------------------------------

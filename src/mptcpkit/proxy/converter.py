@@ -31,77 +31,40 @@ from mptcpkit import intercept
 from mptcpkit.policy import Policy
 from mptcpkit.proxy import convertproto as cp
 from mptcpkit.proxy import proxyproto
-from mptcpkit.proxy.destpolicy import DestinationPolicy, Refusal
+from mptcpkit.proxy.convertdecide import (
+    PSK_TLV,
+    admission,
+    error_code,
+    first_wait,
+    greeting,
+    needed,
+    not_intercepted,
+    options_refused,
+    refusal,
+    remote_refused,
+    text,
+)
 from mptcpkit.proxy.frontend import FrontendRuntime
-from mptcpkit.proxy.relay import Conn, reason_of
+from mptcpkit.proxy.relay import MIN_READ, Conn, reason_of
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.config import Backend, Frontend, Server
+    from mptcpkit.proxy.config import Frontend
     from mptcpkit.proxy.datapath import FrontendPort
 
-__all__ = [
-    "PSK_TLV",
-    "ConvertConn",
-    "ConvertFrontend",
-    "admission",
-    "error_code",
-    "greeting",
-    "needed",
-    "not_intercepted",
-    "refusal",
-    "remote_refused",
-    "text",
-]
+__all__ = ["PSK_TLV", "ConvertConn", "ConvertFrontend", "needed", "options_refused"]
 
-PSK_TLV = 0xE0  # PROXY v2 custom TLV carrying the pre-shared key (PP2_TYPE_MIN_CUSTOM)
 MPTCP_OPTION = 30  # TCP option kind of MPTCP: what this converter supports
 TCP_FASTOPEN_CONNECT = 30  # linux/tcp.h; MPTCP sockets take it since 6.2
 _DONTWAIT = socket.MSG_DONTWAIT
 _NONBLOCKING_STREAM = int(socket.SOCK_STREAM) | socket.SOCK_NONBLOCK
 _OK_REPLY = cp.build([])  # success: a bare Convert header
-_HARMLESS_OPTIONS = (0, 1)  # EOL, NOP: padding in a Connect TLV's TCP options
-_UNREACHABLE = frozenset(
-    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN, errno.EADDRNOTAVAIL}
-)
-
-
-def needed(f: Frontend, b: Backend) -> bool:
-    """Whether frontend `f` (with backend `b`) is a converter, relayed here."""
-    return bool(
-        f.intercept
-        or f.accept_convert
-        or any(s.send_convert or s.original_destination or s.psk or s.tfo for s in b.servers)
-    )
-
-
-def error_code(exc: BaseException) -> cp.ErrorCode:
-    """RFC 8803's error for a failed connect to the destination."""
-    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
-        return cp.ErrorCode.CONNECTION_RESET
-    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
-        return cp.ErrorCode.DESTINATION_UNREACHABLE
-    return cp.ErrorCode.NETWORK_FAILURE
-
-
-def _options_refused(options: bytes) -> int | None:
-    """The first TCP option kind in a Connect TLV this converter will not set, if any."""
-    i = 0
-    while i < len(options):
-        kind = options[i]
-        if kind == 0:
-            return None
-        if kind == 1:
-            i += 1
-            continue
-        return kind
-    return None
 
 
 class ConvertConn(Conn):
     """One converted connection; `dest` is where the client was going."""
 
-    __slots__ = ("answer", "dest", "peer", "reply", "req")
+    __slots__ = ("answer", "dest", "first", "held", "peer", "reply", "req")
 
     def __init__(self, fe: FrontendPort, sock: Any, caddr: Any, mptcp: bool) -> None:
         super().__init__(fe, sock, caddr, mptcp)
@@ -111,6 +74,8 @@ class ConvertConn(Conn):
         self.req: bytearray | None = bytearray() if cfg.accept_convert else None
         self.reply: bytearray | None = None  # the remote gateway's Convert reply, being read
         self.answer = b""  # for our client before the destination's bytes (Convert reply)
+        self.first = False  # TFO site: waiting for the client's first bytes (first_wait)
+        self.held = False  # remote: the answer waits for the client's third ACK (_syn_recv)
         if cfg.intercept:
             try:
                 if cfg.intercept == "redirect":
@@ -130,11 +95,41 @@ class ConvertConn(Conn):
             # destination" would loop back here.
             self.abort(not_intercepted(fe, self.caddr, self.dest))
             return
+        wait = getattr(fe, "first_wait", -1.0)
+        if wait >= 0 and self.hdr is None:  # TFO: the client's first bytes ride the SYN
+            self.first = True
+            self.timer = fe.loop.call_later(wait, self._first_bytes)
+            return
         if self.req is None:
             super().begin()
 
+    def _first_bytes(self) -> None:
+        """The client's first bytes came (or the wait is over): connect, and they go with
+        the Connect TLV in the first send, the SYN's data (`_established`)."""
+        if not self.first or self.done:
+            return
+        self.first = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        rb = self.rb
+        try:
+            n = self.c.sock.recv_into(rb.buf, MIN_READ, _DONTWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.fail(self.c, exc)
+            return
+        if n:  # 0: FIN (left in the socket for pump to see), or nothing yet
+            self.bytes_in += n
+            self.early = bytes(rb.view[:n])
+        self.c.waiting = True
+        self.connect()
+
     def pump(self, src: Any) -> None:
-        if src.client and self.req is not None:
+        if src.client and self.first:
+            self._first_bytes()
+        elif src.client and self.req is not None:
             self._convert_request()
         elif not src.client and self.reply is not None:
             self._convert_reply()
@@ -182,10 +177,53 @@ class ConvertConn(Conn):
             self.reply = bytearray()
         return greeting(server, self.caddr, dest)
 
+    def _established(self, s: Any, events: int) -> None:
+        """Site: the client's bytes that came while connecting go in the same send as
+        the Connect TLV: MPTCP holds a second small segment back while the first is in
+        flight (measured: half a WAN round trip more). As _engine.c's conv_take_first."""
+        c = self.c
+        if self.fe.cfg.intercept and c.waiting and self.early is None and c.sock is not None:
+            try:
+                n = c.sock.recv_into(self.rb.buf, MIN_READ, _DONTWAIT)
+            except OSError:
+                n = 0  # nothing yet, or an error pump sees as usual
+            if n:
+                self.bytes_in += n
+                self.early = bytes(self.rb.view[:n])
+        super()._established(s, events)
+
+    def flush(self, dst: Any) -> None:
+        if self.held and dst.client:  # an EPOLLOUT edge: the third ACK may have come
+            if self._syn_recv():
+                return
+            self.held = False
+            dst.pending = None
+            if self.s is not None:
+                self.pump(self.s)
+            return
+        super().flush(dst)
+
+    def _syn_recv(self) -> bool:
+        """Linux (6.18): what is written to an MPTCP socket accepted with data in its SYN
+        (TCP Fast Open) before the client's third ACK came is never sent, until the
+        client sends again; a site gateway waiting for the answer never does. So the
+        answer waits while the client leg is in SYN_RECV (as _engine.c's conv_syn_recv)."""
+        if not self.c_req or self.c.sock is None:
+            return False
+        try:
+            return bool(self.c.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 3)
+        except OSError:
+            return False
+
     def _answer_with(self, s: Any) -> None:
         """The Convert reply goes out with the destination's first bytes, in one
         sendmsg (one syscall fewer per connection), or alone if it closes silently."""
         c, rb = self.c, self.rb
+        if self._syn_recv():  # hold: the client leg's EPOLLOUT edge calls flush()
+            self.held = True
+            c.pending = b""  # owed nothing yet: a marker, so its next event calls flush()
+            s.waiting = True
+            return
         try:
             n = s.sock.recv_into(rb.buf, 0, _DONTWAIT)
         except BlockingIOError:
@@ -272,7 +310,7 @@ class ConvertConn(Conn):
             )
             return
         self.dest = (str(connect.address), connect.port)
-        kind = _options_refused(connect.options)
+        kind = options_refused(connect.options)
         if kind is not None:
             self._refuse(
                 cp.ErrorCode.UNSUPPORTED_TCP_OPTION, f"TCP option {kind} asked", bytes((kind,))
@@ -390,75 +428,6 @@ class ConvertConn(Conn):
             s.waiting = True  # read on once the client took `rest`
 
 
-def text(addr: Any) -> str:
-    """An address for the log: host:port, [v6]:port, "?" if unknown."""
-    if addr is None:
-        return "?"
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = str(addr[0])
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-    return str(addr)
-
-
-def greeting(server: Server, caddr: Any, dest: Any) -> bytes:
-    """What a site gateway sends its remote gateway first: a Connect TLV (with the
-    cookie) or a PROXY header (v2 with the key as TLV 0xE0) naming `dest`."""
-    if server.send_convert:
-        return cp.connect_request(dest[0], dest[1], server.psk)
-    if server.send_proxy == 1:
-        return proxyproto.build_v1(caddr, dest)
-    if server.send_proxy:
-        tlvs = ((PSK_TLV, server.psk),) if server.psk else ()
-        return proxyproto.build_v2(caddr, dest, tlvs=tlvs)
-    return b""
-
-
-def admission(
-    policy: DestinationPolicy | None, peer: Any, dest: tuple[str, int], psk: bytes | None
-) -> Refusal | None:
-    """May `peer` (with key `psk`) go to `dest`? None if yes."""
-    if policy is None:  # config.py makes it required where clients name destinations
-        return Refusal(cp.ErrorCode.NOT_AUTHORIZED, "no destinations policy")
-    host = peer[0] if isinstance(peer, tuple) else str(peer)
-    if policy.allows(host, psk, dest[0], dest[1]):  # the fast path: ranges, made once
-        return None
-    return policy.check_client(host, psk) or policy.check_destination(*dest)
-
-
-def refusal(
-    fe: FrontendPort, peer: Any, dest: Any, code: int, reason: str, value: bytes = b""
-) -> tuple[str, bytes | None]:
-    """A remote gateway refuses a connection: logged with the reason, counted; (how the
-    connection ended, the Error TLV to answer with before FIN, or None: reset (PROXY))."""
-    name = cp.Error(code).name
-    fe.rt.log.event(
-        f"frontend {fe.cfg.name}: refused {text(peer)} -> {text(dest)}: {reason} ({name})"
-    )
-    if fe.rt.metrics is not None:
-        fe.rt.metrics.proxy_error(fe.cfg.name, f"refused: {name}")
-    reply = cp.build([cp.Error(code, value)]) if fe.cfg.accept_convert else None
-    return f"refused: {reason}", reply
-
-
-def not_intercepted(fe: FrontendPort, caddr: Any, dest: Any) -> str:
-    """A connection to the site gateway itself (not intercepted): logged; it is reset."""
-    fe.rt.log.event(
-        f"frontend {fe.cfg.name}: {text(caddr)} -> {text(dest)}:"
-        " not an intercepted connection, reset"
-    )
-    return "not intercepted"
-
-
-def remote_refused(fe: FrontendPort, caddr: Any, dest: Any, code: int) -> str:
-    """The remote gateway answered with an Error TLV: logged; the client is reset."""
-    name = cp.Error(code).name
-    fe.rt.log.event(
-        f"frontend {fe.cfg.name}: {text(caddr)} -> {text(dest)}"
-        f" refused by the remote gateway: {name}"
-    )
-    return f"remote gateway: {name}"
-
-
 class ConvertFrontend(FrontendRuntime):
     """A converter frontend: relayed in Python, with `ConvertConn` connections."""
 
@@ -468,6 +437,7 @@ class ConvertFrontend(FrontendRuntime):
         self, cfg: Frontend, listeners: Any, backend: Any, rt: Any, backends: Any = None
     ) -> None:
         super().__init__(cfg, listeners, backend, rt)  # no use_backend rules (config.py)
+        self.first_wait = first_wait(cfg, backend.cfg)
         self.own_ports = {
             ls.getsockname()[1] for ls in self.listeners if ls.family != socket.AF_UNIX
         }

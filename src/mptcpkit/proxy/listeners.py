@@ -8,6 +8,8 @@
   a lower worker count hands the surplus ones over instead of closing them (closing a
   listener resets what is in its accept queue).
 - A unix socket file gets its `mode`/`user`/`group` and is removed with its listener.
+- When the proxy stops, new SYNs are first diverted to sockets that drop them
+  (`divert`), so that workers can empty their listeners before closing them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import mptcpkit
-from mptcpkit import intercept, netns
+from mptcpkit import handover, intercept, netns
 from mptcpkit.proxy.config import Config, ConfigError, Frontend, UnixPerms
 from mptcpkit.proxy.prepare import unix_owner
 
@@ -258,6 +260,38 @@ class ListenerPool:
                     slot += n
             out[f.name] = socks
         return out
+
+    def divert(self, cfg: Config) -> tuple[list[socket.socket], list[str]]:
+        """The proxy stops: from now on the new SYNs for every TCP/MPTCP listener go to
+        sockets that drop them (`handover.divert`), so that workers can take what is
+        queued or in flight and then close their listeners without resetting anything
+        (clients send their SYN again a second later, to whatever listens then).
+        Returns those sockets, to close once the workers are gone, and a line for each
+        address that could not be diverted."""
+        droppers: list[socket.socket] = []
+        failed: list[str] = []
+        for f in cfg.frontends:
+            for i, addr in enumerate(f.binds):
+                if addr.protocol == "unix":
+                    continue
+                text = _pool_key(f, i)
+                groups: dict[tuple[int, Any], dict[int, socket.socket]] = {}
+                for (key, _), socks in self.socks.items():
+                    if key == text:
+                        for s in socks:
+                            groups.setdefault((s.family, s.getsockname()), {})[id(s)] = s
+                net = f.net[i] if i < len(f.net) else None
+                for members in groups.values():
+                    try:
+                        with netns.entered(net.namespace if net is not None else None):
+                            droppers += handover.divert(list(members.values()))
+                    except OSError as exc:
+                        failed.append(
+                            f"frontend {f.name}: new connections to {addr} could not be held"
+                            f" off while stopping ({exc.strerror or exc}): one completed as"
+                            " a listener closes may be reset"
+                        )
+        return droppers, failed
 
     def all(self) -> list[socket.socket]:
         seen: dict[int, socket.socket] = {}

@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from mptcpkit import handover
 from mptcpkit.proxy import abuse, compiled, control, health, metricsd, privileges, resolvers
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.config import Config, ConfigError
@@ -499,6 +500,14 @@ class Master:
             f"stopping: draining {len(pids)} workers (up to {self.cfg.global_.stop_timeout:g}s)",
             now=True,
         )
+        # New SYNs are dropped (and sent again by clients) from now on, so that workers
+        # can take everything queued or in flight before closing their listeners.
+        try:
+            droppers, failed = self.pool.divert(self.cfg)
+        except Exception as exc:  # never in the way of stopping
+            droppers, failed = [], [f"new connections could not be held off while stopping: {exc}"]
+        for line in failed:
+            self.log.event(line, now=True)
         self.pool.close()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -520,6 +529,7 @@ class Master:
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        handover.undivert(droppers)
         self.log.event("stopped", now=True)
         return 0
 
@@ -605,7 +615,8 @@ def _worker_main(
                 control.apply(rt, backend, server, change)
             asyncio.get_running_loop().create_task(control.worker_loop(rt, ctl[0]))
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout)
+        # SIGTERM: the master diverted new SYNs first; handshakes in flight settle.
+        loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout, True)
         loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)  # retired by a reload
         loop.add_signal_handler(signal.SIGUSR2, rt.stop, 0.0)  # hard-stop-after
         await rt.serve(ready=lambda: _tell(ready_fd, b"R"))

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import mptcpkit
+from mptcpkit import handover
 from mptcpkit.abi.sockaddr import encode_address
 from mptcpkit.aio import sock_connect
 from mptcpkit.policy import Policy
@@ -26,8 +27,8 @@ from mptcpkit.proxy import compiled, health, resolvers, retry
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.compiledconvert import CompiledConverter, wire_flags
 from mptcpkit.proxy.config import Backend, Config
+from mptcpkit.proxy.convertdecide import needed as converter_needed
 from mptcpkit.proxy.converter import ConvertFrontend
-from mptcpkit.proxy.converter import needed as converter_needed
 from mptcpkit.proxy.datapath import (
     READ_SIZE,
     BackendPort,
@@ -48,6 +49,7 @@ from mptcpkit.proxy.timeouts import tick
 __all__ = ["BackendRuntime", "Runtime"]
 
 SWEEP_INTERVAL = 1.0
+SETTLE_LIMIT = 0.5  # how long a stopping worker waits for handshakes in flight
 _STREAM = int(socket.SOCK_STREAM)
 _NONBLOCKING_STREAM = _STREAM | socket.SOCK_NONBLOCK
 
@@ -284,8 +286,13 @@ class Runtime:
             self.metrics.flush(self)
         self.log.flush()
 
-    def stop(self, timeout: float | None) -> None:
-        """Stop accepting; let connections finish, cutting them after `timeout` seconds."""
+    def stop(self, timeout: float | None, settle: bool = False) -> None:
+        """Stop accepting; let connections finish, cutting them after `timeout` seconds.
+
+        `settle`: new SYNs no longer reach the listeners (the master diverted them,
+        `ListenerPool.divert`), so keep accepting until the handshakes already in flight
+        to them have completed (at most SETTLE_LIMIT s, or `timeout`), then take what is
+        queued and close them: a listener closed earlier would reset those."""
         if self.stopping:
             if timeout is not None and (
                 self.deadline is None or self.deadline > self.loop.time() + timeout
@@ -297,11 +304,38 @@ class Runtime:
             return
         self.stopping = True
         self.deadline = None if timeout is None else self.loop.time() + timeout
+        limit = SETTLE_LIMIT if timeout is None else min(SETTLE_LIMIT, timeout)
+        if settle and limit > 0 and self._ports():
+            self._tasks.append(self.loop.create_task(self._settle(limit)))
+            return
         # Stop accepting now, not a loop turn later: a connection accepted after the
         # idle check would be reset when the worker exits.
+        self._close_listeners()
+
+    def _close_listeners(self) -> None:
         for fe in self.frontends:
             fe.close_listeners()
         self.stop_event.set()
+
+    def _ports(self) -> set[int]:
+        return {
+            ls.getsockname()[1]
+            for fe in self.frontends
+            for ls in fe.listeners
+            if ls.family != socket.AF_UNIX
+        }
+
+    async def _settle(self, limit: float) -> None:
+        """Accept on until no handshake is in flight to our ports, then close."""
+        ports = self._ports()
+        end = self.loop.time() + limit
+        try:
+            while handover.handshakes_in_flight(ports) and self.loop.time() < end:
+                await asyncio.sleep(0.002)
+        except OSError:  # sock_diag cannot tell: close as without settling
+            pass
+        finally:
+            self._close_listeners()
 
     # --- per connection ----------------------------------------------------------------
 
