@@ -1412,8 +1412,8 @@ static int conv_answer(Engine *e, Conn *c, Leg *s) {
         sent = 0;
     }
     size_t total = sizeof conv_ok + (size_t)n;
-    if ((size_t)sent == total)
-        return 0; /* pump reads on */
+    if ((size_t)sent == total) /* a short read: drained, the next edge says more (as pump) */
+        return (size_t)n < MIN_READ && !s->hup ? 1 : 0;
     char *rest = PyMem_RawMalloc(total);
     if (!rest) {
         fail(e, c, cl, ENOMEM);
