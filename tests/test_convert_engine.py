@@ -101,7 +101,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(raw[: cut if draw(st.booleans()) else len(raw)]) + draw(st.binary(max_size=8))
 
 
-FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ

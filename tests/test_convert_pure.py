@@ -206,7 +206,7 @@ nets = st.lists(
 keys = st.sampled_from([None, b"abcd", b"abce", b""])
 
 
-@settings(max_examples=400)
+@settings(max_examples=200)
 @given(nets, keys, nets, nets, nets, addresses, keys, addresses, st.integers(0, 65536))
 def test_fast_path_agrees_with_the_checks(
     clients: Any, psk: Any, allow: Any, deny: Any, own: Any,

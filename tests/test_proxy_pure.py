@@ -369,8 +369,10 @@ def test_example_config_is_valid() -> None:
 
     path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "proxy.toml"
     cfg = config.load(path)
-    assert [f.name for f in cfg.frontends] == ["web", "to-site-b"]
+    assert [f.name for f in cfg.frontends] == ["web", "to-site-b", "edge"]
     assert cfg.backends["site-b"].servers[0].policy is Policy.REQUIRE
+    edge = cfg.frontends[2]
+    assert [r.backend for r in edge.rules] == ["api", "web"] and edge.backend == "web"
 
 
 def test_log_line_formats() -> None:

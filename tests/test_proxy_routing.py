@@ -209,3 +209,53 @@ def test_routes_by_port_source_and_sni(
         held.close()
     for s in backends.values():
         assert not s.errors, s.errors
+
+
+def test_a_freed_slot_lets_its_own_backends_waiter_go(tmp_path: Path, relay: str) -> None:
+    """Two backends behind one frontend, each server at its maxconn with connections
+    waiting: a slot freed in one backend lets that backend's oldest waiter go, and the
+    other backend's waiters keep their order (HAProxy's queue is per backend)."""
+    seen: list[bytes] = []
+
+    def record(c: socket.socket) -> None:
+        first = c.recv(2)
+        seen.append(first)
+        c.sendall(first)
+        recv_all(c)
+
+    sock = tmp_path / "ctl.sock"
+    with Server(record) as a, Server(record) as b:
+        conf = (
+            f'[global]\nworkers = 1\nmetrics = ""\nstats-socket = "unix@{sock}"\n'
+            '[frontend.fe]\nbind = "tcp@127.0.0.1:0"\ntimeout = { queue = "60s" }\n'
+            'use_backend = ["b if { src 127.0.0.2 }"]\ndefault_backend = "a"\n'
+            f'[backend.a]\nserver.s = {{ address = "{a.address}", maxconn = 1 }}\n'
+            f'[backend.b]\nserver.s = {{ address = "{b.address}", maxconn = 1 }}\n'
+        )
+        with run_proxy(tmp_path, conf) as px:
+            port = px.port("fe")
+            clients: dict[str, socket.socket] = {}
+
+            def waiting() -> int:
+                code, rows = ctl(sock, "show", "sessions")
+                assert code == 0, rows
+                return [r["server"] for r in rows].count(None)
+
+            for n, name in enumerate(("a0", "b0", "a1", "b1", "a2")):
+                c = socket.socket()
+                c.bind(("127.0.0.2" if name[0] == "b" else "127.0.0.1", 0))
+                c.settimeout(20)
+                c.connect(("127.0.0.1", port))
+                c.sendall(name.encode())
+                clients[name] = c
+                if n < 2:
+                    assert c.recv(2) == name.encode()  # holds its backend's one slot
+                else:
+                    wait_for(lambda n=n: waiting() == n - 1, what=f"{name} to wait")
+            clients.pop("b0").close()
+            assert clients["b1"].recv(2) == b"b1"
+            clients.pop("a0").close()
+            assert clients["a1"].recv(2) == b"a1"  # a's first waiter, before a2
+            assert [x for x in seen if x.startswith(b"a")] == [b"a0", b"a1"]
+            for c in clients.values():
+                c.close()

@@ -7,8 +7,10 @@ sockets, the same repairs, the same counts either way.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -135,3 +137,39 @@ def test_the_filter_reports_namespace_changes_of_every_abi() -> None:
         assert bpf.run_filter(prog, data) == abi.SECCOMP_RET_USER_NOTIF, (hex(audit), nr)
     getppid = bpf.seccomp_data(110, arch.audit_arch)
     assert bpf.run_filter(prog, getppid) == abi.SECCOMP_RET_ALLOW
+
+
+def test_without_its_interpreter_the_compiled_supervisor_says_so_and_goes_on(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The Python supervisor cannot be started (its interpreter went away): the
+    compiled one says so once, lets the calls it cannot decide go ahead unchanged,
+    and still forces what it can."""
+    python = tmp_path / "python3"
+    python.symlink_to(sys.executable)
+    gone = tmp_path / "gone"
+    code = textwrap.dedent(
+        f"""
+        import os, socket, time
+        while os.path.exists({str(python)!r}):
+            time.sleep(0.01)
+        s = socket.socket()
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)  # for Python
+        except OSError as exc:
+            print(exc.errno)  # as without mptcpkit run on an MPTCP socket
+        print(s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+        print(socket.socket().getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+        """
+    )
+    proc = subprocess.Popen(
+        [str(python), "-m", "mptcpkit", "run", "--", sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    python.rename(gone)  # (the running interpreter is not affected: only a new exec)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # not swapped (no Python): the option is refused as MPTCP refuses it; still forced
+    assert out.split() == [str(errno.ENOPROTOOPT).encode(), b"262", b"262"]
+    assert err.decode().count("cannot start the Python supervisor") == 1, err

@@ -1412,8 +1412,8 @@ static int conv_answer(Engine *e, Conn *c, Leg *s) {
         sent = 0;
     }
     size_t total = sizeof conv_ok + (size_t)n;
-    if ((size_t)sent == total)
-        return 0; /* pump reads on */
+    if ((size_t)sent == total) /* a short read: drained, the next edge says more (as pump) */
+        return (size_t)n < MIN_READ && !s->hup ? 1 : 0;
     char *rest = PyMem_RawMalloc(total);
     if (!rest) {
         fail(e, c, cl, ENOMEM);
@@ -2172,15 +2172,19 @@ static PyObject *Engine_sweep(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Let the oldest parked connection connect: a server slot freed (queue.py). */
+/* Let the oldest parked connection connect: a server slot freed (queue.py); with `be`,
+ * the oldest one routed to that backend (use_backend rules park several in one FIFO). */
 static PyObject *Engine_unpark(Engine *e, PyObject *args) {
     int id;
-    if (!PyArg_ParseTuple(args, "i", &id))
+    PyObject *be = Py_None;
+    if (!PyArg_ParseTuple(args, "i|O", &id, &be))
         return NULL;
     Frontend *fe = get_fe(e, id);
     if (!fe)
         return NULL;
     Conn *c = fe->pq_head;
+    while (c && be != Py_None && c->be != be)
+        c = c->pnext;
     if (!c || e->ep < 0)
         Py_RETURN_FALSE;
     unpark_remove(c);
@@ -2277,7 +2281,8 @@ static PyMethodDef Engine_methods[] = {
      "abort_all(id, how): reset every connection of a frontend."},
     {"poll", (PyCFunction)Engine_poll, METH_NOARGS, "Run the ready events."},
     {"unpark", (PyCFunction)Engine_unpark, METH_VARARGS,
-     "unpark(id): let the oldest connection waiting for a server slot connect; False if none."},
+     "unpark(id[, backend]): let the oldest connection waiting for a server slot (of that"
+     " backend) connect; False if none."},
     {"rate_window", (PyCFunction)Engine_rate_window, METH_VARARGS,
      "rate_window(id): a new maxconnrate window; True if the last one stopped accepting."},
     {"parked", (PyCFunction)Engine_parked, METH_VARARGS,

@@ -154,8 +154,14 @@ class CompiledFrontend(FrontendRuntime):
     def queued(self) -> int:
         return int(self.engine.parked(self.id))
 
-    def unpark(self) -> bool:
-        return bool(self.engine.unpark(self.id))
+    def unpark(self, queue: Any = None) -> bool:
+        """Let the oldest connection waiting for `queue`'s backend (any, if None) go."""
+        if queue is None or self.router is None:
+            return bool(self.engine.unpark(self.id))
+        for be in self.router.backends.values():
+            if be.queue is queue:
+                return bool(self.engine.unpark(self.id, be))
+        return False
 
     def _rate_reset(self) -> bool:
         return bool(self.engine.rate_window(self.id))

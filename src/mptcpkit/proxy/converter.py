@@ -251,6 +251,8 @@ class ConvertConn(Conn):
             c.pending = (answer + bytes(rb.view[:n]))[sent:]
             s.waiting = True
             return
+        if n < rb.size and not s.hup:
+            return  # a short read: drained; the next edge says more (as pump)
         super().pump(s)
 
     def _connect_failed(self, exc: BaseException) -> bool:

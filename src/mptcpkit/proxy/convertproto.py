@@ -293,20 +293,27 @@ def parse_request(data: bytes | bytearray | memoryview) -> tuple[Message, int] |
     if parsed is None:
         return None
     msg, used = parsed
-    for t in msg.tlvs:
-        if isinstance(t, ExtendedTCPHeader | SupportedTCPExtensions | Error):
+    connects = info = 0
+    for t in msg.tlvs:  # one pass: this runs once per converted connection
+        if isinstance(t, Connect):
+            connects += 1
+        elif isinstance(t, Info):
+            info = 1
+        elif isinstance(t, _CONVERTER_ONLY):
             kind = _kind_of(t)
             raise ConvertError(
                 ErrorCode.UNSUPPORTED_MESSAGE,
                 f"TLV 0x{kind:02x} is not sent by a client",
                 bytes((kind,)),
             )
-    connects = [t for t in msg.tlvs if isinstance(t, Connect)]
-    if len(connects) > 1:
+    if connects > 1:
         raise ConvertError(ErrorCode.MALFORMED_MESSAGE, "more than one Connect TLV", b"\x01")
-    if not connects and msg.find(Info) is None:
+    if not connects and not info:
         raise ConvertError(ErrorCode.MALFORMED_MESSAGE, "neither Connect nor Info TLV", b"\x01")
     return msg, used
+
+
+_CONVERTER_ONLY = (ExtendedTCPHeader, SupportedTCPExtensions, Error)
 
 
 def parse_reply(data: bytes | bytearray | memoryview) -> tuple[Message, int] | None:

@@ -292,12 +292,18 @@ class FrontendRuntime:
     def queued(self) -> int:
         return len(self.parked)
 
-    def unpark(self) -> bool:
-        """Let the oldest waiting connection connect; False if none waits."""
-        while self.parked:
-            conn = self.parked.popleft()
+    def unpark(self, queue: Any = None) -> bool:
+        """Let the oldest connection waiting for `queue`'s backend (any, if None)
+        connect; False if none waits."""
+        parked = self.parked
+        while parked and (parked[0].done or not parked[0].parked):
+            parked.popleft()  # ended or let go already
+        for i, conn in enumerate(parked):
             if conn.done or not conn.parked:
                 continue
+            if queue is not None and conn.be.queue is not queue:
+                continue
+            del parked[i]
             conn.parked = 0.0
             conn.connect()
             return True

@@ -26,7 +26,7 @@ class Parking(Protocol):
 
     def queued(self) -> int: ...
 
-    def unpark(self) -> bool: ...
+    def unpark(self, queue: ServerQueue | None = None) -> bool: ...
 
 
 def share(maxconn: int, workers: int, worker: int) -> int:
@@ -70,5 +70,7 @@ class ServerQueue:
         self._scheduled = False
         for fe in self.frontends:
             for _ in range(fe.queued()):
-                if not room(self.states) or not fe.unpark():
+                # this backend's waiters only: a frontend with use_backend rules parks
+                # connections for several backends in one FIFO
+                if not room(self.states) or not fe.unpark(self):
                     break
