@@ -207,3 +207,38 @@ def test_the_supervisor_holds_none_of_the_programs_descriptors() -> None:
         os.close(w)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "False"]
+
+
+# The program's watcher thread interrupts the main thread with SIGUSR1 until it has
+# seen the program's exit (--stats); one that lands while the main thread is in
+# execve() stays pending across it, and exec resets a caught signal to its default
+# action: termination. The Python supervisor must not die of it (the calls then pending
+# fail with ENOSYS, later ones too, and --stats is never printed).
+AFTER_SIGUSR1 = PROGRAM.replace(
+    "print(*out)",
+    """\
+sup = supervisor()
+os.kill(sup, 10)  # SIGUSR1, as the watcher sends it
+try:
+    out.append(socket.socket().getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+except OSError as exc:
+    out.append(exc.errno)
+print(*out)
+""",
+)
+
+
+def test_the_python_supervisor_outlives_a_late_sigusr1_from_the_program() -> None:
+    assert supervise.executable(), "run/_supervise is not built (setup.py build_ext)"
+    proc = subprocess.run(
+        [*RUN, "--stats=json", "--", sys.executable, "-c", AFTER_SIGUSR1],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, supervise.FASTPATH_ENV: "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode().split()
+    assert out[4] == "True", out  # Python took over, in the program's process
+    assert out[-1] == "262", out  # and still answers: the socket was forced
+    stats = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+    assert stats["forced"] == 3 and stats["repaired"] == 1

@@ -261,13 +261,16 @@ class ListenerPool:
             out[f.name] = socks
         return out
 
-    def divert(self, cfg: Config) -> tuple[list[socket.socket], list[str]]:
+    def divert(
+        self, cfg: Config, only: set[int] | None = None
+    ) -> tuple[list[socket.socket], list[str]]:
         """The proxy stops: from now on the new SYNs for every TCP/MPTCP listener go to
         sockets that drop them (`handover.divert`), so that workers can take what is
         queued or in flight and then close their listeners without resetting anything
         (clients send their SYN again a second later, to whatever listens then).
         Returns those sockets, to close once the workers are gone, and a line for each
-        address that could not be diverted."""
+        address that could not be diverted. `only`: the listeners (ids) of `cfg` a
+        reload drops; the others stay as they are."""
         droppers: list[socket.socket] = []
         failed: list[str] = []
         for f in cfg.frontends:
@@ -279,7 +282,8 @@ class ListenerPool:
                 for (key, _), socks in self.socks.items():
                     if key == text:
                         for s in socks:
-                            groups.setdefault((s.family, s.getsockname()), {})[id(s)] = s
+                            if only is None or id(s) in only:
+                                groups.setdefault((s.family, s.getsockname()), {})[id(s)] = s
                 net = f.net[i] if i < len(f.net) else None
                 for members in groups.values():
                     try:

@@ -44,6 +44,10 @@ from mptcpkit.proxy.prepare import Prepared, log_error, prepare
 __all__ = ["Master", "run"]
 
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+# Retired by a reload that drops listening addresses: those listeners close with the
+# worker's copies, so it settles them first (Runtime.stop); SIGUSR1 retires without.
+RETIRE_SETTLE = signal.SIGRTMIN + 1
+_DIVERT_HOLD = 1.5  # s the droppers of dropped addresses outlive the old workers' settling
 READY_TIMEOUT = 30.0  # seconds a new worker has to start serving
 LOOP_ENV = "MPTCPKIT_PROXY_LOOP"  # "asyncio" runs workers on stock asyncio, not uvloop
 
@@ -69,6 +73,7 @@ class Master:
         self.metrics_pid: int | None = None  # the process serving /metrics (metricsd.py)
         self.generation = 0
         self.retiring: list[socket.socket] = []
+        self.diverted: list[tuple[float, list[socket.socket]]] = []  # (until, droppers)
         self.ctl: ControlServer | None = None  # the runtime API (global.stats-socket)
         self.board: health.Board | None = None  # the checker's health state (health.py)
         self.checker: int | None = None  # the checker process
@@ -149,6 +154,7 @@ class Master:
                 os.close(fd)
             for s in others:
                 s.close()
+            self._close_droppers()
             code = _worker_main(
                 cfg,
                 mine,
@@ -265,6 +271,9 @@ class Master:
                     self.log.event(f"restarting worker {slot}", now=True)
                     self._started(self._spawn(slot))
             self._hard_stop(now)
+            for item in [d for d in self.diverted if now >= d[0]]:
+                self.diverted.remove(item)
+                handover.undivert(item[1])
             if self.checker_due is not None and now >= self.checker_due:
                 self.log.event("restarting the health checker", now=True)
                 self._spawn_checker()
@@ -405,10 +414,25 @@ class Master:
         self._start_resolver()
         if self.ctl is not None:
             self.ctl.reloaded(cfg)
+        # Listeners the new configuration drops close with the old workers' copies: new
+        # SYNs go to droppers first, and the old workers settle them (Runtime.stop).
+        keep = {id(s) for socks in new.values() for s in socks}
+        gone = {id(s) for s in self.pool.all() if id(s) not in keep}
+        droppers: list[socket.socket] = []
+        if gone:
+            try:
+                droppers, failed = self.pool.divert(running[0], only=gone)
+            except Exception as exc:  # never in the way of reloading
+                failed = [f"listeners dropped by the reload could not be held off: {exc}"]
+            for line in failed:
+                self.log.event(line)
+            self.diverted.append((time.monotonic() + _DIVERT_HOLD, droppers))
         self.pool.adopt(new)
         hard = cfg.global_.hard_stop_after
         self._retire(
-            list(running[2]), signal.SIGUSR1, None if hard is None else time.monotonic() + hard
+            list(running[2]),
+            RETIRE_SETTLE if droppers else signal.SIGUSR1,
+            None if hard is None else time.monotonic() + hard,
         )
         for line in (*prep.notes, *lines):
             self.log.event(line)
@@ -431,6 +455,12 @@ class Master:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    def _close_droppers(self) -> None:
+        """In a child: a copy of a dropper would drop its address's SYNs for good."""
+        for _, held in self.diverted:
+            for s in held:
+                s.close()
+
     def _spawn_checker(self) -> None:
         """The one process that checks servers (health.py), forked like a worker."""
         self.checker_due = None
@@ -452,6 +482,7 @@ class Master:
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             for s in self.pool.all():
                 s.close()
+            self._close_droppers()
             for fd in self.starting.values():
                 os.close(fd)
             if self.ctl is not None:
@@ -530,6 +561,9 @@ class Master:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         handover.undivert(droppers)
+        for _, held in self.diverted:
+            handover.undivert(held)
+        self.diverted = []
         self.log.event("stopped", now=True)
         return 0
 
@@ -618,6 +652,7 @@ def _worker_main(
         # SIGTERM: the master diverted new SYNs first; handshakes in flight settle.
         loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout, True)
         loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)  # retired by a reload
+        loop.add_signal_handler(RETIRE_SETTLE, rt.stop, None, True)  # and addresses dropped
         loop.add_signal_handler(signal.SIGUSR2, rt.stop, 0.0)  # hard-stop-after
         await rt.serve(ready=lambda: _tell(ready_fd, b"R"))
 

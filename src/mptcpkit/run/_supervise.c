@@ -93,8 +93,6 @@ static int keys_fd(void) {
     return fd;
 }
 
-static void on_usr1(int sig);
-
 static void warn(const char *message) {
     dprintf(2, "mptcpkit run: warning: %s\n", message);
 }
@@ -124,24 +122,27 @@ static void handover(const struct settings *set, const unsigned char *pending, i
     }
     size_t tlen = strlen(set->tcponly) + 16;
     char *a_tcponly = malloc(tlen);
-    if (a_tcponly == NULL)
+    if (a_tcponly == NULL) {
+        degraded = 1; /* the caller answers what Python would have (never left pending) */
         return;
+    }
     snprintf(a_tcponly, tlen, "tcponly=%s", set->tcponly);
     char *argv[] = {(char *)set->python, "-I", "-c", (char *)BOOT, (char *)set->root,
                     a_listener, a_killable, a_pidfd, a_forced, a_keys, a_stats, a_only,
                     a_tcponly, a_pending, NULL};
-    /* the watcher's SIGUSR1 may be on its way: ignored, it is dropped and stays
-     * ignored across exec (pending, under the default action, it would kill Python) */
-    signal(SIGUSR1, SIG_IGN);
+    /* The watcher's SIGUSR1 may come while execve() runs: left pending, exec would turn
+     * it into the default action (termination) for Python. Ignored, it is discarded
+     * now and later, and Python inherits the ignoring. */
+    struct sigaction ign = {0}, usr1;
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    sigaction(SIGUSR1, &ign, &usr1);
     if (inheritable(F.listener) == 0 && inheritable(pidfd) == 0 && inheritable(kfd) == 0) {
         force_forget_all(&F);
         execv(set->python, argv);
     }
     int err = errno;
-    struct sigaction sa = {0};
-    sa.sa_handler = on_usr1; /* the watcher may still need to interrupt us */
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGUSR1, &usr1, NULL);
     free(a_tcponly);
     if (kfd >= 0)
         close(kfd);
@@ -351,6 +352,8 @@ int main(int argc, char **argv) {
     if (own_context(&F) < 0 || pidfd < 0 || start_watch(pidfd, devnull, wants_stats) < 0)
         handover(&set, NULL, pidfd); /* Python reads them its own way */
     force_setup(&F, strcmp(set.context, "proc") != 0, 1);
+    if (F.recv_size < 80) /* own_context failed before reading it, and Python did not start */
+        _exit(1);
     unsigned char *buf = malloc(F.recv_size);
     if (buf == NULL)
         _exit(1);
