@@ -213,6 +213,8 @@ class Runtime:
     ) -> None:
         self.cfg = cfg
         self.sources: dict[str, Any] = dict(sources or {})  # maxconn-per-source (abuse.py)
+        for table in self.sources.values():
+            table.worker = worker  # this worker's connections, counted apart
         self.loop = asyncio.get_running_loop()
         self.log = log
         self.metrics = metrics
