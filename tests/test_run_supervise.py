@@ -175,6 +175,40 @@ def test_without_its_interpreter_the_compiled_supervisor_says_so_and_goes_on(
     assert err.decode().count("cannot start the Python supervisor") == 1, err
 
 
+HELD = r"""
+import os, sys
+handed = os.readlink(f"/proc/self/fd/{sys.argv[1]}")
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        continue
+    if any(f"Pid:\t{os.getpid()}\n" in open(f"/proc/{pid}/fdinfo/{fd}").read()
+           for fd, what in fds.items() if what == "anon_inode:[pidfd]"):
+        print(handed.startswith("pipe:"), handed in fds.values())
+"""
+
+
+def test_the_supervisor_holds_none_of_the_programs_descriptors() -> None:
+    """A pipe handed to the program (socket activation's listeners alike) is not held
+    by the supervisor, whose life may be a daemon's: its reader sees the end when the
+    program's side is closed."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.run(
+            [*RUN, "--", sys.executable, "-c", HELD, str(w)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            pass_fds=(w,),
+        )
+    finally:
+        os.close(r)
+        os.close(w)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False"]
+
+
 # The program's watcher thread interrupts the main thread with SIGUSR1 until it has
 # seen the program's exit (--stats); one that lands while the main thread is in
 # execve() stays pending across it, and exec resets a caught signal to its default

@@ -210,6 +210,18 @@ static int receive_listener(int *killable) {
     return fd;
 }
 
+/* The program's descriptors (socket activation's, a pipe the caller reads) are not
+ * ours to hold: a reader would wait for its end as long as the supervisor lives. */
+static void close_inherited(void) {
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, SOCK_FD + 1, ~0U, 0) == 0)
+        return;
+#endif
+    int top = (int)sysconf(_SC_OPEN_MAX);
+    for (int fd = SOCK_FD + 1; fd < (top > 0 ? top : 1024); fd++)
+        close(fd);
+}
+
 static int own_context(struct forcer *f) {
     uid_t r, e, s;
     gid_t rg, eg, sg;
@@ -307,6 +319,7 @@ int main(int argc, char **argv) {
         _exit(write(SOCK_FD, pid, (size_t)len) == len ? 0 : 1);
     }
     setsid();
+    close_inherited();
     prctl(PR_SET_NAME, "mptcpkit-run", 0, 0, 0);
     /* systemd's stop signals every process of the unit: the supervisor must outlive
      * the program's shutdown, it leaves when the program does (launch.py) */
