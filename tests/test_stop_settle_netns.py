@@ -50,3 +50,30 @@ def test_handshakes_in_flight_are_sought_in_the_listeners_namespace(
             for ns, _ in groups:
                 if ns is not None:
                     os.close(ns)
+
+
+def test_a_worker_without_root_still_settles_its_own_namespaces_listeners() -> None:
+    """A worker that dropped root may not ask a socket for its namespace (EPERM): its
+    listeners are looked for where it is, as before, not left unsettled."""
+    ls = socket.socket()
+    ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 30)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    client = socket.create_connection(ls.getsockname())
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the worker, as nobody
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            ((ns, ports),) = handover.ports_by_namespace([ls])
+            os.write(w, f"{ns} {handover.handshakes_in_flight(ports, ns)}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with ls, client, os.fdopen(r) as out:
+        assert out.read() == "None 1"
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

@@ -149,8 +149,15 @@ def ports_by_namespace(listeners: Sequence[socket.socket]) -> list[tuple[int | N
     groups: dict[tuple[int, int], tuple[int | None, set[int]]] = {}
     try:
         for ls in listeners:
-            fd: int | None = fcntl.ioctl(ls.fileno(), _SIOCGSKNS)
-            assert fd is not None
+            try:
+                fd: int | None = fcntl.ioctl(ls.fileno(), _SIOCGSKNS)
+            except OSError:  # EPERM without CAP_NET_ADMIN (a worker that dropped root)
+                fd = None  # cannot tell: looked for here, as before
+            if fd is None:
+                groups.setdefault((own.st_dev, own.st_ino), (None, set()))[1].add(
+                    ls.getsockname()[1]
+                )
+                continue
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
             if key in groups or key == (own.st_dev, own.st_ino):

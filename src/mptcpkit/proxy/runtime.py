@@ -337,10 +337,7 @@ class Runtime:
             groups = handover.ports_by_namespace(
                 [ls for fe in self.frontends for ls in fe.listeners if ls.family != socket.AF_UNIX]
             )
-            while (
-                any(handover.handshakes_in_flight(ports, ns) for ns, ports in groups)
-                and self.loop.time() < end
-            ):
+            while self._in_flight(groups) and self.loop.time() < end:
                 await asyncio.sleep(0.002)
         except OSError:  # sock_diag cannot tell: close as without settling
             pass
@@ -349,6 +346,21 @@ class Runtime:
                 if ns is not None:
                     os.close(ns)
             self._close_listeners()
+
+    @staticmethod
+    def _in_flight(groups: list[tuple[int | None, set[int]]]) -> bool:
+        """Whether a handshake is in flight to one of `groups`' ports; a namespace this
+        worker may not enter (it dropped root) is left out, the rest still count."""
+        for ns, ports in list(groups):
+            try:
+                if handover.handshakes_in_flight(ports, ns):
+                    return True
+            except OSError:
+                if ns is None:
+                    raise  # sock_diag cannot tell here: stop settling
+                groups.remove((ns, ports))
+                os.close(ns)
+        return False
 
     # --- per connection ----------------------------------------------------------------
 
