@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import ipaddress
+import select
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -12,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mptcpkit.proxy import acl
+from mptcpkit.proxy import acl, router
 from mptcpkit.proxy.acl import AclError, Facts, parse_acl, parse_rule
 from mptcpkit.proxy.config import ConfigError, parse_text
-from proxy_harness import PROXY_CMD
+from proxy_harness import PROXY_CMD, free_port
 
 ACLS = {"is_api": (parse_acl(["req.ssl_sni", "-i", "api.example.com"]),)}
 
@@ -298,3 +300,76 @@ def test_the_docs_example_is_valid_here_and_for_haproxy(tmp_path: Path) -> None:
     )
     p = subprocess.run(["haproxy", "-c", "-f", str(hcfg)], capture_output=True, text=True)
     assert p.returncode == 0 and "[WARNING]" not in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+# `src` on an IPv4 client against IPv6 patterns, and on an IPv4-mapped one (a dual-stack
+# listener's) against both: HAProxy maps the address to the other family when the
+# patterns of its own do not match (pattern.c, pat_match_ip).
+SRC_FAMILIES = [
+    "{ src 127.0.0.0/8 }",
+    "{ src ::ffff:127.0.0.0/104 }",
+    "{ src ::ffff:127.0.0.1 }",
+    "{ src ::ffff:10.0.0.0/104 }",
+    "{ src ::/0 }",
+    "!{ src ::ffff:0:0/96 }",
+    "{ src 2001:db8::/32 } || { src ::ffff:127.0.0.1/128 }",
+]
+
+
+def _haproxy_routes(tmp: Path, conds: list[str], bind: str, peer: str) -> list[bool]:
+    """Which conditions HAProxy meets for a client from `peer` (one frontend each)."""
+    servers = {}
+    for name in ("yes", "no"):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(len(conds))
+        s.setblocking(False)
+        servers[name] = s
+    ports = [free_port() for _ in conds]
+    lines = [
+        "defaults",
+        "    mode tcp",
+        *(f"    timeout {t} 5s" for t in ("client", "server", "connect")),
+    ]
+    for i, (cond, port) in enumerate(zip(conds, ports, strict=True)):
+        lines += [f"frontend f{i}", f"    bind {bind}:{port}", f"    use_backend yes if {cond}"]
+        lines += ["    default_backend no"]
+    for name, s in servers.items():
+        lines += [f"backend {name}", f"    server s 127.0.0.1:{s.getsockname()[1]}"]
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text("\n".join(lines) + "\n")
+    hap = subprocess.Popen(["haproxy", "-f", str(cfg)], stderr=subprocess.PIPE)
+    out = []
+    try:
+        for port in ports:
+            family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+            for _ in range(500):  # until HAProxy listens
+                c = socket.socket(family)
+                try:
+                    c.connect((peer, port))
+                    break
+                except ConnectionRefusedError:
+                    c.close()
+                    select.select([], [], [], 0.01)
+            with c:
+                ready, _, _ = select.select(list(servers.values()), [], [], 10)
+                assert len(ready) == 1, ready
+                ready[0].accept()[0].close()
+                out.append(ready[0] is servers["yes"])
+    finally:
+        hap.kill()
+        hap.wait()
+        for s in servers.values():
+            s.close()
+    return out
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+@pytest.mark.parametrize(
+    ("bind", "peer"), [("127.0.0.1", "127.0.0.1"), ("[::]", "::ffff:127.0.0.1")]
+)
+def test_src_across_families_as_haproxy(tmp_path: Path, bind: str, peer: str) -> None:
+    theirs = _haproxy_routes(tmp_path, SRC_FAMILIES, bind, peer)
+    src = router.client_ip((peer, 1))
+    ours = [parse_rule(f"yes if {c}", {}).matches(Facts(src)) for c in SRC_FAMILIES]
+    assert ours == theirs, list(zip(SRC_FAMILIES, ours, theirs, strict=True))

@@ -4,6 +4,8 @@ connection reject` on `src_conn_cur`); both data paths, real proxy processes."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -167,3 +169,38 @@ def test_address_keys_of_both_data_paths_agree() -> None:
     assert address_key(raw4) == address_key("192.0.2.7") == address_key("::ffff:192.0.2.7")
     raw6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1")
     assert address_key(raw6) == address_key("2001:db8::1") != address_key(raw4)
+
+
+def test_a_dead_workers_connections_leave_the_per_source_count(tmp_path: Path) -> None:
+    """A worker that dies (a crash, the OOM killer) takes its connections with it; the
+    whole proxy's table must not count them on, or their clients stay locked out."""
+    with (
+        Server(echo) as srv,
+        run_proxy(tmp_path, _conf(srv.port, "maxconn-per-source = 1")) as px,
+    ):
+        port = px.port("fe")
+        held = _echoes(port)
+        assert held is not None and _echoes(port) is None  # the limit holds
+        (worker,) = px.workers()
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: px.workers() not in ([], [worker]), what="a restarted worker")
+        held.close()
+        again = wait_for(lambda: _echoes(port), what="a client no longer counted")
+        again.close()
+
+
+def test_forgetting_a_worker_that_died_holding_the_lock_takes_the_lock_back() -> None:
+    table = SourceTable.create(8, workers=2)
+    key = address_key("192.0.2.9")
+    table.worker = 1
+    assert table.admit(key, 2)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the worker that dies in the middle of an update
+        table.lock.acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    table.forget(1)
+    assert table.count(key) == 0
+    table.worker = 0
+    assert table.admit(key, 1) and not table.admit(key, 1)  # counted again: the limit holds
+    table.close()

@@ -173,3 +173,72 @@ def test_without_its_interpreter_the_compiled_supervisor_says_so_and_goes_on(
     # not swapped (no Python): the option is refused as MPTCP refuses it; still forced
     assert out.split() == [str(errno.ENOPROTOOPT).encode(), b"262", b"262"]
     assert err.decode().count("cannot start the Python supervisor") == 1, err
+
+
+HELD = r"""
+import os, sys
+handed = os.readlink(f"/proc/self/fd/{sys.argv[1]}")
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        continue
+    if any(f"Pid:\t{os.getpid()}\n" in open(f"/proc/{pid}/fdinfo/{fd}").read()
+           for fd, what in fds.items() if what == "anon_inode:[pidfd]"):
+        print(handed.startswith("pipe:"), handed in fds.values())
+"""
+
+
+def test_the_supervisor_holds_none_of_the_programs_descriptors() -> None:
+    """A pipe handed to the program (socket activation's listeners alike) is not held
+    by the supervisor, whose life may be a daemon's: its reader sees the end when the
+    program's side is closed."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.run(
+            [*RUN, "--", sys.executable, "-c", HELD, str(w)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            pass_fds=(w,),
+        )
+    finally:
+        os.close(r)
+        os.close(w)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False"]
+
+
+# The program's watcher thread interrupts the main thread with SIGUSR1 until it has
+# seen the program's exit (--stats); one that lands while the main thread is in
+# execve() stays pending across it, and exec resets a caught signal to its default
+# action: termination. The Python supervisor must not die of it (the calls then pending
+# fail with ENOSYS, later ones too, and --stats is never printed).
+AFTER_SIGUSR1 = PROGRAM.replace(
+    "print(*out)",
+    """\
+sup = supervisor()
+os.kill(sup, 10)  # SIGUSR1, as the watcher sends it
+try:
+    out.append(socket.socket().getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+except OSError as exc:
+    out.append(exc.errno)
+print(*out)
+""",
+)
+
+
+def test_the_python_supervisor_outlives_a_late_sigusr1_from_the_program() -> None:
+    assert supervise.executable(), "run/_supervise is not built (setup.py build_ext)"
+    proc = subprocess.run(
+        [*RUN, "--stats=json", "--", sys.executable, "-c", AFTER_SIGUSR1],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, supervise.FASTPATH_ENV: "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode().split()
+    assert out[4] == "True", out  # Python took over, in the program's process
+    assert out[-1] == "262", out  # and still answers: the socket was forced
+    stats = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+    assert stats["forced"] == 3 and stats["repaired"] == 1

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import fcntl
 import os
 import socket
 import struct
@@ -47,6 +48,7 @@ SO_ATTACH_REUSEPORT_CBPF, SO_DETACH_REUSEPORT_BPF = 51, 68
 FILTER_OPTIONS = frozenset(
     (c.SOL_SOCKET, n) for n in (SO_ATTACH_FILTER, SO_DETACH_FILTER, 44, 50, 51, 52, 68)
 )
+_SIOCGSKNS = 0x894C  # a socket's network namespace, as a new descriptor
 _DRAIN_SECONDS = 0.25  # how long the old listener's queue may take to empty
 _ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242)}.get(os.uname().machine, ())
 
@@ -128,23 +130,72 @@ def _half_open(family: int, port: int) -> int:
     return sum(sport == port for sport in _syn_recv_ports(family))
 
 
-def handshakes_in_flight(ports: Collection[int]) -> int:
+def handshakes_in_flight(ports: Collection[int], netns_fd: int | None = None) -> int:
     """Handshakes in flight (SYN_RECV, IPv4 and IPv6) to any of local `ports`, in this
-    network namespace; OSError when sock_diag cannot tell."""
+    network namespace or the one open at `netns_fd`; OSError when sock_diag cannot
+    tell."""
     return sum(
         sport in ports
         for family in (socket.AF_INET, socket.AF_INET6)
-        for sport in _syn_recv_ports(family)
+        for sport in _syn_recv_ports(family, netns_fd)
     )
 
 
-def _syn_recv_ports(family: int) -> list[int]:
+def ports_by_namespace(listeners: Sequence[socket.socket]) -> list[tuple[int | None, set[int]]]:
+    """The ports of `listeners` per network namespace they live in (a proxy bind's
+    `namespace`): (a descriptor of it, None for this thread's own; the caller closes
+    it), their ports. For `handshakes_in_flight`, which must look where they are."""
+    own = os.stat("/proc/thread-self/ns/net")
+    groups: dict[tuple[int, int], tuple[int | None, set[int]]] = {}
+    try:
+        for ls in listeners:
+            try:
+                fd: int | None = fcntl.ioctl(ls.fileno(), _SIOCGSKNS)
+            except OSError:  # EPERM without CAP_NET_ADMIN (a worker that dropped root)
+                fd = None  # cannot tell: looked for here, as before
+            if fd is None:
+                groups.setdefault((own.st_dev, own.st_ino), (None, set()))[1].add(
+                    ls.getsockname()[1]
+                )
+                continue
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            if key in groups or key == (own.st_dev, own.st_ino):
+                os.close(fd)
+                fd = None
+            groups.setdefault(key, (fd, set()))[1].add(ls.getsockname()[1])
+    except BaseException:
+        for ns, _ in groups.values():
+            if ns is not None:
+                os.close(ns)
+        raise
+    return list(groups.values())
+
+
+def _diag_socket(netns_fd: int | None) -> socket.socket:
+    """A NETLINK_SOCK_DIAG socket; made in namespace `netns_fd` (this thread comes back)."""
+    if netns_fd is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4)
+    from mptcpkit import netns
+
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        netns.setns(netns_fd)
+        try:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4)
+        finally:
+            netns.setns(home)
+    finally:
+        os.close(home)
+
+
+def _syn_recv_ports(family: int, netns_fd: int | None = None) -> list[int]:
     """The local port of each handshake in flight (SYN_RECV) of `family` (sock_diag)."""
     states = 1 << 3 | 1 << 12  # TCP_SYN_RECV, TCP_NEW_SYN_RECV
     req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, states) + bytes(48)
     msg = struct.pack("=IHHII", 16 + len(req), 20, 0x301, 1, 0) + req  # DUMP|REQUEST
     found: list[int] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:  # NETLINK_SOCK_DIAG
+    with _diag_socket(netns_fd) as nl:
         nl.settimeout(1.0)
         nl.sendto(msg, (0, 0))
         while True:

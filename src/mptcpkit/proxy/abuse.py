@@ -28,10 +28,9 @@ from typing import Any
 
 __all__ = ["Limits", "SourceTable", "share"]
 
-_SLOT = struct.Struct("16sII")  # the address (IPv6 or IPv4-mapped), connections, used
 _USED = struct.Struct("I")  # header: slots ever used (live or reusable)
 _V4 = bytes(10) + b"\xff\xff"
-MAX_SLOTS = 1 << 18  # 6 MiB at most per frontend
+MAX_SLOTS = 1 << 18  # (20 + 4 x workers) bytes each
 LOCK_WAIT = 0.05  # seconds; a lock held longer (its worker died in it): admit uncounted
 
 
@@ -119,34 +118,48 @@ class SourceTable:
     reused by the next new address that probes past it, and the table is rebuilt
     in place when three quarters of it has ever been used. Each operation holds `lock`
     (a process-shared semaphore) for a few microseconds.
+
+    A slot counts each worker's connections apart (`worker`: this process's index,
+    set in the worker), so that the master can `forget` a worker that died: its
+    connections went with it, and counted on they would lock their clients out.
     """
 
-    def __init__(self, mem: Any, lock: Any, slots: int) -> None:
+    def __init__(self, mem: Any, lock: Any, slots: int, workers: int = 1) -> None:
         self.mem = mem
         self.lock = lock
         self.slots = slots  # a power of two
         self.mask = slots - 1
+        self.workers = workers
+        self.worker = 0  # whose connections admit() and release() count
+        self.slot = struct.Struct(f"16sI{workers}I")  # address, used, count per worker
 
     @classmethod
-    def create(cls, maxconn: int) -> SourceTable:
+    def create(cls, maxconn: int, workers: int = 1) -> SourceTable:
         """A table for a frontend's `maxconn` connections (twice as many slots)."""
         slots = 1 << max(4, (2 * maxconn - 1).bit_length())
         slots = min(slots, MAX_SLOTS)
-        mem = mmap.mmap(-1, _USED.size + slots * _SLOT.size, flags=mmap.MAP_SHARED)
-        return cls(mem, multiprocessing.get_context("fork").Lock(), slots)
+        size = struct.calcsize(f"16sI{workers}I")
+        mem = mmap.mmap(-1, _USED.size + slots * size, flags=mmap.MAP_SHARED)
+        return cls(mem, multiprocessing.get_context("fork").Lock(), slots, workers)
+
+    def _at(self, i: int) -> tuple[bytes, int, list[int]]:
+        key, used, *counts = self.slot.unpack_from(self.mem, _USED.size + i * self.slot.size)
+        return key, used, counts
+
+    def _put(self, i: int, key: bytes, counts: list[int]) -> None:
+        self.slot.pack_into(self.mem, _USED.size + i * self.slot.size, key, 1, *counts)
 
     def _find(self, key: bytes) -> tuple[int, int]:
         """(slot of `key` or -1, slot a new key takes: reusable or never used, or -1)."""
-        mem, size = self.mem, _SLOT.size
         i = zlib.crc32(key) & self.mask
         reuse = -1
         for _ in range(self.slots):
-            k, n, used = _SLOT.unpack_from(mem, _USED.size + i * size)
+            k, used, counts = self._at(i)
             if not used:
                 return -1, reuse if reuse >= 0 else i
             if k == key:
                 return i, -1
-            if n == 0 and reuse < 0:
+            if reuse < 0 and not any(counts):
                 reuse = i
             i = (i + 1) & self.mask
         return -1, reuse
@@ -154,19 +167,19 @@ class SourceTable:
     def admit(self, key: bytes, limit: int) -> bool:
         """Count one more connection from `key`, unless it has `limit` already."""
         if not self.lock.acquire(timeout=LOCK_WAIT):
-            return True  # a worker died holding it: admit, uncounted
+            return True  # a worker died holding it (the master takes it back): uncounted
         try:
             at, new = self._find(key)
-            off = _USED.size + (at if at >= 0 else new) * _SLOT.size
             if at >= 0:
-                _, n, _ = _SLOT.unpack_from(self.mem, off)
-                if n >= limit:
+                _, _, counts = self._at(at)
+                if sum(counts) >= limit:
                     return False
-                _SLOT.pack_into(self.mem, off, key, n + 1, 1)
+                counts[self.worker] += 1
+                self._put(at, key, counts)
                 return True
             if new < 0:
                 return True  # every slot holds a live address: admit, uncounted
-            if not _SLOT.unpack_from(self.mem, off)[2]:
+            if not self._at(new)[1]:
                 (used,) = _USED.unpack_from(self.mem, 0)
                 _USED.pack_into(self.mem, 0, used + 1)
                 if 4 * (used + 1) > 3 * self.slots:
@@ -174,8 +187,9 @@ class SourceTable:
                     at, new = self._find(key)
                     if new < 0:
                         return True
-                    off = _USED.size + new * _SLOT.size
-            _SLOT.pack_into(self.mem, off, key, 1, 1)
+            counts = [0] * self.workers
+            counts[self.worker] = 1
+            self._put(new, key, counts)
             return True
         finally:
             self.lock.release()
@@ -187,26 +201,38 @@ class SourceTable:
         try:
             at, _ = self._find(key)
             if at >= 0:
-                off = _USED.size + at * _SLOT.size
-                _, n, _ = _SLOT.unpack_from(self.mem, off)
-                _SLOT.pack_into(self.mem, off, key, max(0, n - 1), 1)
+                _, _, counts = self._at(at)
+                counts[self.worker] = max(0, counts[self.worker] - 1)
+                self._put(at, key, counts)
+        finally:
+            self.lock.release()
+
+    def forget(self, worker: int) -> None:
+        """Worker `worker` is gone, and its connections with it (the master, which
+        also takes the lock back if the worker died holding it)."""
+        if not self.lock.acquire(timeout=4 * LOCK_WAIT):
+            pass  # held that long: by the dead worker; it is ours now
+        try:
+            for i in range(self.slots):
+                key, used, counts = self._at(i)
+                if used and counts[worker]:
+                    counts[worker] = 0
+                    self._put(i, key, counts)
         finally:
             self.lock.release()
 
     def count(self, key: bytes) -> int:
         at, _ = self._find(key)
-        return 0 if at < 0 else int(_SLOT.unpack_from(self.mem, _USED.size + at * _SLOT.size)[1])
+        return 0 if at < 0 else sum(self._at(at)[2])
 
     def _rebuild(self) -> None:
         """Drop the slots of addresses with no connection left (lock held)."""
-        size = _SLOT.size
-        view = memoryview(self.mem)[_USED.size : _USED.size + self.slots * size]
-        live = [(k, n) for k, n, used in _SLOT.iter_unpack(view) if used and n]
-        view.release()
-        self.mem[: _USED.size + self.slots * size] = bytes(_USED.size + self.slots * size)
-        for k, n in live:
+        live = [(k, c) for k, used, c in map(self._at, range(self.slots)) if used and any(c)]
+        end = _USED.size + self.slots * self.slot.size
+        self.mem[:end] = bytes(end)
+        for k, c in live:
             _, new = self._find(k)
-            _SLOT.pack_into(self.mem, _USED.size + new * size, k, n, 1)
+            self._put(new, k, c)
         _USED.pack_into(self.mem, 0, len(live))
 
     def close(self) -> None:

@@ -17,13 +17,15 @@ A condition is tests joined by AND (juxtaposition), `||` (OR, binding less tight
 and `!` (NOT); a test is an anonymous ACL in braces or a named one (`acl NAME fetch
 [flags] patterns...`, several patterns OR-ed, several definitions of one name too).
 Fetches: `dst_port` (integers, `lo:hi` ranges), `src` (addresses and networks, an
-IPv4-mapped IPv6 client matching IPv4 networks), `req.ssl_sni` (alias `req_ssl_sni`;
+IPv4-mapped IPv6 client matching IPv4 networks, an IPv4 client IPv6 ones by its
+IPv4-mapped form, as HAProxy), `req.ssl_sni` (alias `req_ssl_sni`;
 strings, `-i` for case-insensitive, `-m str|beg|end|sub|dom`). A fetch without a value
 (no ClientHello, a unix client) makes its test false, and `!` of it true, as in HAProxy.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -70,7 +72,12 @@ class Test:
             return port is not None and any(lo <= port <= hi for lo, hi in self.ports)
         if self.fetch == "src":
             ip = facts.src
-            return ip is not None and any(ip in net for net in self.networks)
+            if ip is None:
+                return False
+            if any(ip in net for net in self.networks):
+                return True
+            # as HAProxy: an IPv4 client is also sought, IPv4-mapped, in IPv6 patterns
+            return ip.version == 4 and any(_mapped(ip) in net for net in self.networks)
         sni = facts.sni
         return sni is not None and self.match_string(sni)
 
@@ -88,6 +95,11 @@ class Test:
             ):
                 return True
         return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _mapped(ip: IPAddr) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
 
 
 def _dom(value: str, pattern: str) -> bool:

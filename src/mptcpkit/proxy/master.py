@@ -335,6 +335,8 @@ class Master:
                     now=True,
                 )
                 respawn_at[slot] = time.monotonic() + 1.0
+                for table in self.sources.values():  # its connections went with it
+                    table.forget(slot)
 
     def _reload_request(self) -> str | None:
         """A reload asked on the runtime API (its thread): done by the main loop, which
@@ -667,7 +669,9 @@ def _worker_main(
 def _sources(cfg: Config) -> dict[str, abuse.SourceTable]:
     """maxconn-per-source counts, one table per frontend for all of its workers."""
     return {
-        f.name: abuse.SourceTable.create(f.maxconn) for f in cfg.frontends if f.maxconn_per_source
+        f.name: abuse.SourceTable.create(f.maxconn, cfg.global_.workers)
+        for f in cfg.frontends
+        if f.maxconn_per_source
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import _socket
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -213,6 +214,8 @@ class Runtime:
     ) -> None:
         self.cfg = cfg
         self.sources: dict[str, Any] = dict(sources or {})  # maxconn-per-source (abuse.py)
+        for table in self.sources.values():
+            table.worker = worker  # this worker's connections, counted apart
         self.loop = asyncio.get_running_loop()
         self.log = log
         self.metrics = metrics
@@ -326,16 +329,38 @@ class Runtime:
         }
 
     async def _settle(self, limit: float) -> None:
-        """Accept on until no handshake is in flight to our ports, then close."""
-        ports = self._ports()
+        """Accept on until no handshake is in flight to our ports (looked for in each
+        listener's own network namespace: a bind's `namespace`), then close."""
         end = self.loop.time() + limit
+        groups: list[tuple[int | None, set[int]]] = []
         try:
-            while handover.handshakes_in_flight(ports) and self.loop.time() < end:
+            groups = handover.ports_by_namespace(
+                [ls for fe in self.frontends for ls in fe.listeners if ls.family != socket.AF_UNIX]
+            )
+            while self._in_flight(groups) and self.loop.time() < end:
                 await asyncio.sleep(0.002)
         except OSError:  # sock_diag cannot tell: close as without settling
             pass
         finally:
+            for ns, _ in groups:
+                if ns is not None:
+                    os.close(ns)
             self._close_listeners()
+
+    @staticmethod
+    def _in_flight(groups: list[tuple[int | None, set[int]]]) -> bool:
+        """Whether a handshake is in flight to one of `groups`' ports; a namespace this
+        worker may not enter (it dropped root) is left out, the rest still count."""
+        for ns, ports in list(groups):
+            try:
+                if handover.handshakes_in_flight(ports, ns):
+                    return True
+            except OSError:
+                if ns is None:
+                    raise  # sock_diag cannot tell here: stop settling
+                groups.remove((ns, ports))
+                os.close(ns)
+        return False
 
     # --- per connection ----------------------------------------------------------------
 

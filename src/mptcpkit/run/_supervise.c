@@ -122,17 +122,27 @@ static void handover(const struct settings *set, const unsigned char *pending, i
     }
     size_t tlen = strlen(set->tcponly) + 16;
     char *a_tcponly = malloc(tlen);
-    if (a_tcponly == NULL)
+    if (a_tcponly == NULL) {
+        degraded = 1; /* the caller answers what Python would have (never left pending) */
         return;
+    }
     snprintf(a_tcponly, tlen, "tcponly=%s", set->tcponly);
     char *argv[] = {(char *)set->python, "-I", "-c", (char *)BOOT, (char *)set->root,
                     a_listener, a_killable, a_pidfd, a_forced, a_keys, a_stats, a_only,
                     a_tcponly, a_pending, NULL};
+    /* The watcher's SIGUSR1 may come while execve() runs: left pending, exec would turn
+     * it into the default action (termination) for Python. Ignored, it is discarded
+     * now and later, and Python inherits the ignoring. */
+    struct sigaction ign = {0}, usr1;
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    sigaction(SIGUSR1, &ign, &usr1);
     if (inheritable(F.listener) == 0 && inheritable(pidfd) == 0 && inheritable(kfd) == 0) {
         force_forget_all(&F);
         execv(set->python, argv);
     }
     int err = errno;
+    sigaction(SIGUSR1, &usr1, NULL);
     free(a_tcponly);
     if (kfd >= 0)
         close(kfd);
@@ -198,6 +208,18 @@ static int receive_listener(int *killable) {
     *killable = byte == 'K';
     close(SOCK_FD);
     return fd;
+}
+
+/* The program's descriptors (socket activation's, a pipe the caller reads) are not
+ * ours to hold: a reader would wait for its end as long as the supervisor lives. */
+static void close_inherited(void) {
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, SOCK_FD + 1, ~0U, 0) == 0)
+        return;
+#endif
+    int top = (int)sysconf(_SC_OPEN_MAX);
+    for (int fd = SOCK_FD + 1; fd < (top > 0 ? top : 1024); fd++)
+        close(fd);
 }
 
 static int own_context(struct forcer *f) {
@@ -297,6 +319,7 @@ int main(int argc, char **argv) {
         _exit(write(SOCK_FD, pid, (size_t)len) == len ? 0 : 1);
     }
     setsid();
+    close_inherited();
     prctl(PR_SET_NAME, "mptcpkit-run", 0, 0, 0);
     /* systemd's stop signals every process of the unit: the supervisor must outlive
      * the program's shutdown, it leaves when the program does (launch.py) */
@@ -329,6 +352,8 @@ int main(int argc, char **argv) {
     if (own_context(&F) < 0 || pidfd < 0 || start_watch(pidfd, devnull, wants_stats) < 0)
         handover(&set, NULL, pidfd); /* Python reads them its own way */
     force_setup(&F, strcmp(set.context, "proc") != 0, 1);
+    if (F.recv_size < 80) /* own_context failed before reading it, and Python did not start */
+        _exit(1);
     unsigned char *buf = malloc(F.recv_size);
     if (buf == NULL)
         _exit(1);
