@@ -48,7 +48,20 @@ APPLICATIONS = ("mptcpkit.lab", "mptcpkit.proxy", "mptcpkit.run", "mptcpkit.pm")
 PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
     (
         "config",
-        ("config", "logging", "proxyproto", "convertproto", "destpolicy", "acl", "clienthello"),
+        (
+            "config",
+            "configmodel",
+            "configread",
+            "configfrontend",
+            "configrules",
+            "configbackend",
+            "logging",
+            "proxyproto",
+            "convertproto",
+            "destpolicy",
+            "acl",
+            "clienthello",
+        ),
     ),
     ("balancing/health", ("balance", "timeouts", "retry", "queue", "abuse", "slowstart")),
     (

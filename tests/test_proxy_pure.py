@@ -12,10 +12,13 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from mptcpkit.address import parse_address
 from mptcpkit.policy import Policy
 from mptcpkit.proxy import config, proxyproto
 from mptcpkit.proxy.balance import Balancer
 from mptcpkit.proxy.config import ConfigError, parse_text, quick
+from mptcpkit.proxy.configmodel import BALANCE_ALGORITHMS, UnixPerms
+from mptcpkit.proxy.configread import parse_duration
 
 GOOD = """
 [global]
@@ -182,7 +185,7 @@ def documents(draw):  # type: ignore[no-untyped-def]
     lines = []
     for b in backends:
         lines.append(f"[backend.{b}]")
-        lines.append(f"balance = '{draw(st.sampled_from(config.BALANCE_ALGORITHMS))}'")
+        lines.append(f"balance = '{draw(st.sampled_from(BALANCE_ALGORITHMS))}'")
         for i in range(draw(st.integers(1, 3))):
             proto = draw(st.sampled_from(["tcp", "mptcp", "tcp4", "mptcp4"]))
             lines.append(
@@ -242,7 +245,7 @@ def test_garbage_toml_never_crashes(text: str) -> None:
 
 @given(st.one_of(st.floats(0, 1e6), st.integers(0, 10**6)))
 def test_duration_numbers(v: float) -> None:
-    assert config.parse_duration(v) == float(v)
+    assert parse_duration(v) == float(v)
 
 
 # --- PROXY protocol ------------------------------------------------------------------
@@ -448,7 +451,7 @@ def test_overlapping_binds_are_an_error_naming_both(a: str, b: str) -> None:
         parse_text(_two_frontends(a, b), "p.toml")
     e = ei.value
     assert e.key == "frontend.two.bind[1]", str(e)
-    assert f"{config.parse_address(b)} overlaps {config.parse_address(a)}" in e.reason, str(e)
+    assert f"{parse_address(b)} overlaps {parse_address(a)}" in e.reason, str(e)
     assert "(frontend.one.bind)" in e.reason, str(e)
 
 
@@ -501,4 +504,4 @@ def test_unix_bind_options_parsed() -> None:
         "[frontend.f]\nbind='unix@/run/p.sock mode 0660 user www group web'\nbackend='b'\n"
         "[backend.b]\nserver.a='h:1'"
     )
-    assert cfg.frontends[0].unix_perms == (config.UnixPerms(0o660, "www", "web"),)
+    assert cfg.frontends[0].unix_perms == (UnixPerms(0o660, "www", "web"),)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mptcpkit.proxy import compiled
-from mptcpkit.proxy.config import ConfigError, Timeouts, parse_text
+from mptcpkit.proxy.config import ConfigError, parse_text
+from mptcpkit.proxy.configmodel import Timeouts
 from mptcpkit.proxy.timeouts import idle_rules, tick
 from proxy_harness import PROXY_CMD, ProxyProc, Server, connect, recv_all, run_proxy, wait_for
 

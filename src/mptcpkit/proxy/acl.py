@@ -1,7 +1,7 @@
 """HAProxy's content switching: `use_backend NAME if|unless CONDITION`, ACLs, and which
 rule a connection meets first.
 
-Pure: parsing the rules (config.py reads them from the TOML) and evaluating them on
+Pure: parsing the rules (configrules.py reads them from the TOML) and evaluating them on
 what is known of a connection (`Facts`). The data paths gather the facts: the
 destination port (`dst_port`), the client's address (`src`) and, for rules reading
 `req.ssl_sni`, the server name of the TLS ClientHello (clienthello.py).

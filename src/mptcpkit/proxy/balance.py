@@ -10,7 +10,7 @@ import time
 import zlib
 from collections.abc import Collection, Sequence
 
-from mptcpkit.proxy.config import Backend, HealthCheck, Server
+from mptcpkit.proxy.configmodel import Backend, HealthCheck, Server
 from mptcpkit.proxy.slowstart import came_up, effective_weight
 
 __all__ = ["Balancer", "ServerState"]

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mptcpkit.proxy import proxyproto
-from mptcpkit.proxy.config import ConfigError
+from mptcpkit.proxy.configmodel import ConfigError
 from mptcpkit.proxy.datapath import BURST, burst
 from mptcpkit.proxy.frontend import FrontendRuntime
 from mptcpkit.proxy.relay import leg_state, read_proxy_header
@@ -28,7 +28,7 @@ from mptcpkit.proxy.timeouts import idle_rules
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.config import Frontend
+    from mptcpkit.proxy.configmodel import Frontend
     from mptcpkit.proxy.datapath import BackendPort, WorkerPort
 
 try:

@@ -40,7 +40,7 @@ from mptcpkit.proxy.relay import reason_of
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.config import Server
+    from mptcpkit.proxy.configmodel import Server
 
 __all__ = ["WIRE_CONVERT", "WIRE_TFO", "CompiledConverter", "wire_flags"]
 

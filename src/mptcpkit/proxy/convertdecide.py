@@ -16,7 +16,7 @@ from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.destpolicy import DestinationPolicy, Refusal
 
 if TYPE_CHECKING:
-    from mptcpkit.proxy.config import Backend, Frontend, Server
+    from mptcpkit.proxy.configmodel import Backend, Frontend, Server
     from mptcpkit.proxy.datapath import FrontendPort
 
 __all__ = [

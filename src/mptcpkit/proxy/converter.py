@@ -49,7 +49,7 @@ from mptcpkit.proxy.relay import MIN_READ, Conn, reason_of
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.config import Frontend
+    from mptcpkit.proxy.configmodel import Frontend
     from mptcpkit.proxy.datapath import FrontendPort
 
 __all__ = ["PSK_TLV", "ConvertConn", "ConvertFrontend", "needed", "options_refused"]
@@ -438,7 +438,7 @@ class ConvertFrontend(FrontendRuntime):
     def __init__(
         self, cfg: Frontend, listeners: Any, backend: Any, rt: Any, backends: Any = None
     ) -> None:
-        super().__init__(cfg, listeners, backend, rt)  # no use_backend rules (config.py)
+        super().__init__(cfg, listeners, backend, rt)  # no use_backend rules (configrules.py)
         self.first_wait = first_wait(cfg, backend.cfg)
         self.own_ports = {
             ls.getsockname()[1] for ls in self.listeners if ls.family != socket.AF_UNIX

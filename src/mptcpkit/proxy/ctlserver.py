@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mptcpkit.proxy import control
-from mptcpkit.proxy.config import Config, ConfigError
+from mptcpkit.proxy.configmodel import Config, ConfigError
 
 __all__ = ["ControlServer", "request"]
 

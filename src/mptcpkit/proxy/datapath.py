@@ -14,11 +14,11 @@ import asyncio
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mptcpkit.proxy.config import ConfigError
+from mptcpkit.proxy.configmodel import ConfigError
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.config import Backend, Frontend
+    from mptcpkit.proxy.configmodel import Backend, Frontend
     from mptcpkit.proxy.logging import EventLog
     from mptcpkit.proxy.poller import Poller
     from mptcpkit.proxy.queue import ServerQueue

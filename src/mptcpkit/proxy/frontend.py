@@ -28,7 +28,7 @@ from mptcpkit.status import protocol as socket_protocol
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.config import Frontend
+    from mptcpkit.proxy.configmodel import Frontend
     from mptcpkit.proxy.datapath import BackendPort, WorkerPort
 
 __all__ = ["ACCEPT_BATCH", "ACCEPT_RETRY", "FrontendRuntime"]

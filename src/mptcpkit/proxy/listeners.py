@@ -23,7 +23,7 @@ from typing import Any
 
 import mptcpkit
 from mptcpkit import handover, intercept, netns
-from mptcpkit.proxy.config import Config, ConfigError, Frontend, UnixPerms
+from mptcpkit.proxy.configmodel import Config, ConfigError, Frontend, UnixPerms
 from mptcpkit.proxy.prepare import unix_owner
 
 __all__ = ["BACKLOG", "ListenerPool", "address_text"]

@@ -35,7 +35,7 @@ from typing import Any
 from mptcpkit import handover
 from mptcpkit.proxy import abuse, compiled, control, health, metricsd, privileges, resolvers
 from mptcpkit.proxy import metrics as metrics_mod
-from mptcpkit.proxy.config import Config, ConfigError
+from mptcpkit.proxy.configmodel import Config, ConfigError
 from mptcpkit.proxy.ctlserver import ControlServer
 from mptcpkit.proxy.listeners import ListenerPool
 from mptcpkit.proxy.logging import EventLog

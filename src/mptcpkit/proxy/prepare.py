@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from mptcpkit.proxy.config import Config, ConfigError, Frontend
+from mptcpkit.proxy.configmodel import Config, ConfigError, Frontend
 from mptcpkit.proxy.logging import EventLog, parse_target
 from mptcpkit.proxy.resolvers import lookup
 

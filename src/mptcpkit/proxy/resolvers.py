@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from mptcpkit.address import Address
-from mptcpkit.proxy.config import Config
+from mptcpkit.proxy.configmodel import Config
 
 __all__ = ["AddressBoard", "Resolver", "follow", "lookup", "named"]
 

@@ -22,7 +22,7 @@ from mptcpkit.proxy import acl, clienthello
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
-    from mptcpkit.proxy.config import Frontend
+    from mptcpkit.proxy.configmodel import Frontend
     from mptcpkit.proxy.datapath import BackendPort
 
 __all__ = ["INSPECT_LIMIT", "Router", "client_ip"]

@@ -27,7 +27,7 @@ from mptcpkit.policy import Policy
 from mptcpkit.proxy import compiled, health, resolvers, retry
 from mptcpkit.proxy.balance import Balancer, ServerState
 from mptcpkit.proxy.compiledconvert import CompiledConverter, wire_flags
-from mptcpkit.proxy.config import Backend, Config
+from mptcpkit.proxy.configmodel import Backend, Config
 from mptcpkit.proxy.convertdecide import needed as converter_needed
 from mptcpkit.proxy.converter import ConvertFrontend
 from mptcpkit.proxy.datapath import (

@@ -13,7 +13,7 @@ import math
 import time
 from typing import Protocol
 
-from mptcpkit.proxy.config import Server
+from mptcpkit.proxy.configmodel import Server
 
 
 class ServerState(Protocol):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mptcpkit.proxy.config import Timeouts
+from mptcpkit.proxy.configmodel import Timeouts
 
 __all__ = ["IdleRules", "idle_rules", "tick"]
 
