@@ -29,7 +29,6 @@ with the same events.
 from __future__ import annotations
 
 import _socket
-import contextlib
 import fcntl
 import os
 import socket
@@ -280,8 +279,10 @@ def undivert(droppers: Sequence[socket.socket]) -> None:
     process's listeners joined it) must not keep sending every SYN to one index."""
     for s in droppers:
         # ENOENT: this group's program went with an earlier dropper
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 (contextlib is not imported by `import mptcpkit`)
             s.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+        except OSError:
+            pass
         s.close()
 
 
