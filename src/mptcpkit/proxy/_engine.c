@@ -2451,7 +2451,9 @@ PyMODINIT_FUNC PyInit__engine(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0) {
+    /* what each connection costs the engine, idle (tests/test_engine_memory.py) */
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "CONN_BYTES", (long)sizeof(Conn)) < 0) {
         Py_DECREF(m);
         return NULL;
     }
