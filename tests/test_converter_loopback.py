@@ -138,3 +138,24 @@ def test_split_message_option_refused_and_proxy_v2(tmp_path: Path) -> None:
             with pytest.raises(OSError):  # reset: on the shutdown, or on the read
                 _ask(p.port("bond"), lo, b"pp")
             wait_for(lambda: "destination 127.0.0.2 is loopback" in p.log(), what="log")
+
+
+def test_proxy_header_without_destination_is_reset(tmp_path: Path) -> None:
+    """A PROXY v2 LOCAL (or v1 UNKNOWN) header names no destination. HAProxy would keep
+    the connection's own addresses, but here that destination is the gateway itself: it
+    is refused as every PROXY client is, with a RST (docs/bonding.md), on both paths."""
+    with Server(echo) as srv:
+        cfg = _remote("127.0.0.0/8", ', allow = ["127.0.0.1/32"]')
+        pcfg = cfg.replace("accept-convert = true", "accept-proxy = true")
+        with run_proxy(tmp_path, pcfg) as p:
+            for header in (proxyproto.build_v2(None, None, local=True), b"PROXY UNKNOWN\r\n"):
+                with socket.create_connection(("127.0.0.1", p.port("bond")), timeout=10) as s:
+                    s.sendall(header + b"pp")  # no shutdown: a FIN reads as b"", a RST raises
+                    with pytest.raises(ConnectionResetError):
+                        s.recv(100)
+            wait_for(
+                lambda: p.log().count("PROXY LOCAL (no destination)") == 2,
+                what="both ends in the log",
+            )
+            ok = proxyproto.build_v2(("127.0.0.1", 1), ("127.0.0.1", srv.port))
+            assert _ask(p.port("bond"), ok, b"pp") == b"pp"  # the gateway still relays

@@ -37,6 +37,7 @@ class Tagged:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.tag = tag
+        self.accepted = 0
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -45,6 +46,7 @@ class Tagged:
                 c, _ = self.sock.accept()
             except OSError:
                 return
+            self.accepted += 1
             with c:
                 c.sendall(self.tag)
 
@@ -115,6 +117,8 @@ def test_a_moved_name_is_followed_without_a_reload(
             point(private_hosts, "127.0.0.2")
             moved = lambda: all(answer(port) == b"B" for _ in range(6))  # noqa: E731
             wait_for(moved, 10, "connections in every worker to reach the new address")
+            checked = b.accepted  # no traffic from here: what b accepts now are checks
+            wait_for(lambda: b.accepted >= checked + 2, 10, "the checker to follow")
             a.close()  # the checker follows too: the old address going away is no failure
             for _ in range(10):
                 assert answer(port) == b"B"

@@ -343,7 +343,9 @@ class ConvertConn(Conn):
         header, used = parsed
         self.hdr = None
         if header.local or not isinstance(header.destination, tuple):
-            self.end("PROXY LOCAL (no destination)")
+            # HAProxy keeps the connection's own addresses: here the gateway itself, so
+            # it is refused, as any PROXY client is: with a RST (as compiledconvert.py)
+            self.abort("PROXY LOCAL (no destination)")
             return
         if header.source is not None:
             self.caddr = header.source
