@@ -134,7 +134,7 @@ def build(args: argparse.Namespace, topology: str, prefix: str) -> Any:
 def bring_up(net: Any) -> None:
     """Bring `net` up; a kernel without netem is a usage error (exit 2), said plainly."""
     from mptcpkit.lab import LabError
-    from mptcpkit.lab.topology import NetemMissing
+    from mptcpkit.lab.link import NetemMissing
 
     try:
         net.up()

@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mptcpkit.lab.faults import Fault, Schedule
+from mptcpkit.lab.host import Host
 from mptcpkit.lab.mib import Memory, delta, read_mib, read_sockstat, read_tcp_mem
 from mptcpkit.lab.netns import LabError
 from mptcpkit.lab.sampler import Sampler
 from mptcpkit.lab.scenario import filter_counters
 from mptcpkit.lab.series import recovery_time, series, steady_rate
-from mptcpkit.lab.topology import Host, Topology
+from mptcpkit.lab.topology import Topology
 from mptcpkit.lab.transfer import Transfer, accept_all, join
 from mptcpkit.lab.verdict import judge, promise
 from mptcpkit.status import status

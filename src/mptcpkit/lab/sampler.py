@@ -18,8 +18,8 @@ from typing import Any
 
 from mptcpkit.abi.tcp_info import TCP_INFO_SIZE, decode_tcp_info
 from mptcpkit.introspect import subflows as _subflows
+from mptcpkit.lab.host import Host
 from mptcpkit.lab.mib import read_sockstat
-from mptcpkit.lab.topology import Host
 from mptcpkit.lab.transfer import Transfer
 
 
