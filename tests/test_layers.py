@@ -81,7 +81,21 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("worker runtime", ("runtime", "metrics", "control", "health", "resolvers")),
-    ("master", ("master", "prepare", "listeners", "ctlserver", "metricsd", "privileges")),
+    (
+        "master",
+        (
+            "master",
+            "workerproc",
+            "checkerproc",
+            "stopping",
+            "reloadable",
+            "prepare",
+            "listeners",
+            "ctlserver",
+            "metricsd",
+            "privileges",
+        ),
+    ),
 ]
 # mptcpkit.cli.proxy is the CLI rung: the CLI layer above covers it.
 

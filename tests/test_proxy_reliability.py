@@ -175,13 +175,13 @@ def test_reload_into_a_broken_config_keeps_the_running_one(
 # log and users checked by the master, no config makes a real worker fail any more).
 _FAILING_WORKERS = """
 import sys
-from mptcpkit.proxy import master
-real = master._worker_main
+from mptcpkit.proxy import workerproc
+real = workerproc.main
 def worker_main(cfg, *args):
     if cfg.global_.workers == 3:
         raise RuntimeError("cannot start (injected)")
     return real(cfg, *args)
-master._worker_main = worker_main
+workerproc.main = worker_main
 from mptcpkit.cli import main
 sys.exit(main(["proxy", *sys.argv[1:]]))
 """

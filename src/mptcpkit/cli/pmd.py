@@ -52,14 +52,14 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
-    from mptcpkit.pm import daemon
+    from mptcpkit.pm import daemon, statussock
     from mptcpkit.pm.state import StateError
 
     cfg = _config(args)
     if args.action == "status":
         path = cfg.status_path()
         try:
-            state = daemon.status(path)
+            state = statussock.status(path)
         except OSError as exc:
             raise CLIError(f"no pmd answering on {path}: {exc.strerror or exc}") from None
         if args.json:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     with pm_errors(cfg.netns):
         try:
             daemon.run(cfg)
-        except (daemon.StatusSocketError, daemon.AlreadyRunning, StateError) as exc:
+        except (statussock.StatusSocketError, daemon.AlreadyRunning, StateError) as exc:
             raise UsageError(exc.strerror or str(exc)) from None
     return 0
 
@@ -84,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
 def _check(cfg, source: str) -> int:  # type: ignore[no-untyped-def]
     """The configuration parsed; warnings about it against the namespace on stderr."""
     from mptcpkit.pm import config as cfgmod
-    from mptcpkit.pm import daemon
+    from mptcpkit.pm import rtnl
     from mptcpkit.pm.netns import NamespaceNotFound
 
     try:
-        addresses = daemon.namespace_addresses(cfg.netns)
+        addresses = rtnl.namespace_addresses(cfg.netns)
     except NamespaceNotFound:
         raise UsageError(f"network namespace {cfg.netns!r} does not exist") from None
     except PermissionError:

@@ -160,7 +160,7 @@ def _balancer_warnings(cfg: Any) -> list[str]:
     import ipaddress
 
     from mptcpkit import pm
-    from mptcpkit.pm.daemon import namespace_addresses
+    from mptcpkit.pm.rtnl import namespace_addresses
     from mptcpkit.support import read_sysctl
 
     try:

@@ -13,6 +13,10 @@ from a unix socket. SIGTERM stops it; with `cleanup = true` it removes what it
 added and restores what it changed. What it owns and the original values it will
 restore live in a state file (`mptcpkit.pm.state`), so a pmd started after a crash
 adopts them, and it re-reads open connections from the kernel (`mptcpkit.pm.diag`).
+
+`Daemon` is assembled from its parts: rtnl.py follows links and addresses,
+kernelmode.py and userspace.py are the two modes, ownership.py is what must be put
+back, statussock.py answers `pmd status`; this module reacts to changes and events.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import os
 import signal
@@ -30,75 +33,35 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from pyroute2.netlink.rtnl import (
-    RTM_DELADDR,
-    RTM_DELLINK,
-    RTM_GETADDR,
-    RTM_GETLINK,
-    RTM_NEWADDR,
-    RTM_NEWLINK,
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV6_IFADDR,
     RTMGRP_LINK,
 )
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from mptcpkit.pm import netns as _netns
 from mptcpkit.pm import state as _state
+from mptcpkit.pm import statussock
 from mptcpkit.pm.api import PathManager, UserspacePMUnavailable
 from mptcpkit.pm.codec import Endpoint, Event, EventType
 from mptcpkit.pm.config import Config, backoff
 from mptcpkit.pm.config import check as config_check
 from mptcpkit.pm.events import EventStream
+from mptcpkit.pm.kernelmode import KernelMode
+from mptcpkit.pm.ownership import Ownership
+from mptcpkit.pm.rtnl import Link, LinkWatch
 from mptcpkit.pm.transport import PMError
 from mptcpkit.pm.userspace import Conn, UserspaceMode
 
 log = logging.getLogger("mptcpkit.pmd")
-
-IFF_UP = 0x1
-IFF_RUNNING = 0x40
-IFA_F_TENTATIVE = 0x40
-RT_SCOPE_UNIVERSE = 0
-SUPPRESS_SECONDS = 2.0
-
-
-def rtnl_dump(msg: Any, mtype: int) -> list[Any]:
-    """One rtnetlink dump (links or addresses) on a short-lived blocking socket."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as sock:
-        sock.bind((0, 0))
-        msg["header"]["type"] = mtype
-        msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
-        msg["header"]["sequence_number"] = 1
-        msg.encode()
-        sock.send(msg.data)
-        marshal = MarshalRtnl()
-        out: list[Any] = []
-        while True:
-            for reply in marshal.parse(sock.recv(1 << 16)):
-                if reply["header"]["type"] in (NLMSG_DONE, NLMSG_ERROR):
-                    return out
-                out.append(reply)
-
-
-class StatusSocketError(OSError):
-    """The status socket cannot be created (path not writable, a directory...)."""
 
 
 class AlreadyRunning(OSError):
     """Another live pmd manages this namespace (its state file names its pid)."""
 
 
-@dataclasses.dataclass
-class Link:
-    index: int
-    name: str
-    running: bool
-
-
-class Daemon(UserspaceMode):
+class Daemon(UserspaceMode, KernelMode, Ownership, LinkWatch):
     """One pmd: watches links, addresses and mptcp_pm events, keeps its state file."""
 
     def __init__(self, config: Config) -> None:
@@ -162,81 +125,13 @@ class Daemon(UserspaceMode):
                 f"(state file {self.state_path})",
             )
 
-    def _set_sysctl(self, key: str, value: str) -> None:
-        old = _netns.read_sysctl(None, key)
-        if old is None or old == value:
-            return
-        self.restore_sysctls.setdefault(key, old)
-        self.save()  # the original value is on disk before the change
-        _netns.write_sysctl(None, key, value)
-        self.decide(f"sysctl {key}={value} (was {old})")
-
-    # ------------------------------------------------------------ state file
-
-    def save(self) -> None:
-        if not self.claimed:
-            return
-        _state.save(
-            self.state_path,
-            _state.State(
-                pid=os.getpid(),
-                owned=dict(self.owned),
-                parked=dict(self.parked),
-                sysctls=dict(self.restore_sysctls),
-                limits=self.restore_limits,
-                local_ids=dict(self.local_ids),
-            ),
-        )
-
-    def adopt(self) -> None:
-        """Take over what a pmd that died owned: its endpoints still in the kernel (same
-        id and address), its parked addresses, the original values it would restore."""
-        prev = self.previous
-        self.claimed = True
-        if prev is None:
-            self.save()
-            return
-        assert self.pm is not None
-        kernel = {ep.address: ep for ep in self.pm.endpoints()}
-        for address, ep in prev.owned.items():
-            current = kernel.get(address)
-            if current is not None and current.id == ep.id:
-                self.owned[address] = current
-        for address, ep in prev.parked.items():
-            if address not in kernel:
-                self.parked[address] = ep
-        self.restore_sysctls = dict(prev.sysctls)
-        self.restore_limits = prev.limits
-        self.local_ids = dict(prev.local_ids)
-        self.save()
-        originals = ", ".join(f"{k}={v}" for k, v in sorted(prev.sysctls.items()))
-        self.decide(
-            f"adopted what pmd pid {prev.pid} left: endpoints "
-            f"{' '.join(sorted(self.owned)) or '-'}, parked {' '.join(sorted(self.parked)) or '-'}"
-            + (f", original {originals}" if originals else "")
-        )
-
-    def reconcile(self) -> None:
-        """After adopting: endpoints whose address went or whose link went down while no
-        pmd was watching are removed (parked if the link is only down)."""
-        for address in list(self.owned):
-            index = self.addrs.get(address)
-            if index is None:
-                self._remove_endpoint(address, f"address {address} disappeared", park=False)
-            elif not self._usable(index):
-                link = self.links.get(index)
-                managed = link is not None and self.config.wants(link.name)
-                why = f"link {self._ifname(index)} " + ("down" if managed else "not managed")
-                self._remove_endpoint(address, why, park=managed)
-        for address in [a for a in self.parked if a not in self.addrs]:
-            del self.parked[address]
-        self.save()
-
     async def start(self) -> None:
         cfg = self.config
         try:
             self.preflight()
-            await self._start_status()  # first: a bad path must fail before any change
+            self.status_server = await statussock.listen(
+                self.config.status_path(), self.state
+            )  # first: a bad path must fail before any change
             self.adopt()
             if cfg.mode == "userspace":
                 self._set_sysctl("net.mptcp.pm_type", "1")
@@ -268,48 +163,6 @@ class Daemon(UserspaceMode):
         except BaseException:
             self.cleanup(undo=True)  # never half-started, whatever `cleanup` says
             raise
-
-    def _initial_dump(self) -> None:
-        for msg in rtnl_dump(ifinfmsg(), RTM_GETLINK):
-            self._link_msg(msg, initial=True)
-        for msg in rtnl_dump(ifaddrmsg(), RTM_GETADDR):
-            self._addr_msg(msg)
-        if self.config.mode == "kernel":
-            self._sync_limits()
-
-    def _resync(self) -> None:
-        """After lost rtnetlink messages: re-read links (acting on changes) and addresses."""
-        for msg in rtnl_dump(ifinfmsg(), RTM_GETLINK):
-            self._link_msg(msg)
-        current = {}
-        for msg in rtnl_dump(ifaddrmsg(), RTM_GETADDR):
-            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if address:
-                current[address] = msg
-        for address in [a for a in self.addrs if a not in current]:
-            self.addrs.pop(address, None)
-            self.address_gone(address)
-        for msg in current.values():
-            self._addr_msg(msg)
-
-    async def _start_status(self) -> None:
-        path = self.config.status_path()
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            self.status_server = await asyncio.start_unix_server(self._serve_status, path)
-        except OSError as exc:
-            raise StatusSocketError(exc.errno, f"status socket {path}: {exc.strerror}") from None
-
-    async def _serve_status(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            writer.write(json.dumps(self.state()).encode() + b"\n")
-            await writer.drain()
-        finally:
-            writer.close()
 
     def state(self) -> dict[str, Any]:
         cfg = self.config
@@ -366,23 +219,7 @@ class Daemon(UserspaceMode):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.status_path())
         if undo and self.pm is not None:
-            for address, ep in list(self.owned.items()):
-                with contextlib.suppress(PMError):
-                    self.pm.delete_endpoint(ep.id)
-                    self.decide(f"cleanup: removed endpoint {address} id {ep.id}")
-            self.owned.clear()
-            if self.restore_limits is not None:
-                sub, acc = self.restore_limits
-                with contextlib.suppress(PMError):
-                    self.pm.set_limits(subflows=sub, add_addr_accepted=acc)
-                    self.decide(f"cleanup: limits back to subflows {sub} add_addr_accepted {acc}")
-            for key, old in self.restore_sysctls.items():
-                with contextlib.suppress(OSError):
-                    _netns.write_sysctl(None, key, old)
-                    self.decide(f"cleanup: sysctl {key}={old}")
-            self.restore_sysctls.clear()
-            if self.claimed:
-                _state.remove(self.state_path)  # all put back: nothing left to adopt
+            self.undo()
         elif self.claimed:
             self.save()  # cleanup = false: the next pmd adopts what is left
         self.claimed = False
@@ -390,116 +227,7 @@ class Daemon(UserspaceMode):
             self.pm.close()
             self.pm = None
 
-    # ------------------------------------------------------------ rtnetlink
-
-    def _on_rtnl(self) -> None:
-        assert self.rtnl is not None
-        while True:
-            try:
-                data = self.rtnl.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    log.warning("rtnetlink queue overflowed; re-reading links and addresses")
-                    self._resync()
-                    continue
-                raise
-            for msg in self.rtnl_marshal.parse(data):
-                mtype = msg["header"]["type"]
-                try:
-                    if mtype in (RTM_NEWLINK, RTM_DELLINK):
-                        self._link_msg(msg)
-                    elif mtype in (RTM_NEWADDR, RTM_DELADDR):
-                        self._addr_msg(msg)
-                except PMError as exc:
-                    log.error("%s", exc)
-
-    def _link_msg(self, msg: Any, initial: bool = False) -> None:
-        index = msg["index"]
-        name = msg.get_attr("IFLA_IFNAME") or f"if{index}"
-        if msg["header"]["type"] == RTM_DELLINK:
-            self.links.pop(index, None)
-            return
-        running = bool(msg["flags"] & IFF_UP) and bool(msg["flags"] & IFF_RUNNING)
-        old = self.links.get(index)
-        self.links[index] = Link(index, name, running)
-        if not initial and old is not None and old.name != name:
-            self.renamed(old, self.links[index])
-        if initial or old is None or old.running == running or not self.config.wants(name):
-            return
-        if running:
-            self.link_up(self.links[index])
-        else:
-            self.link_down(self.links[index])
-
-    def _addr_msg(self, msg: Any) -> None:
-        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if not address or msg["scope"] != RT_SCOPE_UNIVERSE:
-            return
-        flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
-        index = msg["index"]
-        if msg["header"]["type"] == RTM_DELADDR:
-            self.addrs.pop(address, None)
-            self.address_gone(address)
-            return
-        if flags & IFA_F_TENTATIVE:
-            return
-        self.addrs[address] = index
-        self.address_added(address, index)
-
-    # ------------------------------------------------------------ kernel mode
-
-    def _ifname(self, index: int) -> str:
-        link = self.links.get(index)
-        return link.name if link else f"if{index}"
-
-    def _usable(self, index: int) -> bool:
-        link = self.links.get(index)
-        return bool(link and link.running and self.config.wants(link.name))
-
-    def address_added(self, address: str, index: int, why: str | None = None) -> None:
-        if self.config.mode != "kernel" or not self._usable(index):
-            return
-        if not self.config.manages_address(address):
-            return
-        if address in self.owned:
-            return
-        assert self.pm is not None
-        if address not in self.parked and any(ep.address == address for ep in self.pm.endpoints()):
-            if address not in self.foreign:
-                self.foreign.add(address)
-                self.decide(
-                    f"address {address} on {self._ifname(index)}: "
-                    "an endpoint exists already (not ours), leaving it"
-                )
-            return
-        why = why or f"address {address} appeared on {self._ifname(index)}"
-        self._add_endpoint(address, index, why)
-
-    def _add_endpoint(self, address: str, index: int, why: str) -> None:
-        assert self.pm is not None
-        name = self._ifname(index)
-        flags = self.config.flags_for(name)
-        ep = self.pm.add_endpoint(address, flags=flags, dev=name)
-        self.owned[address] = ep
-        self.parked.pop(address, None)
-        self.save()
-        self.decide(f"{why}: added endpoint {ep}")
-        self._sync_limits()
-
-    def _remove_endpoint(self, address: str, why: str, park: bool) -> None:
-        assert self.pm is not None
-        ep = self.owned.pop(address, None)
-        if ep is None:
-            return
-        self.suppress[address] = time.monotonic() + SUPPRESS_SECONDS
-        with contextlib.suppress(PMError):
-            self.pm.delete_endpoint(ep.id)
-        if park:
-            self.parked[address] = ep
-        self.save()
-        self.decide(f"{why}: removed endpoint {ep}")
+    # ------------------------------------------------------------ links and addresses
 
     def address_gone(self, address: str) -> None:
         if self.parked.pop(address, None) is not None:
@@ -559,25 +287,6 @@ class Daemon(UserspaceMode):
         if key[0] == "sf":
             return self.addrs.get(key[2])
         return None
-
-    def _sync_limits(self) -> None:
-        """Raise limits to what the managed endpoints need ("auto"), or to the config."""
-        assert self.pm is not None
-        cfg = self.config
-        current = self.pm.limits()
-        n = len(self.owned) + len(self.parked)
-        subflows = cfg.subflows if cfg.subflows is not None else max(current.subflows, min(8, n))
-        accepted = (
-            cfg.add_addr_accepted
-            if cfg.add_addr_accepted is not None
-            else max(current.add_addr_accepted, min(8, n))
-        )
-        if (subflows, accepted) != (current.subflows, current.add_addr_accepted):
-            if self.restore_limits is None:
-                self.restore_limits = (current.subflows, current.add_addr_accepted)
-                self.save()
-            self.pm.set_limits(subflows=subflows, add_addr_accepted=accepted)
-            self.decide(f"limits: subflows {subflows} add_addr_accepted {accepted}")
 
     # ------------------------------------------------------------ pm events
 
@@ -692,13 +401,6 @@ class Daemon(UserspaceMode):
         if handle is not None:
             handle.cancel()
 
-    def _readd(self, address: str) -> None:
-        index = self.addrs.get(address)
-        if index is None or not self._usable(index) or address not in self.owned:
-            return
-        self._remove_endpoint(address, "re-creating subflows", park=False)
-        self._add_endpoint(address, index, "re-creating subflows")
-
 
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
     """Run until SIGTERM/SIGINT; `ready` is called once the daemon is watching.
@@ -726,27 +428,3 @@ def run(config: Config, ready: Callable[[], None] | None = None) -> None:
     if config.netns:
         _netns.enter_process(config.netns)
     asyncio.run(serve(config, ready))
-
-
-def namespace_addresses(netns: str | None) -> dict[str, str]:
-    """Global-scope addresses of a namespace (the current one when None) -> interface."""
-    with _netns.entered(netns):
-        names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in rtnl_dump(ifinfmsg(), RTM_GETLINK)}
-        out = {}
-        for m in rtnl_dump(ifaddrmsg(), RTM_GETADDR):
-            address = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
-            if address and m["scope"] == RT_SCOPE_UNIVERSE:
-                out[address] = names.get(m["index"]) or f"if{m['index']}"
-        return out
-
-
-def status(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask a running pmd for its state through its unix socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    state: dict[str, Any] = json.loads(b"".join(chunks))
-    return state

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mptcpkit.pm import diag
 from mptcpkit.pm.api import PathManager
@@ -61,21 +61,15 @@ class UserspaceMode:
             )
             return []
 
-    # Provided by the daemon.
-    def decide(self, text: str) -> None:
-        raise NotImplementedError
+    # Provided by the daemon and its other parts (declared only: a stub here would
+    # hide their definitions, this class coming first in the daemon's bases).
+    if TYPE_CHECKING:
 
-    def save(self) -> None:
-        raise NotImplementedError
-
-    def _usable(self, index: int) -> bool:
-        raise NotImplementedError
-
-    def _ifname(self, index: int) -> str:
-        raise NotImplementedError
-
-    def _schedule(self, key: tuple[Any, ...], why: str, action: Callable[[], None]) -> None:
-        raise NotImplementedError
+        def decide(self, text: str) -> None: ...
+        def save(self) -> None: ...
+        def _usable(self, index: int) -> bool: ...
+        def _ifname(self, index: int) -> str: ...
+        def _schedule(self, key: tuple[Any, ...], why: str, action: Callable[[], None]) -> None: ...
 
     def rebuild_connections(self) -> None:
         """Userspace mode: the connections open before this pmd started, from sock_diag,

@@ -83,6 +83,25 @@ typedef struct Engine Engine;
 typedef struct Frontend Frontend;
 typedef struct Conn Conn;
 
+/* An IPv4 or IPv6 socket address in 28 bytes, not sockaddr_storage's 128: the addresses
+ * a connection keeps (its client's, a converter's destination) are IP ones.  A longer
+ * one (a unix client bound to a path) is turned into Python at accept instead. */
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+} Addr;
+
+/* A converter's per-connection state (bonding, RFC 8803): where the client was going,
+ * and the remote gateway's reply so far.  Allocated by the connections that need it
+ * (conv_state()), freed with the connection: others do not carry it. */
+typedef struct {
+    Addr dest;
+    socklen_t destlen;    /* 0: not known */
+    unsigned char *reply; /* site: the remote gateway's Convert reply so far */
+    size_t reply_len;
+} Conv;
+
 typedef struct {
     int kind;             /* K_LEG: first, so an epoll pointer says what it points to */
     int fd;               /* -1: no socket (not connected yet, or closed) */
@@ -109,7 +128,6 @@ struct Conn {
     Frontend *fe;
     Conn *prev, *next;    /* the frontend's live connections */
     Conn *tprev, *tnext;  /* the frontend's connect-timeout queue, while connecting */
-    int timed;            /* in the timeout queue */
     double deadline;
     Conn *pprev, *pnext;  /* the frontend's server queue, while parked (queue.py) */
     double parked;        /* waiting for a server slot since (monotonic), 0: not */
@@ -123,23 +141,22 @@ struct Conn {
     PyObject *how;        /* how it ended */
     PyObject *c_state, *s_state;
     PyObject *be;         /* the backend use_backend rules chose, NULL: the frontend's */
-    int dport;            /* the port it connected to (dst_port) */
-    int inspecting;       /* waiting for a ClientHello (tcp-request inspect-delay) */
+    Conv *cv;             /* a converter's state, or NULL (conv_state() makes it) */
     long c_sub, s_sub;
-    int c_req, send_proxy, s_observe, active, done, queued;
-    int retry;            /* in the timeout queue waiting to retry a server (retry.py) */
     double idle, start;
     double t_connect, connect_time; /* first attempt (monotonic); to established, -1: not */
     unsigned long long bytes_in, bytes_out;
-    struct sockaddr_storage ca;
-    socklen_t calen;
     Conn *free_next;
-    /* converters (bonding, RFC 8803): where the client was going, and what is owed */
-    struct sockaddr_storage dest;
-    socklen_t destlen;    /* 0: not known */
-    int conv;             /* CV_* flags below */
-    unsigned char *reply; /* site: the remote gateway's Convert reply so far */
-    size_t reply_len;
+    Addr ca;              /* the client's address (calen 0: caddr was made at accept) */
+    socklen_t calen;
+    int dport;            /* the port it connected to (dst_port) */
+    int queued;           /* its legs in e->again (run_again): not freed while > 0 */
+    /* flags, a byte each: an idle connection's size is the proxy's idle memory */
+    unsigned char timed;  /* in the timeout queue */
+    unsigned char inspecting; /* waiting for a ClientHello (tcp-request inspect-delay) */
+    unsigned char c_req, send_proxy, s_observe, active, done;
+    unsigned char retry;  /* in the timeout queue waiting to retry a server (retry.py) */
+    unsigned char conv;   /* CV_* flags below (converters, bonding, RFC 8803) */
 };
 
 #define CV_ANSWER 1 /* remote: the Convert reply goes to the client before the server's bytes */
@@ -256,27 +273,28 @@ static int conv_syn_recv(Conn *c);
 static void conv_take_first(Engine *e, Conn *c);
 static int conv_target(Conn *c, int flags, int *family, const struct sockaddr **to,
                        socklen_t *tolen);
+static Conv *conv_state(Conn *c);
 
 static void end(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 0); }
 static void abort_conn(Engine *e, Conn *c, PyObject *how) { close_conn(e, c, how, 1); }
 
 /* ---- the client's address, as Python's socket module would give it ---------------- */
 
-static PyObject *sockaddr_to_py(struct sockaddr_storage *sa, socklen_t len) {
+static PyObject *sockaddr_to_py(const struct sockaddr *sa, socklen_t len) {
     char host[INET6_ADDRSTRLEN];
-    if (sa->ss_family == AF_INET) {
-        struct sockaddr_in *a = (struct sockaddr_in *)sa;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)sa;
         inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
         return Py_BuildValue("(si)", host, ntohs(a->sin_port));
     }
-    if (sa->ss_family == AF_INET6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)sa;
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa;
         inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
         return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo),
                              a->sin6_scope_id);
     }
-    if (sa->ss_family == AF_UNIX) {
-        struct sockaddr_un *a = (struct sockaddr_un *)sa;
+    if (sa->sa_family == AF_UNIX) {
+        const struct sockaddr_un *a = (const struct sockaddr_un *)sa;
         size_t n = len > offsetof(struct sockaddr_un, sun_path)
                        ? len - offsetof(struct sockaddr_un, sun_path) : 0;
         if (n && a->sun_path[0] != '\0')
@@ -288,7 +306,7 @@ static PyObject *sockaddr_to_py(struct sockaddr_storage *sa, socklen_t len) {
 
 static PyObject *client_addr(Conn *c) {
     if (!c->caddr) {
-        c->caddr = sockaddr_to_py(&c->ca, c->calen);
+        c->caddr = sockaddr_to_py(&c->ca.sa, c->calen);
         if (!c->caddr) {
             PyErr_Clear();
             c->caddr = Py_NewRef(Py_None);
@@ -669,7 +687,7 @@ static void established(Engine *e, Conn *c, uint32_t events) {
         socklen_t llen = sizeof local;
         PyObject *lo = c->daddr ? Py_NewRef(c->daddr)
                        : getsockname(c->c.fd, (struct sockaddr *)&local, &llen) == 0
-                           ? sockaddr_to_py(&local, llen) : Py_NewRef(Py_None);
+                           ? sockaddr_to_py((struct sockaddr *)&local, llen) : Py_NewRef(Py_None);
         head = lo ? PyObject_CallMethodObjArgs(c->fe->key, s_header, c->server,
                                                client_addr(c), lo, NULL)
                   : NULL;
@@ -898,15 +916,21 @@ static void proxy_header(Engine *e, Conn *c) {
     PyObject *source, *destination, *dsa = NULL;
     Py_ssize_t used;
     if (!PyArg_ParseTuple(parsed, "OOn|S", &source, &destination, &used, &dsa) ||
-        (dsa && (size_t)PyBytes_GET_SIZE(dsa) > sizeof c->dest)) {
+        (dsa && (size_t)PyBytes_GET_SIZE(dsa) > sizeof(Addr))) {
         Py_DECREF(parsed);
         report("parse() returned a bad value");
         abort_conn(e, c, s_internal);
         return;
     }
     if (dsa) { /* a converter: where the header says the client goes */
-        memcpy(&c->dest, PyBytes_AS_STRING(dsa), (size_t)PyBytes_GET_SIZE(dsa));
-        c->destlen = (socklen_t)PyBytes_GET_SIZE(dsa);
+        Conv *cv = conv_state(c);
+        if (!cv) {
+            Py_DECREF(parsed);
+            fail(e, c, &c->c, ENOMEM);
+            return;
+        }
+        memcpy(&cv->dest, PyBytes_AS_STRING(dsa), (size_t)PyBytes_GET_SIZE(dsa));
+        cv->destlen = (socklen_t)PyBytes_GET_SIZE(dsa);
     }
     if (source != Py_None) {
         Py_XSETREF(c->caddr, Py_NewRef(source));
@@ -1164,7 +1188,10 @@ static void free_conn(Conn *c) {
     Py_CLEAR(c->be);
     clear_pending(&c->c);
     clear_pending(&c->s);
-    PyMem_RawFree(c->reply);
+    if (c->cv) {
+        PyMem_RawFree(c->cv->reply);
+        PyMem_RawFree(c->cv);
+    }
     PyMem_RawFree(c);
 }
 
@@ -1201,10 +1228,17 @@ static const unsigned char conv_ok[4] = {CONV_VERSION, 1, 0, 0}; /* success: a b
 static const unsigned char conv_supported[12] = {CONV_VERSION, 3, 0, 0, CT_SUPPORTED, 2, 0, 0,
                                                  30, 0, 0, 0};
 
+/* The connection's converter state, made the first time it is needed; NULL: no memory. */
+static Conv *conv_state(Conn *c) {
+    if (!c->cv)
+        c->cv = PyMem_RawCalloc(1, sizeof *c->cv);
+    return c->cv;
+}
+
 static PyObject *conv_dest_py(Conn *c) {
-    if (!c->destlen)
+    if (!c->cv || !c->cv->destlen)
         Py_RETURN_NONE;
-    return sockaddr_to_py(&c->dest, c->destlen);
+    return sockaddr_to_py(&c->cv->dest.sa, c->cv->destlen);
 }
 
 /* Where the server leg goes: the client's destination for a server 0.0.0.0:0; and what
@@ -1214,11 +1248,11 @@ static int conv_target(Conn *c, int flags, int *family, const struct sockaddr **
     c->conv = (c->conv & ~CV_REPLY) | ((flags & 2) ? CV_REPLY : 0);
     if (*tolen)
         return 0;
-    if (!c->destlen)
+    if (!c->cv || !c->cv->destlen)
         return EDESTADDRREQ;
-    *family = c->dest.ss_family;
-    *to = (const struct sockaddr *)&c->dest;
-    *tolen = c->destlen;
+    *family = c->cv->dest.sa.sa_family;
+    *to = &c->cv->dest.sa;
+    *tolen = c->cv->destlen;
     return 0;
 }
 
@@ -1300,19 +1334,24 @@ static void convert_request(Engine *e, Conn *c) {
             end(e, c, s_info_answered);
         return;
     }
-    memset(&c->dest, 0, sizeof c->dest);
+    Conv *cv = conv_state(c);
+    if (!cv) {
+        fail(e, c, &c->c, ENOMEM);
+        return;
+    }
+    memset(&cv->dest, 0, sizeof cv->dest);
     if (m.v4) {
-        struct sockaddr_in *a = (struct sockaddr_in *)&c->dest;
+        struct sockaddr_in *a = &cv->dest.in;
         a->sin_family = AF_INET;
         a->sin_port = htons((uint16_t)m.port);
         memcpy(&a->sin_addr, m.addr + 12, 4);
-        c->destlen = sizeof *a;
+        cv->destlen = sizeof *a;
     } else {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&c->dest;
+        struct sockaddr_in6 *a = &cv->dest.in6;
         a->sin6_family = AF_INET6;
         a->sin6_port = htons((uint16_t)m.port);
         memcpy(&a->sin6_addr, m.addr, 16);
-        c->destlen = sizeof *a;
+        cv->destlen = sizeof *a;
     }
     int kind = conv_refused_option(&m);
     if (kind) {
@@ -1437,6 +1476,11 @@ static int conv_answer(Engine *e, Conn *c, Leg *s) {
 static int conv_reply(Engine *e, Conn *c, Leg *s) {
     ConvMsg m;
     int r;
+    Conv *cv = conv_state(c);
+    if (!cv) {
+        fail(e, c, s, ENOMEM);
+        return 1;
+    }
     for (;;) {
         ssize_t n = recv(s->fd, e->buf, MIN_READ, MSG_DONTWAIT);
         if (n < 0) {
@@ -1450,15 +1494,15 @@ static int conv_reply(Engine *e, Conn *c, Leg *s) {
             abort_conn(e, c, s_reply_eof);
             return 1;
         }
-        unsigned char *p = PyMem_RawRealloc(c->reply, c->reply_len + (size_t)n);
+        unsigned char *p = PyMem_RawRealloc(cv->reply, cv->reply_len + (size_t)n);
         if (!p) {
             fail(e, c, s, ENOMEM);
             return 1;
         }
-        memcpy(p + c->reply_len, e->buf, (size_t)n);
-        c->reply = p;
-        c->reply_len += (size_t)n;
-        r = conv_parse(c->reply, c->reply_len, 0, &m);
+        memcpy(p + cv->reply_len, e->buf, (size_t)n);
+        cv->reply = p;
+        cv->reply_len += (size_t)n;
+        r = conv_parse(cv->reply, cv->reply_len, 0, &m);
         if (r != CONV_NEED)
             break;
     }
@@ -1483,19 +1527,19 @@ static int conv_reply(Engine *e, Conn *c, Leg *s) {
         return 1;
     }
     c->conv &= ~CV_REPLY;
-    size_t rest = c->reply_len - m.used;
+    size_t rest = cv->reply_len - m.used;
     if (rest) {
         c->active = 1;
         c->bytes_out += rest;
         c->fe->bytes_out += rest;
-        if (set_pending(&c->c, (const char *)c->reply + m.used, rest) < 0) {
+        if (set_pending(&c->c, (const char *)cv->reply + m.used, rest) < 0) {
             fail(e, c, &c->c, ENOMEM);
             return 1;
         }
     }
-    PyMem_RawFree(c->reply);
-    c->reply = NULL;
-    c->reply_len = 0;
+    PyMem_RawFree(cv->reply);
+    cv->reply = NULL;
+    cv->reply_len = 0;
     if (!rest)
         return 0;
     want_out(e, &c->c);
@@ -1584,6 +1628,11 @@ static int conv_connect_failed(Engine *e, Conn *c, int err) {
 static int conv_intercepted(Engine *e, Conn *c) {
     Frontend *fe = c->fe;
     int fd = c->c.fd, got = 0;
+    Conv *cv = conv_state(c);
+    if (!cv) {
+        fail(e, c, &c->c, ENOMEM);
+        return 0;
+    }
     struct sockaddr_storage local;
     socklen_t llen = sizeof local;
     if (getsockname(fd, (struct sockaddr *)&local, &llen) == 0) {
@@ -1591,38 +1640,38 @@ static int conv_intercepted(Engine *e, Conn *c) {
         int v4 = local.ss_family == AF_INET ||
                  (local.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&l6->sin6_addr));
         socklen_t dlen = v4 ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
-        memset(&c->dest, 0, sizeof c->dest);
-        if (getsockopt(fd, v4 ? SOL_IP : SOL_IPV6, SO_ORIGINAL_DST, &c->dest, &dlen) == 0) {
-            c->destlen = dlen;
+        memset(&cv->dest, 0, sizeof cv->dest);
+        if (getsockopt(fd, v4 ? SOL_IP : SOL_IPV6, SO_ORIGINAL_DST, &cv->dest, &dlen) == 0) {
+            cv->destlen = dlen;
             got = 1;
-        } else if (fe->intercept == 2) { /* tproxy: the packets' own destination */
-            memcpy(&c->dest, &local, llen);
-            c->destlen = llen;
+        } else if (fe->intercept == 2 && llen <= sizeof cv->dest) { /* tproxy: the packets' own destination */
+            memcpy(&cv->dest, &local, llen);
+            cv->destlen = llen;
             got = 1;
         }
-        struct sockaddr_in6 *d6 = (struct sockaddr_in6 *)&c->dest;
-        if (got && c->dest.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&d6->sin6_addr)) {
+        struct sockaddr_in6 *d6 = &cv->dest.in6;
+        if (got && cv->dest.sa.sa_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&d6->sin6_addr)) {
             struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = d6->sin6_port};
             memcpy(&a.sin_addr, &d6->sin6_addr.s6_addr[12], 4);
-            memset(&c->dest, 0, sizeof c->dest);
-            memcpy(&c->dest, &a, sizeof a);
-            c->destlen = sizeof a;
+            memset(&cv->dest, 0, sizeof cv->dest);
+            memcpy(&cv->dest, &a, sizeof a);
+            cv->destlen = sizeof a;
         }
     }
     int own = 0;
     if (got) {
-        int port = ntohs(c->dest.ss_family == AF_INET ? ((struct sockaddr_in *)&c->dest)->sin_port
-                                                       : ((struct sockaddr_in6 *)&c->dest)->sin6_port);
+        int port = ntohs(cv->dest.sa.sa_family == AF_INET ? cv->dest.in.sin_port
+                                                          : cv->dest.in6.sin6_port);
         for (int i = 0; i < fe->nlisteners; i++)
             own |= fe->listeners[i]->port == port;
     }
     if (got && !own) {
-        c->daddr = sockaddr_to_py(&c->dest, c->destlen); /* for fe.header() */
+        c->daddr = sockaddr_to_py(&cv->dest.sa, cv->destlen); /* for fe.header() */
         if (c->daddr)
             return 1;
         PyErr_Clear();
     }
-    c->destlen = got ? c->destlen : 0;
+    cv->destlen = got ? cv->destlen : 0;
     PyObject *dest = conv_dest_py(c);
     PyObject *how = dest ? PyObject_CallMethodObjArgs(fe->key, s_not_intercepted, client_addr(c),
                                                       dest, NULL)
@@ -1719,8 +1768,16 @@ static int on_accept(Engine *e, Listener *l) {
         c->c.fd = fd;
         c->c_req = l->mptcp;
         c->s.fd = -1;
-        c->ca = sa;
-        c->calen = salen;
+        if (salen <= sizeof c->ca) { /* an IP address (or an unnamed unix one) */
+            memcpy(&c->ca, &sa, salen);
+            c->calen = salen;
+        } else { /* a unix client bound to a path: Python's form now, 128 bytes less kept */
+            c->caddr = sockaddr_to_py((struct sockaddr *)&sa, salen);
+            if (!c->caddr) {
+                PyErr_Clear();
+                c->caddr = Py_NewRef(Py_None);
+            }
+        }
         c->dport = l->port;
         c->active = 1;
         c->connect_time = -1;
@@ -2394,7 +2451,9 @@ PyMODINIT_FUNC PyInit__engine(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0) {
+    /* what each connection costs the engine, idle (tests/test_engine_memory.py) */
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddIntConstant(m, "CONN_BYTES", (long)sizeof(Conn)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

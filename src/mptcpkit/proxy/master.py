@@ -3,24 +3,22 @@
 - Before anything listens, what workers need is resolved and checked (prepare.py),
   then everything is bound (listeners.py); a failure is a `ConfigError` (exit 2) and
   nothing stays listening. "ready" once every worker serves.
-- Workers drop root (`global.user/group`) after the fork; the master keeps it to bind
-  new addresses on reload and serves nothing but the runtime API: `/metrics` is
-  answered by a child that dropped root too (metricsd.py), and health checks run in
-  one checker process (health.py), unprivileged like the workers, restarted with each
+- Workers (workerproc.py) drop root (`global.user/group`) after the fork; the master
+  keeps it to bind new addresses on reload and serves nothing but the runtime API:
+  `/metrics` is answered by a child that dropped root too (metricsd.py), and health checks run in
+  one checker process (checkerproc.py), unprivileged like the workers, restarted with each
   successful reload.
 - SIGHUP: the new config is prepared and bound first, and its workers must serve;
   if anything is wrong the old workers keep running and the error is logged.
   Otherwise the old ones stop accepting and exit when their connections are done
   (SIGUSR1), or at `hard-stop-after` (SIGUSR2).
-- SIGTERM/SIGINT: workers stop accepting and drain up to `global.stop-timeout`.
+- SIGTERM/SIGINT: workers stop accepting and drain up to `global.stop-timeout`
+  (stopping.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
-import gc
 import os
 import select
 import signal
@@ -30,10 +28,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
 
 from mptcpkit import handover
-from mptcpkit.proxy import abuse, compiled, control, health, metricsd, privileges, resolvers
+from mptcpkit.proxy import (
+    abuse,
+    checkerproc,
+    compiled,
+    health,
+    metricsd,
+    reloadable,
+    resolvers,
+    stopping,
+    workerproc,
+)
 from mptcpkit.proxy import metrics as metrics_mod
 from mptcpkit.proxy.configmodel import Config, ConfigError
 from mptcpkit.proxy.ctlserver import ControlServer
@@ -44,12 +51,8 @@ from mptcpkit.proxy.prepare import Prepared, log_error, prepare
 __all__ = ["Master", "run"]
 
 _MASTER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
-# Retired by a reload that drops listening addresses: those listeners close with the
-# worker's copies, so it settles them first (Runtime.stop); SIGUSR1 retires without.
-RETIRE_SETTLE = signal.SIGRTMIN + 1
 _DIVERT_HOLD = 1.5  # s the droppers of dropped addresses outlive the old workers' settling
 READY_TIMEOUT = 30.0  # seconds a new worker has to start serving
-LOOP_ENV = "MPTCPKIT_PROXY_LOOP"  # "asyncio" runs workers on stock asyncio, not uvloop
 
 
 class Master:
@@ -99,23 +102,12 @@ class Master:
         m = self.cfg.global_.metrics
         if m is not None:
             self.metrics_dir = metrics_mod.prepare()
-            uid, gid = self.prep.ids
-            if uid is not None or gid is not None:
-                os.chown(self.metrics_dir, -1 if uid is None else uid, -1 if gid is None else gid)
             try:
-                sock = metricsd.bind(m.host or "127.0.0.1", m.port or 0)
-            except OSError as exc:
+                self.metrics_pid, line = metricsd.start(self.cfg, self.metrics_dir, self.prep.ids)
+            except ConfigError:
                 self.pool.close()
-                metrics_mod.cleanup(self.metrics_dir)
-                raise ConfigError(
-                    self.cfg.source,
-                    "global.metrics",
-                    f"cannot listen on {m}: {exc.strerror or exc}",
-                ) from None
-            host, port = m.host or "127.0.0.1", sock.getsockname()[1]
-            with sock:  # the master keeps no copy: it serves no HTTP
-                self.metrics_pid = metricsd.spawn(sock, self.prep.ids)
-            lines.append(f"metrics on http://{host}:{port}/metrics (pid {self.metrics_pid})")
+                raise
+            lines.append(line)
         if self.cfg.global_.stats_socket is not None:
             self.ctl = ControlServer(self.cfg, self._reload_request)
             self.ctl.board = lambda: self.board
@@ -155,7 +147,7 @@ class Master:
             for s in others:
                 s.close()
             self._close_droppers()
-            code = _worker_main(
+            code = workerproc.main(
                 cfg,
                 mine,
                 slot,
@@ -172,7 +164,7 @@ class Master:
             )
         except BaseException as exc:
             traceback.print_exc()
-            _tell(ready_w, b"E" + f"{type(exc).__name__}: {exc}".encode())
+            workerproc.tell(ready_w, b"E" + f"{type(exc).__name__}: {exc}".encode())
         finally:
             os._exit(code)
 
@@ -248,13 +240,7 @@ class Master:
             for pid in list(self.starting):
                 self._started(pid)
             self.pool.close()
-            if self.metrics_pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.metrics_pid, signal.SIGTERM)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(self.metrics_pid, 0)
-            if self.metrics_dir:
-                metrics_mod.cleanup(self.metrics_dir)
+            metricsd.stop(self.metrics_pid, self.metrics_dir)
             if self.ctl is not None:
                 self.ctl.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _MASTER_SIGNALS)
@@ -355,25 +341,9 @@ class Master:
             return why
         try:
             cfg = self.reload_fn()
-            if cfg.global_.metrics != self.cfg.global_.metrics:
-                cfg = dataclasses.replace(
-                    cfg, global_=dataclasses.replace(cfg.global_, metrics=self.cfg.global_.metrics)
-                )
-                self.log.event(
-                    "reload: global.metrics changes need a restart; keeping the old address"
-                )
-            old_g = self.cfg.global_
-            if (cfg.global_.stats_socket, cfg.global_.stats_perms) != (
-                old_g.stats_socket,
-                old_g.stats_perms,
-            ):
-                cfg = dataclasses.replace(
-                    cfg,
-                    global_=dataclasses.replace(
-                        cfg.global_, stats_socket=old_g.stats_socket, stats_perms=old_g.stats_perms
-                    ),
-                )
-                self.log.event("reload: global.stats-socket changes need a restart; kept")
+            cfg, notes = reloadable.keep_restart_only(self.cfg, cfg)
+            for note in notes:
+                self.log.event(note)
             prep = prepare(cfg)
             cfg = prep.cfg or cfg
             new, lines = self.pool.bind(cfg, cfg.global_.workers)
@@ -433,7 +403,7 @@ class Master:
         hard = cfg.global_.hard_stop_after
         self._retire(
             list(running[2]),
-            RETIRE_SETTLE if droppers else signal.SIGUSR1,
+            workerproc.RETIRE_SETTLE if droppers else signal.SIGUSR1,
             None if hard is None else time.monotonic() + hard,
         )
         for line in (*prep.notes, *lines):
@@ -464,39 +434,23 @@ class Master:
                 s.close()
 
     def _spawn_checker(self) -> None:
-        """The one process that checks servers (health.py), forked like a worker."""
+        """The one process that checks servers (checkerproc.py), forked like a worker."""
         self.checker_due = None
         if self.board is None:
             return
-        cfg, board, addrs = self.cfg, self.board, self.addrs
-        targets = self.prep.targets
-        sys.stderr.flush()
-        master_pid = os.getpid()
-        pid = os.fork()
-        if pid:
-            self.checker = pid
-            return
-        try:
-            for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-                signal.signal(sig, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            for s in self.pool.all():
-                s.close()
-            self._close_droppers()
-            for fd in self.starting.values():
-                os.close(fd)
-            if self.ctl is not None:
-                self.ctl.forked()
-            log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix="checks: ")
-            privileges.drop(self.prep.ids)
-            privileges.die_with_parent(master_pid)  # after setuid, which clears it
-            health.run_checker(cfg, board, targets, log, addrs)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(1)
+        self.checker = checkerproc.spawn(
+            self.cfg, self.board, self.addrs, self.prep, self._close_in_checker
+        )
+
+    def _close_in_checker(self) -> None:
+        """In the checker: the master's listeners, droppers and pipes are not its own."""
+        for s in self.pool.all():
+            s.close()
+        self._close_droppers()
+        for fd in self.starting.values():
+            os.close(fd)
+        if self.ctl is not None:
+            self.ctl.forked()
 
     def _start_resolver(self) -> None:
         """(Re)start the thread re-resolving server names on the current address board."""
@@ -517,153 +471,18 @@ class Master:
     def _stop_checker(self) -> None:
         pid, self.checker = self.checker, None
         self.checker_due = None
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        if pid is not None:
+            checkerproc.stop(pid)
 
     def _stop(self) -> int:
         self._stop_checker()
         if self.resolver is not None:
             self.resolver.stop()
         pids = set(self.workers) | set(self.old)
-        self.log.event(
-            f"stopping: draining {len(pids)} workers (up to {self.cfg.global_.stop_timeout:g}s)",
-            now=True,
-        )
-        # New SYNs are dropped (and sent again by clients) from now on, so that workers
-        # can take everything queued or in flight before closing their listeners.
-        try:
-            droppers, failed = self.pool.divert(self.cfg)
-        except Exception as exc:  # never in the way of stopping
-            droppers, failed = [], [f"new connections could not be held off while stopping: {exc}"]
-        for line in failed:
-            self.log.event(line, now=True)
-        self.pool.close()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.cfg.global_.stop_timeout + 5.0
-        while pids and time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                signal.sigtimedwait({signal.SIGCHLD}, 0.1)
-                continue
-            pids.discard(pid)
-            if self.metrics_dir:
-                metrics_mod.worker_exited(pid)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        handover.undivert(droppers)
-        for _, held in self.diverted:
-            handover.undivert(held)
+        stopping.drain(self.cfg, self.pool, pids, self.log, bool(self.metrics_dir), self.diverted)
         self.diverted = []
         self.log.event("stopped", now=True)
         return 0
-
-
-def _tell(fd: int, what: bytes) -> None:
-    """One message to the master on the ready pipe ("R", or "E" and why), then close it."""
-    with contextlib.suppress(OSError):
-        os.write(fd, what[:4096])
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-def _worker_main(
-    cfg: Config,
-    listeners: dict[str, list[socket.socket]],
-    slot: int,
-    prep: Prepared,
-    with_metrics: bool,
-    master_pid: int,
-    ready_fd: int,
-    ctl: tuple[socket.socket, dict[tuple[str, str], dict[str, Any]]] | None = None,
-    board: health.Board | None = None,
-    addrs: resolvers.AddressBoard | None = None,
-    sources: dict[str, abuse.SourceTable] | None = None,
-) -> int:
-    for sig in (signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    # Everything that reads files (modules, the log, metrics files) happens before
-    # dropping root: the new user may not be able to read the Python installation.
-    # Server names were resolved by the master (prepare.py): a worker never looks one up.
-    from mptcpkit.proxy.runtime import Runtime
-
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if os.environ.get(LOOP_ENV, "uvloop") != "asyncio":
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            factory = uvloop.new_event_loop
-    log = EventLog(cfg.global_.log, cfg.global_.log_format, prefix=f"worker {slot}: ")
-    metrics = metrics_mod.WorkerMetrics() if with_metrics else None
-    privileges.drop(prep.ids)
-    privileges.die_with_parent(master_pid)  # after setuid, which clears it
-
-    # Startup objects will never be garbage: keep them out of every GC pass.
-    gc.collect()
-    gc.freeze()
-
-    # maxconn is for the whole proxy: this worker takes its share of each frontend's.
-    cfg = dataclasses.replace(
-        cfg,
-        frontends=tuple(
-            dataclasses.replace(
-                f,
-                maxconn=cfg.maxconn_share(f, slot),
-                maxconnrate=abuse.share(f.maxconnrate, cfg.global_.workers, slot),
-            )
-            for f in cfg.frontends
-        ),
-    )
-
-    async def main() -> None:
-        rt = Runtime(
-            cfg,
-            listeners,
-            log=log,
-            metrics=metrics,
-            worker=slot,
-            targets=prep.targets,
-            sources=sources,
-        )
-        rt.board = board
-        rt.addrs = addrs
-        for key in prep.unresolved:  # init-addr none: DOWN until the name resolves
-            backend, server = key.split("/", 1)
-            for st in rt.backends[backend].balancer.states:
-                if st.server.name == server:
-                    st.resolved = False
-        if ctl is not None:  # the runtime API: changes made before this worker started
-            for (backend, server), change in ctl[1].items():
-                control.apply(rt, backend, server, change)
-            asyncio.get_running_loop().create_task(control.worker_loop(rt, ctl[0]))
-        loop = asyncio.get_running_loop()
-        # SIGTERM: the master diverted new SYNs first; handshakes in flight settle.
-        loop.add_signal_handler(signal.SIGTERM, rt.stop, cfg.global_.stop_timeout, True)
-        loop.add_signal_handler(signal.SIGUSR1, rt.stop, None)  # retired by a reload
-        loop.add_signal_handler(RETIRE_SETTLE, rt.stop, None, True)  # and addresses dropped
-        loop.add_signal_handler(signal.SIGUSR2, rt.stop, 0.0)  # hard-stop-after
-        await rt.serve(ready=lambda: _tell(ready_fd, b"R"))
-
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(main())
-    finally:
-        log.close()
-    return 0
 
 
 def _sources(cfg: Config) -> dict[str, abuse.SourceTable]:

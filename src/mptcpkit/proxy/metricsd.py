@@ -15,10 +15,46 @@ import socket
 import sys
 import traceback
 
-from mptcpkit.proxy import privileges
+from mptcpkit.proxy import metrics, privileges
+from mptcpkit.proxy.configmodel import Config, ConfigError
 from mptcpkit.proxy.metrics import registry
 
-__all__ = ["bind", "spawn"]
+__all__ = ["bind", "spawn", "start", "stop"]
+
+
+def start(cfg: Config, metrics_dir: str, ids: tuple[int | None, int | None]) -> tuple[int, str]:
+    """Serve `global.metrics` from the workers' counters in `metrics_dir` (made
+    readable by `ids`): the serving process's pid and the line saying where. A port
+    that cannot be bound is a ConfigError, with `metrics_dir` cleaned up."""
+    m = cfg.global_.metrics
+    assert m is not None
+    uid, gid = ids
+    if uid is not None or gid is not None:
+        os.chown(metrics_dir, -1 if uid is None else uid, -1 if gid is None else gid)
+    try:
+        sock = bind(m.host or "127.0.0.1", m.port or 0)
+    except OSError as exc:
+        metrics.cleanup(metrics_dir)
+        raise ConfigError(
+            cfg.source,
+            "global.metrics",
+            f"cannot listen on {m}: {exc.strerror or exc}",
+        ) from None
+    host, port = m.host or "127.0.0.1", sock.getsockname()[1]
+    with sock:  # the master keeps no copy: it serves no HTTP
+        pid = spawn(sock, ids)
+    return pid, f"metrics on http://{host}:{port}/metrics (pid {pid})"
+
+
+def stop(pid: int | None, metrics_dir: str | None) -> None:
+    """Stop the serving process (if any) and remove the counters' directory (if any)."""
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    if metrics_dir:
+        metrics.cleanup(metrics_dir)
 
 
 def bind(host: str, port: int) -> socket.socket:
