@@ -73,6 +73,8 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
             "convertdecide",
             "source",
             "router",
+            "leg",
+            "serverleg",
             "relay",
             "frontend",
             "_engine",

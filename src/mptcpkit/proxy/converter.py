@@ -45,8 +45,9 @@ from mptcpkit.proxy.convertdecide import (
     text,
 )
 from mptcpkit.proxy.frontend import FrontendRuntime
+from mptcpkit.proxy.leg import MIN_READ
 from mptcpkit.proxy.legstate import reason_of
-from mptcpkit.proxy.relay import MIN_READ, Conn
+from mptcpkit.proxy.relay import Conn
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState

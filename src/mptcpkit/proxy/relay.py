@@ -5,6 +5,10 @@ worker's `Poller` delivers each socket's epoll events to its `Leg`. This is the
 pure-Python data path; `_engine.c` is the same state machine compiled, and a change
 to one is a change to both.
 
+Its parts: a leg and the read-sizing rule are leg.py, the server leg until it is
+established (PROXY header in, routing, connect, retries) is serverleg.py; this module
+moves the bytes and ends the connection.
+
 - Bytes go through one worker-wide read buffer: `recv_into()` it, `send()` a view of
   it. Only what the other side could not take at once is copied (`Leg.pending`, at
   most one read), and until it is sent nothing more is read from the source: that
@@ -24,19 +28,16 @@ to one is a change to both.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import select
 import socket
 import struct
 import time
 from typing import TYPE_CHECKING, Any
 
 from mptcpkit.policy import Policy
-from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.datapath import READ_SIZE, ReadBuffer
+from mptcpkit.proxy.leg import MIN_READ, Leg, room
 from mptcpkit.proxy.legstate import observe_leg, oserror, reason_of
-from mptcpkit.proxy.poller import READABLE
+from mptcpkit.proxy.serverleg import ServerSide
 
 if TYPE_CHECKING:
     import asyncio
@@ -46,81 +47,13 @@ if TYPE_CHECKING:
 
 __all__ = ["READ_SIZE", "Conn", "Leg", "ReadBuffer"]
 
-MIN_READ = 16384  # a read of a leg whose traffic is small (not bulk)
-MIN_ROOM = 4096  # a bulk read when the destination has little or no room
-_SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
-_INT = struct.Struct("i")
-_ZERO = bytes(4)
 # Every read and write says MSG_DONTWAIT: accepted sockets can stay in blocking mode,
 # which saves an ioctl(FIONBIO) per connection (CPython's accept cannot pass SOCK_NONBLOCK).
 _DONTWAIT = socket.MSG_DONTWAIT
 _ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
-_EPOLLERR = select.EPOLLERR
-_FAILED = select.EPOLLERR | select.EPOLLHUP
-_HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-INSPECT_LIMIT = 65536  # bytes peeked at most for a ClientHello (router.INSPECT_LIMIT)
 
 
-class Leg:
-    """One side of a connection: its socket, and bytes still owed to it.
-
-    The socket is a bare `_socket.socket` where possible: the relay needs none of the
-    Python-level wrapper's makefile/io machinery, and skips its per-call overhead.
-    """
-
-    __slots__ = (
-        "big",
-        "born",
-        "client",
-        "conn",
-        "connecting",
-        "credit",
-        "eof",
-        "fd",
-        "hup",
-        "pending",
-        "shut",
-        "sndbuf",
-        "sock",
-        "waiting",
-    )
-
-    def __init__(self, conn: Conn, sock: Any, client: bool) -> None:
-        self.conn: Conn | None = conn  # None once finished: no cycle outlives the connection
-        self.client = client
-        self.sock: Any = sock
-        self.fd = sock.fileno() if sock is not None else -1
-        self.born = 0
-        self.connecting = False
-        self.pending: bytes | None = None  # read from the other leg, not yet sent here
-        self.waiting = False  # readable but not read: the other leg had no room
-        self.eof = False  # this leg sent FIN (read returned 0)
-        self.hup = False  # epoll saw its FIN (or an error): read on until it shows
-        self.shut = False  # FIN sent to this leg
-        self.big = False  # its last read was full or >= MIN_READ: bulk, reads sized by room()
-        self.sndbuf = 0  # SO_SNDBUF as last read (0: read it again)
-        self.credit = 0  # room() as last measured, less what was sent here since
-
-    def on_event(self, events: int) -> None:
-        conn = self.conn
-        if conn is None:
-            return
-        if events & _HANGUPS:
-            self.hup = True  # also on a connect's first event: a server may say hello and go
-        if self.connecting:
-            conn.connected(self, events)
-            return
-        if self.pending is not None:
-            conn.flush(self)
-        if events & READABLE and self.sock is not None:
-            if events & _EPOLLERR and not conn.check_error(self):
-                return
-            conn.pump(self)
-
-
-class Conn:
+class Conn(ServerSide):
     """A client connection and, once connected, its server leg."""
 
     __slots__ = (
@@ -316,214 +249,6 @@ class Conn:
             return False
         return True
 
-    # --- the server leg ------------------------------------------------------------------
-
-    def begin(self) -> None:
-        """Connect to a server, unless a PROXY header must come first."""
-        if self.hdr is None:
-            self.route()
-
-    def route(self) -> None:
-        """Choose the backend (use_backend rules, router.py), then connect."""
-        router = self.fe.router
-        if router is None:
-            self.connect()
-        elif router.inspect is None:
-            self.be = router.route(self.caddr, self._dst_port(), None, True) or self.be
-            self.connect()
-        else:  # wait for the ClientHello: read as it comes (pump), or when the delay ends
-            self.inspecting = True
-            self.timer = self.fe.loop.call_later(router.inspect, self._inspect, True)
-            if self.early:  # it may have come whole with the PROXY header
-                self._inspect(False)
-
-    def _dst_port(self) -> int:
-        d = self.daddr
-        return int(d[1]) if isinstance(d, tuple) and len(d) > 1 else self.dport
-
-    def _inspect(self, final: bool) -> None:
-        """Peek at what the client sent (it stays in the socket, relayed as usual):
-        route once the ClientHello is whole, is no ClientHello, or `final` (the
-        inspect-delay passed)."""
-        if self.done or not self.inspecting:
-            return
-        router = self.fe.router
-        assert router is not None
-        rb = self.rb
-        try:
-            n = self.c.sock.recv_into(rb.buf, INSPECT_LIMIT, _PEEK)
-            final = final or n == 0 or self.c.hup  # the client sent FIN: nothing more comes
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self.fail(self.c, exc)
-            return
-        data = (self.early or b"") + bytes(rb.view[:n])
-        be = router.route(self.caddr, self._dst_port(), data, final)
-        if be is None:
-            return  # more may come: the next bytes (or FIN) are a new event
-        self.inspecting = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.be = be
-        self.c.waiting = True  # read what was peeked once connected
-        self.connect()
-
-    def connect(self) -> None:
-        """Pick a server and start a non-blocking connect; on failure try the next one."""
-        fe = self.fe
-        be = self.be
-        if not self.t_connect:
-            self.t_connect = time.monotonic()
-        while True:
-            state = be.next_server(self.caddr, self.tried)
-            if state is None:  # every server at its maxconn: wait (queue.py)
-                fe.park(self)
-                return
-            if isinstance(state, str):
-                self.end(state)  # FIN
-                return
-            self.server = state
-            try:
-                sock, err = self.start_connect(state)
-            except OSError as exc:
-                sock, err = None, exc.errno or errno.EIO
-            if err == 0 or err in _IN_PROGRESS:
-                break
-            if sock is not None:
-                sock.close()
-            if not self._connect_failed(oserror(err)):
-                return
-        assert sock is not None  # err is 0 or EINPROGRESS: start_connect returned
-        s = self.s
-        if s is None:
-            s = self.s = Leg(self, sock, False)
-        else:  # a new attempt after a failed one
-            s.sock, s.fd, s.hup = sock, sock.fileno(), False
-        fe.rt.poller.watch(s.fd, s)
-        if err:
-            s.connecting = True
-            self.timer = fe.loop.call_later(fe.cfg.timeouts.connect, self._connect_timeout)
-        else:
-            self._established(s, READABLE)
-
-    def connected(self, s: Leg, events: int) -> None:
-        """The connect finished, one way or the other (no error event: it worked)."""
-        err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & _FAILED else 0
-        if err:
-            self._drop_server_socket()
-            if self._connect_failed(oserror(err)):
-                self.connect()
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        s.connecting = False
-        self._established(s, events)
-
-    def _established(self, s: Leg, events: int) -> None:
-        self.tried = None
-        self.connect_time = time.monotonic() - self.t_connect
-        head = self.greeting()
-        if self.early:
-            head += self.early
-            self.early = None
-        if head:
-            s.pending = head
-            self.flush(s)
-        if self.done:
-            return
-        if self.c.waiting:
-            self.pump(self.c)
-        if not self.done and events & READABLE:
-            self.pump(s)
-
-    def start_connect(self, state: ServerState) -> tuple[Any, int]:
-        """Open the server leg (converter.py connects to the client's destination)."""
-        return self.be.start_connect(state)
-
-    def greeting(self) -> bytes:
-        """What the server hears first: a PROXY header, if the server wants one."""
-        send_proxy = self.server.server.send_proxy if self.server is not None else 0
-        if not send_proxy:
-            return b""
-        local = self.daddr if self.daddr is not None else self.fe.local_of(self)
-        return proxyproto.build(send_proxy, self.caddr, local)
-
-    def _connect_timeout(self) -> None:
-        self.timer = None
-        if self.done or self.s is None or not self.s.connecting:
-            return
-        self._drop_server_socket()
-        if self._connect_failed(TimeoutError()):
-            self.connect()
-
-    def _drop_server_socket(self) -> None:
-        s = self.s
-        if s is not None and s.sock is not None:
-            self.fe.rt.poller.drop(s.fd)
-            s.sock.close()
-            s.sock, s.fd, s.connecting = None, -1, False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _connect_failed(self, exc: BaseException) -> bool:
-        """Count a failed attempt; True if another server may be tried."""
-        state = self.server
-        assert state is not None
-        self.server = None
-        if self.tried is None:
-            self.tried = []
-        why = self.fe.server_failed(state, exc, self.tried, self.be)
-        if isinstance(why, str):
-            self.end(why)
-            return False
-        if why is not None:  # HAProxy's turn-around time before the same server again
-            self.timer = self.fe.loop.call_later(why, self._retry)
-            return False
-        return True
-
-    def _retry(self) -> None:
-        self.timer = None
-        if not self.done:
-            self.connect()
-
-    def _proxy_header(self) -> None:
-        """Read the client's PROXY header; then connect, with what came after it held."""
-        hdr = self.hdr
-        assert hdr is not None
-        rb = self.rb
-        while True:
-            try:
-                n = self.c.sock.recv_into(rb.buf, 0, _DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.fail(self.c, exc)
-                return
-            if not n:
-                self.abort("client closed before its PROXY header")
-                return
-            hdr += rb.view[:n]
-            parsed = proxyproto.read_proxy_header(hdr)
-            if isinstance(parsed, str):
-                self.abort(parsed)
-                return
-            if parsed is not None:
-                break
-        source, destination, used = parsed
-        self.hdr = None
-        if source is not None:
-            self.caddr = source
-            self.daddr = destination
-        rest = bytes(hdr[used:])
-        self.bytes_in += len(rest)
-        self.early = rest or None
-        self.c.waiting = True  # more may follow the header: read it once connected
-        self.route()
-
     # --- the end -----------------------------------------------------------------------
 
     def sample(self) -> None:
@@ -590,22 +315,3 @@ class Conn:
                     return
             except OSError:
                 return
-
-
-def room(dst: Leg, size: int) -> int:
-    """How much to read for `dst`: what its socket can still take (SO_SNDBUF less what
-    it holds, less an eighth for the kernel's per-packet overhead), at least MIN_ROOM,
-    at most `size`. Measured only when the last measure, less what was sent since, no
-    longer covers a full read (a draining destination's room only grows). The same rule
-    as the engine's room()."""
-    if dst.credit >= size:
-        return size
-    try:
-        outq = _INT.unpack(fcntl.ioctl(dst.fd, _SIOCOUTQ, _ZERO))[0]
-        if not dst.sndbuf:
-            dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-    except OSError:
-        return size
-    free = dst.sndbuf - dst.sndbuf // 8 - outq
-    dst.credit = free
-    return MIN_ROOM if free < MIN_ROOM else min(free, size)
