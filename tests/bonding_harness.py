@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from mptcpkit.lab.topology import Host
+from mptcpkit.lab.host import Host
 
 PORT = 8080  # inside the lab's own namespaces only
 

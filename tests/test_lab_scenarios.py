@@ -20,7 +20,7 @@ import pytest
 from rich.console import Console
 
 from mptcpkit import lab
-from mptcpkit.cli.lab import _summary
+from mptcpkit.cli.lab_bench import _summary
 from mptcpkit.lab.bench import run_bench
 
 pytestmark = pytest.mark.root

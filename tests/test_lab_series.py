@@ -8,7 +8,9 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mptcpkit.lab.bench import _Sample, _series, recovery_time, stream
+from mptcpkit.lab.sampler import Sample
+from mptcpkit.lab.series import recovery_time, series
+from mptcpkit.lab.transfer import stream
 
 
 def intervals(rates: list[float], dt: float = 0.1) -> list[dict[str, float]]:
@@ -58,11 +60,11 @@ def test_stream_is_deterministic_and_seeded() -> None:
 def test_series_from_samples() -> None:
     key0, key1 = "10.0.0.1:1->10.0.0.2:9", "10.0.1.1:2->10.0.0.2:9"
     samples = [
-        _Sample(0.0, 0, {}, {0: 1000, 1: 500}),
-        _Sample(0.5, 6_250_000, {key0: 3_125_000}, {0: 3_200_000, 1: 500}),
-        _Sample(1.0, 12_500_000, {key0: 6_250_000, key1: 3_125_000}, {0: 6_400_000, 1: 3_300_000}),
+        Sample(0.0, 0, {}, {0: 1000, 1: 500}),
+        Sample(0.5, 6_250_000, {key0: 3_125_000}, {0: 3_200_000, 1: 500}),
+        Sample(1.0, 12_500_000, {key0: 6_250_000, key1: 3_125_000}, {0: 6_400_000, 1: 3_300_000}),
     ]
-    ivs, rows = _series(samples, {"10.0.0.1": 0, "10.0.1.1": 1})
+    ivs, rows = series(samples, {"10.0.0.1": 0, "10.0.1.1": 1})
     assert [iv["total_mbit"] for iv in ivs] == [100.0, 100.0]
     assert ivs[0]["subflows"] == {key0: 50.0}
     assert ivs[1]["subflows"] == {key0: 50.0, key1: 50.0}  # a new subflow starts from 0

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from mptcpkit.cli.lab import exit_code
+from mptcpkit.cli.lab_bench import exit_code
 from mptcpkit.lab.mib import Memory, delta, parse_mib, parse_sockstat
 from mptcpkit.lab.verdict import judge, promise
 

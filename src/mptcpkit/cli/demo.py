@@ -183,7 +183,7 @@ _SIZES: list[int] = []  # what the backend serves to each next connection, in or
 def _serve_one_by_one(
     listener: socket.socket, seed: int, stop: threading.Event, sent: dict[int, str]
 ) -> None:
-    from mptcpkit.lab.bench import stream
+    from mptcpkit.lab.transfer import stream
 
     listener.settimeout(0.5)
     while not stop.is_set():
@@ -410,7 +410,7 @@ def _summary(
     net: Any,
 ) -> dict[str, Any]:
     from mptcpkit.lab import plot as lab_plot
-    from mptcpkit.lab.bench import recovery_time
+    from mptcpkit.lab.series import recovery_time
 
     intervals, rows = _intervals(dl)
     t_end = dl.samples[-1][0] if dl.samples else 0.0

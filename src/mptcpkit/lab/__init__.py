@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from mptcpkit.lab.bench import BenchResult, run_bench
 from mptcpkit.lab.faults import Fault, Schedule, flap, parse_fault
+from mptcpkit.lab.host import Host, Interface
+from mptcpkit.lab.link import Link
 from mptcpkit.lab.netns import (
     DEFAULT_PREFIX,
     PREFIX_ENV,
@@ -23,8 +25,9 @@ from mptcpkit.lab.netns import (
     list_netns,
     remove_all,
 )
+from mptcpkit.lab.process import Process
 from mptcpkit.lab.topologies import gateway, two_paths
-from mptcpkit.lab.topology import Event, Host, Interface, Link, Process, Topology
+from mptcpkit.lab.topology import Event, Topology
 from mptcpkit.lab.units import format_rate, parse_duration, parse_rate, parse_size
 
 __all__ = [

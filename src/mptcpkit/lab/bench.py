@@ -1,80 +1,34 @@
 """A bulk transfer across the lab, measured per interval, per subflow and per link.
 
-The sender writes a deterministic pseudo-random stream and hashes it; the receiver hashes
-what arrives: equal SHA-256 and byte counts prove nothing was lost, duplicated or
-reordered end to end, faults or not. A sampler reads every `interval`: bytes delivered
-to the receiver (goodput), `bytes_acked` of each subflow of the sending socket
-(`mptcpkit.subflows()`; TCP_INFO for plain TCP) and the byte counters of the client's
-links (`/proc/<thread>/net/dev`, read from a thread inside the client's namespace).
-"""
+`run_bench` sets up the connections, runs verified transfers (transfer.py: equal
+SHA-256 and byte counts prove nothing was lost, duplicated or reordered end to end,
+faults or not) while a sampler reads every `interval` (sampler.py: goodput, each
+subflow's `bytes_acked`, the client's link counters), applies the faults on schedule,
+and summarises what the samples say (series.py) and what the run promised (verdict.py)"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import itertools
-import random
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from mptcpkit.abi.tcp_info import TCP_INFO_SIZE, decode_tcp_info
-from mptcpkit.introspect import subflows as _subflows
 from mptcpkit.lab.faults import Fault, Schedule
+from mptcpkit.lab.host import Host
 from mptcpkit.lab.mib import Memory, delta, read_mib, read_sockstat, read_tcp_mem
 from mptcpkit.lab.netns import LabError
+from mptcpkit.lab.sampler import Sampler
 from mptcpkit.lab.scenario import filter_counters
-from mptcpkit.lab.topology import Host, Topology
+from mptcpkit.lab.series import recovery_time, series, steady_rate
+from mptcpkit.lab.topology import Topology
+from mptcpkit.lab.transfer import Transfer, accept_all, join
 from mptcpkit.lab.verdict import judge, promise
 from mptcpkit.status import status
 
 PROTOCOLS = ("mptcp", "tcp")
-_CHUNK = 128 * 1024
-_POOL = 4 * 1024 * 1024
-_RECV = 256 * 1024
-# A link counts as "recovered" once goodput is back to this share of what the surviving
-# links carried per link before the fault.
-RECOVERY_SHARE = 0.8
-# "Steady" goodput leaves out the first second (slow start, joins) and the final drain.
-WARMUP_S = 1.0
-
-
-def read_net_dev() -> dict[str, dict[str, int]]:
-    """Byte counters of every device in the calling thread's network namespace."""
-    with open("/proc/thread-self/net/dev") as f:
-        lines = f.read().splitlines()[2:]
-    result = {}
-    for line in lines:
-        name, _, rest = line.partition(":")
-        fields = rest.split()
-        result[name.strip()] = {"rx_bytes": int(fields[0]), "tx_bytes": int(fields[8])}
-    return result
-
-
-def stream(seed: int, size: int = _CHUNK) -> Iterator[memoryview]:
-    """The deterministic pseudo-random byte stream the sender writes, chunk by chunk.
-
-    Chunks are slices at pseudo-random offsets of a pseudo-random pool: as unpredictable
-    as the hash check needs, and free to produce (generating fresh random bytes would
-    cost the sender more CPU than the network stack at a few hundred Mbit/s).
-    """
-    rng = random.Random(seed)
-    pool = memoryview(rng.randbytes(_POOL))
-    while True:
-        offset = rng.randrange(0, _POOL - size)
-        yield pool[offset : offset + size]
-
-
-@dataclasses.dataclass
-class _Sample:
-    t: float
-    received: int
-    subflows: dict[str, int]
-    links: dict[int, int]
 
 
 @dataclasses.dataclass
@@ -134,48 +88,6 @@ class BenchResult:
         return {"t": t, "total": total, "subflows": per_subflow}
 
 
-def _subflow_key(local: tuple[str, int], remote: tuple[str, int]) -> str:
-    def fmt(a: tuple[str, int]) -> str:
-        host = f"[{a[0]}]" if ":" in a[0] else a[0]
-        return f"{host}:{a[1]}"
-
-    return f"{fmt(local)}->{fmt(remote)}"
-
-
-def _sender_subflows(sock: socket.socket, mptcp: bool) -> dict[str, tuple[int, Any, Any]]:
-    """key -> (bytes_acked, local, remote) of every subflow of the sending socket."""
-    out: dict[str, tuple[int, Any, Any]] = {}
-    if mptcp:
-        for sf in _subflows(sock):
-            out[_subflow_key(sf.local, sf.remote)] = (sf.bytes_acked or 0, sf.local, sf.remote)
-        if out:
-            return out
-    # Plain TCP (or an MPTCP connection that fell back): the connection is the subflow.
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
-    info = decode_tcp_info(raw)
-    local, remote = sock.getsockname()[:2], sock.getpeername()[:2]
-    out[_subflow_key(local, remote)] = (info.bytes_acked or 0, local, remote)
-    return out
-
-
-def stream_digest(seed: int, nbytes: int) -> str:
-    """SHA-256 of the first `nbytes` of `stream(seed)`: what a receiver cut short should hold."""
-    return prefix_digest(stream(seed), nbytes)
-
-
-def prefix_digest(chunks: Iterable[bytes | memoryview], nbytes: int) -> str:
-    """SHA-256 of the first `nbytes` of an endless stream of chunks."""
-    digest = hashlib.sha256()
-    left = nbytes
-    for chunk in chunks:
-        if left <= 0:
-            break
-        part = chunk[:left]
-        digest.update(part)
-        left -= len(part)
-    return digest.hexdigest()
-
-
 def run_bench(
     net: Topology,
     *,
@@ -221,7 +133,7 @@ def run_bench(
     tcp_mem = read_tcp_mem()
     sockstat_before = read_sockstat()
     mib_before = {h.name: h.call(read_mib) for h in (chost, shost)}
-    transfers = [_Transfer(seed + k, fastclose=fastclose) for k in range(flows)]
+    transfers = [Transfer(seed + k, fastclose=fastclose) for k in range(flows)]
 
     with contextlib.ExitStack() as stack:
         with shost.enter():
@@ -239,7 +151,7 @@ def run_bench(
             # On the way out (normal or Ctrl-C), wake threads blocked in send/recv first.
             stack.callback(state.abort, conn)
         receiver = threading.Thread(
-            target=_accept_all, args=(listener, transfers), name="lab-bench-recv", daemon=True
+            target=accept_all, args=(listener, transfers), name="lab-bench-recv", daemon=True
         )
         receiver.start()
         for conn in conns:
@@ -247,7 +159,7 @@ def run_bench(
         # Known after the handshake (a fastclose closes the sockets before the end).
         mptcp_flags = [status(c).is_mptcp if proto else False for c in conns]
         t0 = time.monotonic()
-        sampler = _Sampler(transfers, conns, proto == socket.IPPROTO_MPTCP, chost, interval, t0)
+        sampler = Sampler(transfers, conns, proto == socket.IPPROTO_MPTCP, chost, interval, t0)
         sampler.on_sample = on_sample
         sampler_thread = chost.thread(sampler.run, name="lab-bench-sample")
         stack.callback(sampler.stop_and_join, sampler_thread)
@@ -265,8 +177,8 @@ def run_bench(
         for sender in senders:
             sender.start()
         for sender in senders:
-            _join(sender, timeout + duration)
-        _join(receiver, timeout)
+            join(sender, timeout + duration)
+        join(receiver, timeout)
         ends = [s.finished_at for s in transfers if s.finished_at is not None]
         end = max(ends) if len(ends) == flows else time.monotonic()
         sampler.stop_and_join(sampler_thread)
@@ -292,7 +204,7 @@ def run_bench(
     client_links = [lk for lk in net.links if chost in lk.hosts]
     paths = len(client_links)
     rates = [lk.iface(chost).rate_bps for lk in client_links]
-    intervals, subflow_rows = _series(sampler.samples, link_of)
+    intervals, subflow_rows = series(sampler.samples, link_of)
     applied = [a.as_dict() for a in schedule.applied]
     received = sum(s.received for s in transfers)
     sent = sum(s.sent for s in transfers)
@@ -374,13 +286,6 @@ def run_bench(
     )
 
 
-def steady_rate(intervals: list[dict[str, Any]], duration: float) -> float | None:
-    """Goodput (bit/s) of the intervals after WARMUP_S and before `duration`, None if none."""
-    ivs = [iv for iv in intervals if iv["t"] - iv["dt"] >= WARMUP_S and iv["t"] <= duration]
-    seconds = sum(iv["dt"] for iv in ivs)
-    return sum(iv["bytes"] for iv in ivs) * 8 / seconds if seconds else None
-
-
 def _endpoint_links(client: Host, server: Host, link_of: dict[str, int]) -> set[int]:
     """Links with a client subflow endpoint or a server signal endpoint."""
     links = set()
@@ -394,253 +299,4 @@ def _endpoint_links(client: Host, server: Host, link_of: dict[str, int]) -> set[
     return links
 
 
-def _join(thread: threading.Thread, timeout: float) -> None:
-    # Short joins keep the main thread responsive to Ctrl-C.
-    deadline = time.monotonic() + timeout
-    while thread.is_alive() and time.monotonic() < deadline:
-        thread.join(0.2)
-
-
-def _accept_all(listener: socket.socket, transfers: list[_Transfer]) -> None:
-    """Accept one connection per transfer and receive each in its own thread."""
-    threads = []
-    for state in transfers:
-        try:
-            peer, _ = listener.accept()
-        except OSError as exc:
-            state.error = state.error or f"receiver: {exc}"
-            break
-        t = threading.Thread(target=state.receive, args=(peer, listener.gettimeout()))
-        t.daemon = True
-        t.start()
-        threads.append(t)
-    for t in threads:
-        _join(t, (listener.gettimeout() or 60.0) * 2)
-
-
-class _Transfer:
-    def __init__(self, seed: int, *, fastclose: bool = False) -> None:
-        self.seed = seed
-        self.fastclose = fastclose
-        self.sent = 0
-        self.received = 0
-        self.tx_hash = hashlib.sha256()
-        self.rx_hash = hashlib.sha256()
-        self.error: str | None = None
-        self.reset = False
-        self.finished_at: float | None = None
-        self.peer: socket.socket | None = None
-
-    @property
-    def verified(self) -> bool:
-        if self.error is not None:
-            return False
-        if self.fastclose:
-            # Cut short on purpose: what arrived must be an intact prefix of what was sent.
-            return self.reset and self.rx_hash.hexdigest() == stream_digest(
-                self.seed, self.received
-            )
-        return self.sent == self.received and self.tx_hash.digest() == self.rx_hash.digest()
-
-    def summary(self, elapsed: float) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "bytes": self.received,
-            "bytes_sent": self.sent,
-            "goodput_mbit": round(self.received * 8 / elapsed / 1e6, 4),
-            "verified": self.verified,
-            "reset": self.reset,
-            "error": self.error,
-        }
-
-    def abort(self, conn: socket.socket) -> None:
-        for sock in (conn, self.peer):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def send(self, conn: socket.socket, deadline: float) -> None:
-        try:
-            for chunk in stream(self.seed):
-                if time.monotonic() >= deadline:
-                    break
-                self.tx_hash.update(chunk)
-                conn.sendall(chunk)
-                self.sent += len(chunk)
-            if self.fastclose:
-                # Linger 0: close() aborts the connection, which MPTCP signals with
-                # MP_FASTCLOSE on every subflow.
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
-            else:
-                conn.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            self.error = self.error or f"sender: {exc}"
-
-    def receive(self, peer: socket.socket, timeout: float | None) -> None:
-        self.peer = peer
-        try:
-            with peer:
-                peer.settimeout(timeout)
-                buf = bytearray(_RECV)
-                view = memoryview(buf)
-                while n := peer.recv_into(buf):
-                    self.rx_hash.update(view[:n])
-                    self.received += n
-                self.finished_at = time.monotonic()
-        except ConnectionResetError as exc:
-            self.finished_at = time.monotonic()
-            self.reset = True
-            if not self.fastclose:
-                self.error = self.error or f"receiver: {exc}"
-        except OSError as exc:
-            self.error = self.error or f"receiver: {exc}"
-
-
-class _Sampler:
-    def __init__(
-        self,
-        transfers: list[_Transfer],
-        conns: list[socket.socket],
-        mptcp: bool,
-        host: Host,
-        interval: float,
-        t0: float,
-    ) -> None:
-        self.transfers = transfers
-        self.conns = conns
-        self.mptcp = mptcp
-        self.devs = {i.name: i.link.index for i in host.interfaces}
-        self.interval = interval
-        self.t0 = t0
-        self.samples: list[_Sample] = []
-        self.subflow_addrs: dict[str, tuple[Any, Any]] = {}
-        self.peak_tcp_pages = 0
-        self._stop = threading.Event()
-        self.ready = threading.Event()
-        self.on_sample: Callable[[dict[str, Any]], None] | None = None
-
-    def take(self) -> None:
-        sfs: dict[str, int] = {}
-        for conn in self.conns:
-            with contextlib.suppress(OSError, ValueError):
-                for key, (acked, local, remote) in _sender_subflows(conn, self.mptcp).items():
-                    sfs[key] = acked
-                    self.subflow_addrs.setdefault(key, (local, remote))
-        received = sum(s.received for s in self.transfers)
-        t = time.monotonic() - self.t0
-        counters = read_net_dev()
-        with contextlib.suppress(OSError, KeyError):
-            # TCP's pages are machine-wide: the same number in every namespace.
-            pages = read_sockstat()["TCP"]["mem"]
-            self.peak_tcp_pages = max(self.peak_tcp_pages, pages)
-        links = {
-            idx: counters[dev]["tx_bytes"] for dev, idx in self.devs.items() if dev in counters
-        }
-        self.samples.append(_Sample(t, received, sfs, links))
-        if self.on_sample is not None and len(self.samples) > 1:
-            prev = self.samples[-2]
-            dt = max(t - prev.t, 1e-9)
-            with contextlib.suppress(Exception):
-                self.on_sample(
-                    {
-                        "t": t,
-                        "bytes": received,
-                        "total_mbit": (received - prev.received) * 8 / dt / 1e6,
-                        "subflows": len(sfs),
-                    }
-                )
-
-    def run(self) -> None:
-        try:
-            self.take()
-        finally:
-            self.ready.set()
-        next_t = self.interval
-        while not self._stop.wait(max(0.0, self.t0 + next_t - time.monotonic())):
-            self.take()
-            next_t += self.interval
-        self.take()
-
-    def stop_and_join(self, thread: threading.Thread) -> None:
-        self._stop.set()
-        if thread is not threading.current_thread():
-            thread.join(10)
-
-
-def _series(
-    samples: list[_Sample], link_of: dict[str, int]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    intervals: list[dict[str, Any]] = []
-    totals: dict[str, int] = {}
-    addrs: dict[str, tuple[str, str]] = {}
-    for prev, cur in itertools.pairwise(samples):
-        dt = cur.t - prev.t
-        if dt <= 0:
-            continue
-        per_sf = {}
-        for key, acked in cur.subflows.items():
-            delta = acked - prev.subflows.get(key, 0)
-            per_sf[key] = round(max(delta, 0) * 8 / dt / 1e6, 4)
-            totals[key] = max(totals.get(key, 0), acked)
-            local, _, remote = key.partition("->")
-            addrs[key] = (local, remote)
-        link_bytes = {
-            str(idx): cur.links[idx] - prev.links.get(idx, cur.links[idx]) for idx in cur.links
-        }
-        intervals.append(
-            {
-                "t": round(cur.t, 4),
-                "dt": round(dt, 4),
-                "bytes": cur.received - prev.received,
-                "total_mbit": round((cur.received - prev.received) * 8 / dt / 1e6, 4),
-                "subflows": per_sf,
-                "links": {idx: round(b * 8 / dt / 1e6, 4) for idx, b in link_bytes.items()},
-                "link_bytes": link_bytes,
-            }
-        )
-    rows = []
-    for key, acked in totals.items():
-        local, remote = addrs[key]
-        host = local.rsplit(":", 1)[0].strip("[]")
-        rows.append(
-            {
-                "key": key,
-                "local": local,
-                "remote": remote,
-                "link": link_of.get(host),
-                "bytes_acked": acked,
-            }
-        )
-    rows.sort(key=lambda r: (r["link"] if r["link"] is not None else 999, r["key"]))
-    return intervals, rows
-
-
-def recovery_time(
-    intervals: list[dict[str, Any]], faults: list[dict[str, Any]], paths: int
-) -> float | None:
-    """Seconds from the first link-down fault until goodput is back to the surviving share.
-
-    "Back" = an interval (starting after the fault) whose goodput reaches RECOVERY_SHARE
-    of the pre-fault goodput scaled to the links still up ((N-1)/N for one link of N).
-    Resolution: one interval (the end of the first good interval counts). None when there
-    was no down fault, not enough data before it, or no recovery.
-    """
-    downs = [f for f in faults if f.get("action") == "down" and not f.get("error")]
-    if not downs or paths < 2:
-        return None
-    t_fault = float(downs[0]["t"])
-    before = [iv for iv in intervals if iv["t"] <= t_fault and iv["t"] - iv["dt"] >= 0.5]
-    if not before:
-        before = [iv for iv in intervals if iv["t"] <= t_fault]
-    if not before:
-        return None
-    pre = sum(iv["bytes"] for iv in before) / sum(iv["dt"] for iv in before)
-    target = pre * (paths - 1) / paths * RECOVERY_SHARE
-    for iv in intervals:
-        if iv["t"] - iv["dt"] >= t_fault - 1e-9 and iv["bytes"] / iv["dt"] >= target:
-            return round(float(iv["t"]) - t_fault, 4)
-    return None
-
-
-__all__ = ["PROTOCOLS", "BenchResult", "LabError", "read_net_dev", "recovery_time", "run_bench"]
+__all__ = ["PROTOCOLS", "BenchResult", "LabError", "run_bench"]

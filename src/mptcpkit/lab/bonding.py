@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mptcpkit.lab.host import Host
 from mptcpkit.lab.netns import LabError
+from mptcpkit.lab.process import Process
 from mptcpkit.lab.topologies import _bound_routes
-from mptcpkit.lab.topology import Host, Process, Topology
+from mptcpkit.lab.topology import Topology
 
 __all__ = [
     "DESTINATIONS",

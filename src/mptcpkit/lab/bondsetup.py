@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from mptcpkit.lab import bonding as bl
+from mptcpkit.lab.host import Host
 from mptcpkit.lab.netns import LabError
-from mptcpkit.lab.topology import Host, Topology
+from mptcpkit.lab.topology import Topology
 from mptcpkit.lab.wandelay import wan_delay
 
 __all__ = ["DELAY", "PORT", "clear_intercept", "measure"]

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from mptcpkit.lab.topology import Link, Topology
+from mptcpkit.lab.link import Link
+from mptcpkit.lab.topology import Topology
 from mptcpkit.lab.units import format_rate, parse_duration, parse_rate
 
 FAULT_ACTIONS = ("down", "up", "rate", "rst")

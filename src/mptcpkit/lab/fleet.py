@@ -27,8 +27,10 @@ from __future__ import annotations
 import dataclasses
 
 from mptcpkit.lab import netns as _ns
+from mptcpkit.lab.host import Host
+from mptcpkit.lab.link import Link
 from mptcpkit.lab.topologies import _bound_routes, _check_paths
-from mptcpkit.lab.topology import Event, Host, Link, Topology
+from mptcpkit.lab.topology import Event, Topology
 
 VIP = "10.99.0.1"
 BUCKETS = 64  # hash buckets of the balancer's map (as Katran/Maglev tables, much smaller)

@@ -26,10 +26,11 @@ from typing import Any
 
 from mptcpkit import introspect, sockets
 from mptcpkit.lab import mib
-from mptcpkit.lab.bench import prefix_digest
 from mptcpkit.lab.fleet import Fleet
+from mptcpkit.lab.host import Host
 from mptcpkit.lab.netns import LabError
-from mptcpkit.lab.topology import Host, Process
+from mptcpkit.lab.process import Process
+from mptcpkit.lab.transfer import prefix_digest
 
 PORT = 8443  # the instances' frontend (inside the lab's own namespaces)
 BACKEND_PORT = 8080

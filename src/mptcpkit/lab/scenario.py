@@ -15,8 +15,9 @@ import contextlib
 import json
 from typing import Any
 
+from mptcpkit.lab.host import Host
 from mptcpkit.lab.netns import LabError
-from mptcpkit.lab.topology import Host, Topology
+from mptcpkit.lab.topology import Topology
 
 TABLE = "mptcpkit"
 MPTCP_OPTION = 30  # TCP option kind of MPTCP

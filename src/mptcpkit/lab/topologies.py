@@ -10,14 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from mptcpkit.lab.topology import (
-    _RULE_PREF_BASE,
-    _TABLE_BASE,
-    ENDPOINT_FLAGS,
-    Host,
-    Link,
-    Topology,
-)
+from mptcpkit.lab.host import ENDPOINT_FLAGS, Host
+from mptcpkit.lab.link import Link
+from mptcpkit.lab.topology import _RULE_PREF_BASE, _TABLE_BASE, Topology
 
 ENDPOINT_MODES = ("subflow", "fullmesh", "signal", "none")
 _MAX_LIMIT = 8  # the kernel's MPTCP_PM_ADDR_MAX for both limits

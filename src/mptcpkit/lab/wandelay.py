@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from mptcpkit.lab.topology import Host
+from mptcpkit.lab.host import Host
 
 __all__ = ["MAXLEN", "WanDelay", "wan_delay"]
 

@@ -1,0 +1,158 @@
+"""One verified bulk transfer: the deterministic stream, its hashes, both ends.
+
+The sender writes a deterministic pseudo-random stream and hashes it; the receiver hashes
+what arrives: equal SHA-256 and byte counts prove nothing was lost, duplicated or
+reordered end to end, faults or not (a transfer cut short on purpose must hold an intact
+prefix). The lab's bench (bench.py) runs these; the fleet's runs reuse the digests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+_CHUNK = 128 * 1024
+_POOL = 4 * 1024 * 1024
+_RECV = 256 * 1024
+
+
+def stream(seed: int, size: int = _CHUNK) -> Iterator[memoryview]:
+    """The deterministic pseudo-random byte stream the sender writes, chunk by chunk.
+
+    Chunks are slices at pseudo-random offsets of a pseudo-random pool: as unpredictable
+    as the hash check needs, and free to produce (generating fresh random bytes would
+    cost the sender more CPU than the network stack at a few hundred Mbit/s).
+    """
+    rng = random.Random(seed)
+    pool = memoryview(rng.randbytes(_POOL))
+    while True:
+        offset = rng.randrange(0, _POOL - size)
+        yield pool[offset : offset + size]
+
+
+def stream_digest(seed: int, nbytes: int) -> str:
+    """SHA-256 of the first `nbytes` of `stream(seed)`: what a receiver cut short should hold."""
+    return prefix_digest(stream(seed), nbytes)
+
+
+def prefix_digest(chunks: Iterable[bytes | memoryview], nbytes: int) -> str:
+    """SHA-256 of the first `nbytes` of an endless stream of chunks."""
+    digest = hashlib.sha256()
+    left = nbytes
+    for chunk in chunks:
+        if left <= 0:
+            break
+        part = chunk[:left]
+        digest.update(part)
+        left -= len(part)
+    return digest.hexdigest()
+
+
+def join(thread: threading.Thread, timeout: float) -> None:
+    # Short joins keep the main thread responsive to Ctrl-C.
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.2)
+
+
+def accept_all(listener: socket.socket, transfers: list[Transfer]) -> None:
+    """Accept one connection per transfer and receive each in its own thread."""
+    threads = []
+    for state in transfers:
+        try:
+            peer, _ = listener.accept()
+        except OSError as exc:
+            state.error = state.error or f"receiver: {exc}"
+            break
+        t = threading.Thread(target=state.receive, args=(peer, listener.gettimeout()))
+        t.daemon = True
+        t.start()
+        threads.append(t)
+    for t in threads:
+        join(t, (listener.gettimeout() or 60.0) * 2)
+
+
+class Transfer:
+    def __init__(self, seed: int, *, fastclose: bool = False) -> None:
+        self.seed = seed
+        self.fastclose = fastclose
+        self.sent = 0
+        self.received = 0
+        self.tx_hash = hashlib.sha256()
+        self.rx_hash = hashlib.sha256()
+        self.error: str | None = None
+        self.reset = False
+        self.finished_at: float | None = None
+        self.peer: socket.socket | None = None
+
+    @property
+    def verified(self) -> bool:
+        if self.error is not None:
+            return False
+        if self.fastclose:
+            # Cut short on purpose: what arrived must be an intact prefix of what was sent.
+            return self.reset and self.rx_hash.hexdigest() == stream_digest(
+                self.seed, self.received
+            )
+        return self.sent == self.received and self.tx_hash.digest() == self.rx_hash.digest()
+
+    def summary(self, elapsed: float) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "bytes": self.received,
+            "bytes_sent": self.sent,
+            "goodput_mbit": round(self.received * 8 / elapsed / 1e6, 4),
+            "verified": self.verified,
+            "reset": self.reset,
+            "error": self.error,
+        }
+
+    def abort(self, conn: socket.socket) -> None:
+        for sock in (conn, self.peer):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def send(self, conn: socket.socket, deadline: float) -> None:
+        try:
+            for chunk in stream(self.seed):
+                if time.monotonic() >= deadline:
+                    break
+                self.tx_hash.update(chunk)
+                conn.sendall(chunk)
+                self.sent += len(chunk)
+            if self.fastclose:
+                # Linger 0: close() aborts the connection, which MPTCP signals with
+                # MP_FASTCLOSE on every subflow.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            else:
+                conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.error = self.error or f"sender: {exc}"
+
+    def receive(self, peer: socket.socket, timeout: float | None) -> None:
+        self.peer = peer
+        try:
+            with peer:
+                peer.settimeout(timeout)
+                buf = bytearray(_RECV)
+                view = memoryview(buf)
+                while n := peer.recv_into(buf):
+                    self.rx_hash.update(view[:n])
+                    self.received += n
+                self.finished_at = time.monotonic()
+        except ConnectionResetError as exc:
+            self.finished_at = time.monotonic()
+            self.reset = True
+            if not self.fastclose:
+                self.error = self.error or f"receiver: {exc}"
+        except OSError as exc:
+            self.error = self.error or f"receiver: {exc}"
