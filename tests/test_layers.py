@@ -69,6 +69,7 @@ PROXY_LADDER: list[tuple[str, tuple[str, ...]]] = [
         (
             "poller",
             "datapath",
+            "legstate",
             "convertdecide",
             "source",
             "router",

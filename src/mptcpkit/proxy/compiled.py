@@ -23,7 +23,8 @@ from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.configmodel import ConfigError
 from mptcpkit.proxy.datapath import BURST, burst
 from mptcpkit.proxy.frontend import FrontendRuntime
-from mptcpkit.proxy.relay import leg_state, read_proxy_header
+from mptcpkit.proxy.legstate import leg_state
+from mptcpkit.proxy.proxyproto import read_proxy_header
 from mptcpkit.proxy.timeouts import idle_rules
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ from mptcpkit.proxy.convertdecide import (
     remote_refused,
     text,
 )
-from mptcpkit.proxy.relay import reason_of
+from mptcpkit.proxy.legstate import reason_of
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mptcpkit.proxy.relay import leg_state, subflows
+from mptcpkit.proxy.legstate import leg_state, subflows
 
 __all__ = [
     "ADMIN_STATES",

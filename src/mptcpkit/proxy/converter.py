@@ -45,7 +45,8 @@ from mptcpkit.proxy.convertdecide import (
     text,
 )
 from mptcpkit.proxy.frontend import FrontendRuntime
-from mptcpkit.proxy.relay import MIN_READ, Conn, reason_of
+from mptcpkit.proxy.legstate import reason_of
+from mptcpkit.proxy.relay import MIN_READ, Conn
 
 if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import mptcpkit
 from mptcpkit.policy import Policy
 from mptcpkit.proxy.abuse import Limits
-from mptcpkit.proxy.relay import Conn, reason_of, subflows
+from mptcpkit.proxy.legstate import reason_of, subflows
+from mptcpkit.proxy.relay import Conn
 from mptcpkit.proxy.router import Router
 from mptcpkit.proxy.timeouts import idle_rules
 from mptcpkit.status import protocol as socket_protocol

@@ -27,7 +27,7 @@ from typing import Any
 import mptcpkit
 from mptcpkit.aio import sock_connect
 from mptcpkit.proxy.configmodel import Config, HealthCheck, Server
-from mptcpkit.proxy.relay import reason_of
+from mptcpkit.proxy.legstate import reason_of
 from mptcpkit.proxy.resolvers import AddressBoard
 from mptcpkit.proxy.slowstart import came_up
 

@@ -20,6 +20,7 @@ __all__ = [
     "build_v1",
     "build_v2",
     "parse",
+    "read_proxy_header",
 ]
 
 V1_PREFIX = b"PROXY "
@@ -37,6 +38,7 @@ _V2_STREAM = 0x1
 _V2_DGRAM = 0x2
 
 Endpoint = tuple[str, int] | str | None
+PROXY_HEADER_LIMIT = 16 + 65535  # bytes a client may send before its header is whole
 
 
 class ProxyProtocolError(ValueError):
@@ -75,6 +77,22 @@ def parse(data: bytes | bytearray | memoryview) -> tuple[ProxyHeader, int] | Non
     if buf[:n] != V1_PREFIX[:n]:
         raise ProxyProtocolError("not a PROXY protocol header (expected 'PROXY ' or v2 signature)")
     return _parse_v1(buf)
+
+
+def read_proxy_header(hdr: bytearray) -> tuple[Endpoint, Endpoint, int] | str | None:
+    """A client's PROXY header so far: None while incomplete, (source, destination,
+    bytes used) once read (None, None for LOCAL/UNKNOWN: the connection's own addresses
+    stand), or why the connection must be reset."""
+    try:
+        parsed = parse(hdr)
+    except ProxyProtocolError as exc:
+        return f"bad PROXY header: {exc}"
+    if parsed is None:
+        return "PROXY header too long" if len(hdr) > PROXY_HEADER_LIMIT else None
+    header, used = parsed
+    if header.local:
+        return None, None, used
+    return header.source, header.destination, used
 
 
 def _parse_v1(buf: bytes) -> tuple[ProxyHeader, int] | None:

@@ -32,11 +32,10 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-import mptcpkit
-from mptcpkit.abi.constants import MPTCP_INFO, SOL_MPTCP
 from mptcpkit.policy import Policy
 from mptcpkit.proxy import proxyproto
 from mptcpkit.proxy.datapath import READ_SIZE, ReadBuffer
+from mptcpkit.proxy.legstate import observe_leg, oserror, reason_of
 from mptcpkit.proxy.poller import READABLE
 
 if TYPE_CHECKING:
@@ -45,23 +44,13 @@ if TYPE_CHECKING:
     from mptcpkit.proxy.balance import ServerState
     from mptcpkit.proxy.datapath import BackendPort, FrontendPort
 
-__all__ = [
-    "READ_SIZE",
-    "Conn",
-    "Leg",
-    "ReadBuffer",
-    "leg_state",
-    "read_proxy_header",
-    "reason_of",
-    "subflows",
-]
+__all__ = ["READ_SIZE", "Conn", "Leg", "ReadBuffer"]
 
 MIN_READ = 16384  # a read of a leg whose traffic is small (not bulk)
 MIN_ROOM = 4096  # a bulk read when the destination has little or no room
 _SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
 _INT = struct.Struct("i")
 _ZERO = bytes(4)
-PROXY_HEADER_LIMIT = 16 + 65535
 # Every read and write says MSG_DONTWAIT: accepted sockets can stay in blocking mode,
 # which saves an ioctl(FIONBIO) per connection (CPython's accept cannot pass SOCK_NONBLOCK).
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -70,8 +59,6 @@ _EPOLLERR = select.EPOLLERR
 _FAILED = select.EPOLLERR | select.EPOLLHUP
 _HANGUPS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY)
-_MPTCP_INFO_LEN = 96
-_SUBFLOWS_TOTAL = 80  # offsetof(struct mptcp_info, mptcpi_subflows_total)
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 INSPECT_LIMIT = 65536  # bytes peeked at most for a ClientHello (router.INSPECT_LIMIT)
 
@@ -325,7 +312,7 @@ class Conn:
         """EPOLLERR: fail now, even if the leg is not read for a while; False if it failed."""
         err = leg.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.fail(leg, _oserror(err))
+            self.fail(leg, oserror(err))
             return False
         return True
 
@@ -406,7 +393,7 @@ class Conn:
                 break
             if sock is not None:
                 sock.close()
-            if not self._connect_failed(_oserror(err)):
+            if not self._connect_failed(oserror(err)):
                 return
         assert sock is not None  # err is 0 or EINPROGRESS: start_connect returned
         s = self.s
@@ -426,7 +413,7 @@ class Conn:
         err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & _FAILED else 0
         if err:
             self._drop_server_socket()
-            if self._connect_failed(_oserror(err)):
+            if self._connect_failed(oserror(err)):
                 self.connect()
             return
         if self.timer is not None:
@@ -520,7 +507,7 @@ class Conn:
                 self.abort("client closed before its PROXY header")
                 return
             hdr += rb.view[:n]
-            parsed = read_proxy_header(hdr)
+            parsed = proxyproto.read_proxy_header(hdr)
             if isinstance(parsed, str):
                 self.abort(parsed)
                 return
@@ -622,63 +609,3 @@ def room(dst: Leg, size: int) -> int:
     free = dst.sndbuf - dst.sndbuf // 8 - outq
     dst.credit = free
     return MIN_ROOM if free < MIN_ROOM else min(free, size)
-
-
-def read_proxy_header(hdr: bytearray) -> tuple[Any, Any, int] | str | None:
-    """A client's PROXY header so far: None while incomplete, (source, destination,
-    bytes used) once read (None, None for LOCAL/UNKNOWN: the connection's own addresses
-    stand), or why the connection must be reset."""
-    try:
-        parsed = proxyproto.parse(hdr)
-    except proxyproto.ProxyProtocolError as exc:
-        return f"bad PROXY header: {exc}"
-    if parsed is None:
-        return "PROXY header too long" if len(hdr) > PROXY_HEADER_LIMIT else None
-    header, used = parsed
-    if header.local:
-        return None, None, used
-    return header.source, header.destination, used
-
-
-def observe_leg(sock: Any) -> tuple[str | None, int]:
-    """(state, subflows) of a leg where MPTCP was asked for; one getsockopt if MPTCP."""
-    n = subflows(sock)
-    if n:
-        return "MPTCP", n
-    return leg_state(sock.fileno()), 0
-
-
-def leg_state(fd: int) -> str | None:
-    """The state of a leg without subflows, "fallback" or "TCP"; None if unknown."""
-    try:
-        return str(mptcpkit.status(fd))
-    except (OSError, ValueError):
-        return None
-
-
-def subflows(sock: Any) -> int:
-    """All subflows of a live MPTCP socket, 0 if it is not one (fell back, plain TCP).
-
-    One getsockopt(MPTCP_INFO) and two byte reads, not a full `mptcpkit.info()`
-    decode: this runs for every MPTCP connection. Layout: REFERENCE §3 (u8 subflows at
-    0 counts extra subflows; u8 subflows_total at 80, 6.8+, counts all).
-    """
-    try:
-        raw = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, _MPTCP_INFO_LEN)
-    except (OSError, ValueError):
-        return 0
-    if len(raw) > _SUBFLOWS_TOTAL and raw[_SUBFLOWS_TOTAL]:
-        return int(raw[_SUBFLOWS_TOTAL])
-    return int(raw[0]) + 1 if raw else 0
-
-
-def _oserror(err: int) -> OSError:
-    return OSError(err, errno.errorcode.get(err, str(err)))
-
-
-def reason_of(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, OSError) and exc.errno:
-        return errno.errorcode.get(exc.errno, str(exc.errno))
-    return type(exc).__name__

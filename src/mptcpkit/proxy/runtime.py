@@ -39,10 +39,10 @@ from mptcpkit.proxy.datapath import (
     burst,
 )
 from mptcpkit.proxy.frontend import FrontendRuntime
+from mptcpkit.proxy.legstate import reason_of
 from mptcpkit.proxy.logging import ConnRecord, EventLog
 from mptcpkit.proxy.poller import Poller
 from mptcpkit.proxy.queue import ServerQueue, full, share
-from mptcpkit.proxy.relay import reason_of
 from mptcpkit.proxy.slowstart import came_up
 from mptcpkit.proxy.source import bind_source
 from mptcpkit.proxy.timeouts import tick
