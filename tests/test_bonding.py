@@ -6,6 +6,7 @@ HAProxy as a remote gateway), an unmodified TCP client.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bonding_harness import byte_server, fetch, fetch_many, fetch_ok
+from bonding_harness import byte_server, fetch, fetch_many, fetch_ok, payload
 from mptcpkit.lab import bonding as bl
 from mptcpkit.lab import bondsetup
 from mptcpkit.lab.netns import is_root
@@ -167,17 +168,35 @@ def test_tfo_puts_the_destination_in_the_syn(net: Topology, gateways: bl.Gateway
     assert _nstat(remote, "TcpExtTCPFastOpenPassive") - before >= 2  # all but the first
 
 
-@pytest.mark.parametrize(
-    "gateways", [{"mode": m} for m in bl.MODES], indirect=True, ids=list(bl.MODES)
-)
-def test_connection_to_the_gateway_itself_is_no_loop(net: Topology, gateways: bl.Gateways) -> None:
-    """A LAN client connecting to the site gateway's own port is not relayed to
-    "itself" over the uplinks (a loop): reset, and logged."""
-    site_addr = net.link(0).iface(net.host("site")).address(4)
-    with pytest.raises((ConnectionResetError, ConnectionRefusedError)):
-        net.host("client").call(fetch, site_addr, 10, 1, port=gateways.site_port)
-    wait_for(lambda: "not an intercepted connection" in gateways.site.stderr, what="log")
+OWN_PORT = [{"mode": m, "engine": e} for m in bl.MODES for e in ("c", "python")]
+
+
+@pytest.mark.parametrize("gateways", OWN_PORT, indirect=True, ids=[_id(c) for c in OWN_PORT])
+def test_own_port_is_relayed_and_the_gateway_itself_refused(
+    net: Topology, gateways: bl.Gateways
+) -> None:
+    """A LAN client connecting to the site gateway's own address and port is not relayed
+    to "itself" over the uplinks (a loop): reset, and logged. Regression: a destination
+    on the internet that listens on the SAME port number as the gateway's listener was
+    taken for the gateway itself (the test was the port alone) and reset too."""
+    client, site = net.host("client"), net.host("site")
+    for fam, port in ((4, gateways.site_port), (6, gateways.site_port6)):
+        own = net.link(0).iface(site).address(fam)
+        with pytest.raises((ConnectionResetError, ConnectionRefusedError)):
+            client.call(fetch, own, 10, 1, port=port)
+    wait_for(lambda: gateways.site.stderr.count("not an intercepted connection") >= 2,
+             what="both refusals in the site log")  # fmt: skip
     assert not _conn_lines(gateways.remote.stderr)  # nothing reached the remote gateway
+    internet = net.host("internet")
+    ports = sorted({gateways.site_port, gateways.site_port6})
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            stack.enter_context(byte_server(internet, port))
+        for i, (dest, port) in enumerate(
+            (("10.200.0.1", gateways.site_port), ("fd00:200::1", gateways.site_port6))
+        ):
+            got = client.call(fetch, dest, 100_000, 60 + i, port=port)
+            assert got == payload(100_000, 60 + i), (dest, port, len(got))
 
 
 @pytest.mark.parametrize("gateways", [{"mode": "redirect"}], indirect=True)

@@ -84,3 +84,48 @@ def test_not_intercepted_has_no_original_destination() -> None:
                 assert intercept.original_dst(conn) is None
                 assert intercept.destination(conn) == ls.getsockname()
             del c
+
+
+def _listen_on(host: str, transparent: bool) -> socket.socket:
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if transparent:
+        intercept.make_transparent(ls)
+    ls.bind((host, 0))
+    ls.listen(8)
+    ls.settimeout(10)
+    return ls
+
+
+@pytest.mark.parametrize(
+    ("mode", "bound"),
+    [("redirect", "0.0.0.0"), ("tproxy", "0.0.0.0"), ("tproxy", "10.0.0.2")],
+    ids=["redirect", "tproxy-any", "tproxy-one-address"],
+)
+def test_intercepted_on_the_listeners_own_port(net: Topology, mode: str, bound: str) -> None:
+    """A destination on the listener's own port number is intercepted; the gateway's own
+    address on that port is not (it would loop). Regression: the port alone decided."""
+    site, client = net.host("site"), net.host("client")
+    _nft_flush(net)
+    ls = site.call(_listen_on, bound, mode == "tproxy")
+    try:
+        port = ls.getsockname()[1]
+        binds = [ls.getsockname()[:2]]
+        bonding_lab.intercept(site, mode, port)
+        own = net.link(0).iface(site).address(4)
+        for dest, want in (("10.200.0.1", True), (own, False)):
+            c = client.call(socket.create_connection, (dest, port), 10)
+            with c:
+                conn, _ = ls.accept()
+                with conn:
+                    got = site.call(intercept.intercepted, conn, mode, binds)
+            assert got == ((dest, port), want), (dest, got)
+    finally:
+        ls.close()
+        _nft_flush(net)
+
+
+def test_is_local_address() -> None:
+    assert intercept.is_local_address("127.0.0.1") and intercept.is_local_address("::1")
+    assert not intercept.is_local_address("192.0.2.1")  # TEST-NET-1: bound, never sent to
+    assert not intercept.is_local_address("2001:db8::1")

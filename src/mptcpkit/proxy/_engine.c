@@ -120,6 +120,8 @@ typedef struct {
     int fd;
     int mptcp;            /* an MPTCP listener: its clients asked for MPTCP */
     int port;             /* the port it is bound to: dst_port of its connections, and not an intercepted one's */
+    int wild;             /* intercepting: bound to any address (else to `bound`, unmapped) */
+    Addr bound;
     Frontend *fe;
 } Listener;
 
@@ -1622,50 +1624,97 @@ static int conv_connect_failed(Engine *e, Conn *c, int err) {
     return 0;
 }
 
+/* An IPv4-mapped IPv6 address as the IPv4 one it is (conntrack's and a probe's form). */
+static void unmap_addr(Addr *a, socklen_t *len) {
+    if (a->sa.sa_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&a->in6.sin6_addr))
+        return;
+    struct sockaddr_in v4 = {.sin_family = AF_INET, .sin_port = a->in6.sin6_port};
+    memcpy(&v4.sin_addr, &a->in6.sin6_addr.s6_addr[12], 4);
+    memset(a, 0, sizeof *a);
+    memcpy(&a->in, &v4, sizeof v4);
+    *len = sizeof v4;
+}
+
+static int same_host(const Addr *a, const Addr *b) {
+    if (a->sa.sa_family != b->sa.sa_family)
+        return 0;
+    if (a->sa.sa_family == AF_INET)
+        return a->in.sin_addr.s_addr == b->in.sin_addr.s_addr;
+    return memcmp(&a->in6.sin6_addr, &b->in6.sin6_addr, sizeof a->in6.sin6_addr) == 0;
+}
+
+static int addr_port(const Addr *a) {
+    return ntohs(a->sa.sa_family == AF_INET ? a->in.sin_port : a->in6.sin6_port);
+}
+
+/* Whether an address is one of this host's own (intercept.is_local_address): bind() to
+ * it succeeds.  1 too when the probe cannot tell (a reset is safe, a loop is not). */
+static int local_address(const Addr *a, socklen_t len) {
+    Addr b = *a;
+    if (b.sa.sa_family == AF_INET)
+        b.in.sin_port = 0;
+    else
+        b.in6.sin6_port = 0;
+    int fd = socket(b.sa.sa_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return 1;
+    int r = bind(fd, &b.sa, len), err = errno;
+    close(fd);
+    return r == 0 || err != EADDRNOTAVAIL;
+}
+
+/* tproxy: a connection a listener takes without TPROXY, to the gateway itself: to a
+ * listener's port, and its address (bound to one) or one of the host's (bound to any). */
+static int own_address(Frontend *fe, const Addr *local, socklen_t len) {
+    int port = addr_port(local);
+    for (int i = 0; i < fe->nlisteners; i++) {
+        Listener *l = fe->listeners[i];
+        if (l->port != port)
+            continue;
+        if (l->wild)
+            return local_address(local, len);
+        if (same_host(&l->bound, local))
+            return 1;
+    }
+    return 0;
+}
+
 /* Where an intercepted connection was going: SO_ORIGINAL_DST (redirect), else (tproxy)
  * the accepted socket's own address.  0 (and the client reset) if it was not
- * intercepted: no NAT entry under redirect, or a connection to the listener's port. */
+ * intercepted (intercept.intercepted, the same test): under redirect no NAT entry, or
+ * an original destination that is the socket's own address; under tproxy a connection
+ * to the gateway itself (own_address). */
 static int conv_intercepted(Engine *e, Conn *c) {
     Frontend *fe = c->fe;
-    int fd = c->c.fd, got = 0;
+    int fd = c->c.fd, got = 0, nat = 0;
     Conv *cv = conv_state(c);
     if (!cv) {
         fail(e, c, &c->c, ENOMEM);
         return 0;
     }
-    struct sockaddr_storage local;
-    socklen_t llen = sizeof local;
-    if (getsockname(fd, (struct sockaddr *)&local, &llen) == 0) {
-        struct sockaddr_in6 *l6 = (struct sockaddr_in6 *)&local;
-        int v4 = local.ss_family == AF_INET ||
-                 (local.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&l6->sin6_addr));
+    struct sockaddr_storage ss;
+    socklen_t llen = sizeof ss;
+    Addr local;
+    if (getsockname(fd, (struct sockaddr *)&ss, &llen) == 0 && llen <= sizeof local) {
+        memcpy(&local, &ss, llen);
+        unmap_addr(&local, &llen);
+        int v4 = local.sa.sa_family == AF_INET;
         socklen_t dlen = v4 ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
         memset(&cv->dest, 0, sizeof cv->dest);
-        if (getsockopt(fd, v4 ? SOL_IP : SOL_IPV6, SO_ORIGINAL_DST, &cv->dest, &dlen) == 0) {
+        if (getsockopt(fd, v4 ? SOL_IP : SOL_IPV6, SO_ORIGINAL_DST, &cv->dest, &dlen) == 0 &&
+            dlen <= sizeof cv->dest) {
             cv->destlen = dlen;
+            unmap_addr(&cv->dest, &cv->destlen);
             got = 1;
-        } else if (fe->intercept == 2 && llen <= sizeof cv->dest) { /* tproxy: the packets' own destination */
+            nat = !same_host(&cv->dest, &local) || addr_port(&cv->dest) != addr_port(&local);
+        } else if (fe->intercept == 2) { /* tproxy: the packets' own destination */
             memcpy(&cv->dest, &local, llen);
             cv->destlen = llen;
             got = 1;
         }
-        struct sockaddr_in6 *d6 = &cv->dest.in6;
-        if (got && cv->dest.sa.sa_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&d6->sin6_addr)) {
-            struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = d6->sin6_port};
-            memcpy(&a.sin_addr, &d6->sin6_addr.s6_addr[12], 4);
-            memset(&cv->dest, 0, sizeof cv->dest);
-            memcpy(&cv->dest, &a, sizeof a);
-            cv->destlen = sizeof a;
-        }
     }
-    int own = 0;
-    if (got) {
-        int port = ntohs(cv->dest.sa.sa_family == AF_INET ? cv->dest.in.sin_port
-                                                          : cv->dest.in6.sin6_port);
-        for (int i = 0; i < fe->nlisteners; i++)
-            own |= fe->listeners[i]->port == port;
-    }
-    if (got && !own) {
+    int intercepted = got && (nat || (fe->intercept == 2 && !own_address(fe, &local, llen)));
+    if (intercepted) {
         c->daddr = sockaddr_to_py(&cv->dest.sa, cv->destlen); /* for fe.header() */
         if (c->daddr)
             return 1;
@@ -2080,6 +2129,20 @@ static PyObject *Engine_listen(Engine *e, PyObject *args) {
     l->mptcp = mptcp;
     l->port = port;
     l->fe = fe;
+    if (fe->intercept) { /* own_address(): where it takes connections to the gateway */
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0 && len <= sizeof l->bound &&
+            (ss.ss_family == AF_INET || ss.ss_family == AF_INET6)) {
+            memcpy(&l->bound, &ss, len);
+            unmap_addr(&l->bound, &len);
+            l->wild = l->bound.sa.sa_family == AF_INET
+                          ? l->bound.in.sin_addr.s_addr == htonl(INADDR_ANY)
+                          : IN6_IS_ADDR_UNSPECIFIED(&l->bound.in6.sin6_addr);
+        } else {
+            l->wild = 1;
+        }
+    }
     struct epoll_event ev = {.events = fe->paused ? 0 : EPOLLIN, .data.ptr = l};
     if (epoll_ctl(e->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
         PyMem_RawFree(l);

@@ -66,7 +66,7 @@ _OK_REPLY = cp.build([])  # success: a bare Convert header
 class ConvertConn(Conn):
     """One converted connection; `dest` is where the client was going."""
 
-    __slots__ = ("answer", "dest", "first", "held", "peer", "reply", "req")
+    __slots__ = ("answer", "dest", "first", "held", "intercepted", "peer", "reply", "req")
 
     def __init__(self, fe: FrontendPort, sock: Any, caddr: Any, mptcp: bool) -> None:
         super().__init__(fe, sock, caddr, mptcp)
@@ -78,21 +78,19 @@ class ConvertConn(Conn):
         self.answer = b""  # for our client before the destination's bytes (Convert reply)
         self.first = False  # TFO site: waiting for the client's first bytes (first_wait)
         self.held = False  # remote: the answer waits for the client's third ACK (_syn_recv)
+        self.intercepted = True
         if cfg.intercept:
+            binds: list[intercept.Bind] = getattr(fe, "binds", [])
             try:
-                if cfg.intercept == "redirect":
-                    self.dest = intercept.original_dst(sock)  # None: not redirected
-                else:
-                    self.dest = intercept.destination(sock)
+                self.dest, self.intercepted = intercept.intercepted(sock, cfg.intercept, binds)
             except OSError:
-                self.dest = None
+                self.dest, self.intercepted = None, False
 
     # --- the steps the relay asks for -------------------------------------------------
 
     def begin(self) -> None:
         fe = self.fe
-        own: frozenset[int] | set[int] = getattr(fe, "own_ports", frozenset())
-        if fe.cfg.intercept and (self.dest is None or self.dest[1] in own):
+        if not self.intercepted:
             # Connected to the gateway itself, not intercepted: relaying it to "its
             # destination" would loop back here.
             self.abort(not_intercepted(fe, self.caddr, self.dest))
@@ -444,9 +442,9 @@ class ConvertFrontend(FrontendRuntime):
     ) -> None:
         super().__init__(cfg, listeners, backend, rt)  # no use_backend rules (configrules.py)
         self.first_wait = first_wait(cfg, backend.cfg)
-        self.own_ports = {
-            ls.getsockname()[1] for ls in self.listeners if ls.family != socket.AF_UNIX
-        }
+        self.binds: list[intercept.Bind] = [  # intercept.intercepted(): the gateway's own
+            ls.getsockname()[:2] for ls in self.listeners if ls.family != socket.AF_UNIX
+        ]
 
     def sweep(self, interval: float) -> None:
         """As a frontend's sweep; a client that keeps its Convert message back is cut
