@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,10 +169,18 @@ def test_tfo_puts_the_destination_in_the_syn(net: Topology, gateways: bl.Gateway
     assert _nstat(remote, "TcpExtTCPFastOpenPassive") - before >= 2  # all but the first
 
 
-OWN_PORT = [{"mode": m, "engine": e} for m in bl.MODES for e in ("c", "python")]
+# ... and a tproxy listener bound to one address (the Python path's: test_intercept.py)
+OWN_PORT: list[dict[str, Any]] = [
+    {"mode": m, "engine": e} for m in bl.MODES for e in ("c", "python")
+] + [{"mode": "tproxy", "engine": "c", "bind_lan": True}]
 
 
-@pytest.mark.parametrize("gateways", OWN_PORT, indirect=True, ids=[_id(c) for c in OWN_PORT])
+@pytest.mark.parametrize(
+    "gateways",
+    OWN_PORT,
+    indirect=True,
+    ids=[*(_id(c) for c in OWN_PORT[:4]), "tproxy-c-one-address"],
+)
 def test_own_port_is_relayed_and_the_gateway_itself_refused(
     net: Topology, gateways: bl.Gateways
 ) -> None:

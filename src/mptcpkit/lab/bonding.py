@@ -114,10 +114,17 @@ def add_destinations(topo: Topology, timeout: float = 5.0) -> tuple[str, ...]:
 
 
 def intercept(
-    site: Host, mode: str, port: int, port6: int | None = None, *, lan_dev: str | None = None
+    site: Host,
+    mode: str,
+    port: int,
+    port6: int | None = None,
+    *,
+    lan_dev: str | None = None,
+    to: tuple[str, str] = ("", ""),
 ) -> None:
     """Hand the LAN's TCP connections to local `port` (IPv6: `port6`, default the same):
-    nftables `redirect` or `tproxy`.
+    nftables `redirect` or `tproxy` (to the addresses `to`, IPv4 and IPv6, for listeners
+    bound to one; default the incoming interface's).
 
     Rules live in the site's namespace (`table inet mptcpkit_bond`), gone with it.
     """
@@ -125,6 +132,7 @@ def intercept(
         raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
     dev = lan_dev or site.iface(0).name
     p6 = port if port6 is None else port6
+    to4, to6 = to[0], f"[{to[1]}]" if to[1] else ""
     if mode == "redirect":
         chain = (
             "type nat hook prerouting priority dstnat; policy accept;\n"
@@ -135,9 +143,9 @@ def intercept(
         chain = (
             "type filter hook prerouting priority mangle; policy accept;\n"
             f'    iifname "{dev}" meta l4proto tcp meta nfproto ipv4 '
-            f"tproxy ip to :{port} meta mark set {_TPROXY_MARK} accept\n"
+            f"tproxy ip to {to4}:{port} meta mark set {_TPROXY_MARK} accept\n"
             f'    iifname "{dev}" meta l4proto tcp meta nfproto ipv6 '
-            f"tproxy ip6 to :{p6} meta mark set {_TPROXY_MARK} accept"
+            f"tproxy ip6 to {to6}:{p6} meta mark set {_TPROXY_MARK} accept"
         )
     rules = f"table inet mptcpkit_bond {{\n  chain pre {{\n    {chain}\n  }}\n}}\n"
     site.run(["nft", "-f", "-"], input=rules)
@@ -154,9 +162,17 @@ def intercept(
 
 
 def site_config(
-    remote: str, remote_port: int, *, mode: str, encoding: str, psk: str = "", tfo: bool = False
+    remote: str,
+    remote_port: int,
+    *,
+    mode: str,
+    encoding: str,
+    psk: str = "",
+    tfo: bool = False,
+    lan: tuple[str, str] = ("0.0.0.0", "::"),
 ) -> str:
-    """The site gateway's `mptcpkit proxy` configuration (TOML)."""
+    """The site gateway's `mptcpkit proxy` configuration (TOML); its listeners are bound
+    to the addresses `lan` (IPv4, IPv6: any by default)."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding={encoding!r}: expected one of {', '.join(ENCODINGS)}")
     carry = "send-convert = true" if encoding == "convert" else 'send-proxy = "v2"'
@@ -169,7 +185,7 @@ metrics = ""
 log = "stderr"
 
 [frontend.lan]
-bind = ["tcp@0.0.0.0:0", "tcp@[::]:0"]
+bind = ["tcp@{lan[0]}:0", "tcp@[{lan[1]}]:0"]
 backend = "bond"
 intercept = "{mode}"
 
@@ -257,8 +273,10 @@ def start_gateways(
     site_psk: str | None = None,
     deny: Sequence[str] = (),
     tfo: bool = False,
+    bind_lan: bool = False,
 ) -> Gateways:
-    """Run the remote gateway, then the site gateway, then intercept the LAN into it."""
+    """Run the remote gateway, then the site gateway, then intercept the LAN into it;
+    `bind_lan`: the site's listeners are bound to its LAN addresses, not to any."""
     site, remote = topo.host("site"), topo.host("remote")
     ups = [link for link in topo.links if set(link.hosts) == {site, remote}]
     clients = [f"10.0.{link.index}.0/24" for link in ups] + [
@@ -272,6 +290,7 @@ def start_gateways(
         remote_config(clients, own, encoding=encoding, psk=psk, deny=list(deny), tfo=tfo)
     )
     rproc, (rport, *_) = start_proxy(remote, rcfg, "bond")
+    lan_addrs = (site.iface(0).address(4), site.iface(0).address(6)) if bind_lan else ("", "")
     try:
         scfg = workdir / "site.toml"
         scfg.write_text(
@@ -282,11 +301,12 @@ def start_gateways(
                 encoding=encoding,
                 psk=psk if site_psk is None else site_psk,
                 tfo=tfo,
+                lan=lan_addrs if bind_lan else ("0.0.0.0", "::"),
             )
         )
         sproc, (sport, sport6) = start_proxy(site, scfg, "lan")
     except BaseException:
         rproc.stop()
         raise
-    intercept(site, mode, sport, sport6)
+    intercept(site, mode, sport, sport6, to=lan_addrs)
     return Gateways(sproc, rproc, sport, sport6, rport)
