@@ -251,8 +251,9 @@ def test_stalled_stdout_reader_does_not_stop_traffic(tmp_path: Path) -> None:
             mport = int(_read_until(fd, r"metrics on http://[^:]+:(\d+)/", seen).group(1))
             _many_through(port, 3000)  # ~450 KB of log lines; the pipe holds 64 KiB
             _read_until(fd, r"(\d+) log lines dropped", seen)  # reading again: reported
-            metrics = _scrape(mport)
-            assert _metric(metrics, "mptcpkit_log_dropped_total") > 0
+            # workers publish their counters once a second
+            dropped = lambda: _metric(_scrape(mport), "mptcpkit_log_dropped_total")  # noqa: E731
+            wait_for(lambda: dropped() > 0, what="mptcpkit_log_dropped_total > 0")
         finally:
             p.terminate()
             with contextlib.suppress(OSError):

@@ -50,6 +50,9 @@ from mptcpkit.proxy.timeouts import tick
 __all__ = ["BackendRuntime", "Runtime"]
 
 SWEEP_INTERVAL = 1.0
+# A connection's log line is written at most this long after it ends (lines that end
+# meanwhile go in the same write): prompt as HAProxy's, one write per batch under load.
+LOG_DELAY = 0.02
 SETTLE_LIMIT = 0.5  # how long a stopping worker waits for handshakes in flight
 _STREAM = int(socket.SOCK_STREAM)
 _NONBLOCKING_STREAM = _STREAM | socket.SOCK_NONBLOCK
@@ -241,6 +244,7 @@ class Runtime:
             for f in cfg.frontends
         ]
         self._tasks: list[asyncio.Task[None]] = []
+        self._log_due = False  # a flush of the connection log is scheduled
         self.board: health.Board | None = None  # the master's health state, if any
         self.addrs: resolvers.AddressBoard | None = None  # re-resolved server addresses
 
@@ -408,8 +412,15 @@ class Runtime:
             connect_time=connect_time if connect_time >= 0 else None,
         )
         self.log.conn(rec)
+        if not self._log_due:
+            self._log_due = True
+            self.loop.call_later(LOG_DELAY, self._flush_log)
         if self.metrics is not None:
             self.metrics.conn_done(rec)
+
+    def _flush_log(self) -> None:
+        self._log_due = False
+        self.log.flush()
 
     def conn_ended(self) -> None:
         if self.stopping and not self.busy():
