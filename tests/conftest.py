@@ -65,6 +65,21 @@ def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
+@pytest.fixture(params=["c", "python"], ids=["compiled", "python"])
+def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The proxy's data path: a test asking for it (or a module marked
+    `pytestmark = pytest.mark.usefixtures("relay")`) runs on the C engine and on the
+    pure-Python relay."""
+    from mptcpkit.proxy import compiled
+    from mptcpkit.proxy.config import ConfigError
+
+    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
+    try:
+        return compiled.data_path()
+    except ConfigError as exc:
+        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
+
+
 @pytest.fixture
 def no_fd_leak():  # type: ignore[no-untyped-def]
     """Fails the test if it leaves file descriptors open."""

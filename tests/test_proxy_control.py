@@ -14,8 +14,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from proxy_harness import PROXY_CMD, Server, connect, echo, recv_all, run_proxy, wait_for
-from test_proxy_e2e import _conf, relay  # noqa: F401  (relay: both data paths)
+from test_proxy_e2e import _conf
+
+# every test here runs on both data paths (the `relay` fixture, tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("relay")
 
 
 def ctl(sock: Path, *words: str, json_out: bool = True) -> tuple[int, Any]:
@@ -30,7 +35,7 @@ def _servers(sock: Path) -> dict[str, dict[str, Any]]:
     return {r["server"]: r for r in rows}
 
 
-def test_show_set_and_sessions(tmp_path: Path, relay: str) -> None:  # noqa: F811
+def test_show_set_and_sessions(tmp_path: Path, relay: str) -> None:
     sock = tmp_path / "ctl.sock"
     with Server(echo) as a, Server(echo) as b:
         conf = _conf(
@@ -97,7 +102,7 @@ def test_show_set_and_sessions(tmp_path: Path, relay: str) -> None:  # noqa: F81
         assert not sock.exists()  # removed when the proxy stops
 
 
-def test_reload_answers(tmp_path: Path, relay: str) -> None:  # noqa: F811
+def test_reload_answers(tmp_path: Path, relay: str) -> None:
     sock = tmp_path / "ctl.sock"
     with Server(echo) as a:
         glob = f'workers = 1\nmetrics = ""\nstats-socket = "unix@{sock}"'
@@ -140,7 +145,7 @@ def test_ctl_errors(tmp_path: Path) -> None:
         assert p.returncode == 2 and "stats-socket" in p.stderr, p.stderr
 
 
-def test_set_server_ready_lets_its_queue_go(tmp_path: Path, relay: str) -> None:  # noqa: F811
+def test_set_server_ready_lets_its_queue_go(tmp_path: Path, relay: str) -> None:
     """A connection waiting for a server slot (every usable server at its maxconn) goes
     to a server set `ready` at once, not when some other connection ends."""
     sock = tmp_path / "ctl.sock"

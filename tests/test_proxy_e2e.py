@@ -21,7 +21,6 @@ import pytest
 
 import mptcpkit.aio
 from mptcpkit.proxy import compiled, proxyproto
-from mptcpkit.proxy.config import ConfigError
 from proxy_harness import (
     PROXY_CMD,
     ProxyProc,
@@ -37,15 +36,8 @@ from proxy_harness import (
     wait_for,
 )
 
-
-@pytest.fixture(autouse=True, params=["c", "python"], ids=["compiled", "python"])
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on both data paths: the C engine and the pure-Python relay."""
-    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
-    try:
-        return compiled.data_path()
-    except ConfigError as exc:
-        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
+# every test here runs on both data paths (the `relay` fixture, tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("relay")
 
 
 def _conf(

@@ -14,7 +14,10 @@ import pytest
 from mptcpkit.proxy.config import ConfigError, parse_text
 from mptcpkit.proxy.ctlserver import request
 from proxy_harness import Server, connect, echo, free_port, recv_all, run_proxy, wait_for
-from test_proxy_e2e import _conf, relay  # noqa: F401  (relay: both data paths)
+from test_proxy_e2e import _conf
+
+# every test here runs on both data paths (the `relay` fixture, tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("relay")
 
 
 def _ping(port: int) -> bytes:
@@ -23,7 +26,7 @@ def _ping(port: int) -> bytes:
         return recv_all(c, 4)
 
 
-def test_checked_once_logged_once(tmp_path: Path, relay: str) -> None:  # noqa: F811
+def test_checked_once_logged_once(tmp_path: Path, relay: str) -> None:
     """Two workers, one server going down and up: each transition is logged once (each
     worker checked and logged on its own), and both workers stop and resume using it."""
     port = free_port()
@@ -108,7 +111,7 @@ def _pong(c: socket.socket) -> None:
         c.sendall(b"+PONG proxy\r\n" if proxied else b"+PONG\r\n")
 
 
-def test_send_expect_port_addr_send_proxy(tmp_path: Path, relay: str) -> None:  # noqa: F811
+def test_send_expect_port_addr_send_proxy(tmp_path: Path, relay: str) -> None:
     with Server(echo) as traffic, Server(_pong) as pong:
         addr = f'"tcp@127.0.0.1:{traffic.port}"'
         common = f'port = {pong.port}, addr = "127.0.0.1", send = "PING\\r\\n", fall = 1'
@@ -139,7 +142,7 @@ def test_send_expect_port_addr_send_proxy(tmp_path: Path, relay: str) -> None:  
             assert "server a is DOWN" not in log and "server c is DOWN" not in log, log
 
 
-def test_observe_layer4(tmp_path: Path, relay: str) -> None:  # noqa: F811
+def test_observe_layer4(tmp_path: Path, relay: str) -> None:
     """Passive checks: the check port answers, the traffic port refuses; with
     `observe = "layer4"` the refused connects take the server down (logged once)."""
     dead = free_port()

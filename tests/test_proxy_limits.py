@@ -14,19 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mptcpkit.proxy import compiled
 from mptcpkit.proxy.abuse import Limits, SourceTable, address_key, share
-from mptcpkit.proxy.config import ConfigError
 from proxy_harness import PROXY_CMD, Server, connect, echo, run_proxy, wait_for
-
-
-@pytest.fixture(params=["c", "python"], ids=["compiled", "python"])
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
-    try:
-        return compiled.data_path()
-    except ConfigError as exc:
-        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
 
 
 def _conf(port: int, limits: str, workers: int = 1) -> str:

@@ -33,7 +33,10 @@ from proxy_harness import (
     run_proxy,
     wait_for,
 )
-from test_proxy_e2e import _cli, _conf, _metric, relay  # noqa: F401  (relay: both data paths)
+from test_proxy_e2e import _cli, _conf, _metric
+
+# every test here runs on both data paths (the `relay` fixture, tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("relay")
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "proxy.toml"
 

@@ -25,18 +25,10 @@ from typing import Any
 import pytest
 
 import proxy_harness
-from mptcpkit.proxy import compiled
-from mptcpkit.proxy.config import ConfigError
 from proxy_harness import PROXY_CMD, Server, echo, free_port, recv_all, run_proxy, wait_for
 
-
-@pytest.fixture(autouse=True, params=["c", "python"], ids=["compiled", "python"])
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
-    try:
-        return compiled.data_path()
-    except ConfigError as exc:
-        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
+# every test here runs on both data paths (the `relay` fixture, tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("relay")
 
 
 def _cli(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:

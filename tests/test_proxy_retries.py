@@ -7,8 +7,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from proxy_harness import Server, connect, echo, free_port, recv_all, run_proxy, wait_for
-from test_proxy_e2e import _conf, relay  # noqa: F401  (relay: both data paths)
+from test_proxy_e2e import _conf
+
+# every test here runs on both data paths (the `relay` fixture, tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("relay")
 
 
 def _ping(port: int, out: list[bytes]) -> None:
@@ -17,7 +22,7 @@ def _ping(port: int, out: list[bytes]) -> None:
         out.append(recv_all(c, 4))
 
 
-def test_server_restart_does_not_close_clients(tmp_path: Path, relay: str) -> None:  # noqa: F811
+def test_server_restart_does_not_close_clients(tmp_path: Path, relay: str) -> None:
     """A single-server backend (retries = 3) while its server restarts: clients that
     arrive meanwhile are served once it is back (they were closed: 6,239 of them)."""
     port = free_port()
@@ -42,7 +47,7 @@ def test_server_restart_does_not_close_clients(tmp_path: Path, relay: str) -> No
             srv.close()
 
 
-def test_redispatch_moves_the_last_retry(tmp_path: Path, relay: str) -> None:  # noqa: F811
+def test_redispatch_moves_the_last_retry(tmp_path: Path, relay: str) -> None:
     dead = free_port()
     with Server(echo) as b:
         servers = {"a": f'"tcp@127.0.0.1:{dead}"', "b": f'"{b.address}"'}

@@ -17,21 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from mptcpkit.proxy import compiled
-from mptcpkit.proxy.config import ConfigError
 from proxy_harness import Server, recv_all, run_proxy, wait_for
 from test_proxy_clienthello import openssl_hello
 from test_proxy_control import ctl
 from test_proxy_e2e import _free_port_range
-
-
-@pytest.fixture(params=["c", "python"], ids=["compiled", "python"])
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
-    try:
-        return compiled.data_path()
-    except ConfigError as exc:
-        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,10 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
-from mptcpkit.proxy import compiled
 from mptcpkit.proxy.balance import Balancer
-from mptcpkit.proxy.config import ConfigError, parse_text
+from mptcpkit.proxy.config import parse_text
 from mptcpkit.proxy.slowstart import effective_weight
 from proxy_harness import Server, connect, echo, recv_all, run_proxy, wait_for
-
-
-@pytest.fixture(params=["c", "python"], ids=["compiled", "python"])
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
-    try:
-        return compiled.data_path()
-    except ConfigError as exc:
-        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
 
 
 def _conf(a: str, b: str, slowstart: str = "1h") -> str:

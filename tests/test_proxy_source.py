@@ -10,18 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mptcpkit.proxy import compiled
-from mptcpkit.proxy.config import ConfigError
 from proxy_harness import PROXY_CMD, Server, connect, echo, recv_all, run_proxy, wait_for
-
-
-@pytest.fixture(params=["c", "python"], ids=["compiled", "python"])
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
-    try:
-        return compiled.data_path()
-    except ConfigError as exc:
-        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
 
 
 def _conf(backend: str) -> str:

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from mptcpkit.proxy import compiled
-from mptcpkit.proxy.config import ConfigError
 from proxy_harness import Server, echo, run_proxy, wait_for
 
 ROUNDS = 3
@@ -102,13 +100,8 @@ print(json.dumps({**counts, "started": started}))
 """
 
 
-@pytest.fixture(autouse=True, params=["c", "python"], ids=["compiled", "python"])
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
-    try:
-        return compiled.data_path()
-    except ConfigError as exc:
-        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
+# every test here runs on both data paths (the `relay` fixture, tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("relay")
 
 
 def _conf(server_port: int, binds_n: int = BINDS) -> str:

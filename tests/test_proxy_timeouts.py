@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mptcpkit.proxy import compiled
-from mptcpkit.proxy.config import ConfigError, parse_text
+from mptcpkit.proxy.config import parse_text
 from mptcpkit.proxy.configmodel import Timeouts
 from mptcpkit.proxy.timeouts import idle_rules, tick
 from proxy_harness import PROXY_CMD, ProxyProc, Server, connect, recv_all, run_proxy, wait_for
-
-
-@pytest.fixture(params=["c", "python"], ids=["compiled", "python"])
-def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(compiled.ENGINE_ENV, request.param)
-    try:
-        return compiled.data_path()
-    except ConfigError as exc:
-        pytest.skip(f"{exc} (build it: python3 setup.py build_ext --inplace)")
 
 
 def _conf(port: int, timeout: str) -> str:
