@@ -875,9 +875,9 @@ static void do_connect(Engine *e, Conn *c) {
     }
 }
 
-/* Read the client's PROXY header; then connect, holding what came after it. */
-static void proxy_header(Engine *e, Conn *c) {
-    PyObject *parsed = NULL;
+/* What the client sent next, appended to c->hdr (a header being read): 1 if bytes came,
+ * 0 if none are there yet or the connection ended (failed, or `closed_before` on EOF). */
+static int read_header_bytes(Engine *e, Conn *c, PyObject *closed_before) {
     for (;;) {
         ssize_t n = recv(c->c.fd, e->buf, e->size, MSG_DONTWAIT);
         if (n < 0) {
@@ -885,19 +885,29 @@ static void proxy_header(Engine *e, Conn *c) {
                 continue;
             if (!would_block(errno))
                 fail(e, c, &c->c, errno);
-            return;
+            return 0;
         }
         if (n == 0) {
-            abort_conn(e, c, s_closed_before_header);
-            return;
+            abort_conn(e, c, closed_before);
+            return 0;
         }
         Py_ssize_t old = PyByteArray_GET_SIZE(c->hdr);
         if (PyByteArray_Resize(c->hdr, old + n) < 0) {
             PyErr_Clear();
             fail(e, c, &c->c, ENOMEM);
-            return;
+            return 0;
         }
         memcpy(PyByteArray_AS_STRING(c->hdr) + old, e->buf, (size_t)n);
+        return 1;
+    }
+}
+
+/* Read the client's PROXY header; then connect, holding what came after it. */
+static void proxy_header(Engine *e, Conn *c) {
+    PyObject *parsed = NULL;
+    for (;;) {
+        if (!read_header_bytes(e, c, s_closed_before_header))
+            return;
         parsed = c->fe->names_dest /* a converter checks the peer and names the destination */
                      ? PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, client_addr(c), NULL)
                      : PyObject_CallMethodObjArgs(c->fe->key, s_parse, c->hdr, NULL);
@@ -1301,25 +1311,8 @@ static void convert_request(Engine *e, Conn *c) {
     ConvMsg m;
     int r;
     for (;;) {
-        ssize_t n = recv(c->c.fd, e->buf, e->size, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (!would_block(errno))
-                fail(e, c, &c->c, errno);
+        if (!read_header_bytes(e, c, s_closed_before_convert))
             return;
-        }
-        if (n == 0) {
-            abort_conn(e, c, s_closed_before_convert);
-            return;
-        }
-        Py_ssize_t old = PyByteArray_GET_SIZE(c->hdr);
-        if (PyByteArray_Resize(c->hdr, old + n) < 0) {
-            PyErr_Clear();
-            fail(e, c, &c->c, ENOMEM);
-            return;
-        }
-        memcpy(PyByteArray_AS_STRING(c->hdr) + old, e->buf, (size_t)n);
         r = conv_parse((const unsigned char *)PyByteArray_AS_STRING(c->hdr),
                        (size_t)PyByteArray_GET_SIZE(c->hdr), 1, &m);
         if (r != CONV_NEED)
