@@ -378,37 +378,33 @@ static void park(Conn *c) {
     fe->nparked++;
 }
 
+/* Take `c` out of a frontend's doubly linked queue (head/tail, its prev/next fields). */
+#define UNLINK(c, head, tail, prev, next)                                                   \
+    do {                                                                                     \
+        if ((c)->prev)                                                                       \
+            (c)->prev->next = (c)->next;                                                     \
+        else                                                                                 \
+            (head) = (c)->next;                                                              \
+        if ((c)->next)                                                                       \
+            (c)->next->prev = (c)->prev;                                                     \
+        else                                                                                 \
+            (tail) = (c)->prev;                                                              \
+        (c)->prev = (c)->next = NULL;                                                        \
+    } while (0)
+
 static void unpark_remove(Conn *c) {
     if (!c->parked)
         return;
-    Frontend *fe = c->fe;
-    if (c->pprev)
-        c->pprev->pnext = c->pnext;
-    else
-        fe->pq_head = c->pnext;
-    if (c->pnext)
-        c->pnext->pprev = c->pprev;
-    else
-        fe->pq_tail = c->pprev;
+    UNLINK(c, c->fe->pq_head, c->fe->pq_tail, pprev, pnext);
     c->parked = 0;
-    c->pprev = c->pnext = NULL;
-    fe->nparked--;
+    c->fe->nparked--;
 }
 
 static void timeout_remove(Conn *c) {
     if (!c->timed)
         return;
-    Frontend *fe = c->fe;
-    if (c->tprev)
-        c->tprev->tnext = c->tnext;
-    else
-        fe->tq_head = c->tnext;
-    if (c->tnext)
-        c->tnext->tprev = c->tprev;
-    else
-        fe->tq_tail = c->tprev;
+    UNLINK(c, c->fe->tq_head, c->fe->tq_tail, tprev, tnext);
     c->timed = 0;
-    c->tprev = c->tnext = NULL;
 }
 
 /* ---- moving bytes ------------------------------------------------------------------ */
