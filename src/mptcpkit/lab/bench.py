@@ -21,7 +21,7 @@ from mptcpkit.lab.host import Host
 from mptcpkit.lab.mib import Memory, delta, read_mib, read_sockstat, read_tcp_mem
 from mptcpkit.lab.netns import LabError
 from mptcpkit.lab.sampler import Sampler
-from mptcpkit.lab.scenario import filter_counters
+from mptcpkit.lab.scenario import filter_counters, qdisc_drops
 from mptcpkit.lab.series import recovery_time, series, steady_rate
 from mptcpkit.lab.topology import Topology
 from mptcpkit.lab.transfer import Transfer, accept_all, join
@@ -66,6 +66,7 @@ class BenchResult:
     mib: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
     filters: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    qdisc_drops: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     scenario: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -105,6 +106,7 @@ def run_bench(
     flows: int = 1,
     fastclose: bool = False,
     scenario: dict[str, Any] | None = None,
+    fastclose_grace: float = 5.0,
 ) -> BenchResult:
     """Send for `duration` seconds from `client` to `server`, then verify and summarise.
 
@@ -113,8 +115,11 @@ def run_bench(
     address, so joins to addresses the server announces (signal endpoints) are accepted.
     Faults are applied at their moment counted from the start of the transfer. `flows`
     connections run at once (each verified); `fastclose` ends each with SO_LINGER 0, an
-    MP_FASTCLOSE, instead of a clean shutdown. `scenario` (what `mptcpkit.lab.scenario`
-    set up: "strip_mptcp", "backup", ...) shapes the promise `claim` checks.
+    MP_FASTCLOSE, instead of a clean shutdown, once what was sent is acknowledged (at most
+    5 s; a RST is not retransmitted, and one racing lost data is ignored by the server);
+    the server must then see the reset within `fastclose_grace` seconds. `scenario`
+    (what `mptcpkit.lab.scenario` set up: "strip_mptcp", "backup", ...) shapes the promise
+    `claim` checks.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: expected mptcp or tcp")
@@ -178,6 +183,14 @@ def run_bench(
             sender.start()
         for sender in senders:
             join(sender, timeout + duration)
+        if fastclose:
+            # A lost MP_FASTCLOSE is never sent again: the server would wait forever.
+            join(receiver, fastclose_grace)
+            for state in transfers:
+                if state.closed_at is not None and state.finished_at is None:
+                    state.give_up(
+                        f"the server saw no reset within {fastclose_grace:g} s of the MP_FASTCLOSE"
+                    )
         join(receiver, timeout)
         ends = [s.finished_at for s in transfers if s.finished_at is not None]
         end = max(ends) if len(ends) == flows else time.monotonic()
@@ -192,6 +205,7 @@ def run_bench(
         if state.error is None and state.finished_at is None:
             state.error = "the receiver did not finish in time"
     mib_after = {h.name: h.call(read_mib) for h in (chost, shost)}
+    drops = {h.name: d for h in (chost, shost) if (d := qdisc_drops(h))}
     mib = {name: delta(mib_before[name], mib_after[name]) for name in mib_after}
     memory = Memory(
         tcp_mem=tcp_mem,
@@ -228,9 +242,20 @@ def run_bench(
         seen = mib[shost.name].get("MPTcpExtMPFastcloseRx", 0)
         if proto and (closed < flows or seen < flows):
             verdict.ok = False
+            unacked = [s.unacked_at_close for s in transfers]
             verdict.reasons.append(
                 f"MP_FASTCLOSE: {closed} sent by the client, {seen} received by the server, "
                 f"for {flows} connection(s)"
+                + _challenged(mib[shost.name], drops.get(chost.name, {}))
+                + (f"; bytes unacknowledged at the close: {unacked}" if any(unacked) else "")
+            )
+    elif any(a["action"] == "rst" and "error" not in a for a in applied):
+        sent_rst = mib[chost.name].get("MPTcpExtMPRstTx", 0)
+        took = mib[shost.name].get("MPTcpExtMPRstRx", 0)
+        if took < sent_rst:
+            warnings.append(
+                f"rst: the server took {took} of the {sent_rst} subflow resets (MP_TCPRST) "
+                "the client sent" + _challenged(mib[shost.name], drops.get(chost.name, {}))
             )
     if proto and not mptcp_on and not want.fallback:
         warnings.append("MPTCP was asked for, but the connection fell back to TCP")
@@ -281,8 +306,25 @@ def run_bench(
         mib=mib,
         memory=memory.as_dict(),
         filters=filters,
+        qdisc_drops=drops,
         scenario={**scenario, "flows": flows, "fastclose": fastclose},
         warnings=warnings,
+    )
+
+
+def _challenged(server_mib: dict[str, int], client_drops: dict[str, int]) -> str:
+    """Why a server ignores RSTs that reached it, when its counters say so (RFC 5961 3.2)."""
+    challenged = server_mib.get("TcpExtTCPChallengeACK", 0)
+    skipped = server_mib.get("TcpExtTCPACKSkippedChallenge", 0)
+    if not challenged and not skipped:
+        return ""
+    dropped = sum(client_drops.values())
+    return (
+        f"; the server answered RSTs with {challenged} challenge ACK(s) "
+        f"({skipped} more rate-limited): RFC 5961 3.2, a RST whose sequence number is not "
+        "the next one expected, as when data sent before it was lost on the link "
+        f"(the client's qdiscs dropped {dropped} packets); the plain RST that answers a "
+        "challenge closes a subflow without MPTCP's reason"
     )
 
 

@@ -108,6 +108,19 @@ def filter_counters(host: Host) -> dict[str, int]:
     return out
 
 
+def qdisc_drops(host: Host) -> dict[str, int]:
+    """Packets each device's qdiscs in `host` dropped (tbf's full queue, netem...), by device."""
+    proc = host.run(["tc", "-s", "-j", "qdisc", "show"], check=False)
+    if proc.returncode != 0:
+        return {}
+    out: dict[str, int] = {}
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        for q in json.loads(proc.stdout):
+            if q.get("kind") not in ("noqueue", None):
+                out[q["dev"]] = out.get(q["dev"], 0) + int(q.get("drops", 0))
+    return out
+
+
 def netem_available(host: Host) -> bool:
     """Whether this kernel has the netem qdisc (tried on `lo` inside `host`, then removed)."""
     proc = host.run(

@@ -9,6 +9,7 @@ prefix). The lab's bench (bench.py) runs these; the fleet's runs reuse the diges
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import random
 import socket
@@ -21,6 +22,18 @@ from typing import Any
 _CHUNK = 128 * 1024
 _POOL = 4 * 1024 * 1024
 _RECV = 256 * 1024
+_SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
+# A fastclose waits at most this long for what it sent to be acknowledged (see `send`).
+DRAIN_TIMEOUT = 5.0
+
+
+def outq(sock: socket.socket) -> int | None:
+    """Bytes `sock` holds unsent or unacknowledged (SIOCOUTQ; MPTCP sockets too), or None."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4)
+    except OSError:
+        return None
+    return int(struct.unpack("i", buf)[0])
 
 
 def stream(seed: int, size: int = _CHUNK) -> Iterator[memoryview]:
@@ -80,9 +93,16 @@ def accept_all(listener: socket.socket, transfers: list[Transfer]) -> None:
 
 
 class Transfer:
-    def __init__(self, seed: int, *, fastclose: bool = False) -> None:
+    def __init__(
+        self, seed: int, *, fastclose: bool = False, drain_timeout: float = DRAIN_TIMEOUT
+    ) -> None:
         self.seed = seed
         self.fastclose = fastclose
+        self.drain_timeout = drain_timeout
+        # Fastclose: bytes still unacknowledged when the connection was aborted (None:
+        # unknown), and when it was (time.monotonic()).
+        self.unacked_at_close: int | None = None
+        self.closed_at: float | None = None
         self.sent = 0
         self.received = 0
         self.tx_hash = hashlib.sha256()
@@ -112,6 +132,7 @@ class Transfer:
             "verified": self.verified,
             "reset": self.reset,
             "error": self.error,
+            **({"unacked_at_close": self.unacked_at_close} if self.fastclose else {}),
         }
 
     def abort(self, conn: socket.socket) -> None:
@@ -130,13 +151,35 @@ class Transfer:
                 self.sent += len(chunk)
             if self.fastclose:
                 # Linger 0: close() aborts the connection, which MPTCP signals with
-                # MP_FASTCLOSE on every subflow.
+                # MP_FASTCLOSE in a RST on every subflow. A RST is never retransmitted,
+                # and the peer takes it only if its sequence number is the next one it
+                # expects (RFC 5961 3.2; else it answers with a challenge ACK, which our
+                # stack, the socket gone, answers with a plain RST: no MP_FASTCLOSE). On a
+                # full shaped link, data sent just before the RST is often dropped, and
+                # the RST ignored. So: stop sending, let what was sent be acknowledged,
+                # then abort. The server then sees a reset, not the end of the stream.
+                self.unacked_at_close = self._drain(conn)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()
+                self.closed_at = time.monotonic()
             else:
                 conn.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self.error = self.error or f"sender: {exc}"
+
+    def _drain(self, conn: socket.socket) -> int | None:
+        """Wait (at most `drain_timeout`) until `conn` holds nothing unacknowledged."""
+        deadline = time.monotonic() + self.drain_timeout
+        while (left := outq(conn)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return left
+
+    def give_up(self, reason: str) -> None:
+        """Stop waiting for the peer: record why, and wake the receiver."""
+        self.error = self.error or reason
+        if self.peer is not None:
+            with contextlib.suppress(OSError):
+                self.peer.shutdown(socket.SHUT_RDWR)
 
     def receive(self, peer: socket.socket, timeout: float | None) -> None:
         self.peer = peer
