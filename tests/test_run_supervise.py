@@ -242,3 +242,42 @@ def test_the_python_supervisor_outlives_a_late_sigusr1_from_the_program() -> Non
     assert out[-1] == "262", out  # and still answers: the socket was forced
     stats = json.loads(proc.stderr.decode().strip().splitlines()[-1])
     assert stats["forced"] == 3 and stats["repaired"] == 1
+
+
+# Where the supervisor sits: its own process group (the terminal's ^C, ^Z and a
+# `kill -- -PGID` of the program's group never reach it) in the program's session.
+# A session of its own is a scheduler autogroup of its own, and a trapped thread's
+# hand-off to a supervisor of another autogroup is not synchronous any more: the
+# kernel then wakes each side on the other CPU, about 3x the cost of every socket().
+SESSION = r"""
+import os, socket
+def supervisor():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if f"Pid:\t{os.getpid()}\n" in "".join(
+                open(f"/proc/{pid}/fdinfo/{fd}").read() for fd in os.listdir(f"/proc/{pid}/fd")
+            ) and open(f"/proc/{pid}/comm").read().strip() == "mptcpkit-run":
+                return int(pid)
+        except OSError:
+            continue
+s = socket.socket()
+sup = supervisor()
+print(s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL), os.getsid(sup) == os.getsid(0),
+      os.getpgid(sup) == sup, os.getpgid(sup) != os.getpgid(0))
+"""
+
+
+@pytest.mark.parametrize("fastpath", ["1", "0"], ids=["compiled", "python"])
+def test_the_supervisor_has_its_own_process_group_in_the_programs_session(
+    fastpath: str,
+) -> None:
+    env = {**os.environ, supervise.FASTPATH_ENV: fastpath}
+    proc = subprocess.run(
+        [*RUN, "--", sys.executable, "-c", SESSION],
+        capture_output=True,
+        timeout=60,
+        env=env,
+        start_new_session=True,  # as a shell's job: the program leads its process group
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split() == ["262", "True", "True", "True"]

@@ -318,7 +318,8 @@ int main(int argc, char **argv) {
         int len = snprintf(pid, sizeof pid, "%d", (int)child);
         _exit(write(SOCK_FD, pid, (size_t)len) == len ? 0 : 1);
     }
-    setsid();
+    /* its own process group, not its own session: see launch.py (_supervise) */
+    setpgid(0, 0);
     close_inherited();
     prctl(PR_SET_NAME, "mptcpkit-run", 0, 0, 0);
     /* systemd's stop signals every process of the unit: the supervisor must outlive
