@@ -238,6 +238,18 @@ def run_bench(
         warnings.append(memory_warning)
     verdict = judge(want, subflow_rows, mptcp=mptcp_on, memory_warning=memory_warning)
     if fastclose:
+        unsettled = [
+            f"flow {k}: {s.unacked_at_close or 0} bytes unacknowledged, "
+            f"{s.subflows_unsettled_at_close or 0} subflow(s) holding data"
+            for k, s in enumerate(transfers)
+            if s.closed_at is not None and (s.unacked_at_close or s.subflows_unsettled_at_close)
+        ]
+        if unsettled:
+            warnings.append(
+                f"fastclose: aborted before all that was sent was acknowledged (waited "
+                f"{transfers[0].drain_timeout:g} s): {'; '.join(unsettled)}; the RST of a "
+                "subflow whose data was lost on the way may be ignored (RFC 5961 3.2)"
+            )
         closed = mib[chost.name].get("MPTcpExtMPFastcloseTx", 0)
         seen = mib[shost.name].get("MPTcpExtMPFastcloseRx", 0)
         if proto and (closed < flows or seen < flows):

@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from mptcpkit.introspect import subflows as _subflows
+
 _CHUNK = 128 * 1024
 _POOL = 4 * 1024 * 1024
 _RECV = 256 * 1024
@@ -34,6 +36,16 @@ def outq(sock: socket.socket) -> int | None:
     except OSError:
         return None
     return int(struct.unpack("i", buf)[0])
+
+
+def unsettled_subflows(sock: socket.socket) -> int | None:
+    """How many subflows of MPTCP socket `sock` hold data unsent or unacknowledged (TCP
+    level), or None when that cannot be read (no MPTCP, an old kernel)."""
+    try:
+        flows = _subflows(sock)
+    except OSError:
+        return None
+    return sum(1 for sf in flows if sf.tcp.unacked or sf.tcp.notsent_bytes)
 
 
 def stream(seed: int, size: int = _CHUNK) -> Iterator[memoryview]:
@@ -102,6 +114,7 @@ class Transfer:
         # Fastclose: bytes still unacknowledged when the connection was aborted (None:
         # unknown), and when it was (time.monotonic()).
         self.unacked_at_close: int | None = None
+        self.subflows_unsettled_at_close: int | None = None
         self.closed_at: float | None = None
         self.sent = 0
         self.received = 0
@@ -132,7 +145,14 @@ class Transfer:
             "verified": self.verified,
             "reset": self.reset,
             "error": self.error,
-            **({"unacked_at_close": self.unacked_at_close} if self.fastclose else {}),
+            **(
+                {
+                    "unacked_at_close": self.unacked_at_close,
+                    "subflows_unsettled_at_close": self.subflows_unsettled_at_close,
+                }
+                if self.fastclose
+                else {}
+            ),
         }
 
     def abort(self, conn: socket.socket) -> None:
@@ -158,7 +178,7 @@ class Transfer:
                 # full shaped link, data sent just before the RST is often dropped, and
                 # the RST ignored. So: stop sending, let what was sent be acknowledged,
                 # then abort. The server then sees a reset, not the end of the stream.
-                self.unacked_at_close = self._drain(conn)
+                self._drain(conn)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()
                 self.closed_at = time.monotonic()
@@ -167,12 +187,19 @@ class Transfer:
         except OSError as exc:
             self.error = self.error or f"sender: {exc}"
 
-    def _drain(self, conn: socket.socket) -> int | None:
-        """Wait (at most `drain_timeout`) until `conn` holds nothing unacknowledged."""
+    def _drain(self, conn: socket.socket) -> None:
+        """Wait (at most `drain_timeout`) until `conn` and each of its subflows hold nothing
+        unsent or unacknowledged. The MPTCP level is not enough: data acknowledged there
+        (DATA_ACK) may still be queued or unacknowledged on a subflow, a copy that went the
+        other way, and that subflow's RST would be challenged just the same."""
         deadline = time.monotonic() + self.drain_timeout
-        while (left := outq(conn)) and time.monotonic() < deadline:
+        while True:
+            self.unacked_at_close = outq(conn)
+            self.subflows_unsettled_at_close = unsettled_subflows(conn)
+            settled = not self.unacked_at_close and not self.subflows_unsettled_at_close
+            if settled or time.monotonic() >= deadline:
+                return
             time.sleep(0.01)
-        return left
 
     def give_up(self, reason: str) -> None:
         """Stop waiting for the peer: record why, and wake the receiver."""
