@@ -22,11 +22,9 @@ from mptcpkit.run.options import tcp_only_options
 
 RUN = [sys.executable, "-m", "mptcpkit", "run"]
 
-# Which program serves us: `_supervise`, then (the same process) Python once a
-# TCP-only option needs a swap. Then MPTCP sockets, the repair of the program's own
-# MPTCP listener (TCP_MD5SIG, Go issue 74643's case) and a thread's socket().
-PROGRAM = r"""
-import os, socket, struct, threading
+# The program's supervisor: the process holding a pidfd of this program.
+SUPERVISOR_OF = r"""
+import os
 def supervisor():
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -36,6 +34,15 @@ def supervisor():
                 return int(pid)
         except OSError:
             continue
+"""
+
+# Which program serves us: `_supervise`, then (the same process) Python once a
+# TCP-only option needs a swap. Then MPTCP sockets, the repair of the program's own
+# MPTCP listener (TCP_MD5SIG, Go issue 74643's case) and a thread's socket().
+PROGRAM = (
+    SUPERVISOR_OF
+    + r"""
+import os, socket, struct, threading
 def exe(pid):
     return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
 out = []
@@ -55,6 +62,7 @@ out.append(supervisor() == first)
 out.append(exe(first).startswith("python"))
 print(*out)
 """
+)
 
 
 def run(fastpath: str) -> tuple[list[str], dict[str, object]]:
@@ -249,22 +257,16 @@ def test_the_python_supervisor_outlives_a_late_sigusr1_from_the_program() -> Non
 # A session of its own is a scheduler autogroup of its own, and a trapped thread's
 # hand-off to a supervisor of another autogroup is not synchronous any more: the
 # kernel then wakes each side on the other CPU, about 3x the cost of every socket().
-SESSION = r"""
+SESSION = (
+    SUPERVISOR_OF
+    + r"""
 import os, socket
-def supervisor():
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if f"Pid:\t{os.getpid()}\n" in "".join(
-                open(f"/proc/{pid}/fdinfo/{fd}").read() for fd in os.listdir(f"/proc/{pid}/fd")
-            ) and open(f"/proc/{pid}/comm").read().strip() == "mptcpkit-run":
-                return int(pid)
-        except OSError:
-            continue
 s = socket.socket()
 sup = supervisor()
 print(s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL), os.getsid(sup) == os.getsid(0),
       os.getpgid(sup) == sup, os.getpgid(sup) != os.getpgid(0))
 """
+)
 
 
 @pytest.mark.parametrize("fastpath", ["1", "0"], ids=["compiled", "python"])
