@@ -224,6 +224,12 @@ def test_new_address_gets_endpoint_and_subflow(
     assert wait_for(lambda: any("disappeared" in line for line in pmd.log))
 
 
+USERSPACE_PER_INTERFACE = (
+    'mode = "userspace"\n[interfaces]\nallow = ["eth*"]\n'
+    '[userspace]\npolicy = "per-interface"\n[resubflow]\nbackoff_initial = 0.5\n'
+)
+
+
 @pytest.mark.root
 @pytest.mark.parametrize(
     "variant",
@@ -246,11 +252,7 @@ def test_link_down_up_subflow_comes_back(
     client.sysctl("net.ipv4.tcp_retries2", 3)
     with_pmd = variant != "kernel-alone"
     if variant == "pmd-userspace":
-        pmd = start_pmd(
-            client.netns,
-            'mode = "userspace"\n[interfaces]\nallow = ["eth*"]\n'
-            '[userspace]\npolicy = "per-interface"\n[resubflow]\nbackoff_initial = 0.5\n',
-        )
+        pmd = start_pmd(client.netns, USERSPACE_PER_INTERFACE)
     elif with_pmd:
         pmd = start_pmd(
             client.netns, '[interfaces]\nallow = ["eth1"]\n[resubflow]\nbackoff_initial = 0.5\n'
@@ -282,6 +284,113 @@ def test_link_down_up_subflow_comes_back(
         assert info is not None
     finally:
         t.close()
+
+
+class Idle:
+    """An MPTCP connection client -> server that carries nothing once established: a
+    subflow of it on a dead link has nothing to retransmit, so TCP never times it out."""
+
+    def __init__(self, topo: lab.Topology) -> None:
+        client, server = topo.host("client"), topo.host("server")
+        with server.enter():
+            self.listener = mptcpkit.create_server(("0.0.0.0", 0), mptcp=mptcpkit.Policy.REQUIRE)
+        with client.enter():
+            self.sock = mptcpkit.create_connection(
+                (server.address(0), self.listener.getsockname()[1]),
+                timeout=30,
+                mptcp=mptcpkit.Policy.REQUIRE,
+            )
+        self.peer, _ = self.listener.accept()
+        self.peer.settimeout(30)
+        # A few bytes each way, then nothing: the connection is fully established (the
+        # event the userspace pmd acts on), and idle.
+        self.sock.sendall(b"hi")
+        assert self.peer.recv(2) == b"hi"
+        self.peer.sendall(b"hi")
+        assert self.sock.recv(2) == b"hi"
+
+    def locals(self) -> list[str]:
+        return [sf.local[0] for sf in mptcpkit.subflows(self.sock) if sf.state == "ESTABLISHED"]
+
+    def close(self) -> None:
+        for s in (self.sock, self.peer, self.listener):
+            s.close()
+
+
+@pytest.mark.root
+def test_userspace_link_down_closes_its_subflows(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd]
+) -> None:
+    # Once flaky in test_link_down_up_subflow_comes_back[pmd-userspace]: pmd left the
+    # subflow of a link that went down to TCP, which times out only what is in flight;
+    # an idle one (here: nothing sent after the first bytes) stays ESTABLISHED on the
+    # dead link.
+    client = topo.host("client")
+    addr0, addr1 = client.address(0), client.address(1)
+    pmd = start_pmd(client.netns, USERSPACE_PER_INTERFACE)
+    c = Idle(topo)
+    try:
+        assert wait_for(lambda: addr1 in c.locals()), pmd.log
+        (old,) = [s for s in mptcpkit.subflows(c.sock) if s.local[0] == addr1]
+        topo.link(1).down()
+        assert wait_for(lambda: addr1 not in c.locals(), timeout=10), pmd.log
+        assert c.locals() == [addr0]
+        closed = f"subflow {addr1}:{old.local[1]} -> {old.remote[0]}:{old.remote[1]} closed"
+        assert wait_for(lambda: any(f"{closed} (link eth1 down)" in line for line in pmd.log))
+        (conn,) = pmd.status()["connections"]
+        assert conn["subflows"] == [f"{addr0}->{old.remote[0]}"]
+
+        topo.link(1).up()
+        assert wait_for(lambda: addr1 in c.locals()), pmd.log
+        c.sock.sendall(b"ping")  # and the connection still carries data
+        assert c.peer.recv(4) == b"ping"
+    finally:
+        c.close()
+
+
+@pytest.mark.root
+def test_userspace_address_gone_closes_its_subflows(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd]
+) -> None:
+    # The address deleted, its link still up: the subflow from it is as dead (nothing
+    # can be sent from an address the host no longer has) and, idle, would never time out.
+    client = topo.host("client")
+    addr0, addr1 = client.address(0), client.address(1)
+    pmd = start_pmd(client.netns, USERSPACE_PER_INTERFACE)
+    c = Idle(topo)
+    try:
+        assert wait_for(lambda: addr1 in c.locals()), pmd.log
+        client.run(["ip", "-4", "addr", "del", f"{addr1}/24", "dev", client.iface(1).name])
+        assert wait_for(lambda: addr1 not in c.locals(), timeout=10), pmd.log
+        assert c.locals() == [addr0]
+        assert wait_for(
+            lambda: any(f"closed (address {addr1} disappeared)" in line for line in pmd.log)
+        ), pmd.log
+    finally:
+        c.close()
+
+
+@pytest.mark.root
+def test_userspace_link_down_leaves_the_only_subflow(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd]
+) -> None:
+    # ndiffports: every subflow on the initial pair, so on eth0. Its link going down
+    # leaves the connection nothing else: pmd says so and closes nothing (TCP may ride
+    # out a short flap; a connection without subflows could not).
+    client = topo.host("client")
+    addr0 = client.address(0)
+    pmd = start_pmd(
+        client.netns, 'mode = "userspace"\n[userspace]\npolicy = "ndiffports"\nndiffports = 2\n'
+    )
+    c = Idle(topo)
+    try:
+        assert wait_for(lambda: c.locals() == [addr0, addr0]), pmd.log
+        topo.link(0).down()
+        assert wait_for(lambda: any("left open (link eth0 down)" in line for line in pmd.log))
+        assert not any(" closed (" in line for line in pmd.log), pmd.log
+        assert c.locals() == [addr0, addr0]
+    finally:
+        c.close()
 
 
 @pytest.mark.root

@@ -235,6 +235,8 @@ class Daemon(UserspaceMode, KernelMode, Ownership, LinkWatch):
         self._cancel(("ep", address))
         if self.config.mode == "kernel":
             self._remove_endpoint(address, f"address {address} disappeared", park=False)
+        else:
+            self.close_subflows(lambda a: a == address, address, f"address {address} disappeared")
 
     def renamed(self, old: Link, new: Link) -> None:
         """An interface got a new name; it is the same interface (same ifindex), so its
@@ -266,6 +268,10 @@ class Daemon(UserspaceMode, KernelMode, Ownership, LinkWatch):
             for address, ep in list(self.owned.items()):
                 if ep.ifindex == link.index:
                     self._remove_endpoint(address, f"link {link.name} down", park=True)
+        else:
+            self.close_subflows(
+                lambda a: self.addrs.get(a) == link.index, link.name, f"link {link.name} down"
+            )
         for key in [k for k in self.timers if self._key_ifindex(k) == link.index]:
             self._cancel(key)
 

@@ -183,6 +183,41 @@ class UserspaceMode:
                 continue
             self._create(conn, laddr, raddr, rport, index, why)
 
+    def close_subflows(self, on: Callable[[str], bool], where: str, why: str) -> None:
+        """Destroy the subflows whose local address satisfies `on` (its link went down,
+        or it went away). TCP alone may never notice: a subflow with nothing in flight
+        retransmits nothing, so it times out only if data reaches it, and data queued
+        once the route is gone may never leave; it would stay ESTABLISHED on a dead path
+        for minutes or for good, where kernel mode (removing the endpoint) closes it at
+        once. A connection's last subflow is left alone: destroying it cannot help, and
+        TCP survives a short flap."""
+        assert self.pm is not None
+        for conn in list(self.conns.values()):
+            here = [(pair, ports) for pair, ports in conn.ports.items() if ports and on(pair[0])]
+            if not here:
+                continue
+            if not any(ports and not on(pair[0]) for pair, ports in conn.ports.items()):
+                self.decide(
+                    f"token {conn.token:08x}: its subflow on {where} left open ({why}): "
+                    "the connection has no other"
+                )
+                continue
+            for (laddr, raddr), ports in here:
+                for lport, rport in list(ports):
+                    what = f"subflow {laddr}:{lport} -> {raddr}:{rport}"
+                    try:
+                        self.pm.destroy_subflow(conn.token, (laddr, lport), (raddr, rport))
+                    except PMError as exc:
+                        self.decide(
+                            f"token {conn.token:08x}: {what} not closed ({why}): {exc.strerror}"
+                        )
+                        continue
+                    ports.remove((lport, rport))
+                    self.decide(f"token {conn.token:08x}: {what} closed ({why})")
+                if not ports:
+                    conn.established.discard((laddr, raddr))
+                conn.pending.discard((laddr, raddr))
+
     def _create(
         self, conn: Conn, laddr: str, raddr: str, rport: int, index: int | None, why: str
     ) -> None:
