@@ -266,7 +266,7 @@ def test_link_down_up_subflow_comes_back(
                 lambda: any(
                     s.bytes_acked > before for s in mptcpkit.subflows(t.sock) if s.local[0] == addr1
                 )
-            )
+            ), (mptcpkit.subflows(t.sock), pmd.log)
         else:
             # The kernel alone: the endpoint is still there, the link is up, no subflow.
             time.sleep(6)
