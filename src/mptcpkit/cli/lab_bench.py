@@ -67,6 +67,14 @@ def register(sub: Any) -> None:
     )
     bench.add_argument("--flows", type=int, default=1, help="simultaneous connections")
     bench.add_argument(
+        "-C",
+        "--congestion",
+        default=None,
+        metavar="ALGO",
+        help="TCP congestion control of both ends' sockets, e.g. cubic (as iperf3 -C); "
+        "default: the namespaces' default, inherited from the host",
+    )
+    bench.add_argument(
         "--fastclose", action="store_true", help="end each connection with MP_FASTCLOSE"
     )
     bench.add_argument(
@@ -181,6 +189,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--duration and --interval must be more than 0")
     faults = _faults(args, duration)
     scenario = _scenario(args)
+    if args.congestion is not None:
+        from mptcpkit.lab import congestion
+
+        try:
+            congestion.check(args.congestion)
+        except ValueError as exc:
+            raise UsageError(f"--congestion: {exc}") from None
     lab_build.require_root()
     net = lab_build.build(args, "two_paths", lab_build.prefix(args))
     err = Console(stderr=True)
@@ -222,6 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 flows=args.flows,
                 fastclose=args.fastclose,
                 scenario=scenario,
+                congestion=args.congestion,
             )
     except (LabError, ValueError) as exc:
         raise CLIError(str(exc)) from None
@@ -272,6 +288,16 @@ def _rates(d: dict[str, Any]) -> str:
     return "+".join(f"{r:g}" for r in rates) + " Mbit/s"
 
 
+def _congestion(d: dict[str, Any]) -> str:
+    """`bbr; 12.3% of segments retransmitted` (the client's; both names when they differ)."""
+    client, server = d["congestion"].get("client"), d["congestion"].get("server")
+    same = client == server
+    text = (client or "?") if same else f"{client or '?'} client, {server or '?'} server"
+    if d.get("retrans_share") is not None:
+        text += f"; {d['retrans_share']:.1%} of segments retransmitted"
+    return text
+
+
 def _summary(console: Console, d: dict[str, Any]) -> None:
     title = f"{d['protocol'].upper()} over {d['paths']} path(s) of {_rates(d)}"
     table = Table(title=escape(title))
@@ -296,6 +322,8 @@ def _summary(console: Console, d: dict[str, Any]) -> None:
     if not d["mptcp"] and d["protocol"] == "mptcp":
         mptcp = "no: fell back to TCP"
     table.add_row("MPTCP in use", mptcp)
+    if d.get("congestion"):
+        table.add_row("congestion control", escape(_congestion(d)))
     if claim:
         used = ", ".join(map(str, claim["used_links"])) or "none"
         want = ", ".join(map(str, claim["expected_links"]))

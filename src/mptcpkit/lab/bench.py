@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from mptcpkit.lab import congestion as cc
 from mptcpkit.lab.faults import Fault, Schedule
 from mptcpkit.lab.host import Host
 from mptcpkit.lab.mib import Memory, delta, read_mib, read_sockstat, read_tcp_mem
@@ -69,6 +70,12 @@ class BenchResult:
     qdisc_drops: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     scenario: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # The algorithm each end used, read back from its socket (TCP_CONGESTION), and the
+    # share of the segments the client sent that were retransmissions: TcpRetransSegs /
+    # (TcpOutSegs + TcpRetransSegs), since TcpOutSegs leaves retransmissions out (RFC 1213
+    # tcpOutSegs; the kernel counts a segment there only if it carries new data or none).
+    congestion: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    retrans_share: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -107,6 +114,7 @@ def run_bench(
     fastclose: bool = False,
     scenario: dict[str, Any] | None = None,
     fastclose_grace: float = 5.0,
+    congestion: str | None = None,
 ) -> BenchResult:
     """Send for `duration` seconds from `client` to `server`, then verify and summarise.
 
@@ -119,7 +127,10 @@ def run_bench(
     5 s; a RST is not retransmitted, and one racing lost data is ignored by the server);
     the server must then see the reset within `fastclose_grace` seconds. `scenario`
     (what `mptcpkit.lab.scenario` set up: "strip_mptcp", "backup", ...) shapes the promise
-    `claim` checks.
+    `claim` checks. `congestion` names the TCP congestion control both ends use (set on
+    the listener and on each client socket, as `iperf3 -C`; MPTCP subflows follow), None
+    the namespaces' default; a name the kernel refuses raises ValueError before any
+    socket is made.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: expected mptcp or tcp")
@@ -127,6 +138,8 @@ def run_bench(
         raise ValueError("duration and interval must be more than 0")
     if flows < 1:
         raise ValueError(f"flows {flows!r}: expected 1 or more")
+    if congestion is not None:
+        cc.check(congestion)
     scenario = dict(scenario or {})
     chost, shost = net.host(client), net.host(server)
     target = address or shost.address(family=family)
@@ -143,6 +156,8 @@ def run_bench(
     with contextlib.ExitStack() as stack:
         with shost.enter():
             listener = stack.enter_context(socket.socket(fam, socket.SOCK_STREAM, proto))
+        if congestion is not None:
+            cc.choose(listener, congestion)  # the accepted sockets inherit it
         listener.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", 0))
         listener.listen(flows)
         listener.settimeout(timeout)
@@ -150,6 +165,8 @@ def run_bench(
         for _ in range(flows):
             with chost.enter():
                 conn = stack.enter_context(socket.socket(fam, socket.SOCK_STREAM, proto))
+            if congestion is not None:
+                cc.choose(conn, congestion)
             conn.settimeout(timeout)
             conns.append(conn)
         for state, conn in zip(transfers, conns, strict=True):
@@ -163,6 +180,7 @@ def run_bench(
             conn.connect((target, listener.getsockname()[1]))
         # Known after the handshake (a fastclose closes the sockets before the end).
         mptcp_flags = [status(c).is_mptcp if proto else False for c in conns]
+        client_cc = _one(cc.of(c) for c in conns)
         t0 = time.monotonic()
         sampler = Sampler(transfers, conns, proto == socket.IPPROTO_MPTCP, chost, interval, t0)
         sampler.on_sample = on_sample
@@ -276,6 +294,8 @@ def run_bench(
     sum_rate = sum(known) if len(known) == len(rates) and rates else None
     goodput = received * 8 / elapsed
     steady = steady_rate(intervals, duration)
+    out_segs = mib[chost.name].get("TcpOutSegs", 0)
+    retrans_segs = mib[chost.name].get("TcpRetransSegs", 0)
     return BenchResult(
         paths=paths,
         rate_mbit=rates[0] / 1e6 if rates and rates[0] and len(set(rates)) == 1 else None,
@@ -321,7 +341,17 @@ def run_bench(
         qdisc_drops=drops,
         scenario={**scenario, "flows": flows, "fastclose": fastclose},
         warnings=warnings,
+        congestion={"client": client_cc, "server": _one(s.peer_congestion for s in transfers)},
+        retrans_share=round(retrans_segs / (out_segs + retrans_segs), 4)
+        if out_segs + retrans_segs > 0
+        else None,
     )
+
+
+def _one(names: Iterable[str | None]) -> str | None:
+    """The algorithm of one end's sockets: one name, or each distinct one, comma-separated."""
+    seen = list(dict.fromkeys(n for n in names if n))
+    return ",".join(seen) or None
 
 
 def _challenged(server_mib: dict[str, int], client_drops: dict[str, int]) -> str:

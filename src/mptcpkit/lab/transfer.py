@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mptcpkit.introspect import subflows as _subflows
+from mptcpkit.lab import congestion as _congestion
 
 _CHUNK = 128 * 1024
 _POOL = 4 * 1024 * 1024
@@ -124,6 +125,8 @@ class Transfer:
         self.reset = False
         self.finished_at: float | None = None
         self.peer: socket.socket | None = None
+        # The accepted socket's congestion control (TCP_CONGESTION), read as it arrives.
+        self.peer_congestion: str | None = None
 
     @property
     def verified(self) -> bool:
@@ -210,6 +213,7 @@ class Transfer:
 
     def receive(self, peer: socket.socket, timeout: float | None) -> None:
         self.peer = peer
+        self.peer_congestion = _congestion.of(peer)
         try:
             with peer:
                 peer.settimeout(timeout)
