@@ -259,12 +259,13 @@ def test_link_down_up_subflow_comes_back(
         topo.link(1).up()
         if with_pmd:
             assert wait_for(lambda: addr1 in t.locals(), timeout=20), pmd.log
-            # ...and it carries data.
-            (sf,) = [s for s in mptcpkit.subflows(t.sock) if s.local[0] == addr1]
-            before = sf.bytes_acked
+            # ...and it carries data: some of the transfer's was sent and acknowledged on it
+            # (bytes_acked counts 1 for the SYN). Not "more from now on": the scheduler may
+            # leave a healthy idle subflow unused for seconds while the other has room
+            # (seen: 8 s after its first 229 KiB), which is no fault of pmd's.
             assert wait_for(
                 lambda: any(
-                    s.bytes_acked > before for s in mptcpkit.subflows(t.sock) if s.local[0] == addr1
+                    s.bytes_acked > 1 for s in mptcpkit.subflows(t.sock) if s.local[0] == addr1
                 )
             ), (mptcpkit.subflows(t.sock), pmd.log)
         else:
