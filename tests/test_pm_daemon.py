@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -310,6 +311,21 @@ class Idle:
             s.close()
 
 
+@contextlib.contextmanager
+def idle_on_both_links(
+    topo: lab.Topology, start_pmd: Callable[..., Pmd]
+) -> Iterator[tuple[Idle, Pmd]]:
+    """A userspace pmd (per-interface) and an idle connection with a subflow on eth1."""
+    addr1 = topo.host("client").address(1)
+    pmd = start_pmd(topo.host("client").netns, USERSPACE_PER_INTERFACE)
+    c = Idle(topo)
+    try:
+        assert wait_for(lambda: addr1 in c.locals()), pmd.log
+        yield c, pmd
+    finally:
+        c.close()
+
+
 @pytest.mark.root
 def test_userspace_link_down_closes_its_subflows(
     topo: lab.Topology, start_pmd: Callable[..., Pmd]
@@ -320,10 +336,7 @@ def test_userspace_link_down_closes_its_subflows(
     # dead link.
     client = topo.host("client")
     addr0, addr1 = client.address(0), client.address(1)
-    pmd = start_pmd(client.netns, USERSPACE_PER_INTERFACE)
-    c = Idle(topo)
-    try:
-        assert wait_for(lambda: addr1 in c.locals()), pmd.log
+    with idle_on_both_links(topo, start_pmd) as (c, pmd):
         (old,) = [s for s in mptcpkit.subflows(c.sock) if s.local[0] == addr1]
         topo.link(1).down()
         assert wait_for(lambda: addr1 not in c.locals(), timeout=10), pmd.log
@@ -337,8 +350,6 @@ def test_userspace_link_down_closes_its_subflows(
         assert wait_for(lambda: addr1 in c.locals()), pmd.log
         c.sock.sendall(b"ping")  # and the connection still carries data
         assert c.peer.recv(4) == b"ping"
-    finally:
-        c.close()
 
 
 @pytest.mark.root
@@ -349,18 +360,13 @@ def test_userspace_address_gone_closes_its_subflows(
     # can be sent from an address the host no longer has) and, idle, would never time out.
     client = topo.host("client")
     addr0, addr1 = client.address(0), client.address(1)
-    pmd = start_pmd(client.netns, USERSPACE_PER_INTERFACE)
-    c = Idle(topo)
-    try:
-        assert wait_for(lambda: addr1 in c.locals()), pmd.log
+    with idle_on_both_links(topo, start_pmd) as (c, pmd):
         client.run(["ip", "-4", "addr", "del", f"{addr1}/24", "dev", client.iface(1).name])
         assert wait_for(lambda: addr1 not in c.locals(), timeout=10), pmd.log
         assert c.locals() == [addr0]
         assert wait_for(
             lambda: any(f"closed (address {addr1} disappeared)" in line for line in pmd.log)
         ), pmd.log
-    finally:
-        c.close()
 
 
 @pytest.mark.root
