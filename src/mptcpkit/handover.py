@@ -47,7 +47,6 @@ SO_ATTACH_REUSEPORT_CBPF, SO_DETACH_REUSEPORT_BPF = 51, 68
 FILTER_OPTIONS = frozenset(
     (c.SOL_SOCKET, n) for n in (SO_ATTACH_FILTER, SO_DETACH_FILTER, 44, 50, 51, 52, 68)
 )
-_SIOCGSKNS = 0x894C  # a socket's network namespace, as a new descriptor
 _DRAIN_SECONDS = 0.25  # how long the old listener's queue may take to empty
 _ACCEPT_SYSCALLS = {"x86_64": (43, 288), "aarch64": (202, 242)}.get(os.uname().machine, ())
 
@@ -149,7 +148,7 @@ def ports_by_namespace(listeners: Sequence[socket.socket]) -> list[tuple[int | N
     try:
         for ls in listeners:
             try:
-                fd: int | None = fcntl.ioctl(ls.fileno(), _SIOCGSKNS)
+                fd: int | None = fcntl.ioctl(ls.fileno(), c.SIOCGSKNS)
             except OSError:  # EPERM without CAP_NET_ADMIN (a worker that dropped root)
                 fd = None  # cannot tell: looked for here, as before
             if fd is None:

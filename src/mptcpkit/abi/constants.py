@@ -21,6 +21,10 @@ MPTCP_FULL_INFO = 4  # struct mptcp_full_info (6.5+)
 MPTCP_INFO_FLAG_FALLBACK = 1 << 0
 MPTCP_INFO_FLAG_REMOTE_KEY_RECEIVED = 1 << 1
 
+# socket ioctls (include/uapi/linux/sockios.h, asm-generic/ioctls.h)
+SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ); MPTCP too
+SIOCGSKNS = 0x894C  # a socket's network namespace, as a new descriptor
+
 # SOL_SOCKET
 SOL_SOCKET = _socket.SOL_SOCKET
 SO_PROTOCOL = 38

@@ -14,9 +14,10 @@ from __future__ import annotations
 import errno
 import socket
 
+from mptcpkit.abi.constants import TCP_CONGESTION
+
 AVAILABLE = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 ALLOWED = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
-TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", 13)
 NAME_MAX = 15  # TCP_CA_NAME_MAX (16) less the NUL: the kernel truncates longer names
 
 

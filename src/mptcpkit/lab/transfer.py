@@ -19,13 +19,13 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from mptcpkit.abi.constants import SIOCOUTQ
 from mptcpkit.introspect import subflows as _subflows
 from mptcpkit.lab import congestion as _congestion
 
 _CHUNK = 128 * 1024
 _POOL = 4 * 1024 * 1024
 _RECV = 256 * 1024
-_SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
 # A fastclose waits at most this long for what it sent to be acknowledged (see `send`).
 DRAIN_TIMEOUT = 5.0
 
@@ -33,7 +33,7 @@ DRAIN_TIMEOUT = 5.0
 def outq(sock: socket.socket) -> int | None:
     """Bytes `sock` holds unsent or unacknowledged (SIOCOUTQ; MPTCP sockets too), or None."""
     try:
-        buf = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4)
+        buf = fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4)
     except OSError:
         return None
     return int(struct.unpack("i", buf)[0])

@@ -13,13 +13,13 @@ import socket
 import struct
 from typing import Any, Protocol
 
+from mptcpkit.abi.constants import SIOCOUTQ
 from mptcpkit.proxy.poller import READABLE
 
 __all__ = ["MIN_READ", "MIN_ROOM", "Leg", "LegOwner", "room"]
 
 MIN_READ = 16384  # a read of a leg whose traffic is small (not bulk)
 MIN_ROOM = 4096  # a bulk read when the destination has little or no room
-_SIOCOUTQ = 0x5411  # bytes a socket holds unsent or unacknowledged (TIOCOUTQ)
 _INT = struct.Struct("i")
 _ZERO = bytes(4)
 _EPOLLERR = select.EPOLLERR
@@ -104,7 +104,7 @@ def room(dst: Leg, size: int) -> int:
     if dst.credit >= size:
         return size
     try:
-        outq = _INT.unpack(fcntl.ioctl(dst.fd, _SIOCOUTQ, _ZERO))[0]
+        outq = _INT.unpack(fcntl.ioctl(dst.fd, SIOCOUTQ, _ZERO))[0]
         if not dst.sndbuf:
             dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     except OSError:
